@@ -1,0 +1,161 @@
+//! The one error type of the library.
+//!
+//! Every variant names the thing that was wrong (a config field, a tensor, a file, a position),
+//! what was expected and what was found, so that a caller can print it as it is.
+
+use std::path::PathBuf;
+
+/// Errors of the `engram` library.
+#[derive(Debug, thiserror::Error)]
+pub enum EngramError {
+    /// A configuration field holds an invalid value.
+    #[error("config field `{field}`: expected {expected}, found {found}")]
+    Config {
+        /// The JSON name of the field.
+        field: String,
+        /// What a valid value looks like.
+        expected: String,
+        /// What was given.
+        found: String,
+    },
+    /// A config file could not be parsed as JSON.
+    #[error("config {path}: {source}")]
+    ConfigJson {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors file is malformed.
+    #[error("{path}: not a valid safetensors file: {message}")]
+    SafeTensors {
+        /// The file.
+        path: String,
+        /// What the parser found.
+        message: String,
+    },
+    /// The tokenizer could not be loaded or failed.
+    #[error("tokenizer {source_name}: {message}")]
+    Tokenizer {
+        /// Where the tokenizer came from.
+        source_name: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A token id is outside the tokenizer's vocabulary.
+    #[error(
+        "input_ids[{batch}, {position}] = {id} is out of range: the tokenizer has {vocab} ids (0..{vocab})"
+    )]
+    IdOutOfRange {
+        /// Batch row.
+        batch: usize,
+        /// Position in the sequence.
+        position: usize,
+        /// The id found.
+        id: i64,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A required tensor is missing.
+    #[error("tensor `{name}` is missing{context}")]
+    MissingTensor {
+        /// State-dict or input name.
+        name: String,
+        /// Where it was looked for (e.g. " from weights.safetensors").
+        context: String,
+    },
+    /// A tensor is present that the model does not use.
+    #[error("unexpected tensor `{name}`{context}: the Engram layer has no such parameter")]
+    UnexpectedTensor {
+        /// The name found.
+        name: String,
+        /// Where.
+        context: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        /// Tensor name.
+        name: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Found shape.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype that cannot be used.
+    #[error("tensor `{name}`: expected dtype {expected}, found {found}")]
+    DType {
+        /// Tensor name.
+        name: String,
+        /// Accepted dtypes.
+        expected: String,
+        /// Found dtype.
+        found: String,
+    },
+    /// A tensor holds NaN or infinity where finite values are required.
+    #[error("tensor `{name}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        /// Tensor name.
+        name: String,
+        /// Flat index of the first bad element.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// An argument of an API call is invalid.
+    #[error("{name}: expected {expected}, found {found}")]
+    Invalid {
+        /// What argument.
+        name: String,
+        /// What was expected.
+        expected: String,
+        /// What was found.
+        found: String,
+    },
+}
+
+/// Result alias of the library.
+pub type Result<T, E = EngramError> = std::result::Result<T, E>;
+
+impl EngramError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngramError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(
+        name: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl std::fmt::Display,
+    ) -> Self {
+        EngramError::Invalid {
+            name: name.into(),
+            expected: expected.into(),
+            found: found.to_string(),
+        }
+    }
+
+    pub(crate) fn config(
+        field: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl std::fmt::Debug,
+    ) -> Self {
+        EngramError::Config {
+            field: field.into(),
+            expected: expected.into(),
+            found: format!("{found:?}"),
+        }
+    }
+}

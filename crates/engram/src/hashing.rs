@@ -1,0 +1,265 @@
+//! `NgramHashMapping`: multipliers, primes and n-gram hashes (reference §2-3).
+
+use crate::compression::CompressedTokenizer;
+use crate::config::EngramConfig;
+use crate::error::{EngramError, Result};
+use crate::rng::numpy::Pcg64;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Seed stride between layers (`PRIME_1` in the reference).
+const LAYER_SEED_STRIDE: u64 = 10007;
+
+/// Deterministic Miller–Rabin, exact for all 64-bit integers (bases: the first 12 primes).
+pub fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    const BASES: [u64; 12] = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37];
+    for p in BASES {
+        if n % p == 0 {
+            return n == p;
+        }
+    }
+    let mulmod = |a: u64, b: u64| ((a as u128 * b as u128) % n as u128) as u64;
+    let powmod = |mut b: u64, mut e: u64| {
+        let mut r = 1u64;
+        b %= n;
+        while e > 0 {
+            if e & 1 == 1 {
+                r = mulmod(r, b);
+            }
+            b = mulmod(b, b);
+            e >>= 1;
+        }
+        r
+    };
+    let (mut d, mut s) = (n - 1, 0);
+    while d % 2 == 0 {
+        d /= 2;
+        s += 1;
+    }
+    'bases: for a in BASES {
+        let mut x = powmod(a, d);
+        if x == 1 || x == n - 1 {
+            continue;
+        }
+        for _ in 1..s {
+            x = mulmod(x, x);
+            if x == n - 1 {
+                continue 'bases;
+            }
+        }
+        return false;
+    }
+    true
+}
+
+/// Smallest prime > `start` not in `seen` (`find_next_prime`).
+fn next_unseen_prime(start: u64, seen: &HashSet<u64>) -> u64 {
+    let mut c = start + 1;
+    while !(is_prime(c) && !seen.contains(&c)) {
+        c += 1;
+    }
+    c
+}
+
+/// Hash parameters of one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerHashParams {
+    /// The layer id.
+    pub layer_id: u64,
+    /// N odd multipliers, one per n-gram position (`2r+1`).
+    pub multipliers: Vec<i64>,
+    /// Head sizes (primes) per order: `primes[n-2][j]`.
+    pub primes: Vec<Vec<u64>>,
+}
+
+impl LayerHashParams {
+    /// Head sizes flattened in head order (order 2 first).
+    pub fn head_sizes(&self) -> Vec<u64> {
+        self.primes.iter().flatten().copied().collect()
+    }
+
+    /// Row offset of each head in the concatenated table.
+    pub fn offsets(&self) -> Vec<u64> {
+        let mut acc = 0;
+        self.head_sizes()
+            .iter()
+            .map(|&p| {
+                let o = acc;
+                acc += p;
+                o
+            })
+            .collect()
+    }
+
+    /// Total rows of the layer's table.
+    pub fn table_rows(&self) -> u64 {
+        self.head_sizes().iter().sum()
+    }
+}
+
+/// The reference's `NgramHashMapping`: compression plus per-layer hash parameters.
+#[derive(Debug, Clone)]
+pub struct NgramHashMapping {
+    compressed: Arc<CompressedTokenizer>,
+    /// Canonical id of `pad_id`.
+    pad_canonical: i64,
+    max_ngram_size: usize,
+    n_head_per_ngram: usize,
+    layers: Vec<LayerHashParams>,
+}
+
+impl NgramHashMapping {
+    /// Draws multipliers and primes for every layer of `cfg.layer_ids`.
+    pub fn new(cfg: &EngramConfig, compressed: Arc<CompressedTokenizer>) -> Result<Self> {
+        cfg.validate()?;
+        let pad_canonical = compressed.compress_id(cfg.pad_id).ok_or_else(|| {
+            EngramError::config(
+                "pad_id",
+                format!("a token id below the tokenizer size {}", compressed.num_raw()),
+                cfg.pad_id,
+            )
+        })?;
+        let vprime = compressed.num_compressed() as i64;
+        let half_bound = (i64::MAX / vprime / 2).max(1);
+        let mut seen = HashSet::new();
+        let mut layers = Vec::with_capacity(cfg.layer_ids.len());
+        for &layer_id in &cfg.layer_ids {
+            let seed = cfg.seed as u128 + LAYER_SEED_STRIDE as u128 * layer_id as u128;
+            let mut g = Pcg64::from_seed(seed);
+            let multipliers = g
+                .integers(0, half_bound, cfg.max_ngram_size)
+                .into_iter()
+                .map(|r| 2 * r + 1)
+                .collect();
+            let mut primes = Vec::with_capacity(cfg.max_ngram_size - 1);
+            for &base in &cfg.engram_vocab_size {
+                let mut start = base - 1;
+                let mut heads = Vec::with_capacity(cfg.n_head_per_ngram);
+                for _ in 0..cfg.n_head_per_ngram {
+                    let p = next_unseen_prime(start, &seen);
+                    seen.insert(p);
+                    heads.push(p);
+                    start = p;
+                }
+                primes.push(heads);
+            }
+            layers.push(LayerHashParams {
+                layer_id,
+                multipliers,
+                primes,
+            });
+        }
+        Ok(NgramHashMapping {
+            compressed,
+            pad_canonical,
+            max_ngram_size: cfg.max_ngram_size,
+            n_head_per_ngram: cfg.n_head_per_ngram,
+            layers,
+        })
+    }
+
+    /// The compression table.
+    pub fn compressed(&self) -> &CompressedTokenizer {
+        &self.compressed
+    }
+
+    /// Canonical id of the pad token.
+    pub fn pad_canonical(&self) -> i64 {
+        self.pad_canonical
+    }
+
+    /// N.
+    pub fn max_ngram_size(&self) -> usize {
+        self.max_ngram_size
+    }
+
+    /// H = (N-1)·K.
+    pub fn num_heads(&self) -> usize {
+        (self.max_ngram_size - 1) * self.n_head_per_ngram
+    }
+
+    /// Parameters of every layer, in `layer_ids` order.
+    pub fn layers(&self) -> &[LayerHashParams] {
+        &self.layers
+    }
+
+    /// Parameters of one layer.
+    pub fn layer(&self, layer_id: u64) -> Result<&LayerHashParams> {
+        self.layers
+            .iter()
+            .find(|l| l.layer_id == layer_id)
+            .ok_or_else(|| {
+                EngramError::invalid(
+                    "layer_id",
+                    format!(
+                        "one of {:?}",
+                        self.layers.iter().map(|l| l.layer_id).collect::<Vec<_>>()
+                    ),
+                    layer_id,
+                )
+            })
+    }
+
+    /// Hashes of one position given its canonical history, newest first:
+    /// `hist[k]` = canonical id at t-k (pad canonical before the start). Writes H values.
+    #[inline]
+    pub fn hash_position(&self, layer: &LayerHashParams, hist: &[i64], out: &mut [i64]) {
+        let k = self.n_head_per_ngram;
+        let m = &layer.multipliers;
+        let mut mix = hist[0].wrapping_mul(m[0]);
+        for n in 2..=self.max_ngram_size {
+            mix ^= hist[n - 1].wrapping_mul(m[n - 1]);
+            let heads = &layer.primes[n - 2];
+            for (j, &p) in heads.iter().enumerate() {
+                out[(n - 2) * k + j] = mix.rem_euclid(p as i64);
+            }
+        }
+    }
+
+    /// Hashes of `[batch, len]` canonical ids for one layer: `[batch, len, H]`.
+    pub fn hash_canonical(&self, layer: &LayerHashParams, canon: &[i64], len: usize) -> Vec<i64> {
+        let h = self.num_heads();
+        let n = self.max_ngram_size;
+        let mut out = vec![0i64; canon.len() * h];
+        let mut hist = vec![0i64; n];
+        for (b, row) in canon.chunks(len.max(1)).enumerate() {
+            for t in 0..row.len() {
+                for (k, hk) in hist.iter_mut().enumerate() {
+                    *hk = if t >= k { row[t - k] } else { self.pad_canonical };
+                }
+                let o = (b * len + t) * h;
+                self.hash_position(layer, &hist, &mut out[o..o + h]);
+            }
+        }
+        out
+    }
+
+    /// `hash(input_ids)[layer_id]`: raw ids `[batch, len]` -> `[batch, len, H]`.
+    pub fn hash(&self, layer_id: u64, input_ids: &[i64], len: usize) -> Result<Vec<i64>> {
+        let layer = self.layer(layer_id)?;
+        let canon = self.compressed.compress(input_ids, len)?;
+        Ok(self.hash_canonical(layer, &canon, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn miller_rabin_matches_trial_division() {
+        let trial = |n: u64| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+        for n in 0..20_000u64 {
+            assert_eq!(is_prime(n), trial(n), "n = {n}");
+        }
+        // Strong pseudoprimes to several bases, and large known primes.
+        for n in [3215031751u64, 3825123056546413051, 341550071728321] {
+            assert!(!is_prime(n), "{n} is composite");
+        }
+        assert!(is_prime(18446744073709551557)); // largest 64-bit prime
+        assert!(is_prime(1_000_000_007));
+    }
+}

@@ -1,0 +1,435 @@
+//! The Engram layer: hashing, gathering, gating, short convolution (reference §3-6).
+
+use crate::compression::CompressedTokenizer;
+use crate::config::EngramConfig;
+use crate::error::{EngramError, Result};
+use crate::hashing::{LayerHashParams, NgramHashMapping};
+use crate::ops;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{EngramWeights, TABLE};
+use std::path::Path;
+use std::sync::Arc;
+
+/// What later tokens of one sequence need from the earlier ones (streaming decode).
+///
+/// A fresh state is the sequence start: the n-gram history is the pad token and the
+/// convolution history is zeros (the reference's implicit left padding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngramState {
+    /// Last N-1 canonical ids, oldest first.
+    pub ngram_history: Vec<i64>,
+    /// Last (kernel_size-1)·N normalised conv inputs, oldest first: [rows, HC·D], channel
+    /// c = i·D + j as in `short_conv.conv`.
+    pub conv_history: Vec<f32>,
+    /// Tokens consumed so far.
+    pub position: u64,
+}
+
+/// Every stage of a forward pass over `[B, L]`. Stages that a path does not materialise
+/// are `None`.
+#[derive(Debug, Clone, Default)]
+pub struct Stages {
+    /// Batch size B.
+    pub batch: usize,
+    /// Sequence length L.
+    pub len: usize,
+    /// `hash_ids` [B, L, H] (before table offsets).
+    pub hash_ids: Vec<i64>,
+    /// `embeddings` [B, L, Dm].
+    pub embeddings: Option<Vec<f32>>,
+    /// `value` [B, L, D] (value_proj output).
+    pub value: Option<Vec<f32>>,
+    /// `keys` [B, L, HC, D] (key_projs outputs, before RMSNorm).
+    pub keys: Option<Vec<f32>>,
+    /// `gates` [B, L, HC].
+    pub gates: Vec<f32>,
+    /// `gated_value` [B, L, HC, D].
+    pub gated_value: Option<Vec<f32>>,
+    /// `short_conv` [B, L, HC, D] (after SiLU).
+    pub short_conv: Option<Vec<f32>>,
+    /// `output` [B, L, HC, D] = gated_value + short_conv.
+    pub output: Vec<f32>,
+}
+
+impl Stages {
+    /// (name, shape, data) of every float stage present, in pipeline order.
+    pub fn float_stages<'a>(&'a self, cfg: &EngramConfig) -> Vec<(&'static str, Vec<usize>, &'a [f32])> {
+        let (b, l, hc, d) = (self.batch, self.len, cfg.hc_mult, cfg.hidden_size);
+        let opt = |n: &'static str, s: Vec<usize>, x: &'a Option<Vec<f32>>| {
+            x.as_ref().map(|x| (n, s, x.as_slice()))
+        };
+        [
+            opt("embeddings", vec![b, l, cfg.memory_width()], &self.embeddings),
+            opt("value", vec![b, l, d], &self.value),
+            opt("keys", vec![b, l, hc, d], &self.keys),
+            Some(("gates", vec![b, l, hc], self.gates.as_slice())),
+            opt("gated_value", vec![b, l, hc, d], &self.gated_value),
+            opt("short_conv", vec![b, l, hc, d], &self.short_conv),
+            Some(("output", vec![b, l, hc, d], self.output.as_slice())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Appends the stages of another chunk (same B = 1 sequence) in time order.
+    pub(crate) fn append_time(&mut self, other: Stages) {
+        fn cat(a: &mut Option<Vec<f32>>, b: Option<Vec<f32>>) {
+            match (a.as_mut(), b) {
+                (Some(a), Some(b)) => a.extend(b),
+                _ => *a = None,
+            }
+        }
+        if self.batch == 0 {
+            *self = other;
+            return;
+        }
+        self.len += other.len;
+        self.hash_ids.extend(other.hash_ids);
+        self.gates.extend(other.gates);
+        self.output.extend(other.output);
+        cat(&mut self.embeddings, other.embeddings);
+        cat(&mut self.value, other.value);
+        cat(&mut self.keys, other.keys);
+        cat(&mut self.gated_value, other.gated_value);
+        cat(&mut self.short_conv, other.short_conv);
+    }
+
+    /// Appends the stages of the next batch row (same L).
+    pub(crate) fn append_batch(&mut self, other: Stages) {
+        let b = self.batch;
+        if b == 0 {
+            *self = other;
+            return;
+        }
+        let len = self.len;
+        self.append_time(other);
+        // Rows of one batch share L; the data of the new row follows the previous rows.
+        self.len = len;
+        self.batch = b + 1;
+    }
+}
+
+/// Which implementation runs the float stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardPath {
+    /// Plain loops, every stage kept ([`crate::ops`]).
+    #[default]
+    Reference,
+}
+
+impl ForwardPath {
+    /// Every path, for test suites that must run on all of them.
+    pub const ALL: &'static [ForwardPath] = &[ForwardPath::Reference];
+}
+
+impl std::str::FromStr for ForwardPath {
+    type Err = EngramError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "reference" => Ok(ForwardPath::Reference),
+            other => Err(EngramError::invalid("path", "`reference`", other)),
+        }
+    }
+}
+
+/// One Engram layer: its config, hash mapping and weights.
+#[derive(Debug, Clone)]
+pub struct Engram {
+    cfg: EngramConfig,
+    hashing: Arc<NgramHashMapping>,
+    layer: LayerHashParams,
+    weights: EngramWeights,
+}
+
+/// Loads the tokenizer named by the config and builds its compression table.
+pub fn compression_for(cfg: &EngramConfig) -> Result<Arc<CompressedTokenizer>> {
+    let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
+    Ok(Arc::new(CompressedTokenizer::build(&tok)?))
+}
+
+impl Engram {
+    /// Builds the layer `cfg.layer_id` from a hash mapping and weights, checking that the
+    /// weights fit the config.
+    pub fn new(cfg: EngramConfig, hashing: Arc<NgramHashMapping>, weights: EngramWeights) -> Result<Self> {
+        cfg.validate()?;
+        let layer = hashing.layer(cfg.layer_id)?.clone();
+        let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
+        let rows = layer.table_rows() as usize;
+        if weights.table.rows() != rows || weights.table.dim() != cfg.head_dim() {
+            return Err(EngramError::Shape {
+                name: TABLE.into(),
+                expected: vec![rows, cfg.head_dim()],
+                found: vec![weights.table.rows(), weights.table.dim()],
+            });
+        }
+        if weights.offsets != offsets {
+            return Err(EngramError::invalid(
+                "multi_head_embedding.offsets",
+                format!("{offsets:?}"),
+                format!("{:?}", weights.offsets),
+            ));
+        }
+        let (d, dm, hc) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult);
+        let checks: Vec<(String, usize, usize)> = [
+            ("value_proj.weight".to_string(), weights.value_proj_weight.len(), d * dm),
+            ("value_proj.bias".to_string(), weights.value_proj_bias.len(), d),
+            ("short_conv.conv.weight".to_string(), weights.conv_weight.len(), hc * d * cfg.kernel_size),
+            ("key_projs".to_string(), weights.key_projs_weight.len(), hc),
+            ("key_projs (bias)".to_string(), weights.key_projs_bias.len(), hc),
+            ("norm1".to_string(), weights.norm1.len(), hc),
+            ("norm2".to_string(), weights.norm2.len(), hc),
+            ("short_conv.norms".to_string(), weights.conv_norms.len(), hc),
+        ]
+        .into_iter()
+        .collect();
+        for (name, found, want) in checks {
+            if found != want {
+                return Err(EngramError::Shape { name, expected: vec![want], found: vec![found] });
+            }
+        }
+        for i in 0..hc {
+            for (name, v, want) in [
+                (format!("key_projs.{i}.weight"), &weights.key_projs_weight[i], d * dm),
+                (format!("key_projs.{i}.bias"), &weights.key_projs_bias[i], d),
+                (format!("norm1.{i}.weight"), &weights.norm1[i], d),
+                (format!("norm2.{i}.weight"), &weights.norm2[i], d),
+                (format!("short_conv.norms.{i}.weight"), &weights.conv_norms[i], d),
+            ] {
+                if v.len() != want {
+                    return Err(EngramError::Shape { name, expected: vec![want], found: vec![v.len()] });
+                }
+            }
+        }
+        Ok(Engram { cfg, hashing, layer, weights })
+    }
+
+    /// Loads everything a config names: tokenizer (compression), hash mapping, weights file.
+    pub fn load(cfg: EngramConfig, weights_path: impl AsRef<Path>) -> Result<Self> {
+        cfg.validate()?;
+        let hashing = Arc::new(NgramHashMapping::new(&cfg, compression_for(&cfg)?)?);
+        Self::load_with(cfg, hashing, weights_path)
+    }
+
+    /// Loads the weights for a config, reusing a hash mapping.
+    pub fn load_with(cfg: EngramConfig, hashing: Arc<NgramHashMapping>, weights_path: impl AsRef<Path>) -> Result<Self> {
+        let layer = hashing.layer(cfg.layer_id)?;
+        let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
+        let w = EngramWeights::load(weights_path, &cfg, &offsets, layer.table_rows() as usize)?;
+        Self::new(cfg, hashing, w)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &EngramConfig {
+        &self.cfg
+    }
+
+    /// The hash mapping (all layers).
+    pub fn hashing(&self) -> &Arc<NgramHashMapping> {
+        &self.hashing
+    }
+
+    /// Hash parameters of this layer.
+    pub fn layer_params(&self) -> &LayerHashParams {
+        &self.layer
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &EngramWeights {
+        &self.weights
+    }
+
+    /// Mutable weights (e.g. to convert the table to bf16).
+    pub fn weights_mut(&mut self) -> &mut EngramWeights {
+        &mut self.weights
+    }
+
+    /// The state of a sequence that has not started.
+    pub fn new_state(&self) -> EngramState {
+        EngramState {
+            ngram_history: vec![self.hashing.pad_canonical(); self.cfg.max_ngram_size - 1],
+            conv_history: vec![0.0; self.cfg.conv_history() * self.cfg.hc_mult * self.cfg.hidden_size],
+            position: 0,
+        }
+    }
+
+    /// Checks `[B, L]` ids and `[B, L, HC, D]` hidden states: sizes, finiteness.
+    pub fn check_inputs(&self, input_ids: &[i64], hidden: &[f32], batch: usize, len: usize) -> Result<()> {
+        if batch == 0 || len == 0 {
+            return Err(EngramError::invalid("input_ids", "a [B, L] array with B, L >= 1", format!("[{batch}, {len}]")));
+        }
+        if input_ids.len() != batch * len {
+            return Err(EngramError::Shape { name: "input_ids".into(), expected: vec![batch, len], found: vec![input_ids.len()] });
+        }
+        let (hc, d) = (self.cfg.hc_mult, self.cfg.hidden_size);
+        if hidden.len() != batch * len * hc * d {
+            return Err(EngramError::Shape {
+                name: "hidden_states".into(),
+                expected: vec![batch, len, hc, d],
+                found: vec![hidden.len()],
+            });
+        }
+        if let Some(index) = hidden.iter().position(|x| !x.is_finite()) {
+            return Err(EngramError::NonFinite { name: "hidden_states".into(), index, value: hidden[index] });
+        }
+        Ok(())
+    }
+
+    /// Whole-batch forward: `input_ids` [B, L] raw ids, `hidden` [B, L, HC, D].
+    /// Every sequence starts fresh (the reference's semantics).
+    pub fn forward(&self, input_ids: &[i64], hidden: &[f32], batch: usize, len: usize, path: ForwardPath) -> Result<Stages> {
+        self.check_inputs(input_ids, hidden, batch, len)?;
+        let row = len * self.cfg.hc_mult * self.cfg.hidden_size;
+        let mut all = Stages::default();
+        for b in 0..batch {
+            let mut state = self.new_state();
+            let ids = &input_ids[b * len..(b + 1) * len];
+            let s = self
+                .forward_chunk(&mut state, ids, &hidden[b * row..(b + 1) * row], path)
+                .map_err(|e| relocate_id_error(e, b, 0))?;
+            all.append_batch(s);
+        }
+        Ok(all)
+    }
+
+    /// Runs one chunk of one sequence (any length >= 1), reading and updating its state.
+    /// Returns the chunk's stages with B = 1.
+    pub fn forward_chunk(&self, state: &mut EngramState, ids: &[i64], hidden: &[f32], path: ForwardPath) -> Result<Stages> {
+        self.check_inputs(ids, hidden, 1, ids.len())?;
+        self.check_state(state)?;
+        let canon = self
+            .hashing
+            .compressed()
+            .compress(ids, ids.len())
+            .map_err(|e| relocate_id_error(e, 0, state.position as usize))?;
+        match path {
+            ForwardPath::Reference => self.reference_chunk(state, &canon, hidden),
+        }
+    }
+
+    fn check_state(&self, state: &EngramState) -> Result<()> {
+        let fresh = self.new_state();
+        if state.ngram_history.len() != fresh.ngram_history.len() {
+            return Err(EngramError::Shape {
+                name: "state.ngram_history".into(),
+                expected: vec![fresh.ngram_history.len()],
+                found: vec![state.ngram_history.len()],
+            });
+        }
+        if state.conv_history.len() != fresh.conv_history.len() {
+            return Err(EngramError::Shape {
+                name: "state.conv_history".into(),
+                expected: vec![self.cfg.conv_history(), self.cfg.hc_mult * self.cfg.hidden_size],
+                found: vec![state.conv_history.len()],
+            });
+        }
+        Ok(())
+    }
+
+    /// Hashes of a chunk from its canonical ids and the carried n-gram history:
+    /// [len, H]. Updates `state.ngram_history`.
+    pub(crate) fn hash_chunk(&self, state: &mut EngramState, canon: &[i64]) -> Vec<i64> {
+        let n = self.cfg.max_ngram_size;
+        let h = self.cfg.num_heads();
+        let mut ext = state.ngram_history.clone();
+        ext.extend_from_slice(canon);
+        let mut out = vec![0i64; canon.len() * h];
+        let mut hist = vec![0i64; n];
+        for t in 0..canon.len() {
+            for (k, hk) in hist.iter_mut().enumerate() {
+                *hk = ext[t + n - 1 - k];
+            }
+            self.hashing.hash_position(&self.layer, &hist, &mut out[t * h..(t + 1) * h]);
+        }
+        state.ngram_history.copy_from_slice(&ext[ext.len() - (n - 1)..]);
+        out
+    }
+
+    /// Gathers the concatenated head rows of every position: [len, Dm]. A non-finite table
+    /// value is an error naming the row.
+    pub(crate) fn gather(&self, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
+        let h = self.cfg.num_heads();
+        let dh = self.cfg.head_dim();
+        for (t, hrow) in hash_ids.chunks_exact(h).enumerate() {
+            for (j, &hid) in hrow.iter().enumerate() {
+                let row = (hid + self.weights.offsets[j]) as usize;
+                let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
+                self.weights.table.row_into(row, dst);
+                if let Some(k) = dst.iter().position(|x| !x.is_finite()) {
+                    return Err(EngramError::NonFinite { name: TABLE.into(), index: row * dh + k, value: dst[k] });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn reference_chunk(&self, state: &mut EngramState, canon: &[i64], hidden: &[f32]) -> Result<Stages> {
+        let cfg = &self.cfg;
+        let (len, hc, d, dm) = (canon.len(), cfg.hc_mult, cfg.hidden_size, cfg.memory_width());
+        let w = &self.weights;
+        // §3 hashes, §4 gather.
+        let hash_ids = self.hash_chunk(state, canon);
+        let mut emb = vec![0.0f32; len * dm];
+        self.gather(&hash_ids, &mut emb)?;
+        // §5 projections and gates.
+        let value = ops::linear(&emb, &w.value_proj_weight, &w.value_proj_bias, dm);
+        let mut keys = vec![0.0f32; len * hc * d];
+        let mut gates = vec![0.0f32; len * hc];
+        let mut gated = vec![0.0f32; len * hc * d];
+        for i in 0..hc {
+            let k_i = ops::linear(&emb, &w.key_projs_weight[i], &w.key_projs_bias[i], dm);
+            for t in 0..len {
+                let key = &k_i[t * d..(t + 1) * d];
+                let q = &hidden[(t * hc + i) * d..(t * hc + i + 1) * d];
+                keys[(t * hc + i) * d..(t * hc + i + 1) * d].copy_from_slice(key);
+                let g = ops::gate(key, q, &w.norm1[i], &w.norm2[i]);
+                gates[t * hc + i] = g;
+                for j in 0..d {
+                    gated[(t * hc + i) * d + j] = g * value[t * d + j];
+                }
+            }
+        }
+        // §6 short conv: RMSNorm per branch, then the causal dilated depthwise conv over
+        // [history ++ chunk] rows of HC·D channels.
+        let hist_rows = cfg.conv_history();
+        let c = hc * d;
+        let mut normed = state.conv_history.clone();
+        normed.reserve(len * c);
+        for t in 0..len {
+            for i in 0..hc {
+                let x = &gated[(t * hc + i) * d..(t * hc + i + 1) * d];
+                normed.extend(ops::rms_norm(x, &w.conv_norms[i], ops::RMS_EPS_CONV));
+            }
+        }
+        let y = ops::causal_conv(&normed, &w.conv_weight, c, cfg.kernel_size, cfg.max_ngram_size, hist_rows);
+        let short_conv: Vec<f32> = y.iter().map(|&v| ops::silu(v)).collect();
+        let output: Vec<f32> = gated.iter().zip(&short_conv).map(|(a, b)| a + b).collect();
+        state.conv_history.copy_from_slice(&normed[normed.len() - hist_rows * c..]);
+        state.position += len as u64;
+        Ok(Stages {
+            batch: 1,
+            len,
+            hash_ids,
+            embeddings: Some(emb),
+            value: Some(value),
+            keys: Some(keys),
+            gates,
+            gated_value: Some(gated),
+            short_conv: Some(short_conv),
+            output,
+        })
+    }
+}
+
+/// Rewrites an id error's (batch, position) to the caller's coordinates.
+fn relocate_id_error(e: EngramError, batch: usize, pos_offset: usize) -> EngramError {
+    match e {
+        EngramError::IdOutOfRange { position, id, vocab, .. } => EngramError::IdOutOfRange {
+            batch,
+            position: position + pos_offset,
+            id,
+            vocab,
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,24 @@
+//! # engram
+//!
+//! An exact CPU implementation of DeepSeek's Engram layer ("Conditional Memory via Scalable
+//! Lookup"). See the workspace README for the command-line tool.
+#![deny(missing_docs)]
+
+pub mod compression;
+pub mod config;
+pub mod error;
+pub mod hashing;
+pub mod layer;
+pub mod ops;
+pub mod rng;
+pub mod tensors;
+pub mod tokenizer;
+pub mod weights;
+
+pub use compression::CompressedTokenizer;
+pub use config::EngramConfig;
+pub use error::{EngramError, Result};
+pub use hashing::NgramHashMapping;
+pub use tokenizer::Tokenizer;
+pub use layer::{Engram, EngramState, ForwardPath, Stages};
+pub use weights::EngramWeights;

@@ -1,0 +1,266 @@
+//! Safetensors files: memory-mapped reading with checked names, shapes and dtypes, and writing.
+
+use crate::error::{EngramError, Result};
+use memmap2::Mmap;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A float tensor decoded to f32, with its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct F32Tensor {
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major data.
+    pub data: Vec<f32>,
+}
+
+/// An int64 tensor with its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct I64Tensor {
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major data.
+    pub data: Vec<i64>,
+}
+
+/// A memory-mapped, validated safetensors file.
+pub struct TensorFile {
+    path: PathBuf,
+    mmap: Arc<Mmap>,
+    metadata: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for TensorFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorFile").field("path", &self.path).finish()
+    }
+}
+
+pub(crate) fn dtype_name(d: Dtype) -> String {
+    format!("{d:?}").to_lowercase()
+}
+
+impl TensorFile {
+    /// Maps the file and parses its header (bounds and offsets are checked by `safetensors`).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| EngramError::io(&path, e))?;
+        // SAFETY: the map is read-only; the file is not expected to change while mapped (as
+        // with every memory-mapped weight loader). Truncation by another process would fault,
+        // which is the documented hazard of memory-mapping.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngramError::io(&path, e))?;
+        let (_, meta) = SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
+            EngramError::SafeTensors {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        // Full validation (offsets, lengths, overlaps) happens in deserialize.
+        SafeTensors::deserialize(&mmap[..]).map_err(|e| EngramError::SafeTensors {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(TensorFile {
+            path,
+            mmap: Arc::new(mmap),
+            metadata,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `__metadata__` map.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    pub(crate) fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.mmap[..]).expect("validated in open")
+    }
+
+    pub(crate) fn mmap(&self) -> &Arc<Mmap> {
+        &self.mmap
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.st().names().into_iter().map(String::from).collect();
+        v.sort();
+        v
+    }
+
+    /// Whether a tensor is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.st().tensor(name).is_ok()
+    }
+
+    /// (dtype, shape) of a tensor.
+    pub fn info(&self, name: &str) -> Result<(Dtype, Vec<usize>)> {
+        let st = self.st();
+        let v = self.view(&st, name)?;
+        Ok((v.dtype(), v.shape().to_vec()))
+    }
+
+    pub(crate) fn view<'a>(&self, st: &'a SafeTensors<'a>, name: &str) -> Result<TensorView<'a>> {
+        st.tensor(name).map_err(|_| EngramError::MissingTensor {
+            name: name.to_string(),
+            context: format!(" in {}", self.path.display()),
+        })
+    }
+
+    /// A float tensor (f32, or bf16/f16 widened) whose shape must equal `expected` when given.
+    pub fn f32(&self, name: &str, expected: Option<&[usize]>) -> Result<F32Tensor> {
+        let st = self.st();
+        let v = self.view(&st, name)?;
+        check_shape(name, v.shape(), expected)?;
+        let data = decode_f32(name, v.dtype(), v.data())?;
+        Ok(F32Tensor {
+            shape: v.shape().to_vec(),
+            data,
+        })
+    }
+
+    /// An int64 tensor (int32 widened) whose shape must equal `expected` when given.
+    pub fn i64(&self, name: &str, expected: Option<&[usize]>) -> Result<I64Tensor> {
+        let st = self.st();
+        let v = self.view(&st, name)?;
+        check_shape(name, v.shape(), expected)?;
+        let data = match v.dtype() {
+            Dtype::I64 => v
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::I32 => v
+                .data()
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+            d => {
+                return Err(EngramError::DType {
+                    name: name.into(),
+                    expected: "int64 (or int32)".into(),
+                    found: dtype_name(d),
+                })
+            }
+        };
+        Ok(I64Tensor {
+            shape: v.shape().to_vec(),
+            data,
+        })
+    }
+}
+
+pub(crate) fn check_shape(name: &str, found: &[usize], expected: Option<&[usize]>) -> Result<()> {
+    match expected {
+        Some(e) if e != found => Err(EngramError::Shape {
+            name: name.into(),
+            expected: e.to_vec(),
+            found: found.to_vec(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Little-endian bytes of f32 / bf16 / f16 to f32.
+pub(crate) fn decode_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        d => {
+            return Err(EngramError::DType {
+                name: name.into(),
+                expected: "float32, bfloat16 or float16".into(),
+                found: dtype_name(d),
+            })
+        }
+    })
+}
+
+/// Builds a safetensors file tensor by tensor.
+#[derive(Default)]
+pub struct TensorWriter {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    metadata: HashMap<String, String>,
+}
+
+impl TensorWriter {
+    /// An empty writer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an f32 tensor.
+    pub fn f32(&mut self, name: &str, shape: &[usize], data: &[f32]) -> &mut Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.tensors
+            .push((name.into(), Dtype::F32, shape.to_vec(), bytes));
+        self
+    }
+
+    /// Adds a bf16 tensor (rounded to nearest even).
+    pub fn bf16(&mut self, name: &str, shape: &[usize], data: &[f32]) -> &mut Self {
+        let bytes = data
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+            .collect();
+        self.tensors
+            .push((name.into(), Dtype::BF16, shape.to_vec(), bytes));
+        self
+    }
+
+    /// Adds an int64 tensor.
+    pub fn i64(&mut self, name: &str, shape: &[usize], data: &[i64]) -> &mut Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.tensors
+            .push((name.into(), Dtype::I64, shape.to_vec(), bytes));
+        self
+    }
+
+    /// Adds a `__metadata__` entry.
+    pub fn meta(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Writes the file.
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let views: Vec<(String, TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(*d, s.clone(), b).expect("length matches shape"),
+                )
+            })
+            .collect();
+        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
+        safetensors::serialize_to_file(views, meta, path).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => EngramError::io(path, io),
+            other => EngramError::SafeTensors {
+                path: path.display().to_string(),
+                message: other.to_string(),
+            },
+        })
+    }
+}

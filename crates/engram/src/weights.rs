@@ -1,0 +1,320 @@
+//! Weights of one Engram layer, read and written by their PyTorch state-dict names.
+
+use crate::config::EngramConfig;
+use crate::error::{EngramError, Result};
+use crate::tensors::{dtype_name, TensorFile, TensorWriter};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::Dtype;
+use std::path::Path;
+use std::sync::Arc;
+
+/// State-dict name of the multi-head embedding table.
+pub const TABLE: &str = "multi_head_embedding.embedding.weight";
+/// State-dict name of the head offsets buffer.
+pub const OFFSETS: &str = "multi_head_embedding.offsets";
+
+/// Storage of the embedding table: owned, or a view into a memory-mapped file.
+#[derive(Clone)]
+enum TableData {
+    F32(Arc<Vec<f32>>),
+    Bf16(Arc<Vec<bf16>>),
+    Mapped {
+        mmap: Arc<Mmap>,
+        start: usize,
+        dtype: Dtype,
+    },
+}
+
+/// The multi-head embedding table `[rows, d]` (all heads stacked; head h starts at offset_h).
+#[derive(Clone)]
+pub struct EmbeddingTable {
+    data: TableData,
+    rows: usize,
+    dim: usize,
+}
+
+impl std::fmt::Debug for EmbeddingTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EmbeddingTable[{} x {}, {}]", self.rows, self.dim, self.dtype_name())
+    }
+}
+
+impl EmbeddingTable {
+    /// An owned f32 table.
+    pub fn from_f32(data: Vec<f32>, rows: usize, dim: usize) -> Result<Self> {
+        if data.len() != rows * dim {
+            return Err(EngramError::Shape {
+                name: TABLE.into(),
+                expected: vec![rows, dim],
+                found: vec![data.len()],
+            });
+        }
+        Ok(EmbeddingTable {
+            data: TableData::F32(Arc::new(data)),
+            rows,
+            dim,
+        })
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row width d.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// `f32`, `bf16` or `f16`.
+    pub fn dtype_name(&self) -> &'static str {
+        match &self.data {
+            TableData::F32(_) => "f32",
+            TableData::Bf16(_) => "bf16",
+            TableData::Mapped { dtype, .. } => match dtype {
+                Dtype::F32 => "f32",
+                Dtype::BF16 => "bf16",
+                _ => "f16",
+            },
+        }
+    }
+
+    /// Whether the table is memory-mapped (not copied).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, TableData::Mapped { .. })
+    }
+
+    /// A bf16 copy (round to nearest even), for the bf16 path.
+    pub fn to_bf16(&self) -> EmbeddingTable {
+        let mut v = vec![bf16::ZERO; self.rows * self.dim];
+        let mut row = vec![0.0; self.dim];
+        for r in 0..self.rows {
+            self.row_into(r, &mut row);
+            for (o, x) in v[r * self.dim..(r + 1) * self.dim].iter_mut().zip(&row) {
+                *o = bf16::from_f32(*x);
+            }
+        }
+        EmbeddingTable {
+            data: TableData::Bf16(Arc::new(v)),
+            rows: self.rows,
+            dim: self.dim,
+        }
+    }
+
+    /// Copies row `r` (widened to f32) into `out` (length d). `r < rows` is the caller's
+    /// contract (hash ids are reduced modulo the head sizes).
+    #[inline]
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let d = self.dim;
+        match &self.data {
+            TableData::F32(v) => out.copy_from_slice(&v[r * d..(r + 1) * d]),
+            TableData::Bf16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[r * d..(r + 1) * d]) {
+                    *o = x.to_f32();
+                }
+            }
+            TableData::Mapped { mmap, start, dtype } => {
+                let es = if *dtype == Dtype::F32 { 4 } else { 2 };
+                let bytes = &mmap[start + r * d * es..start + (r + 1) * d * es];
+                match dtype {
+                    Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                        Ok(s) if cfg!(target_endian = "little") => out.copy_from_slice(s),
+                        _ => {
+                            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                            }
+                        }
+                    },
+                    Dtype::BF16 => {
+                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                            *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                        }
+                    }
+                    _ => {
+                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                            *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// All parameters of one Engram layer, in the reference's layout.
+#[derive(Debug, Clone)]
+pub struct EngramWeights {
+    /// `multi_head_embedding.embedding.weight` [rows, d].
+    pub table: EmbeddingTable,
+    /// `multi_head_embedding.offsets` [H].
+    pub offsets: Vec<i64>,
+    /// `value_proj.weight` [D, Dm].
+    pub value_proj_weight: Vec<f32>,
+    /// `value_proj.bias` [D].
+    pub value_proj_bias: Vec<f32>,
+    /// `key_projs.{i}.weight` [D, Dm], one per branch.
+    pub key_projs_weight: Vec<Vec<f32>>,
+    /// `key_projs.{i}.bias` [D].
+    pub key_projs_bias: Vec<Vec<f32>>,
+    /// `norm1.{i}.weight` [D] (keys).
+    pub norm1: Vec<Vec<f32>>,
+    /// `norm2.{i}.weight` [D] (queries).
+    pub norm2: Vec<Vec<f32>>,
+    /// `short_conv.conv.weight` [HC·D, 1, K] stored as [HC·D, K].
+    pub conv_weight: Vec<f32>,
+    /// `short_conv.norms.{i}.weight` [D].
+    pub conv_norms: Vec<Vec<f32>>,
+}
+
+/// (name, shape) of every parameter the layer expects, in state-dict order.
+pub fn expected_tensors(cfg: &EngramConfig, table_rows: usize) -> Vec<(String, Vec<usize>)> {
+    let (d, dm, hc) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult);
+    let mut v = vec![
+        (OFFSETS.to_string(), vec![cfg.num_heads()]),
+        (TABLE.to_string(), vec![table_rows, cfg.head_dim()]),
+        ("short_conv.conv.weight".into(), vec![hc * d, 1, cfg.kernel_size]),
+    ];
+    for i in 0..hc {
+        v.push((format!("short_conv.norms.{i}.weight"), vec![d]));
+    }
+    v.push(("value_proj.weight".into(), vec![d, dm]));
+    v.push(("value_proj.bias".into(), vec![d]));
+    for i in 0..hc {
+        v.push((format!("key_projs.{i}.weight"), vec![d, dm]));
+        v.push((format!("key_projs.{i}.bias"), vec![d]));
+    }
+    for i in 0..hc {
+        v.push((format!("norm1.{i}.weight"), vec![d]));
+    }
+    for i in 0..hc {
+        v.push((format!("norm2.{i}.weight"), vec![d]));
+    }
+    v
+}
+
+fn check_finite(name: &str, v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(EngramError::NonFinite {
+            name: name.into(),
+            index,
+            value: v[index],
+        }),
+        None => Ok(()),
+    }
+}
+
+impl EngramWeights {
+    /// Loads a state-dict safetensors file. `offsets` are the head offsets the hash mapping
+    /// computed; the file's `multi_head_embedding.offsets` must equal them. The table stays
+    /// memory-mapped; the other tensors (a few MB) are decoded to f32.
+    pub fn load(path: impl AsRef<Path>, cfg: &EngramConfig, offsets: &[i64], rows: usize) -> Result<Self> {
+        let file = TensorFile::open(path)?;
+        let ctx = format!(" in {}", file.path().display());
+        let expected = expected_tensors(cfg, rows);
+        for name in file.names() {
+            if !expected.iter().any(|(n, _)| *n == name) {
+                return Err(EngramError::UnexpectedTensor { name, context: ctx });
+            }
+        }
+        for (name, shape) in &expected {
+            let (_, found) = file.info(name)?;
+            if &found != shape {
+                return Err(EngramError::Shape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found,
+                });
+            }
+        }
+        let file_offsets = file.i64(OFFSETS, None)?.data;
+        if file_offsets != offsets {
+            return Err(EngramError::invalid(
+                format!("tensor `{OFFSETS}`"),
+                format!("the offsets of this config's head sizes {offsets:?}"),
+                format!("{file_offsets:?}"),
+            ));
+        }
+        let table = {
+            let st = file.st();
+            let view = file.view(&st, TABLE)?;
+            let dtype = view.dtype();
+            if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+                return Err(EngramError::DType {
+                    name: TABLE.into(),
+                    expected: "float32, bfloat16 or float16".into(),
+                    found: dtype_name(dtype),
+                });
+            }
+            let base = file.mmap().as_ptr() as usize;
+            let start = view.data().as_ptr() as usize - base;
+            EmbeddingTable {
+                data: TableData::Mapped {
+                    mmap: file.mmap().clone(),
+                    start,
+                    dtype,
+                },
+                rows,
+                dim: cfg.head_dim(),
+            }
+        };
+        let get = |name: &str| -> Result<Vec<f32>> {
+            let t = file.f32(name, None)?;
+            check_finite(name, &t.data)?;
+            Ok(t.data)
+        };
+        let hc = cfg.hc_mult;
+        let per = |fmt: &dyn Fn(usize) -> String| -> Result<Vec<Vec<f32>>> {
+            (0..hc).map(|i| get(&fmt(i))).collect()
+        };
+        Ok(EngramWeights {
+            table,
+            offsets: file_offsets,
+            value_proj_weight: get("value_proj.weight")?,
+            value_proj_bias: get("value_proj.bias")?,
+            key_projs_weight: per(&|i| format!("key_projs.{i}.weight"))?,
+            key_projs_bias: per(&|i| format!("key_projs.{i}.bias"))?,
+            norm1: per(&|i| format!("norm1.{i}.weight"))?,
+            norm2: per(&|i| format!("norm2.{i}.weight"))?,
+            conv_weight: get("short_conv.conv.weight")?,
+            conv_norms: per(&|i| format!("short_conv.norms.{i}.weight"))?,
+        })
+    }
+
+    /// Writes the weights as a state-dict safetensors file (float tensors in `f32` or `bf16`).
+    pub fn save(&self, path: impl AsRef<Path>, cfg: &EngramConfig, bf16_out: bool) -> Result<()> {
+        let mut w = TensorWriter::new();
+        let put = |w: &mut TensorWriter, name: &str, shape: &[usize], data: &[f32]| {
+            if bf16_out {
+                w.bf16(name, shape, data);
+            } else {
+                w.f32(name, shape, data);
+            }
+        };
+        let (d, dm) = (cfg.hidden_size, cfg.memory_width());
+        let mut table = vec![0.0f32; self.table.rows() * self.table.dim()];
+        for (r, row) in table.chunks_exact_mut(self.table.dim()).enumerate() {
+            self.table.row_into(r, row);
+        }
+        put(&mut w, TABLE, &[self.table.rows(), self.table.dim()], &table);
+        drop(table);
+        w.i64(OFFSETS, &[self.offsets.len()], &self.offsets);
+        put(&mut w, "value_proj.weight", &[d, dm], &self.value_proj_weight);
+        put(&mut w, "value_proj.bias", &[d], &self.value_proj_bias);
+        for i in 0..cfg.hc_mult {
+            put(&mut w, &format!("key_projs.{i}.weight"), &[d, dm], &self.key_projs_weight[i]);
+            put(&mut w, &format!("key_projs.{i}.bias"), &[d], &self.key_projs_bias[i]);
+            put(&mut w, &format!("norm1.{i}.weight"), &[d], &self.norm1[i]);
+            put(&mut w, &format!("norm2.{i}.weight"), &[d], &self.norm2[i]);
+            put(&mut w, &format!("short_conv.norms.{i}.weight"), &[d], &self.conv_norms[i]);
+        }
+        put(
+            &mut w,
+            "short_conv.conv.weight",
+            &[cfg.hc_mult * d, 1, cfg.kernel_size],
+            &self.conv_weight,
+        );
+        w.meta("format", "pt");
+        w.write(path)
+    }
+}
