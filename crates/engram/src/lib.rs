@@ -4,10 +4,12 @@
 //! Lookup"). See the workspace README for the command-line tool.
 #![deny(missing_docs)]
 
+mod alloc;
 pub mod compression;
 pub mod config;
 pub mod error;
 pub mod hashing;
+pub mod init;
 pub mod layer;
 pub mod ops;
 pub mod rng;

@@ -3,3 +3,4 @@
 //! (default weights and mock hidden states). Recipes: `shared/notes/rng-compat.md`.
 
 pub mod numpy;
+pub mod torch;

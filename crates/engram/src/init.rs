@@ -1,0 +1,66 @@
+//! The weights PyTorch creates for `Engram(layer_id)` after `torch.manual_seed(seed)`,
+//! reproduced bit for bit (x86-64 with AVX2), with no Python and no file.
+//!
+//! Construction order of the reference module: `multi_head_embedding` (normal_),
+//! `short_conv.conv` (kaiming_uniform_, no bias), `short_conv.norms` (ones, no draw),
+//! `value_proj` (weight, then bias), `key_projs.{i}` (each weight, then bias), `norm1`, `norm2`
+//! (ones, no draw).
+
+use crate::config::EngramConfig;
+use crate::error::Result;
+use crate::hashing::NgramHashMapping;
+use crate::rng::torch::TorchGenerator;
+use crate::weights::{EmbeddingTable, EngramWeights};
+
+/// Initialises the layer `cfg.layer_id` as PyTorch would; returns the weights and the
+/// generator, positioned where the reference's next draw (e.g. `torch.randn`) would start.
+/// `progress` receives the number of table elements filled so far (for a progress bar).
+pub fn torch_default_weights(
+    cfg: &EngramConfig,
+    hashing: &NgramHashMapping,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(EngramWeights, TorchGenerator)> {
+    let layer = hashing.layer(cfg.layer_id)?;
+    let rows = layer.table_rows() as usize;
+    let (d, dm, hc, taps) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult, cfg.kernel_size);
+    let mut g = TorchGenerator::manual_seed(seed);
+    let mut table = crate::alloc::zeroed_f32(rows * cfg.head_dim());
+    g.normal_f32_with_progress(&mut table, 0.0, 1.0, progress);
+    // Depthwise Conv1d weight [HC·D, 1, K]: fan_in = 1·K.
+    let mut conv_weight = vec![0.0f32; hc * d * taps];
+    g.kaiming_uniform_f32(&mut conv_weight, taps);
+    let linear = |g: &mut TorchGenerator| {
+        let mut w = vec![0.0f32; d * dm];
+        let mut b = vec![0.0f32; d];
+        g.kaiming_uniform_f32(&mut w, dm);
+        g.linear_bias_f32(&mut b, dm);
+        (w, b)
+    };
+    let (value_proj_weight, value_proj_bias) = linear(&mut g);
+    let (key_projs_weight, key_projs_bias) = (0..hc).map(|_| linear(&mut g)).unzip();
+    let ones = vec![vec![1.0f32; d]; hc];
+    let weights = EngramWeights {
+        table: EmbeddingTable::from_f32(table, rows, cfg.head_dim())?,
+        offsets: layer.offsets().iter().map(|&o| o as i64).collect(),
+        value_proj_weight,
+        value_proj_bias,
+        key_projs_weight,
+        key_projs_bias,
+        norm1: ones.clone(),
+        norm2: ones.clone(),
+        conv_weight,
+        conv_norms: ones,
+    };
+    Ok((weights, g))
+}
+
+/// The demo's mock hidden states: `torch.randn(1, ceil(L/32)·32, HC, D)` from `g`, cut to the
+/// first `len` positions: [1, len, HC, D].
+pub fn demo_hidden_states(g: &mut TorchGenerator, cfg: &EngramConfig, len: usize) -> Vec<f32> {
+    let padded = len.div_ceil(32) * 32;
+    let row = cfg.hc_mult * cfg.hidden_size;
+    let mut h = g.randn(padded * row);
+    h.truncate(len * row);
+    h
+}
