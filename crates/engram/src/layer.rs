@@ -7,8 +7,9 @@ use crate::hashing::{LayerHashParams, NgramHashMapping};
 use crate::ops;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{EngramWeights, TABLE};
+use crate::fused::{DType, Driver, FusedOut, FusedWeights, SeqInput};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// What later tokens of one sequence need from the earlier ones (streaming decode).
 ///
@@ -17,12 +18,51 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngramState {
     /// Last N-1 canonical ids, oldest first.
-    pub ngram_history: Vec<i64>,
-    /// Last (kernel_size-1)·N normalised conv inputs, oldest first: [rows, HC·D], channel
-    /// c = i·D + j as in `short_conv.conv`.
-    pub conv_history: Vec<f32>,
+    pub(crate) ngram_history: Vec<i64>,
+    /// Ring of the last R = (kernel_size-1)·N normalised conv inputs, rows of HC·D
+    /// (channel c = i·D + j as in `short_conv.conv`); `conv_head` is the oldest row.
+    pub(crate) conv_ring: Vec<f32>,
+    pub(crate) conv_head: usize,
     /// Tokens consumed so far.
-    pub position: u64,
+    pub(crate) position: u64,
+    /// HC·D, the width of a conv row.
+    pub(crate) row_width: usize,
+}
+
+impl EngramState {
+    /// Last N-1 canonical ids, oldest first.
+    pub fn ngram_history(&self) -> &[i64] {
+        &self.ngram_history
+    }
+
+    /// Last R normalised conv inputs, oldest first: [R, HC·D].
+    pub fn conv_history(&self) -> Vec<f32> {
+        let r = self.conv_rows();
+        if r == 0 {
+            return Vec::new();
+        }
+        let c = self.conv_ring.len() / r;
+        let mut v = Vec::with_capacity(self.conv_ring.len());
+        for j in 0..r {
+            let p = (self.conv_head + j) % r;
+            v.extend_from_slice(&self.conv_ring[p * c..(p + 1) * c]);
+        }
+        v
+    }
+
+    fn conv_rows(&self) -> usize {
+        self.conv_ring.len().checked_div(self.row_width.max(1)).unwrap_or(0)
+    }
+
+    /// Tokens consumed so far.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Rebuilds a state from its parts (e.g. read from disk); sizes are checked when used.
+    pub fn from_parts(ngram_history: Vec<i64>, conv_history: Vec<f32>, row_width: usize, position: u64) -> Self {
+        EngramState { ngram_history, conv_ring: conv_history, conv_head: 0, position, row_width }
+    }
 }
 
 /// Every stage of a forward pass over `[B, L]`. Stages that a path does not materialise
@@ -94,33 +134,21 @@ impl Stages {
         cat(&mut self.gated_value, other.gated_value);
         cat(&mut self.short_conv, other.short_conv);
     }
-
-    /// Appends the stages of the next batch row (same L).
-    pub(crate) fn append_batch(&mut self, other: Stages) {
-        let b = self.batch;
-        if b == 0 {
-            *self = other;
-            return;
-        }
-        let len = self.len;
-        self.append_time(other);
-        // Rows of one batch share L; the data of the new row follows the previous rows.
-        self.len = len;
-        self.batch = b + 1;
-    }
 }
 
 /// Which implementation runs the float stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardPath {
     /// Plain loops, every stage kept ([`crate::ops`]).
-    #[default]
     Reference,
+    /// Tiled, fused, multicore kernels ([`crate::fused`]); keeps hash_ids, gates, output.
+    #[default]
+    Fused,
 }
 
 impl ForwardPath {
     /// Every path, for test suites that must run on all of them.
-    pub const ALL: &'static [ForwardPath] = &[ForwardPath::Reference];
+    pub const ALL: &'static [ForwardPath] = &[ForwardPath::Reference, ForwardPath::Fused];
 }
 
 impl std::str::FromStr for ForwardPath {
@@ -128,7 +156,8 @@ impl std::str::FromStr for ForwardPath {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "reference" => Ok(ForwardPath::Reference),
-            other => Err(EngramError::invalid("path", "`reference`", other)),
+            "fused" => Ok(ForwardPath::Fused),
+            other => Err(EngramError::invalid("path", "`reference` or `fused`", other)),
         }
     }
 }
@@ -140,6 +169,9 @@ pub struct Engram {
     hashing: Arc<NgramHashMapping>,
     layer: LayerHashParams,
     weights: EngramWeights,
+    dtype: DType,
+    /// Packed weights of the fused path, built on first use.
+    fused: OnceLock<Arc<FusedWeights>>,
 }
 
 /// Loads the tokenizer named by the config and builds its compression table.
@@ -201,7 +233,7 @@ impl Engram {
                 }
             }
         }
-        Ok(Engram { cfg, hashing, layer, weights })
+        Ok(Engram { cfg, hashing, layer, weights, dtype: DType::F32, fused: OnceLock::new() })
     }
 
     /// Loads everything a config names: tokenizer (compression), hash mapping, weights file.
@@ -239,17 +271,37 @@ impl Engram {
         &self.weights
     }
 
-    /// Mutable weights (e.g. to convert the table to bf16).
-    pub fn weights_mut(&mut self) -> &mut EngramWeights {
-        &mut self.weights
+    /// Storage type of the fused path's table and projections.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Sets the fused path's storage type. `Bf16` keeps a bf16 copy of the table (a
+    /// memory-mapped bf16 file is used as it is) and packs the projections in bf16; the
+    /// reference path then reads the same bf16-rounded table.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        if dtype == DType::Bf16 && self.weights.table.dtype_name() != "bf16" {
+            self.weights.table = self.weights.table.to_bf16();
+        }
+        self.dtype = dtype;
+        self.fused = OnceLock::new();
+        self
+    }
+
+    /// The fused path's packed weights (packed on first use).
+    pub fn fused_weights(&self) -> &FusedWeights {
+        self.fused.get_or_init(|| Arc::new(FusedWeights::pack(self, self.dtype)))
     }
 
     /// The state of a sequence that has not started.
     pub fn new_state(&self) -> EngramState {
+        let c = self.cfg.hc_mult * self.cfg.hidden_size;
         EngramState {
             ngram_history: vec![self.hashing.pad_canonical(); self.cfg.max_ngram_size - 1],
-            conv_history: vec![0.0; self.cfg.conv_history() * self.cfg.hc_mult * self.cfg.hidden_size],
+            conv_ring: vec![0.0; self.cfg.conv_history() * c],
+            conv_head: 0,
             position: 0,
+            row_width: c,
         }
     }
 
@@ -279,32 +331,91 @@ impl Engram {
     /// Every sequence starts fresh (the reference's semantics).
     pub fn forward(&self, input_ids: &[i64], hidden: &[f32], batch: usize, len: usize, path: ForwardPath) -> Result<Stages> {
         self.check_inputs(input_ids, hidden, batch, len)?;
-        let row = len * self.cfg.hc_mult * self.cfg.hidden_size;
-        let mut all = Stages::default();
-        for b in 0..batch {
-            let mut state = self.new_state();
-            let ids = &input_ids[b * len..(b + 1) * len];
-            let s = self
-                .forward_chunk(&mut state, ids, &hidden[b * row..(b + 1) * row], path)
-                .map_err(|e| relocate_id_error(e, b, 0))?;
-            all.append_batch(s);
-        }
-        Ok(all)
+        let mut states: Vec<EngramState> = (0..batch).map(|_| self.new_state()).collect();
+        let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
+        let mut s = self.forward_ragged(&mut states, input_ids, hidden, &offsets, path)?;
+        s.batch = batch;
+        s.len = len;
+        Ok(s)
     }
 
     /// Runs one chunk of one sequence (any length >= 1), reading and updating its state.
     /// Returns the chunk's stages with B = 1.
     pub fn forward_chunk(&self, state: &mut EngramState, ids: &[i64], hidden: &[f32], path: ForwardPath) -> Result<Stages> {
-        self.check_inputs(ids, hidden, 1, ids.len())?;
-        self.check_state(state)?;
-        let canon = self
-            .hashing
-            .compressed()
-            .compress(ids, ids.len())
-            .map_err(|e| relocate_id_error(e, 0, state.position as usize))?;
-        match path {
-            ForwardPath::Reference => self.reference_chunk(state, &canon, hidden),
+        self.forward_ragged(std::slice::from_mut(state), ids, hidden, &[0, ids.len()], path)
+    }
+
+    /// Ragged batch: sequence s has rows `offsets[s]..offsets[s+1]` of the packed `ids`
+    /// [T] and `hidden` [T, HC, D] (`cu_seqlens` style; empty sequences allowed) and its own
+    /// state, which is read and updated. Returns packed stages (B = 1, L = T).
+    pub fn forward_ragged(&self, states: &mut [EngramState], ids: &[i64], hidden: &[f32], offsets: &[usize], path: ForwardPath) -> Result<Stages> {
+        let total = ids.len();
+        self.check_offsets(offsets, states.len(), total)?;
+        self.check_inputs(ids, hidden, 1, total)?;
+        for st in states.iter() {
+            self.check_state(st)?;
         }
+        let c = self.cfg.hc_mult * self.cfg.hidden_size;
+        // Compress every sequence; errors name the sequence and its own position.
+        let mut canon = Vec::with_capacity(states.len());
+        for (s, st) in states.iter().enumerate() {
+            let seq = &ids[offsets[s]..offsets[s + 1]];
+            canon.push(
+                self.hashing
+                    .compressed()
+                    .compress(seq, seq.len().max(1))
+                    .map_err(|e| relocate_id_error(e, s, st.position as usize))?,
+            );
+        }
+        match path {
+            ForwardPath::Reference => {
+                let mut all = Stages::default();
+                for (s, st) in states.iter_mut().enumerate() {
+                    if canon[s].is_empty() {
+                        continue;
+                    }
+                    let h = &hidden[offsets[s] * c..offsets[s + 1] * c];
+                    all.append_time(self.reference_chunk(st, &canon[s], h)?);
+                }
+                all.batch = 1;
+                Ok(all)
+            }
+            ForwardPath::Fused => {
+                let n1 = self.cfg.max_ngram_size - 1;
+                let seqs: Vec<SeqInput<'_>> = states
+                    .iter()
+                    .zip(&canon)
+                    .enumerate()
+                    .map(|(s, (st, cn))| {
+                        let mut ext = st.ngram_history.clone();
+                        ext.extend_from_slice(cn);
+                        SeqInput { ext, hidden: &hidden[offsets[s] * c..offsets[s + 1] * c] }
+                    })
+                    .collect();
+                let (h, hc) = (self.cfg.num_heads(), self.cfg.hc_mult);
+                let mut hash_ids = vec![0i64; total * h];
+                let mut gates = vec![0.0f32; total * hc];
+                let mut output = vec![0.0f32; total * c];
+                let fw = self.fused_weights();
+                Driver::new(self, fw).run(&seqs, states, FusedOut { hash_ids: &mut hash_ids, gates: &mut gates, out: &mut output })?;
+                for (st, sq) in states.iter_mut().zip(&seqs) {
+                    st.ngram_history.copy_from_slice(&sq.ext[sq.ext.len() - n1..]);
+                    st.position += (sq.ext.len() - n1) as u64;
+                }
+                Ok(Stages { batch: 1, len: total, hash_ids, gates, output, ..Default::default() })
+            }
+        }
+    }
+
+    fn check_offsets(&self, offsets: &[usize], nseq: usize, total: usize) -> Result<()> {
+        if offsets.len() != nseq + 1 || offsets.first() != Some(&0) || offsets.last() != Some(&total) || offsets.windows(2).any(|w| w[0] > w[1]) {
+            return Err(EngramError::invalid(
+                "offsets",
+                format!("{} non-decreasing offsets from 0 to {total} (one more than the {nseq} states)", nseq + 1),
+                format!("{offsets:?}"),
+            ));
+        }
+        Ok(())
     }
 
     fn check_state(&self, state: &EngramState) -> Result<()> {
@@ -316,11 +427,11 @@ impl Engram {
                 found: vec![state.ngram_history.len()],
             });
         }
-        if state.conv_history.len() != fresh.conv_history.len() {
+        if state.conv_ring.len() != fresh.conv_ring.len() || state.conv_head >= fresh.conv_ring.len().max(1) {
             return Err(EngramError::Shape {
                 name: "state.conv_history".into(),
                 expected: vec![self.cfg.conv_history(), self.cfg.hc_mult * self.cfg.hidden_size],
-                found: vec![state.conv_history.len()],
+                found: vec![state.conv_ring.len()],
             });
         }
         Ok(())
@@ -393,7 +504,7 @@ impl Engram {
         // [history ++ chunk] rows of HC·D channels.
         let hist_rows = cfg.conv_history();
         let c = hc * d;
-        let mut normed = state.conv_history.clone();
+        let mut normed = state.conv_history();
         normed.reserve(len * c);
         for t in 0..len {
             for i in 0..hc {
@@ -404,7 +515,8 @@ impl Engram {
         let y = ops::causal_conv(&normed, &w.conv_weight, c, cfg.kernel_size, cfg.max_ngram_size, hist_rows);
         let short_conv: Vec<f32> = y.iter().map(|&v| ops::silu(v)).collect();
         let output: Vec<f32> = gated.iter().zip(&short_conv).map(|(a, b)| a + b).collect();
-        state.conv_history.copy_from_slice(&normed[normed.len() - hist_rows * c..]);
+        state.conv_ring.copy_from_slice(&normed[normed.len() - hist_rows * c..]);
+        state.conv_head = 0;
         state.position += len as u64;
         Ok(Stages {
             batch: 1,

@@ -1,0 +1,436 @@
+//! The fused CPU path: the layer streamed tile by tile over the sequence, on every core.
+//!
+//! Per tile of at most [`TILE`] rows (tokens of one or several sequences):
+//! 1. hash and gather the rows into `x` [T, Dm];
+//! 2. one GEMM `y = x · W_allᵀ` with `W_all` = [value_proj; key_projs.0; …] packed once at
+//!    load ([`proj::Projection`]);
+//! 3. [`kernels::gate_token`] per row: biases, both RMSNorms, gate, g·value (written straight
+//!    into the output) and the conv's RMSNorm;
+//! 4. [`kernels::conv_row`] per row: dilated causal depthwise conv + SiLU + residual, reading
+//!    earlier rows from the tile or from the sequence's history ring.
+//!
+//! Rows are split into one contiguous range per thread. A range that starts inside a
+//! sequence does not know the (kernel_size-1)·N normalised rows before it; its first rows
+//! keep their partial conv sums, and once every range is done the neighbour's last rows
+//! complete them ([`Driver::fix_boundaries`]). Memory beyond inputs and outputs is
+//! O(threads · TILE).
+
+pub mod kernels;
+pub mod proj;
+
+use crate::error::Result;
+use crate::layer::{Engram, EngramState};
+use kernels::{GateParams, Isa};
+use proj::Projection;
+
+/// Rows per tile.
+pub const TILE: usize = 128;
+/// Fewest rows worth a thread of their own.
+const MIN_ROWS_PER_PART: usize = 64;
+
+/// Weights of the fused path, packed once from [`crate::EngramWeights`].
+#[derive(Debug, Clone)]
+pub struct FusedWeights {
+    proj: Projection,
+    value_bias: Vec<f32>,
+    key_bias: Vec<Vec<f32>>,
+    norm12: Vec<Vec<f32>>,
+    conv_norm: Vec<Vec<f32>>,
+    /// `short_conv.conv.weight` as [taps][HC·D].
+    conv_w: Vec<f32>,
+}
+
+/// Storage type of the table and projection weights on the fused path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DType {
+    /// float32 everywhere.
+    #[default]
+    F32,
+    /// bfloat16 table and projection weights, f32 accumulation and activations.
+    Bf16,
+}
+
+impl std::str::FromStr for DType {
+    type Err = crate::EngramError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(DType::F32),
+            "bf16" | "bfloat16" => Ok(DType::Bf16),
+            o => Err(crate::EngramError::invalid("dtype", "`f32` or `bf16`", o)),
+        }
+    }
+}
+
+impl FusedWeights {
+    /// Packs the weights of a layer.
+    pub fn pack(e: &Engram, dtype: DType) -> Self {
+        let cfg = e.config();
+        let w = e.weights();
+        let (d, hc, taps) = (cfg.hidden_size, cfg.hc_mult, cfg.kernel_size);
+        let mut mats: Vec<&[f32]> = vec![&w.value_proj_weight];
+        mats.extend(w.key_projs_weight.iter().map(|m| m.as_slice()));
+        let proj = Projection::pack(&mats, cfg.memory_width(), dtype);
+        let c = hc * d;
+        let mut conv_w = vec![0.0; taps * c];
+        for ch in 0..c {
+            for k in 0..taps {
+                conv_w[k * c + ch] = w.conv_weight[ch * taps + k];
+            }
+        }
+        FusedWeights {
+            proj,
+            value_bias: w.value_proj_bias.clone(),
+            key_bias: w.key_projs_bias.clone(),
+            norm12: (0..hc)
+                .map(|i| w.norm1[i].iter().zip(&w.norm2[i]).map(|(a, b)| a * b).collect())
+                .collect(),
+            conv_norm: w.conv_norms.clone(),
+            conv_w,
+        }
+    }
+
+    /// The storage type of the projection.
+    pub fn dtype(&self) -> DType {
+        self.proj.dtype()
+    }
+}
+
+/// One sequence of a fused call: its canonical ids with history, hidden states, state.
+pub(crate) struct SeqInput<'a> {
+    /// `state.ngram_history ++ canonical ids` (N-1+T).
+    pub ext: Vec<i64>,
+    /// [T, HC·D].
+    pub hidden: &'a [f32],
+}
+
+/// The outputs of a fused call, rows of all sequences concatenated.
+pub(crate) struct FusedOut<'a> {
+    pub hash_ids: &'a mut [i64],
+    pub gates: &'a mut [f32],
+    pub out: &'a mut [f32],
+}
+
+/// A row range of one sequence handled by one thread.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    seq: usize,
+    t0: usize,
+    t1: usize,
+    /// First row of the sequence in the concatenated rows.
+    base: usize,
+}
+
+/// A row whose conv sum lacks the taps that reach into the previous range.
+struct Fixup {
+    seq: usize,
+    row: usize,
+    t: usize,
+    y: Vec<f32>,
+}
+
+/// What a range hands to the driver after its rows are done.
+struct PartResult {
+    fixups: Vec<Fixup>,
+    /// The last R normalised rows of the range's last piece, when the next range needs them
+    /// or the piece's state was not updated in place.
+    tail: Option<Tail>,
+}
+
+struct Tail {
+    seq: usize,
+    /// [R, C], oldest first.
+    rows: Vec<f32>,
+    /// The piece ended its sequence.
+    ends: bool,
+}
+
+/// Ring rows in logical order (oldest first).
+fn ordered(data: &[f32], head: usize, r: usize, c: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(r * c);
+    for j in 0..r {
+        let phys = (head + j) % r;
+        v.extend_from_slice(&data[phys * c..(phys + 1) * c]);
+    }
+    v
+}
+
+/// History rows of one piece: a ring of R rows, of which the oldest `unknown` are rows of
+/// a neighbour's range that this thread does not have.
+struct Ring<'s> {
+    rows: RingRows<'s>,
+    unknown: usize,
+}
+
+enum RingRows<'s> {
+    State(&'s mut EngramState),
+    Local { data: Vec<f32>, head: usize },
+}
+
+impl Ring<'_> {
+    fn parts(&mut self) -> (&mut [f32], &mut usize) {
+        match &mut self.rows {
+            RingRows::State(s) => (&mut s.conv_ring, &mut s.conv_head),
+            RingRows::Local { data, head } => (data, head),
+        }
+    }
+}
+
+pub(crate) struct Driver<'e> {
+    e: &'e Engram,
+    fw: &'e FusedWeights,
+    isa: Isa,
+}
+
+impl<'e> Driver<'e> {
+    pub fn new(e: &'e Engram, fw: &'e FusedWeights) -> Self {
+        Driver { e, fw, isa: Isa::detect() }
+    }
+
+    /// Runs all sequences; `states[s]` is read and updated.
+    pub fn run(&self, seqs: &[SeqInput<'_>], states: &mut [EngramState], out: FusedOut<'_>) -> Result<()> {
+        let cfg = self.e.config();
+        let n1 = cfg.max_ngram_size - 1;
+        let lens: Vec<usize> = seqs.iter().map(|s| s.ext.len() - n1).collect();
+        let mut bases = Vec::with_capacity(lens.len());
+        let mut total = 0;
+        for &l in &lens {
+            bases.push(total);
+            total += l;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let parts = self.plan(&lens, &bases, total, threads);
+        let inner_threads = (threads / parts.len().max(1)).max(1);
+        // Split outputs and states by part.
+        let (h, hc, c) = (cfg.num_heads(), cfg.hc_mult, cfg.hc_mult * cfg.hidden_size);
+        let mut jobs = Vec::with_capacity(parts.len());
+        let FusedOut { hash_ids, gates, out } = out;
+        let (mut hash_rest, mut gate_rest, mut out_rest) = (&mut *hash_ids, &mut *gates, &mut *out);
+        let mut state_rest: &mut [EngramState] = &mut *states;
+        let mut state_first = 0;
+        for p in &parts {
+            let rows: usize = p.iter().map(|x| x.t1 - x.t0).sum();
+            let (a, b) = std::mem::take(&mut hash_rest).split_at_mut(rows * h);
+            hash_rest = b;
+            let (g, b) = std::mem::take(&mut gate_rest).split_at_mut(rows * hc);
+            gate_rest = b;
+            let (o, b) = std::mem::take(&mut out_rest).split_at_mut(rows * c);
+            out_rest = b;
+            // States of the sequences that start in this part.
+            let last_seq_starting = p.iter().filter(|x| x.t0 == 0).map(|x| x.seq + 1).max();
+            let take = last_seq_starting.map_or(0, |l| l - state_first);
+            let (s, b) = std::mem::take(&mut state_rest).split_at_mut(take);
+            state_rest = b;
+            jobs.push((p.clone(), a, g, o, s, state_first));
+            state_first += take;
+        }
+        let results: Vec<Result<PartResult>> = {
+            use rayon::prelude::*;
+            jobs.into_par_iter()
+                .map(|(p, hs, gs, os, st, sf)| self.run_part(&p, seqs, hs, gs, os, st, sf, inner_threads))
+                .collect()
+        };
+        let results: Vec<PartResult> = results.into_iter().collect::<Result<_>>()?;
+        self.fix_boundaries(&parts, results, states, out, c);
+        Ok(())
+    }
+
+    /// Splits the rows into at most `threads` contiguous ranges. A split inside a sequence
+    /// keeps at least R rows on both sides, so every range ends with R rows of its own.
+    fn plan(&self, lens: &[usize], bases: &[usize], total: usize, threads: usize) -> Vec<Vec<Piece>> {
+        let r = self.e.config().conv_history().max(1);
+        let want = (total / MIN_ROWS_PER_PART).clamp(1, threads);
+        let mut cuts = vec![0usize];
+        for k in 1..want {
+            let target = total * k / want;
+            let s = bases.partition_point(|&b| b <= target) - 1;
+            let t = target - bases[s];
+            let cut = if t < r {
+                bases[s]
+            } else if lens[s] - t < r {
+                bases[s] + lens[s]
+            } else {
+                target
+            };
+            if cut > *cuts.last().unwrap() && cut < total {
+                cuts.push(cut);
+            }
+        }
+        cuts.push(total);
+        cuts.windows(2)
+            .map(|w| {
+                let (lo, hi) = (w[0], w[1]);
+                let mut v = Vec::new();
+                for (s, (&b, &l)) in bases.iter().zip(lens).enumerate() {
+                    let (t0, t1) = (lo.max(b), hi.min(b + l));
+                    if t0 < t1 {
+                        v.push(Piece { seq: s, t0: t0 - b, t1: t1 - b, base: b });
+                    }
+                }
+                v
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_part(
+        &self,
+        pieces: &[Piece],
+        seqs: &[SeqInput<'_>],
+        hash_out: &mut [i64],
+        gate_out: &mut [f32],
+        out: &mut [f32],
+        states: &mut [EngramState],
+        state_first: usize,
+        inner_threads: usize,
+    ) -> Result<PartResult> {
+        let cfg = self.e.config();
+        let (n, h, dm, hc, d) = (cfg.max_ngram_size, cfg.num_heads(), cfg.memory_width(), cfg.hc_mult, cfg.hidden_size);
+        let c = hc * d;
+        let np = self.fw.proj.n();
+        let r = cfg.conv_history();
+        let taps = cfg.kernel_size;
+        let mut x = vec![0.0f32; TILE * dm];
+        let mut y = vec![0.0f32; TILE * np];
+        let mut normed = vec![0.0f32; TILE * c];
+        let mut hist = vec![0i64; n];
+        let params = GateParams {
+            value_bias: &self.fw.value_bias,
+            key_bias: &self.fw.key_bias,
+            norm12: &self.fw.norm12,
+            conv_norm: &self.fw.conv_norm,
+        };
+        let mut fixups = Vec::new();
+        let mut tail = None;
+        let mut row0 = 0; // first row of the current piece within this part
+        for p in pieces {
+            let seq = &seqs[p.seq];
+            let mut ring = if p.t0 == 0 {
+                debug_assert!(p.seq >= state_first);
+                let st = &mut states[p.seq - state_first];
+                Ring { rows: RingRows::State(st), unknown: 0 }
+            } else {
+                Ring { rows: RingRows::Local { data: vec![0.0; r * c], head: 0 }, unknown: r }
+            };
+            let mut t = p.t0;
+            while t < p.t1 {
+                let rows = (p.t1 - t).min(TILE);
+                let lr0 = row0 + (t - p.t0); // part-local row of t
+                // 1. hash + gather.
+                for u in 0..rows {
+                    let tt = t + u;
+                    for (k, hk) in hist.iter_mut().enumerate() {
+                        *hk = seq.ext[tt + n - 1 - k];
+                    }
+                    let hrow = &mut hash_out[(lr0 + u) * h..(lr0 + u + 1) * h];
+                    self.e.hashing().hash_position(self.e.layer_params(), &hist, hrow);
+                    self.e.gather(hrow, &mut x[u * dm..(u + 1) * dm])?;
+                }
+                // 2. projections.
+                self.fw.proj.matmul(&x[..rows * dm], rows, &mut y[..rows * np], inner_threads);
+                // 3. gates, gated value (into `out`), conv RMSNorm.
+                for u in 0..rows {
+                    let lr = lr0 + u;
+                    kernels::gate_token(
+                        self.isa,
+                        &params,
+                        &y[u * np..(u + 1) * np],
+                        &seq.hidden[(t + u) * c..(t + u + 1) * c],
+                        &mut gate_out[lr * hc..(lr + 1) * hc],
+                        &mut out[lr * c..(lr + 1) * c],
+                        &mut normed[u * c..(u + 1) * c],
+                    );
+                }
+                // 4. conv + SiLU + residual; rows before the tile come from the ring.
+                {
+                    let unknown = ring.unknown;
+                    let (ring_data, head) = ring.parts();
+                    let mut rows_k: Vec<Option<&[f32]>> = vec![None; taps];
+                    let mut ybuf = vec![0.0f32; c];
+                    for u in 0..rows {
+                        let mut partial = false;
+                        for (k, slot) in rows_k.iter_mut().enumerate() {
+                            let back = (taps - 1 - k) * n;
+                            *slot = if u >= back {
+                                Some(&normed[(u - back) * c..(u - back + 1) * c])
+                            } else {
+                                // Logical ring row (0 = oldest of R).
+                                let j = r + u - back;
+                                if j < unknown {
+                                    partial = true;
+                                    None
+                                } else {
+                                    let phys = (*head + j) % r;
+                                    Some(&ring_data[phys * c..(phys + 1) * c])
+                                }
+                            };
+                        }
+                        let lr = lr0 + u;
+                        if partial {
+                            kernels::conv_row_pre(self.isa, &self.fw.conv_w, &rows_k, &mut ybuf);
+                            fixups.push(Fixup { seq: p.seq, row: p.base + t + u, t: t + u, y: ybuf.clone() });
+                        } else {
+                            kernels::conv_row(self.isa, &self.fw.conv_w, &rows_k, &mut out[lr * c..(lr + 1) * c]);
+                        }
+                    }
+                    // Push the tile's rows into the ring (only the last R matter).
+                    if r > 0 {
+                        let keep = rows.min(r);
+                        for u in rows - keep..rows {
+                            ring_data[*head * c..(*head + 1) * c].copy_from_slice(&normed[u * c..(u + 1) * c]);
+                            *head = (*head + 1) % r;
+                        }
+                    }
+                }
+                ring.unknown = ring.unknown.saturating_sub(rows);
+                t += rows;
+            }
+            row0 += p.t1 - p.t0;
+            // The range's last R rows go to the driver when the next range continues this
+            // sequence, or when this piece's ring is local (its state was not updated).
+            let seq_len = seq.ext.len() - (n - 1);
+            let is_local = matches!(ring.rows, RingRows::Local { .. });
+            if is_local || p.t1 < seq_len {
+                let (data, head) = ring.parts();
+                tail = Some(Tail { seq: p.seq, rows: ordered(data, *head, r, c), ends: p.t1 == seq_len });
+            }
+        }
+        Ok(PartResult { fixups, tail })
+    }
+
+    /// Completes the rows at range starts with the neighbour's last normalised rows, and
+    /// writes the history of sequences whose last rows were in a range of their own.
+    fn fix_boundaries(&self, parts: &[Vec<Piece>], results: Vec<PartResult>, states: &mut [EngramState], out: &mut [f32], c: usize) {
+        let cfg = self.e.config();
+        let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
+        let mut prev: Option<Tail> = None;
+        for (p, res) in parts.iter().zip(results) {
+            for mut f in res.fixups {
+                let left = prev.as_ref().expect("a range that starts inside a sequence has a left neighbour");
+                debug_assert_eq!(left.seq, f.seq);
+                let u = f.t - p[0].t0; // rows since the range start
+                for k in 0..taps {
+                    let back = (taps - 1 - k) * n;
+                    if u < back {
+                        let j = r + u - back; // row among the neighbour's last R, oldest first
+                        let w = &self.fw.conv_w[k * c..(k + 1) * c];
+                        let x = &left.rows[j * c..(j + 1) * c];
+                        for ((y, w), x) in f.y.iter_mut().zip(w).zip(x) {
+                            *y = w.mul_add(*x, *y);
+                        }
+                    }
+                }
+                let o = &mut out[f.row * c..(f.row + 1) * c];
+                let gated = o.to_vec();
+                kernels::finish_row(&gated, &f.y, o);
+            }
+            if let Some(tail) = res.tail {
+                if tail.ends {
+                    let st = &mut states[tail.seq];
+                    st.conv_ring.copy_from_slice(&tail.rows);
+                    st.conv_head = 0;
+                }
+                prev = Some(tail);
+            }
+        }
+    }
+}
