@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use engram::layer::compression_for;
 use engram::tensors::{TensorFile, TensorWriter};
-use engram::{CompressedTokenizer, Engram, EngramConfig, ForwardPath, NgramHashMapping, Stages, Tokenizer};
+use engram::{CompressedTokenizer, DType, Engram, EngramConfig, ForwardPath, NgramHashMapping, Stages, Tokenizer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -45,7 +45,8 @@ pub struct ForwardArgs {
     /// State-dict safetensors file.
     #[arg(long)]
     weights: PathBuf,
-    /// Inputs: `input_ids` int64 [B, L] and `hidden_states` f32 [B, L, HC, D].
+    /// Inputs: `input_ids` int64 [B, L] and `hidden_states` f32 [B, L, HC, D]; or a ragged
+    /// batch: `input_ids` [T], `hidden_states` [T, HC, D] and `offsets` int64 [S+1].
     #[arg(long)]
     inputs: Option<PathBuf>,
     /// Text to tokenize in place of `input_ids` (B = 1).
@@ -54,35 +55,148 @@ pub struct ForwardArgs {
     /// Do not prepend BOS to --text.
     #[arg(long)]
     no_bos: bool,
+    /// With --text and no --inputs: hidden states = torch.randn(1, L, HC, D) after
+    /// torch.manual_seed(SEED).
+    #[arg(long, value_name = "SEED")]
+    random_hidden: Option<u64>,
     /// Output safetensors file: every stage the path keeps.
     #[arg(long)]
     out: PathBuf,
-    /// Implementation of the float stages.
-    #[arg(long, default_value = "reference")]
+    /// Implementation: `fused` (tiled multicore kernels) or `reference` (plain loops, every stage).
+    #[arg(long, default_value = "fused")]
     path: String,
+    /// Table and projection storage of the fused path: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Run each sequence in chunks of N tokens with carried state (same outputs).
+    #[arg(long)]
+    chunk: Option<usize>,
+    /// States to continue from (written by --state-out); one per sequence.
+    #[arg(long)]
+    state_in: Option<PathBuf>,
+    /// Write the sequences' states after the last token here.
+    #[arg(long)]
+    state_out: Option<PathBuf>,
+    /// Keep `gated_value` and `short_conv` on the fused path too.
+    #[arg(long)]
+    all_stages: bool,
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     let cfg = load_config(&a.config)?;
     let path: ForwardPath = a.path.parse()?;
+    let dtype: DType = a.dtype.parse()?;
+    if a.chunk == Some(0) {
+        bail!("--chunk: expected a chunk length >= 1, found 0");
+    }
     let inputs = a.inputs.as_ref().map(TensorFile::open).transpose()?;
-    let (ids, b, l) = read_ids(inputs.as_ref(), &a.text, &cfg, a.no_bos)?;
-    let f = inputs.as_ref().context("give --inputs with `hidden_states` [B, L, HC, D]")?;
-    let hidden = f.f32("hidden_states", Some(&[b, l, cfg.hc_mult, cfg.hidden_size]))?;
+    let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
     let t0 = Instant::now();
-    let e = Engram::load(cfg.clone(), &a.weights)?;
+    let e = Engram::load(cfg.clone(), &a.weights)?.with_dtype(dtype);
     let load = t0.elapsed();
+    let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
+    // Sequences as (ids, hidden) over packed rows with offsets.
+    let (ids, hidden, offsets, batch_shape) = if ragged {
+        let f = inputs.as_ref().unwrap();
+        if a.text.is_some() {
+            bail!("--text cannot be combined with a ragged inputs file (it has `offsets`)");
+        }
+        let ids = f.i64("input_ids", None)?;
+        if ids.shape.len() != 1 {
+            bail!("tensor `input_ids`: a ragged batch (with `offsets`) expects 1 dim [T], found shape {:?}", ids.shape);
+        }
+        let t = ids.shape[0];
+        let hidden = f.f32("hidden_states", Some(&[t, hc, d]))?;
+        let off = f.i64("offsets", None)?;
+        if off.shape.len() != 1 || off.data.first() != Some(&0) || off.data.last() != Some(&(t as i64)) || off.data.windows(2).any(|w| w[0] > w[1]) {
+            bail!("tensor `offsets`: expected non-decreasing int64 [S+1] from 0 to {t}, found {:?}", off.data);
+        }
+        let offsets: Vec<usize> = off.data.iter().map(|&o| o as usize).collect();
+        (ids.data, hidden.data, offsets, None)
+    } else {
+        let (ids, b, l) = read_ids(inputs.as_ref(), &a.text, &cfg, a.no_bos)?;
+        let hidden = match (&inputs, a.random_hidden) {
+            (_, Some(seed)) => engram::rng::torch::TorchGenerator::manual_seed(seed).randn(b * l * hc * d),
+            (Some(f), None) => f.f32("hidden_states", Some(&[b, l, hc, d]))?.data,
+            (None, None) => bail!("give --inputs with `hidden_states` [B, L, HC, D], or --random-hidden SEED"),
+        };
+        let offsets: Vec<usize> = (0..=b).map(|i| i * l).collect();
+        (ids, hidden, offsets, Some((b, l)))
+    };
+    let nseq = offsets.len() - 1;
+    let mut states = match &a.state_in {
+        Some(p) => {
+            let s = engram::state_io::load_states(p, &e)?;
+            if s.len() != nseq {
+                bail!("--state-in {}: expected {nseq} states (one per sequence), found {}", p.display(), s.len());
+            }
+            s
+        }
+        None => (0..nseq).map(|_| e.new_state()).collect(),
+    };
     let t0 = Instant::now();
-    let s = e.forward(&ids, &hidden.data, b, l, path)?;
+    let mut s = match a.chunk {
+        None if a.all_stages && a.state_in.is_none() && batch_shape.is_some() => {
+            let (b, l) = batch_shape.unwrap();
+            e.forward_detailed(&ids, &hidden, b, l, path)?
+        }
+        None => e.forward_ragged(&mut states, &ids, &hidden, &offsets, path)?,
+        Some(n) => run_chunked(&e, &mut states, &ids, &hidden, &offsets, n, path)?,
+    };
     let run = t0.elapsed();
+    if let Some((b, l)) = batch_shape {
+        s.batch = b;
+        s.len = l;
+    }
     write_stages(&a.out, &cfg, &s)?;
+    if let Some(p) = &a.state_out {
+        engram::state_io::save_states(p, &e, &states)?;
+    }
     eprintln!(
-        "forward ({path:?}): B={b} L={l}, load {:.2}s, run {:.3}s; wrote {}",
+        "forward ({path:?}, {dtype:?}): {} sequences, {} tokens; load {:.2}s, run {:.3}s; wrote {}",
+        nseq,
+        ids.len(),
         load.as_secs_f64(),
         run.as_secs_f64(),
         a.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs every sequence in chunks of `n` tokens, all sequences' i-th chunks as one ragged
+/// call, and reassembles the packed outputs in the original order.
+fn run_chunked(e: &Engram, states: &mut [engram::EngramState], ids: &[i64], hidden: &[f32], offsets: &[usize], n: usize, path: ForwardPath) -> Result<Stages> {
+    let cfg = e.config();
+    let (h, hc, c) = (cfg.num_heads(), cfg.hc_mult, cfg.hc_mult * cfg.hidden_size);
+    let total = ids.len();
+    let mut out = Stages { batch: 1, len: total, hash_ids: vec![0; total * h], gates: vec![0.0; total * hc], output: vec![0.0; total * c], ..Default::default() };
+    let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let mut start = 0;
+    while start < longest {
+        let mut cids = Vec::new();
+        let mut chid = Vec::new();
+        let mut coff = vec![0usize];
+        let mut rows = Vec::new();
+        for w in offsets.windows(2) {
+            let (lo, hi) = (w[0] + start.min(w[1] - w[0]), w[0] + (start + n).min(w[1] - w[0]));
+            cids.extend_from_slice(&ids[lo..hi]);
+            chid.extend_from_slice(&hidden[lo * c..hi * c]);
+            rows.push(lo..hi);
+            coff.push(cids.len());
+        }
+        let s = e.forward_ragged(states, &cids, &chid, &coff, path)?;
+        let mut k = 0;
+        for r in rows {
+            for row in r {
+                out.hash_ids[row * h..(row + 1) * h].copy_from_slice(&s.hash_ids[k * h..(k + 1) * h]);
+                out.gates[row * hc..(row + 1) * hc].copy_from_slice(&s.gates[k * hc..(k + 1) * hc]);
+                out.output[row * c..(row + 1) * c].copy_from_slice(&s.output[k * c..(k + 1) * c]);
+                k += 1;
+            }
+        }
+        start += n;
+    }
+    Ok(out)
 }
 
 pub fn write_stages(out: &PathBuf, cfg: &EngramConfig, s: &Stages) -> Result<()> {
@@ -120,10 +234,10 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
     let inputs = a.inputs.as_ref().map(TensorFile::open).transpose()?;
     let (ids, b, l) = read_ids(inputs.as_ref(), &a.text, &cfg, a.no_bos)?;
     let m = NgramHashMapping::new(&cfg, compression_for(&cfg)?)?;
+    let hashes: Vec<Vec<i64>> = m.layers().iter().map(|ly| m.hash(ly.layer_id, &ids, l)).collect::<Result<_, _>>()?;
     let mut w = TensorWriter::new();
-    for layer in m.layers() {
-        let h = m.hash(layer.layer_id, &ids, l)?;
-        w.i64(&format!("layer{}", layer.layer_id), &[b, l, m.num_heads()], &h);
+    for (layer, h) in m.layers().iter().zip(&hashes) {
+        w.i64(&format!("layer{}", layer.layer_id), &[b, l, m.num_heads()], h);
         w.meta(&format!("multipliers.layer{}", layer.layer_id), format!("{:?}", layer.multipliers));
         w.meta(&format!("primes.layer{}", layer.layer_id), format!("{:?}", layer.primes));
     }

@@ -1,6 +1,8 @@
 //! `engram`: the command-line front end of the `engram` crate.
 
+mod bench;
 mod commands;
+mod demo;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -9,12 +11,21 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "engram", version, about, long_about = None)]
 struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The seed demo: PyTorch-identical weights, every stage, reference vs fused, PASS/FAIL.
+    Demo(demo::DemoArgs),
+    /// Write the weights PyTorch creates after torch.manual_seed(seed).
+    Init(demo::InitArgs),
+    /// Tokens/s, time per stage and peak memory of the full layer.
+    Bench(bench::BenchArgs),
     /// Run one Engram layer and write every stage.
     Forward(commands::ForwardArgs),
     /// Hash input ids for every layer of the config.
@@ -31,7 +42,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads: expected at least 1, found 0");
+            return ExitCode::from(2);
+        }
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: --threads: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
+        Command::Demo(a) => demo::demo(a),
+        Command::Init(a) => demo::init(a),
+        Command::Bench(a) => bench::bench(a),
         Command::Forward(a) => commands::forward(a),
         Command::Hash(a) => commands::hash(a),
         Command::Tokenize(a) => commands::tokenize(a),

@@ -86,11 +86,16 @@ impl EngramConfig {
 
     /// Parses and validates a JSON config.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let cfg: EngramConfig =
-            serde_json::from_str(text).map_err(|source| EngramError::ConfigJson {
-                path: "<string>".into(),
-                source,
-            })?;
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: EngramConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            if field.is_empty() || field == "." {
+                EngramError::ConfigJson { path: "<string>".into(), source: inner }
+            } else {
+                EngramError::Config { field, expected: "a value of the field's type".into(), found: inner.to_string() }
+            }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -276,13 +276,10 @@ impl Engram {
         self.dtype
     }
 
-    /// Sets the fused path's storage type. `Bf16` keeps a bf16 copy of the table (a
-    /// memory-mapped bf16 file is used as it is) and packs the projections in bf16; the
-    /// reference path then reads the same bf16-rounded table.
+    /// Sets the fused path's storage type. `Bf16` packs the projections in bf16 and gathers
+    /// from a bf16 table (a bf16 weights file is used as it is, anything else is copied
+    /// once); the reference path keeps reading the table as loaded.
     pub fn with_dtype(mut self, dtype: DType) -> Self {
-        if dtype == DType::Bf16 && self.weights.table.dtype_name() != "bf16" {
-            self.weights.table = self.weights.table.to_bf16();
-        }
         self.dtype = dtype;
         self.fused = OnceLock::new();
         self
@@ -349,6 +346,30 @@ impl Engram {
     /// [T] and `hidden` [T, HC, D] (`cu_seqlens` style; empty sequences allowed) and its own
     /// state, which is read and updated. Returns packed stages (B = 1, L = T).
     pub fn forward_ragged(&self, states: &mut [EngramState], ids: &[i64], hidden: &[f32], offsets: &[usize], path: ForwardPath) -> Result<Stages> {
+        self.forward_ragged_with(states, ids, hidden, offsets, path, false)
+    }
+
+    /// [`Engram::forward`] that also keeps `gated_value` and `short_conv` on the fused path
+    /// (an extra [B, L, HC, D] buffer; for inspection and the demo).
+    pub fn forward_detailed(&self, input_ids: &[i64], hidden: &[f32], batch: usize, len: usize, path: ForwardPath) -> Result<Stages> {
+        self.check_inputs(input_ids, hidden, batch, len)?;
+        let mut states: Vec<EngramState> = (0..batch).map(|_| self.new_state()).collect();
+        let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
+        let mut s = self.forward_ragged_with(&mut states, input_ids, hidden, &offsets, path, true)?;
+        s.batch = batch;
+        s.len = len;
+        Ok(s)
+    }
+
+    fn forward_ragged_with(
+        &self,
+        states: &mut [EngramState],
+        ids: &[i64],
+        hidden: &[f32],
+        offsets: &[usize],
+        path: ForwardPath,
+        keep: bool,
+    ) -> Result<Stages> {
         let total = ids.len();
         self.check_offsets(offsets, states.len(), total)?;
         self.check_inputs(ids, hidden, 1, total)?;
@@ -396,13 +417,21 @@ impl Engram {
                 let mut hash_ids = vec![0i64; total * h];
                 let mut gates = vec![0.0f32; total * hc];
                 let mut output = vec![0.0f32; total * c];
+                let mut gated = if keep { vec![0.0f32; total * c] } else { Vec::new() };
                 let fw = self.fused_weights();
-                Driver::new(self, fw).run(&seqs, states, FusedOut { hash_ids: &mut hash_ids, gates: &mut gates, out: &mut output })?;
+                let out = FusedOut { hash_ids: &mut hash_ids, gates: &mut gates, out: &mut output, gated: keep.then_some(gated.as_mut_slice()) };
+                Driver::new(self, fw).run(&seqs, states, out)?;
                 for (st, sq) in states.iter_mut().zip(&seqs) {
                     st.ngram_history.copy_from_slice(&sq.ext[sq.ext.len() - n1..]);
                     st.position += (sq.ext.len() - n1) as u64;
                 }
-                Ok(Stages { batch: 1, len: total, hash_ids, gates, output, ..Default::default() })
+                let (gated_value, short_conv) = if keep {
+                    let sc = output.iter().zip(&gated).map(|(o, g)| o - g).collect();
+                    (Some(gated), Some(sc))
+                } else {
+                    (None, None)
+                };
+                Ok(Stages { batch: 1, len: total, hash_ids, gates, output, gated_value, short_conv, ..Default::default() })
             }
         }
     }
@@ -459,13 +488,18 @@ impl Engram {
     /// Gathers the concatenated head rows of every position: [len, Dm]. A non-finite table
     /// value is an error naming the row.
     pub(crate) fn gather(&self, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
+        self.gather_from(&self.weights.table, hash_ids, out)
+    }
+
+    /// [`Engram::gather`] from a given copy of the table (e.g. the fused path's bf16 one).
+    pub(crate) fn gather_from(&self, table: &crate::weights::EmbeddingTable, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
         let h = self.cfg.num_heads();
         let dh = self.cfg.head_dim();
         for (t, hrow) in hash_ids.chunks_exact(h).enumerate() {
             for (j, &hid) in hrow.iter().enumerate() {
                 let row = (hid + self.weights.offsets[j]) as usize;
                 let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
-                self.weights.table.row_into(row, dst);
+                table.row_into(row, dst);
                 if let Some(k) = dst.iter().position(|x| !x.is_finite()) {
                     return Err(EngramError::NonFinite { name: TABLE.into(), index: row * dh + k, value: dst[k] });
                 }

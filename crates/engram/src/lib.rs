@@ -14,6 +14,7 @@ pub mod init;
 pub mod layer;
 pub mod ops;
 pub mod rng;
+pub mod state_io;
 pub mod tensors;
 pub mod tokenizer;
 pub mod weights;

@@ -193,45 +193,116 @@ pub(crate) fn decode_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f
     })
 }
 
-/// Builds a safetensors file tensor by tensor.
-#[derive(Default)]
-pub struct TensorWriter {
-    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
-    metadata: HashMap<String, String>,
+/// Where a tensor's bytes come from when it is written.
+enum Data<'a> {
+    F32(&'a [f32]),
+    F32AsBf16(&'a [f32]),
+    I64(&'a [i64]),
+    Table { table: &'a crate::weights::EmbeddingTable, bf16: bool },
 }
 
-impl TensorWriter {
+impl Data<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            Data::F32(_) | Data::Table { bf16: false, .. } => Dtype::F32,
+            Data::F32AsBf16(_) | Data::Table { bf16: true, .. } => Dtype::BF16,
+            Data::I64(_) => Dtype::I64,
+        }
+    }
+
+    fn byte_len(&self) -> usize {
+        match self {
+            Data::F32(v) => v.len() * 4,
+            Data::F32AsBf16(v) => v.len() * 2,
+            Data::I64(v) => v.len() * 8,
+            Data::Table { table, bf16 } => table.rows() * table.dim() * if *bf16 { 2 } else { 4 },
+        }
+    }
+
+    fn write(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+        let flush = |buf: &mut Vec<u8>, w: &mut dyn std::io::Write| -> std::io::Result<()> {
+            w.write_all(buf)?;
+            buf.clear();
+            Ok(())
+        };
+        match self {
+            Data::F32(v) => {
+                for c in v.chunks(1 << 14) {
+                    buf.extend(c.iter().flat_map(|x| x.to_le_bytes()));
+                    flush(&mut buf, w)?;
+                }
+            }
+            Data::F32AsBf16(v) => {
+                for c in v.chunks(1 << 14) {
+                    buf.extend(c.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()));
+                    flush(&mut buf, w)?;
+                }
+            }
+            Data::I64(v) => {
+                for c in v.chunks(1 << 13) {
+                    buf.extend(c.iter().flat_map(|x| x.to_le_bytes()));
+                    flush(&mut buf, w)?;
+                }
+            }
+            Data::Table { table, bf16 } => {
+                let mut row = vec![0.0f32; table.dim()];
+                for r in 0..table.rows() {
+                    table.row_into(r, &mut row);
+                    if *bf16 {
+                        buf.extend(row.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()));
+                    } else {
+                        buf.extend(row.iter().flat_map(|x| x.to_le_bytes()));
+                    }
+                    if buf.len() >= 1 << 16 {
+                        flush(&mut buf, w)?;
+                    }
+                }
+                flush(&mut buf, w)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a safetensors file tensor by tensor, streaming each tensor's bytes from where
+/// they are (no copy of a multi-GB table).
+#[derive(Default)]
+pub struct TensorWriter<'a> {
+    tensors: Vec<(String, Vec<usize>, Data<'a>)>,
+    metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl<'a> TensorWriter<'a> {
     /// An empty writer.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds an f32 tensor.
-    pub fn f32(&mut self, name: &str, shape: &[usize], data: &[f32]) -> &mut Self {
+    pub fn f32(&mut self, name: &str, shape: &[usize], data: &'a [f32]) -> &mut Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.tensors
-            .push((name.into(), Dtype::F32, shape.to_vec(), bytes));
+        self.tensors.push((name.into(), shape.to_vec(), Data::F32(data)));
         self
     }
 
-    /// Adds a bf16 tensor (rounded to nearest even).
-    pub fn bf16(&mut self, name: &str, shape: &[usize], data: &[f32]) -> &mut Self {
-        let bytes = data
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
-            .collect();
-        self.tensors
-            .push((name.into(), Dtype::BF16, shape.to_vec(), bytes));
+    /// Adds a tensor stored as bf16 (rounded to nearest even).
+    pub fn bf16(&mut self, name: &str, shape: &[usize], data: &'a [f32]) -> &mut Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        self.tensors.push((name.into(), shape.to_vec(), Data::F32AsBf16(data)));
         self
     }
 
     /// Adds an int64 tensor.
-    pub fn i64(&mut self, name: &str, shape: &[usize], data: &[i64]) -> &mut Self {
+    pub fn i64(&mut self, name: &str, shape: &[usize], data: &'a [i64]) -> &mut Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.tensors
-            .push((name.into(), Dtype::I64, shape.to_vec(), bytes));
+        self.tensors.push((name.into(), shape.to_vec(), Data::I64(data)));
+        self
+    }
+
+    /// Adds an embedding table, streamed row by row (f32 or bf16).
+    pub(crate) fn table(&mut self, name: &str, table: &'a crate::weights::EmbeddingTable, bf16: bool) -> &mut Self {
+        self.tensors.push((name.into(), vec![table.rows(), table.dim()], Data::Table { table, bf16 }));
         self
     }
 
@@ -241,26 +312,41 @@ impl TensorWriter {
         self
     }
 
-    /// Writes the file.
+    /// Writes the file: 8-byte header length, JSON header padded to 8 bytes, then the data
+    /// of every tensor in the order added.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let views: Vec<(String, TensorView<'_>)> = self
-            .tensors
-            .iter()
-            .map(|(n, d, s, b)| {
-                (
-                    n.clone(),
-                    TensorView::new(*d, s.clone(), b).expect("length matches shape"),
-                )
-            })
-            .collect();
-        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
-        safetensors::serialize_to_file(views, meta, path).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(io) => EngramError::io(path, io),
-            other => EngramError::SafeTensors {
-                path: path.display().to_string(),
-                message: other.to_string(),
-            },
-        })
+        let mut header = serde_json::Map::new();
+        if !self.metadata.is_empty() {
+            header.insert("__metadata__".into(), serde_json::json!(self.metadata));
+        }
+        let mut off = 0usize;
+        for (name, shape, data) in &self.tensors {
+            let len = data.byte_len();
+            header.insert(
+                name.clone(),
+                serde_json::json!({
+                    "dtype": format!("{:?}", data.dtype()),
+                    "shape": shape,
+                    "data_offsets": [off, off + len],
+                }),
+            );
+            off += len;
+        }
+        let mut h = serde_json::to_vec(&header).expect("header serialises");
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let io = |e| EngramError::io(path, e);
+        let file = std::fs::File::create(path).map_err(io)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        use std::io::Write;
+        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&h).map_err(io)?;
+        for (_, _, data) in &self.tensors {
+            data.write(&mut w).map_err(io)?;
+        }
+        w.flush().map_err(io)?;
+        Ok(())
     }
 }

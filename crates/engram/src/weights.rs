@@ -282,9 +282,9 @@ impl EngramWeights {
     }
 
     /// Writes the weights as a state-dict safetensors file (float tensors in `f32` or `bf16`).
-    pub fn save(&self, path: impl AsRef<Path>, cfg: &EngramConfig, bf16_out: bool) -> Result<()> {
+    pub fn save<'a>(&'a self, path: impl AsRef<Path>, cfg: &EngramConfig, bf16_out: bool) -> Result<()> {
         let mut w = TensorWriter::new();
-        let put = |w: &mut TensorWriter, name: &str, shape: &[usize], data: &[f32]| {
+        let put = |w: &mut TensorWriter<'a>, name: &str, shape: &[usize], data: &'a [f32]| {
             if bf16_out {
                 w.bf16(name, shape, data);
             } else {
@@ -292,15 +292,11 @@ impl EngramWeights {
             }
         };
         let (d, dm) = (cfg.hidden_size, cfg.memory_width());
-        let mut table = vec![0.0f32; self.table.rows() * self.table.dim()];
-        for (r, row) in table.chunks_exact_mut(self.table.dim()).enumerate() {
-            self.table.row_into(r, row);
-        }
-        put(&mut w, TABLE, &[self.table.rows(), self.table.dim()], &table);
-        drop(table);
+        w.table(TABLE, &self.table, bf16_out);
         w.i64(OFFSETS, &[self.offsets.len()], &self.offsets);
         put(&mut w, "value_proj.weight", &[d, dm], &self.value_proj_weight);
         put(&mut w, "value_proj.bias", &[d], &self.value_proj_bias);
+        let conv_shape = [cfg.hc_mult * d, 1, cfg.kernel_size];
         for i in 0..cfg.hc_mult {
             put(&mut w, &format!("key_projs.{i}.weight"), &[d, dm], &self.key_projs_weight[i]);
             put(&mut w, &format!("key_projs.{i}.bias"), &[d], &self.key_projs_bias[i]);
@@ -308,12 +304,7 @@ impl EngramWeights {
             put(&mut w, &format!("norm2.{i}.weight"), &[d], &self.norm2[i]);
             put(&mut w, &format!("short_conv.norms.{i}.weight"), &[d], &self.conv_norms[i]);
         }
-        put(
-            &mut w,
-            "short_conv.conv.weight",
-            &[cfg.hc_mult * d, 1, cfg.kernel_size],
-            &self.conv_weight,
-        );
+        put(&mut w, "short_conv.conv.weight", &conv_shape, &self.conv_weight);
         w.meta("format", "pt");
         w.write(path)
     }

@@ -89,7 +89,10 @@ fn small_layer_every_stage_every_path() {
             let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
             let (b, l) = (ids.shape[0], ids.shape[1]);
             let hidden = f.f32(&format!("{case}.hidden_states"), Some(&[b, l, 4, 1024])).unwrap();
-            let s = e.forward(&ids.data, &hidden.data, b, l, path).unwrap();
+            // The detailed forward keeps gated_value and short_conv on the fused path too.
+            let s = e.forward_detailed(&ids.data, &hidden.data, b, l, path).unwrap();
+            let lean = e.forward(&ids.data, &hidden.data, b, l, path).unwrap();
+            assert_eq!(lean.output, s.output, "{path:?} {case}: lean and detailed outputs differ");
             let want_h = f.i64(&format!("{case}.hash_ids"), None).unwrap().data;
             assert_eq!(s.hash_ids, want_h, "{path:?} {case} hash_ids");
             let mut checked = 0;
@@ -104,6 +107,27 @@ fn small_layer_every_stage_every_path() {
                 checked += 1;
             }
             assert!(checked >= 2, "{path:?} {case}: gates and output must be checked");
+        }
+    }
+}
+
+/// bf16 table and projections (fused path) against the f32 golden output: within 0.03
+/// (the accelerator port reported 0.0548 in bf16).
+#[test]
+fn small_layer_bf16_within_tolerance() {
+    const BF16_TOL: f32 = 0.03;
+    let f = open("small.stages.safetensors");
+    let e = small_engram().with_dtype(engram::DType::Bf16);
+    for case in ["seed_text", "multilingual", "batch2", "long"] {
+        let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
+        let (b, l) = (ids.shape[0], ids.shape[1]);
+        let hidden = f.f32(&format!("{case}.hidden_states"), None).unwrap();
+        let s = e.forward(&ids.data, &hidden.data, b, l, ForwardPath::Fused).unwrap();
+        assert_eq!(s.hash_ids, f.i64(&format!("{case}.hash_ids"), None).unwrap().data);
+        for (name, got) in [("gates", &s.gates), ("output", &s.output)] {
+            let want = f.f32(&format!("{case}.{name}"), None).unwrap().data;
+            let (err, at) = max_abs_diff(got, &want);
+            assert!(err <= BF16_TOL, "bf16 {case} {name}: {err:e} at {at}");
         }
     }
 }

@@ -61,7 +61,8 @@ impl Isa {
     }
 }
 
-/// Defines `$name(isa, args...)` that runs `$body` compiled for the chosen ISA.
+/// Defines `$name(isa, args...)` that runs `$body` compiled for the chosen ISA, with `S`
+/// bound to that ISA's 16-lane vector ops ([`Simd16`]).
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -69,15 +70,15 @@ macro_rules! dispatch {
         $vis fn $name(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            fn imp<S: Simd16>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp::<x86::Avx512>($($arg),*) }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp::<x86::Avx2>($($arg),*) }
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Isa::Avx512` is only produced when the CPU reports these features.
@@ -85,39 +86,262 @@ macro_rules! dispatch {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
                 Isa::Avx2 => unsafe { avx2($($arg),*) },
-                _ => imp($($arg),*),
+                _ => imp::<Arr<{ HAS_BASELINE_FMA }>>($($arg),*),
             }
         }
     };
 }
 
-/// Lanes of the partial sums: 16 f32 = one AVX-512 register, two AVX2 registers.
-const LANES: usize = 16;
+/// Whether the compile target always has fused multiply-add (NEON on aarch64 does).
+const HAS_BASELINE_FMA: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
 
-#[inline(always)]
-fn hsum(a: [f32; LANES]) -> f32 {
-    let mut s = 0.0;
-    for x in a {
-        s += x;
-    }
-    s
+/// The 16-lane vector operations the kernels are written in.
+pub trait Simd16 {
+    /// A vector of 16 f32.
+    type V: Copy;
+    /// Loads 16 values.
+    fn load(a: &[f32; LANES]) -> Self::V;
+    /// Stores 16 values.
+    fn store(v: Self::V, out: &mut [f32; LANES]);
+    /// All lanes `x`.
+    fn splat(x: f32) -> Self::V;
+    /// `a·b + c` (fused where the ISA has it).
+    fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a + b`.
+    fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b`.
+    fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// Sum of the lanes.
+    fn hsum(a: Self::V) -> f32;
+    /// SiLU of every lane.
+    fn silu(a: Self::V) -> Self::V;
+    /// Scalar `a·b + c`, for tails.
+    fn madd(a: f32, b: f32, c: f32) -> f32;
 }
+
+/// Portable lanes as an array; the compiler vectorises them (AVX2, NEON, SSE2).
+pub struct Arr<const FMA: bool>;
+
+impl<const FMA: bool> Simd16 for Arr<FMA> {
+    type V = [f32; LANES];
+    #[inline(always)]
+    fn load(a: &[f32; LANES]) -> Self::V {
+        *a
+    }
+    #[inline(always)]
+    fn store(v: Self::V, out: &mut [f32; LANES]) {
+        *out = v;
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self::V {
+        [x; LANES]
+    }
+    #[inline(always)]
+    fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|l| Self::madd(a[l], b[l], c[l]))
+    }
+    #[inline(always)]
+    fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| a[l] + b[l])
+    }
+    #[inline(always)]
+    fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| a[l] * b[l])
+    }
+    #[inline(always)]
+    fn hsum(a: Self::V) -> f32 {
+        a.iter().sum()
+    }
+    #[inline(always)]
+    fn silu(a: Self::V) -> Self::V {
+        std::array::from_fn(|l| silu_poly::<FMA>(a[l]))
+    }
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Simd16, LANES};
+    use std::arch::x86_64::*;
+
+    /// AVX2 + FMA lanes: two 8-wide registers. Only used inside
+    /// `#[target_feature(enable = "avx2,fma")]` functions (see `dispatch!`).
+    pub struct Avx2;
+
+    impl Simd16 for Avx2 {
+        type V = (__m256, __m256);
+        #[inline(always)]
+        fn load(a: &[f32; LANES]) -> Self::V {
+            // SAFETY: 16 readable f32; AVX2 is enabled in every caller.
+            unsafe { (_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(a.as_ptr().add(8))) }
+        }
+        #[inline(always)]
+        fn store(v: Self::V, out: &mut [f32; LANES]) {
+            // SAFETY: 16 writable f32; AVX2 as above.
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), v.0);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), v.1);
+            }
+        }
+        #[inline(always)]
+        fn splat(x: f32) -> Self::V {
+            // SAFETY: AVX2 as above.
+            unsafe { (_mm256_set1_ps(x), _mm256_set1_ps(x)) }
+        }
+        #[inline(always)]
+        fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+            // SAFETY: FMA as above.
+            unsafe { (_mm256_fmadd_ps(a.0, b.0, c.0), _mm256_fmadd_ps(a.1, b.1, c.1)) }
+        }
+        #[inline(always)]
+        fn add(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: AVX2 as above.
+            unsafe { (_mm256_add_ps(a.0, b.0), _mm256_add_ps(a.1, b.1)) }
+        }
+        #[inline(always)]
+        fn mul(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: AVX2 as above.
+            unsafe { (_mm256_mul_ps(a.0, b.0), _mm256_mul_ps(a.1, b.1)) }
+        }
+        #[inline(always)]
+        fn hsum(a: Self::V) -> f32 {
+            let mut o = [0.0f32; LANES];
+            Self::store(a, &mut o);
+            o.iter().sum()
+        }
+        #[inline(always)]
+        fn silu(y: Self::V) -> Self::V {
+            (silu8(y.0), silu8(y.1))
+        }
+        #[inline(always)]
+        fn madd(a: f32, b: f32, c: f32) -> f32 {
+            a.mul_add(b, c)
+        }
+    }
+
+    /// SiLU of 8 lanes: the `exp_f32` polynomial, 2^n through the exponent bits.
+    #[inline(always)]
+    fn silu8(y: __m256) -> __m256 {
+        // SAFETY: AVX2 + FMA are enabled in every caller.
+        unsafe {
+            let x = _mm256_sub_ps(_mm256_setzero_ps(), y);
+            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                x,
+                _mm256_set1_ps(std::f32::consts::LOG2_E),
+            ));
+            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
+            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+            let mut p = _mm256_set1_ps(1.987_569_1e-4);
+            for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+            let e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+            _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.0), e))
+        }
+    }
+
+    /// AVX-512 lanes with explicit intrinsics (the auto-vectoriser turns the array form
+    /// into gathers under AVX-512). Only used inside `#[target_feature(enable = "avx512f")]`.
+    pub struct Avx512;
+
+    impl Simd16 for Avx512 {
+        type V = __m512;
+        #[inline(always)]
+        fn load(a: &[f32; LANES]) -> __m512 {
+            // SAFETY: 16 readable f32; only called from AVX-512F functions (see `dispatch!`).
+            unsafe { _mm512_loadu_ps(a.as_ptr()) }
+        }
+        #[inline(always)]
+        fn store(v: __m512, out: &mut [f32; LANES]) {
+            // SAFETY: 16 writable f32; AVX-512F as above.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn splat(x: f32) -> __m512 {
+            // SAFETY: AVX-512F as above.
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            // SAFETY: AVX-512F as above.
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn add(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: AVX-512F as above.
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: AVX-512F as above.
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn hsum(a: __m512) -> f32 {
+            // SAFETY: AVX-512F as above.
+            unsafe { _mm512_reduce_add_ps(a) }
+        }
+        #[inline(always)]
+        fn silu(y: __m512) -> __m512 {
+            // SAFETY: AVX-512F as above. Same polynomial as `exp_f32`; 2^n via scalef.
+            unsafe {
+                let x = _mm512_sub_ps(_mm512_setzero_ps(), y);
+                let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+                let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+                );
+                let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x);
+                let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+                let mut p = _mm512_set1_ps(1.987_569_1e-4);
+                for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+                    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+                }
+                p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+                let e = _mm512_scalef_ps(p, n);
+                _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+            }
+        }
+        #[inline(always)]
+        fn madd(a: f32, b: f32, c: f32) -> f32 {
+            a.mul_add(b, c)
+        }
+    }
+}
+
+/// Lanes of the partial sums: 16 f32 = one AVX-512 register, two AVX2 registers.
+pub const LANES: usize = 16;
 
 /// e^x for f32, Cephes-style: x = n·ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n by
 /// exponent bits. Relative error ~2 ulp; branch-free so that it vectorises.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
+    exp_poly::<true>(x)
+}
+
+/// `exp_f32` with the multiply-adds fused (`FMA`) or not (targets without FMA, where
+/// `mul_add` would be a libm call).
+#[inline(always)]
+fn exp_poly<const FMA: bool>(x: f32) -> f32 {
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
     let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E).round();
-    let r = n.mul_add(-0.693_359_4, x);
-    let r = n.mul_add(2.121_944_4e-4, r);
+    let r = madd(n, -0.693_359_4, x);
+    let r = madd(n, 2.121_944_4e-4, r);
     let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    p = p.mul_add(r * r, r) + 1.0;
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = madd(p, r, c);
+    }
+    p = madd(p, r * r, r) + 1.0;
     let bits = ((n as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -125,7 +349,12 @@ pub fn exp_f32(x: f32) -> f32 {
 /// SiLU with the vectorisable exp.
 #[inline(always)]
 fn silu_f32(y: f32) -> f32 {
-    y / (1.0 + exp_f32(-y))
+    silu_poly::<true>(y)
+}
+
+#[inline(always)]
+fn silu_poly<const FMA: bool>(y: f32) -> f32 {
+    y / (1.0 + exp_poly::<FMA>(-y))
 }
 
 /// Per-branch constants of the gate kernel.
@@ -150,56 +379,71 @@ dispatch! {
     pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], gates: &mut [f32], gated: &mut [f32], normed: &mut [f32]) {
         let d = p.value_bias.len();
         let (value, keys) = proj.split_at(d);
+        let body = d / LANES * LANES;
         // value = proj + bias, and mean(value²).
-        let mut v = [0.0f32; LANES];
-        let mut msv = [0.0f32; LANES];
         let mut vbuf = vec![0.0f32; d];
-        for ((o, x), b) in vbuf.chunks_exact_mut(LANES).zip(value.chunks_exact(LANES)).zip(p.value_bias.chunks_exact(LANES)) {
-            for l in 0..LANES {
-                v[l] = x[l] + b[l];
-                msv[l] = v[l].mul_add(v[l], msv[l]);
-                o[l] = v[l];
+        let mut msv = S::splat(0.0);
+        {
+            let (oc, _) = vbuf[..body].as_chunks_mut::<LANES>();
+            let (xc, _) = value[..body].as_chunks::<LANES>();
+            let (bc, _) = p.value_bias[..body].as_chunks::<LANES>();
+            for ((o, x), b) in oc.iter_mut().zip(xc).zip(bc) {
+                let v = S::add(S::load(x), S::load(b));
+                msv = S::fma(v, v, msv);
+                S::store(v, o);
             }
         }
-        let body = d / LANES * LANES;
+        let mut msv_tail = 0.0f32;
         for j in body..d {
             let x = value[j] + p.value_bias[j];
-            msv[0] = x.mul_add(x, msv[0]);
+            msv_tail = S::madd(x, x, msv_tail);
             vbuf[j] = x;
         }
-        let msv = hsum(msv) / d as f32;
+        let msv = (S::hsum(msv) + msv_tail) / d as f32;
         let inv_sqrt_d = 1.0 / (d as f32).sqrt();
         for i in 0..gates.len() {
             let k = &keys[i * d..(i + 1) * d];
             let q = &query[i * d..(i + 1) * d];
-            let (mut sk, mut sq, mut skq) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
-            for (((kc, bc), qc), wc) in k.chunks_exact(LANES).zip(p.key_bias[i].chunks_exact(LANES)).zip(q.chunks_exact(LANES)).zip(p.norm12[i].chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    let kk = kc[l] + bc[l];
-                    sk[l] = kk.mul_add(kk, sk[l]);
-                    sq[l] = qc[l].mul_add(qc[l], sq[l]);
-                    skq[l] = (kk * qc[l]).mul_add(wc[l], skq[l]);
+            let (mut sk, mut sq, mut skq) = (S::splat(0.0), S::splat(0.0), S::splat(0.0));
+            {
+                let (kc, _) = k[..body].as_chunks::<LANES>();
+                let (bc, _) = p.key_bias[i][..body].as_chunks::<LANES>();
+                let (qc, _) = q[..body].as_chunks::<LANES>();
+                let (wc, _) = p.norm12[i][..body].as_chunks::<LANES>();
+                for (((kc, bc), qc), wc) in kc.iter().zip(bc).zip(qc).zip(wc) {
+                    let kk = S::add(S::load(kc), S::load(bc));
+                    let qq = S::load(qc);
+                    sk = S::fma(kk, kk, sk);
+                    sq = S::fma(qq, qq, sq);
+                    skq = S::fma(S::mul(kk, qq), S::load(wc), skq);
                 }
             }
+            let (mut tk, mut tq, mut tkq) = (0.0f32, 0.0f32, 0.0f32);
             for j in body..d {
                 let kk = k[j] + p.key_bias[i][j];
-                sk[0] = kk.mul_add(kk, sk[0]);
-                sq[0] = q[j].mul_add(q[j], sq[0]);
-                skq[0] = (kk * q[j]).mul_add(p.norm12[i][j], skq[0]);
+                tk = S::madd(kk, kk, tk);
+                tq = S::madd(q[j], q[j], tq);
+                tkq = S::madd(kk * q[j], p.norm12[i][j], tkq);
             }
-            let rk = 1.0 / (hsum(sk) / d as f32 + RMS_EPS_DEFAULT).sqrt();
-            let rq = 1.0 / (hsum(sq) / d as f32 + RMS_EPS_DEFAULT).sqrt();
-            let s = hsum(skq) * rk * rq * inv_sqrt_d;
+            let rk = 1.0 / ((S::hsum(sk) + tk) / d as f32 + RMS_EPS_DEFAULT).sqrt();
+            let rq = 1.0 / ((S::hsum(sq) + tq) / d as f32 + RMS_EPS_DEFAULT).sqrt();
+            let s = (S::hsum(skq) + tkq) * rk * rq * inv_sqrt_d;
             let sign = if s > 0.0 { 1.0 } else if s < 0.0 { -1.0 } else { 0.0 };
             let g = 1.0 / (1.0 + (-(s.abs().max(GATE_CLAMP).sqrt() * sign)).exp());
             gates[i] = g;
             let scale = g / (g * g * msv + RMS_EPS_CONV).sqrt();
             let go = &mut gated[i * d..(i + 1) * d];
             let no = &mut normed[i * d..(i + 1) * d];
-            for (((go, no), vv), w) in go.chunks_exact_mut(LANES).zip(no.chunks_exact_mut(LANES)).zip(vbuf.chunks_exact(LANES)).zip(p.conv_norm[i].chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    go[l] = g * vv[l];
-                    no[l] = scale * vv[l] * w[l];
+            {
+                let (goc, _) = go[..body].as_chunks_mut::<LANES>();
+                let (noc, _) = no[..body].as_chunks_mut::<LANES>();
+                let (vc, _) = vbuf[..body].as_chunks::<LANES>();
+                let (wc, _) = p.conv_norm[i][..body].as_chunks::<LANES>();
+                let (gs, ss) = (S::splat(g), S::splat(scale));
+                for (((go, no), v), w) in goc.iter_mut().zip(noc.iter_mut()).zip(vc).zip(wc) {
+                    let v = S::load(v);
+                    S::store(S::mul(gs, v), go);
+                    S::store(S::mul(S::mul(ss, v), S::load(w)), no);
                 }
             }
             for j in body..d {
@@ -216,27 +460,24 @@ dispatch! {
     /// `w_tap_major`: [taps][C]. `out` holds gated_value and receives the residual sum.
     pub fn conv_row(w_tap_major: &[f32], rows: &[Option<&[f32]>], out: &mut [f32]) {
         let c = out.len();
+        let body = c / LANES * LANES;
         let mut acc = vec![0.0f32; c];
         for (k, row) in rows.iter().enumerate() {
             if let Some(row) = row {
-                let w = &w_tap_major[k * c..(k + 1) * c];
-                for ((a, x), wv) in acc.chunks_exact_mut(LANES).zip(row.chunks_exact(LANES)).zip(w.chunks_exact(LANES)) {
-                    for l in 0..LANES {
-                        a[l] = wv[l].mul_add(x[l], a[l]);
-                    }
-                }
-                for j in c / LANES * LANES..c {
-                    acc[j] = w[j].mul_add(row[j], acc[j]);
-                }
+                fma_rows::<S>(&mut acc, &w_tap_major[k * c..(k + 1) * c], row);
             }
         }
-        for (o, a) in out.chunks_exact_mut(LANES).zip(acc.chunks_exact(LANES)) {
-            for l in 0..LANES {
-                o[l] += silu_f32(a[l]);
-            }
+        let (oc, _) = out[..body].as_chunks_mut::<LANES>();
+        let (ac, _) = acc[..body].as_chunks::<LANES>();
+        for (o, a) in oc.iter_mut().zip(ac) {
+            S::store(S::add(S::load(o), S::silu(S::load(a))), o);
         }
-        for j in c / LANES * LANES..c {
-            out[j] += silu_f32(acc[j]);
+        for j in body..c {
+            let mut one = [0.0f32; LANES];
+            one[0] = acc[j];
+            let mut r = [0.0f32; LANES];
+            S::store(S::silu(S::load(&one)), &mut r);
+            out[j] += r[0];
         }
     }
 }
@@ -249,17 +490,24 @@ dispatch! {
         y.fill(0.0);
         for (k, row) in rows.iter().enumerate() {
             if let Some(row) = row {
-                let w = &w_tap_major[k * c..(k + 1) * c];
-                for ((a, x), wv) in y.chunks_exact_mut(LANES).zip(row.chunks_exact(LANES)).zip(w.chunks_exact(LANES)) {
-                    for l in 0..LANES {
-                        a[l] = wv[l].mul_add(x[l], a[l]);
-                    }
-                }
-                for j in c / LANES * LANES..c {
-                    y[j] = w[j].mul_add(row[j], y[j]);
-                }
+                fma_rows::<S>(y, &w_tap_major[k * c..(k + 1) * c], row);
             }
         }
+    }
+}
+
+/// `acc += w · x` element-wise: 16-wide body, scalar tail.
+#[inline(always)]
+fn fma_rows<S: Simd16>(acc: &mut [f32], w: &[f32], x: &[f32]) {
+    let body = acc.len() / LANES * LANES;
+    let (ac, _) = acc[..body].as_chunks_mut::<LANES>();
+    let (wc, _) = w[..body].as_chunks::<LANES>();
+    let (xc, _) = x[..body].as_chunks::<LANES>();
+    for ((a, w), x) in ac.iter_mut().zip(wc).zip(xc) {
+        S::store(S::fma(S::load(w), S::load(x), S::load(a)), a);
+    }
+    for j in body..acc.len() {
+        acc[j] = S::madd(w[j], x[j], acc[j]);
     }
 }
 

@@ -16,12 +16,15 @@
 //! O(threads · TILE).
 
 pub mod kernels;
+pub mod profile;
 pub mod proj;
 
 use crate::error::Result;
 use crate::layer::{Engram, EngramState};
 use kernels::{GateParams, Isa};
+use profile::Stage;
 use proj::Projection;
+use std::time::Instant;
 
 /// Rows per tile.
 pub const TILE: usize = 128;
@@ -32,6 +35,8 @@ const MIN_ROWS_PER_PART: usize = 64;
 #[derive(Debug, Clone)]
 pub struct FusedWeights {
     proj: Projection,
+    /// A bf16 copy of the table when the path runs in bf16 from an f32 table.
+    table: Option<crate::weights::EmbeddingTable>,
     value_bias: Vec<f32>,
     key_bias: Vec<Vec<f32>>,
     norm12: Vec<Vec<f32>>,
@@ -77,8 +82,10 @@ impl FusedWeights {
                 conv_w[k * c + ch] = w.conv_weight[ch * taps + k];
             }
         }
+        let table = (dtype == DType::Bf16 && w.table.dtype_name() != "bf16").then(|| w.table.to_bf16());
         FusedWeights {
             proj,
+            table,
             value_bias: w.value_proj_bias.clone(),
             key_bias: w.key_projs_bias.clone(),
             norm12: (0..hc)
@@ -108,6 +115,9 @@ pub(crate) struct FusedOut<'a> {
     pub hash_ids: &'a mut [i64],
     pub gates: &'a mut [f32],
     pub out: &'a mut [f32],
+    /// When given, receives gated_value [T, HC·D] (for inspection; the default path
+    /// keeps no such intermediate).
+    pub gated: Option<&'a mut [f32]>,
 }
 
 /// A row range of one sequence handled by one thread.
@@ -203,8 +213,9 @@ impl<'e> Driver<'e> {
         // Split outputs and states by part.
         let (h, hc, c) = (cfg.num_heads(), cfg.hc_mult, cfg.hc_mult * cfg.hidden_size);
         let mut jobs = Vec::with_capacity(parts.len());
-        let FusedOut { hash_ids, gates, out } = out;
+        let FusedOut { hash_ids, gates, out, gated } = out;
         let (mut hash_rest, mut gate_rest, mut out_rest) = (&mut *hash_ids, &mut *gates, &mut *out);
+        let mut gated_rest: Option<&mut [f32]> = gated;
         let mut state_rest: &mut [EngramState] = &mut *states;
         let mut state_first = 0;
         for p in &parts {
@@ -215,18 +226,23 @@ impl<'e> Driver<'e> {
             gate_rest = b;
             let (o, b) = std::mem::take(&mut out_rest).split_at_mut(rows * c);
             out_rest = b;
+            let gv = gated_rest.take().map(|g| {
+                let (a, b) = g.split_at_mut(rows * c);
+                gated_rest = Some(b);
+                a
+            });
             // States of the sequences that start in this part.
             let last_seq_starting = p.iter().filter(|x| x.t0 == 0).map(|x| x.seq + 1).max();
             let take = last_seq_starting.map_or(0, |l| l - state_first);
             let (s, b) = std::mem::take(&mut state_rest).split_at_mut(take);
             state_rest = b;
-            jobs.push((p.clone(), a, g, o, s, state_first));
+            jobs.push((p.clone(), a, g, o, gv, s, state_first));
             state_first += take;
         }
         let results: Vec<Result<PartResult>> = {
             use rayon::prelude::*;
             jobs.into_par_iter()
-                .map(|(p, hs, gs, os, st, sf)| self.run_part(&p, seqs, hs, gs, os, st, sf, inner_threads))
+                .map(|(p, hs, gs, os, gv, st, sf)| self.run_part(&p, seqs, hs, gs, os, gv, st, sf, inner_threads))
                 .collect()
         };
         let results: Vec<PartResult> = results.into_iter().collect::<Result<_>>()?;
@@ -279,6 +295,7 @@ impl<'e> Driver<'e> {
         hash_out: &mut [i64],
         gate_out: &mut [f32],
         out: &mut [f32],
+        mut gated_out: Option<&mut [f32]>,
         states: &mut [EngramState],
         state_first: usize,
         inner_threads: usize,
@@ -289,6 +306,7 @@ impl<'e> Driver<'e> {
         let np = self.fw.proj.n();
         let r = cfg.conv_history();
         let taps = cfg.kernel_size;
+        let table = self.fw.table.as_ref().unwrap_or(&self.e.weights().table);
         let mut x = vec![0.0f32; TILE * dm];
         let mut y = vec![0.0f32; TILE * np];
         let mut normed = vec![0.0f32; TILE * c];
@@ -316,6 +334,7 @@ impl<'e> Driver<'e> {
                 let rows = (p.t1 - t).min(TILE);
                 let lr0 = row0 + (t - p.t0); // part-local row of t
                 // 1. hash + gather.
+                let clock = Instant::now();
                 for u in 0..rows {
                     let tt = t + u;
                     for (k, hk) in hist.iter_mut().enumerate() {
@@ -323,11 +342,15 @@ impl<'e> Driver<'e> {
                     }
                     let hrow = &mut hash_out[(lr0 + u) * h..(lr0 + u + 1) * h];
                     self.e.hashing().hash_position(self.e.layer_params(), &hist, hrow);
-                    self.e.gather(hrow, &mut x[u * dm..(u + 1) * dm])?;
+                    self.e.gather_from(table, hrow, &mut x[u * dm..(u + 1) * dm])?;
                 }
+                profile::add(Stage::HashGather, clock);
                 // 2. projections.
+                let clock = Instant::now();
                 self.fw.proj.matmul(&x[..rows * dm], rows, &mut y[..rows * np], inner_threads);
+                profile::add(Stage::Projection, clock);
                 // 3. gates, gated value (into `out`), conv RMSNorm.
+                let clock = Instant::now();
                 for u in 0..rows {
                     let lr = lr0 + u;
                     kernels::gate_token(
@@ -340,7 +363,12 @@ impl<'e> Driver<'e> {
                         &mut normed[u * c..(u + 1) * c],
                     );
                 }
+                if let Some(g) = gated_out.as_deref_mut() {
+                    g[lr0 * c..(lr0 + rows) * c].copy_from_slice(&out[lr0 * c..(lr0 + rows) * c]);
+                }
+                profile::add(Stage::Gate, clock);
                 // 4. conv + SiLU + residual; rows before the tile come from the ring.
+                let clock = Instant::now();
                 {
                     let unknown = ring.unknown;
                     let (ring_data, head) = ring.parts();
@@ -381,6 +409,7 @@ impl<'e> Driver<'e> {
                         }
                     }
                 }
+                profile::add(Stage::Conv, clock);
                 ring.unknown = ring.unknown.saturating_sub(rows);
                 t += rows;
             }

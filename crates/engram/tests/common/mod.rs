@@ -42,3 +42,36 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
         .map(|(i, (x, y))| ((x - y).abs(), i))
         .fold((0.0, 0), |m, v| if v.0 > m.0 || v.0.is_nan() { v } else { m })
 }
+
+/// A layer with PyTorch-default random weights for `cfg`, norm weights redrawn in
+/// [0.25, 1.75) so that a norm bug shows.
+pub fn random_engram(cfg: &EngramConfig, seed: u64) -> engram::Engram {
+    let m = mapping(cfg);
+    let (mut w, mut g) = engram::init::torch_default_weights(cfg, &m, seed, &mut |_| {}).unwrap();
+    for v in w.norm1.iter_mut().chain(w.norm2.iter_mut()).chain(w.conv_norms.iter_mut()) {
+        g.uniform_f32(v, 0.25, 1.75);
+    }
+    engram::Engram::new(cfg.clone(), m, w).unwrap()
+}
+
+/// Deterministic raw ids in 0..vocab and randn hidden states.
+pub fn random_inputs(cfg: &EngramConfig, rows: usize, seed: u64) -> (Vec<i64>, Vec<f32>) {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let v = compression().num_raw() as u64;
+    let ids = (0..rows)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // A few repeats and small ids, so that n-grams recur.
+            if x % 7 == 0 { (x >> 32) as i64 % 5 } else { (x % v) as i64 }
+        })
+        .collect();
+    let hidden = engram::rng::torch::TorchGenerator::manual_seed(seed).randn(rows * cfg.hc_mult * cfg.hidden_size);
+    (ids, hidden)
+}
+
+/// Runs `f` on a rayon pool of `n` threads.
+pub fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
+}

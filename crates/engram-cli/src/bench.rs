@@ -1,0 +1,169 @@
+//! `engram bench`: tokens/s of the full default layer, time per stage, peak RSS.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use engram::fused::profile;
+use engram::layer::compression_for;
+use engram::rng::torch::TorchGenerator;
+use engram::{DType, Engram, EngramConfig, ForwardPath, NgramHashMapping};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// `engram bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Tokens per sequence (L).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Sequences (B).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Timed runs (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Weights file; PyTorch-default random weights (seed 0) of the config when omitted.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Config JSON; the full default config when omitted.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// fused or reference.
+    #[arg(long, default_value = "fused")]
+    path: String,
+    /// Decode mode: B sequences, one new token each per step, for --tokens steps.
+    #[arg(long)]
+    decode: bool,
+    /// Prefill in chunks of this many tokens with carried state.
+    #[arg(long)]
+    chunk: Option<usize>,
+    /// One JSON line instead of a report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`).
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    if a.tokens == 0 || a.batch == 0 || a.runs == 0 {
+        bail!("--tokens, --batch and --runs must be >= 1 (found {}, {}, {})", a.tokens, a.batch, a.runs);
+    }
+    let cfg = match &a.config {
+        Some(p) => EngramConfig::from_json_file(p)?,
+        None => EngramConfig::default(),
+    };
+    let dtype: DType = a.dtype.parse()?;
+    let path: ForwardPath = a.path.parse()?;
+    let m = Arc::new(NgramHashMapping::new(&cfg, compression_for(&cfg)?)?);
+    let e = match &a.weights {
+        Some(w) => Engram::load_with(cfg.clone(), m.clone(), w)?,
+        None => {
+            let (w, _) = crate::demo::init_with_bar(&cfg, &m, 0)?;
+            Engram::new(cfg.clone(), m.clone(), w)?
+        }
+    };
+    let e = e.with_dtype(dtype);
+    e.fused_weights();
+    let (b, l) = (a.batch, a.tokens);
+    let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
+    // Random raw ids (uniform over the vocabulary) and randn hidden states.
+    let v = m.compressed().num_raw() as u64;
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let ids: Vec<i64> = (0..b * l)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % v) as i64
+        })
+        .collect();
+    let hidden = TorchGenerator::manual_seed(1).randn(b * l * hc * d);
+    let run_once = || -> Result<()> {
+        if a.decode {
+            let mut states: Vec<_> = (0..b).map(|_| e.new_state()).collect();
+            let offsets: Vec<usize> = (0..=b).collect();
+            for t in 0..l {
+                let step_ids: Vec<i64> = (0..b).map(|s| ids[s * l + t]).collect();
+                let mut step_h = Vec::with_capacity(b * hc * d);
+                for s in 0..b {
+                    step_h.extend_from_slice(&hidden[(s * l + t) * hc * d..(s * l + t + 1) * hc * d]);
+                }
+                e.forward_ragged(&mut states, &step_ids, &step_h, &offsets, path)?;
+            }
+        } else if let Some(n) = a.chunk {
+            for s in 0..b {
+                let mut st = e.new_state();
+                let mut t = 0;
+                while t < l {
+                    let hi = (t + n).min(l);
+                    let rows = &hidden[(s * l + t) * hc * d..(s * l + hi) * hc * d];
+                    e.forward_chunk(&mut st, &ids[s * l + t..s * l + hi], rows, path)?;
+                    t = hi;
+                }
+            }
+        } else {
+            e.forward(&ids, &hidden, b, l, path)?;
+        }
+        Ok(())
+    };
+    run_once()?; // warm-up: page in the touched table rows, pack weights, spin up threads
+    profile::take();
+    let mut secs = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs {
+        let t0 = Instant::now();
+        run_once()?;
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    let stages = profile::take();
+    let med = median(&mut secs);
+    let tps = (b * l) as f64 / med;
+    let rss = peak_rss().unwrap_or(0);
+    let threads = rayon::current_num_threads();
+    let mode = if a.decode { "decode" } else if a.chunk.is_some() { "chunked" } else { "prefill" };
+    if a.json {
+        let st: serde_json::Map<String, serde_json::Value> = profile::STAGE_NAMES
+            .iter()
+            .zip(stages)
+            .map(|(n, s)| (n.to_string(), serde_json::json!(s / a.runs as f64)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "tokens_per_s": tps, "median_s": med, "tokens": l, "batch": b, "dtype": a.dtype,
+                "path": a.path, "mode": mode, "chunk": a.chunk, "threads": threads, "runs": a.runs,
+                "peak_rss_bytes": rss, "stage_thread_s_per_run": st,
+                "step_latency_ms": if a.decode { Some(med / l as f64 * 1e3) } else { None },
+            })
+        );
+    } else {
+        println!("engram bench: {mode}, B={b} L={l} {:?} {:?} path, {threads} threads, {} runs", dtype, path, a.runs);
+        println!("  median {:.4} s  ->  {:.0} tokens/s", med, tps);
+        if a.decode {
+            println!("  decode step latency {:.3} ms (batch {b})", med / l as f64 * 1e3);
+        }
+        if path == ForwardPath::Fused {
+            println!("  thread-seconds per run by stage:");
+            for (n, s) in profile::STAGE_NAMES.iter().zip(stages) {
+                println!("    {n:<12} {:.4}", s / a.runs as f64);
+            }
+        }
+        println!("  peak RSS {:.1} MB", rss as f64 / 1e6);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,36 @@
+//! Process-wide time counters of the fused path's stages (summed over threads), for
+//! `engram bench`. Each tile adds a few `Instant` reads; nothing else is recorded.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Stages of the fused path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Hashing and table gather.
+    HashGather = 0,
+    /// The projection GEMM.
+    Projection = 1,
+    /// Gate kernel (norms, gate, gated value, conv norm).
+    Gate = 2,
+    /// Short conv + SiLU + residual (and boundary fix-ups).
+    Conv = 3,
+}
+
+/// Names, in `Stage` order.
+pub const STAGE_NAMES: [&str; 4] = ["hash+gather", "projection", "gate", "conv"];
+
+static NANOS: [AtomicU64; 4] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+pub(crate) fn add(stage: Stage, since: Instant) {
+    NANOS[stage as usize].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// Returns the thread-seconds spent per stage since the last call, and resets them.
+pub fn take() -> [f64; 4] {
+    let mut out = [0.0; 4];
+    for (o, n) in out.iter_mut().zip(&NANOS) {
+        *o = n.swap(0, Ordering::Relaxed) as f64 * 1e-9;
+    }
+    out
+}

@@ -1,0 +1,224 @@
+//! Every error path: bad input gives an error that names what was wrong, never a panic.
+
+mod common;
+use common::*;
+use engram::tensors::TensorWriter;
+use engram::{Engram, EngramConfig, EngramError, ForwardPath};
+use std::path::PathBuf;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("engram-err-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn small() -> Engram {
+    let cfg = small_config();
+    Engram::load_with(cfg.clone(), mapping(&cfg), golden("small.weights.safetensors")).unwrap()
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let cases = [
+        (r#"{"max_ngram_size": 1, "engram_vocab_size": []}"#, "max_ngram_size"),
+        (r#"{"engram_vocab_size": [646400]}"#, "engram_vocab_size"),
+        (r#"{"n_embed_per_ngram": 500}"#, "n_embed_per_ngram"),
+        (r#"{"layer_id": 3}"#, "layer_id"),
+        (r#"{"hidden_size": 0}"#, "hidden_size"),
+        (r#"{"hc_mult": 0}"#, "hc_mult"),
+        (r#"{"layer_ids": [1, 1]}"#, "layer_ids"),
+        (r#"{"pad_id": -1}"#, "pad_id"),
+        (r#"{"kernel_size": 0}"#, "kernel_size"),
+        (r#"{"engram_vocab_size": [1, 5]}"#, "engram_vocab_size"),
+        (r#"{"hiden_size": 8}"#, "hiden_size"),
+        (r#"{"hidden_size": "big"}"#, "hidden_size"),
+    ];
+    for (json, field) in cases {
+        let e = EngramConfig::from_json_str(json).unwrap_err();
+        assert!(e.to_string().contains(field), "{json}: {e}");
+    }
+}
+
+#[test]
+fn config_json_round_trip() {
+    let cfg = small_config();
+    let back = EngramConfig::from_json_str(&cfg.to_json_string()).unwrap();
+    assert_eq!(back, cfg);
+    let text = std::fs::read_to_string(golden("small.config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let out: serde_json::Value = serde_json::from_str(&cfg.to_json_string()).unwrap();
+    for (k, val) in v.as_object().unwrap() {
+        assert_eq!(&out[k], val, "field {k} keeps its name and value");
+    }
+    assert_eq!(EngramConfig::from_json_str("{}").unwrap(), EngramConfig::default());
+}
+
+#[test]
+fn id_out_of_range_names_position() {
+    let e = small();
+    let mut ids = vec![5i64; 6];
+    ids[4] = 128815;
+    let hidden = vec![0.1f32; 6 * 4096];
+    for &path in ForwardPath::ALL {
+        let err = e.forward(&ids, &hidden, 2, 3, path).unwrap_err();
+        match err {
+            EngramError::IdOutOfRange { batch, position, id, vocab } => {
+                assert_eq!((batch, position, id, vocab), (1, 1, 128815, 128815));
+            }
+            other => panic!("{other}"),
+        }
+    }
+    // Negative ids pass through, as in the reference.
+    let ids = vec![-3i64, 7, 9];
+    let r = e.forward(&ids, &hidden[..3 * 4096], 1, 3, ForwardPath::Reference).unwrap();
+    let f = e.forward(&ids, &hidden[..3 * 4096], 1, 3, ForwardPath::Fused).unwrap();
+    assert_eq!(r.hash_ids, f.hash_ids);
+    assert!(r.hash_ids.iter().all(|&h| h >= 0));
+}
+
+#[test]
+fn hidden_states_shape_and_nan() {
+    let e = small();
+    let ids = vec![5i64; 3];
+    let err = e.forward(&ids, &vec![0.0; 3 * 4096 - 1], 1, 3, ForwardPath::Fused).unwrap_err();
+    assert!(matches!(&err, EngramError::Shape { name, .. } if name == "hidden_states"), "{err}");
+    let mut h = vec![0.0f32; 3 * 4096];
+    h[4097] = f32::NAN;
+    let err = e.forward(&ids, &h, 1, 3, ForwardPath::Fused).unwrap_err();
+    assert!(matches!(err, EngramError::NonFinite { index: 4097, .. }), "{err}");
+    let err = e.forward(&ids, &h, 0, 3, ForwardPath::Fused).unwrap_err();
+    assert!(err.to_string().contains("input_ids"), "{err}");
+}
+
+#[test]
+fn ragged_offsets_and_state_checked() {
+    let e = small();
+    let ids = vec![5i64; 4];
+    let h = vec![0.0f32; 4 * 4096];
+    let mut st = vec![e.new_state(), e.new_state()];
+    for bad in [vec![0, 3], vec![0, 3, 2], vec![1, 2, 4], vec![0, 2, 5]] {
+        let err = e.forward_ragged(&mut st, &ids, &h, &bad, ForwardPath::Fused).unwrap_err();
+        assert!(err.to_string().contains("offsets"), "{bad:?}: {err}");
+    }
+    let mut wrong = vec![engram::EngramState::from_parts(vec![1, 2, 3], vec![0.0; 10], 4096, 0)];
+    let err = e.forward_chunk(&mut wrong[0], &ids, &h, ForwardPath::Fused).unwrap_err();
+    assert!(err.to_string().contains("state.ngram_history"), "{err}");
+}
+
+#[test]
+fn weights_file_errors_name_the_tensor() {
+    let cfg = small_config();
+    let m = mapping(&cfg);
+    let good = engram::tensors::TensorFile::open(golden("small.weights.safetensors")).unwrap();
+    let names = good.names();
+    let load_all = |skip: Option<&str>| -> Vec<(String, Vec<usize>, Vec<f32>, Vec<i64>)> {
+        names
+            .iter()
+            .filter(|n| Some(n.as_str()) != skip)
+            .map(|n| {
+                let (dt, shape) = good.info(n).unwrap();
+                if dt == safetensors::Dtype::I64 {
+                    (n.clone(), shape, vec![], good.i64(n, None).unwrap().data)
+                } else {
+                    (n.clone(), shape, good.f32(n, None).unwrap().data, vec![])
+                }
+            })
+            .collect()
+    };
+    let write = |path: &PathBuf, tensors: &[(String, Vec<usize>, Vec<f32>, Vec<i64>)], extra: Option<(&str, Vec<usize>, Vec<f32>)>| {
+        let mut w = TensorWriter::new();
+        for (n, s, f, i) in tensors {
+            if i.is_empty() { w.f32(n, s, f); } else { w.i64(n, s, i); }
+        }
+        if let Some((n, s, f)) = &extra {
+            w.f32(n, s, f);
+        }
+        w.write(path).unwrap();
+    };
+    let load = |p: &PathBuf| Engram::load_with(cfg.clone(), m.clone(), p).unwrap_err().to_string();
+    // Missing tensor.
+    let p = tmp("missing.safetensors");
+    write(&p, &load_all(Some("norm2.3.weight")), None);
+    let e = load(&p);
+    assert!(e.contains("norm2.3.weight") && e.contains("missing"), "{e}");
+    // Extra tensor.
+    let p = tmp("extra.safetensors");
+    write(&p, &load_all(None), Some(("key_projs.9.weight", vec![2], vec![0.0, 1.0])));
+    let e = load(&p);
+    assert!(e.contains("key_projs.9.weight") && e.contains("unexpected"), "{e}");
+    // Wrong shape.
+    let mut t = load_all(Some("value_proj.bias"));
+    t.push(("value_proj.bias".into(), vec![1023], vec![0.0; 1023], vec![]));
+    let p = tmp("shape.safetensors");
+    write(&p, &t, None);
+    let e = load(&p);
+    assert!(e.contains("value_proj.bias") && e.contains("[1024]") && e.contains("[1023]"), "{e}");
+    // Wrong dtype: an int64 tensor where floats belong.
+    let mut t = load_all(Some("norm1.0.weight"));
+    t.push(("norm1.0.weight".into(), vec![1024], vec![], vec![1; 1024]));
+    let p = tmp("dtype.safetensors");
+    write(&p, &t, None);
+    let e = load(&p);
+    assert!(e.contains("norm1.0.weight") && e.contains("i64"), "{e}");
+    // NaN in a projection.
+    let mut t = load_all(Some("key_projs.1.bias"));
+    let mut b = vec![0.0f32; 1024];
+    b[7] = f32::INFINITY;
+    t.push(("key_projs.1.bias".into(), vec![1024], b, vec![]));
+    let p = tmp("nan.safetensors");
+    write(&p, &t, None);
+    let e = load(&p);
+    assert!(e.contains("key_projs.1.bias") && e.contains("index 7"), "{e}");
+    // Unreadable and malformed files.
+    let e = load(&tmp("does-not-exist.safetensors"));
+    assert!(e.contains("does-not-exist"), "{e}");
+    let p = tmp("garbage.safetensors");
+    std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
+    let e = load(&p);
+    assert!(e.contains("not a valid safetensors"), "{e}");
+    let p = tmp("short.safetensors");
+    std::fs::write(&p, b"\x01").unwrap();
+    assert!(load(&p).contains("not a valid safetensors"));
+}
+
+#[test]
+fn weights_save_load_round_trip_f32_and_bf16() {
+    let cfg = small_config();
+    let e = small();
+    let p = tmp("roundtrip.safetensors");
+    e.weights().save(&p, &cfg, false).unwrap();
+    let back = Engram::load_with(cfg.clone(), mapping(&cfg), &p).unwrap();
+    assert!(back.weights().table.is_mapped());
+    let (mut a, mut b) = (vec![0.0; 64], vec![0.0; 64]);
+    for r in [0, 1234, e.weights().table.rows() - 1] {
+        e.weights().table.row_into(r, &mut a);
+        back.weights().table.row_into(r, &mut b);
+        assert_eq!(a, b);
+    }
+    assert_eq!(e.weights().key_projs_weight, back.weights().key_projs_weight);
+    // bf16 file: widened on load, outputs within bf16 tolerance.
+    e.weights().save(&p, &cfg, true).unwrap();
+    let b16 = Engram::load_with(cfg.clone(), mapping(&cfg), &p).unwrap();
+    assert_eq!(b16.weights().table.dtype_name(), "bf16");
+    let ids = vec![0i64, 22898, 19737, 270];
+    let h = engram::rng::torch::TorchGenerator::manual_seed(3).randn(4 * 4096);
+    let x = e.forward(&ids, &h, 1, 4, ForwardPath::Reference).unwrap();
+    let y = b16.forward(&ids, &h, 1, 4, ForwardPath::Fused).unwrap();
+    assert!(max_abs_diff(&x.output, &y.output).0 < 0.03);
+}
+
+#[test]
+fn tokenizer_paths() {
+    let err = engram::Tokenizer::from_name_or_path("/no/such/tokenizer").unwrap_err();
+    assert!(err.to_string().contains("/no/such/tokenizer"), "{err}");
+    // A folder with tokenizer.json (+ config) loads like the bundled copy.
+    let dir = std::env::temp_dir().join(format!("engram-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundled = tokenizer();
+    std::fs::write(dir.join("tokenizer.json"), bundled.inner().to_string(false).unwrap()).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"add_bos_token": true, "bos_token": "<｜begin▁of▁sentence｜>"}"#).unwrap();
+    let t = engram::Tokenizer::from_name_or_path(dir.to_str().unwrap()).unwrap();
+    assert_eq!(t.encode("Hello world", true).unwrap(), bundled.encode("Hello world", true).unwrap());
+    assert_eq!(t.len(), 128815);
+    std::fs::remove_dir_all(dir).ok();
+}

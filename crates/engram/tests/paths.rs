@@ -1,0 +1,185 @@
+//! Every path against the plain reference on random configs, and streaming exactness:
+//! any split of a sequence, any thread count and any ragged packing give the one-shot result.
+
+mod common;
+use common::*;
+use engram::{EngramConfig, EngramState, ForwardPath};
+use proptest::prelude::*;
+
+fn small_cfg(n: usize, heads: usize, head_dim: usize, d: usize, hc: usize, taps: usize) -> EngramConfig {
+    EngramConfig {
+        engram_vocab_size: (0..n - 1).map(|i| 97 + 40 * i as u64).collect(),
+        max_ngram_size: n,
+        n_head_per_ngram: heads,
+        n_embed_per_ngram: heads * head_dim,
+        hidden_size: d,
+        hc_mult: hc,
+        kernel_size: taps,
+        layer_ids: vec![3, 7],
+        layer_id: 7,
+        ..EngramConfig::default()
+    }
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    max_abs_diff(a, b).0
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Fused == reference (ids exact, floats within 1e-4) on random shapes, batches and
+    /// thread counts; widths that are not multiples of 16 exercise the kernels' tails.
+    #[test]
+    fn fused_equals_reference(
+        n in 2usize..=4, heads in 1usize..=3, head_dim in prop::sample::select(vec![4usize, 8, 20]),
+        d in prop::sample::select(vec![16usize, 24, 40, 64]), hc in 1usize..=3, taps in 1usize..=5,
+        batch in 1usize..=3, len in 1usize..=300, threads in 1usize..=3, seed in 0u64..1000,
+    ) {
+        let cfg = small_cfg(n, heads, head_dim, d, hc, taps);
+        let e = random_engram(&cfg, seed);
+        let (ids, hidden) = random_inputs(&cfg, batch * len, seed);
+        let r = e.forward(&ids, &hidden, batch, len, ForwardPath::Reference).unwrap();
+        let f = with_threads(threads, || e.forward_detailed(&ids, &hidden, batch, len, ForwardPath::Fused).unwrap());
+        prop_assert_eq!(&r.hash_ids, &f.hash_ids);
+        prop_assert!(max_err(&r.gates, &f.gates) <= 1e-4);
+        prop_assert!(max_err(&r.output, &f.output) <= 1e-4, "output err {}", max_err(&r.output, &f.output));
+        prop_assert!(max_err(r.gated_value.as_ref().unwrap(), f.gated_value.as_ref().unwrap()) <= 1e-4);
+        // The lean forward gives the same output as the detailed one.
+        let lean = with_threads(threads, || e.forward(&ids, &hidden, batch, len, ForwardPath::Fused).unwrap());
+        prop_assert!(max_err(&lean.output, &f.output) <= 1e-6);
+    }
+
+    /// Any split of a sequence into chunks with carried state equals the one-shot forward,
+    /// within 1e-6, on both paths.
+    #[test]
+    fn chunked_equals_one_shot(
+        len in 1usize..400, cuts in prop::collection::vec(1usize..60, 1..12),
+        threads in 1usize..=3, seed in 0u64..1000, ref_path in any::<bool>(),
+    ) {
+        let cfg = small_cfg(3, 2, 8, 32, 2, 4);
+        let e = random_engram(&cfg, seed);
+        let path = if ref_path { ForwardPath::Reference } else { ForwardPath::Fused };
+        let c = cfg.hc_mult * cfg.hidden_size;
+        let (ids, hidden) = random_inputs(&cfg, len, seed);
+        let whole = with_threads(threads, || e.forward(&ids, &hidden, 1, len, path).unwrap());
+        let mut st = e.new_state();
+        let (mut t, mut k) = (0, 0);
+        let (mut out, mut hashes) = (Vec::new(), Vec::new());
+        while t < len {
+            let hi = (t + cuts[k % cuts.len()]).min(len);
+            let s = with_threads(threads, || e.forward_chunk(&mut st, &ids[t..hi], &hidden[t * c..hi * c], path).unwrap());
+            out.extend(s.output);
+            hashes.extend(s.hash_ids);
+            t = hi;
+            k += 1;
+        }
+        prop_assert_eq!(&hashes, &whole.hash_ids);
+        prop_assert!(max_err(&out, &whole.output) <= 1e-6, "err {}", max_err(&out, &whole.output));
+        prop_assert_eq!(st.position(), len as u64);
+    }
+
+    /// A ragged batch (packed, with offsets, empty sequences allowed) equals running each
+    /// sequence alone.
+    #[test]
+    fn ragged_equals_each_alone(lens in prop::collection::vec(0usize..150, 1..6), threads in 1usize..=3, seed in 0u64..1000) {
+        let cfg = small_cfg(3, 2, 8, 32, 2, 4);
+        let e = random_engram(&cfg, seed);
+        let c = cfg.hc_mult * cfg.hidden_size;
+        let total: usize = lens.iter().sum();
+        let (ids, hidden) = random_inputs(&cfg, total, seed);
+        let mut offsets = vec![0];
+        for l in &lens { offsets.push(offsets.last().unwrap() + l); }
+        for path in [ForwardPath::Reference, ForwardPath::Fused] {
+            let mut states: Vec<EngramState> = lens.iter().map(|_| e.new_state()).collect();
+            let packed = with_threads(threads, || e.forward_ragged(&mut states, &ids, &hidden, &offsets, path).unwrap());
+            for (s, w) in offsets.windows(2).enumerate() {
+                if w[0] == w[1] { continue; }
+                let alone = e.forward(&ids[w[0]..w[1]], &hidden[w[0] * c..w[1] * c], 1, w[1] - w[0], path).unwrap();
+                prop_assert!(max_err(&packed.output[w[0] * c..w[1] * c], &alone.output) <= 1e-6, "{:?} seq {}", path, s);
+                prop_assert_eq!(states[s].position(), (w[1] - w[0]) as u64);
+            }
+        }
+    }
+}
+
+/// The golden `small` cases split several ways, on both paths, against the golden output.
+#[test]
+fn golden_cases_split_several_ways() {
+    let f = open("small.stages.safetensors");
+    let cfg = small_config();
+    let e = engram::Engram::load_with(cfg.clone(), mapping(&cfg), golden("small.weights.safetensors")).unwrap();
+    let c = cfg.hc_mult * cfg.hidden_size;
+    for case in ["seed_text", "long"] {
+        let ids = f.i64(&format!("{case}.input_ids"), None).unwrap().data;
+        let hidden = f.f32(&format!("{case}.hidden_states"), None).unwrap().data;
+        let want = f.f32(&format!("{case}.output"), None).unwrap().data;
+        let l = ids.len();
+        for &path in ForwardPath::ALL {
+            for chunk in [1, 3, 7, 50] {
+                let mut st = e.new_state();
+                let mut out = Vec::new();
+                for t in (0..l).step_by(chunk) {
+                    let hi = (t + chunk).min(l);
+                    out.extend(e.forward_chunk(&mut st, &ids[t..hi], &hidden[t * c..hi * c], path).unwrap().output);
+                }
+                let (err, at) = max_abs_diff(&out, &want);
+                assert!(err <= 1e-4, "{path:?} {case} chunks of {chunk}: {err:e} at {at}");
+            }
+        }
+    }
+}
+
+/// Saving states mid-stream, restoring them and continuing equals never stopping.
+#[test]
+fn state_save_restore_continue() {
+    let cfg = small_cfg(3, 2, 8, 32, 2, 4);
+    let e = random_engram(&cfg, 5);
+    let c = cfg.hc_mult * cfg.hidden_size;
+    let lens = [40usize, 17, 3];
+    let total: usize = lens.iter().sum();
+    let (ids, hidden) = random_inputs(&cfg, total, 9);
+    let mut offsets = vec![0];
+    for l in lens { offsets.push(offsets.last().unwrap() + l); }
+    let dir = std::env::temp_dir().join(format!("engram-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for path in [ForwardPath::Reference, ForwardPath::Fused] {
+        let mut whole: Vec<EngramState> = lens.iter().map(|_| e.new_state()).collect();
+        let want = e.forward_ragged(&mut whole, &ids, &hidden, &offsets, path).unwrap();
+        // First halves, save, restore, second halves.
+        let split: Vec<usize> = offsets.windows(2).map(|w| w[0] + (w[1] - w[0]) / 2).collect();
+        let mut states: Vec<EngramState> = lens.iter().map(|_| e.new_state()).collect();
+        let pack = |ranges: Vec<(usize, usize)>| {
+            let mut pi = Vec::new();
+            let mut ph = Vec::new();
+            let mut po = vec![0];
+            for (a, b) in &ranges {
+                pi.extend_from_slice(&ids[*a..*b]);
+                ph.extend_from_slice(&hidden[a * c..b * c]);
+                po.push(pi.len());
+            }
+            (pi, ph, po)
+        };
+        let (i1, h1, o1) = pack(offsets.windows(2).zip(&split).map(|(w, &s)| (w[0], s)).collect());
+        let first = e.forward_ragged(&mut states, &i1, &h1, &o1, path).unwrap();
+        let file = dir.join("states.safetensors");
+        engram::state_io::save_states(&file, &e, &states).unwrap();
+        let mut restored = engram::state_io::load_states(&file, &e).unwrap();
+        assert_eq!(restored.len(), states.len());
+        for (a, b) in restored.iter().zip(&states) {
+            assert_eq!(a.ngram_history(), b.ngram_history());
+            assert_eq!(a.conv_history(), b.conv_history());
+            assert_eq!(a.position(), b.position());
+        }
+        let (i2, h2, o2) = pack(offsets.windows(2).zip(&split).map(|(w, &s)| (s, w[1])).collect());
+        let second = e.forward_ragged(&mut restored, &i2, &h2, &o2, path).unwrap();
+        for (s, w) in offsets.windows(2).enumerate() {
+            let a = &first.output[o1[s] * c..o1[s + 1] * c];
+            let b = &second.output[o2[s] * c..o2[s + 1] * c];
+            let got: Vec<f32> = a.iter().chain(b).copied().collect();
+            assert!(max_err(&got, &want.output[w[0] * c..w[1] * c]) <= 1e-6, "{path:?} seq {s}");
+            assert_eq!(restored[s].conv_history(), whole[s].conv_history());
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
