@@ -15,6 +15,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A progress bar on a terminal (stderr); hidden otherwise.
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    bar(len, what)
+}
+
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     if std::io::stderr().is_terminal() {

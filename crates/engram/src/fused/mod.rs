@@ -27,7 +27,7 @@ use proj::Projection;
 use std::time::Instant;
 
 /// Rows per tile.
-pub const TILE: usize = 128;
+pub const TILE: usize = 256;
 /// Fewest rows worth a thread of their own.
 const MIN_ROWS_PER_PART: usize = 64;
 
