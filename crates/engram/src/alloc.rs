@@ -9,6 +9,14 @@ pub fn zeroed_f32(n: usize) -> Vec<f32> {
     v
 }
 
+/// A zeroed `Vec<u16>` (bf16 storage), huge-page advised like [`zeroed_f32`].
+pub fn zeroed_u16(n: usize) -> Vec<u16> {
+    let v = vec![0u16; n];
+    #[cfg(target_os = "linux")]
+    advise_huge(v.as_ptr() as usize, n * 2);
+    v
+}
+
 #[cfg(target_os = "linux")]
 fn advise_huge(addr: usize, len: usize) {
     const HUGE: usize = 2 << 20;

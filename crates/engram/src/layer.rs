@@ -416,7 +416,7 @@ impl Engram {
                 let (h, hc) = (self.cfg.num_heads(), self.cfg.hc_mult);
                 let mut hash_ids = vec![0i64; total * h];
                 let mut gates = vec![0.0f32; total * hc];
-                let mut output = vec![0.0f32; total * c];
+                let mut output = crate::alloc::zeroed_f32(total * c);
                 let mut gated = if keep { vec![0.0f32; total * c] } else { Vec::new() };
                 let fw = self.fused_weights();
                 let out = FusedOut { hash_ids: &mut hash_ids, gates: &mut gates, out: &mut output, gated: keep.then_some(gated.as_mut_slice()) };
@@ -489,6 +489,14 @@ impl Engram {
     /// value is an error naming the row.
     pub(crate) fn gather(&self, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
         self.gather_from(&self.weights.table, hash_ids, out)
+    }
+
+    /// Hints the CPU to fetch the table rows of one position's hashes.
+    #[inline]
+    pub(crate) fn prefetch_rows(&self, table: &crate::weights::EmbeddingTable, hash_row: &[i64]) {
+        for (j, &hid) in hash_row.iter().enumerate() {
+            table.prefetch_row((hid + self.weights.offsets[j]) as usize);
+        }
     }
 
     /// [`Engram::gather`] from a given copy of the table (e.g. the fused path's bf16 one).

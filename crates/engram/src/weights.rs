@@ -87,7 +87,7 @@ impl EmbeddingTable {
 
     /// A bf16 copy (round to nearest even), for the bf16 path.
     pub fn to_bf16(&self) -> EmbeddingTable {
-        let mut v = vec![bf16::ZERO; self.rows * self.dim];
+        let mut v: Vec<bf16> = bytemuck::cast_vec(crate::alloc::zeroed_u16(self.rows * self.dim));
         let mut row = vec![0.0; self.dim];
         for r in 0..self.rows {
             self.row_into(r, &mut row);
@@ -100,6 +100,38 @@ impl EmbeddingTable {
             rows: self.rows,
             dim: self.dim,
         }
+    }
+
+    /// Asks the CPU to start loading row `r` into cache (no effect where unsupported).
+    #[inline]
+    pub fn prefetch_row(&self, r: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (ptr, bytes) = match &self.data {
+                TableData::F32(v) => (v.as_ptr() as *const u8, 4),
+                TableData::Bf16(v) => (v.as_ptr() as *const u8, 2),
+                TableData::Mapped { mmap, start, dtype } => {
+                    (mmap[*start..].as_ptr(), if *dtype == Dtype::F32 { 4 } else { 2 })
+                }
+            };
+            if r >= self.rows {
+                return;
+            }
+            let row_bytes = self.dim * bytes;
+            let mut off = 0;
+            while off < row_bytes {
+                // SAFETY: r < rows, so [r·row_bytes, (r+1)·row_bytes) lies inside the table's
+                // storage; prefetch never faults and changes no data.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        ptr.add(r * row_bytes + off) as *const i8,
+                    )
+                };
+                off += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = r;
     }
 
     /// Copies row `r` (widened to f32) into `out` (length d). `r < rows` is the caller's

@@ -26,8 +26,21 @@ use profile::Stage;
 use proj::Projection;
 use std::time::Instant;
 
-/// Rows per tile.
+/// Rows per tile on the f32 path: the `gemm` crate packs the weights on every call, so
+/// tiles are large enough to amortise that.
 pub const TILE: usize = 256;
+
+/// Rows per tile: with weights packed once (the bf16 kernel), a tile small enough that its
+/// projections stay in L2 for the gate kernel.
+fn tile_rows(fw: &FusedWeights) -> usize {
+    if fw.proj.uses_bf16_kernel() {
+        std::env::var("ENGRAM_TILE").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    } else {
+        TILE
+    }
+}
+/// Tokens ahead whose table rows are prefetched during the gather.
+const PREFETCH_AHEAD: usize = 4;
 /// Fewest rows worth a thread of their own.
 const MIN_ROWS_PER_PART: usize = 64;
 
@@ -307,9 +320,10 @@ impl<'e> Driver<'e> {
         let r = cfg.conv_history();
         let taps = cfg.kernel_size;
         let table = self.fw.table.as_ref().unwrap_or(&self.e.weights().table);
-        let mut x = vec![0.0f32; TILE * dm];
-        let mut y = vec![0.0f32; TILE * np];
-        let mut normed = vec![0.0f32; TILE * c];
+        let tile = tile_rows(self.fw);
+        let mut x = vec![0.0f32; tile * dm];
+        let mut y = vec![0.0f32; tile * np];
+        let mut normed = vec![0.0f32; tile * c];
         let mut hist = vec![0i64; n];
         let params = GateParams {
             value_bias: &self.fw.value_bias,
@@ -331,10 +345,12 @@ impl<'e> Driver<'e> {
             };
             let mut t = p.t0;
             while t < p.t1 {
-                let rows = (p.t1 - t).min(TILE);
+                let rows = (p.t1 - t).min(tile);
                 let lr0 = row0 + (t - p.t0); // part-local row of t
                 // 1. hash + gather.
                 let clock = Instant::now();
+                // All hashes of the tile first, then the gather with rows a few tokens ahead
+                // prefetched, so that the table's cache misses overlap instead of queueing.
                 for u in 0..rows {
                     let tt = t + u;
                     for (k, hk) in hist.iter_mut().enumerate() {
@@ -342,7 +358,16 @@ impl<'e> Driver<'e> {
                     }
                     let hrow = &mut hash_out[(lr0 + u) * h..(lr0 + u + 1) * h];
                     self.e.hashing().hash_position(self.e.layer_params(), &hist, hrow);
-                    self.e.gather_from(table, hrow, &mut x[u * dm..(u + 1) * dm])?;
+                }
+                let hashes = &hash_out[lr0 * h..(lr0 + rows) * h];
+                for u in 0..rows.min(PREFETCH_AHEAD) {
+                    self.e.prefetch_rows(table, &hashes[u * h..(u + 1) * h]);
+                }
+                for u in 0..rows {
+                    if u + PREFETCH_AHEAD < rows {
+                        self.e.prefetch_rows(table, &hashes[(u + PREFETCH_AHEAD) * h..(u + PREFETCH_AHEAD + 1) * h]);
+                    }
+                    self.e.gather_from(table, &hashes[u * h..(u + 1) * h], &mut x[u * dm..(u + 1) * dm])?;
                 }
                 profile::add(Stage::HashGather, clock);
                 // 2. projections.

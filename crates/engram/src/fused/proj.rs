@@ -166,28 +166,33 @@ mod bf16_avx512 {
                 xp[r * kp + p] = lo | (hi << 16);
             }
         }
-        let work = |panel: usize, yp: &mut [f32]| {
-            // yp: this panel's [m, NR] block.
+        // Each panel writes its columns of y directly; the last panel may be narrower than NR
+        // (the kernel then stores into a small buffer first).
+        let yaddr = y.as_mut_ptr() as usize;
+        let work = |panel: usize| {
             let wpan = &w[panel * kp * NR * 2..(panel + 1) * kp * NR * 2];
+            let cols = NR.min(n - panel * NR);
+            let mut buf = [0.0f32; MR * NR];
             let mut r0 = 0;
             while r0 < m {
                 let mr = (m - r0).min(MR);
                 // SAFETY: the caller guarantees AVX512F + AVX512-BF16; slices are in bounds.
-                unsafe { kernel(&xp[r0 * kp..(r0 + mr) * kp], kp, mr, wpan, &mut yp[r0 * NR..(r0 + mr) * NR]) };
+                unsafe { kernel(&xp[r0 * kp..(r0 + mr) * kp], kp, mr, wpan, &mut buf[..mr * NR]) };
+                for r in 0..mr {
+                    // SAFETY: panels write disjoint column ranges [panel·NR, panel·NR + cols) of
+                    // rows r0..r0+mr of y ([m, n]); no two threads touch the same element.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut((yaddr as *mut f32).add((r0 + r) * n + panel * NR), cols)
+                    };
+                    dst.copy_from_slice(&buf[r * NR..r * NR + cols]);
+                }
                 r0 += mr;
             }
         };
-        let mut ypan = vec![0.0f32; panels * m * NR];
         if threads > 1 {
-            ypan.par_chunks_mut(m * NR).enumerate().for_each(|(p, yp)| work(p, yp));
+            (0..panels).into_par_iter().for_each(work);
         } else {
-            ypan.chunks_mut(m * NR).enumerate().for_each(|(p, yp)| work(p, yp));
-        }
-        for p in 0..panels {
-            let cols = NR.min(n - p * NR);
-            for r in 0..m {
-                y[r * n + p * NR..r * n + p * NR + cols].copy_from_slice(&ypan[(p * m + r) * NR..(p * m + r) * NR + cols]);
-            }
+            (0..panels).for_each(work);
         }
     }
 
