@@ -57,12 +57,21 @@ pub fn peak_rss() -> Option<u64> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
 }
 
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.tokens == 0 || a.batch == 0 || a.runs == 0 {
-        bail!("--tokens, --batch and --runs must be >= 1 (found {}, {}, {})", a.tokens, a.batch, a.runs);
+        bail!(
+            "--tokens, --batch and --runs must be >= 1 (found {}, {}, {})",
+            a.tokens,
+            a.batch,
+            a.runs
+        );
     }
     let cfg = match &a.config {
         Some(p) => EngramConfig::from_json_file(p)?,
@@ -117,7 +126,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 let step_ids: Vec<i64> = (0..b).map(|s| ids[s * l + t]).collect();
                 let mut step_h = Vec::with_capacity(b * hc * d);
                 for s in 0..b {
-                    step_h.extend_from_slice(&hidden[(s * l + t) * hc * d..(s * l + t + 1) * hc * d]);
+                    step_h
+                        .extend_from_slice(&hidden[(s * l + t) * hc * d..(s * l + t + 1) * hc * d]);
                 }
                 e.forward_ragged(&mut states, &step_ids, &step_h, &offsets, path)?;
             }
@@ -156,10 +166,16 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             })
         );
     } else {
-        println!("engram bench: {mode}, B={b} L={l} {:?} {:?} path, {threads} threads, {} runs", dtype, path, a.runs);
+        println!(
+            "engram bench: {mode}, B={b} L={l} {:?} {:?} path, {threads} threads, {} runs",
+            dtype, path, a.runs
+        );
         println!("  median {:.4} s  ->  {:.0} tokens/s", med, tps);
         if a.decode {
-            println!("  decode step latency {:.3} ms (batch {b})", med / l as f64 * 1e3);
+            println!(
+                "  decode step latency {:.3} ms (batch {b})",
+                med / l as f64 * 1e3
+            );
         }
         if path == ForwardPath::Fused {
             println!("  thread-seconds per run by stage:");
@@ -175,7 +191,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
 /// Chunked prefill that streams: each chunk's ids and hidden states are generated when it is
 /// run and its outputs dropped after, so memory is O(chunk) whatever the sequence length
 /// (1M tokens of f32 inputs and outputs alone would need 32 GB).
-fn bench_streaming(a: &BenchArgs, e: &Engram, n: usize, path: ForwardPath, dtype: DType) -> Result<ExitCode> {
+fn bench_streaming(
+    a: &BenchArgs,
+    e: &Engram,
+    n: usize,
+    path: ForwardPath,
+    dtype: DType,
+) -> Result<ExitCode> {
     let cfg = e.config();
     let (b, l, c) = (a.batch, a.tokens, cfg.hc_mult * cfg.hidden_size);
     let v = e.hashing().compressed().num_raw() as u64;

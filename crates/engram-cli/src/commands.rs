@@ -5,7 +5,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use engram::layer::compression_for;
 use engram::tensors::{TensorFile, TensorWriter};
-use engram::{CompressedTokenizer, DType, Engram, EngramConfig, ForwardPath, NgramHashMapping, Stages, Tokenizer};
+use engram::{
+    CompressedTokenizer, DType, Engram, EngramConfig, ForwardPath, NgramHashMapping, Stages,
+    Tokenizer,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -18,7 +21,12 @@ fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
 }
 
 /// Input ids `[B, L]` from `--text` or the inputs file.
-fn read_ids(inputs: Option<&TensorFile>, text: &Option<String>, cfg: &EngramConfig, no_bos: bool) -> Result<(Vec<i64>, usize, usize)> {
+fn read_ids(
+    inputs: Option<&TensorFile>,
+    text: &Option<String>,
+    cfg: &EngramConfig,
+    no_bos: bool,
+) -> Result<(Vec<i64>, usize, usize)> {
     if let Some(t) = text {
         let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
         let ids = tok.encode(t, !no_bos)?;
@@ -31,7 +39,11 @@ fn read_ids(inputs: Option<&TensorFile>, text: &Option<String>, cfg: &EngramConf
     let f = inputs.context("give --inputs (with `input_ids`) or --text")?;
     let ids = f.i64("input_ids", None)?;
     if ids.shape.len() != 2 {
-        bail!("tensor `input_ids` in {}: expected 2 dims [B, L], found shape {:?}", f.path().display(), ids.shape);
+        bail!(
+            "tensor `input_ids` in {}: expected 2 dims [B, L], found shape {:?}",
+            f.path().display(),
+            ids.shape
+        );
     }
     Ok((ids.data, ids.shape[0], ids.shape[1]))
 }
@@ -108,17 +120,28 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         let t = ids.shape[0];
         let hidden = f.f32("hidden_states", Some(&[t, hc, d]))?;
         let off = f.i64("offsets", None)?;
-        if off.shape.len() != 1 || off.data.first() != Some(&0) || off.data.last() != Some(&(t as i64)) || off.data.windows(2).any(|w| w[0] > w[1]) {
-            bail!("tensor `offsets`: expected non-decreasing int64 [S+1] from 0 to {t}, found {:?}", off.data);
+        if off.shape.len() != 1
+            || off.data.first() != Some(&0)
+            || off.data.last() != Some(&(t as i64))
+            || off.data.windows(2).any(|w| w[0] > w[1])
+        {
+            bail!(
+                "tensor `offsets`: expected non-decreasing int64 [S+1] from 0 to {t}, found {:?}",
+                off.data
+            );
         }
         let offsets: Vec<usize> = off.data.iter().map(|&o| o as usize).collect();
         (ids.data, hidden.data, offsets, None)
     } else {
         let (ids, b, l) = read_ids(inputs.as_ref(), &a.text, &cfg, a.no_bos)?;
         let hidden = match (&inputs, a.random_hidden) {
-            (_, Some(seed)) => engram::rng::torch::TorchGenerator::manual_seed(seed).randn(b * l * hc * d),
+            (_, Some(seed)) => {
+                engram::rng::torch::TorchGenerator::manual_seed(seed).randn(b * l * hc * d)
+            }
             (Some(f), None) => f.f32("hidden_states", Some(&[b, l, hc, d]))?.data,
-            (None, None) => bail!("give --inputs with `hidden_states` [B, L, HC, D], or --random-hidden SEED"),
+            (None, None) => {
+                bail!("give --inputs with `hidden_states` [B, L, HC, D], or --random-hidden SEED")
+            }
         };
         let offsets: Vec<usize> = (0..=b).map(|i| i * l).collect();
         (ids, hidden, offsets, Some((b, l)))
@@ -128,7 +151,11 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         Some(p) => {
             let s = engram::state_io::load_states(p, &e)?;
             if s.len() != nseq {
-                bail!("--state-in {}: expected {nseq} states (one per sequence), found {}", p.display(), s.len());
+                bail!(
+                    "--state-in {}: expected {nseq} states (one per sequence), found {}",
+                    p.display(),
+                    s.len()
+                );
             }
             s
         }
@@ -165,11 +192,26 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
 
 /// Runs every sequence in chunks of `n` tokens, all sequences' i-th chunks as one ragged
 /// call, and reassembles the packed outputs in the original order.
-fn run_chunked(e: &Engram, states: &mut [engram::EngramState], ids: &[i64], hidden: &[f32], offsets: &[usize], n: usize, path: ForwardPath) -> Result<Stages> {
+fn run_chunked(
+    e: &Engram,
+    states: &mut [engram::EngramState],
+    ids: &[i64],
+    hidden: &[f32],
+    offsets: &[usize],
+    n: usize,
+    path: ForwardPath,
+) -> Result<Stages> {
     let cfg = e.config();
     let (h, hc, c) = (cfg.num_heads(), cfg.hc_mult, cfg.hc_mult * cfg.hidden_size);
     let total = ids.len();
-    let mut out = Stages { batch: 1, len: total, hash_ids: vec![0; total * h], gates: vec![0.0; total * hc], output: vec![0.0; total * c], ..Default::default() };
+    let mut out = Stages {
+        batch: 1,
+        len: total,
+        hash_ids: vec![0; total * h],
+        gates: vec![0.0; total * hc],
+        output: vec![0.0; total * c],
+        ..Default::default()
+    };
     let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let mut start = 0;
     while start < longest {
@@ -178,7 +220,10 @@ fn run_chunked(e: &Engram, states: &mut [engram::EngramState], ids: &[i64], hidd
         let mut coff = vec![0usize];
         let mut rows = Vec::new();
         for w in offsets.windows(2) {
-            let (lo, hi) = (w[0] + start.min(w[1] - w[0]), w[0] + (start + n).min(w[1] - w[0]));
+            let (lo, hi) = (
+                w[0] + start.min(w[1] - w[0]),
+                w[0] + (start + n).min(w[1] - w[0]),
+            );
             cids.extend_from_slice(&ids[lo..hi]);
             chid.extend_from_slice(&hidden[lo * c..hi * c]);
             rows.push(lo..hi);
@@ -188,7 +233,8 @@ fn run_chunked(e: &Engram, states: &mut [engram::EngramState], ids: &[i64], hidd
         let mut k = 0;
         for r in rows {
             for row in r {
-                out.hash_ids[row * h..(row + 1) * h].copy_from_slice(&s.hash_ids[k * h..(k + 1) * h]);
+                out.hash_ids[row * h..(row + 1) * h]
+                    .copy_from_slice(&s.hash_ids[k * h..(k + 1) * h]);
                 out.gates[row * hc..(row + 1) * hc].copy_from_slice(&s.gates[k * hc..(k + 1) * hc]);
                 out.output[row * c..(row + 1) * c].copy_from_slice(&s.output[k * c..(k + 1) * c]);
                 k += 1;
@@ -234,15 +280,33 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
     let inputs = a.inputs.as_ref().map(TensorFile::open).transpose()?;
     let (ids, b, l) = read_ids(inputs.as_ref(), &a.text, &cfg, a.no_bos)?;
     let m = NgramHashMapping::new(&cfg, compression_for(&cfg)?)?;
-    let hashes: Vec<Vec<i64>> = m.layers().iter().map(|ly| m.hash(ly.layer_id, &ids, l)).collect::<Result<_, _>>()?;
+    let hashes: Vec<Vec<i64>> = m
+        .layers()
+        .iter()
+        .map(|ly| m.hash(ly.layer_id, &ids, l))
+        .collect::<Result<_, _>>()?;
     let mut w = TensorWriter::new();
     for (layer, h) in m.layers().iter().zip(&hashes) {
-        w.i64(&format!("layer{}", layer.layer_id), &[b, l, m.num_heads()], h);
-        w.meta(&format!("multipliers.layer{}", layer.layer_id), format!("{:?}", layer.multipliers));
-        w.meta(&format!("primes.layer{}", layer.layer_id), format!("{:?}", layer.primes));
+        w.i64(
+            &format!("layer{}", layer.layer_id),
+            &[b, l, m.num_heads()],
+            h,
+        );
+        w.meta(
+            &format!("multipliers.layer{}", layer.layer_id),
+            format!("{:?}", layer.multipliers),
+        );
+        w.meta(
+            &format!("primes.layer{}", layer.layer_id),
+            format!("{:?}", layer.primes),
+        );
     }
     w.write(&a.out)?;
-    eprintln!("hashed B={b} L={l} for layers {:?}; wrote {}", cfg.layer_ids, a.out.display());
+    eprintln!(
+        "hashed B={b} L={l} for layers {:?}; wrote {}",
+        cfg.layer_ids,
+        a.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -269,10 +333,21 @@ pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
     let comp = CompressedTokenizer::build(&tok)?;
     let canon = comp.compress(&ids, ids.len().max(1))?;
     if a.json {
-        println!("{}", serde_json::json!({"input_ids": ids, "canonical_ids": canon}));
+        println!(
+            "{}",
+            serde_json::json!({"input_ids": ids, "canonical_ids": canon})
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{} tokens (BOS {})", ids.len(), if a.no_bos || !tok.adds_bos() { "off" } else { "on" });
+    println!(
+        "{} tokens (BOS {})",
+        ids.len(),
+        if a.no_bos || !tok.adds_bos() {
+            "off"
+        } else {
+            "on"
+        }
+    );
     println!("{:>4}  {:>7}  {:>9}  token", "pos", "id", "canonical");
     for (i, (&id, &c)) in ids.iter().zip(&canon).enumerate() {
         let t = tok.id_to_token(id as u32).unwrap_or_default();
@@ -301,10 +376,27 @@ pub fn compression(a: CompressionArgs) -> Result<ExitCode> {
     let c = CompressedTokenizer::build(&tok)?;
     let t_build = t0.elapsed();
     let (v, vp) = (c.num_raw(), c.num_compressed());
-    println!("tokenizer        {} ({} ids), loaded in {:.3}s", tok.name(), v, t_load.as_secs_f64());
-    println!("canonical ids    {vp} ({:.2}% fewer)", 100.0 * (v - vp) as f64 / v as f64);
-    println!("built in         {:.3}s on {} threads", t_build.as_secs_f64(), rayon::current_num_threads());
-    println!("pad id {} -> {}", cfg.pad_id, c.compress_id(cfg.pad_id).map_or("out of range".into(), |x| x.to_string()));
+    println!(
+        "tokenizer        {} ({} ids), loaded in {:.3}s",
+        tok.name(),
+        v,
+        t_load.as_secs_f64()
+    );
+    println!(
+        "canonical ids    {vp} ({:.2}% fewer)",
+        100.0 * (v - vp) as f64 / v as f64
+    );
+    println!(
+        "built in         {:.3}s on {} threads",
+        t_build.as_secs_f64(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "pad id {} -> {}",
+        cfg.pad_id,
+        c.compress_id(cfg.pad_id)
+            .map_or("out of range".into(), |x| x.to_string())
+    );
     if let Some(out) = a.out {
         let mut w = TensorWriter::new();
         w.i64("lookup", &[v], c.lookup());
@@ -387,7 +479,10 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
             let x = fa.i64(&key, None)?.data;
             let y = fb.i64(&name, None)?.data;
             let diff = x.iter().zip(&y).filter(|(p, q)| p != q).count();
-            println!("{name:<14} {sa:?} int: {diff} differing  {}", if diff == 0 { "ok" } else { "FAIL" });
+            println!(
+                "{name:<14} {sa:?} int: {diff} differing  {}",
+                if diff == 0 { "ok" } else { "FAIL" }
+            );
             ok &= diff == 0;
         } else {
             let x = fa.f32(&key, None)?.data;
@@ -399,14 +494,26 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
                 sum += d as f64;
             }
             let pass = max <= a.tol;
-            println!("{name:<14} {sa:?} max {max:.3e} mean {:.3e}  {}", sum / x.len().max(1) as f64, if pass { "ok" } else { "FAIL" });
+            println!(
+                "{name:<14} {sa:?} max {max:.3e} mean {:.3e}  {}",
+                sum / x.len().max(1) as f64,
+                if pass { "ok" } else { "FAIL" }
+            );
             ok &= pass;
         }
     }
     if n == 0 {
-        bail!("no tensor of {} is in {} (prefix `{}`)", a.b.display(), a.a.display(), a.prefix);
+        bail!(
+            "no tensor of {} is in {} (prefix `{}`)",
+            a.b.display(),
+            a.a.display(),
+            a.prefix
+        );
     }
     println!("{}", if ok { "PASS" } else { "FAIL" });
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
-

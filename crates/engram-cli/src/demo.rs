@@ -24,9 +24,11 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     if std::io::stderr().is_terminal() {
         pb.set_draw_target(ProgressDrawTarget::stderr());
         pb.set_style(
-            ProgressStyle::with_template("{msg:>12} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}")
-                .unwrap()
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg:>12} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
+            )
+            .unwrap()
+            .progress_chars("=> "),
         );
     } else {
         pb.set_draw_target(ProgressDrawTarget::hidden());
@@ -36,7 +38,11 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Runs PyTorch's default initialisation with a progress bar.
-pub fn init_with_bar(cfg: &EngramConfig, m: &NgramHashMapping, seed: u64) -> Result<(engram::EngramWeights, TorchGenerator)> {
+pub fn init_with_bar(
+    cfg: &EngramConfig,
+    m: &NgramHashMapping,
+    seed: u64,
+) -> Result<(engram::EngramWeights, TorchGenerator)> {
     let rows = m.layer(cfg.layer_id)?.table_rows();
     let pb = bar(rows * cfg.head_dim() as u64, "init");
     let r = torch_default_weights(cfg, m, seed, &mut |n| pb.inc(n as u64))?;
@@ -90,7 +96,10 @@ pub fn init(a: InitArgs) -> Result<ExitCode> {
 #[derive(Args)]
 pub struct DemoArgs {
     /// The text.
-    #[arg(long, default_value = "Only Alexander the Great could tame the horse Bucephalus.")]
+    #[arg(
+        long,
+        default_value = "Only Alexander the Great could tame the horse Bucephalus."
+    )]
     text: String,
     /// `torch.manual_seed` before the layer is built (and the hidden states drawn).
     #[arg(long, default_value_t = 42)]
@@ -139,7 +148,9 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let tol: f32 = if dtype == DType::Bf16 { 0.03 } else { 1e-4 };
     let mut times: Vec<(&str, f64)> = Vec::new();
     let rule = "=".repeat(72);
-    println!("{rule}\nEngram demo: the reference layer (plain loops) against the fused CPU path\n{rule}");
+    println!(
+        "{rule}\nEngram demo: the reference layer (plain loops) against the fused CPU path\n{rule}"
+    );
 
     println!("\n[1] Tokenize");
     let t0 = Instant::now();
@@ -157,14 +168,23 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let comp = Arc::new(engram::CompressedTokenizer::build(&tok)?);
     let m = Arc::new(NgramHashMapping::new(&cfg, comp.clone())?);
     times.push(("compression + hash params", t0.elapsed().as_secs_f64()));
-    println!("    compressed vocabulary: {} -> {} ids", comp.num_raw(), comp.num_compressed());
+    println!(
+        "    compressed vocabulary: {} -> {} ids",
+        comp.num_raw(),
+        comp.num_compressed()
+    );
 
     println!("\n[2] Weights");
     let t0 = Instant::now();
     let (weights, mut g) = match &a.weights {
         None => {
             let (w, g) = init_with_bar(&cfg, &m, a.seed)?;
-            println!("    torch.manual_seed({}) defaults, reproduced bit for bit: table {} x {}", a.seed, w.table.rows(), w.table.dim());
+            println!(
+                "    torch.manual_seed({}) defaults, reproduced bit for bit: table {} x {}",
+                a.seed,
+                w.table.rows(),
+                w.table.dim()
+            );
             (w, g)
         }
         Some(p) => {
@@ -179,7 +199,12 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
     let hidden = demo_hidden_states(&mut g, &cfg, l);
     times.push(("hidden states (randn)", t0.elapsed().as_secs_f64()));
-    println!("    hidden_states = torch.randn(1, {}, {}, {})[:, :{l}]", l.div_ceil(32) * 32, cfg.hc_mult, cfg.hidden_size);
+    println!(
+        "    hidden_states = torch.randn(1, {}, {}, {})[:, :{l}]",
+        l.div_ceil(32) * 32,
+        cfg.hc_mult,
+        cfg.hidden_size
+    );
     let e = Engram::new(cfg.clone(), m, weights)?.with_dtype(dtype);
 
     let t0 = Instant::now();
@@ -190,33 +215,69 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let f = e.forward_detailed(&ids, &hidden, 1, l, ForwardPath::Fused)?;
     times.push(("fused forward", t0.elapsed().as_secs_f64()));
 
-    let (h, hc, d, dm) = (cfg.num_heads(), cfg.hc_mult, cfg.hidden_size, cfg.memory_width());
+    let (h, hc, d, dm) = (
+        cfg.num_heads(),
+        cfg.hc_mult,
+        cfg.hidden_size,
+        cfg.memory_width(),
+    );
     println!("\n[3] Hash + embed");
-    println!("    hash_ids [1, {l}, {h}]: position 0 heads {:?}", &r.hash_ids[..h.min(8)]);
+    println!(
+        "    hash_ids [1, {l}, {h}]: position 0 heads {:?}",
+        &r.hash_ids[..h.min(8)]
+    );
     let hash_same = r.hash_ids == f.hash_ids;
-    println!("    fused hash_ids identical: {}", if hash_same { "yes" } else { "NO" });
+    println!(
+        "    fused hash_ids identical: {}",
+        if hash_same { "yes" } else { "NO" }
+    );
     let emb = r.embeddings.as_deref().unwrap();
     println!("    embeddings [1, {l}, {dm}]: {}", first(emb, 4));
 
     println!("\n[4] Key / value projection");
-    println!("    value [1, {l}, {d}]: {}", first(r.value.as_deref().unwrap(), 4));
-    println!("    keys  [1, {l}, {hc}, {d}]: {}", first(r.keys.as_deref().unwrap(), 4));
+    println!(
+        "    value [1, {l}, {d}]: {}",
+        first(r.value.as_deref().unwrap(), 4)
+    );
+    println!(
+        "    keys  [1, {l}, {hc}, {d}]: {}",
+        first(r.keys.as_deref().unwrap(), 4)
+    );
 
     println!("\n[5] Gating (reference vs fused)");
     let (gmax, _) = max_mean(&r.gates, &f.gates);
-    println!("    gates [1, {l}, {hc}]: position 0 {}", first(&r.gates, hc));
-    println!("    max |err| {gmax:.3e}  allclose(atol={tol:e}): {}", gmax <= tol);
-    let (gvmax, _) = max_mean(r.gated_value.as_deref().unwrap(), f.gated_value.as_deref().unwrap());
+    println!(
+        "    gates [1, {l}, {hc}]: position 0 {}",
+        first(&r.gates, hc)
+    );
+    println!(
+        "    max |err| {gmax:.3e}  allclose(atol={tol:e}): {}",
+        gmax <= tol
+    );
+    let (gvmax, _) = max_mean(
+        r.gated_value.as_deref().unwrap(),
+        f.gated_value.as_deref().unwrap(),
+    );
     println!("    gated_value max |err| {gvmax:.3e}");
 
     println!("\n[6] Short conv (reference vs fused)");
-    let (scmax, scmean) = max_mean(r.short_conv.as_deref().unwrap(), f.short_conv.as_deref().unwrap());
-    println!("    short_conv max |err| {scmax:.3e}, mean {scmean:.3e}  allclose: {}", scmax <= tol);
+    let (scmax, scmean) = max_mean(
+        r.short_conv.as_deref().unwrap(),
+        f.short_conv.as_deref().unwrap(),
+    );
+    println!(
+        "    short_conv max |err| {scmax:.3e}, mean {scmean:.3e}  allclose: {}",
+        scmax <= tol
+    );
 
     println!("\n[7] Output per branch (reference vs fused)");
     let mut worst = 0f32;
     for i in 0..hc {
-        let pick = |v: &[f32]| -> Vec<f32> { (0..l).flat_map(|t| v[(t * hc + i) * d..(t * hc + i + 1) * d].to_vec()).collect() };
+        let pick = |v: &[f32]| -> Vec<f32> {
+            (0..l)
+                .flat_map(|t| v[(t * hc + i) * d..(t * hc + i + 1) * d].to_vec())
+                .collect()
+        };
         let (mx, mn) = max_mean(&pick(&r.output), &pick(&f.output));
         worst = worst.max(mx);
         println!("    branch {i}: max {mx:.3e}  mean {mn:.3e}");
@@ -238,6 +299,13 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         println!("    {n:<28} {:>9.3} s", t);
     }
     let pass = hash_same && worst <= tol && gmax <= tol && scmax <= tol;
-    println!("\n{} (fused vs reference, atol {tol:e}; max |err| {worst:.3e})", if pass { "PASS" } else { "FAIL" });
-    Ok(if pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    println!(
+        "\n{} (fused vs reference, atol {tol:e}; max |err| {worst:.3e})",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    Ok(if pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

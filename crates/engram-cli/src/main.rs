@@ -47,7 +47,10 @@ fn main() -> ExitCode {
             eprintln!("error: --threads: expected at least 1, found 0");
             return ExitCode::from(2);
         }
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
             eprintln!("error: --threads: {e}");
             return ExitCode::from(2);
         }

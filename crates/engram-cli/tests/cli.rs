@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/golden")
+        .join(name)
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -16,7 +18,10 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn engram(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_engram")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -43,7 +48,10 @@ fn case_inputs(case: &str) -> (PathBuf, TensorFile) {
 
 fn max_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -52,22 +60,46 @@ fn forward_both_paths_and_chunked_match_golden() {
     let w = golden("small.weights.safetensors");
     for case in ["batch2", "long"] {
         let (inp, g) = case_inputs(case);
-        for args in [vec!["--path", "reference"], vec!["--path", "fused"], vec!["--chunk", "5"], vec!["--path", "reference", "--chunk", "11"]] {
+        for args in [
+            vec!["--path", "reference"],
+            vec!["--path", "fused"],
+            vec!["--chunk", "5"],
+            vec!["--path", "reference", "--chunk", "11"],
+        ] {
             let out = tmp(&format!("{case}.out.safetensors"));
-            let mut a = vec!["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&inp), "--out", s(&out)];
+            let mut a = vec![
+                "forward",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&w),
+                "--inputs",
+                s(&inp),
+                "--out",
+                s(&out),
+            ];
             a.extend(&args);
             let (code, _, err) = engram(&a);
             assert_eq!(code, 0, "{args:?}: {err}");
             let o = TensorFile::open(&out).unwrap();
-            assert_eq!(o.i64("hash_ids", None).unwrap().data, g.i64(&format!("{case}.hash_ids"), None).unwrap().data);
+            assert_eq!(
+                o.i64("hash_ids", None).unwrap().data,
+                g.i64(&format!("{case}.hash_ids"), None).unwrap().data
+            );
             for stage in ["gates", "output"] {
                 let got = o.f32(stage, None).unwrap();
                 let want = g.f32(&format!("{case}.{stage}"), None).unwrap();
                 assert_eq!(got.shape, want.shape, "{stage} shape");
-                assert!(max_err(&got.data, &want.data) <= 1e-4, "{case} {args:?} {stage}");
+                assert!(
+                    max_err(&got.data, &want.data) <= 1e-4,
+                    "{case} {args:?} {stage}"
+                );
             }
             if args == ["--path", "reference"] {
-                assert!(o.contains("keys") && o.contains("short_conv"), "the reference path writes every stage");
+                assert!(
+                    o.contains("keys") && o.contains("short_conv"),
+                    "the reference path writes every stage"
+                );
             }
         }
     }
@@ -79,38 +111,111 @@ fn ragged_inputs_and_state_files() {
     let w = golden("small.weights.safetensors");
     let g = TensorFile::open(golden("small.stages.safetensors")).unwrap();
     // Pack seed_text (14) and long (137) without padding.
-    let (a_ids, b_ids) = (g.i64("seed_text.input_ids", None).unwrap().data, g.i64("long.input_ids", None).unwrap().data);
-    let (a_h, b_h) = (g.f32("seed_text.hidden_states", None).unwrap().data, g.f32("long.hidden_states", None).unwrap().data);
+    let (a_ids, b_ids) = (
+        g.i64("seed_text.input_ids", None).unwrap().data,
+        g.i64("long.input_ids", None).unwrap().data,
+    );
+    let (a_h, b_h) = (
+        g.f32("seed_text.hidden_states", None).unwrap().data,
+        g.f32("long.hidden_states", None).unwrap().data,
+    );
     let ids: Vec<i64> = a_ids.iter().chain(&b_ids).copied().collect();
     let h: Vec<f32> = a_h.iter().chain(&b_h).copied().collect();
     let inp = tmp("ragged.safetensors");
     let offsets = [0i64, 14, 151];
     let mut tw = TensorWriter::new();
-    tw.i64("input_ids", &[151], &ids).f32("hidden_states", &[151, 4, 1024], &h).i64("offsets", &[3], &offsets);
+    tw.i64("input_ids", &[151], &ids)
+        .f32("hidden_states", &[151, 4, 1024], &h)
+        .i64("offsets", &[3], &offsets);
     tw.write(&inp).unwrap();
     let out = tmp("ragged.out.safetensors");
-    let (code, _, err) = engram(&["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&inp), "--out", s(&out)]);
+    let (code, _, err) = engram(&[
+        "forward",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--inputs",
+        s(&inp),
+        "--out",
+        s(&out),
+    ]);
     assert_eq!(code, 0, "{err}");
-    let o = TensorFile::open(&out).unwrap().f32("output", Some(&[1, 151, 4, 1024])).unwrap().data;
-    let want: Vec<f32> = g.f32("seed_text.output", None).unwrap().data.into_iter().chain(g.f32("long.output", None).unwrap().data).collect();
+    let o = TensorFile::open(&out)
+        .unwrap()
+        .f32("output", Some(&[1, 151, 4, 1024]))
+        .unwrap()
+        .data;
+    let want: Vec<f32> = g
+        .f32("seed_text.output", None)
+        .unwrap()
+        .data
+        .into_iter()
+        .chain(g.f32("long.output", None).unwrap().data)
+        .collect();
     assert!(max_err(&o, &want) <= 1e-4);
     // Stop after the first 60 tokens of `long`, save the state, resume from the file.
     let c = 4096;
     let part = |lo: usize, hi: usize, name: &str| {
         let p = tmp(name);
         let mut tw = TensorWriter::new();
-        tw.i64("input_ids", &[1, hi - lo], &b_ids[lo..hi]).f32("hidden_states", &[1, hi - lo, 4, 1024], &b_h[lo * c..hi * c]);
+        tw.i64("input_ids", &[1, hi - lo], &b_ids[lo..hi]).f32(
+            "hidden_states",
+            &[1, hi - lo, 4, 1024],
+            &b_h[lo * c..hi * c],
+        );
         tw.write(&p).unwrap();
         p
     };
-    let (p1, p2) = (part(0, 60, "p1.safetensors"), part(60, 137, "p2.safetensors"));
-    let (st, o1, o2) = (tmp("state.safetensors"), tmp("o1.safetensors"), tmp("o2.safetensors"));
-    let (code, _, err) = engram(&["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&p1), "--out", s(&o1), "--state-out", s(&st)]);
+    let (p1, p2) = (
+        part(0, 60, "p1.safetensors"),
+        part(60, 137, "p2.safetensors"),
+    );
+    let (st, o1, o2) = (
+        tmp("state.safetensors"),
+        tmp("o1.safetensors"),
+        tmp("o2.safetensors"),
+    );
+    let (code, _, err) = engram(&[
+        "forward",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--inputs",
+        s(&p1),
+        "--out",
+        s(&o1),
+        "--state-out",
+        s(&st),
+    ]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = engram(&["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&p2), "--out", s(&o2), "--state-in", s(&st)]);
+    let (code, _, err) = engram(&[
+        "forward",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--inputs",
+        s(&p2),
+        "--out",
+        s(&o2),
+        "--state-in",
+        s(&st),
+    ]);
     assert_eq!(code, 0, "{err}");
-    let mut got = TensorFile::open(&o1).unwrap().f32("output", None).unwrap().data;
-    got.extend(TensorFile::open(&o2).unwrap().f32("output", None).unwrap().data);
+    let mut got = TensorFile::open(&o1)
+        .unwrap()
+        .f32("output", None)
+        .unwrap()
+        .data;
+    got.extend(
+        TensorFile::open(&o2)
+            .unwrap()
+            .f32("output", None)
+            .unwrap()
+            .data,
+    );
     assert!(max_err(&got, &g.f32("long.output", None).unwrap().data) <= 1e-4);
 }
 
@@ -127,9 +232,16 @@ fn hash_and_tokenize_commands() {
     assert_eq!(code, 0, "{err}");
     let o = TensorFile::open(&out).unwrap();
     for l in [1, 15] {
-        assert_eq!(o.i64(&format!("layer{l}"), None).unwrap().data, g.i64(&format!("code.hash.layer{l}"), None).unwrap().data);
+        assert_eq!(
+            o.i64(&format!("layer{l}"), None).unwrap().data,
+            g.i64(&format!("code.hash.layer{l}"), None).unwrap().data
+        );
     }
-    let (code, stdout, _) = engram(&["tokenize", "--json", "Only Alexander the Great could tame the horse Bucephalus."]);
+    let (code, stdout, _) = engram(&[
+        "tokenize",
+        "--json",
+        "Only Alexander the Great could tame the horse Bucephalus.",
+    ]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let want = g.i64("seed_text.input_ids", None).unwrap().data;
@@ -144,7 +256,10 @@ fn demo_passes_in_f32_and_bf16() {
         assert!(stdout.contains("14 tokens"), "{stdout}");
         assert!(stdout.contains("PASS"), "{stdout}");
         // The seed demo's first values (golden/README orientation values).
-        assert!(stdout.contains("[-1.4979, 1.3056, 1.3625, 0.9532]"), "{stdout}");
+        assert!(
+            stdout.contains("[-1.4979, 1.3056, 1.3625, 0.9532]"),
+            "{stdout}"
+        );
     }
 }
 
@@ -155,20 +270,116 @@ fn errors_exit_non_zero_with_one_message() {
     let (inp, _) = case_inputs("seed_text");
     let out = tmp("err.out.safetensors");
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["forward", "--config", s(&cfg), "--weights", "/nope/w.safetensors", "--inputs", s(&inp), "--out", s(&out)], "/nope/w.safetensors"),
-        (vec!["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&inp), "--out", s(&out), "--path", "fast"], "path"),
-        (vec!["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&inp), "--out", s(&out), "--chunk", "0"], "--chunk"),
-        (vec!["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&inp), "--out", s(&out), "--dtype", "f8"], "dtype"),
-        (vec!["forward", "--weights", s(&w), "--inputs", s(&inp), "--out", s(&out)], "multi_head_embedding"),
-        (vec!["forward", "--config", s(&cfg), "--weights", s(&w), "--inputs", s(&w), "--out", s(&out)], "input_ids"),
-        (vec!["hash", "--config", "/nope/c.json", "--text", "x", "--out", s(&out)], "/nope/c.json"),
+        (
+            vec![
+                "forward",
+                "--config",
+                s(&cfg),
+                "--weights",
+                "/nope/w.safetensors",
+                "--inputs",
+                s(&inp),
+                "--out",
+                s(&out),
+            ],
+            "/nope/w.safetensors",
+        ),
+        (
+            vec![
+                "forward",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&w),
+                "--inputs",
+                s(&inp),
+                "--out",
+                s(&out),
+                "--path",
+                "fast",
+            ],
+            "path",
+        ),
+        (
+            vec![
+                "forward",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&w),
+                "--inputs",
+                s(&inp),
+                "--out",
+                s(&out),
+                "--chunk",
+                "0",
+            ],
+            "--chunk",
+        ),
+        (
+            vec![
+                "forward",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&w),
+                "--inputs",
+                s(&inp),
+                "--out",
+                s(&out),
+                "--dtype",
+                "f8",
+            ],
+            "dtype",
+        ),
+        (
+            vec![
+                "forward",
+                "--weights",
+                s(&w),
+                "--inputs",
+                s(&inp),
+                "--out",
+                s(&out),
+            ],
+            "multi_head_embedding",
+        ),
+        (
+            vec![
+                "forward",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&w),
+                "--inputs",
+                s(&w),
+                "--out",
+                s(&out),
+            ],
+            "input_ids",
+        ),
+        (
+            vec![
+                "hash",
+                "--config",
+                "/nope/c.json",
+                "--text",
+                "x",
+                "--out",
+                s(&out),
+            ],
+            "/nope/c.json",
+        ),
         (vec!["demo", "--layer", "4"], "layer_id"),
         (vec!["bench", "--tokens", "0"], "--tokens"),
     ];
     for (args, needle) in cases {
         let (code, _, err) = engram(&args);
         assert_ne!(code, 0, "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr {err:?} lacks {needle:?}"
+        );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
         assert!(err.starts_with("error"), "{args:?}: {err}");
     }

@@ -24,7 +24,10 @@ const SENTINEL: &str = "\u{E000}";
 fn key_normalizer() -> Sequence {
     let rep = |pat: &str, content: &str, regex: bool| -> NormalizerWrapper {
         let r = if regex {
-            Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(pat.into()), content)
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(pat.into()),
+                content,
+            )
         } else {
             Replace::new(pat, content)
         };
@@ -54,7 +57,11 @@ fn token_key(tok: &Tokenizer, norm: &Sequence, id: u32) -> Result<String> {
         message: format!("normalising id {id}: {e}"),
     })?;
     let key = n.get();
-    Ok(if key.is_empty() { text } else { key.to_string() })
+    Ok(if key.is_empty() {
+        text
+    } else {
+        key.to_string()
+    })
 }
 
 /// The map raw id -> canonical id of a tokenizer (`CompressedTokenizer` in the reference).

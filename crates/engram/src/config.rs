@@ -91,9 +91,16 @@ impl EngramConfig {
             let field = e.path().to_string();
             let inner = e.into_inner();
             if field.is_empty() || field == "." {
-                EngramError::ConfigJson { path: "<string>".into(), source: inner }
+                EngramError::ConfigJson {
+                    path: "<string>".into(),
+                    source: inner,
+                }
             } else {
-                EngramError::Config { field, expected: "a value of the field's type".into(), found: inner.to_string() }
+                EngramError::Config {
+                    field,
+                    expected: "a value of the field's type".into(),
+                    found: inner.to_string(),
+                }
             }
         })?;
         cfg.validate()?;
@@ -127,13 +134,10 @@ impl EngramConfig {
         positive("kernel_size", self.kernel_size)?;
         positive("hidden_size", self.hidden_size)?;
         positive("hc_mult", self.hc_mult)?;
-        if self.n_embed_per_ngram % self.n_head_per_ngram != 0 {
+        if !self.n_embed_per_ngram.is_multiple_of(self.n_head_per_ngram) {
             return Err(EngramError::config(
                 "n_embed_per_ngram",
-                format!(
-                    "a multiple of n_head_per_ngram ({})",
-                    self.n_head_per_ngram
-                ),
+                format!("a multiple of n_head_per_ngram ({})", self.n_head_per_ngram),
                 self.n_embed_per_ngram,
             ));
         }
@@ -147,7 +151,11 @@ impl EngramConfig {
                 &self.engram_vocab_size,
             ));
         }
-        if let Some(v) = self.engram_vocab_size.iter().find(|&&v| !(2..1 << 40).contains(&v)) {
+        if let Some(v) = self
+            .engram_vocab_size
+            .iter()
+            .find(|&&v| !(2..1 << 40).contains(&v))
+        {
             return Err(EngramError::config(
                 "engram_vocab_size",
                 "sizes in 2..2^40",
@@ -155,7 +163,11 @@ impl EngramConfig {
             ));
         }
         if self.layer_ids.is_empty() {
-            return Err(EngramError::config("layer_ids", "a non-empty list", &self.layer_ids));
+            return Err(EngramError::config(
+                "layer_ids",
+                "a non-empty list",
+                &self.layer_ids,
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = self.layer_ids.iter().find(|l| !seen.insert(**l)) {
@@ -173,7 +185,11 @@ impl EngramConfig {
             ));
         }
         if self.pad_id < 0 {
-            return Err(EngramError::config("pad_id", "a non-negative token id", self.pad_id));
+            return Err(EngramError::config(
+                "pad_id",
+                "a non-negative token id",
+                self.pad_id,
+            ));
         }
         if self.tokenizer_name_or_path.is_empty() {
             return Err(EngramError::config(

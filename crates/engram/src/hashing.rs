@@ -17,7 +17,7 @@ pub fn is_prime(n: u64) -> bool {
     }
     const BASES: [u64; 12] = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37];
     for p in BASES {
-        if n % p == 0 {
+        if n.is_multiple_of(p) {
             return n == p;
         }
     }
@@ -58,7 +58,7 @@ pub fn is_prime(n: u64) -> bool {
 /// Smallest prime > `start` not in `seen` (`find_next_prime`).
 fn next_unseen_prime(start: u64, seen: &HashSet<u64>) -> u64 {
     let mut c = start + 1;
-    while !(is_prime(c) && !seen.contains(&c)) {
+    while !is_prime(c) || seen.contains(&c) {
         c += 1;
     }
     c
@@ -118,7 +118,10 @@ impl NgramHashMapping {
         let pad_canonical = compressed.compress_id(cfg.pad_id).ok_or_else(|| {
             EngramError::config(
                 "pad_id",
-                format!("a token id below the tokenizer size {}", compressed.num_raw()),
+                format!(
+                    "a token id below the tokenizer size {}",
+                    compressed.num_raw()
+                ),
                 cfg.pad_id,
             )
         })?;
@@ -228,7 +231,11 @@ impl NgramHashMapping {
         for (b, row) in canon.chunks(len.max(1)).enumerate() {
             for t in 0..row.len() {
                 for (k, hk) in hist.iter_mut().enumerate() {
-                    *hk = if t >= k { row[t - k] } else { self.pad_canonical };
+                    *hk = if t >= k {
+                        row[t - k]
+                    } else {
+                        self.pad_canonical
+                    };
                 }
                 let o = (b * len + t) * h;
                 self.hash_position(layer, &hist, &mut out[o..o + h]);
@@ -251,7 +258,12 @@ mod tests {
 
     #[test]
     fn miller_rabin_matches_trial_division() {
-        let trial = |n: u64| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+        let trial = |n: u64| {
+            n >= 2
+                && (2..)
+                    .take_while(|d| d * d <= n)
+                    .all(|d| !n.is_multiple_of(d))
+        };
         for n in 0..20_000u64 {
             assert_eq!(is_prime(n), trial(n), "n = {n}");
         }

@@ -23,7 +23,12 @@ pub fn torch_default_weights(
 ) -> Result<(EngramWeights, TorchGenerator)> {
     let layer = hashing.layer(cfg.layer_id)?;
     let rows = layer.table_rows() as usize;
-    let (d, dm, hc, taps) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult, cfg.kernel_size);
+    let (d, dm, hc, taps) = (
+        cfg.hidden_size,
+        cfg.memory_width(),
+        cfg.hc_mult,
+        cfg.kernel_size,
+    );
     let mut g = TorchGenerator::manual_seed(seed);
     let mut table = crate::alloc::zeroed_f32(rows * cfg.head_dim());
     g.normal_f32_with_progress(&mut table, 0.0, 1.0, progress);

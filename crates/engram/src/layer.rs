@@ -3,11 +3,11 @@
 use crate::compression::CompressedTokenizer;
 use crate::config::EngramConfig;
 use crate::error::{EngramError, Result};
+use crate::fused::{DType, Driver, FusedOut, FusedWeights, SeqInput};
 use crate::hashing::{LayerHashParams, NgramHashMapping};
 use crate::ops;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{EngramWeights, TABLE};
-use crate::fused::{DType, Driver, FusedOut, FusedWeights, SeqInput};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -51,7 +51,10 @@ impl EngramState {
     }
 
     fn conv_rows(&self) -> usize {
-        self.conv_ring.len().checked_div(self.row_width.max(1)).unwrap_or(0)
+        self.conv_ring
+            .len()
+            .checked_div(self.row_width.max(1))
+            .unwrap_or(0)
     }
 
     /// Tokens consumed so far.
@@ -60,8 +63,19 @@ impl EngramState {
     }
 
     /// Rebuilds a state from its parts (e.g. read from disk); sizes are checked when used.
-    pub fn from_parts(ngram_history: Vec<i64>, conv_history: Vec<f32>, row_width: usize, position: u64) -> Self {
-        EngramState { ngram_history, conv_ring: conv_history, conv_head: 0, position, row_width }
+    pub fn from_parts(
+        ngram_history: Vec<i64>,
+        conv_history: Vec<f32>,
+        row_width: usize,
+        position: u64,
+    ) -> Self {
+        EngramState {
+            ngram_history,
+            conv_ring: conv_history,
+            conv_head: 0,
+            position,
+            row_width,
+        }
     }
 }
 
@@ -93,13 +107,20 @@ pub struct Stages {
 
 impl Stages {
     /// (name, shape, data) of every float stage present, in pipeline order.
-    pub fn float_stages<'a>(&'a self, cfg: &EngramConfig) -> Vec<(&'static str, Vec<usize>, &'a [f32])> {
+    pub fn float_stages<'a>(
+        &'a self,
+        cfg: &EngramConfig,
+    ) -> Vec<(&'static str, Vec<usize>, &'a [f32])> {
         let (b, l, hc, d) = (self.batch, self.len, cfg.hc_mult, cfg.hidden_size);
         let opt = |n: &'static str, s: Vec<usize>, x: &'a Option<Vec<f32>>| {
             x.as_ref().map(|x| (n, s, x.as_slice()))
         };
         [
-            opt("embeddings", vec![b, l, cfg.memory_width()], &self.embeddings),
+            opt(
+                "embeddings",
+                vec![b, l, cfg.memory_width()],
+                &self.embeddings,
+            ),
             opt("value", vec![b, l, d], &self.value),
             opt("keys", vec![b, l, hc, d], &self.keys),
             Some(("gates", vec![b, l, hc], self.gates.as_slice())),
@@ -157,7 +178,11 @@ impl std::str::FromStr for ForwardPath {
         match s {
             "reference" => Ok(ForwardPath::Reference),
             "fused" => Ok(ForwardPath::Fused),
-            other => Err(EngramError::invalid("path", "`reference` or `fused`", other)),
+            other => Err(EngramError::invalid(
+                "path",
+                "`reference` or `fused`",
+                other,
+            )),
         }
     }
 }
@@ -183,7 +208,11 @@ pub fn compression_for(cfg: &EngramConfig) -> Result<Arc<CompressedTokenizer>> {
 impl Engram {
     /// Builds the layer `cfg.layer_id` from a hash mapping and weights, checking that the
     /// weights fit the config.
-    pub fn new(cfg: EngramConfig, hashing: Arc<NgramHashMapping>, weights: EngramWeights) -> Result<Self> {
+    pub fn new(
+        cfg: EngramConfig,
+        hashing: Arc<NgramHashMapping>,
+        weights: EngramWeights,
+    ) -> Result<Self> {
         cfg.validate()?;
         let layer = hashing.layer(cfg.layer_id)?.clone();
         let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
@@ -204,11 +233,27 @@ impl Engram {
         }
         let (d, dm, hc) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult);
         let checks: Vec<(String, usize, usize)> = [
-            ("value_proj.weight".to_string(), weights.value_proj_weight.len(), d * dm),
-            ("value_proj.bias".to_string(), weights.value_proj_bias.len(), d),
-            ("short_conv.conv.weight".to_string(), weights.conv_weight.len(), hc * d * cfg.kernel_size),
+            (
+                "value_proj.weight".to_string(),
+                weights.value_proj_weight.len(),
+                d * dm,
+            ),
+            (
+                "value_proj.bias".to_string(),
+                weights.value_proj_bias.len(),
+                d,
+            ),
+            (
+                "short_conv.conv.weight".to_string(),
+                weights.conv_weight.len(),
+                hc * d * cfg.kernel_size,
+            ),
             ("key_projs".to_string(), weights.key_projs_weight.len(), hc),
-            ("key_projs (bias)".to_string(), weights.key_projs_bias.len(), hc),
+            (
+                "key_projs (bias)".to_string(),
+                weights.key_projs_bias.len(),
+                hc,
+            ),
             ("norm1".to_string(), weights.norm1.len(), hc),
             ("norm2".to_string(), weights.norm2.len(), hc),
             ("short_conv.norms".to_string(), weights.conv_norms.len(), hc),
@@ -217,23 +262,46 @@ impl Engram {
         .collect();
         for (name, found, want) in checks {
             if found != want {
-                return Err(EngramError::Shape { name, expected: vec![want], found: vec![found] });
+                return Err(EngramError::Shape {
+                    name,
+                    expected: vec![want],
+                    found: vec![found],
+                });
             }
         }
         for i in 0..hc {
             for (name, v, want) in [
-                (format!("key_projs.{i}.weight"), &weights.key_projs_weight[i], d * dm),
+                (
+                    format!("key_projs.{i}.weight"),
+                    &weights.key_projs_weight[i],
+                    d * dm,
+                ),
                 (format!("key_projs.{i}.bias"), &weights.key_projs_bias[i], d),
                 (format!("norm1.{i}.weight"), &weights.norm1[i], d),
                 (format!("norm2.{i}.weight"), &weights.norm2[i], d),
-                (format!("short_conv.norms.{i}.weight"), &weights.conv_norms[i], d),
+                (
+                    format!("short_conv.norms.{i}.weight"),
+                    &weights.conv_norms[i],
+                    d,
+                ),
             ] {
                 if v.len() != want {
-                    return Err(EngramError::Shape { name, expected: vec![want], found: vec![v.len()] });
+                    return Err(EngramError::Shape {
+                        name,
+                        expected: vec![want],
+                        found: vec![v.len()],
+                    });
                 }
             }
         }
-        Ok(Engram { cfg, hashing, layer, weights, dtype: DType::F32, fused: OnceLock::new() })
+        Ok(Engram {
+            cfg,
+            hashing,
+            layer,
+            weights,
+            dtype: DType::F32,
+            fused: OnceLock::new(),
+        })
     }
 
     /// Loads everything a config names: tokenizer (compression), hash mapping, weights file.
@@ -244,7 +312,11 @@ impl Engram {
     }
 
     /// Loads the weights for a config, reusing a hash mapping.
-    pub fn load_with(cfg: EngramConfig, hashing: Arc<NgramHashMapping>, weights_path: impl AsRef<Path>) -> Result<Self> {
+    pub fn load_with(
+        cfg: EngramConfig,
+        hashing: Arc<NgramHashMapping>,
+        weights_path: impl AsRef<Path>,
+    ) -> Result<Self> {
         let layer = hashing.layer(cfg.layer_id)?;
         let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
         let w = EngramWeights::load(weights_path, &cfg, &offsets, layer.table_rows() as usize)?;
@@ -287,7 +359,8 @@ impl Engram {
 
     /// The fused path's packed weights (packed on first use).
     pub fn fused_weights(&self) -> &FusedWeights {
-        self.fused.get_or_init(|| Arc::new(FusedWeights::pack(self, self.dtype)))
+        self.fused
+            .get_or_init(|| Arc::new(FusedWeights::pack(self, self.dtype)))
     }
 
     /// The state of a sequence that has not started.
@@ -303,12 +376,26 @@ impl Engram {
     }
 
     /// Checks `[B, L]` ids and `[B, L, HC, D]` hidden states: sizes, finiteness.
-    pub fn check_inputs(&self, input_ids: &[i64], hidden: &[f32], batch: usize, len: usize) -> Result<()> {
+    pub fn check_inputs(
+        &self,
+        input_ids: &[i64],
+        hidden: &[f32],
+        batch: usize,
+        len: usize,
+    ) -> Result<()> {
         if batch == 0 || len == 0 {
-            return Err(EngramError::invalid("input_ids", "a [B, L] array with B, L >= 1", format!("[{batch}, {len}]")));
+            return Err(EngramError::invalid(
+                "input_ids",
+                "a [B, L] array with B, L >= 1",
+                format!("[{batch}, {len}]"),
+            ));
         }
         if input_ids.len() != batch * len {
-            return Err(EngramError::Shape { name: "input_ids".into(), expected: vec![batch, len], found: vec![input_ids.len()] });
+            return Err(EngramError::Shape {
+                name: "input_ids".into(),
+                expected: vec![batch, len],
+                found: vec![input_ids.len()],
+            });
         }
         let (hc, d) = (self.cfg.hc_mult, self.cfg.hidden_size);
         if hidden.len() != batch * len * hc * d {
@@ -319,14 +406,25 @@ impl Engram {
             });
         }
         if let Some(index) = hidden.iter().position(|x| !x.is_finite()) {
-            return Err(EngramError::NonFinite { name: "hidden_states".into(), index, value: hidden[index] });
+            return Err(EngramError::NonFinite {
+                name: "hidden_states".into(),
+                index,
+                value: hidden[index],
+            });
         }
         Ok(())
     }
 
     /// Whole-batch forward: `input_ids` [B, L] raw ids, `hidden` [B, L, HC, D].
     /// Every sequence starts fresh (the reference's semantics).
-    pub fn forward(&self, input_ids: &[i64], hidden: &[f32], batch: usize, len: usize, path: ForwardPath) -> Result<Stages> {
+    pub fn forward(
+        &self,
+        input_ids: &[i64],
+        hidden: &[f32],
+        batch: usize,
+        len: usize,
+        path: ForwardPath,
+    ) -> Result<Stages> {
         self.check_inputs(input_ids, hidden, batch, len)?;
         let mut states: Vec<EngramState> = (0..batch).map(|_| self.new_state()).collect();
         let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
@@ -338,24 +436,51 @@ impl Engram {
 
     /// Runs one chunk of one sequence (any length >= 1), reading and updating its state.
     /// Returns the chunk's stages with B = 1.
-    pub fn forward_chunk(&self, state: &mut EngramState, ids: &[i64], hidden: &[f32], path: ForwardPath) -> Result<Stages> {
-        self.forward_ragged(std::slice::from_mut(state), ids, hidden, &[0, ids.len()], path)
+    pub fn forward_chunk(
+        &self,
+        state: &mut EngramState,
+        ids: &[i64],
+        hidden: &[f32],
+        path: ForwardPath,
+    ) -> Result<Stages> {
+        self.forward_ragged(
+            std::slice::from_mut(state),
+            ids,
+            hidden,
+            &[0, ids.len()],
+            path,
+        )
     }
 
     /// Ragged batch: sequence s has rows `offsets[s]..offsets[s+1]` of the packed `ids`
     /// [T] and `hidden` [T, HC, D] (`cu_seqlens` style; empty sequences allowed) and its own
     /// state, which is read and updated. Returns packed stages (B = 1, L = T).
-    pub fn forward_ragged(&self, states: &mut [EngramState], ids: &[i64], hidden: &[f32], offsets: &[usize], path: ForwardPath) -> Result<Stages> {
+    pub fn forward_ragged(
+        &self,
+        states: &mut [EngramState],
+        ids: &[i64],
+        hidden: &[f32],
+        offsets: &[usize],
+        path: ForwardPath,
+    ) -> Result<Stages> {
         self.forward_ragged_with(states, ids, hidden, offsets, path, false)
     }
 
     /// [`Engram::forward`] that also keeps `gated_value` and `short_conv` on the fused path
     /// (an extra [B, L, HC, D] buffer; for inspection and the demo).
-    pub fn forward_detailed(&self, input_ids: &[i64], hidden: &[f32], batch: usize, len: usize, path: ForwardPath) -> Result<Stages> {
+    pub fn forward_detailed(
+        &self,
+        input_ids: &[i64],
+        hidden: &[f32],
+        batch: usize,
+        len: usize,
+        path: ForwardPath,
+    ) -> Result<Stages> {
         self.check_inputs(input_ids, hidden, batch, len)?;
         let mut states: Vec<EngramState> = (0..batch).map(|_| self.new_state()).collect();
         let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
-        let mut s = self.forward_ragged_with(&mut states, input_ids, hidden, &offsets, path, true)?;
+        let mut s =
+            self.forward_ragged_with(&mut states, input_ids, hidden, &offsets, path, true)?;
         s.batch = batch;
         s.len = len;
         Ok(s)
@@ -410,19 +535,32 @@ impl Engram {
                     .map(|(s, (st, cn))| {
                         let mut ext = st.ngram_history.clone();
                         ext.extend_from_slice(cn);
-                        SeqInput { ext, hidden: &hidden[offsets[s] * c..offsets[s + 1] * c] }
+                        SeqInput {
+                            ext,
+                            hidden: &hidden[offsets[s] * c..offsets[s + 1] * c],
+                        }
                     })
                     .collect();
                 let (h, hc) = (self.cfg.num_heads(), self.cfg.hc_mult);
                 let mut hash_ids = vec![0i64; total * h];
                 let mut gates = vec![0.0f32; total * hc];
                 let mut output = crate::alloc::zeroed_f32(total * c);
-                let mut gated = if keep { vec![0.0f32; total * c] } else { Vec::new() };
+                let mut gated = if keep {
+                    vec![0.0f32; total * c]
+                } else {
+                    Vec::new()
+                };
                 let fw = self.fused_weights();
-                let out = FusedOut { hash_ids: &mut hash_ids, gates: &mut gates, out: &mut output, gated: keep.then_some(gated.as_mut_slice()) };
+                let out = FusedOut {
+                    hash_ids: &mut hash_ids,
+                    gates: &mut gates,
+                    out: &mut output,
+                    gated: keep.then_some(gated.as_mut_slice()),
+                };
                 Driver::new(self, fw).run(&seqs, states, out)?;
                 for (st, sq) in states.iter_mut().zip(&seqs) {
-                    st.ngram_history.copy_from_slice(&sq.ext[sq.ext.len() - n1..]);
+                    st.ngram_history
+                        .copy_from_slice(&sq.ext[sq.ext.len() - n1..]);
                     st.position += (sq.ext.len() - n1) as u64;
                 }
                 let (gated_value, short_conv) = if keep {
@@ -431,16 +569,32 @@ impl Engram {
                 } else {
                     (None, None)
                 };
-                Ok(Stages { batch: 1, len: total, hash_ids, gates, output, gated_value, short_conv, ..Default::default() })
+                Ok(Stages {
+                    batch: 1,
+                    len: total,
+                    hash_ids,
+                    gates,
+                    output,
+                    gated_value,
+                    short_conv,
+                    ..Default::default()
+                })
             }
         }
     }
 
     fn check_offsets(&self, offsets: &[usize], nseq: usize, total: usize) -> Result<()> {
-        if offsets.len() != nseq + 1 || offsets.first() != Some(&0) || offsets.last() != Some(&total) || offsets.windows(2).any(|w| w[0] > w[1]) {
+        if offsets.len() != nseq + 1
+            || offsets.first() != Some(&0)
+            || offsets.last() != Some(&total)
+            || offsets.windows(2).any(|w| w[0] > w[1])
+        {
             return Err(EngramError::invalid(
                 "offsets",
-                format!("{} non-decreasing offsets from 0 to {total} (one more than the {nseq} states)", nseq + 1),
+                format!(
+                    "{} non-decreasing offsets from 0 to {total} (one more than the {nseq} states)",
+                    nseq + 1
+                ),
                 format!("{offsets:?}"),
             ));
         }
@@ -456,10 +610,15 @@ impl Engram {
                 found: vec![state.ngram_history.len()],
             });
         }
-        if state.conv_ring.len() != fresh.conv_ring.len() || state.conv_head >= fresh.conv_ring.len().max(1) {
+        if state.conv_ring.len() != fresh.conv_ring.len()
+            || state.conv_head >= fresh.conv_ring.len().max(1)
+        {
             return Err(EngramError::Shape {
                 name: "state.conv_history".into(),
-                expected: vec![self.cfg.conv_history(), self.cfg.hc_mult * self.cfg.hidden_size],
+                expected: vec![
+                    self.cfg.conv_history(),
+                    self.cfg.hc_mult * self.cfg.hidden_size,
+                ],
                 found: vec![state.conv_ring.len()],
             });
         }
@@ -479,9 +638,12 @@ impl Engram {
             for (k, hk) in hist.iter_mut().enumerate() {
                 *hk = ext[t + n - 1 - k];
             }
-            self.hashing.hash_position(&self.layer, &hist, &mut out[t * h..(t + 1) * h]);
+            self.hashing
+                .hash_position(&self.layer, &hist, &mut out[t * h..(t + 1) * h]);
         }
-        state.ngram_history.copy_from_slice(&ext[ext.len() - (n - 1)..]);
+        state
+            .ngram_history
+            .copy_from_slice(&ext[ext.len() - (n - 1)..]);
         out
     }
 
@@ -500,7 +662,12 @@ impl Engram {
     }
 
     /// [`Engram::gather`] from a given copy of the table (e.g. the fused path's bf16 one).
-    pub(crate) fn gather_from(&self, table: &crate::weights::EmbeddingTable, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
+    pub(crate) fn gather_from(
+        &self,
+        table: &crate::weights::EmbeddingTable,
+        hash_ids: &[i64],
+        out: &mut [f32],
+    ) -> Result<()> {
         let h = self.cfg.num_heads();
         let dh = self.cfg.head_dim();
         for (t, hrow) in hash_ids.chunks_exact(h).enumerate() {
@@ -509,16 +676,30 @@ impl Engram {
                 let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
                 table.row_into(row, dst);
                 if let Some(k) = dst.iter().position(|x| !x.is_finite()) {
-                    return Err(EngramError::NonFinite { name: TABLE.into(), index: row * dh + k, value: dst[k] });
+                    return Err(EngramError::NonFinite {
+                        name: TABLE.into(),
+                        index: row * dh + k,
+                        value: dst[k],
+                    });
                 }
             }
         }
         Ok(())
     }
 
-    fn reference_chunk(&self, state: &mut EngramState, canon: &[i64], hidden: &[f32]) -> Result<Stages> {
+    fn reference_chunk(
+        &self,
+        state: &mut EngramState,
+        canon: &[i64],
+        hidden: &[f32],
+    ) -> Result<Stages> {
         let cfg = &self.cfg;
-        let (len, hc, d, dm) = (canon.len(), cfg.hc_mult, cfg.hidden_size, cfg.memory_width());
+        let (len, hc, d, dm) = (
+            canon.len(),
+            cfg.hc_mult,
+            cfg.hidden_size,
+            cfg.memory_width(),
+        );
         let w = &self.weights;
         // §3 hashes, §4 gather.
         let hash_ids = self.hash_chunk(state, canon);
@@ -554,10 +735,19 @@ impl Engram {
                 normed.extend(ops::rms_norm(x, &w.conv_norms[i], ops::RMS_EPS_CONV));
             }
         }
-        let y = ops::causal_conv(&normed, &w.conv_weight, c, cfg.kernel_size, cfg.max_ngram_size, hist_rows);
+        let y = ops::causal_conv(
+            &normed,
+            &w.conv_weight,
+            c,
+            cfg.kernel_size,
+            cfg.max_ngram_size,
+            hist_rows,
+        );
         let short_conv: Vec<f32> = y.iter().map(|&v| ops::silu(v)).collect();
         let output: Vec<f32> = gated.iter().zip(&short_conv).map(|(a, b)| a + b).collect();
-        state.conv_ring.copy_from_slice(&normed[normed.len() - hist_rows * c..]);
+        state
+            .conv_ring
+            .copy_from_slice(&normed[normed.len() - hist_rows * c..]);
         state.conv_head = 0;
         state.position += len as u64;
         Ok(Stages {
@@ -578,7 +768,12 @@ impl Engram {
 /// Rewrites an id error's (batch, position) to the caller's coordinates.
 fn relocate_id_error(e: EngramError, batch: usize, pos_offset: usize) -> EngramError {
     match e {
-        EngramError::IdOutOfRange { position, id, vocab, .. } => EngramError::IdOutOfRange {
+        EngramError::IdOutOfRange {
+            position,
+            id,
+            vocab,
+            ..
+        } => EngramError::IdOutOfRange {
             batch,
             position: position + pos_offset,
             id,

@@ -14,7 +14,11 @@ use std::path::Path;
 /// Writes the states of a batch.
 pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -> Result<()> {
     let cfg = e.config();
-    let (n1, r, c) = (cfg.max_ngram_size - 1, cfg.conv_history(), cfg.hc_mult * cfg.hidden_size);
+    let (n1, r, c) = (
+        cfg.max_ngram_size - 1,
+        cfg.conv_history(),
+        cfg.hc_mult * cfg.hidden_size,
+    );
     let mut hist = Vec::with_capacity(states.len() * n1);
     let mut conv = Vec::with_capacity(states.len() * r * c);
     let mut pos = Vec::with_capacity(states.len());
@@ -36,31 +40,55 @@ pub fn load_states(path: impl AsRef<Path>, e: &Engram) -> Result<Vec<EngramState
     let f = TensorFile::open(path)?;
     let cfg = e.config();
     if let Some(j) = f.metadata().get("engram_config") {
-        let saved: EngramConfig = serde_json::from_str(j).map_err(|source| EngramError::ConfigJson {
-            path: format!("{} (engram_config metadata)", f.path().display()),
-            source,
-        })?;
+        let saved: EngramConfig =
+            serde_json::from_str(j).map_err(|source| EngramError::ConfigJson {
+                path: format!("{} (engram_config metadata)", f.path().display()),
+                source,
+            })?;
         let key = |c: &EngramConfig| {
-            (c.max_ngram_size, c.kernel_size, c.hidden_size, c.hc_mult, c.layer_id, c.seed, c.engram_vocab_size.clone())
+            (
+                c.max_ngram_size,
+                c.kernel_size,
+                c.hidden_size,
+                c.hc_mult,
+                c.layer_id,
+                c.seed,
+                c.engram_vocab_size.clone(),
+            )
         };
         if key(&saved) != key(cfg) {
             return Err(EngramError::invalid(
                 format!("states in {}", f.path().display()),
                 format!("states of layer {} with this config", cfg.layer_id),
-                format!("states saved for a different config (layer {})", saved.layer_id),
+                format!(
+                    "states saved for a different config (layer {})",
+                    saved.layer_id
+                ),
             ));
         }
     }
-    let (n1, r, c) = (cfg.max_ngram_size - 1, cfg.conv_history(), cfg.hc_mult * cfg.hidden_size);
+    let (n1, r, c) = (
+        cfg.max_ngram_size - 1,
+        cfg.conv_history(),
+        cfg.hc_mult * cfg.hidden_size,
+    );
     let pos = f.i64("position", None)?;
     if pos.shape.len() != 1 {
-        return Err(EngramError::Shape { name: "position".into(), expected: vec![pos.data.len()], found: pos.shape });
+        return Err(EngramError::Shape {
+            name: "position".into(),
+            expected: vec![pos.data.len()],
+            found: pos.shape,
+        });
     }
     let s = pos.shape[0];
     let hist = f.i64("ngram_history", Some(&[s, n1]))?.data;
     let conv = f.f32("conv_history", Some(&[s, r, c]))?.data;
     if let Some(index) = conv.iter().position(|x| !x.is_finite()) {
-        return Err(EngramError::NonFinite { name: "conv_history".into(), index, value: conv[index] });
+        return Err(EngramError::NonFinite {
+            name: "conv_history".into(),
+            index,
+            value: conv[index],
+        });
     }
     let vprime = e.hashing().compressed().num_compressed() as i64;
     if let Some(i) = hist.iter().position(|&h| h >= vprime) {

@@ -34,7 +34,9 @@ pub struct TensorFile {
 
 impl std::fmt::Debug for TensorFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorFile").field("path", &self.path).finish()
+        f.debug_struct("TensorFile")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -51,12 +53,11 @@ impl TensorFile {
         // with every memory-mapped weight loader). Truncation by another process would fault,
         // which is the documented hazard of memory-mapping.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngramError::io(&path, e))?;
-        let (_, meta) = SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
-            EngramError::SafeTensors {
+        let (_, meta) =
+            SafeTensors::read_metadata(&mmap[..]).map_err(|e| EngramError::SafeTensors {
                 path: path.display().to_string(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         // Full validation (offsets, lengths, overlaps) happens in deserialize.
         SafeTensors::deserialize(&mmap[..]).map_err(|e| EngramError::SafeTensors {
@@ -198,7 +199,10 @@ enum Data<'a> {
     F32(&'a [f32]),
     F32AsBf16(&'a [f32]),
     I64(&'a [i64]),
-    Table { table: &'a crate::weights::EmbeddingTable, bf16: bool },
+    Table {
+        table: &'a crate::weights::EmbeddingTable,
+        bf16: bool,
+    },
 }
 
 impl Data<'_> {
@@ -235,7 +239,10 @@ impl Data<'_> {
             }
             Data::F32AsBf16(v) => {
                 for c in v.chunks(1 << 14) {
-                    buf.extend(c.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()));
+                    buf.extend(
+                        c.iter()
+                            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()),
+                    );
                     flush(&mut buf, w)?;
                 }
             }
@@ -250,7 +257,10 @@ impl Data<'_> {
                 for r in 0..table.rows() {
                     table.row_into(r, &mut row);
                     if *bf16 {
-                        buf.extend(row.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()));
+                        buf.extend(
+                            row.iter()
+                                .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()),
+                        );
                     } else {
                         buf.extend(row.iter().flat_map(|x| x.to_le_bytes()));
                     }
@@ -282,27 +292,39 @@ impl<'a> TensorWriter<'a> {
     /// Adds an f32 tensor.
     pub fn f32(&mut self, name: &str, shape: &[usize], data: &'a [f32]) -> &mut Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        self.tensors.push((name.into(), shape.to_vec(), Data::F32(data)));
+        self.tensors
+            .push((name.into(), shape.to_vec(), Data::F32(data)));
         self
     }
 
     /// Adds a tensor stored as bf16 (rounded to nearest even).
     pub fn bf16(&mut self, name: &str, shape: &[usize], data: &'a [f32]) -> &mut Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        self.tensors.push((name.into(), shape.to_vec(), Data::F32AsBf16(data)));
+        self.tensors
+            .push((name.into(), shape.to_vec(), Data::F32AsBf16(data)));
         self
     }
 
     /// Adds an int64 tensor.
     pub fn i64(&mut self, name: &str, shape: &[usize], data: &'a [i64]) -> &mut Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        self.tensors.push((name.into(), shape.to_vec(), Data::I64(data)));
+        self.tensors
+            .push((name.into(), shape.to_vec(), Data::I64(data)));
         self
     }
 
     /// Adds an embedding table, streamed row by row (f32 or bf16).
-    pub(crate) fn table(&mut self, name: &str, table: &'a crate::weights::EmbeddingTable, bf16: bool) -> &mut Self {
-        self.tensors.push((name.into(), vec![table.rows(), table.dim()], Data::Table { table, bf16 }));
+    pub(crate) fn table(
+        &mut self,
+        name: &str,
+        table: &'a crate::weights::EmbeddingTable,
+        bf16: bool,
+    ) -> &mut Self {
+        self.tensors.push((
+            name.into(),
+            vec![table.rows(), table.dim()],
+            Data::Table { table, bf16 },
+        ));
         self
     }
 
@@ -334,7 +356,7 @@ impl<'a> TensorWriter<'a> {
             off += len;
         }
         let mut h = serde_json::to_vec(&header).expect("header serialises");
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let io = |e| EngramError::io(path, e);

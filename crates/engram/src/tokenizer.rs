@@ -88,7 +88,10 @@ impl Tokenizer {
         if let Some(cfg) = config_json {
             let v: serde_json::Value = serde_json::from_str(cfg)
                 .map_err(|e| tok_err(name, format!("tokenizer_config.json: {e}")))?;
-            add_bos = v.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false);
+            add_bos = v
+                .get("add_bos_token")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false);
             let bos = v.get("bos_token").and_then(|b| match b {
                 serde_json::Value::String(s) => Some(s.clone()),
                 serde_json::Value::Object(o) => {
@@ -158,7 +161,9 @@ impl Tokenizer {
 
     /// Decodes ids with special tokens kept.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| tok_err(&self.name, e))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| tok_err(&self.name, e))
     }
 
     /// The vocabulary string of an id (`convert_ids_to_tokens`).

@@ -36,7 +36,13 @@ pub struct EmbeddingTable {
 
 impl std::fmt::Debug for EmbeddingTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EmbeddingTable[{} x {}, {}]", self.rows, self.dim, self.dtype_name())
+        write!(
+            f,
+            "EmbeddingTable[{} x {}, {}]",
+            self.rows,
+            self.dim,
+            self.dtype_name()
+        )
     }
 }
 
@@ -110,9 +116,10 @@ impl EmbeddingTable {
             let (ptr, bytes) = match &self.data {
                 TableData::F32(v) => (v.as_ptr() as *const u8, 4),
                 TableData::Bf16(v) => (v.as_ptr() as *const u8, 2),
-                TableData::Mapped { mmap, start, dtype } => {
-                    (mmap[*start..].as_ptr(), if *dtype == Dtype::F32 { 4 } else { 2 })
-                }
+                TableData::Mapped { mmap, start, dtype } => (
+                    mmap[*start..].as_ptr(),
+                    if *dtype == Dtype::F32 { 4 } else { 2 },
+                ),
             };
             if r >= self.rows {
                 return;
@@ -205,7 +212,10 @@ pub fn expected_tensors(cfg: &EngramConfig, table_rows: usize) -> Vec<(String, V
     let mut v = vec![
         (OFFSETS.to_string(), vec![cfg.num_heads()]),
         (TABLE.to_string(), vec![table_rows, cfg.head_dim()]),
-        ("short_conv.conv.weight".into(), vec![hc * d, 1, cfg.kernel_size]),
+        (
+            "short_conv.conv.weight".into(),
+            vec![hc * d, 1, cfg.kernel_size],
+        ),
     ];
     for i in 0..hc {
         v.push((format!("short_conv.norms.{i}.weight"), vec![d]));
@@ -240,7 +250,12 @@ impl EngramWeights {
     /// Loads a state-dict safetensors file. `offsets` are the head offsets the hash mapping
     /// computed; the file's `multi_head_embedding.offsets` must equal them. The table stays
     /// memory-mapped; the other tensors (a few MB) are decoded to f32.
-    pub fn load(path: impl AsRef<Path>, cfg: &EngramConfig, offsets: &[i64], rows: usize) -> Result<Self> {
+    pub fn load(
+        path: impl AsRef<Path>,
+        cfg: &EngramConfig,
+        offsets: &[i64],
+        rows: usize,
+    ) -> Result<Self> {
         let file = TensorFile::open(path)?;
         let ctx = format!(" in {}", file.path().display());
         let expected = expected_tensors(cfg, rows);
@@ -314,7 +329,12 @@ impl EngramWeights {
     }
 
     /// Writes the weights as a state-dict safetensors file (float tensors in `f32` or `bf16`).
-    pub fn save<'a>(&'a self, path: impl AsRef<Path>, cfg: &EngramConfig, bf16_out: bool) -> Result<()> {
+    pub fn save<'a>(
+        &'a self,
+        path: impl AsRef<Path>,
+        cfg: &EngramConfig,
+        bf16_out: bool,
+    ) -> Result<()> {
         let mut w = TensorWriter::new();
         let put = |w: &mut TensorWriter<'a>, name: &str, shape: &[usize], data: &'a [f32]| {
             if bf16_out {
@@ -326,17 +346,42 @@ impl EngramWeights {
         let (d, dm) = (cfg.hidden_size, cfg.memory_width());
         w.table(TABLE, &self.table, bf16_out);
         w.i64(OFFSETS, &[self.offsets.len()], &self.offsets);
-        put(&mut w, "value_proj.weight", &[d, dm], &self.value_proj_weight);
+        put(
+            &mut w,
+            "value_proj.weight",
+            &[d, dm],
+            &self.value_proj_weight,
+        );
         put(&mut w, "value_proj.bias", &[d], &self.value_proj_bias);
         let conv_shape = [cfg.hc_mult * d, 1, cfg.kernel_size];
         for i in 0..cfg.hc_mult {
-            put(&mut w, &format!("key_projs.{i}.weight"), &[d, dm], &self.key_projs_weight[i]);
-            put(&mut w, &format!("key_projs.{i}.bias"), &[d], &self.key_projs_bias[i]);
+            put(
+                &mut w,
+                &format!("key_projs.{i}.weight"),
+                &[d, dm],
+                &self.key_projs_weight[i],
+            );
+            put(
+                &mut w,
+                &format!("key_projs.{i}.bias"),
+                &[d],
+                &self.key_projs_bias[i],
+            );
             put(&mut w, &format!("norm1.{i}.weight"), &[d], &self.norm1[i]);
             put(&mut w, &format!("norm2.{i}.weight"), &[d], &self.norm2[i]);
-            put(&mut w, &format!("short_conv.norms.{i}.weight"), &[d], &self.conv_norms[i]);
+            put(
+                &mut w,
+                &format!("short_conv.norms.{i}.weight"),
+                &[d],
+                &self.conv_norms[i],
+            );
         }
-        put(&mut w, "short_conv.conv.weight", &conv_shape, &self.conv_weight);
+        put(
+            &mut w,
+            "short_conv.conv.weight",
+            &conv_shape,
+            &self.conv_weight,
+        );
         w.meta("format", "pt");
         w.write(path)
     }

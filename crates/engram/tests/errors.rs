@@ -6,6 +6,9 @@ use engram::tensors::TensorWriter;
 use engram::{Engram, EngramConfig, EngramError, ForwardPath};
 use std::path::PathBuf;
 
+/// (name, shape, float data, int data) of one tensor of a weights file.
+type Named = (String, Vec<usize>, Vec<f32>, Vec<i64>);
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("engram-err-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -14,13 +17,21 @@ fn tmp(name: &str) -> PathBuf {
 
 fn small() -> Engram {
     let cfg = small_config();
-    Engram::load_with(cfg.clone(), mapping(&cfg), golden("small.weights.safetensors")).unwrap()
+    Engram::load_with(
+        cfg.clone(),
+        mapping(&cfg),
+        golden("small.weights.safetensors"),
+    )
+    .unwrap()
 }
 
 #[test]
 fn config_errors_name_the_field() {
     let cases = [
-        (r#"{"max_ngram_size": 1, "engram_vocab_size": []}"#, "max_ngram_size"),
+        (
+            r#"{"max_ngram_size": 1, "engram_vocab_size": []}"#,
+            "max_ngram_size",
+        ),
         (r#"{"engram_vocab_size": [646400]}"#, "engram_vocab_size"),
         (r#"{"n_embed_per_ngram": 500}"#, "n_embed_per_ngram"),
         (r#"{"layer_id": 3}"#, "layer_id"),
@@ -50,7 +61,10 @@ fn config_json_round_trip() {
     for (k, val) in v.as_object().unwrap() {
         assert_eq!(&out[k], val, "field {k} keeps its name and value");
     }
-    assert_eq!(EngramConfig::from_json_str("{}").unwrap(), EngramConfig::default());
+    assert_eq!(
+        EngramConfig::from_json_str("{}").unwrap(),
+        EngramConfig::default()
+    );
 }
 
 #[test]
@@ -62,7 +76,12 @@ fn id_out_of_range_names_position() {
     for &path in ForwardPath::ALL {
         let err = e.forward(&ids, &hidden, 2, 3, path).unwrap_err();
         match err {
-            EngramError::IdOutOfRange { batch, position, id, vocab } => {
+            EngramError::IdOutOfRange {
+                batch,
+                position,
+                id,
+                vocab,
+            } => {
                 assert_eq!((batch, position, id, vocab), (1, 1, 128815, 128815));
             }
             other => panic!("{other}"),
@@ -70,8 +89,12 @@ fn id_out_of_range_names_position() {
     }
     // Negative ids pass through, as in the reference.
     let ids = vec![-3i64, 7, 9];
-    let r = e.forward(&ids, &hidden[..3 * 4096], 1, 3, ForwardPath::Reference).unwrap();
-    let f = e.forward(&ids, &hidden[..3 * 4096], 1, 3, ForwardPath::Fused).unwrap();
+    let r = e
+        .forward(&ids, &hidden[..3 * 4096], 1, 3, ForwardPath::Reference)
+        .unwrap();
+    let f = e
+        .forward(&ids, &hidden[..3 * 4096], 1, 3, ForwardPath::Fused)
+        .unwrap();
     assert_eq!(r.hash_ids, f.hash_ids);
     assert!(r.hash_ids.iter().all(|&h| h >= 0));
 }
@@ -80,12 +103,20 @@ fn id_out_of_range_names_position() {
 fn hidden_states_shape_and_nan() {
     let e = small();
     let ids = vec![5i64; 3];
-    let err = e.forward(&ids, &vec![0.0; 3 * 4096 - 1], 1, 3, ForwardPath::Fused).unwrap_err();
-    assert!(matches!(&err, EngramError::Shape { name, .. } if name == "hidden_states"), "{err}");
+    let err = e
+        .forward(&ids, &vec![0.0; 3 * 4096 - 1], 1, 3, ForwardPath::Fused)
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngramError::Shape { name, .. } if name == "hidden_states"),
+        "{err}"
+    );
     let mut h = vec![0.0f32; 3 * 4096];
     h[4097] = f32::NAN;
     let err = e.forward(&ids, &h, 1, 3, ForwardPath::Fused).unwrap_err();
-    assert!(matches!(err, EngramError::NonFinite { index: 4097, .. }), "{err}");
+    assert!(
+        matches!(err, EngramError::NonFinite { index: 4097, .. }),
+        "{err}"
+    );
     let err = e.forward(&ids, &h, 0, 3, ForwardPath::Fused).unwrap_err();
     assert!(err.to_string().contains("input_ids"), "{err}");
 }
@@ -97,11 +128,15 @@ fn ragged_offsets_and_state_checked() {
     let h = vec![0.0f32; 4 * 4096];
     let mut st = vec![e.new_state(), e.new_state()];
     for bad in [vec![0, 3], vec![0, 3, 2], vec![1, 2, 4], vec![0, 2, 5]] {
-        let err = e.forward_ragged(&mut st, &ids, &h, &bad, ForwardPath::Fused).unwrap_err();
+        let err = e
+            .forward_ragged(&mut st, &ids, &h, &bad, ForwardPath::Fused)
+            .unwrap_err();
         assert!(err.to_string().contains("offsets"), "{bad:?}: {err}");
     }
-    let mut wrong = vec![engram::EngramState::from_parts(vec![1, 2, 3], vec![0.0; 10], 4096, 0)];
-    let err = e.forward_chunk(&mut wrong[0], &ids, &h, ForwardPath::Fused).unwrap_err();
+    let mut wrong = engram::EngramState::from_parts(vec![1, 2, 3], vec![0.0; 10], 4096, 0);
+    let err = e
+        .forward_chunk(&mut wrong, &ids, &h, ForwardPath::Fused)
+        .unwrap_err();
     assert!(err.to_string().contains("state.ngram_history"), "{err}");
 }
 
@@ -111,7 +146,7 @@ fn weights_file_errors_name_the_tensor() {
     let m = mapping(&cfg);
     let good = engram::tensors::TensorFile::open(golden("small.weights.safetensors")).unwrap();
     let names = good.names();
-    let load_all = |skip: Option<&str>| -> Vec<(String, Vec<usize>, Vec<f32>, Vec<i64>)> {
+    let load_all = |skip: Option<&str>| -> Vec<Named> {
         names
             .iter()
             .filter(|n| Some(n.as_str()) != skip)
@@ -125,17 +160,25 @@ fn weights_file_errors_name_the_tensor() {
             })
             .collect()
     };
-    let write = |path: &PathBuf, tensors: &[(String, Vec<usize>, Vec<f32>, Vec<i64>)], extra: Option<(&str, Vec<usize>, Vec<f32>)>| {
+    let write = |path: &PathBuf, tensors: &[Named], extra: Option<(&str, Vec<usize>, Vec<f32>)>| {
         let mut w = TensorWriter::new();
         for (n, s, f, i) in tensors {
-            if i.is_empty() { w.f32(n, s, f); } else { w.i64(n, s, i); }
+            if i.is_empty() {
+                w.f32(n, s, f);
+            } else {
+                w.i64(n, s, i);
+            }
         }
         if let Some((n, s, f)) = &extra {
             w.f32(n, s, f);
         }
         w.write(path).unwrap();
     };
-    let load = |p: &PathBuf| Engram::load_with(cfg.clone(), m.clone(), p).unwrap_err().to_string();
+    let load = |p: &PathBuf| {
+        Engram::load_with(cfg.clone(), m.clone(), p)
+            .unwrap_err()
+            .to_string()
+    };
     // Missing tensor.
     let p = tmp("missing.safetensors");
     write(&p, &load_all(Some("norm2.3.weight")), None);
@@ -143,16 +186,31 @@ fn weights_file_errors_name_the_tensor() {
     assert!(e.contains("norm2.3.weight") && e.contains("missing"), "{e}");
     // Extra tensor.
     let p = tmp("extra.safetensors");
-    write(&p, &load_all(None), Some(("key_projs.9.weight", vec![2], vec![0.0, 1.0])));
+    write(
+        &p,
+        &load_all(None),
+        Some(("key_projs.9.weight", vec![2], vec![0.0, 1.0])),
+    );
     let e = load(&p);
-    assert!(e.contains("key_projs.9.weight") && e.contains("unexpected"), "{e}");
+    assert!(
+        e.contains("key_projs.9.weight") && e.contains("unexpected"),
+        "{e}"
+    );
     // Wrong shape.
     let mut t = load_all(Some("value_proj.bias"));
-    t.push(("value_proj.bias".into(), vec![1023], vec![0.0; 1023], vec![]));
+    t.push((
+        "value_proj.bias".into(),
+        vec![1023],
+        vec![0.0; 1023],
+        vec![],
+    ));
     let p = tmp("shape.safetensors");
     write(&p, &t, None);
     let e = load(&p);
-    assert!(e.contains("value_proj.bias") && e.contains("[1024]") && e.contains("[1023]"), "{e}");
+    assert!(
+        e.contains("value_proj.bias") && e.contains("[1024]") && e.contains("[1023]"),
+        "{e}"
+    );
     // Wrong dtype: an int64 tensor where floats belong.
     let mut t = load_all(Some("norm1.0.weight"));
     t.push(("norm1.0.weight".into(), vec![1024], vec![], vec![1; 1024]));
@@ -168,7 +226,10 @@ fn weights_file_errors_name_the_tensor() {
     let p = tmp("nan.safetensors");
     write(&p, &t, None);
     let e = load(&p);
-    assert!(e.contains("key_projs.1.bias") && e.contains("index 7"), "{e}");
+    assert!(
+        e.contains("key_projs.1.bias") && e.contains("index 7"),
+        "{e}"
+    );
     // Unreadable and malformed files.
     let e = load(&tmp("does-not-exist.safetensors"));
     assert!(e.contains("does-not-exist"), "{e}");
@@ -195,7 +256,10 @@ fn weights_save_load_round_trip_f32_and_bf16() {
         back.weights().table.row_into(r, &mut b);
         assert_eq!(a, b);
     }
-    assert_eq!(e.weights().key_projs_weight, back.weights().key_projs_weight);
+    assert_eq!(
+        e.weights().key_projs_weight,
+        back.weights().key_projs_weight
+    );
     // bf16 file: widened on load, outputs within bf16 tolerance.
     e.weights().save(&p, &cfg, true).unwrap();
     let b16 = Engram::load_with(cfg.clone(), mapping(&cfg), &p).unwrap();
@@ -215,10 +279,21 @@ fn tokenizer_paths() {
     let dir = std::env::temp_dir().join(format!("engram-tok-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bundled = tokenizer();
-    std::fs::write(dir.join("tokenizer.json"), bundled.inner().to_string(false).unwrap()).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"add_bos_token": true, "bos_token": "<｜begin▁of▁sentence｜>"}"#).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        bundled.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"add_bos_token": true, "bos_token": "<｜begin▁of▁sentence｜>"}"#,
+    )
+    .unwrap();
     let t = engram::Tokenizer::from_name_or_path(dir.to_str().unwrap()).unwrap();
-    assert_eq!(t.encode("Hello world", true).unwrap(), bundled.encode("Hello world", true).unwrap());
+    assert_eq!(
+        t.encode("Hello world", true).unwrap(),
+        bundled.encode("Hello world", true).unwrap()
+    );
     assert_eq!(t.len(), 128815);
     std::fs::remove_dir_all(dir).ok();
 }

@@ -18,8 +18,14 @@ fn compression_table_is_exact() {
     assert_eq!(c.num_compressed(), 98627);
     let first_bad = want.iter().zip(c.lookup()).position(|(a, b)| a != b);
     assert_eq!(first_bad, None, "compression differs from the reference");
-    assert_eq!(f.metadata()["num_compressed_tokens"], c.num_compressed().to_string());
-    assert_eq!(f.metadata()["pad_id_compressed"], c.compress_id(2).unwrap().to_string());
+    assert_eq!(
+        f.metadata()["num_compressed_tokens"],
+        c.num_compressed().to_string()
+    );
+    assert_eq!(
+        f.metadata()["pad_id_compressed"],
+        c.compress_id(2).unwrap().to_string()
+    );
 }
 
 #[test]
@@ -50,7 +56,14 @@ fn multipliers_primes_and_hashes_are_exact() {
         assert_eq!(layer.multipliers, want_m, "multipliers of layer {key}");
         assert_eq!(layer.primes, want_p, "primes of layer {key}");
     }
-    let cases = ["seed_text", "multilingual", "code", "long", "batch2", "edge_ids"];
+    let cases = [
+        "seed_text",
+        "multilingual",
+        "code",
+        "long",
+        "batch2",
+        "edge_ids",
+    ];
     for case in cases {
         let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
         let len = ids.shape[1];
@@ -75,7 +88,12 @@ fn small_primes_match_stage_metadata() {
 
 fn small_engram() -> Engram {
     let cfg = small_config();
-    Engram::load_with(cfg.clone(), mapping(&cfg), golden("small.weights.safetensors")).unwrap()
+    Engram::load_with(
+        cfg.clone(),
+        mapping(&cfg),
+        golden("small.weights.safetensors"),
+    )
+    .unwrap()
 }
 
 /// Every case of `small`, every stage the path keeps, on every path.
@@ -88,11 +106,18 @@ fn small_layer_every_stage_every_path() {
         for case in ["seed_text", "multilingual", "batch2", "long"] {
             let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
             let (b, l) = (ids.shape[0], ids.shape[1]);
-            let hidden = f.f32(&format!("{case}.hidden_states"), Some(&[b, l, 4, 1024])).unwrap();
+            let hidden = f
+                .f32(&format!("{case}.hidden_states"), Some(&[b, l, 4, 1024]))
+                .unwrap();
             // The detailed forward keeps gated_value and short_conv on the fused path too.
-            let s = e.forward_detailed(&ids.data, &hidden.data, b, l, path).unwrap();
+            let s = e
+                .forward_detailed(&ids.data, &hidden.data, b, l, path)
+                .unwrap();
             let lean = e.forward(&ids.data, &hidden.data, b, l, path).unwrap();
-            assert_eq!(lean.output, s.output, "{path:?} {case}: lean and detailed outputs differ");
+            assert_eq!(
+                lean.output, s.output,
+                "{path:?} {case}: lean and detailed outputs differ"
+            );
             let want_h = f.i64(&format!("{case}.hash_ids"), None).unwrap().data;
             assert_eq!(s.hash_ids, want_h, "{path:?} {case} hash_ids");
             let mut checked = 0;
@@ -103,10 +128,16 @@ fn small_layer_every_stage_every_path() {
                 }
                 let want = f.f32(&key, Some(&shape)).unwrap();
                 let (err, at) = max_abs_diff(got, &want.data);
-                assert!(err <= F32_TOL, "{path:?} {case} {name}: max |err| {err:e} at {at}");
+                assert!(
+                    err <= F32_TOL,
+                    "{path:?} {case} {name}: max |err| {err:e} at {at}"
+                );
                 checked += 1;
             }
-            assert!(checked >= 2, "{path:?} {case}: gates and output must be checked");
+            assert!(
+                checked >= 2,
+                "{path:?} {case}: gates and output must be checked"
+            );
         }
     }
 }
@@ -122,8 +153,13 @@ fn small_layer_bf16_within_tolerance() {
         let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
         let (b, l) = (ids.shape[0], ids.shape[1]);
         let hidden = f.f32(&format!("{case}.hidden_states"), None).unwrap();
-        let s = e.forward(&ids.data, &hidden.data, b, l, ForwardPath::Fused).unwrap();
-        assert_eq!(s.hash_ids, f.i64(&format!("{case}.hash_ids"), None).unwrap().data);
+        let s = e
+            .forward(&ids.data, &hidden.data, b, l, ForwardPath::Fused)
+            .unwrap();
+        assert_eq!(
+            s.hash_ids,
+            f.i64(&format!("{case}.hash_ids"), None).unwrap().data
+        );
         for (name, got) in [("gates", &s.gates), ("output", &s.output)] {
             let want = f.f32(&format!("{case}.{name}"), None).unwrap().data;
             let (err, at) = max_abs_diff(got, &want);

@@ -6,7 +6,14 @@ use common::*;
 use engram::{EngramConfig, EngramState, ForwardPath};
 use proptest::prelude::*;
 
-fn small_cfg(n: usize, heads: usize, head_dim: usize, d: usize, hc: usize, taps: usize) -> EngramConfig {
+fn small_cfg(
+    n: usize,
+    heads: usize,
+    head_dim: usize,
+    d: usize,
+    hc: usize,
+    taps: usize,
+) -> EngramConfig {
     EngramConfig {
         engram_vocab_size: (0..n - 1).map(|i| 97 + 40 * i as u64).collect(),
         max_ngram_size: n,
@@ -108,7 +115,12 @@ proptest! {
 fn golden_cases_split_several_ways() {
     let f = open("small.stages.safetensors");
     let cfg = small_config();
-    let e = engram::Engram::load_with(cfg.clone(), mapping(&cfg), golden("small.weights.safetensors")).unwrap();
+    let e = engram::Engram::load_with(
+        cfg.clone(),
+        mapping(&cfg),
+        golden("small.weights.safetensors"),
+    )
+    .unwrap();
     let c = cfg.hc_mult * cfg.hidden_size;
     for case in ["seed_text", "long"] {
         let ids = f.i64(&format!("{case}.input_ids"), None).unwrap().data;
@@ -121,10 +133,17 @@ fn golden_cases_split_several_ways() {
                 let mut out = Vec::new();
                 for t in (0..l).step_by(chunk) {
                     let hi = (t + chunk).min(l);
-                    out.extend(e.forward_chunk(&mut st, &ids[t..hi], &hidden[t * c..hi * c], path).unwrap().output);
+                    out.extend(
+                        e.forward_chunk(&mut st, &ids[t..hi], &hidden[t * c..hi * c], path)
+                            .unwrap()
+                            .output,
+                    );
                 }
                 let (err, at) = max_abs_diff(&out, &want);
-                assert!(err <= 1e-4, "{path:?} {case} chunks of {chunk}: {err:e} at {at}");
+                assert!(
+                    err <= 1e-4,
+                    "{path:?} {case} chunks of {chunk}: {err:e} at {at}"
+                );
             }
         }
     }
@@ -140,14 +159,21 @@ fn state_save_restore_continue() {
     let total: usize = lens.iter().sum();
     let (ids, hidden) = random_inputs(&cfg, total, 9);
     let mut offsets = vec![0];
-    for l in lens { offsets.push(offsets.last().unwrap() + l); }
+    for l in lens {
+        offsets.push(offsets.last().unwrap() + l);
+    }
     let dir = std::env::temp_dir().join(format!("engram-state-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for path in [ForwardPath::Reference, ForwardPath::Fused] {
         let mut whole: Vec<EngramState> = lens.iter().map(|_| e.new_state()).collect();
-        let want = e.forward_ragged(&mut whole, &ids, &hidden, &offsets, path).unwrap();
+        let want = e
+            .forward_ragged(&mut whole, &ids, &hidden, &offsets, path)
+            .unwrap();
         // First halves, save, restore, second halves.
-        let split: Vec<usize> = offsets.windows(2).map(|w| w[0] + (w[1] - w[0]) / 2).collect();
+        let split: Vec<usize> = offsets
+            .windows(2)
+            .map(|w| w[0] + (w[1] - w[0]) / 2)
+            .collect();
         let mut states: Vec<EngramState> = lens.iter().map(|_| e.new_state()).collect();
         let pack = |ranges: Vec<(usize, usize)>| {
             let mut pi = Vec::new();
@@ -160,7 +186,13 @@ fn state_save_restore_continue() {
             }
             (pi, ph, po)
         };
-        let (i1, h1, o1) = pack(offsets.windows(2).zip(&split).map(|(w, &s)| (w[0], s)).collect());
+        let (i1, h1, o1) = pack(
+            offsets
+                .windows(2)
+                .zip(&split)
+                .map(|(w, &s)| (w[0], s))
+                .collect(),
+        );
         let first = e.forward_ragged(&mut states, &i1, &h1, &o1, path).unwrap();
         let file = dir.join("states.safetensors");
         engram::state_io::save_states(&file, &e, &states).unwrap();
@@ -171,13 +203,24 @@ fn state_save_restore_continue() {
             assert_eq!(a.conv_history(), b.conv_history());
             assert_eq!(a.position(), b.position());
         }
-        let (i2, h2, o2) = pack(offsets.windows(2).zip(&split).map(|(w, &s)| (s, w[1])).collect());
-        let second = e.forward_ragged(&mut restored, &i2, &h2, &o2, path).unwrap();
+        let (i2, h2, o2) = pack(
+            offsets
+                .windows(2)
+                .zip(&split)
+                .map(|(w, &s)| (s, w[1]))
+                .collect(),
+        );
+        let second = e
+            .forward_ragged(&mut restored, &i2, &h2, &o2, path)
+            .unwrap();
         for (s, w) in offsets.windows(2).enumerate() {
             let a = &first.output[o1[s] * c..o1[s + 1] * c];
             let b = &second.output[o2[s] * c..o2[s + 1] * c];
             let got: Vec<f32> = a.iter().chain(b).copied().collect();
-            assert!(max_err(&got, &want.output[w[0] * c..w[1] * c]) <= 1e-6, "{path:?} seq {s}");
+            assert!(
+                max_err(&got, &want.output[w[0] * c..w[1] * c]) <= 1e-6,
+                "{path:?} seq {s}"
+            );
             assert_eq!(restored[s].conv_history(), whole[s].conv_history());
         }
     }

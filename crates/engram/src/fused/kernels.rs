@@ -180,7 +180,12 @@ mod x86 {
         #[inline(always)]
         fn load(a: &[f32; LANES]) -> Self::V {
             // SAFETY: 16 readable f32; AVX2 is enabled in every caller.
-            unsafe { (_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(a.as_ptr().add(8))) }
+            unsafe {
+                (
+                    _mm256_loadu_ps(a.as_ptr()),
+                    _mm256_loadu_ps(a.as_ptr().add(8)),
+                )
+            }
         }
         #[inline(always)]
         fn store(v: Self::V, out: &mut [f32; LANES]) {
@@ -198,7 +203,12 @@ mod x86 {
         #[inline(always)]
         fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
             // SAFETY: FMA as above.
-            unsafe { (_mm256_fmadd_ps(a.0, b.0, c.0), _mm256_fmadd_ps(a.1, b.1, c.1)) }
+            unsafe {
+                (
+                    _mm256_fmadd_ps(a.0, b.0, c.0),
+                    _mm256_fmadd_ps(a.1, b.1, c.1),
+                )
+            }
         }
         #[inline(always)]
         fn add(a: Self::V, b: Self::V) -> Self::V {
@@ -232,19 +242,33 @@ mod x86 {
         // SAFETY: AVX2 + FMA are enabled in every caller.
         unsafe {
             let x = _mm256_sub_ps(_mm256_setzero_ps(), y);
-            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
-            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-                x,
-                _mm256_set1_ps(std::f32::consts::LOG2_E),
-            ));
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+                _mm256_set1_ps(88.3),
+            );
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            );
             let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
             let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
             let mut p = _mm256_set1_ps(1.987_569_1e-4);
-            for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            for c in [
+                1.398_199_9e-3f32,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                0.5,
+            ] {
                 p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
             }
-            p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
-            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+            p = _mm256_add_ps(
+                _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+                _mm256_set1_ps(1.0),
+            );
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
             let e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
             _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.0), e))
         }
@@ -296,17 +320,29 @@ mod x86 {
             // SAFETY: AVX-512F as above. Same polynomial as `exp_f32`; 2^n via scalef.
             unsafe {
                 let x = _mm512_sub_ps(_mm512_setzero_ps(), y);
-                let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+                let x = _mm512_min_ps(
+                    _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+                    _mm512_set1_ps(88.3),
+                );
                 let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                     _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
                 );
                 let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x);
                 let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
                 let mut p = _mm512_set1_ps(1.987_569_1e-4);
-                for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+                for c in [
+                    1.398_199_9e-3f32,
+                    8.333_452e-3,
+                    4.166_579_6e-2,
+                    1.666_666_5e-1,
+                    0.5,
+                ] {
                     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
                 }
-                p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+                p = _mm512_add_ps(
+                    _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+                    _mm512_set1_ps(1.0),
+                );
                 let e = _mm512_scalef_ps(p, n);
                 _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0), e))
             }
@@ -338,7 +374,13 @@ fn exp_poly<const FMA: bool>(x: f32) -> f32 {
     let r = madd(n, -0.693_359_4, x);
     let r = madd(n, 2.121_944_4e-4, r);
     let mut p = 1.987_569_1e-4f32;
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
         p = madd(p, r, c);
     }
     p = madd(p, r * r, r) + 1.0;
@@ -556,16 +598,32 @@ mod tests {
         let n1: Vec<Vec<f32>> = (0..hc).map(|i| pseudo(d, 20 + i as u32)).collect();
         let n2: Vec<Vec<f32>> = (0..hc).map(|i| pseudo(d, 30 + i as u32)).collect();
         let cn: Vec<Vec<f32>> = (0..hc).map(|i| pseudo(d, 40 + i as u32)).collect();
-        let n12: Vec<Vec<f32>> = (0..hc).map(|i| n1[i].iter().zip(&n2[i]).map(|(a, b)| a * b).collect()).collect();
-        let p = GateParams { value_bias: &vb, key_bias: &kb, norm12: &n12, conv_norm: &cn };
+        let n12: Vec<Vec<f32>> = (0..hc)
+            .map(|i| n1[i].iter().zip(&n2[i]).map(|(a, b)| a * b).collect())
+            .collect();
+        let p = GateParams {
+            value_bias: &vb,
+            key_bias: &kb,
+            norm12: &n12,
+            conv_norm: &cn,
+        };
         let value: Vec<f32> = proj[..d].iter().zip(&vb).map(|(a, b)| a + b).collect();
         for isa in Isa::all_supported() {
-            let (mut g, mut gated, mut normed) = (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
+            let (mut g, mut gated, mut normed) =
+                (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
             gate_token(isa, &p, &proj, &query, &mut g, &mut gated, &mut normed);
             for i in 0..hc {
-                let key: Vec<f32> = proj[(1 + i) * d..(2 + i) * d].iter().zip(&kb[i]).map(|(a, b)| a + b).collect();
+                let key: Vec<f32> = proj[(1 + i) * d..(2 + i) * d]
+                    .iter()
+                    .zip(&kb[i])
+                    .map(|(a, b)| a + b)
+                    .collect();
                 let want = ops::gate(&key, &query[i * d..(i + 1) * d], &n1[i], &n2[i]);
-                assert!((g[i] - want).abs() < 1e-6, "{isa:?} gate {i}: {} vs {want}", g[i]);
+                assert!(
+                    (g[i] - want).abs() < 1e-6,
+                    "{isa:?} gate {i}: {} vs {want}",
+                    g[i]
+                );
                 let gv: Vec<f32> = value.iter().map(|v| want * v).collect();
                 let nn = ops::rms_norm(&gv, &cn[i], ops::RMS_EPS_CONV);
                 for j in 0..d {

@@ -34,7 +34,10 @@ pub const TILE: usize = 256;
 /// projections stay in L2 for the gate kernel.
 fn tile_rows(fw: &FusedWeights) -> usize {
     if fw.proj.uses_bf16_kernel() {
-        std::env::var("ENGRAM_TILE").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+        std::env::var("ENGRAM_TILE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64)
     } else {
         TILE
     }
@@ -95,14 +98,21 @@ impl FusedWeights {
                 conv_w[k * c + ch] = w.conv_weight[ch * taps + k];
             }
         }
-        let table = (dtype == DType::Bf16 && w.table.dtype_name() != "bf16").then(|| w.table.to_bf16());
+        let table =
+            (dtype == DType::Bf16 && w.table.dtype_name() != "bf16").then(|| w.table.to_bf16());
         FusedWeights {
             proj,
             table,
             value_bias: w.value_proj_bias.clone(),
             key_bias: w.key_projs_bias.clone(),
             norm12: (0..hc)
-                .map(|i| w.norm1[i].iter().zip(&w.norm2[i]).map(|(a, b)| a * b).collect())
+                .map(|i| {
+                    w.norm1[i]
+                        .iter()
+                        .zip(&w.norm2[i])
+                        .map(|(a, b)| a * b)
+                        .collect()
+                })
                 .collect(),
             conv_norm: w.conv_norms.clone(),
             conv_w,
@@ -206,11 +216,20 @@ pub(crate) struct Driver<'e> {
 
 impl<'e> Driver<'e> {
     pub fn new(e: &'e Engram, fw: &'e FusedWeights) -> Self {
-        Driver { e, fw, isa: Isa::detect() }
+        Driver {
+            e,
+            fw,
+            isa: Isa::detect(),
+        }
     }
 
     /// Runs all sequences; `states[s]` is read and updated.
-    pub fn run(&self, seqs: &[SeqInput<'_>], states: &mut [EngramState], out: FusedOut<'_>) -> Result<()> {
+    pub fn run(
+        &self,
+        seqs: &[SeqInput<'_>],
+        states: &mut [EngramState],
+        out: FusedOut<'_>,
+    ) -> Result<()> {
         let cfg = self.e.config();
         let n1 = cfg.max_ngram_size - 1;
         let lens: Vec<usize> = seqs.iter().map(|s| s.ext.len() - n1).collect();
@@ -226,7 +245,12 @@ impl<'e> Driver<'e> {
         // Split outputs and states by part.
         let (h, hc, c) = (cfg.num_heads(), cfg.hc_mult, cfg.hc_mult * cfg.hidden_size);
         let mut jobs = Vec::with_capacity(parts.len());
-        let FusedOut { hash_ids, gates, out, gated } = out;
+        let FusedOut {
+            hash_ids,
+            gates,
+            out,
+            gated,
+        } = out;
         let (mut hash_rest, mut gate_rest, mut out_rest) = (&mut *hash_ids, &mut *gates, &mut *out);
         let mut gated_rest: Option<&mut [f32]> = gated;
         let mut state_rest: &mut [EngramState] = &mut *states;
@@ -255,7 +279,9 @@ impl<'e> Driver<'e> {
         let results: Vec<Result<PartResult>> = {
             use rayon::prelude::*;
             jobs.into_par_iter()
-                .map(|(p, hs, gs, os, gv, st, sf)| self.run_part(&p, seqs, hs, gs, os, gv, st, sf, inner_threads))
+                .map(|(p, hs, gs, os, gv, st, sf)| {
+                    self.run_part(&p, seqs, hs, gs, os, gv, st, sf, inner_threads)
+                })
                 .collect()
         };
         let results: Vec<PartResult> = results.into_iter().collect::<Result<_>>()?;
@@ -265,7 +291,13 @@ impl<'e> Driver<'e> {
 
     /// Splits the rows into at most `threads` contiguous ranges. A split inside a sequence
     /// keeps at least R rows on both sides, so every range ends with R rows of its own.
-    fn plan(&self, lens: &[usize], bases: &[usize], total: usize, threads: usize) -> Vec<Vec<Piece>> {
+    fn plan(
+        &self,
+        lens: &[usize],
+        bases: &[usize],
+        total: usize,
+        threads: usize,
+    ) -> Vec<Vec<Piece>> {
         let r = self.e.config().conv_history().max(1);
         let want = (total / MIN_ROWS_PER_PART).clamp(1, threads);
         let mut cuts = vec![0usize];
@@ -292,7 +324,12 @@ impl<'e> Driver<'e> {
                 for (s, (&b, &l)) in bases.iter().zip(lens).enumerate() {
                     let (t0, t1) = (lo.max(b), hi.min(b + l));
                     if t0 < t1 {
-                        v.push(Piece { seq: s, t0: t0 - b, t1: t1 - b, base: b });
+                        v.push(Piece {
+                            seq: s,
+                            t0: t0 - b,
+                            t1: t1 - b,
+                            base: b,
+                        });
                     }
                 }
                 v
@@ -314,7 +351,13 @@ impl<'e> Driver<'e> {
         inner_threads: usize,
     ) -> Result<PartResult> {
         let cfg = self.e.config();
-        let (n, h, dm, hc, d) = (cfg.max_ngram_size, cfg.num_heads(), cfg.memory_width(), cfg.hc_mult, cfg.hidden_size);
+        let (n, h, dm, hc, d) = (
+            cfg.max_ngram_size,
+            cfg.num_heads(),
+            cfg.memory_width(),
+            cfg.hc_mult,
+            cfg.hidden_size,
+        );
         let c = hc * d;
         let np = self.fw.proj.n();
         let r = cfg.conv_history();
@@ -339,15 +382,24 @@ impl<'e> Driver<'e> {
             let mut ring = if p.t0 == 0 {
                 debug_assert!(p.seq >= state_first);
                 let st = &mut states[p.seq - state_first];
-                Ring { rows: RingRows::State(st), unknown: 0 }
+                Ring {
+                    rows: RingRows::State(st),
+                    unknown: 0,
+                }
             } else {
-                Ring { rows: RingRows::Local { data: vec![0.0; r * c], head: 0 }, unknown: r }
+                Ring {
+                    rows: RingRows::Local {
+                        data: vec![0.0; r * c],
+                        head: 0,
+                    },
+                    unknown: r,
+                }
             };
             let mut t = p.t0;
             while t < p.t1 {
                 let rows = (p.t1 - t).min(tile);
                 let lr0 = row0 + (t - p.t0); // part-local row of t
-                // 1. hash + gather.
+                                             // 1. hash + gather.
                 let clock = Instant::now();
                 // All hashes of the tile first, then the gather with rows a few tokens ahead
                 // prefetched, so that the table's cache misses overlap instead of queueing.
@@ -357,7 +409,9 @@ impl<'e> Driver<'e> {
                         *hk = seq.ext[tt + n - 1 - k];
                     }
                     let hrow = &mut hash_out[(lr0 + u) * h..(lr0 + u + 1) * h];
-                    self.e.hashing().hash_position(self.e.layer_params(), &hist, hrow);
+                    self.e
+                        .hashing()
+                        .hash_position(self.e.layer_params(), &hist, hrow);
                 }
                 let hashes = &hash_out[lr0 * h..(lr0 + rows) * h];
                 for u in 0..rows.min(PREFETCH_AHEAD) {
@@ -365,14 +419,23 @@ impl<'e> Driver<'e> {
                 }
                 for u in 0..rows {
                     if u + PREFETCH_AHEAD < rows {
-                        self.e.prefetch_rows(table, &hashes[(u + PREFETCH_AHEAD) * h..(u + PREFETCH_AHEAD + 1) * h]);
+                        self.e.prefetch_rows(
+                            table,
+                            &hashes[(u + PREFETCH_AHEAD) * h..(u + PREFETCH_AHEAD + 1) * h],
+                        );
                     }
-                    self.e.gather_from(table, &hashes[u * h..(u + 1) * h], &mut x[u * dm..(u + 1) * dm])?;
+                    self.e.gather_from(
+                        table,
+                        &hashes[u * h..(u + 1) * h],
+                        &mut x[u * dm..(u + 1) * dm],
+                    )?;
                 }
                 profile::add(Stage::HashGather, clock);
                 // 2. projections.
                 let clock = Instant::now();
-                self.fw.proj.matmul(&x[..rows * dm], rows, &mut y[..rows * np], inner_threads);
+                self.fw
+                    .proj
+                    .matmul(&x[..rows * dm], rows, &mut y[..rows * np], inner_threads);
                 profile::add(Stage::Projection, clock);
                 // 3. gates, gated value (into `out`), conv RMSNorm.
                 let clock = Instant::now();
@@ -420,16 +483,27 @@ impl<'e> Driver<'e> {
                         let lr = lr0 + u;
                         if partial {
                             kernels::conv_row_pre(self.isa, &self.fw.conv_w, &rows_k, &mut ybuf);
-                            fixups.push(Fixup { seq: p.seq, row: p.base + t + u, t: t + u, y: ybuf.clone() });
+                            fixups.push(Fixup {
+                                seq: p.seq,
+                                row: p.base + t + u,
+                                t: t + u,
+                                y: ybuf.clone(),
+                            });
                         } else {
-                            kernels::conv_row(self.isa, &self.fw.conv_w, &rows_k, &mut out[lr * c..(lr + 1) * c]);
+                            kernels::conv_row(
+                                self.isa,
+                                &self.fw.conv_w,
+                                &rows_k,
+                                &mut out[lr * c..(lr + 1) * c],
+                            );
                         }
                     }
                     // Push the tile's rows into the ring (only the last R matter).
                     if r > 0 {
                         let keep = rows.min(r);
                         for u in rows - keep..rows {
-                            ring_data[*head * c..(*head + 1) * c].copy_from_slice(&normed[u * c..(u + 1) * c]);
+                            ring_data[*head * c..(*head + 1) * c]
+                                .copy_from_slice(&normed[u * c..(u + 1) * c]);
                             *head = (*head + 1) % r;
                         }
                     }
@@ -445,7 +519,11 @@ impl<'e> Driver<'e> {
             let is_local = matches!(ring.rows, RingRows::Local { .. });
             if is_local || p.t1 < seq_len {
                 let (data, head) = ring.parts();
-                tail = Some(Tail { seq: p.seq, rows: ordered(data, *head, r, c), ends: p.t1 == seq_len });
+                tail = Some(Tail {
+                    seq: p.seq,
+                    rows: ordered(data, *head, r, c),
+                    ends: p.t1 == seq_len,
+                });
             }
         }
         Ok(PartResult { fixups, tail })
@@ -453,13 +531,22 @@ impl<'e> Driver<'e> {
 
     /// Completes the rows at range starts with the neighbour's last normalised rows, and
     /// writes the history of sequences whose last rows were in a range of their own.
-    fn fix_boundaries(&self, parts: &[Vec<Piece>], results: Vec<PartResult>, states: &mut [EngramState], out: &mut [f32], c: usize) {
+    fn fix_boundaries(
+        &self,
+        parts: &[Vec<Piece>],
+        results: Vec<PartResult>,
+        states: &mut [EngramState],
+        out: &mut [f32],
+        c: usize,
+    ) {
         let cfg = self.e.config();
         let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
         let mut prev: Option<Tail> = None;
         for (p, res) in parts.iter().zip(results) {
             for mut f in res.fixups {
-                let left = prev.as_ref().expect("a range that starts inside a sequence has a left neighbour");
+                let left = prev
+                    .as_ref()
+                    .expect("a range that starts inside a sequence has a left neighbour");
                 debug_assert_eq!(left.seq, f.seq);
                 let u = f.t - p[0].t0; // rows since the range start
                 for k in 0..taps {

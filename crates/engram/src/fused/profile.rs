@@ -20,7 +20,12 @@ pub enum Stage {
 /// Names, in `Stage` order.
 pub const STAGE_NAMES: [&str; 4] = ["hash+gather", "projection", "gate", "conv"];
 
-static NANOS: [AtomicU64; 4] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+static NANOS: [AtomicU64; 4] = [
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+];
 
 pub(crate) fn add(stage: Stage, since: Instant) {
     NANOS[stage as usize].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);

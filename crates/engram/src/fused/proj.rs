@@ -73,7 +73,8 @@ impl Projection {
                             for h in 0..2 {
                                 let row = 2 * p + h;
                                 if col < n && row < k {
-                                    v[((panel * kp + p) * NR + c) * 2 + h] = bf16::from_f32(kn[row * n + col]);
+                                    v[((panel * kp + p) * NR + c) * 2 + h] =
+                                        bf16::from_f32(kn[row * n + col]);
                                 }
                             }
                         }
@@ -81,7 +82,9 @@ impl Projection {
                 }
                 Packed::Bf16Panels(v)
             }
-            DType::Bf16 => Packed::Bf16AsF32(kn.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()),
+            DType::Bf16 => {
+                Packed::Bf16AsF32(kn.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
+            }
         };
         Projection { k, n, packed }
     }
@@ -127,17 +130,35 @@ impl Projection {
 }
 
 fn gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: x is [m, k] row-major (row stride k, col stride 1), w is [k, n] row-major and y
     // is [m, n] row-major; the lengths were checked by the caller, so every index the strides
     // describe is in bounds. read_dst = false, so y's previous contents are not read.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            y.as_mut_ptr(), 1, n as isize, false,
-            x.as_ptr(), 1, k as isize,
-            w.as_ptr(), 1, n as isize,
-            0.0, 1.0, false, false, false, par,
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
         );
     }
 }
@@ -154,7 +175,15 @@ mod bf16_avx512 {
     ///
     /// # Safety
     /// The CPU must support AVX512F and AVX512-BF16.
-    pub unsafe fn matmul(x: &[f32], w: &[bf16], y: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
+    pub unsafe fn matmul(
+        x: &[f32],
+        w: &[bf16],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) {
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         // x as [m][kp] u32 = (bf16 x[2p], bf16 x[2p+1]).
@@ -162,7 +191,11 @@ mod bf16_avx512 {
         for r in 0..m {
             for p in 0..kp {
                 let lo = bf16::from_f32(x[r * k + 2 * p]).to_bits() as u32;
-                let hi = if 2 * p + 1 < k { bf16::from_f32(x[r * k + 2 * p + 1]).to_bits() as u32 } else { 0 };
+                let hi = if 2 * p + 1 < k {
+                    bf16::from_f32(x[r * k + 2 * p + 1]).to_bits() as u32
+                } else {
+                    0
+                };
                 xp[r * kp + p] = lo | (hi << 16);
             }
         }
@@ -177,12 +210,23 @@ mod bf16_avx512 {
             while r0 < m {
                 let mr = (m - r0).min(MR);
                 // SAFETY: the caller guarantees AVX512F + AVX512-BF16; slices are in bounds.
-                unsafe { kernel(&xp[r0 * kp..(r0 + mr) * kp], kp, mr, wpan, &mut buf[..mr * NR]) };
+                unsafe {
+                    kernel(
+                        &xp[r0 * kp..(r0 + mr) * kp],
+                        kp,
+                        mr,
+                        wpan,
+                        &mut buf[..mr * NR],
+                    )
+                };
                 for r in 0..mr {
                     // SAFETY: panels write disjoint column ranges [panel·NR, panel·NR + cols) of
                     // rows r0..r0+mr of y ([m, n]); no two threads touch the same element.
                     let dst = unsafe {
-                        std::slice::from_raw_parts_mut((yaddr as *mut f32).add((r0 + r) * n + panel * NR), cols)
+                        std::slice::from_raw_parts_mut(
+                            (yaddr as *mut f32).add((r0 + r) * n + panel * NR),
+                            cols,
+                        )
                     };
                     dst.copy_from_slice(&buf[r * NR..r * NR + cols]);
                 }
@@ -212,16 +256,18 @@ mod bf16_avx512 {
                 ]
             };
             for r in 0..mr {
-                let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(xp[r * kp + p] as i32));
+                let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    xp[r * kp + p] as i32,
+                ));
                 for j in 0..4 {
                     acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
                 }
             }
         }
-        for r in 0..mr {
-            for j in 0..4 {
+        for (r, row) in acc.iter().enumerate().take(mr) {
+            for (j, v) in row.iter().enumerate() {
                 // SAFETY: y holds mr·64 floats.
-                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(r * NR + j * 16), acc[r][j]) };
+                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(r * NR + j * 16), *v) };
             }
         }
     }
@@ -232,7 +278,9 @@ mod tests {
     use super::*;
 
     fn data(n: usize, s: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ s) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ s) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     /// Plain y = x·Wᵀ for stacked PyTorch-layout matrices.
@@ -244,7 +292,8 @@ mod tests {
             let mut col = 0;
             for m in mats {
                 for o in 0..m.len() / k {
-                    y[r * n + col] = crate::ops::dot(&x[r * k..(r + 1) * k], &m[o * k..(o + 1) * k]);
+                    y[r * n + col] =
+                        crate::ops::dot(&x[r * k..(r + 1) * k], &m[o * k..(o + 1) * k]);
                     col += 1;
                 }
             }
@@ -265,17 +314,29 @@ mod tests {
             for threads in [1, 2] {
                 let mut y = vec![0.0; rows * 90];
                 p.matmul(&x, rows, &mut y, threads);
-                let err = y.iter().zip(&want).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                let err = y
+                    .iter()
+                    .zip(&want)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0f32, f32::max);
                 assert!(err < tol, "{dtype:?} threads {threads}: {err}");
             }
         }
         // bf16 against the exact product of bf16-rounded operands.
-        let r = |v: &[f32]| v.iter().map(|&t| bf16::from_f32(t).to_f32()).collect::<Vec<_>>();
+        let r = |v: &[f32]| {
+            v.iter()
+                .map(|&t| bf16::from_f32(t).to_f32())
+                .collect::<Vec<_>>()
+        };
         let want = plain(&r(&x), &[&r(&a), &r(&b)], k);
         let p = Projection::pack(&[&a, &b], k, DType::Bf16);
         let mut y = vec![0.0; rows * 90];
         p.matmul(&x, rows, &mut y, 1);
-        let err = y.iter().zip(&want).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let err = y
+            .iter()
+            .zip(&want)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
         assert!(err < 1e-4, "bf16 kernel vs rounded operands: {err}");
     }
 }

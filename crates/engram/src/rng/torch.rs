@@ -18,7 +18,9 @@ pub struct TorchGenerator {
 
 impl std::fmt::Debug for TorchGenerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TorchGenerator").field("idx", &self.idx).finish()
+        f.debug_struct("TorchGenerator")
+            .field("idx", &self.idx)
+            .finish()
     }
 }
 
@@ -178,13 +180,13 @@ impl TorchGenerator {
             // Only whole blocks below `full` are transformed here; leftovers wait for the tail.
             let start = done - take;
             let blocks_end = full.min(done);
-            let cur_blocks = if blocks_end > start { blocks_end - start } else { 0 };
+            let cur_blocks = blocks_end.saturating_sub(start);
             pending = Some(&mut cur[..cur_blocks]);
         }
         if let Some(p) = pending {
             transform_blocks(p, mean, std);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             // Tail: 16 fresh uniforms overwrite the last 16 outputs.
             let last = &mut out[n - 16..];
             self.fill_unit_f32(last);
@@ -336,6 +338,8 @@ fn cephes_sincos(theta: f32) -> (f32, f32) {
 }
 
 #[cfg(test)]
+// The known answers are PyTorch's printouts (f64 digits of f32 values), kept verbatim.
+#[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
 
@@ -344,11 +348,17 @@ mod tests {
     fn mt19937_outputs() {
         let mut g = TorchGenerator::manual_seed(42);
         let first: Vec<u32> = (0..6).map(|_| g.random()).collect();
-        assert_eq!(first, [1608637542, 3421126067, 4083286876, 787846414, 3143890026, 3348747335]);
+        assert_eq!(
+            first,
+            [1608637542, 3421126067, 4083286876, 787846414, 3143890026, 3348747335]
+        );
         let mut g = TorchGenerator::manual_seed(42);
         let v: Vec<u32> = (0..625).map(|_| g.random()).collect();
         assert_eq!((v[623], v[624]), (1077437785, 108880612));
-        assert_eq!(TorchGenerator::manual_seed(42).random64(), 0x5fe1dc66cbea3db3);
+        assert_eq!(
+            TorchGenerator::manual_seed(42).random64(),
+            0x5fe1dc66cbea3db3
+        );
     }
 
     #[test]
@@ -369,11 +379,20 @@ mod tests {
         g.linear_bias_f32(&mut b, 1024);
         let bits: Vec<u32> = w[..4].iter().map(|x| x.to_bits()).collect();
         assert_eq!(bits, [0x3cc3b8cc, 0x3cd47b66, 0xbbefe520, 0x3ceb2a1c]);
-        assert_eq!(&w[w.len() - 2..], &[0.024226825684309006, -0.025851625949144363]);
+        assert_eq!(
+            &w[w.len() - 2..],
+            &[0.024226825684309006, -0.025851625949144363]
+        );
         let bits: Vec<u32> = b[..3].iter().map(|x| x.to_bits()).collect();
         assert_eq!(bits, [0xbc49be44, 0x3cc32f3c, 0x3ce9be8a]);
-        assert_eq!(w.iter().map(|&x| x as f64).sum::<f64>(), -22.034101273864508);
-        assert_eq!(b.iter().map(|&x| x as f64).sum::<f64>(), 0.06128929182887077);
+        assert_eq!(
+            w.iter().map(|&x| x as f64).sum::<f64>(),
+            -22.034101273864508
+        );
+        assert_eq!(
+            b.iter().map(|&x| x as f64).sum::<f64>(),
+            0.06128929182887077
+        );
     }
 
     #[test]
@@ -381,9 +400,28 @@ mod tests {
         let mut g = TorchGenerator::manual_seed(42);
         let mut w = vec![0.0f32; 4096 * 4];
         g.kaiming_uniform_f32(&mut w, 4);
-        assert_eq!(&w[..4], &[0.3822692632675171, 0.4150039553642273, -0.11713624000549316, 0.45930564403533936]);
-        assert_eq!(&w[w.len() - 4..], &[0.08821457624435425, 0.106861412525177, -0.3824911117553711, 0.4702940583229065]);
-        assert_eq!(w.iter().map(|&x| x as f64).sum::<f64>(), -15.231018722057343);
+        assert_eq!(
+            &w[..4],
+            &[
+                0.3822692632675171,
+                0.4150039553642273,
+                -0.11713624000549316,
+                0.45930564403533936
+            ]
+        );
+        assert_eq!(
+            &w[w.len() - 4..],
+            &[
+                0.08821457624435425,
+                0.106861412525177,
+                -0.3824911117553711,
+                0.4702940583229065
+            ]
+        );
+        assert_eq!(
+            w.iter().map(|&x| x as f64).sum::<f64>(),
+            -15.231018722057343
+        );
     }
 
     #[test]
@@ -392,7 +430,15 @@ mod tests {
         let v = g.randn(32 * 4 * 1024);
         let bits: Vec<u32> = v[..4].iter().map(|x| x.to_bits()).collect();
         assert_eq!(bits, [0x3ff6a529, 0x3fbe5f53, 0x3f669567, 0xc006c0db]);
-        assert_eq!(&v[8..12], &[-0.7521352767944336, 1.6487230062484741, -0.3924786448478699, -1.4036071300506592]);
+        assert_eq!(
+            &v[8..12],
+            &[
+                -0.7521352767944336,
+                1.6487230062484741,
+                -0.3924786448478699,
+                -1.4036071300506592
+            ]
+        );
         let bits: Vec<u32> = v[v.len() - 2..].iter().map(|x| x.to_bits()).collect();
         assert_eq!(bits, [0x3f1d4a81, 0xbf31a466]);
         assert_eq!(v.iter().map(|&x| x as f64).sum::<f64>(), 22.995361864201186);
@@ -405,7 +451,15 @@ mod tests {
         let mut v = vec![0.0f32; 3003];
         g.normal_f32(&mut v, 0.0, 1.0);
         assert_eq!(&v[..2], &[1.9269152879714966, 1.4872840642929077]);
-        assert_eq!(&v[2984..2988], &[1.0239890813827515, -1.036582350730896, -1.997800350189209, 0.12110324949026108]);
+        assert_eq!(
+            &v[2984..2988],
+            &[
+                1.0239890813827515,
+                -1.036582350730896,
+                -1.997800350189209,
+                0.12110324949026108
+            ]
+        );
         let bits: Vec<u32> = v[v.len() - 2..].iter().map(|x| x.to_bits()).collect();
         assert_eq!(bits, [0xbe156b81, 0xbed8e1b2]);
     }
@@ -419,9 +473,20 @@ mod tests {
         g.linear_bias_f32(&mut b, 1024);
         let mut c = vec![0.0f32; 4096 * 4];
         g.kaiming_uniform_f32(&mut c, 4);
-        assert_eq!(&c[..4], &[0.33126723766326904, 0.1419147253036499, 0.03696298599243164, -0.4891485571861267]);
+        assert_eq!(
+            &c[..4],
+            &[
+                0.33126723766326904,
+                0.1419147253036499,
+                0.03696298599243164,
+                -0.4891485571861267
+            ]
+        );
         let r = g.randn(32 * 4 * 1024);
-        assert_eq!(&r[..3], &[-0.13140344619750977, -1.170345664024353, 1.54465913772583]);
+        assert_eq!(
+            &r[..3],
+            &[-0.13140344619750977, -1.170345664024353, 1.54465913772583]
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 pub fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/golden")
+        .join(name)
 }
 
 pub fn open(name: &str) -> TensorFile {
@@ -40,7 +42,10 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
         .zip(b)
         .enumerate()
         .map(|(i, (x, y))| ((x - y).abs(), i))
-        .fold((0.0, 0), |m, v| if v.0 > m.0 || v.0.is_nan() { v } else { m })
+        .fold(
+            (0.0, 0),
+            |m, v| if v.0 > m.0 || v.0.is_nan() { v } else { m },
+        )
 }
 
 /// A layer with PyTorch-default random weights for `cfg`, norm weights redrawn in
@@ -48,7 +53,12 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
 pub fn random_engram(cfg: &EngramConfig, seed: u64) -> engram::Engram {
     let m = mapping(cfg);
     let (mut w, mut g) = engram::init::torch_default_weights(cfg, &m, seed, &mut |_| {}).unwrap();
-    for v in w.norm1.iter_mut().chain(w.norm2.iter_mut()).chain(w.conv_norms.iter_mut()) {
+    for v in w
+        .norm1
+        .iter_mut()
+        .chain(w.norm2.iter_mut())
+        .chain(w.conv_norms.iter_mut())
+    {
         g.uniform_f32(v, 0.25, 1.75);
     }
     engram::Engram::new(cfg.clone(), m, w).unwrap()
@@ -64,14 +74,23 @@ pub fn random_inputs(cfg: &EngramConfig, rows: usize, seed: u64) -> (Vec<i64>, V
             x ^= x >> 7;
             x ^= x << 17;
             // A few repeats and small ids, so that n-grams recur.
-            if x % 7 == 0 { (x >> 32) as i64 % 5 } else { (x % v) as i64 }
+            if x.is_multiple_of(7) {
+                (x >> 32) as i64 % 5
+            } else {
+                (x % v) as i64
+            }
         })
         .collect();
-    let hidden = engram::rng::torch::TorchGenerator::manual_seed(seed).randn(rows * cfg.hc_mult * cfg.hidden_size);
+    let hidden = engram::rng::torch::TorchGenerator::manual_seed(seed)
+        .randn(rows * cfg.hc_mult * cfg.hidden_size);
     (ids, hidden)
 }
 
 /// Runs `f` on a rayon pool of `n` threads.
 pub fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap()
+        .install(f)
 }
