@@ -226,3 +226,38 @@ fn state_save_restore_continue() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Decode: B sequences advance one token per step (one ragged call per step, every tile
+/// spanning many sequences) and equal each sequence's one-shot forward.
+#[test]
+fn decode_steps_equal_one_shot() {
+    let cfg = small_cfg(3, 2, 8, 32, 2, 4);
+    let e = random_engram(&cfg, 11);
+    let c = cfg.hc_mult * cfg.hidden_size;
+    let (b, steps) = (37usize, 23usize);
+    let (ids, hidden) = random_inputs(&cfg, b * steps, 13); // sequence s = rows s*steps..
+    for threads in [1, 2, 3] {
+        for path in [ForwardPath::Reference, ForwardPath::Fused] {
+            let mut states: Vec<EngramState> = (0..b).map(|_| e.new_state()).collect();
+            let offsets: Vec<usize> = (0..=b).collect();
+            let mut got = vec![0.0f32; b * steps * c];
+            for t in 0..steps {
+                let step_ids: Vec<i64> = (0..b).map(|s| ids[s * steps + t]).collect();
+                let step_h: Vec<f32> = (0..b)
+                    .flat_map(|s| hidden[(s * steps + t) * c..(s * steps + t + 1) * c].to_vec())
+                    .collect();
+                let o = with_threads(threads, || {
+                    e.forward_ragged(&mut states, &step_ids, &step_h, &offsets, path)
+                        .unwrap()
+                });
+                for s in 0..b {
+                    got[(s * steps + t) * c..(s * steps + t + 1) * c]
+                        .copy_from_slice(&o.output[s * c..(s + 1) * c]);
+                }
+            }
+            let want = e.forward(&ids, &hidden, b, steps, path).unwrap();
+            let err = max_err(&got, &want.output);
+            assert!(err <= 1e-6, "{path:?} threads {threads}: {err}");
+        }
+    }
+}

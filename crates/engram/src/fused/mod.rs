@@ -361,7 +361,6 @@ impl<'e> Driver<'e> {
         let c = hc * d;
         let np = self.fw.proj.n();
         let r = cfg.conv_history();
-        let taps = cfg.kernel_size;
         let table = self.fw.table.as_ref().unwrap_or(&self.e.weights().table);
         let tile = tile_rows(self.fw);
         let mut x = vec![0.0f32; tile * dm];
@@ -376,157 +375,239 @@ impl<'e> Driver<'e> {
         };
         let mut fixups = Vec::new();
         let mut tail = None;
-        let mut row0 = 0; // first row of the current piece within this part
-        for p in pieces {
-            let seq = &seqs[p.seq];
-            let mut ring = if p.t0 == 0 {
-                debug_assert!(p.seq >= state_first);
-                let st = &mut states[p.seq - state_first];
-                Ring {
-                    rows: RingRows::State(st),
-                    unknown: 0,
+        let total_rows: usize = pieces.iter().map(|p| p.t1 - p.t0).sum();
+        // The ring of the piece being convolved, created when its first rows are reached.
+        let mut ring: Option<(usize, Ring<'_>)> = None;
+        let mut states_left: &mut [EngramState] = states;
+        let mut states_base = state_first;
+        let (mut pi, mut t) = (0usize, pieces.first().map_or(0, |p| p.t0));
+        let mut done = 0;
+        while done < total_rows {
+            // Rows of this tile as segments (piece, t0, t1, first tile row): consecutive
+            // pieces share one tile, so that many short sequences (decode) make one GEMM.
+            let mut segs: Vec<(usize, usize, usize, usize)> = Vec::new();
+            let mut rows = 0;
+            while rows < tile && pi < pieces.len() {
+                let p = &pieces[pi];
+                let take = (p.t1 - t).min(tile - rows);
+                segs.push((pi, t, t + take, rows));
+                rows += take;
+                t += take;
+                if t == p.t1 {
+                    pi += 1;
+                    t = pieces.get(pi).map_or(0, |q| q.t0);
                 }
-            } else {
-                Ring {
-                    rows: RingRows::Local {
-                        data: vec![0.0; r * c],
-                        head: 0,
-                    },
-                    unknown: r,
-                }
-            };
-            let mut t = p.t0;
-            while t < p.t1 {
-                let rows = (p.t1 - t).min(tile);
-                let lr0 = row0 + (t - p.t0); // part-local row of t
-                                             // 1. hash + gather.
-                let clock = Instant::now();
-                // All hashes of the tile first, then the gather with rows a few tokens ahead
-                // prefetched, so that the table's cache misses overlap instead of queueing.
-                for u in 0..rows {
-                    let tt = t + u;
+            }
+            let lr0 = done; // part-local row of the tile's first row
+                            // 1. hashes of every row, then the gather with rows a few tokens ahead
+                            // prefetched, so that the table's cache misses overlap instead of queueing.
+            let clock = Instant::now();
+            for &(si, a, b, u0) in &segs {
+                let seq = &seqs[pieces[si].seq];
+                for tt in a..b {
                     for (k, hk) in hist.iter_mut().enumerate() {
                         *hk = seq.ext[tt + n - 1 - k];
                     }
+                    let u = u0 + tt - a;
                     let hrow = &mut hash_out[(lr0 + u) * h..(lr0 + u + 1) * h];
                     self.e
                         .hashing()
                         .hash_position(self.e.layer_params(), &hist, hrow);
                 }
-                let hashes = &hash_out[lr0 * h..(lr0 + rows) * h];
-                for u in 0..rows.min(PREFETCH_AHEAD) {
-                    self.e.prefetch_rows(table, &hashes[u * h..(u + 1) * h]);
+            }
+            let hashes = &hash_out[lr0 * h..(lr0 + rows) * h];
+            for u in 0..rows.min(PREFETCH_AHEAD) {
+                self.e.prefetch_rows(table, &hashes[u * h..(u + 1) * h]);
+            }
+            for u in 0..rows {
+                if u + PREFETCH_AHEAD < rows {
+                    let v = u + PREFETCH_AHEAD;
+                    self.e.prefetch_rows(table, &hashes[v * h..(v + 1) * h]);
                 }
-                for u in 0..rows {
-                    if u + PREFETCH_AHEAD < rows {
-                        self.e.prefetch_rows(
-                            table,
-                            &hashes[(u + PREFETCH_AHEAD) * h..(u + PREFETCH_AHEAD + 1) * h],
-                        );
-                    }
-                    self.e.gather_from(
-                        table,
-                        &hashes[u * h..(u + 1) * h],
-                        &mut x[u * dm..(u + 1) * dm],
-                    )?;
-                }
-                profile::add(Stage::HashGather, clock);
-                // 2. projections.
-                let clock = Instant::now();
-                self.fw
-                    .proj
-                    .matmul(&x[..rows * dm], rows, &mut y[..rows * np], inner_threads);
-                profile::add(Stage::Projection, clock);
-                // 3. gates, gated value (into `out`), conv RMSNorm.
-                let clock = Instant::now();
-                for u in 0..rows {
+                self.e.gather_from(
+                    table,
+                    &hashes[u * h..(u + 1) * h],
+                    &mut x[u * dm..(u + 1) * dm],
+                )?;
+            }
+            profile::add(Stage::HashGather, clock);
+            // 2. projections: one GEMM for the whole tile.
+            let clock = Instant::now();
+            self.fw
+                .proj
+                .matmul(&x[..rows * dm], rows, &mut y[..rows * np], inner_threads);
+            profile::add(Stage::Projection, clock);
+            // 3. gates, gated value (into `out`), conv RMSNorm.
+            let clock = Instant::now();
+            for &(si, a, b, u0) in &segs {
+                let seq = &seqs[pieces[si].seq];
+                for tt in a..b {
+                    let u = u0 + tt - a;
                     let lr = lr0 + u;
                     kernels::gate_token(
                         self.isa,
                         &params,
                         &y[u * np..(u + 1) * np],
-                        &seq.hidden[(t + u) * c..(t + u + 1) * c],
+                        &seq.hidden[tt * c..(tt + 1) * c],
                         &mut gate_out[lr * hc..(lr + 1) * hc],
                         &mut out[lr * c..(lr + 1) * c],
                         &mut normed[u * c..(u + 1) * c],
                     );
                 }
-                if let Some(g) = gated_out.as_deref_mut() {
-                    g[lr0 * c..(lr0 + rows) * c].copy_from_slice(&out[lr0 * c..(lr0 + rows) * c]);
-                }
-                profile::add(Stage::Gate, clock);
-                // 4. conv + SiLU + residual; rows before the tile come from the ring.
-                let clock = Instant::now();
-                {
-                    let unknown = ring.unknown;
-                    let (ring_data, head) = ring.parts();
-                    let mut rows_k: Vec<Option<&[f32]>> = vec![None; taps];
-                    let mut ybuf = vec![0.0f32; c];
-                    for u in 0..rows {
-                        let mut partial = false;
-                        for (k, slot) in rows_k.iter_mut().enumerate() {
-                            let back = (taps - 1 - k) * n;
-                            *slot = if u >= back {
-                                Some(&normed[(u - back) * c..(u - back + 1) * c])
-                            } else {
-                                // Logical ring row (0 = oldest of R).
-                                let j = r + u - back;
-                                if j < unknown {
-                                    partial = true;
-                                    None
-                                } else {
-                                    let phys = (*head + j) % r;
-                                    Some(&ring_data[phys * c..(phys + 1) * c])
-                                }
-                            };
-                        }
-                        let lr = lr0 + u;
-                        if partial {
-                            kernels::conv_row_pre(self.isa, &self.fw.conv_w, &rows_k, &mut ybuf);
-                            fixups.push(Fixup {
-                                seq: p.seq,
-                                row: p.base + t + u,
-                                t: t + u,
-                                y: ybuf.clone(),
-                            });
-                        } else {
-                            kernels::conv_row(
-                                self.isa,
-                                &self.fw.conv_w,
-                                &rows_k,
-                                &mut out[lr * c..(lr + 1) * c],
-                            );
-                        }
-                    }
-                    // Push the tile's rows into the ring (only the last R matter).
-                    if r > 0 {
-                        let keep = rows.min(r);
-                        for u in rows - keep..rows {
-                            ring_data[*head * c..(*head + 1) * c]
-                                .copy_from_slice(&normed[u * c..(u + 1) * c]);
-                            *head = (*head + 1) % r;
-                        }
-                    }
-                }
-                profile::add(Stage::Conv, clock);
-                ring.unknown = ring.unknown.saturating_sub(rows);
-                t += rows;
             }
-            row0 += p.t1 - p.t0;
-            // The range's last R rows go to the driver when the next range continues this
-            // sequence, or when this piece's ring is local (its state was not updated).
-            let seq_len = seq.ext.len() - (n - 1);
-            let is_local = matches!(ring.rows, RingRows::Local { .. });
-            if is_local || p.t1 < seq_len {
-                let (data, head) = ring.parts();
-                tail = Some(Tail {
-                    seq: p.seq,
-                    rows: ordered(data, *head, r, c),
-                    ends: p.t1 == seq_len,
-                });
+            if let Some(g) = gated_out.as_deref_mut() {
+                g[lr0 * c..(lr0 + rows) * c].copy_from_slice(&out[lr0 * c..(lr0 + rows) * c]);
+            }
+            profile::add(Stage::Gate, clock);
+            // 4. conv + SiLU + residual per segment; earlier rows come from the tile or from
+            // the piece's history ring.
+            let clock = Instant::now();
+            for &(si, a, b, u0) in &segs {
+                let p = pieces[si];
+                if ring.as_ref().is_none_or(|(rp, _)| *rp != si) {
+                    if let Some((rp, old)) = ring.take() {
+                        if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
+                            tail = Some(tl);
+                        }
+                    }
+                    let rg = if p.t0 == 0 {
+                        // States of the sequences starting in this part, in order.
+                        let skip = p.seq - states_base;
+                        let (_, rest) = std::mem::take(&mut states_left).split_at_mut(skip);
+                        let (st, rest) = rest.split_first_mut().expect("a state per sequence");
+                        states_left = rest;
+                        states_base = p.seq + 1;
+                        Ring {
+                            rows: RingRows::State(st),
+                            unknown: 0,
+                        }
+                    } else {
+                        Ring {
+                            rows: RingRows::Local {
+                                data: vec![0.0; r * c],
+                                head: 0,
+                            },
+                            unknown: r,
+                        }
+                    };
+                    ring = Some((si, rg));
+                }
+                let rg = &mut ring.as_mut().unwrap().1;
+                let len = b - a;
+                self.conv_segment(
+                    rg,
+                    &normed[u0 * c..(u0 + len) * c],
+                    a,
+                    p,
+                    lr0 + u0,
+                    out,
+                    &mut fixups,
+                );
+            }
+            profile::add(Stage::Conv, clock);
+            done += rows;
+        }
+        if let Some((rp, old)) = ring.take() {
+            if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
+                tail = Some(tl);
             }
         }
         Ok(PartResult { fixups, tail })
+    }
+
+    /// Convolves `len` rows of one piece (normalised rows `seg`, sequence positions
+    /// `t..t+len`, part-local output rows from `lr0`), reading earlier rows from the ring,
+    /// then pushes the rows into the ring. Rows with taps into a neighbour's unknown rows keep
+    /// their partial sums for the fix-up.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_segment(
+        &self,
+        ring: &mut Ring<'_>,
+        seg: &[f32],
+        t: usize,
+        p: Piece,
+        lr0: usize,
+        out: &mut [f32],
+        fixups: &mut Vec<Fixup>,
+    ) {
+        let cfg = self.e.config();
+        let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
+        let c = cfg.hc_mult * cfg.hidden_size;
+        let rows = seg.len() / c;
+        let unknown = ring.unknown;
+        let (ring_data, head) = ring.parts();
+        let mut rows_k: Vec<Option<&[f32]>> = vec![None; taps];
+        let mut ybuf = vec![0.0f32; c];
+        for u in 0..rows {
+            let mut partial = false;
+            for (k, slot) in rows_k.iter_mut().enumerate() {
+                let back = (taps - 1 - k) * n;
+                *slot = if u >= back {
+                    Some(&seg[(u - back) * c..(u - back + 1) * c])
+                } else {
+                    // Logical ring row (0 = oldest of R).
+                    let j = r + u - back;
+                    if j < unknown {
+                        partial = true;
+                        None
+                    } else {
+                        let phys = (*head + j) % r;
+                        Some(&ring_data[phys * c..(phys + 1) * c])
+                    }
+                };
+            }
+            let lr = lr0 + u;
+            if partial {
+                kernels::conv_row_pre(self.isa, &self.fw.conv_w, &rows_k, &mut ybuf);
+                fixups.push(Fixup {
+                    seq: p.seq,
+                    row: p.base + t + u,
+                    t: t + u,
+                    y: ybuf.clone(),
+                });
+            } else {
+                kernels::conv_row(
+                    self.isa,
+                    &self.fw.conv_w,
+                    &rows_k,
+                    &mut out[lr * c..(lr + 1) * c],
+                );
+            }
+        }
+        // Push the rows into the ring (only the last R matter).
+        if r > 0 {
+            let keep = rows.min(r);
+            for u in rows - keep..rows {
+                ring_data[*head * c..(*head + 1) * c].copy_from_slice(&seg[u * c..(u + 1) * c]);
+                *head = (*head + 1) % r;
+            }
+        }
+        ring.unknown = ring.unknown.saturating_sub(rows);
+    }
+
+    /// The last R rows of a finished piece, when the next range needs them (its sequence
+    /// goes on) or its ring was local (its state was not updated in place).
+    fn finish_piece(
+        &self,
+        p: &Piece,
+        mut ring: Ring<'_>,
+        seqs: &[SeqInput<'_>],
+        r: usize,
+        c: usize,
+    ) -> Option<Tail> {
+        let n1 = self.e.config().max_ngram_size - 1;
+        let seq_len = seqs[p.seq].ext.len() - n1;
+        let is_local = matches!(ring.rows, RingRows::Local { .. });
+        if is_local || p.t1 < seq_len {
+            let (data, head) = ring.parts();
+            Some(Tail {
+                seq: p.seq,
+                rows: ordered(data, *head, r, c),
+                ends: p.t1 == seq_len,
+            })
+        } else {
+            None
+        }
     }
 
     /// Completes the rows at range starts with the neighbour's last normalised rows, and

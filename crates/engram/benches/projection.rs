@@ -1,0 +1,34 @@
+//! The projection GEMM ([Dm] -> [(1+HC)·D], default shape) for f32 and bf16: tokens/s and
+//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token).
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use engram::fused::proj::Projection;
+use engram::DType;
+
+fn bench(c: &mut Criterion) {
+    let (k, d, mats) = (1024usize, 1024usize, 5usize);
+    let w: Vec<Vec<f32>> = (0..mats)
+        .map(|m| {
+            (0..d * k)
+                .map(|i| ((i * 7 + m) % 113) as f32 / 113.0 - 0.5)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[f32]> = w.iter().map(|m| m.as_slice()).collect();
+    let mut grp = c.benchmark_group("projection");
+    grp.sample_size(10);
+    for dtype in [DType::F32, DType::Bf16] {
+        let p = Projection::pack(&refs, k, dtype);
+        for rows in [64usize, 256] {
+            let x: Vec<f32> = (0..rows * k).map(|i| (i % 97) as f32 / 97.0).collect();
+            let mut y = vec![0.0f32; rows * p.n()];
+            grp.throughput(Throughput::Elements(rows as u64));
+            grp.bench_function(format!("{dtype:?}/rows{rows}/1thread"), |b| {
+                b.iter(|| p.matmul(&x, rows, &mut y, 1))
+            });
+        }
+    }
+    grp.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
