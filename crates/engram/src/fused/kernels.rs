@@ -538,6 +538,46 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// `sum_j a[j] · b[j]` (the small-M projection's inner step).
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let body = a.len() / LANES * LANES;
+        let (ac, _) = a[..body].as_chunks::<LANES>();
+        let (bc, _) = b[..body].as_chunks::<LANES>();
+        let (mut s0, mut s1) = (S::splat(0.0), S::splat(0.0));
+        let mut pairs = ac.chunks_exact(2).zip(bc.chunks_exact(2));
+        for (x, y) in pairs.by_ref() {
+            s0 = S::fma(S::load(&x[0]), S::load(&y[0]), s0);
+            s1 = S::fma(S::load(&x[1]), S::load(&y[1]), s1);
+        }
+        if ac.len() % 2 == 1 {
+            let i = ac.len() - 1;
+            s0 = S::fma(S::load(&ac[i]), S::load(&bc[i]), s0);
+        }
+        let mut t = S::hsum(S::add(s0, s1));
+        for j in body..a.len() {
+            t = S::madd(a[j], b[j], t);
+        }
+        t
+    }
+}
+
+dispatch! {
+    /// `y += a · x` (the small-M projection's inner step).
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let body = y.len() / LANES * LANES;
+        let av = S::splat(a);
+        let (yc, _) = y[..body].as_chunks_mut::<LANES>();
+        let (xc, _) = x[..body].as_chunks::<LANES>();
+        for (yv, xv) in yc.iter_mut().zip(xc) {
+            S::store(S::fma(av, S::load(xv), S::load(yv)), yv);
+        }
+        for j in body..y.len() {
+            y[j] = S::madd(a, x[j], y[j]);
+        }
+    }
+}
+
 /// `acc += w · x` element-wise: 16-wide body, scalar tail.
 #[inline(always)]
 fn fma_rows<S: Simd16>(acc: &mut [f32], w: &[f32], x: &[f32]) {

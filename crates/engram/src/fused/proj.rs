@@ -16,8 +16,8 @@ const MR: usize = 6;
 
 #[derive(Debug, Clone)]
 enum Packed {
-    /// [K, N] row-major f32.
-    F32(Vec<f32>),
+    /// [K, N] row-major f32 (for the GEMM) and [N, K] (PyTorch layout, for few rows).
+    F32(Vec<f32>, Vec<f32>),
     /// [N/NR][K/2][NR][2] bf16 (K padded to even, N padded to NR).
     Bf16Panels(Vec<bf16>),
     /// [K, N] f32 holding bf16-rounded values (fallback without AVX512-BF16).
@@ -62,7 +62,7 @@ impl Projection {
             col0 += rows;
         }
         let packed = match dtype {
-            DType::F32 => Packed::F32(kn),
+            DType::F32 => Packed::F32(kn, mats.concat()),
             DType::Bf16 if has_avx512bf16() => {
                 let (kp, np) = (k.div_ceil(2), n.div_ceil(NR) * NR);
                 let mut v = vec![bf16::ZERO; np / NR * kp * NR * 2];
@@ -97,7 +97,7 @@ impl Projection {
     /// Storage type.
     pub fn dtype(&self) -> DType {
         match self.packed {
-            Packed::F32(_) => DType::F32,
+            Packed::F32(..) => DType::F32,
             _ => DType::Bf16,
         }
     }
@@ -113,7 +113,8 @@ impl Projection {
         debug_assert_eq!(x.len(), rows * k);
         debug_assert_eq!(y.len(), rows * n);
         match &self.packed {
-            Packed::F32(w) => gemm_f32(x, w, y, rows, k, n, threads),
+            Packed::F32(_, nk) if rows <= SMALL_M => small_m_f32(x, nk, y, rows, k, n, threads),
+            Packed::F32(kn, _) => gemm_f32(x, kn, y, rows, k, n, threads),
             Packed::Bf16AsF32(w) => {
                 let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
                 gemm_f32(&xr, w, y, rows, k, n, threads)
@@ -125,6 +126,51 @@ impl Projection {
             }
             #[cfg(not(target_arch = "x86_64"))]
             Packed::Bf16Panels(_) => unreachable!("bf16 panels are only packed on x86-64"),
+        }
+    }
+}
+
+/// Up to this many rows (decode steps of small batches) the f32 product streams the weights
+/// once itself instead of calling a GEMM that packs them first.
+const SMALL_M: usize = 8;
+
+/// `y = x · Wᵀ` for few rows, from W in PyTorch layout ([N, K]): each weight row is read
+/// once, in order, and dotted with every row of x (which stay in L1); outputs are split
+/// across threads.
+fn small_m_f32(
+    x: &[f32],
+    w_nk: &[f32],
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    let isa = super::kernels::Isa::detect();
+    let parts = threads.clamp(1, n.div_ceil(256));
+    let width = n.div_ceil(parts);
+    // yt: [n, m] (output-major), so that each part writes one contiguous block.
+    let mut yt = vec![0.0f32; n * m];
+    let run = |o0: usize, block: &mut [f32]| {
+        for (i, out) in block.chunks_mut(m).enumerate() {
+            let o = o0 + i;
+            let wrow = &w_nk[o * k..(o + 1) * k];
+            for (r, v) in out.iter_mut().enumerate() {
+                *v = super::kernels::dot(isa, &x[r * k..(r + 1) * k], wrow);
+            }
+        }
+    };
+    if parts > 1 {
+        use rayon::prelude::*;
+        yt.par_chunks_mut(width * m)
+            .enumerate()
+            .for_each(|(p, b)| run(p * width, b));
+    } else {
+        run(0, &mut yt);
+    }
+    for o in 0..n {
+        for r in 0..m {
+            y[r * n + o] = yt[o * m + r];
         }
     }
 }
