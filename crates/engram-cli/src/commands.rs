@@ -20,16 +20,31 @@ fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
     }
 }
 
+/// Where the input ids come from: an inputs file or a text.
+#[derive(Args)]
+pub struct IdSource {
+    /// Inputs file: `input_ids` int64 [B, L] (for `forward` also `hidden_states` f32
+    /// [B, L, HC, D]; or a ragged batch: `input_ids` [T], `hidden_states` [T, HC, D] and
+    /// `offsets` int64 [S+1]).
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Text to tokenize in place of `input_ids` (B = 1).
+    #[arg(long)]
+    text: Option<String>,
+    /// Do not prepend BOS to --text.
+    #[arg(long)]
+    no_bos: bool,
+}
+
 /// Input ids `[B, L]` from `--text` or the inputs file.
 fn read_ids(
     inputs: Option<&TensorFile>,
-    text: &Option<String>,
+    src: &IdSource,
     cfg: &EngramConfig,
-    no_bos: bool,
 ) -> Result<(Vec<i64>, usize, usize)> {
-    if let Some(t) = text {
+    if let Some(t) = &src.text {
         let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
-        let ids = tok.encode(t, !no_bos)?;
+        let ids = tok.encode(t, !src.no_bos)?;
         if ids.is_empty() {
             bail!("--text: the text tokenizes to no ids; give a non-empty text");
         }
@@ -57,16 +72,8 @@ pub struct ForwardArgs {
     /// State-dict safetensors file.
     #[arg(long)]
     weights: PathBuf,
-    /// Inputs: `input_ids` int64 [B, L] and `hidden_states` f32 [B, L, HC, D]; or a ragged
-    /// batch: `input_ids` [T], `hidden_states` [T, HC, D] and `offsets` int64 [S+1].
-    #[arg(long)]
-    inputs: Option<PathBuf>,
-    /// Text to tokenize in place of `input_ids` (B = 1).
-    #[arg(long)]
-    text: Option<String>,
-    /// Do not prepend BOS to --text.
-    #[arg(long)]
-    no_bos: bool,
+    #[command(flatten)]
+    src: IdSource,
     /// With --text and no --inputs: hidden states = torch.randn(1, L, HC, D) after
     /// torch.manual_seed(SEED).
     #[arg(long, value_name = "SEED")]
@@ -101,7 +108,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     if a.chunk == Some(0) {
         bail!("--chunk: expected a chunk length >= 1, found 0");
     }
-    let inputs = a.inputs.as_ref().map(TensorFile::open).transpose()?;
+    let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
     let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
     let t0 = Instant::now();
     let e = Engram::load(cfg.clone(), &a.weights)?.with_dtype(dtype);
@@ -110,7 +117,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     // Sequences as (ids, hidden) over packed rows with offsets.
     let (ids, hidden, offsets, batch_shape) = if ragged {
         let f = inputs.as_ref().unwrap();
-        if a.text.is_some() {
+        if a.src.text.is_some() {
             bail!("--text cannot be combined with a ragged inputs file (it has `offsets`)");
         }
         let ids = f.i64("input_ids", None)?;
@@ -133,7 +140,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         let offsets: Vec<usize> = off.data.iter().map(|&o| o as usize).collect();
         (ids.data, hidden.data, offsets, None)
     } else {
-        let (ids, b, l) = read_ids(inputs.as_ref(), &a.text, &cfg, a.no_bos)?;
+        let (ids, b, l) = read_ids(inputs.as_ref(), &a.src, &cfg)?;
         let hidden = match (&inputs, a.random_hidden) {
             (_, Some(seed)) => {
                 engram::rng::torch::TorchGenerator::manual_seed(seed).randn(b * l * hc * d)
@@ -261,15 +268,8 @@ pub struct HashArgs {
     /// Config JSON; the default config when omitted.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Inputs with `input_ids` int64 [B, L].
-    #[arg(long)]
-    inputs: Option<PathBuf>,
-    /// Text to tokenize in place of `input_ids`.
-    #[arg(long)]
-    text: Option<String>,
-    /// Do not prepend BOS to --text.
-    #[arg(long)]
-    no_bos: bool,
+    #[command(flatten)]
+    src: IdSource,
     /// Output: `layer{l}` int64 [B, L, H] for every l in layer_ids.
     #[arg(long)]
     out: PathBuf,
@@ -277,8 +277,8 @@ pub struct HashArgs {
 
 pub fn hash(a: HashArgs) -> Result<ExitCode> {
     let cfg = load_config(&a.config)?;
-    let inputs = a.inputs.as_ref().map(TensorFile::open).transpose()?;
-    let (ids, b, l) = read_ids(inputs.as_ref(), &a.text, &cfg, a.no_bos)?;
+    let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+    let (ids, b, l) = read_ids(inputs.as_ref(), &a.src, &cfg)?;
     let m = NgramHashMapping::new(&cfg, compression_for(&cfg)?)?;
     let hashes: Vec<Vec<i64>> = m
         .layers()

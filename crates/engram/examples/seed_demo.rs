@@ -13,7 +13,10 @@ fn main() -> engram::Result<()> {
     let (weights, mut g) = torch_default_weights(&cfg, &hashing, 42, &mut |_| {})?;
     let layer = Engram::new(cfg.clone(), hashing, weights)?;
 
-    let ids = tok.encode("Only Alexander the Great could tame the horse Bucephalus.", true)?;
+    let ids = tok.encode(
+        "Only Alexander the Great could tame the horse Bucephalus.",
+        true,
+    )?;
     let hidden = demo_hidden_states(&mut g, &cfg, ids.len()); // [1, L, HC, D]
     let out = layer.forward(&ids, &hidden, 1, ids.len(), ForwardPath::Fused)?;
     println!("gates {:?}", &out.gates[..4]);
@@ -22,7 +25,12 @@ fn main() -> engram::Result<()> {
     let mut state = layer.new_state();
     let c = cfg.hc_mult * cfg.hidden_size;
     for t in 0..ids.len() {
-        let step = layer.forward_chunk(&mut state, &ids[t..t + 1], &hidden[t * c..(t + 1) * c], ForwardPath::Fused)?;
+        let step = layer.forward_chunk(
+            &mut state,
+            &ids[t..t + 1],
+            &hidden[t * c..(t + 1) * c],
+            ForwardPath::Fused,
+        )?;
         assert!((step.output[0] - out.output[t * c]).abs() < 1e-5);
     }
     println!("token-by-token decode matches the one-shot forward");

@@ -425,10 +425,37 @@ impl Engram {
         len: usize,
         path: ForwardPath,
     ) -> Result<Stages> {
+        self.forward_batch(input_ids, hidden, batch, len, path, false)
+    }
+
+    /// [`Engram::forward`] that also keeps `gated_value` and `short_conv` on the fused path
+    /// (an extra [B, L, HC, D] buffer; for inspection and the demo).
+    pub fn forward_detailed(
+        &self,
+        input_ids: &[i64],
+        hidden: &[f32],
+        batch: usize,
+        len: usize,
+        path: ForwardPath,
+    ) -> Result<Stages> {
+        self.forward_batch(input_ids, hidden, batch, len, path, true)
+    }
+
+    /// B fresh sequences of length L as a ragged call, reshaped to [B, L, ...].
+    fn forward_batch(
+        &self,
+        input_ids: &[i64],
+        hidden: &[f32],
+        batch: usize,
+        len: usize,
+        path: ForwardPath,
+        keep: bool,
+    ) -> Result<Stages> {
         self.check_inputs(input_ids, hidden, batch, len)?;
         let mut states: Vec<EngramState> = (0..batch).map(|_| self.new_state()).collect();
         let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
-        let mut s = self.forward_ragged(&mut states, input_ids, hidden, &offsets, path)?;
+        let mut s =
+            self.forward_ragged_with(&mut states, input_ids, hidden, &offsets, path, keep)?;
         s.batch = batch;
         s.len = len;
         Ok(s)
@@ -464,26 +491,6 @@ impl Engram {
         path: ForwardPath,
     ) -> Result<Stages> {
         self.forward_ragged_with(states, ids, hidden, offsets, path, false)
-    }
-
-    /// [`Engram::forward`] that also keeps `gated_value` and `short_conv` on the fused path
-    /// (an extra [B, L, HC, D] buffer; for inspection and the demo).
-    pub fn forward_detailed(
-        &self,
-        input_ids: &[i64],
-        hidden: &[f32],
-        batch: usize,
-        len: usize,
-        path: ForwardPath,
-    ) -> Result<Stages> {
-        self.check_inputs(input_ids, hidden, batch, len)?;
-        let mut states: Vec<EngramState> = (0..batch).map(|_| self.new_state()).collect();
-        let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
-        let mut s =
-            self.forward_ragged_with(&mut states, input_ids, hidden, &offsets, path, true)?;
-        s.batch = batch;
-        s.len = len;
-        Ok(s)
     }
 
     fn forward_ragged_with(

@@ -15,16 +15,6 @@ fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
-fn small() -> Engram {
-    let cfg = small_config();
-    Engram::load_with(
-        cfg.clone(),
-        mapping(&cfg),
-        golden("small.weights.safetensors"),
-    )
-    .unwrap()
-}
-
 #[test]
 fn config_errors_name_the_field() {
     let cases = [
@@ -69,7 +59,7 @@ fn config_json_round_trip() {
 
 #[test]
 fn id_out_of_range_names_position() {
-    let e = small();
+    let e = small_engram();
     let mut ids = vec![5i64; 6];
     ids[4] = 128815;
     let hidden = vec![0.1f32; 6 * 4096];
@@ -101,7 +91,7 @@ fn id_out_of_range_names_position() {
 
 #[test]
 fn hidden_states_shape_and_nan() {
-    let e = small();
+    let e = small_engram();
     let ids = vec![5i64; 3];
     let err = e
         .forward(&ids, &vec![0.0; 3 * 4096 - 1], 1, 3, ForwardPath::Fused)
@@ -123,7 +113,7 @@ fn hidden_states_shape_and_nan() {
 
 #[test]
 fn ragged_offsets_and_state_checked() {
-    let e = small();
+    let e = small_engram();
     let ids = vec![5i64; 4];
     let h = vec![0.0f32; 4 * 4096];
     let mut st = vec![e.new_state(), e.new_state()];
@@ -245,7 +235,7 @@ fn weights_file_errors_name_the_tensor() {
 #[test]
 fn weights_save_load_round_trip_f32_and_bf16() {
     let cfg = small_config();
-    let e = small();
+    let e = small_engram();
     let p = tmp("roundtrip.safetensors");
     e.weights().save(&p, &cfg, false).unwrap();
     let back = Engram::load_with(cfg.clone(), mapping(&cfg), &p).unwrap();

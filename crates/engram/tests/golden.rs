@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use engram::{Engram, ForwardPath};
+use engram::ForwardPath;
 
 /// f32 tolerance on every element of every stage (golden/README: reordered f32 sums land
 /// within ~1e-6 relative; 1e-4 absolute is safe).
@@ -84,16 +84,6 @@ fn small_primes_match_stage_metadata() {
     let mm: Vec<i64> = serde_json::from_str(&f.metadata()["multipliers"]).unwrap();
     assert_eq!(m.layer(15).unwrap().primes, p);
     assert_eq!(m.layer(15).unwrap().multipliers, mm);
-}
-
-fn small_engram() -> Engram {
-    let cfg = small_config();
-    Engram::load_with(
-        cfg.clone(),
-        mapping(&cfg),
-        golden("small.weights.safetensors"),
-    )
-    .unwrap()
 }
 
 /// Every case of `small`, every stage the path keeps, on every path.

@@ -114,13 +114,8 @@ proptest! {
 #[test]
 fn golden_cases_split_several_ways() {
     let f = open("small.stages.safetensors");
-    let cfg = small_config();
-    let e = engram::Engram::load_with(
-        cfg.clone(),
-        mapping(&cfg),
-        golden("small.weights.safetensors"),
-    )
-    .unwrap();
+    let e = small_engram();
+    let cfg = e.config().clone();
     let c = cfg.hc_mult * cfg.hidden_size;
     for case in ["seed_text", "long"] {
         let ids = f.i64(&format!("{case}.input_ids"), None).unwrap().data;

@@ -168,7 +168,7 @@ impl<const FMA: bool> Simd16 for Arr<FMA> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Simd16, LANES};
+    use super::{Simd16, EXP_HI, EXP_LO, EXP_POLY, LANES, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
     /// AVX2 + FMA lanes: two 8-wide registers. Only used inside
@@ -243,23 +243,17 @@ mod x86 {
         unsafe {
             let x = _mm256_sub_ps(_mm256_setzero_ps(), y);
             let x = _mm256_min_ps(
-                _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
-                _mm256_set1_ps(88.3),
+                _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
+                _mm256_set1_ps(EXP_HI),
             );
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                 _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
             );
-            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
-            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
-            let mut p = _mm256_set1_ps(1.987_569_1e-4);
-            for c in [
-                1.398_199_9e-3f32,
-                8.333_452e-3,
-                4.166_579_6e-2,
-                1.666_666_5e-1,
-                0.5,
-            ] {
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+            let mut p = _mm256_set1_ps(EXP_POLY[0]);
+            for c in &EXP_POLY[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
             }
             p = _mm256_add_ps(
                 _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
@@ -321,23 +315,17 @@ mod x86 {
             unsafe {
                 let x = _mm512_sub_ps(_mm512_setzero_ps(), y);
                 let x = _mm512_min_ps(
-                    _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
-                    _mm512_set1_ps(88.3),
+                    _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
+                    _mm512_set1_ps(EXP_HI),
                 );
                 let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                     _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
                 );
-                let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x);
-                let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
-                let mut p = _mm512_set1_ps(1.987_569_1e-4);
-                for c in [
-                    1.398_199_9e-3f32,
-                    8.333_452e-3,
-                    4.166_579_6e-2,
-                    1.666_666_5e-1,
-                    0.5,
-                ] {
-                    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+                let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+                let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+                let mut p = _mm512_set1_ps(EXP_POLY[0]);
+                for c in &EXP_POLY[1..] {
+                    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
                 }
                 p = _mm512_add_ps(
                     _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
@@ -356,6 +344,23 @@ mod x86 {
 
 /// Lanes of the partial sums: 16 f32 = one AVX-512 register, two AVX2 registers.
 pub const LANES: usize = 16;
+
+/// Range of x for which e^x is a normal f32.
+const EXP_LO: f32 = -87.3;
+const EXP_HI: f32 = 88.3;
+/// ln 2 split in two for the reduction r = x - n·ln2 (Cephes: C1 = 0.693359375,
+/// C2 = -2.12194440e-4).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Polynomial of e^r - 1 - r over r², highest degree first (Cephes `expf`).
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
 
 /// e^x for f32, Cephes-style: x = n·ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n by
 /// exponent bits. Relative error ~2 ulp; branch-free so that it vectorises.

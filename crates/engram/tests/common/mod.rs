@@ -31,6 +31,17 @@ pub fn small_config() -> EngramConfig {
     EngramConfig::from_json_file(golden("small.config.json")).unwrap()
 }
 
+/// The golden `small` layer (layer 15, small tables) with its reference weights.
+pub fn small_engram() -> engram::Engram {
+    let cfg = small_config();
+    engram::Engram::load_with(
+        cfg.clone(),
+        mapping(&cfg),
+        golden("small.weights.safetensors"),
+    )
+    .unwrap()
+}
+
 pub fn mapping(cfg: &EngramConfig) -> Arc<NgramHashMapping> {
     Arc::new(NgramHashMapping::new(cfg, compression()).unwrap())
 }
