@@ -28,6 +28,17 @@ fn small_cfg(
     }
 }
 
+/// Bound between two splittings of the same rows (chunks, ragged packings, decode steps).
+/// Allowed exception: the `gemm` crate path (f32 without AVX-512) sums a row's projection in
+/// an order that depends on the tile's row count, so there the bound is 1e-5.
+fn split_tol(e: &engram::Engram, path: ForwardPath) -> f32 {
+    if path == ForwardPath::Reference || e.fused_weights().split_invariant() {
+        1e-6
+    } else {
+        1e-5
+    }
+}
+
 fn max_err(a: &[f32], b: &[f32]) -> f32 {
     max_abs_diff(a, b).0
 }
@@ -82,7 +93,8 @@ proptest! {
             k += 1;
         }
         prop_assert_eq!(&hashes, &whole.hash_ids);
-        prop_assert!(max_err(&out, &whole.output) <= 1e-6, "err {}", max_err(&out, &whole.output));
+        let tol = split_tol(&e, path);
+        prop_assert!(max_err(&out, &whole.output) <= tol, "err {}", max_err(&out, &whole.output));
         prop_assert_eq!(st.position(), len as u64);
     }
 
@@ -103,7 +115,7 @@ proptest! {
             for (s, w) in offsets.windows(2).enumerate() {
                 if w[0] == w[1] { continue; }
                 let alone = e.forward(&ids[w[0]..w[1]], &hidden[w[0] * c..w[1] * c], 1, w[1] - w[0], path).unwrap();
-                prop_assert!(max_err(&packed.output[w[0] * c..w[1] * c], &alone.output) <= 1e-6, "{:?} seq {}", path, s);
+                prop_assert!(max_err(&packed.output[w[0] * c..w[1] * c], &alone.output) <= split_tol(&e, path), "{:?} seq {}", path, s);
                 prop_assert_eq!(states[s].position(), (w[1] - w[0]) as u64);
             }
         }
@@ -213,7 +225,7 @@ fn state_save_restore_continue() {
             let b = &second.output[o2[s] * c..o2[s + 1] * c];
             let got: Vec<f32> = a.iter().chain(b).copied().collect();
             assert!(
-                max_err(&got, &want.output[w[0] * c..w[1] * c]) <= 1e-6,
+                max_err(&got, &want.output[w[0] * c..w[1] * c]) <= split_tol(&e, path),
                 "{path:?} seq {s}"
             );
             assert_eq!(restored[s].conv_history(), whole[s].conv_history());
@@ -252,7 +264,10 @@ fn decode_steps_equal_one_shot() {
             }
             let want = e.forward(&ids, &hidden, b, steps, path).unwrap();
             let err = max_err(&got, &want.output);
-            assert!(err <= 1e-6, "{path:?} threads {threads}: {err}");
+            assert!(
+                err <= split_tol(&e, path),
+                "{path:?} threads {threads}: {err}"
+            );
         }
     }
 }

@@ -30,10 +30,10 @@ use std::time::Instant;
 /// tiles are large enough to amortise that.
 pub const TILE: usize = 256;
 
-/// Rows per tile: with weights packed once (the bf16 kernel), a tile small enough that its
+/// Rows per tile: with weights packed once (our kernels), a tile small enough that its
 /// projections stay in L2 for the gate kernel.
 fn tile_rows(fw: &FusedWeights) -> usize {
-    if fw.proj.uses_bf16_kernel() {
+    if fw.proj.uses_own_kernel() {
         std::env::var("ENGRAM_TILE")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -122,6 +122,15 @@ impl FusedWeights {
     /// The storage type of the projection.
     pub fn dtype(&self) -> DType {
         self.proj.dtype()
+    }
+
+    /// Whether each row's projection is summed in the same order whatever the tile's row
+    /// count (our microkernels: one FMA chain over k). Then any split of a sequence into
+    /// chunks gives bit-identical projections. The `gemm` crate (CPUs without AVX-512, f32)
+    /// picks its blocking by size, so there chunked and one-shot results differ by rounding
+    /// (a few 1e-6 at most in our tests).
+    pub fn split_invariant(&self) -> bool {
+        self.proj.uses_own_kernel()
     }
 }
 

@@ -16,8 +16,12 @@ const MR: usize = 6;
 
 #[derive(Debug, Clone)]
 enum Packed {
-    /// [K, N] row-major f32 (for the GEMM) and [N, K] (PyTorch layout, for few rows).
+    /// [K, N] row-major f32 (for the `gemm` crate) and [N, K] (PyTorch layout, for few rows).
     F32(Vec<f32>, Vec<f32>),
+    /// [N/NR][K][NR] f32 panels for our AVX-512 microkernel, used for every row count: each
+    /// output is one FMA chain over k in order, whatever M, so a row's projection is
+    /// bit-identical however a sequence is split into chunks.
+    F32Panels(Vec<f32>),
     /// [N/NR][K/2][NR][2] bf16 (K padded to even, N padded to NR).
     Bf16Panels(Vec<bf16>),
     /// [K, N] f32 holding bf16-rounded values (fallback without AVX512-BF16).
@@ -30,6 +34,10 @@ pub struct Projection {
     k: usize,
     n: usize,
     packed: Packed,
+}
+
+fn has_avx512() -> bool {
+    super::kernels::Isa::detect() == super::kernels::Isa::Avx512
 }
 
 fn has_avx512bf16() -> bool {
@@ -46,8 +54,15 @@ fn has_avx512bf16() -> bool {
 }
 
 impl Projection {
-    /// Packs `mats` (each [D, K] in PyTorch layout, stacked along the output dim).
+    /// Packs `mats` (each [D, K] in PyTorch layout, stacked along the output dim) for the
+    /// fastest kernel this CPU runs.
     pub fn pack(mats: &[&[f32]], k: usize, dtype: DType) -> Self {
+        Self::pack_with(mats, k, dtype, true)
+    }
+
+    /// [`Projection::pack`]; `own_kernels = false` keeps to the `gemm` crate for f32 (and the
+    /// widened fallback for bf16), which is what CPUs without AVX-512 run.
+    pub fn pack_with(mats: &[&[f32]], k: usize, dtype: DType, own_kernels: bool) -> Self {
         let n: usize = mats.iter().map(|m| m.len() / k).sum();
         // W_allᵀ as [K, N].
         let mut kn = vec![0.0f32; k * n];
@@ -62,8 +77,23 @@ impl Projection {
             col0 += rows;
         }
         let packed = match dtype {
+            DType::F32 if own_kernels && has_avx512() => {
+                let np = n.div_ceil(NR) * NR;
+                let mut v = vec![0.0f32; np * k];
+                for panel in 0..np / NR {
+                    for kk in 0..k {
+                        for c in 0..NR {
+                            let col = panel * NR + c;
+                            if col < n {
+                                v[(panel * k + kk) * NR + c] = kn[kk * n + col];
+                            }
+                        }
+                    }
+                }
+                Packed::F32Panels(v)
+            }
             DType::F32 => Packed::F32(kn, mats.concat()),
-            DType::Bf16 if has_avx512bf16() => {
+            DType::Bf16 if own_kernels && has_avx512bf16() => {
                 let (kp, np) = (k.div_ceil(2), n.div_ceil(NR) * NR);
                 let mut v = vec![bf16::ZERO; np / NR * kp * NR * 2];
                 for panel in 0..np / NR {
@@ -97,14 +127,15 @@ impl Projection {
     /// Storage type.
     pub fn dtype(&self) -> DType {
         match self.packed {
-            Packed::F32(..) => DType::F32,
+            Packed::F32(..) | Packed::F32Panels(_) => DType::F32,
             _ => DType::Bf16,
         }
     }
 
-    /// Whether the AVX512-BF16 microkernel runs.
-    pub fn uses_bf16_kernel(&self) -> bool {
-        matches!(self.packed, Packed::Bf16Panels(_))
+    /// Whether one of our microkernels runs on weights packed once (so that small tiles
+    /// cost no re-packing).
+    pub fn uses_own_kernel(&self) -> bool {
+        matches!(self.packed, Packed::Bf16Panels(_) | Packed::F32Panels(_))
     }
 
     /// `y[rows, N] = x[rows, K] · W`, on `threads` threads.
@@ -115,6 +146,13 @@ impl Projection {
         match &self.packed {
             Packed::F32(_, nk) if rows <= SMALL_M => small_m_f32(x, nk, y, rows, k, n, threads),
             Packed::F32(kn, _) => gemm_f32(x, kn, y, rows, k, n, threads),
+            #[cfg(target_arch = "x86_64")]
+            Packed::F32Panels(w) => {
+                // SAFETY: `F32Panels` is only built when the CPU has AVX-512F.
+                unsafe { f32_avx512::matmul(x, w, y, rows, k, n, threads) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Packed::F32Panels(_) => unreachable!("f32 panels are only packed on x86-64"),
             Packed::Bf16AsF32(w) => {
                 let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
                 gemm_f32(&xr, w, y, rows, k, n, threads)
@@ -206,6 +244,90 @@ fn gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, t
             false,
             par,
         );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod f32_avx512 {
+    use super::{MR, NR};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// Driver: every (column panel, block of MR rows) through the 6×64 microkernel; panels
+    /// write their columns of y directly; the tails of M use fewer rows, N is padded.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    pub unsafe fn matmul(
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) {
+        let panels = n.div_ceil(NR);
+        let yaddr = y.as_mut_ptr() as usize;
+        let work = |panel: usize| {
+            let wpan = &w[panel * k * NR..(panel + 1) * k * NR];
+            let cols = NR.min(n - panel * NR);
+            let mut buf = [0.0f32; MR * NR];
+            let mut r0 = 0;
+            while r0 < m {
+                let mr = (m - r0).min(MR);
+                // SAFETY: the caller guarantees AVX-512F; slices are in bounds.
+                unsafe { kernel(&x[r0 * k..(r0 + mr) * k], k, mr, wpan, &mut buf[..mr * NR]) };
+                for r in 0..mr {
+                    // SAFETY: panels write disjoint column ranges [panel·NR, panel·NR + cols) of
+                    // rows r0..r0+mr of y ([m, n]); no two threads touch the same element.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (yaddr as *mut f32).add((r0 + r) * n + panel * NR),
+                            cols,
+                        )
+                    };
+                    dst.copy_from_slice(&buf[r * NR..r * NR + cols]);
+                }
+                r0 += mr;
+            }
+        };
+        if threads > 1 {
+            (0..panels).into_par_iter().for_each(work);
+        } else {
+            (0..panels).for_each(work);
+        }
+    }
+
+    /// y[mr, 64] = x[mr, k] · panel[k, 64]: 6×4 zmm accumulators, one broadcast of x and four
+    /// loads of the panel per k.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel(x: &[f32], k: usize, mr: usize, w: &[f32], y: &mut [f32]) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+        let wp = w.as_ptr();
+        for kk in 0..k {
+            // SAFETY: the panel holds k·NR floats = 4 zmm per k; kk < k.
+            let b: [__m512; 4] = unsafe {
+                [
+                    _mm512_loadu_ps(wp.add(kk * NR)),
+                    _mm512_loadu_ps(wp.add(kk * NR + 16)),
+                    _mm512_loadu_ps(wp.add(kk * NR + 32)),
+                    _mm512_loadu_ps(wp.add(kk * NR + 48)),
+                ]
+            };
+            for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                let a = _mm512_set1_ps(x[r * k + kk]);
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_fmadd_ps(a, b[j], *v);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(mr) {
+            for (j, v) in row.iter().enumerate() {
+                // SAFETY: y holds mr·64 floats.
+                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(r * NR + j * 16), *v) };
+            }
+        }
     }
 }
 
@@ -355,8 +477,13 @@ mod tests {
         let b = data(50 * k, 2);
         let x = data(rows * k, 3);
         let want = plain(&x, &[&a, &b], k);
-        for (dtype, tol) in [(DType::F32, 1e-5), (DType::Bf16, 0.08)] {
-            let p = Projection::pack(&[&a, &b], k, dtype);
+        for (dtype, tol, own) in [
+            (DType::F32, 1e-5, true),
+            (DType::F32, 1e-5, false),
+            (DType::Bf16, 0.08, true),
+            (DType::Bf16, 0.08, false),
+        ] {
+            let p = Projection::pack_with(&[&a, &b], k, dtype, own);
             for threads in [1, 2] {
                 let mut y = vec![0.0; rows * 90];
                 p.matmul(&x, rows, &mut y, threads);
