@@ -44,6 +44,38 @@ pub struct BenchArgs {
     /// One JSON line instead of a report.
     #[arg(long)]
     json: bool,
+    /// Measure the FMA peak instead (GFLOP/s of independent FMA chains, per ISA, on one
+    /// core and on all): the yardstick for GEMM efficiency.
+    #[arg(long)]
+    fma_peak: bool,
+}
+
+/// `engram bench --fma-peak`.
+fn fma_peak(json: bool) -> Result<ExitCode> {
+    use engram::fused::kernels::{fma_chains, Isa};
+    let iters = 50_000_000usize;
+    let flops = (iters * 12 * 16 * 2) as f64;
+    let threads = rayon::current_num_threads();
+    let mut rows = Vec::new();
+    for isa in Isa::all_supported() {
+        let t0 = Instant::now();
+        std::hint::black_box(fma_chains(isa, std::hint::black_box(iters)));
+        let one = flops / t0.elapsed().as_secs_f64() / 1e9;
+        let t0 = Instant::now();
+        rayon::broadcast(|_| std::hint::black_box(fma_chains(isa, std::hint::black_box(iters))));
+        let all = threads as f64 * flops / t0.elapsed().as_secs_f64() / 1e9;
+        rows.push(serde_json::json!({"isa": format!("{isa:?}"), "gflops_one_core": one, "gflops_all_cores": all, "threads": threads}));
+        if !json {
+            println!(
+                "{:<8} one core {one:>7.1} GFLOP/s   {threads} cores {all:>7.1} GFLOP/s",
+                format!("{isa:?}")
+            );
+        }
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`).
@@ -65,6 +97,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    if a.fma_peak {
+        return fma_peak(a.json);
+    }
     if a.tokens == 0 || a.batch == 0 || a.runs == 0 {
         bail!(
             "--tokens, --batch and --runs must be >= 1 (found {}, {}, {})",

@@ -7,7 +7,7 @@
 //! (ones, no draw).
 
 use crate::config::EngramConfig;
-use crate::error::Result;
+use crate::error::{EngramError, Result};
 use crate::hashing::NgramHashMapping;
 use crate::rng::torch::TorchGenerator;
 use crate::weights::{EmbeddingTable, EngramWeights};
@@ -23,6 +23,20 @@ pub fn torch_default_weights(
 ) -> Result<(EngramWeights, TorchGenerator)> {
     let layer = hashing.layer(cfg.layer_id)?;
     let rows = layer.table_rows() as usize;
+    // 2^36 floats = 256 GiB: beyond any machine this runs on; refuse instead of aborting in
+    // the allocator.
+    const MAX_TABLE_ELEMS: u128 = 1 << 36;
+    let elems = rows as u128 * cfg.head_dim() as u128;
+    if elems > MAX_TABLE_ELEMS {
+        return Err(EngramError::config(
+            "engram_vocab_size",
+            format!(
+                "a table of at most 2^36 floats to initialise in memory (head_dim {})",
+                cfg.head_dim()
+            ),
+            format!("{rows} rows = {elems} floats"),
+        ));
+    }
     let (d, dm, hc, taps) = (
         cfg.hidden_size,
         cfg.memory_width(),

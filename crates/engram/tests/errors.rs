@@ -287,3 +287,14 @@ fn tokenizer_paths() {
     assert_eq!(t.len(), 128815);
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn init_refuses_tables_beyond_memory() {
+    let cfg = EngramConfig {
+        engram_vocab_size: vec![1 << 39, 1 << 39],
+        ..EngramConfig::default()
+    };
+    let m = mapping(&cfg);
+    let err = engram::init::torch_default_weights(&cfg, &m, 0, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("engram_vocab_size"), "{err}");
+}

@@ -544,6 +544,26 @@ dispatch! {
 }
 
 dispatch! {
+    /// Twelve independent 16-lane FMA chains run `iters` steps (12·16·2·iters FLOPs): the FMA
+    /// peak of one core, used to state GEMM efficiency (`engram bench --fma-peak`). Returns a
+    /// lane sum so that the work is kept.
+    pub fn fma_chains(iters: usize) -> f32 {
+        let (a, b) = (S::splat(1.000_001), S::splat(0.999_999));
+        let mut acc = [S::splat(0.0); 12];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = S::fma(a, b, *v);
+            }
+        }
+        let mut total = S::splat(0.0);
+        for v in acc {
+            total = S::add(total, v);
+        }
+        S::hsum(total)
+    }
+}
+
+dispatch! {
     /// `sum_j a[j] · b[j]` (the small-M projection's inner step).
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         let body = a.len() / LANES * LANES;
