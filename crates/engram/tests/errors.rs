@@ -298,3 +298,55 @@ fn init_refuses_tables_beyond_memory() {
     let err = engram::init::torch_default_weights(&cfg, &m, 0, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("engram_vocab_size"), "{err}");
 }
+
+#[test]
+fn f16_weights_are_widened() {
+    // Every float tensor of the small state dict as float16, written with the safetensors
+    // crate itself.
+    let cfg = small_config();
+    let good = engram::tensors::TensorFile::open(golden("small.weights.safetensors")).unwrap();
+    let mut blobs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for n in good.names() {
+        let (dt, shape) = good.info(&n).unwrap();
+        if dt == safetensors::Dtype::I64 {
+            let v = good.i64(&n, None).unwrap().data;
+            blobs.push((
+                n,
+                dt,
+                shape,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
+        } else {
+            let v = good.f32(&n, None).unwrap().data;
+            let b = v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
+                .collect();
+            blobs.push((n, safetensors::Dtype::F16, shape, b));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = blobs
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let p = tmp("f16.safetensors");
+    safetensors::serialize_to_file(views, None, &p).unwrap();
+    let e16 = Engram::load_with(cfg.clone(), mapping(&cfg), &p).unwrap();
+    assert_eq!(e16.weights().table.dtype_name(), "f16");
+    let want = half::f16::from_f32(small_engram().weights().value_proj_bias[5]).to_f32();
+    assert_eq!(e16.weights().value_proj_bias[5], want);
+    let ids = vec![0i64, 22898, 19737, 270];
+    let h = engram::rng::torch::TorchGenerator::manual_seed(3).randn(4 * 4096);
+    let x = small_engram()
+        .forward(&ids, &h, 1, 4, ForwardPath::Reference)
+        .unwrap();
+    for &path in ForwardPath::ALL {
+        let y = e16.forward(&ids, &h, 1, 4, path).unwrap();
+        assert!(max_abs_diff(&x.output, &y.output).0 < 0.03, "{path:?}");
+    }
+}
