@@ -35,7 +35,7 @@ impl EngramState {
         &self.ngram_history
     }
 
-    /// Last R normalised conv inputs, oldest first: [R, HC·D].
+    /// Last R normalised conv inputs, oldest first: `[R, HC·D]`.
     pub fn conv_history(&self) -> Vec<f32> {
         let r = self.conv_rows();
         if r == 0 {
@@ -87,21 +87,21 @@ pub struct Stages {
     pub batch: usize,
     /// Sequence length L.
     pub len: usize,
-    /// `hash_ids` [B, L, H] (before table offsets).
+    /// `hash_ids` `[B, L, H]` (before table offsets).
     pub hash_ids: Vec<i64>,
-    /// `embeddings` [B, L, Dm].
+    /// `embeddings` `[B, L, Dm]`.
     pub embeddings: Option<Vec<f32>>,
-    /// `value` [B, L, D] (value_proj output).
+    /// `value` `[B, L, D]` (value_proj output).
     pub value: Option<Vec<f32>>,
-    /// `keys` [B, L, HC, D] (key_projs outputs, before RMSNorm).
+    /// `keys` `[B, L, HC, D]` (key_projs outputs, before RMSNorm).
     pub keys: Option<Vec<f32>>,
-    /// `gates` [B, L, HC].
+    /// `gates` `[B, L, HC]`.
     pub gates: Vec<f32>,
-    /// `gated_value` [B, L, HC, D].
+    /// `gated_value` `[B, L, HC, D]`.
     pub gated_value: Option<Vec<f32>>,
-    /// `short_conv` [B, L, HC, D] (after SiLU).
+    /// `short_conv` `[B, L, HC, D]` (after SiLU).
     pub short_conv: Option<Vec<f32>>,
-    /// `output` [B, L, HC, D] = gated_value + short_conv.
+    /// `output` `[B, L, HC, D]` = gated_value + short_conv.
     pub output: Vec<f32>,
 }
 
@@ -415,7 +415,7 @@ impl Engram {
         Ok(())
     }
 
-    /// Whole-batch forward: `input_ids` [B, L] raw ids, `hidden` [B, L, HC, D].
+    /// Whole-batch forward: `input_ids` `[B, L]` raw ids, `hidden` `[B, L, HC, D]`.
     /// Every sequence starts fresh (the reference's semantics).
     pub fn forward(
         &self,
@@ -429,7 +429,7 @@ impl Engram {
     }
 
     /// [`Engram::forward`] that also keeps `gated_value` and `short_conv` on the fused path
-    /// (an extra [B, L, HC, D] buffer; for inspection and the demo).
+    /// (an extra `[B, L, HC, D]` buffer; for inspection and the demo).
     pub fn forward_detailed(
         &self,
         input_ids: &[i64],
@@ -480,7 +480,7 @@ impl Engram {
     }
 
     /// Ragged batch: sequence s has rows `offsets[s]..offsets[s+1]` of the packed `ids`
-    /// [T] and `hidden` [T, HC, D] (`cu_seqlens` style; empty sequences allowed) and its own
+    /// `[T]` and `hidden` `[T, HC, D]` (`cu_seqlens` style; empty sequences allowed) and its own
     /// state, which is read and updated. Returns packed stages (B = 1, L = T).
     pub fn forward_ragged(
         &self,
@@ -633,7 +633,7 @@ impl Engram {
     }
 
     /// Hashes of a chunk from its canonical ids and the carried n-gram history:
-    /// [len, H]. Updates `state.ngram_history`.
+    /// `[len, H]`. Updates `state.ngram_history`.
     pub(crate) fn hash_chunk(&self, state: &mut EngramState, canon: &[i64]) -> Vec<i64> {
         let n = self.cfg.max_ngram_size;
         let h = self.cfg.num_heads();
@@ -654,7 +654,7 @@ impl Engram {
         out
     }
 
-    /// Gathers the concatenated head rows of every position: [len, Dm]. A non-finite table
+    /// Gathers the concatenated head rows of every position: `[len, Dm]`. A non-finite table
     /// value is an error naming the row.
     pub(crate) fn gather(&self, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
         self.gather_from(&self.weights.table, hash_ids, out)

@@ -9,8 +9,8 @@ pub const RMS_EPS_CONV: f32 = 1e-5;
 /// Floor of |s| before the signed square root of the gate.
 pub const GATE_CLAMP: f32 = 1e-6;
 
-/// `y[r, o] = sum_i x[r, i] · w[o, i] + b[o]`: `x` [rows, inp], `w` [out, inp] (PyTorch
-/// layout), `b` [out]. Returns [rows, out].
+/// `y[r, o] = sum_i x[r, i] · w[o, i] + b[o]`: `x` `[rows, inp]`, `w` `[out, inp]` (PyTorch
+/// layout), `b` `[out]`. Returns `[rows, out]`.
 pub fn linear(x: &[f32], w: &[f32], b: &[f32], inp: usize) -> Vec<f32> {
     let out = b.len();
     let rows = x.len() / inp;
@@ -82,8 +82,8 @@ pub fn signed_sqrt(s: f32) -> f32 {
 
 /// Causal dilated depthwise convolution over time (§6), no bias.
 ///
-/// `x`: [hist + len, C] rows, of which the first `hist` are carried history (zeros at the
-/// sequence start); `w`: [C, taps]. Output row t (0..len) is
+/// `x`: `[hist + len, C]` rows, of which the first `hist` are carried history (zeros at the
+/// sequence start); `w`: `[C, taps]`. Output row t (0..len) is
 /// `y[t, c] = sum_k w[c, k] · x[hist + t - (taps-1-k)·dilation, c]`, terms before row 0 are zero.
 pub fn causal_conv(
     x: &[f32],

@@ -1,7 +1,7 @@
 //! Saving and restoring the streaming states of a batch (safetensors).
 //!
-//! Layout for S sequences: `ngram_history` int64 [S, N-1], `conv_history` f32 [S, R, HC·D]
-//! (oldest row first), `position` int64 [S]; metadata `engram_config` holds the config JSON,
+//! Layout for S sequences: `ngram_history` int64 `[S, N-1]`, `conv_history` f32 `[S, R, HC·D]`
+//! (oldest row first), `position` int64 `[S]`; metadata `engram_config` holds the config JSON,
 //! and a restore checks that the layer it is restored into has the same shape-defining
 //! fields.
 

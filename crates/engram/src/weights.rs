@@ -184,25 +184,25 @@ impl EmbeddingTable {
 /// All parameters of one Engram layer, in the reference's layout.
 #[derive(Debug, Clone)]
 pub struct EngramWeights {
-    /// `multi_head_embedding.embedding.weight` [rows, d].
+    /// `multi_head_embedding.embedding.weight` `[rows, d]`.
     pub table: EmbeddingTable,
-    /// `multi_head_embedding.offsets` [H].
+    /// `multi_head_embedding.offsets` `[H]`.
     pub offsets: Vec<i64>,
-    /// `value_proj.weight` [D, Dm].
+    /// `value_proj.weight` `[D, Dm]`.
     pub value_proj_weight: Vec<f32>,
-    /// `value_proj.bias` [D].
+    /// `value_proj.bias` `[D]`.
     pub value_proj_bias: Vec<f32>,
-    /// `key_projs.{i}.weight` [D, Dm], one per branch.
+    /// `key_projs.{i}.weight` `[D, Dm]`, one per branch.
     pub key_projs_weight: Vec<Vec<f32>>,
-    /// `key_projs.{i}.bias` [D].
+    /// `key_projs.{i}.bias` `[D]`.
     pub key_projs_bias: Vec<Vec<f32>>,
-    /// `norm1.{i}.weight` [D] (keys).
+    /// `norm1.{i}.weight` `[D]` (keys).
     pub norm1: Vec<Vec<f32>>,
-    /// `norm2.{i}.weight` [D] (queries).
+    /// `norm2.{i}.weight` `[D]` (queries).
     pub norm2: Vec<Vec<f32>>,
-    /// `short_conv.conv.weight` [HC·D, 1, K] stored as [HC·D, K].
+    /// `short_conv.conv.weight` `[HC·D, 1, K]` stored as `[HC·D, K]`.
     pub conv_weight: Vec<f32>,
-    /// `short_conv.norms.{i}.weight` [D].
+    /// `short_conv.norms.{i}.weight` `[D]`.
     pub conv_norms: Vec<Vec<f32>>,
 }
 

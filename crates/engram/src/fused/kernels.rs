@@ -406,21 +406,21 @@ fn silu_poly<const FMA: bool>(y: f32) -> f32 {
 
 /// Per-branch constants of the gate kernel.
 pub struct GateParams<'a> {
-    /// `value_proj.bias` [D].
+    /// `value_proj.bias` `[D]`.
     pub value_bias: &'a [f32],
-    /// `key_projs.{i}.bias`, [HC][D].
+    /// `key_projs.{i}.bias`, `[HC][D]`.
     pub key_bias: &'a [Vec<f32>],
-    /// `norm1.{i}.weight · norm2.{i}.weight`, [HC][D].
+    /// `norm1.{i}.weight · norm2.{i}.weight`, `[HC][D]`.
     pub norm12: &'a [Vec<f32>],
-    /// `short_conv.norms.{i}.weight`, [HC][D].
+    /// `short_conv.norms.{i}.weight`, `[HC][D]`.
     pub conv_norm: &'a [Vec<f32>],
 }
 
 dispatch! {
     /// The gate of one token (§5) and the conv's RMSNorm (§6), in one pass per branch.
     ///
-    /// `proj`: [(1+HC)·D] = [value | key_0 | … | key_{HC-1}] without bias; `query`: [HC·D]
-    /// hidden states; writes `gates` [HC], `gated` [HC·D] = g_i·value and `normed` [HC·D] =
+    /// `proj`: [(1+HC)·D] = [value | key_0 | … | key_{HC-1}] without bias; `query`: `[HC·D]`
+    /// hidden states; writes `gates` `[HC]`, `gated` `[HC·D]` = g_i·value and `normed` `[HC·D]` =
     /// RMSNorm(gated_i)·w. Uses RMSNorm(g·v) = g·v / sqrt(g²·mean(v²) + eps) so that mean(v²)
     /// is computed once for all branches.
     pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], gates: &mut [f32], gated: &mut [f32], normed: &mut [f32]) {
@@ -504,7 +504,7 @@ dispatch! {
 dispatch! {
     /// One output row of the short conv (§6): `out[c] += SiLU(sum_k w[k][c] · rows[k][c])`.
     /// `rows[k]` is the normalised row at t - (taps-1-k)·dilation, `None` before the start;
-    /// `w_tap_major`: [taps][C]. `out` holds gated_value and receives the residual sum.
+    /// `w_tap_major`: `[taps][C]`. `out` holds gated_value and receives the residual sum.
     pub fn conv_row(w_tap_major: &[f32], rows: &[Option<&[f32]>], out: &mut [f32]) {
         let c = out.len();
         let body = c / LANES * LANES;

@@ -1,7 +1,7 @@
 //! The fused CPU path: the layer streamed tile by tile over the sequence, on every core.
 //!
 //! Per tile of at most [`TILE`] rows (tokens of one or several sequences):
-//! 1. hash and gather the rows into `x` [T, Dm];
+//! 1. hash and gather the rows into `x` `[T, Dm]`;
 //! 2. one GEMM `y = x · W_allᵀ` with `W_all` = [value_proj; key_projs.0; …] packed once at
 //!    load ([`proj::Projection`]);
 //! 3. [`kernels::gate_token`] per row: biases, both RMSNorms, gate, g·value (written straight
@@ -12,7 +12,7 @@
 //! Rows are split into one contiguous range per thread. A range that starts inside a
 //! sequence does not know the (kernel_size-1)·N normalised rows before it; its first rows
 //! keep their partial conv sums, and once every range is done the neighbour's last rows
-//! complete them ([`Driver::fix_boundaries`]). Memory beyond inputs and outputs is
+//! complete them (`Driver::fix_boundaries`). Memory beyond inputs and outputs is
 //! O(threads · TILE).
 
 pub mod kernels;
@@ -57,7 +57,7 @@ pub struct FusedWeights {
     key_bias: Vec<Vec<f32>>,
     norm12: Vec<Vec<f32>>,
     conv_norm: Vec<Vec<f32>>,
-    /// `short_conv.conv.weight` as [taps][HC·D].
+    /// `short_conv.conv.weight` as `[taps][HC·D]`.
     conv_w: Vec<f32>,
 }
 
@@ -138,7 +138,7 @@ impl FusedWeights {
 pub(crate) struct SeqInput<'a> {
     /// `state.ngram_history ++ canonical ids` (N-1+T).
     pub ext: Vec<i64>,
-    /// [T, HC·D].
+    /// `[T, HC·D]`.
     pub hidden: &'a [f32],
 }
 
@@ -147,7 +147,7 @@ pub(crate) struct FusedOut<'a> {
     pub hash_ids: &'a mut [i64],
     pub gates: &'a mut [f32],
     pub out: &'a mut [f32],
-    /// When given, receives gated_value [T, HC·D] (for inspection; the default path
+    /// When given, receives gated_value `[T, HC·D]` (for inspection; the default path
     /// keeps no such intermediate).
     pub gated: Option<&'a mut [f32]>,
 }
@@ -180,7 +180,7 @@ struct PartResult {
 
 struct Tail {
     seq: usize,
-    /// [R, C], oldest first.
+    /// `[R, C]`, oldest first.
     rows: Vec<f32>,
     /// The piece ended its sequence.
     ends: bool,
