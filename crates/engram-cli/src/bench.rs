@@ -86,6 +86,16 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Thread-seconds per run of each fused stage, as a JSON object.
+fn stage_json(stages: [f64; 4], runs: usize) -> serde_json::Value {
+    let m: serde_json::Map<String, serde_json::Value> = profile::STAGE_NAMES
+        .iter()
+        .zip(stages)
+        .map(|(n, s)| (n.to_string(), serde_json::json!(s / runs as f64)))
+        .collect();
+    serde_json::Value::Object(m)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
@@ -186,11 +196,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let threads = rayon::current_num_threads();
     let mode = if a.decode { "decode" } else { "prefill" };
     if a.json {
-        let st: serde_json::Map<String, serde_json::Value> = profile::STAGE_NAMES
-            .iter()
-            .zip(stages)
-            .map(|(n, s)| (n.to_string(), serde_json::json!(s / a.runs as f64)))
-            .collect();
+        let st = stage_json(stages, a.runs);
         println!(
             "{}",
             serde_json::json!({
@@ -276,11 +282,7 @@ fn bench_streaming(
     let tps = (b * l) as f64 / med;
     let rss = peak_rss().unwrap_or(0);
     if a.json {
-        let st: serde_json::Map<String, serde_json::Value> = profile::STAGE_NAMES
-            .iter()
-            .zip(stages)
-            .map(|(k, s)| (k.to_string(), serde_json::json!(s / a.runs as f64)))
-            .collect();
+        let st = stage_json(stages, a.runs);
         println!(
             "{}",
             serde_json::json!({

@@ -269,97 +269,48 @@ fn errors_exit_non_zero_with_one_message() {
     let w = golden("small.weights.safetensors");
     let (inp, _) = case_inputs("seed_text");
     let out = tmp("err.out.safetensors");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    // `engram forward` on the seed_text case, with some flags added or replaced.
+    let fwd = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--inputs",
+            s(&inp),
+            "--out",
+            s(&out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        for pair in extra.chunks(2) {
+            match v.iter().position(|x| x == pair[0]) {
+                Some(i) => v[i + 1] = pair[1].to_string(),
+                None => v.extend(pair.iter().map(|x| x.to_string())),
+            }
+        }
+        v
+    };
+    let owned = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
+    let no_config: Vec<String> = fwd(&[])
+        .into_iter()
+        .filter(|a| a != "--config" && a != s(&cfg))
+        .collect();
+    let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec![
-                "forward",
-                "--config",
-                s(&cfg),
-                "--weights",
-                "/nope/w.safetensors",
-                "--inputs",
-                s(&inp),
-                "--out",
-                s(&out),
-            ],
+            fwd(&["--weights", "/nope/w.safetensors"]),
             "/nope/w.safetensors",
         ),
+        (fwd(&["--path", "fast"]), "path"),
+        (fwd(&["--chunk", "0"]), "--chunk"),
+        (fwd(&["--dtype", "f8"]), "dtype"),
+        // The default config does not fit the small weights.
+        (no_config, "multi_head_embedding"),
+        (fwd(&["--inputs", s(&w)]), "input_ids"),
         (
-            vec![
-                "forward",
-                "--config",
-                s(&cfg),
-                "--weights",
-                s(&w),
-                "--inputs",
-                s(&inp),
-                "--out",
-                s(&out),
-                "--path",
-                "fast",
-            ],
-            "path",
-        ),
-        (
-            vec![
-                "forward",
-                "--config",
-                s(&cfg),
-                "--weights",
-                s(&w),
-                "--inputs",
-                s(&inp),
-                "--out",
-                s(&out),
-                "--chunk",
-                "0",
-            ],
-            "--chunk",
-        ),
-        (
-            vec![
-                "forward",
-                "--config",
-                s(&cfg),
-                "--weights",
-                s(&w),
-                "--inputs",
-                s(&inp),
-                "--out",
-                s(&out),
-                "--dtype",
-                "f8",
-            ],
-            "dtype",
-        ),
-        (
-            vec![
-                "forward",
-                "--weights",
-                s(&w),
-                "--inputs",
-                s(&inp),
-                "--out",
-                s(&out),
-            ],
-            "multi_head_embedding",
-        ),
-        (
-            vec![
-                "forward",
-                "--config",
-                s(&cfg),
-                "--weights",
-                s(&w),
-                "--inputs",
-                s(&w),
-                "--out",
-                s(&out),
-            ],
-            "input_ids",
-        ),
-        (
-            vec![
+            owned(&[
                 "hash",
                 "--config",
                 "/nope/c.json",
@@ -367,13 +318,14 @@ fn errors_exit_non_zero_with_one_message() {
                 "x",
                 "--out",
                 s(&out),
-            ],
+            ]),
             "/nope/c.json",
         ),
-        (vec!["demo", "--layer", "4"], "layer_id"),
-        (vec!["bench", "--tokens", "0"], "--tokens"),
+        (owned(&["demo", "--layer", "4"]), "layer_id"),
+        (owned(&["bench", "--tokens", "0"]), "--tokens"),
     ];
     for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
         let (code, _, err) = engram(&args);
         assert_ne!(code, 0, "{args:?} should fail");
         assert!(

@@ -247,10 +247,54 @@ fn gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, t
     }
 }
 
+/// The shared driver of our microkernels: every (column panel of NR, block of at most MR
+/// rows) goes through `block(panel, r0, mr, out)`, which writes an `[mr, NR]` block; the
+/// driver handles the row tail (smaller `mr`), the column tail (a narrower copy out of the
+/// block) and threading over panels (disjoint columns of y).
+#[cfg(target_arch = "x86_64")]
+fn panel_driver(
+    m: usize,
+    n: usize,
+    y: &mut [f32],
+    threads: usize,
+    block: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(y.len(), m * n, "y must be [m, n]");
+    let panels = n.div_ceil(NR);
+    let yaddr = y.as_mut_ptr() as usize;
+    let work = |panel: usize| {
+        let cols = NR.min(n - panel * NR);
+        let mut buf = [0.0f32; MR * NR];
+        let mut r0 = 0;
+        while r0 < m {
+            let mr = (m - r0).min(MR);
+            block(panel, r0, mr, &mut buf[..mr * NR]);
+            for r in 0..mr {
+                // SAFETY: y is [m, n] (asserted above) and this closure writes only columns
+                // [panel·NR, panel·NR + cols) of rows r0..r0+mr; each panel is handled once,
+                // so no two threads touch the same element.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (yaddr as *mut f32).add((r0 + r) * n + panel * NR),
+                        cols,
+                    )
+                };
+                dst.copy_from_slice(&buf[r * NR..r * NR + cols]);
+            }
+            r0 += mr;
+        }
+    };
+    if threads > 1 {
+        use rayon::prelude::*;
+        (0..panels).into_par_iter().for_each(work);
+    } else {
+        (0..panels).for_each(work);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod f32_avx512 {
     use super::{MR, NR};
-    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     /// Driver: every (column panel, block of MR rows) through the 6×64 microkernel; panels
@@ -267,36 +311,11 @@ mod f32_avx512 {
         n: usize,
         threads: usize,
     ) {
-        let panels = n.div_ceil(NR);
-        let yaddr = y.as_mut_ptr() as usize;
-        let work = |panel: usize| {
+        super::panel_driver(m, n, y, threads, |panel, r0, mr, out| {
             let wpan = &w[panel * k * NR..(panel + 1) * k * NR];
-            let cols = NR.min(n - panel * NR);
-            let mut buf = [0.0f32; MR * NR];
-            let mut r0 = 0;
-            while r0 < m {
-                let mr = (m - r0).min(MR);
-                // SAFETY: the caller guarantees AVX-512F; slices are in bounds.
-                unsafe { kernel(&x[r0 * k..(r0 + mr) * k], k, mr, wpan, &mut buf[..mr * NR]) };
-                for r in 0..mr {
-                    // SAFETY: panels write disjoint column ranges [panel·NR, panel·NR + cols) of
-                    // rows r0..r0+mr of y ([m, n]); no two threads touch the same element.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            (yaddr as *mut f32).add((r0 + r) * n + panel * NR),
-                            cols,
-                        )
-                    };
-                    dst.copy_from_slice(&buf[r * NR..r * NR + cols]);
-                }
-                r0 += mr;
-            }
-        };
-        if threads > 1 {
-            (0..panels).into_par_iter().for_each(work);
-        } else {
-            (0..panels).for_each(work);
-        }
+            // SAFETY: the caller guarantees AVX-512F; slices are in bounds.
+            unsafe { kernel(&x[r0 * k..(r0 + mr) * k], k, mr, wpan, out) };
+        });
     }
 
     /// y[mr, 64] = x[mr, k] · panel[k, 64]: 6×4 zmm accumulators, one broadcast of x and four
@@ -335,7 +354,6 @@ mod f32_avx512 {
 mod bf16_avx512 {
     use super::{MR, NR};
     use half::bf16;
-    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     /// Driver: converts x to bf16 pairs, then runs the MR×NR microkernel over every
@@ -353,7 +371,6 @@ mod bf16_avx512 {
         threads: usize,
     ) {
         let kp = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
         // x as [m][kp] u32 = (bf16 x[2p], bf16 x[2p+1]).
         let mut xp = vec![0u32; m * kp];
         for r in 0..m {
@@ -367,45 +384,11 @@ mod bf16_avx512 {
                 xp[r * kp + p] = lo | (hi << 16);
             }
         }
-        // Each panel writes its columns of y directly; the last panel may be narrower than NR
-        // (the kernel then stores into a small buffer first).
-        let yaddr = y.as_mut_ptr() as usize;
-        let work = |panel: usize| {
+        super::panel_driver(m, n, y, threads, |panel, r0, mr, out| {
             let wpan = &w[panel * kp * NR * 2..(panel + 1) * kp * NR * 2];
-            let cols = NR.min(n - panel * NR);
-            let mut buf = [0.0f32; MR * NR];
-            let mut r0 = 0;
-            while r0 < m {
-                let mr = (m - r0).min(MR);
-                // SAFETY: the caller guarantees AVX512F + AVX512-BF16; slices are in bounds.
-                unsafe {
-                    kernel(
-                        &xp[r0 * kp..(r0 + mr) * kp],
-                        kp,
-                        mr,
-                        wpan,
-                        &mut buf[..mr * NR],
-                    )
-                };
-                for r in 0..mr {
-                    // SAFETY: panels write disjoint column ranges [panel·NR, panel·NR + cols) of
-                    // rows r0..r0+mr of y ([m, n]); no two threads touch the same element.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            (yaddr as *mut f32).add((r0 + r) * n + panel * NR),
-                            cols,
-                        )
-                    };
-                    dst.copy_from_slice(&buf[r * NR..r * NR + cols]);
-                }
-                r0 += mr;
-            }
-        };
-        if threads > 1 {
-            (0..panels).into_par_iter().for_each(work);
-        } else {
-            (0..panels).for_each(work);
-        }
+            // SAFETY: the caller guarantees AVX512F + AVX512-BF16; slices are in bounds.
+            unsafe { kernel(&xp[r0 * kp..(r0 + mr) * kp], kp, mr, wpan, out) };
+        });
     }
 
     /// y[mr, 64] = sum over k-pairs of dpbf16(xpair, wpanel): 6×4 zmm accumulators.
