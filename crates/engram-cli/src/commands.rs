@@ -187,8 +187,9 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         engram::state_io::save_states(p, &e, &states)?;
     }
     eprintln!(
-        "forward ({path:?}, {dtype:?}): {} sequences, {} tokens; load {:.2}s, run {:.3}s; wrote {}",
+        "forward ({path:?}, {dtype:?}): {} sequence{}, {} tokens; load {:.2}s, run {:.3}s; wrote {}",
         nseq,
+        if nseq == 1 { "" } else { "s" },
         ids.len(),
         load.as_secs_f64(),
         run.as_secs_f64(),
@@ -348,10 +349,17 @@ pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
             "on"
         }
     );
-    println!("{:>4}  {:>7}  {:>9}  token", "pos", "id", "canonical");
+    println!(
+        "{:>4}  {:>7}  {:>9}  {:<24} vocabulary entry",
+        "pos", "id", "canonical", "text"
+    );
     for (i, (&id, &c)) in ids.iter().zip(&canon).enumerate() {
-        let t = tok.id_to_token(id as u32).unwrap_or_default();
-        println!("{i:>4}  {id:>7}  {c:>9}  {t:?}");
+        let text = tok.decode(&[id as u32])?;
+        let entry = tok.id_to_token(id as u32).unwrap_or_default();
+        println!(
+            "{i:>4}  {id:>7}  {c:>9}  {:<24} {entry:?}",
+            format!("{text:?}")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

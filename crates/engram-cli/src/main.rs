@@ -9,7 +9,12 @@ use std::process::ExitCode;
 
 /// Exact, fast CPU implementation of DeepSeek's Engram layer.
 #[derive(Parser)]
-#[command(name = "engram", version, about, long_about = None)]
+#[command(
+    name = "engram",
+    version,
+    about = "Exact, fast CPU implementation of DeepSeek's Engram layer",
+    long_about = None
+)]
 struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
@@ -69,7 +74,15 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors already carry their cause in the message; add only new causes.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("error: {msg}");
             ExitCode::from(2)
         }
     }
