@@ -334,5 +334,14 @@ fn errors_exit_non_zero_with_one_message() {
         );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
         assert!(err.starts_with("error"), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
+        assert!(
+            err.matches("os error").count() <= 1,
+            "{args:?}: cause repeated: {err}"
+        );
     }
 }
