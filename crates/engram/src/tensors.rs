@@ -53,6 +53,10 @@ impl TensorFile {
         // with every memory-mapped weight loader). Truncation by another process would fault,
         // which is the documented hazard of memory-mapping.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngramError::io(&path, e))?;
+        // Table rows are read at random: ask the kernel not to read ahead around each row
+        // when the file is not cached (a hint; failure to apply it changes nothing).
+        #[cfg(unix)]
+        let _ = mmap.advise(memmap2::Advice::Random);
         let (_, meta) =
             SafeTensors::read_metadata(&mmap[..]).map_err(|e| EngramError::SafeTensors {
                 path: path.display().to_string(),
