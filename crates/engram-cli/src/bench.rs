@@ -128,20 +128,17 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let e = match &a.weights {
         Some(w) => Engram::load_with(cfg.clone(), m.clone(), w)?,
         None => {
-            let (w, _) = crate::demo::init_with_bar(&cfg, &m, 0)?;
+            // The fused bf16 path gathers from a bf16 table: build that one directly.
+            let table = if dtype == DType::Bf16 && path == ForwardPath::Fused {
+                DType::Bf16
+            } else {
+                DType::F32
+            };
+            let (w, _) = crate::demo::init_with_bar(&cfg, &m, 0, table)?;
             Engram::new(cfg.clone(), m.clone(), w)?
         }
     };
     let e = e.with_dtype(dtype);
-    // In bf16 the fused path gathers from a bf16 table; drop the f32 one it was made from.
-    let e = if dtype == DType::Bf16 && a.weights.is_none() && path == ForwardPath::Fused {
-        let mut w = e.weights().clone();
-        w.table = w.table.to_bf16();
-        drop(e);
-        Engram::new(cfg.clone(), m.clone(), w)?.with_dtype(dtype)
-    } else {
-        e
-    };
     e.fused_weights();
     let (b, l) = (a.batch, a.tokens);
     let (hc, d) = (cfg.hc_mult, cfg.hidden_size);

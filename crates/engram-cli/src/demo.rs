@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use engram::init::{demo_hidden_states, torch_default_weights};
+use engram::init::{demo_hidden_states, torch_default_weights_as};
 use engram::layer::compression_for;
 use engram::rng::torch::TorchGenerator;
 use engram::{DType, Engram, EngramConfig, ForwardPath, NgramHashMapping, Tokenizer};
@@ -42,10 +42,11 @@ pub fn init_with_bar(
     cfg: &EngramConfig,
     m: &NgramHashMapping,
     seed: u64,
+    table: DType,
 ) -> Result<(engram::EngramWeights, TorchGenerator)> {
     let rows = m.layer(cfg.layer_id)?.table_rows();
     let pb = bar(rows * cfg.head_dim() as u64, "init");
-    let r = torch_default_weights(cfg, m, seed, &mut |n| pb.inc(n as u64))?;
+    let r = torch_default_weights_as(cfg, m, seed, table, &mut |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     Ok(r)
 }
@@ -75,7 +76,7 @@ pub fn init(a: InitArgs) -> Result<ExitCode> {
     let dtype: DType = a.dtype.parse()?;
     let m = NgramHashMapping::new(&cfg, compression_for(&cfg)?)?;
     let t0 = Instant::now();
-    let (w, _) = init_with_bar(&cfg, &m, a.seed)?;
+    let (w, _) = init_with_bar(&cfg, &m, a.seed, dtype)?;
     let t_init = t0.elapsed();
     let t0 = Instant::now();
     w.save(&a.out, &cfg, dtype == DType::Bf16)?;
@@ -178,7 +179,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
     let (weights, mut g) = match &a.weights {
         None => {
-            let (w, g) = init_with_bar(&cfg, &m, a.seed)?;
+            let (w, g) = init_with_bar(&cfg, &m, a.seed, DType::F32)?;
             println!(
                 "    torch.manual_seed({}) defaults, reproduced bit for bit: table {} x {}",
                 a.seed,

@@ -8,6 +8,7 @@
 
 use crate::config::EngramConfig;
 use crate::error::{EngramError, Result};
+use crate::fused::DType;
 use crate::hashing::NgramHashMapping;
 use crate::rng::torch::TorchGenerator;
 use crate::weights::{EmbeddingTable, EngramWeights};
@@ -19,6 +20,19 @@ pub fn torch_default_weights(
     cfg: &EngramConfig,
     hashing: &NgramHashMapping,
     seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(EngramWeights, TorchGenerator)> {
+    torch_default_weights_as(cfg, hashing, seed, DType::F32, progress)
+}
+
+/// [`torch_default_weights`] with the table stored as `table_dtype`. For `Bf16` the normals
+/// are rounded to bf16 chunk by chunk, so the f32 table (4 bytes a weight) is never held;
+/// the other weights stay f32.
+pub fn torch_default_weights_as(
+    cfg: &EngramConfig,
+    hashing: &NgramHashMapping,
+    seed: u64,
+    table_dtype: DType,
     progress: &mut dyn FnMut(usize),
 ) -> Result<(EngramWeights, TorchGenerator)> {
     let layer = hashing.layer(cfg.layer_id)?;
@@ -44,8 +58,24 @@ pub fn torch_default_weights(
         cfg.kernel_size,
     );
     let mut g = TorchGenerator::manual_seed(seed);
-    let mut table = crate::alloc::zeroed_f32(rows * cfg.head_dim());
-    g.normal_f32_with_progress(&mut table, 0.0, 1.0, progress);
+    let n = rows * cfg.head_dim();
+    let table = match table_dtype {
+        DType::F32 => {
+            let mut table = crate::alloc::zeroed_f32(n);
+            g.normal_f32_with_progress(&mut table, 0.0, 1.0, progress);
+            EmbeddingTable::from_f32(table, rows, cfg.head_dim())?
+        }
+        DType::Bf16 => {
+            let mut table = crate::alloc::zeroed_u16(n);
+            g.normal_f32_chunked(n, 0.0, 1.0, &mut |off, v| {
+                for (o, x) in table[off..off + v.len()].iter_mut().zip(v) {
+                    *o = half::bf16::from_f32(*x).to_bits();
+                }
+                progress(v.len());
+            });
+            EmbeddingTable::from_bf16_bits(table, rows, cfg.head_dim())?
+        }
+    };
     // Depthwise Conv1d weight [HC·D, 1, K]: fan_in = 1·K.
     let mut conv_weight = vec![0.0f32; hc * d * taps];
     g.kaiming_uniform_f32(&mut conv_weight, taps);
@@ -60,7 +90,7 @@ pub fn torch_default_weights(
     let (key_projs_weight, key_projs_bias) = (0..hc).map(|_| linear(&mut g)).unzip();
     let ones = vec![vec![1.0f32; d]; hc];
     let weights = EngramWeights {
-        table: EmbeddingTable::from_f32(table, rows, cfg.head_dim())?,
+        table,
         offsets: layer.offsets().iter().map(|&o| o as i64).collect(),
         value_proj_weight,
         value_proj_bias,

@@ -63,6 +63,22 @@ impl EmbeddingTable {
         })
     }
 
+    /// An owned bf16 table from raw bf16 bit patterns.
+    pub fn from_bf16_bits(bits: Vec<u16>, rows: usize, dim: usize) -> Result<Self> {
+        if bits.len() != rows * dim {
+            return Err(EngramError::Shape {
+                name: TABLE.into(),
+                expected: vec![rows, dim],
+                found: vec![bits.len()],
+            });
+        }
+        Ok(EmbeddingTable {
+            data: TableData::Bf16(Arc::new(bytemuck::cast_vec(bits))),
+            rows,
+            dim,
+        })
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows

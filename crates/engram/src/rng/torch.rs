@@ -194,6 +194,46 @@ impl TorchGenerator {
         }
     }
 
+    /// `normal_` on `n` float32 elements, handed out chunk by chunk instead of written into
+    /// one buffer: `emit(offset, values)` receives every element in order. The draws are
+    /// the same as [`TorchGenerator::normal_f32`], which the tail block shows: it emits the
+    /// last 16 values a second time, and they replace the ones emitted before. For storing
+    /// the result in another type (a bf16 table) without an f32 copy of it.
+    pub fn normal_f32_chunked(
+        &mut self,
+        n: usize,
+        mean: f64,
+        std: f64,
+        emit: &mut dyn FnMut(usize, &[f32]),
+    ) {
+        if n < 16 {
+            let mut v = vec![0.0; n];
+            self.normal_serial(&mut v, mean, std);
+            emit(0, &v);
+            return;
+        }
+        let (mean32, std32) = (mean as f32, std as f32);
+        const CHUNK: usize = 1 << 20; // multiple of 16
+        let full = n / 16 * 16;
+        let mut buf = vec![0.0f32; CHUNK.min(n)];
+        let mut start = 0;
+        while start < n {
+            let take = CHUNK.min(n - start);
+            self.fill_unit_f32(&mut buf[..take]);
+            let blocks = full.min(start + take).saturating_sub(start);
+            transform_blocks(&mut buf[..blocks], mean32, std32);
+            // Leftover uniforms past the last whole block are consumed, not emitted.
+            emit(start, &buf[..blocks]);
+            start += take;
+        }
+        if !n.is_multiple_of(16) {
+            let mut last = [0.0f32; 16];
+            self.fill_unit_f32(&mut last);
+            transform_blocks(&mut last, mean32, std32);
+            emit(n - 16, &last);
+        }
+    }
+
     /// The serial double Box–Muller path (numel < 16), with its cached second value.
     fn normal_serial(&mut self, out: &mut [f32], mean: f64, std: f64) {
         for o in out.iter_mut() {
@@ -496,6 +536,24 @@ mod tests {
         let bits: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
         assert_eq!(bits, [0x3eac62ae, 0x3e03e69d, 0x3e7016e7]);
         assert_eq!(g.randn(1)[0].to_bits(), 0x3e6bdc6c);
+    }
+
+    #[test]
+    fn chunked_normal_equals_in_place() {
+        for n in [5usize, 16, 3003, (1 << 20) + 37] {
+            let mut a = vec![0.0f32; n];
+            let mut g = TorchGenerator::manual_seed(42);
+            g.normal_f32(&mut a, 0.0, 1.0);
+            let after_a = g.random();
+            let mut b = vec![f32::NAN; n];
+            let mut g = TorchGenerator::manual_seed(42);
+            g.normal_f32_chunked(n, 0.0, 1.0, &mut |off, v| {
+                b[off..off + v.len()].copy_from_slice(v)
+            });
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "n = {n}");
+            assert_eq!(g.random(), after_a, "n = {n}: same number of draws");
+        }
     }
 
     #[test]
