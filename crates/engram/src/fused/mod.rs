@@ -1,6 +1,7 @@
 //! The fused CPU path: the layer streamed tile by tile over the sequence, on every core.
 //!
-//! Per tile of at most [`TILE`] rows (tokens of one or several sequences):
+//! Per tile of rows (tokens of one or several sequences; 64 rows on our own microkernels,
+//! [`TILE`] on the `gemm` crate path, `ENGRAM_TILE` overrides the former):
 //! 1. hash and gather the rows into `x` `[T, Dm]`;
 //! 2. one GEMM `y = x · W_allᵀ` with `W_all` = [value_proj; key_projs.0; …] packed once at
 //!    load ([`proj::Projection`]);
