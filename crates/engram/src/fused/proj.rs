@@ -12,9 +12,11 @@ use half::bf16;
 /// Columns per packed bf16 panel (4 × 16 lanes).
 const NR: usize = 64;
 /// Rows per microkernel call.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the microkernels are x86-64 only
 const MR: usize = 6;
 
 #[derive(Debug, Clone)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // panels are packed on x86-64 only
 enum Packed {
     /// [K, N] row-major f32 (for the `gemm` crate) and [N, K] (PyTorch layout, for few rows).
     F32(Vec<f32>, Vec<f32>),
