@@ -33,6 +33,27 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `engram forward` on the golden `small` layer with these inputs and output, plus `extra`.
+fn forward_small(inputs: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let (cfg, w) = (
+        golden("small.config.json"),
+        golden("small.weights.safetensors"),
+    );
+    let mut a = vec![
+        "forward",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--inputs",
+        s(inputs),
+        "--out",
+        s(out),
+    ];
+    a.extend(extra);
+    engram(&a)
+}
+
 /// Writes `input_ids` and `hidden_states` of a golden `small` case to an inputs file.
 fn case_inputs(case: &str) -> (PathBuf, TensorFile) {
     let g = TensorFile::open(golden("small.stages.safetensors")).unwrap();
@@ -56,8 +77,6 @@ fn max_err(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn forward_both_paths_and_chunked_match_golden() {
-    let cfg = golden("small.config.json");
-    let w = golden("small.weights.safetensors");
     for case in ["batch2", "long"] {
         let (inp, g) = case_inputs(case);
         for args in [
@@ -67,19 +86,7 @@ fn forward_both_paths_and_chunked_match_golden() {
             vec!["--path", "reference", "--chunk", "11"],
         ] {
             let out = tmp(&format!("{case}.out.safetensors"));
-            let mut a = vec![
-                "forward",
-                "--config",
-                s(&cfg),
-                "--weights",
-                s(&w),
-                "--inputs",
-                s(&inp),
-                "--out",
-                s(&out),
-            ];
-            a.extend(&args);
-            let (code, _, err) = engram(&a);
+            let (code, _, err) = forward_small(&inp, &out, &args);
             assert_eq!(code, 0, "{args:?}: {err}");
             let o = TensorFile::open(&out).unwrap();
             assert_eq!(
@@ -107,8 +114,6 @@ fn forward_both_paths_and_chunked_match_golden() {
 
 #[test]
 fn ragged_inputs_and_state_files() {
-    let cfg = golden("small.config.json");
-    let w = golden("small.weights.safetensors");
     let g = TensorFile::open(golden("small.stages.safetensors")).unwrap();
     // Pack seed_text (14) and long (137) without padding.
     let (a_ids, b_ids) = (
@@ -129,17 +134,7 @@ fn ragged_inputs_and_state_files() {
         .i64("offsets", &[3], &offsets);
     tw.write(&inp).unwrap();
     let out = tmp("ragged.out.safetensors");
-    let (code, _, err) = engram(&[
-        "forward",
-        "--config",
-        s(&cfg),
-        "--weights",
-        s(&w),
-        "--inputs",
-        s(&inp),
-        "--out",
-        s(&out),
-    ]);
+    let (code, _, err) = forward_small(&inp, &out, &[]);
     assert_eq!(code, 0, "{err}");
     let o = TensorFile::open(&out)
         .unwrap()
@@ -176,33 +171,9 @@ fn ragged_inputs_and_state_files() {
         tmp("o1.safetensors"),
         tmp("o2.safetensors"),
     );
-    let (code, _, err) = engram(&[
-        "forward",
-        "--config",
-        s(&cfg),
-        "--weights",
-        s(&w),
-        "--inputs",
-        s(&p1),
-        "--out",
-        s(&o1),
-        "--state-out",
-        s(&st),
-    ]);
+    let (code, _, err) = forward_small(&p1, &o1, &["--state-out", s(&st)]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = engram(&[
-        "forward",
-        "--config",
-        s(&cfg),
-        "--weights",
-        s(&w),
-        "--inputs",
-        s(&p2),
-        "--out",
-        s(&o2),
-        "--state-in",
-        s(&st),
-    ]);
+    let (code, _, err) = forward_small(&p2, &o2, &["--state-in", s(&st)]);
     assert_eq!(code, 0, "{err}");
     let mut got = TensorFile::open(&o1)
         .unwrap()
