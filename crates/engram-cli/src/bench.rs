@@ -125,6 +125,26 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let dtype: DType = a.dtype.parse()?;
     let path: ForwardPath = a.path.parse()?;
     let m = Arc::new(NgramHashMapping::new(&cfg, compression_for(&cfg)?)?);
+    let tokens = (a.tokens as u64).saturating_mul(a.batch as u64);
+    let rows = m.layer(cfg.layer_id)?.table_rows();
+    let plan = engram::budget::forward_plan(
+        &cfg,
+        &engram::budget::RunShape {
+            tokens: if a.chunk.is_some() { 0 } else { tokens },
+            sequences: a.batch as u64,
+            all_stages: path == ForwardPath::Reference,
+            bf16_table_copy: a.weights.is_some() && dtype == DType::Bf16,
+            table_rows: rows,
+            threads: rayon::current_num_threads() as u64,
+            table_in_ram: a.weights.is_none(),
+            table_elem_bytes: if dtype == DType::Bf16 && path == ForwardPath::Fused {
+                2
+            } else {
+                4
+            },
+        },
+    )?;
+    plan.check()?;
     let e = match &a.weights {
         Some(w) => Engram::load_with(cfg.clone(), m.clone(), w)?,
         None => {
@@ -139,7 +159,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
     };
     let e = e.with_dtype(dtype);
-    e.fused_weights();
+    e.fused_weights()?;
     let (b, l) = (a.batch, a.tokens);
     let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
     if let Some(n) = a.chunk {

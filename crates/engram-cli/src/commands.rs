@@ -1,15 +1,17 @@
 //! The subcommands. Library errors carry their own context; here they only gain the
 //! file or flag they came from.
 
+use crate::guard::{tokenizer_files, Files};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use engram::budget::{forward_plan, RunShape};
 use engram::layer::compression_for;
 use engram::tensors::{TensorFile, TensorWriter};
 use engram::{
     CompressedTokenizer, DType, Engram, EngramConfig, ForwardPath, NgramHashMapping, Stages,
     Tokenizer,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -36,12 +38,38 @@ pub struct IdSource {
     no_bos: bool,
 }
 
+/// Refuses `--text` together with `--inputs` (two sources of ids).
+fn check_id_source(src: &IdSource) -> Result<()> {
+    if let (Some(_), Some(p)) = (&src.text, &src.inputs) {
+        bail!(
+            "--text conflicts with --inputs {}: both give the input ids; give one of them",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+/// `[B, L]` of the file's `input_ids`, from its header, refusing other ranks and empty
+/// batches with the shape as found.
+fn batch_shape(f: &TensorFile) -> Result<(usize, usize)> {
+    let (_, shape) = f.info("input_ids")?;
+    match shape[..] {
+        [b, l] if b >= 1 && l >= 1 => Ok((b, l)),
+        _ => bail!(
+            "tensor `input_ids` in {}: expected shape [B, L] with B >= 1 and L >= 1, found {:?}",
+            f.path().display(),
+            shape
+        ),
+    }
+}
+
 /// Input ids `[B, L]` from `--text` or the inputs file.
 fn read_ids(
     inputs: Option<&TensorFile>,
     src: &IdSource,
     cfg: &EngramConfig,
 ) -> Result<(Vec<i64>, usize, usize)> {
+    check_id_source(src)?;
     if let Some(t) = &src.text {
         let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
         let ids = tok.encode(t, !src.no_bos)?;
@@ -52,15 +80,35 @@ fn read_ids(
         return Ok((ids, 1, l));
     }
     let f = inputs.context("give --inputs (with `input_ids`) or --text")?;
-    let ids = f.i64("input_ids", None)?;
-    if ids.shape.len() != 2 {
-        bail!(
-            "tensor `input_ids` in {}: expected 2 dims [B, L], found shape {:?}",
-            f.path().display(),
-            ids.shape
-        );
+    let (b, l) = batch_shape(f)?;
+    let ids = f.i64("input_ids", Some(&[b, l]))?;
+    Ok((ids.data, b, l))
+}
+
+/// The number of tokens and sequences an inputs file or text holds, from headers only.
+fn count_tokens(inputs: Option<&TensorFile>, src: &IdSource) -> Result<(u64, u64)> {
+    match (inputs, &src.text) {
+        (_, Some(t)) => Ok((t.len() as u64 + 2, 1)),
+        (Some(f), None) if f.contains("offsets") => {
+            let (_, ids) = f.info("input_ids")?;
+            let (_, off) = f.info("offsets")?;
+            Ok((
+                ids.first().copied().unwrap_or(0) as u64,
+                off.first().copied().unwrap_or(1).saturating_sub(1) as u64,
+            ))
+        }
+        (Some(f), None) => {
+            let (b, l) = batch_shape(f)?;
+            Ok(((b as u64).saturating_mul(l as u64), b as u64))
+        }
+        (None, None) => Ok((0, 0)),
     }
-    Ok((ids.data, ids.shape[0], ids.shape[1]))
+}
+
+/// Refuses a run that needs more memory than the machine has now.
+fn check_memory(cfg: &EngramConfig, run: RunShape) -> Result<()> {
+    forward_plan(cfg, &run)?.check()?;
+    Ok(())
 }
 
 /// `engram forward`.
@@ -108,33 +156,93 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     if a.chunk == Some(0) {
         bail!("--chunk: expected a chunk length >= 1, found 0");
     }
+    let tok_files = tokenizer_files(&cfg.tokenizer_name_or_path);
+    let mut files = Files::new()
+        .input("--config", a.config.as_deref())
+        .input("--weights", Some(&a.weights))
+        .input("--inputs", a.src.inputs.as_deref())
+        .input("--state-in", a.state_in.as_deref());
+    for t in &tok_files {
+        files = files.input("tokenizer", Some(t));
+    }
+    files
+        .output("--out", Some(&a.out))
+        .output("--state-out", a.state_out.as_deref())
+        .check()?;
+    check_id_source(&a.src)?;
     let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+    if let (Some(f), Some(_)) = (&inputs, a.random_hidden) {
+        if f.contains("hidden_states") {
+            bail!(
+                "--random-hidden conflicts with tensor `hidden_states` in {}: give one source of hidden states",
+                f.path().display()
+            );
+        }
+    }
     let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
+    let (tokens, sequences) = count_tokens(inputs.as_ref(), &a.src)?;
+    let sizes = cfg.sizes()?;
+    let all_stages = a.all_stages || path == ForwardPath::Reference;
+    check_memory(
+        &cfg,
+        RunShape {
+            // Chunked runs hold a copy of one chunk besides the whole inputs and outputs.
+            tokens: tokens.saturating_mul(if a.chunk.is_some() { 2 } else { 1 }),
+            sequences,
+            all_stages,
+            bf16_table_copy: dtype == DType::Bf16 && path == ForwardPath::Fused,
+            table_rows: sizes.table_rows_estimate,
+            threads: rayon::current_num_threads() as u64,
+            table_in_ram: false,
+            table_elem_bytes: 4,
+        },
+    )?;
     let t0 = Instant::now();
     let e = Engram::load(cfg.clone(), &a.weights)?.with_dtype(dtype);
     let load = t0.elapsed();
     let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
     // Sequences as (ids, hidden) over packed rows with offsets.
     let (ids, hidden, offsets, batch_shape) = if ragged {
-        let f = inputs.as_ref().unwrap();
-        if a.src.text.is_some() {
-            bail!("--text cannot be combined with a ragged inputs file (it has `offsets`)");
+        let f = inputs.as_ref().context("ragged inputs come from a file")?;
+        if a.random_hidden.is_some() {
+            bail!(
+                "--random-hidden cannot be combined with a ragged inputs file (it has `offsets`)"
+            );
         }
         let ids = f.i64("input_ids", None)?;
         if ids.shape.len() != 1 {
-            bail!("tensor `input_ids`: a ragged batch (with `offsets`) expects 1 dim [T], found shape {:?}", ids.shape);
+            bail!(
+                "tensor `input_ids` in {}: a ragged batch (with `offsets`) expects 1 dim [T], found shape {:?}",
+                f.path().display(),
+                ids.shape
+            );
         }
         let t = ids.shape[0];
+        if t == 0 {
+            bail!(
+                "tensor `input_ids` in {}: expected at least one token, found shape [0]",
+                f.path().display()
+            );
+        }
         let hidden = f.f32("hidden_states", Some(&[t, hc, d]))?;
         let off = f.i64("offsets", None)?;
-        if off.shape.len() != 1
-            || off.data.first() != Some(&0)
+        if off.shape.len() != 1 || off.shape[0] < 2 {
+            bail!(
+                "tensor `offsets` in {}: expected 1 dim [S+1] with S >= 1, found shape {:?}",
+                f.path().display(),
+                off.shape
+            );
+        }
+        if off.data.first() != Some(&0)
             || off.data.last() != Some(&(t as i64))
             || off.data.windows(2).any(|w| w[0] > w[1])
         {
+            let shown: Vec<String> = off.data.iter().take(12).map(|o| o.to_string()).collect();
             bail!(
-                "tensor `offsets`: expected non-decreasing int64 [S+1] from 0 to {t}, found {:?}",
-                off.data
+                "tensor `offsets` in {}: expected non-decreasing int64 [S+1] from 0 to {t}, found [{}{}]",
+                f.path().display(),
+                shown.join(", "),
+                if off.data.len() > 12 { ", ..." } else { "" }
             );
         }
         let offsets: Vec<usize> = off.data.iter().map(|&o| o as usize).collect();
@@ -171,7 +279,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
     let mut s = match a.chunk {
         None if a.all_stages && a.state_in.is_none() && batch_shape.is_some() => {
-            let (b, l) = batch_shape.unwrap();
+            let (b, l) = batch_shape.unwrap_or((1, ids.len()));
             e.forward_detailed(&ids, &hidden, b, l, path)?
         }
         None => e.forward_ragged(&mut states, &ids, &hidden, &offsets, path)?,
@@ -253,7 +361,7 @@ fn run_chunked(
     Ok(out)
 }
 
-pub fn write_stages(out: &PathBuf, cfg: &EngramConfig, s: &Stages) -> Result<()> {
+pub fn write_stages(out: &Path, cfg: &EngramConfig, s: &Stages) -> Result<()> {
     let mut w = TensorWriter::new();
     w.i64("hash_ids", &[s.batch, s.len, cfg.num_heads()], &s.hash_ids);
     for (name, shape, data) in s.float_stages(cfg) {
@@ -278,7 +386,25 @@ pub struct HashArgs {
 
 pub fn hash(a: HashArgs) -> Result<ExitCode> {
     let cfg = load_config(&a.config)?;
+    let tok_files = tokenizer_files(&cfg.tokenizer_name_or_path);
+    let mut files = Files::new()
+        .input("--config", a.config.as_deref())
+        .input("--inputs", a.src.inputs.as_deref());
+    for t in &tok_files {
+        files = files.input("tokenizer", Some(t));
+    }
+    files.output("--out", Some(&a.out)).check()?;
+    check_id_source(&a.src)?;
     let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+    let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
+    let mut plan = engram::budget::MemoryPlan::new();
+    plan.add_dims(
+        "the hash ids of every layer",
+        &[tokens, cfg.sizes()?.heads, cfg.layer_ids.len() as u64],
+        8,
+    )?;
+    plan.add("the input ids", tokens, 16)?;
+    plan.check()?;
     let (ids, b, l) = read_ids(inputs.as_ref(), &a.src, &cfg)?;
     let m = NgramHashMapping::new(&cfg, compression_for(&cfg)?)?;
     let hashes: Vec<Vec<i64>> = m
@@ -377,6 +503,12 @@ pub struct CompressionArgs {
 
 pub fn compression(a: CompressionArgs) -> Result<ExitCode> {
     let cfg = load_config(&a.config)?;
+    let tok_files = tokenizer_files(&cfg.tokenizer_name_or_path);
+    let mut files = Files::new().input("--config", a.config.as_deref());
+    for t in &tok_files {
+        files = files.input("tokenizer", Some(t));
+    }
+    files.output("--out", a.out.as_deref()).check()?;
     let t0 = Instant::now();
     let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
     let t_load = t0.elapsed();
@@ -427,6 +559,11 @@ pub struct WeightsArgs {
 }
 
 pub fn weights(a: WeightsArgs) -> Result<ExitCode> {
+    let cfg = a
+        .config
+        .as_ref()
+        .map(EngramConfig::from_json_file)
+        .transpose()?;
     let f = TensorFile::open(&a.weights)?;
     let mut total = 0usize;
     println!("{:<44} {:>6} shape", "tensor", "dtype");
@@ -436,11 +573,14 @@ pub fn weights(a: WeightsArgs) -> Result<ExitCode> {
         println!("{n:<44} {:>6} {s:?}", format!("{d:?}").to_lowercase());
     }
     println!("total {:.1} MB", total as f64 / 1e6);
-    if let Some(c) = &a.config {
-        let cfg = EngramConfig::from_json_file(c)?;
+    if let Some(cfg) = cfg {
         let e = Engram::load(cfg, &a.weights)?;
+        let table = &e.weights().table;
+        let pb = crate::demo::progress(table.rows() as u64, "check table");
+        table.check_finite(&|n| pb.inc(n as u64))?;
+        pb.finish_and_clear();
         println!(
-            "matches config (layer {}, table {} rows x {}, memory-mapped: {})",
+            "matches config (layer {}, table {} rows x {}, all values finite, memory-mapped: {})",
             e.config().layer_id,
             e.weights().table.rows(),
             e.weights().table.dim(),

@@ -51,6 +51,40 @@ pub fn init_with_bar(
     Ok(r)
 }
 
+/// Refuses a run with a table of `rows` held in RAM (`elem` bytes a value) and `tokens`
+/// tokens when the machine lacks the memory.
+pub fn check_layer_memory(
+    cfg: &EngramConfig,
+    rows: u64,
+    elem: u64,
+    tokens: u64,
+    bf16_table_copy: bool,
+) -> Result<()> {
+    let plan = engram::budget::forward_plan(
+        cfg,
+        &engram::budget::RunShape {
+            tokens,
+            sequences: 1,
+            all_stages: true,
+            bf16_table_copy: false,
+            table_rows: rows,
+            threads: rayon::current_num_threads() as u64,
+            table_in_ram: true,
+            table_elem_bytes: elem,
+        },
+    )?;
+    let mut plan = plan;
+    if bf16_table_copy {
+        plan.add_dims(
+            "a bf16 copy of the table",
+            &[rows, cfg.head_dim() as u64],
+            2,
+        )?;
+    }
+    plan.check()?;
+    Ok(())
+}
+
 /// `engram init`.
 #[derive(Args)]
 pub struct InitArgs {
@@ -74,7 +108,21 @@ pub fn init(a: InitArgs) -> Result<ExitCode> {
         None => EngramConfig::default(),
     };
     let dtype: DType = a.dtype.parse()?;
+    let tok_files = crate::guard::tokenizer_files(&cfg.tokenizer_name_or_path);
+    let mut files = crate::guard::Files::new().input("--config", a.config.as_deref());
+    for t in &tok_files {
+        files = files.input("tokenizer", Some(t));
+    }
+    files.output("--out", Some(&a.out)).check()?;
     let m = NgramHashMapping::new(&cfg, compression_for(&cfg)?)?;
+    // The table is built in RAM, then streamed to the file: check both before starting.
+    let rows = m.layer(cfg.layer_id)?.table_rows();
+    let elem = if dtype == DType::Bf16 { 2 } else { 4 };
+    check_layer_memory(&cfg, rows, elem, 0, false)?;
+    engram::budget::check_disk(
+        &a.out,
+        engram::budget::weights_file_bytes(&cfg, rows, elem)?,
+    )?;
     let t0 = Instant::now();
     let (w, _) = init_with_bar(&cfg, &m, a.seed, dtype)?;
     let t_init = t0.elapsed();
@@ -175,6 +223,12 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         comp.num_compressed()
     );
 
+    let rows = m.layer(cfg.layer_id)?.table_rows();
+    if a.weights.is_none() {
+        // Two forward passes of L tokens with every stage, and the table in RAM.
+        check_layer_memory(&cfg, rows, 4, 2 * l as u64, dtype == DType::Bf16)?;
+    }
+
     println!("\n[2] Weights");
     let t0 = Instant::now();
     let (weights, mut g) = match &a.weights {
@@ -211,7 +265,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
     let r = e.forward(&ids, &hidden, 1, l, ForwardPath::Reference)?;
     times.push(("reference forward", t0.elapsed().as_secs_f64()));
-    e.fused_weights(); // pack outside the timed run
+    e.fused_weights()?; // pack outside the timed run
     let t0 = Instant::now();
     let f = e.forward_detailed(&ids, &hidden, 1, l, ForwardPath::Fused)?;
     times.push(("fused forward", t0.elapsed().as_secs_f64()));

@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod guard;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -46,12 +47,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    guard::default_sigpipe();
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            eprintln!("error: --threads: expected at least 1, found 0");
-            return ExitCode::from(2);
-        }
+    // --threads, else RAYON_NUM_THREADS, else all cores; capped at a multiple of the cores.
+    let requested = cli.threads.or_else(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+    });
+    if let Some(n) = requested {
+        let n = match guard::thread_count(n) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

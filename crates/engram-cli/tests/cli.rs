@@ -1,79 +1,10 @@
 //! The `engram` binary end to end: outputs against the golden data, and errors as one
 //! message with a non-zero exit code.
 
+mod common;
+
+use common::{case_inputs, engram, forward_small, golden, max_err, s, tmp};
 use engram::tensors::{TensorFile, TensorWriter};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/golden")
-        .join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("engram-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
-}
-
-fn engram(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_engram"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// `engram forward` on the golden `small` layer with these inputs and output, plus `extra`.
-fn forward_small(inputs: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
-    let (cfg, w) = (
-        golden("small.config.json"),
-        golden("small.weights.safetensors"),
-    );
-    let mut a = vec![
-        "forward",
-        "--config",
-        s(&cfg),
-        "--weights",
-        s(&w),
-        "--inputs",
-        s(inputs),
-        "--out",
-        s(out),
-    ];
-    a.extend(extra);
-    engram(&a)
-}
-
-/// Writes `input_ids` and `hidden_states` of a golden `small` case to an inputs file.
-fn case_inputs(case: &str) -> (PathBuf, TensorFile) {
-    let g = TensorFile::open(golden("small.stages.safetensors")).unwrap();
-    let ids = g.i64(&format!("{case}.input_ids"), None).unwrap();
-    let h = g.f32(&format!("{case}.hidden_states"), None).unwrap();
-    let p = tmp(&format!("{case}.inputs.safetensors"));
-    let mut w = TensorWriter::new();
-    w.i64("input_ids", &ids.shape, &ids.data);
-    w.f32("hidden_states", &h.shape, &h.data);
-    w.write(&p).unwrap();
-    (p, g)
-}
-
-fn max_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn forward_both_paths_and_chunked_match_golden() {

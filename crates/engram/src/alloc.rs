@@ -1,20 +1,46 @@
-//! Large zeroed buffers backed by transparent huge pages where the OS offers them.
+//! Large zeroed buffers that fail with an error instead of aborting, backed by transparent
+//! huge pages where the OS offers them.
 
-/// A zeroed `Vec<f32>` of `n` elements. On Linux the range is advised for transparent huge
-/// pages, so that first touch of a multi-GB table costs 512× fewer page faults.
-pub fn zeroed_f32(n: usize) -> Vec<f32> {
-    let v = vec![0.0f32; n];
+use crate::error::{EngramError, Result};
+
+/// A zeroed `Vec<T>` of `n` elements, or an error naming `what` when the allocation fails
+/// (where `vec![0; n]` would abort the process). The memory comes from `alloc_zeroed`, so
+/// the OS hands out zero pages lazily, and on Linux ranges of 8 MiB and more are advised
+/// for transparent huge pages (512× fewer page faults on first touch).
+pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<T>> {
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Ok(Vec::new());
+    }
+    let failed = |bytes: String| {
+        EngramError::invalid(
+            format!("memory for {what}"),
+            format!("an allocation of {bytes}"),
+            "the allocator refused it (not enough memory)",
+        )
+    };
+    let layout = std::alloc::Layout::array::<T>(n)
+        .map_err(|_| failed(format!("{n} x {} bytes", std::mem::size_of::<T>())))?;
+    // SAFETY: the layout has a non-zero size (n > 0, size_of::<T>() > 0).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        return Err(failed(crate::budget::human(layout.size() as u64)));
+    }
     #[cfg(target_os = "linux")]
-    advise_huge(v.as_ptr() as usize, n * 4);
-    v
+    advise_huge(ptr as usize, layout.size());
+    // SAFETY: `ptr` was allocated by the global allocator with `Layout::array::<T>(n)`, the
+    // layout `Vec<T>` uses for capacity n; all n elements are zero bytes, a valid `T`
+    // (`Zeroable`).
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
 }
 
-/// A zeroed `Vec<u16>` (bf16 storage), huge-page advised like [`zeroed_f32`].
-pub fn zeroed_u16(n: usize) -> Vec<u16> {
-    let v = vec![0u16; n];
-    #[cfg(target_os = "linux")]
-    advise_huge(v.as_ptr() as usize, n * 2);
-    v
+/// A zeroed `Vec<f32>` of `n` elements ([`try_zeroed`]).
+pub(crate) fn zeroed_f32(n: usize, what: &str) -> Result<Vec<f32>> {
+    try_zeroed(n, what)
+}
+
+/// A zeroed `Vec<u16>` (bf16 storage) of `n` elements ([`try_zeroed`]).
+pub(crate) fn zeroed_u16(n: usize, what: &str) -> Result<Vec<u16>> {
+    try_zeroed(n, what)
 }
 
 #[cfg(target_os = "linux")]
@@ -26,10 +52,22 @@ fn advise_huge(addr: usize, len: usize) {
     let start = addr.next_multiple_of(HUGE);
     let end = (addr + len) / HUGE * HUGE;
     if end > start {
-        // SAFETY: [start, end) lies inside the live allocation `v` (rounded inwards to 2 MiB);
+        // SAFETY: [start, end) lies inside the live allocation (rounded inwards to 2 MiB);
         // MADV_HUGEPAGE only changes how the kernel backs those pages, not their contents.
         unsafe {
             libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zeroed_buffers_and_refused_allocations() {
+        let v = super::zeroed_f32(1 << 20, "test").unwrap();
+        assert!(v.len() == 1 << 20 && v.iter().all(|&x| x == 0.0));
+        let e = super::zeroed_u16(usize::MAX / 2, "a huge table").unwrap_err();
+        assert!(e.to_string().contains("a huge table"), "{e}");
+        assert!(super::zeroed_f32(0, "none").unwrap().is_empty());
     }
 }

@@ -4,6 +4,47 @@ use crate::error::{EngramError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// Sanity limits on config fields, far above any published Engram model (the demo: N = 3,
+/// K = 8, HC = 4, D = 1024), so that a mistyped value is refused before it drives an
+/// allocation or a long loop.
+pub mod limits {
+    /// Largest `max_ngram_size`.
+    pub const MAX_NGRAM: usize = 64;
+    /// Largest `n_head_per_ngram`.
+    pub const MAX_HEADS_PER_NGRAM: usize = 4096;
+    /// Largest `hc_mult`.
+    pub const MAX_HC: usize = 1024;
+    /// Largest `kernel_size`.
+    pub const MAX_KERNEL: usize = 1024;
+    /// Largest `hidden_size` and `n_embed_per_ngram`.
+    pub const MAX_WIDTH: usize = 1 << 20;
+    /// Most entries of `layer_ids`.
+    pub const MAX_LAYERS: usize = 4096;
+    /// Most hash heads over all layers (a prime is searched for each).
+    pub const MAX_ALL_HEADS: u64 = 1 << 16;
+}
+
+/// Sizes derived from a config ([`EngramConfig::sizes`]), all checked against overflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSizes {
+    /// H = (N-1)·K.
+    pub heads: u64,
+    /// Dm = (N-1)·E.
+    pub memory_width: u64,
+    /// HC·D, the width of a hidden-state row.
+    pub row_width: u64,
+    /// (1 + HC)·D·Dm, the projection weights.
+    pub proj_weights: u64,
+    /// R = (kernel_size - 1)·N rows of conv history.
+    pub conv_history: u64,
+    /// R·HC·D floats of conv history per sequence state.
+    pub state_floats: u64,
+    /// An upper estimate of the table rows (the exact count needs the primes).
+    pub table_rows_estimate: u64,
+    /// An upper estimate of the table's elements.
+    pub table_elems_estimate: u64,
+}
+
 /// Configuration of one Engram layer and of the n-gram hashing shared by all Engram layers.
 ///
 /// Field names and defaults are those of the reference (`EngramConfig` and the backbone
@@ -73,7 +114,8 @@ impl EngramConfig {
     /// Reads a JSON config; missing fields take their defaults, unknown fields are an error.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| EngramError::io(path, e))?;
+        let text =
+            crate::files::read_limited_string(path, crate::files::MAX_CONFIG_BYTES, "config")?;
         let cfg = Self::from_json_str(&text).map_err(|e| match e {
             EngramError::ConfigJson { source, .. } => EngramError::ConfigJson {
                 path: path.display().to_string(),
@@ -90,7 +132,12 @@ impl EngramConfig {
         let cfg: EngramConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
-            if field.is_empty() || field == "." {
+            // Truncated or malformed JSON has no field to name: report the parser's position.
+            let syntax = matches!(
+                inner.classify(),
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+            );
+            if syntax || field.is_empty() || field == "." || field == "?" {
                 EngramError::ConfigJson {
                     path: "<string>".into(),
                     source: inner,
@@ -198,7 +245,137 @@ impl EngramConfig {
                 &self.tokenizer_name_or_path,
             ));
         }
+        self.sizes()?;
         Ok(())
+    }
+
+    /// Every size the layer derives from the config, computed with checked arithmetic. The
+    /// error names the field that makes a size overflow or pass a sanity limit, before
+    /// anything is allocated.
+    pub fn sizes(&self) -> Result<LayerSizes> {
+        for (field, v, max) in [
+            ("max_ngram_size", self.max_ngram_size, limits::MAX_NGRAM),
+            (
+                "n_head_per_ngram",
+                self.n_head_per_ngram,
+                limits::MAX_HEADS_PER_NGRAM,
+            ),
+            ("hc_mult", self.hc_mult, limits::MAX_HC),
+            ("kernel_size", self.kernel_size, limits::MAX_KERNEL),
+            ("hidden_size", self.hidden_size, limits::MAX_WIDTH),
+            (
+                "n_embed_per_ngram",
+                self.n_embed_per_ngram,
+                limits::MAX_WIDTH,
+            ),
+            ("layer_ids", self.layer_ids.len(), limits::MAX_LAYERS),
+        ] {
+            if v > max {
+                return Err(EngramError::config(
+                    field,
+                    format!("at most {max} (a sanity limit far above any published model)"),
+                    v,
+                ));
+            }
+        }
+        let too_big = |field: &str, what: &str| {
+            EngramError::config(
+                field,
+                format!("a value for which {what} fits in 64-bit arithmetic"),
+                "a value that overflows it",
+            )
+        };
+        let mul = |field: &str, what: &str, a: u64, b: u64| {
+            a.checked_mul(b).ok_or_else(|| too_big(field, what))
+        };
+        let n1 = self.max_ngram_size as u64 - 1;
+        let heads = mul(
+            "n_head_per_ngram",
+            "heads (max_ngram_size - 1) x n_head_per_ngram",
+            n1,
+            self.n_head_per_ngram as u64,
+        )?;
+        let all_heads = heads.saturating_mul(self.layer_ids.len() as u64);
+        if all_heads > limits::MAX_ALL_HEADS {
+            return Err(EngramError::config(
+                "layer_ids",
+                format!(
+                    "at most {} hash heads over all layers (primes are drawn for each)",
+                    limits::MAX_ALL_HEADS
+                ),
+                format!(
+                    "{} layers x {heads} heads = {all_heads}",
+                    self.layer_ids.len()
+                ),
+            ));
+        }
+        let memory_width = mul(
+            "n_embed_per_ngram",
+            "the memory width (max_ngram_size - 1) x n_embed_per_ngram",
+            n1,
+            self.n_embed_per_ngram as u64,
+        )?;
+        let row_width = mul(
+            "hc_mult",
+            "a row hc_mult x hidden_size",
+            self.hc_mult as u64,
+            self.hidden_size as u64,
+        )?;
+        let proj_what = "the projections (1 + hc_mult) x hidden_size x memory_width";
+        let proj_weights = mul(
+            "hidden_size",
+            proj_what,
+            self.hc_mult as u64 + 1,
+            self.hidden_size as u64,
+        )
+        .and_then(|x| mul("hidden_size", proj_what, x, memory_width))?;
+        let conv_history = mul(
+            "kernel_size",
+            "the conv history (kernel_size - 1) x max_ngram_size",
+            self.kernel_size as u64 - 1,
+            self.max_ngram_size as u64,
+        )?;
+        let state_floats = mul(
+            "kernel_size",
+            "a state's conv history (kernel_size - 1) x max_ngram_size x hc_mult x hidden_size",
+            conv_history,
+            row_width,
+        )?;
+        // Each head's table has a prime number of rows just above its base size.
+        let mut table_rows: u64 = 0;
+        for &v in &self.engram_vocab_size {
+            let per = mul(
+                "engram_vocab_size",
+                "the table rows (sum of sizes) x n_head_per_ngram",
+                v + 1024,
+                self.n_head_per_ngram as u64,
+            )?;
+            table_rows = table_rows
+                .checked_add(per)
+                .ok_or_else(|| too_big("engram_vocab_size", "the table rows"))?;
+        }
+        let table_elems = mul(
+            "engram_vocab_size",
+            "the table's elements (rows x head_dim)",
+            table_rows,
+            self.head_dim() as u64,
+        )?;
+        if table_elems.checked_mul(4).is_none() {
+            return Err(too_big("engram_vocab_size", "the table's bytes"));
+        }
+        if proj_weights.checked_mul(8).is_none() || state_floats.checked_mul(8).is_none() {
+            return Err(too_big("hidden_size", "the weights' bytes"));
+        }
+        Ok(LayerSizes {
+            heads,
+            memory_width,
+            row_width,
+            proj_weights,
+            conv_history,
+            state_floats,
+            table_rows_estimate: table_rows,
+            table_elems_estimate: table_elems,
+        })
     }
 
     /// H = (N-1)·K, the number of hash heads of a layer.

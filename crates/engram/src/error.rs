@@ -112,6 +112,22 @@ pub enum EngramError {
         /// The value.
         value: f32,
     },
+    /// A run would need more memory or disk space than this machine has.
+    #[error(
+        "not enough {resource}: this needs {} ({needed} bytes), {} available; {detail}",
+        crate::budget::human(*needed),
+        crate::budget::human(*available)
+    )]
+    Resource {
+        /// `memory`, or `disk space in DIR`.
+        resource: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+        /// What needs it.
+        detail: String,
+    },
     /// An argument of an API call is invalid.
     #[error("{name}: expected {expected}, found {found}")]
     Invalid {

@@ -199,6 +199,20 @@ pub struct Engram {
     fused: OnceLock<Arc<FusedWeights>>,
 }
 
+/// `[a, b, c]` for short lists, `[a, b, c, ... z] (N values)` for long ones.
+pub(crate) fn short_list<T: std::fmt::Debug>(v: &[T]) -> String {
+    if v.len() <= 16 {
+        return format!("{v:?}");
+    }
+    let head: Vec<String> = v[..8].iter().map(|x| format!("{x:?}")).collect();
+    format!(
+        "[{}, ... {:?}] ({} values)",
+        head.join(", "),
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
 /// Loads the tokenizer named by the config and builds its compression table.
 pub fn compression_for(cfg: &EngramConfig) -> Result<Arc<CompressedTokenizer>> {
     let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
@@ -357,10 +371,15 @@ impl Engram {
         self
     }
 
-    /// The fused path's packed weights (packed on first use).
-    pub fn fused_weights(&self) -> &FusedWeights {
-        self.fused
-            .get_or_init(|| Arc::new(FusedWeights::pack(self, self.dtype)))
+    /// The fused path's packed weights (packed on first use; fails only when memory for a
+    /// bf16 copy of the table cannot be had).
+    pub fn fused_weights(&self) -> Result<&FusedWeights> {
+        if let Some(f) = self.fused.get() {
+            return Ok(f);
+        }
+        let packed = Arc::new(FusedWeights::pack(self, self.dtype)?);
+        // Two threads may pack at once; either result is the same.
+        Ok(self.fused.get_or_init(|| packed))
     }
 
     /// The state of a sequence that has not started.
@@ -504,6 +523,13 @@ impl Engram {
     ) -> Result<Stages> {
         let total = ids.len();
         self.check_offsets(offsets, states.len(), total)?;
+        if total == 0 {
+            return Err(EngramError::invalid(
+                "input_ids",
+                "at least one token in the batch",
+                format!("{} sequences with 0 tokens", states.len()),
+            ));
+        }
         self.check_inputs(ids, hidden, 1, total)?;
         for st in states.iter() {
             self.check_state(st)?;
@@ -551,13 +577,13 @@ impl Engram {
                 let (h, hc) = (self.cfg.num_heads(), self.cfg.hc_mult);
                 let mut hash_ids = vec![0i64; total * h];
                 let mut gates = vec![0.0f32; total * hc];
-                let mut output = crate::alloc::zeroed_f32(total * c);
+                let mut output = crate::alloc::zeroed_f32(total * c, "the output")?;
                 let mut gated = if keep {
                     vec![0.0f32; total * c]
                 } else {
                     Vec::new()
                 };
-                let fw = self.fused_weights();
+                let fw = self.fused_weights()?;
                 let out = FusedOut {
                     hash_ids: &mut hash_ids,
                     gates: &mut gates,
@@ -602,7 +628,7 @@ impl Engram {
                     "{} non-decreasing offsets from 0 to {total} (one more than the {nseq} states)",
                     nseq + 1
                 ),
-                format!("{offsets:?}"),
+                short_list(offsets),
             ));
         }
         Ok(())

@@ -44,9 +44,12 @@
 #![deny(missing_docs)]
 
 mod alloc;
+pub mod atomic;
+pub mod budget;
 pub mod compression;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod fused;
 pub mod hashing;
 pub mod init;
@@ -59,7 +62,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use compression::CompressedTokenizer;
-pub use config::EngramConfig;
+pub use config::{EngramConfig, LayerSizes};
 pub use error::{EngramError, Result};
 pub use fused::DType;
 pub use hashing::NgramHashMapping;

@@ -1,9 +1,9 @@
 //! Saving and restoring the streaming states of a batch (safetensors).
 //!
 //! Layout for S sequences: `ngram_history` int64 `[S, N-1]`, `conv_history` f32 `[S, R, HC·D]`
-//! (oldest row first), `position` int64 `[S]`; metadata `engram_config` holds the config JSON,
-//! and a restore checks that the layer it is restored into has the same shape-defining
-//! fields.
+//! (oldest row first), `position` int64 `[S]`; metadata `engram_config` holds the config JSON.
+//! A restore requires that metadata and checks that the layer it is restored into agrees on
+//! every field that shapes a state or its ids; the error names each field that differs.
 
 use crate::config::EngramConfig;
 use crate::error::{EngramError, Result};
@@ -37,35 +37,69 @@ pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -
 
 /// Reads the states of a batch for layer `e`.
 pub fn load_states(path: impl AsRef<Path>, e: &Engram) -> Result<Vec<EngramState>> {
-    let f = TensorFile::open(path)?;
+    load_states_from(&TensorFile::open(path)?, e)
+}
+
+/// Reads the states of a batch for layer `e` from an opened file.
+pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
     let cfg = e.config();
-    if let Some(j) = f.metadata().get("engram_config") {
-        let saved: EngramConfig =
-            serde_json::from_str(j).map_err(|source| EngramError::ConfigJson {
-                path: format!("{} (engram_config metadata)", f.path().display()),
-                source,
-            })?;
-        let key = |c: &EngramConfig| {
-            (
-                c.max_ngram_size,
-                c.kernel_size,
-                c.hidden_size,
-                c.hc_mult,
-                c.layer_id,
-                c.seed,
-                c.engram_vocab_size.clone(),
-            )
-        };
-        if key(&saved) != key(cfg) {
-            return Err(EngramError::invalid(
-                format!("states in {}", f.path().display()),
-                format!("states of layer {} with this config", cfg.layer_id),
-                format!(
-                    "states saved for a different config (layer {})",
-                    saved.layer_id
-                ),
-            ));
-        }
+    let j = f.metadata().get("engram_config").ok_or_else(|| {
+        EngramError::invalid(
+            format!("states in {}", f.path().display()),
+            "`engram_config` metadata (a file written by `--state-out` / `save_states`)",
+            "no such metadata",
+        )
+    })?;
+    let saved: EngramConfig =
+        serde_json::from_str(j).map_err(|source| EngramError::ConfigJson {
+            path: format!("{} (engram_config metadata)", f.path().display()),
+            source,
+        })?;
+    // Every field that shapes a state or the ids in it must agree.
+    let fields: [(&str, String, String); 7] = [
+        (
+            "layer_id",
+            saved.layer_id.to_string(),
+            cfg.layer_id.to_string(),
+        ),
+        (
+            "max_ngram_size",
+            saved.max_ngram_size.to_string(),
+            cfg.max_ngram_size.to_string(),
+        ),
+        (
+            "kernel_size",
+            saved.kernel_size.to_string(),
+            cfg.kernel_size.to_string(),
+        ),
+        (
+            "hidden_size",
+            saved.hidden_size.to_string(),
+            cfg.hidden_size.to_string(),
+        ),
+        (
+            "hc_mult",
+            saved.hc_mult.to_string(),
+            cfg.hc_mult.to_string(),
+        ),
+        ("seed", saved.seed.to_string(), cfg.seed.to_string()),
+        (
+            "engram_vocab_size",
+            format!("{:?}", saved.engram_vocab_size),
+            format!("{:?}", cfg.engram_vocab_size),
+        ),
+    ];
+    let differ: Vec<String> = fields
+        .iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(name, a, b)| format!("{name} {a} (this layer: {b})"))
+        .collect();
+    if !differ.is_empty() {
+        return Err(EngramError::invalid(
+            format!("states in {}", f.path().display()),
+            "states saved with this layer's config",
+            format!("states saved with {}", differ.join(", ")),
+        ));
     }
     let (n1, r, c) = (
         cfg.max_ngram_size - 1,
@@ -98,13 +132,20 @@ pub fn load_states(path: impl AsRef<Path>, e: &Engram) -> Result<Vec<EngramState
             hist[i],
         ));
     }
+    if let Some(i) = pos.data.iter().position(|&p| p < 0) {
+        return Err(EngramError::invalid(
+            format!("position[{i}] in {}", f.path().display()),
+            "a non-negative token count",
+            pos.data[i],
+        ));
+    }
     Ok((0..s)
         .map(|i| {
             EngramState::from_parts(
                 hist[i * n1..(i + 1) * n1].to_vec(),
                 conv[i * r * c..(i + 1) * r * c].to_vec(),
                 c,
-                pos.data[i].max(0) as u64,
+                pos.data[i] as u64,
             )
         })
         .collect())

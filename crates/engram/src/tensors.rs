@@ -25,10 +25,28 @@ pub struct I64Tensor {
     pub data: Vec<i64>,
 }
 
+/// The bytes of a tensor file: memory-mapped, or owned (files given as bytes, e.g. by a
+/// fuzzer or a test). Cheap to clone; a table keeps its file's bytes alive this way.
+#[derive(Clone)]
+pub(crate) enum FileBytes {
+    Mapped(Arc<Mmap>),
+    Owned(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A memory-mapped, validated safetensors file.
 pub struct TensorFile {
     path: PathBuf,
-    mmap: Arc<Mmap>,
+    mmap: FileBytes,
     metadata: HashMap<String, String>,
 }
 
@@ -48,6 +66,18 @@ impl TensorFile {
     /// Maps the file and parses its header (bounds and offsets are checked by `safetensors`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        let meta = std::fs::metadata(&path).map_err(|e| EngramError::io(&path, e))?;
+        if !meta.is_file() {
+            return Err(EngramError::invalid(
+                path.display().to_string(),
+                "a safetensors file",
+                if meta.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                },
+            ));
+        }
         let file = std::fs::File::open(&path).map_err(|e| EngramError::io(&path, e))?;
         // SAFETY: the map is read-only; the file is not expected to change while mapped (as
         // with every memory-mapped weight loader). Truncation by another process would fault,
@@ -57,6 +87,15 @@ impl TensorFile {
         // when the file is not cached (a hint; failure to apply it changes nothing).
         #[cfg(unix)]
         let _ = mmap.advise(memmap2::Advice::Random);
+        Self::parse(path, FileBytes::Mapped(Arc::new(mmap)))
+    }
+
+    /// A safetensors file given as bytes; `name` stands for its path in messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(name.into(), FileBytes::Owned(Arc::new(bytes)))
+    }
+
+    fn parse(path: PathBuf, mmap: FileBytes) -> Result<Self> {
         let (_, meta) =
             SafeTensors::read_metadata(&mmap[..]).map_err(|e| EngramError::SafeTensors {
                 path: path.display().to_string(),
@@ -70,7 +109,7 @@ impl TensorFile {
         })?;
         Ok(TensorFile {
             path,
-            mmap: Arc::new(mmap),
+            mmap,
             metadata,
         })
     }
@@ -89,7 +128,7 @@ impl TensorFile {
         SafeTensors::deserialize(&self.mmap[..]).expect("validated in open")
     }
 
-    pub(crate) fn mmap(&self) -> &Arc<Mmap> {
+    pub(crate) fn bytes(&self) -> &FileBytes {
         &self.mmap
     }
 
@@ -339,7 +378,8 @@ impl<'a> TensorWriter<'a> {
     }
 
     /// Writes the file: 8-byte header length, JSON header padded to 8 bytes, then the data
-    /// of every tensor in the order added.
+    /// of every tensor in the order added. The write is atomic ([`crate::atomic`]): the
+    /// file appears complete or not at all, and an existing file survives a failed write.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut header = serde_json::Map::new();
@@ -363,16 +403,15 @@ impl<'a> TensorWriter<'a> {
         while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
-        let io = |e| EngramError::io(path, e);
-        let file = std::fs::File::create(path).map_err(io)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        use std::io::Write;
-        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&h).map_err(io)?;
-        for (_, _, data) in &self.tensors {
-            data.write(&mut w).map_err(io)?;
-        }
-        w.flush().map_err(io)?;
+        crate::atomic::write_atomic(path, |w| {
+            use std::io::Write;
+            w.write_all(&(h.len() as u64).to_le_bytes())?;
+            w.write_all(&h)?;
+            for (_, _, data) in &self.tensors {
+                data.write(w)?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 }

@@ -40,6 +40,26 @@ fn tok_err(name: &str, message: impl std::fmt::Display) -> EngramError {
     }
 }
 
+/// Runs `f`, turning a panic into an error with its message, without the panic printed.
+/// The `tokenizers` crate panics on some malformed `tokenizer.json` files (found by the
+/// `tokenizer_json` fuzz target: an `expect` in its decoder deserialiser), and a file a user
+/// names must give an error, not a crash. The panic hook is process-wide, so it is swapped
+/// under a lock for the duration of `f` only.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    r.map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the parser panicked".into())
+    })
+}
+
 impl Tokenizer {
     /// Loads `deepseek-v3` / `deepseek-ai/DeepSeek-V3` from the bundled copy; anything else is a
     /// path to a `tokenizer.json` or to a folder holding one (and maybe `tokenizer_config.json`).
@@ -64,9 +84,14 @@ impl Tokenizer {
                 ),
             ));
         }
-        let bytes = std::fs::read(&json_path).map_err(|e| EngramError::io(&json_path, e))?;
+        let bytes =
+            crate::files::read_limited(&json_path, crate::files::MAX_TOKENIZER_BYTES, "tokenizer")?;
         let config = match config_path {
-            Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| EngramError::io(&p, e))?),
+            Some(p) => Some(crate::files::read_limited_string(
+                &p,
+                crate::files::MAX_CONFIG_BYTES,
+                "tokenizer config",
+            )?),
             None => None,
         };
         Self::from_bytes(name_or_path, &bytes, config.as_deref())
@@ -83,7 +108,9 @@ impl Tokenizer {
 
     /// Builds from the bytes of a `tokenizer.json` and, optionally, a `tokenizer_config.json`.
     pub fn from_bytes(name: &str, json: &[u8], config_json: Option<&str>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| tok_err(name, e))?;
+        let inner = quietly(|| tokenizers::Tokenizer::from_bytes(json))
+            .map_err(|panic| tok_err(name, format!("malformed tokenizer.json ({panic})")))?
+            .map_err(|e| tok_err(name, e))?;
         let (mut add_bos, mut bos_id) = (false, None);
         if let Some(cfg) = config_json {
             let v: serde_json::Value = serde_json::from_str(cfg)
@@ -174,5 +201,29 @@ impl Tokenizer {
     /// The wrapped Hugging Face tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WORDLEVEL: &str = r#"{"version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": DECODER,
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "[UNK]": 2}, "unk_token": "[UNK]"}}"#;
+
+    #[test]
+    fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let ok = WORDLEVEL.replace("DECODER", "null");
+        let t = Tokenizer::from_bytes("tiny", ok.as_bytes(), None).unwrap();
+        assert_eq!(t.encode("a b a", false).unwrap(), vec![0, 1, 0]);
+        // `Null` is not JSON; the tokenizers crate panics on it inside its decoder parser
+        // (found by the tokenizer_json fuzz target).
+        let bad = WORDLEVEL.replace("DECODER", "Null");
+        let e = Tokenizer::from_bytes("tiny", bad.as_bytes(), None).unwrap_err();
+        assert!(e.to_string().contains("malformed tokenizer.json"), "{e}");
+        // The panic hook is restored afterwards.
+        assert!(std::panic::catch_unwind(|| panic!("still reported")).is_err());
     }
 }

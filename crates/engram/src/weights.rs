@@ -2,9 +2,8 @@
 
 use crate::config::EngramConfig;
 use crate::error::{EngramError, Result};
-use crate::tensors::{dtype_name, TensorFile, TensorWriter};
+use crate::tensors::{dtype_name, FileBytes, TensorFile, TensorWriter};
 use half::{bf16, f16};
-use memmap2::Mmap;
 use safetensors::Dtype;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +19,7 @@ enum TableData {
     F32(Arc<Vec<f32>>),
     Bf16(Arc<Vec<bf16>>),
     Mapped {
-        mmap: Arc<Mmap>,
+        mmap: FileBytes,
         start: usize,
         dtype: Dtype,
     },
@@ -108,8 +107,9 @@ impl EmbeddingTable {
     }
 
     /// A bf16 copy (round to nearest even), for the bf16 path.
-    pub fn to_bf16(&self) -> EmbeddingTable {
-        let mut v: Vec<bf16> = bytemuck::cast_vec(crate::alloc::zeroed_u16(self.rows * self.dim));
+    pub fn to_bf16(&self) -> Result<EmbeddingTable> {
+        let mut v: Vec<bf16> =
+            crate::alloc::try_zeroed(self.rows * self.dim, "a bf16 copy of the table")?;
         let mut row = vec![0.0; self.dim];
         for r in 0..self.rows {
             self.row_into(r, &mut row);
@@ -117,11 +117,11 @@ impl EmbeddingTable {
                 *o = bf16::from_f32(*x);
             }
         }
-        EmbeddingTable {
+        Ok(EmbeddingTable {
             data: TableData::Bf16(Arc::new(v)),
             rows: self.rows,
             dim: self.dim,
-        }
+        })
     }
 
     /// Asks the CPU to start loading row `r` into cache (no effect where unsupported).
@@ -155,6 +155,34 @@ impl EmbeddingTable {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = r;
+    }
+
+    /// Checks every element for NaN and infinity (a full scan of the table, in parallel);
+    /// `progress` receives the rows scanned. The error names the first bad row and column.
+    pub fn check_finite(&self, progress: &(dyn Fn(usize) + Sync)) -> Result<()> {
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 14;
+        let blocks = self.rows.div_ceil(BLOCK);
+        let bad = (0..blocks).into_par_iter().find_map_first(|b| {
+            let mut row = vec![0.0f32; self.dim];
+            let end = ((b + 1) * BLOCK).min(self.rows);
+            for r in b * BLOCK..end {
+                self.row_into(r, &mut row);
+                if let Some(c) = row.iter().position(|x| !x.is_finite()) {
+                    return Some((r, c, row[c]));
+                }
+            }
+            progress(end - b * BLOCK);
+            None
+        });
+        match bad {
+            Some((r, c, value)) => Err(EngramError::NonFinite {
+                name: format!("{TABLE} (row {r}, column {c})"),
+                index: r * self.dim + c,
+                value,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Copies row `r` (widened to f32) into `out` (length d). `r < rows` is the caller's
@@ -272,7 +300,16 @@ impl EngramWeights {
         offsets: &[i64],
         rows: usize,
     ) -> Result<Self> {
-        let file = TensorFile::open(path)?;
+        Self::load_from(&TensorFile::open(path)?, cfg, offsets, rows)
+    }
+
+    /// [`EngramWeights::load`] from an opened file.
+    pub fn load_from(
+        file: &TensorFile,
+        cfg: &EngramConfig,
+        offsets: &[i64],
+        rows: usize,
+    ) -> Result<Self> {
         let ctx = format!(" in {}", file.path().display());
         let expected = expected_tensors(cfg, rows);
         for name in file.names() {
@@ -309,11 +346,11 @@ impl EngramWeights {
                     found: dtype_name(dtype),
                 });
             }
-            let base = file.mmap().as_ptr() as usize;
+            let base = file.bytes().as_ptr() as usize;
             let start = view.data().as_ptr() as usize - base;
             EmbeddingTable {
                 data: TableData::Mapped {
-                    mmap: file.mmap().clone(),
+                    mmap: file.bytes().clone(),
                     start,
                     dtype,
                 },

@@ -85,7 +85,7 @@ impl std::str::FromStr for DType {
 
 impl FusedWeights {
     /// Packs the weights of a layer.
-    pub fn pack(e: &Engram, dtype: DType) -> Self {
+    pub fn pack(e: &Engram, dtype: DType) -> Result<Self> {
         let cfg = e.config();
         let w = e.weights();
         let (d, hc, taps) = (cfg.hidden_size, cfg.hc_mult, cfg.kernel_size);
@@ -99,9 +99,12 @@ impl FusedWeights {
                 conv_w[k * c + ch] = w.conv_weight[ch * taps + k];
             }
         }
-        let table =
-            (dtype == DType::Bf16 && w.table.dtype_name() != "bf16").then(|| w.table.to_bf16());
-        FusedWeights {
+        let table = if dtype == DType::Bf16 && w.table.dtype_name() != "bf16" {
+            Some(w.table.to_bf16()?)
+        } else {
+            None
+        };
+        Ok(FusedWeights {
             proj,
             table,
             value_bias: w.value_proj_bias.clone(),
@@ -117,7 +120,7 @@ impl FusedWeights {
                 .collect(),
             conv_norm: w.conv_norms.clone(),
             conv_w,
-        }
+        })
     }
 
     /// The storage type of the projection.

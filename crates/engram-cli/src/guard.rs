@@ -1,0 +1,208 @@
+//! What every command checks before it does any work: that no output would overwrite an
+//! input or another output, that outputs can be created, and a sane thread count.
+
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+/// How a path is identified: by device and inode when it exists (so links and different
+/// spellings of one file compare equal), else by its canonical folder and name.
+#[derive(PartialEq, Eq, Debug)]
+enum FileId {
+    Inode(u64, u64),
+    Path(PathBuf),
+}
+
+fn file_id(p: &Path) -> FileId {
+    if let Ok(m) = std::fs::metadata(p) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            return FileId::Inode(m.dev(), m.ino());
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = m;
+            if let Ok(c) = p.canonicalize() {
+                return FileId::Path(c);
+            }
+        }
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (parent.canonicalize(), p.file_name()) {
+        (Ok(d), Some(n)) => FileId::Path(d.join(n)),
+        _ => FileId::Path(p.to_path_buf()),
+    }
+}
+
+/// The files of one command: (flag, path) of every input and output.
+#[derive(Default)]
+pub struct Files<'a> {
+    inputs: Vec<(&'a str, &'a Path)>,
+    outputs: Vec<(&'a str, &'a Path)>,
+}
+
+impl<'a> Files<'a> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An input file (skipped when `None`).
+    pub fn input(mut self, flag: &'a str, p: Option<&'a Path>) -> Self {
+        if let Some(p) = p {
+            self.inputs.push((flag, p));
+        }
+        self
+    }
+
+    /// An output file (skipped when `None`).
+    pub fn output(mut self, flag: &'a str, p: Option<&'a Path>) -> Self {
+        if let Some(p) = p {
+            self.outputs.push((flag, p));
+        }
+        self
+    }
+
+    /// Refuses an output that is (the same file as) an input or another output, an output
+    /// that names a directory, and one whose folder does not exist.
+    pub fn check(&self) -> Result<()> {
+        for (i, (flag, out)) in self.outputs.iter().enumerate() {
+            if out.is_dir() {
+                bail!(
+                    "{flag} {}: expected a file path to write, found a directory",
+                    out.display()
+                );
+            }
+            let dir = match out.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                bail!(
+                    "{flag} {}: expected an existing folder to write into, found no folder {}",
+                    out.display(),
+                    dir.display()
+                );
+            }
+            let id = file_id(out);
+            for (iflag, inp) in &self.inputs {
+                if inp.exists() && file_id(inp) == id {
+                    bail!(
+                        "{flag} {}: is the same file as {iflag} {}; writing it would destroy the input (choose another output path)",
+                        out.display(),
+                        inp.display()
+                    );
+                }
+            }
+            for (oflag, other) in &self.outputs[..i] {
+                if file_id(other) == id {
+                    bail!(
+                        "{flag} {}: is the same file as {oflag} {}; one output would overwrite the other (choose two paths)",
+                        out.display(),
+                        other.display()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The input files a config names besides itself: a tokenizer file or folder given by path.
+pub fn tokenizer_files(name_or_path: &str) -> Vec<PathBuf> {
+    let p = Path::new(name_or_path);
+    if p.is_file() {
+        vec![p.to_path_buf()]
+    } else if p.is_dir() {
+        ["tokenizer.json", "tokenizer_config.json"]
+            .iter()
+            .map(|f| p.join(f))
+            .filter(|f| f.exists())
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Most worker threads allowed: this multiple of the cores.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The thread count to use for `requested` (from `--threads`): at most
+/// [`MAX_THREADS_PER_CORE`] × the cores, with one warning line when capped.
+pub fn thread_count(requested: usize) -> Result<usize> {
+    if requested == 0 {
+        bail!("--threads: expected at least 1, found 0");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = cores * MAX_THREADS_PER_CORE;
+    if requested > max {
+        eprintln!(
+            "warning: --threads {requested} capped at {max} ({MAX_THREADS_PER_CORE} x the {cores} cores)"
+        );
+        return Ok(max);
+    }
+    Ok(requested)
+}
+
+/// Lets a closed stdout (`engram weights W | head -1`) end the process quietly, as it does
+/// for other command-line tools, instead of a panic in `println!`.
+pub fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE at the start of `main`, before
+    // any thread is spawned; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_file_by_link_and_spelling() {
+        let d = std::env::temp_dir().join(format!("engram-guard-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let a = d.join("a.bin");
+        std::fs::write(&a, b"x").unwrap();
+        let dotted = d.join(".").join("a.bin");
+        let ok = Files::new()
+            .input("--in", Some(&a))
+            .output("--out", Some(&dotted));
+        assert!(ok.check().unwrap_err().to_string().contains("same file"));
+        #[cfg(unix)]
+        {
+            let link = d.join("link.bin");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&a, &link).unwrap();
+            let f = Files::new()
+                .input("--in", Some(&a))
+                .output("--out", Some(&link));
+            assert!(f.check().is_err());
+        }
+        let (n1, n2) = (d.join("new1.bin"), d.join("./new1.bin"));
+        let f = Files::new()
+            .output("--out", Some(&n1))
+            .output("--state-out", Some(&n2));
+        assert!(f.check().unwrap_err().to_string().contains("--state-out"));
+        let fine = Files::new()
+            .input("--in", Some(&a))
+            .output("--out", Some(&n1));
+        fine.check().unwrap();
+        let missing = d.join("no/such/dir/out.bin");
+        let f = Files::new().output("--out", Some(&missing));
+        assert!(f.check().unwrap_err().to_string().contains("no folder"));
+        let f = Files::new().output("--out", Some(&d));
+        assert!(f.check().unwrap_err().to_string().contains("directory"));
+    }
+
+    #[test]
+    fn threads_are_capped() {
+        assert!(thread_count(0).is_err());
+        assert_eq!(thread_count(1).unwrap(), 1);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(thread_count(100_000).unwrap(), cores * MAX_THREADS_PER_CORE);
+    }
+}

@@ -1,0 +1,510 @@
+//! Careless and hostile input: nothing a user types may destroy a file, crash the engine or
+//! exhaust the machine. Each case asserts the exit code, the one-line message (naming what
+//! differs) and that every input file is unchanged.
+
+mod common;
+
+use common::{bytes, case_inputs, engram, expect_error, golden, s, tmp_dir};
+use engram::tensors::{TensorFile, TensorWriter};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Copies of the small layer's config and weights, and the seed_text inputs, in a fresh
+/// folder (the golden files themselves are never given as outputs).
+struct Setup {
+    dir: PathBuf,
+    cfg: PathBuf,
+    weights: PathBuf,
+    inputs: PathBuf,
+}
+
+impl Setup {
+    fn new(name: &str) -> Self {
+        let dir = tmp_dir(name);
+        let (cfg, weights, inputs) = (
+            dir.join("config.json"),
+            dir.join("weights.safetensors"),
+            dir.join("inputs.safetensors"),
+        );
+        std::fs::copy(golden("small.config.json"), &cfg).unwrap();
+        std::fs::copy(golden("small.weights.safetensors"), &weights).unwrap();
+        let (case, _) = case_inputs("seed_text");
+        std::fs::copy(case, &inputs).unwrap();
+        Setup {
+            dir,
+            cfg,
+            weights,
+            inputs,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `forward` on the small layer with `--inputs`, plus `extra`.
+    fn forward(&self, inputs: &Path, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "forward",
+            "--config",
+            s(&self.cfg),
+            "--weights",
+            s(&self.weights),
+            "--inputs",
+            s(inputs),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    }
+
+    /// A config file: the small config with `patch` (JSON object) merged in.
+    fn config_with(&self, name: &str, patch: &str) -> PathBuf {
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&self.cfg).unwrap()).unwrap();
+        let p: serde_json::Value = serde_json::from_str(patch).unwrap();
+        for (k, v) in p.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        let path = self.path(name);
+        std::fs::write(&path, c.to_string()).unwrap();
+        path
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(|x| x.as_str()).collect()
+}
+
+/// Runs a failing command and checks that the given files kept their bytes.
+fn fails_leaving(args: &[&str], needle: &str, unchanged: &[&Path]) -> String {
+    let before: Vec<Vec<u8>> = unchanged.iter().map(|p| bytes(p)).collect();
+    let line = expect_error(args, needle);
+    for (p, b) in unchanged.iter().zip(before) {
+        assert!(bytes(p) == b, "{args:?} changed {}", p.display());
+    }
+    line
+}
+
+#[test]
+fn outputs_never_overwrite_inputs_or_each_other() {
+    let t = Setup::new("overwrite");
+    let (w, inp, cfg) = (&t.weights, &t.inputs, &t.cfg);
+    let keep: [&Path; 3] = [w, inp, cfg];
+    for (extra, needle) in [
+        (vec!["--out", s(w)], "--weights"),
+        (vec!["--out", s(inp)], "--inputs"),
+        (vec!["--out", s(cfg)], "--config"),
+        (
+            vec!["--out", s(&t.path("o.st")), "--state-out", s(w)],
+            "--state-out",
+        ),
+        (
+            vec![
+                "--out",
+                s(&t.path("same.st")),
+                "--state-out",
+                s(&t.path("./same.st")),
+            ],
+            "one output would overwrite the other",
+        ),
+    ] {
+        let args = t.forward(inp, &extra);
+        let line = fails_leaving(&strs(&args), needle, &keep);
+        assert!(line.contains("same file"), "{line}");
+    }
+    assert!(!t.path("same.st").exists() && !t.path("o.st").exists());
+    // A symbolic link to the weights is the weights.
+    #[cfg(unix)]
+    {
+        let link = t.path("link.st");
+        std::os::unix::fs::symlink(w, &link).unwrap();
+        let args = t.forward(inp, &["--out", s(&link)]);
+        fails_leaving(&strs(&args), "same file as --weights", &keep);
+    }
+    fails_leaving(
+        &["hash", "--inputs", s(inp), "--out", s(inp)],
+        "same file as --inputs",
+        &keep,
+    );
+    fails_leaving(
+        &["init", "--config", s(cfg), "--out", s(cfg)],
+        "same file as --config",
+        &keep,
+    );
+    fails_leaving(
+        &["compression", "--config", s(cfg), "--out", s(cfg)],
+        "same file as --config",
+        &keep,
+    );
+    // Outputs into a directory or a missing folder are refused before any work.
+    let args = t.forward(inp, &["--out", s(&t.dir)]);
+    fails_leaving(&strs(&args), "found a directory", &keep);
+    let args = t.forward(inp, &["--out", s(&t.path("no/such/out.st"))]);
+    fails_leaving(&strs(&args), "found no folder", &keep);
+}
+
+#[test]
+fn absurd_configs_are_refused_naming_the_field() {
+    let t = Setup::new("absurd");
+    let big = u64::MAX.to_string();
+    for (patch, field, what) in [
+        (format!("{{\"hc_mult\": {big}}}"), "hc_mult", "at most"),
+        (format!("{{\"kernel_size\": {big}}}"), "kernel_size", "at most"),
+        (
+            "{\"hidden_size\": 100000000000}".to_string(),
+            "hidden_size",
+            "at most",
+        ),
+        (
+            "{\"n_head_per_ngram\": 4096, \"n_embed_per_ngram\": 4096, \"layer_ids\": [1, 15, 2, 3, 4, 5, 6, 7, 8, 9]}".to_string(),
+            "layer_ids",
+            "hash heads over all layers",
+        ),
+    ] {
+        let c = t.config_with("absurd.json", &patch);
+        let keep: [&Path; 2] = [&c, &t.weights];
+        for args in [
+            strs(&t.forward(&t.inputs, &["--out", s(&t.path("o.st"))]))
+                .into_iter()
+                .map(|a| if a == s(&t.cfg) { s(&c) } else { a })
+                .collect::<Vec<_>>(),
+            vec!["weights", s(&t.weights), "--config", s(&c)],
+            vec!["hash", "--config", s(&c), "--text", "x", "--out", s(&t.path("h.st"))],
+        ] {
+            let line = fails_leaving(&args, &format!("config field `{field}`"), &keep);
+            assert!(line.contains(what), "{line}");
+        }
+    }
+    // A table of 5e8 rows per order: more memory than any test machine has; init refuses
+    // before allocating and names the table and the sizes.
+    let c = t.config_with(
+        "huge.json",
+        "{\"engram_vocab_size\": [500000000, 500000000]}",
+    );
+    let out = t.path("huge.st");
+    let line = fails_leaving(
+        &["init", "--config", s(&c), "--out", s(&out)],
+        "not enough memory",
+        &[&c],
+    );
+    assert!(
+        line.contains("embedding table") && line.contains("available"),
+        "{line}"
+    );
+    assert!(!out.exists());
+    // Truncated JSON names the file and the parser's position, not a field `?`.
+    let trunc = t.path("trunc.json");
+    std::fs::write(&trunc, "{\"max_ngram_size\": 3, \"engram_vocab_size\": [12").unwrap();
+    let line = expect_error(
+        &[
+            "hash",
+            "--config",
+            s(&trunc),
+            "--text",
+            "x",
+            "--out",
+            s(&out),
+        ],
+        "trunc.json",
+    );
+    assert!(line.contains("EOF") && !line.contains('?'), "{line}");
+}
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    // Thousands of lines: far more than a pipe holds, so the writer meets the closed end.
+    let text = "word ".repeat(20_000);
+    for args in [vec!["tokenize", text.as_str()], vec!["--help"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 16];
+        use std::io::Read;
+        let out = child.stdout.as_mut().unwrap();
+        out.read_exact(&mut first).unwrap();
+        drop(child.stdout.take());
+        let res = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert!(
+                res.status.success() || res.status.signal() == Some(13),
+                "{:?}: {err}",
+                res.status
+            );
+        }
+    }
+}
+
+#[test]
+fn thread_counts_are_capped_with_one_warning() {
+    let (code, out, err) = engram(&["--threads", "5000", "tokenize", "--json", "hi"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("input_ids"));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("warning: --threads 5000 capped at"),
+        "{err}"
+    );
+    expect_error(&["--threads", "0", "tokenize", "hi"], "--threads");
+}
+
+/// Writes an inputs file with `input_ids` of `shape` (zeros) and matching hidden states.
+fn inputs_of_shape(p: &Path, ids_shape: &[usize], hidden_shape: &[usize]) {
+    let n: usize = ids_shape.iter().product();
+    let m: usize = hidden_shape.iter().product();
+    let (ids, h) = (vec![0i64; n], vec![0.5f32; m]);
+    let mut w = TensorWriter::new();
+    w.i64("input_ids", ids_shape, &ids)
+        .f32("hidden_states", hidden_shape, &h);
+    w.write(p).unwrap();
+}
+
+#[test]
+fn conflicting_and_empty_inputs_are_errors() {
+    let t = Setup::new("conflict");
+    let out = t.path("o.st");
+    let keep: [&Path; 3] = [&t.weights, &t.inputs, &t.cfg];
+    // --random-hidden would silently replace the file's hidden states.
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--random-hidden", "3"]);
+    let line = fails_leaving(&strs(&args), "--random-hidden conflicts", &keep);
+    assert!(line.contains("hidden_states") && line.contains("inputs.safetensors"));
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--text", "hello"]);
+    fails_leaving(&strs(&args), "--text conflicts with --inputs", &keep);
+    // L = 0 and B = 0, with and without --chunk, for forward and hash; the shape as found.
+    let empty = t.path("empty.st");
+    for (ids, hidden, shown) in [
+        (vec![1, 0], vec![1, 0, 4, 1024], "[1, 0]"),
+        (vec![0, 5], vec![0, 5, 4, 1024], "[0, 5]"),
+    ] {
+        inputs_of_shape(&empty, &ids, &hidden);
+        for extra in [vec![], vec!["--chunk", "4"]] {
+            let mut e = vec!["--out", s(&out)];
+            e.extend(extra);
+            let args = t.forward(&empty, &e);
+            let line = fails_leaving(&strs(&args), shown, &keep);
+            assert!(
+                line.contains("input_ids") && line.contains("L >= 1"),
+                "{line}"
+            );
+        }
+        let line = expect_error(&["hash", "--inputs", s(&empty), "--out", s(&out)], shown);
+        assert!(line.contains("input_ids"), "{line}");
+    }
+    assert!(!out.exists());
+    // Ragged offsets: 2-D is named as such; bad values are shown.
+    let g = TensorFile::open(golden("small.stages.safetensors")).unwrap();
+    let ids = g.i64("seed_text.input_ids", None).unwrap().data;
+    let h = g.f32("seed_text.hidden_states", None).unwrap().data;
+    let ragged = t.path("ragged.st");
+    for (off, shape, needle) in [
+        (
+            vec![0i64, 7, 7, 14],
+            vec![2usize, 2],
+            "expected 1 dim [S+1] with S >= 1, found shape [2, 2]",
+        ),
+        (vec![0i64, 9, 3, 14], vec![4], "found [0, 9, 3, 14]"),
+        (vec![0i64, 14, 15], vec![3], "from 0 to 14"),
+    ] {
+        let mut w = TensorWriter::new();
+        w.i64("input_ids", &[14], &ids)
+            .f32("hidden_states", &[14, 4, 1024], &h)
+            .i64("offsets", &shape, &off);
+        w.write(&ragged).unwrap();
+        let args = t.forward(&ragged, &["--out", s(&out)]);
+        let line = fails_leaving(&strs(&args), needle, &keep);
+        assert!(line.contains("offsets"), "{line}");
+    }
+    // A directory given as weights.
+    let args: Vec<String> = t
+        .forward(&t.inputs, &["--out", s(&out)])
+        .into_iter()
+        .map(|a| {
+            if a == s(&t.weights) {
+                s(&t.dir).to_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    fails_leaving(
+        &strs(&args),
+        "expected a safetensors file, found a directory",
+        &keep,
+    );
+}
+
+#[test]
+fn state_files_are_checked() {
+    let t = Setup::new("states");
+    let (out, st) = (t.path("o.st"), t.path("state.st"));
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--state-out", s(&st)]);
+    let (code, _, err) = engram(&strs(&args));
+    assert_eq!(code, 0, "{err}");
+    let f = TensorFile::open(&st).unwrap();
+    let hist = f.i64("ngram_history", None).unwrap();
+    let conv = f.f32("conv_history", None).unwrap();
+    let rewrite = |name: &str, pos: i64, meta: Option<&str>| -> PathBuf {
+        let p = t.path(name);
+        let mut w = TensorWriter::new();
+        let position = [pos];
+        w.i64("ngram_history", &hist.shape, &hist.data)
+            .f32("conv_history", &conv.shape, &conv.data)
+            .i64("position", &[1], &position);
+        if let Some(m) = meta {
+            w.meta("engram_config", m);
+        }
+        w.write(&p).unwrap();
+        p
+    };
+    let meta = f.metadata()["engram_config"].clone();
+    let negative = rewrite("neg.st", -3, Some(&meta));
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--state-in", s(&negative)]);
+    let line = fails_leaving(&strs(&args), "position[0]", &[&negative]);
+    assert!(
+        line.contains("non-negative") && line.contains("-3"),
+        "{line}"
+    );
+    let bare = rewrite("bare.st", 14, None);
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--state-in", s(&bare)]);
+    fails_leaving(&strs(&args), "`engram_config` metadata", &[&bare]);
+    // Another config (another hash seed: the same weights load) names the field.
+    let c = t.config_with("seed1.json", "{\"seed\": 1}");
+    let args: Vec<String> = t
+        .forward(&t.inputs, &["--out", s(&out), "--state-in", s(&st)])
+        .into_iter()
+        .map(|a| if a == s(&t.cfg) { s(&c).to_string() } else { a })
+        .collect();
+    let line = fails_leaving(&strs(&args), "seed 0 (this layer: 1)", &[&st]);
+    assert!(!line.contains("layer 15"), "{line}");
+}
+
+#[test]
+fn weights_check_finds_non_finite_tables() {
+    let t = Setup::new("nan");
+    let f = TensorFile::open(&t.weights).unwrap();
+    let nan = t.path("nan.st");
+    let mut tensors = Vec::new();
+    for name in f.names() {
+        let (dtype, shape) = f.info(&name).unwrap();
+        if dtype == safetensors::Dtype::I64 {
+            tensors.push((
+                name.clone(),
+                shape,
+                None,
+                Some(f.i64(&name, None).unwrap().data),
+            ));
+        } else {
+            let mut v = f.f32(&name, None).unwrap().data;
+            if name == "multi_head_embedding.embedding.weight" {
+                v[5 * 64 + 7] = f32::NAN;
+            }
+            tensors.push((name.clone(), shape, Some(v), None));
+        }
+    }
+    let mut w = TensorWriter::new();
+    for (name, shape, fv, iv) in &tensors {
+        match (fv, iv) {
+            (Some(v), _) => w.f32(name, shape, v),
+            (_, Some(v)) => w.i64(name, shape, v),
+            _ => unreachable!(),
+        };
+    }
+    w.write(&nan).unwrap();
+    let line = expect_error(
+        &["weights", s(&nan), "--config", s(&t.cfg)],
+        "multi_head_embedding.embedding.weight (row 5, column 7)",
+    );
+    assert!(line.contains("non-finite"), "{line}");
+    let (code, out, err) = engram(&["weights", s(&t.weights), "--config", s(&t.cfg)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("all values finite"), "{out}");
+}
+
+/// Kills `engram init` while it writes over an existing file: the old file must survive.
+#[test]
+fn a_killed_write_leaves_the_old_file() {
+    let t = Setup::new("kill");
+    // ~530 MB of table: the write takes long enough to be caught half way.
+    let c = t.config_with(
+        "mid.json",
+        "{\"engram_vocab_size\": [129280, 129280], \"layer_id\": 1}",
+    );
+    let out = t.path("weights-out.st");
+    std::fs::write(&out, b"the old file").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args(["init", "--config", s(&c), "--out", s(&out)])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let tmp_file = loop {
+        let found = std::fs::read_dir(&t.dir).unwrap().find_map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            (name.contains(engram::atomic::TMP_MARKER) && len > 1 << 20).then(|| e.path())
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "init ended before its write was caught"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temporary file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(bytes(&out), b"the old file");
+    // The interrupted temporary file is all that is left; the next write works.
+    std::fs::remove_file(&tmp_file).unwrap();
+    let (code, _, err) = engram(&["init", "--config", s(&c), "--out", s(&out)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(TensorFile::open(&out).is_ok());
+}
+
+#[test]
+fn named_files_that_are_not_what_they_claim() {
+    let t = Setup::new("named");
+    // A malformed tokenizer.json (the tokenizers crate panics on it): one error line.
+    let tok_dir = t.path("tok");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    std::fs::write(
+        tok_dir.join("tokenizer.json"),
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": Null,
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"}}"#,
+    )
+    .unwrap();
+    let c = t.config_with(
+        "tok.json",
+        &format!("{{\"tokenizer_name_or_path\": {:?}}}", s(&tok_dir)),
+    );
+    expect_error(
+        &["tokenize", "a", "--config", s(&c)],
+        "malformed tokenizer.json",
+    );
+    // A device or a folder as a config: refused at once, not read forever.
+    #[cfg(unix)]
+    expect_error(
+        &["tokenize", "a", "--config", "/dev/zero"],
+        "expected a regular file, found a device",
+    );
+    expect_error(
+        &["tokenize", "a", "--config", s(&t.dir)],
+        "expected a regular file, found a directory",
+    );
+}

@@ -1,0 +1,169 @@
+//! Atomic file writes: a new file appears whole or not at all.
+//!
+//! Every file the crate writes (outputs, states, weights, compression tables) goes through
+//! [`write_atomic`]: the bytes go to a temporary file in the destination's folder, which is
+//! flushed to disk (`fsync`) and then renamed over the destination. A write that fails or is
+//! killed half way leaves the old file as it was (and at worst a stray
+//! `.NAME.engram-tmp-*` file beside it).
+
+use crate::error::{EngramError, Result};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The marker in the names of temporary files (`.NAME.engram-tmp-PID-N`).
+pub const TMP_MARKER: &str = ".engram-tmp-";
+
+/// Removes the temporary file unless the write was committed (also on panic).
+struct TmpGuard {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Drop for TmpGuard {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The temporary path for `dest`: a hidden file in the same folder, unique per process and
+/// call, so that the final `rename` stays on one file system.
+fn tmp_path(dest: &Path) -> Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = dest.file_name().ok_or_else(|| {
+        EngramError::invalid(
+            format!("output path {}", dest.display()),
+            "a file name",
+            "a path without one",
+        )
+    })?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = format!(
+        ".{}{TMP_MARKER}{}-{n}",
+        name.to_string_lossy(),
+        std::process::id()
+    );
+    Ok(dest.with_file_name(tmp))
+}
+
+/// Writes `dest` atomically: `body` writes the content into a buffered temporary file in the
+/// same folder, which is then synced and renamed over `dest`. A directory as `dest` is
+/// refused; an existing file keeps its permissions.
+pub fn write_atomic(
+    dest: &Path,
+    body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> Result<()> {
+    if dest.is_dir() {
+        return Err(EngramError::invalid(
+            format!("output {}", dest.display()),
+            "a file path",
+            "a directory",
+        ));
+    }
+    let tmp = tmp_path(dest)?;
+    let io = |e| EngramError::io(dest, e);
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io)?;
+    let mut guard = TmpGuard {
+        path: tmp.clone(),
+        committed: false,
+    };
+    if let Ok(meta) = std::fs::metadata(dest) {
+        // Keep the mode of the file being replaced (best effort).
+        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+    }
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    body(&mut w).map_err(io)?;
+    w.flush().map_err(io)?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, dest).map_err(io)?;
+    guard.committed = true;
+    // Make the rename itself durable (a no-op where folders cannot be opened).
+    #[cfg(unix)]
+    if let Some(dir) = dest.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("engram-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn strays(d: &Path) -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(TMP_MARKER))
+            .collect()
+    }
+
+    #[test]
+    fn replaces_whole_or_not_at_all() {
+        let d = dir().join("a");
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("out.bin");
+        std::fs::write(&p, b"old").unwrap();
+        write_atomic(&p, |w| w.write_all(b"new content")).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new content");
+        // A body that fails half way: the old file stays, no temporary file is left.
+        let err = write_atomic(&p, |w| {
+            w.write_all(b"partial")?;
+            Err(std::io::Error::other("disk on fire"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert!(err.to_string().contains("out.bin"), "{err}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"new content");
+        assert!(strays(&d).is_empty(), "{:?}", strays(&d));
+        // A panicking body: same.
+        let r = std::panic::catch_unwind(|| {
+            let _ = write_atomic(&p, |w| {
+                w.write_all(b"x")?;
+                panic!("boom")
+            });
+        });
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"new content");
+        assert!(strays(&d).is_empty());
+    }
+
+    #[test]
+    fn refuses_directories_and_keeps_mode() {
+        let d = dir().join("b");
+        std::fs::create_dir_all(&d).unwrap();
+        let err = write_atomic(&d, |w| w.write_all(b"x")).unwrap_err();
+        assert!(err.to_string().contains("directory"), "{err}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let p = d.join("mode.bin");
+            std::fs::write(&p, b"old").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+            write_atomic(&p, |w| w.write_all(b"new")).unwrap();
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o640);
+        }
+    }
+}

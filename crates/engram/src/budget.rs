@@ -1,0 +1,344 @@
+//! What a command will need, computed before anything is allocated, and checked against
+//! what this machine can give (available memory, free disk space).
+//!
+//! A [`MemoryPlan`] lists the large buffers of a run (table, packed weights, inputs,
+//! outputs, per-thread scratch) with checked arithmetic; [`MemoryPlan::check`] refuses a
+//! plan larger than the memory available now, naming its largest part.
+
+use crate::config::EngramConfig;
+use crate::error::{EngramError, Result};
+use std::path::Path;
+
+/// The large buffers of a run: (what, bytes).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryPlan {
+    parts: Vec<(String, u64)>,
+}
+
+/// `n` bytes as a short human-readable size.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+impl MemoryPlan {
+    /// An empty plan.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `count` elements of `elem_bytes` each; overflow is an error naming `what`.
+    pub fn add(&mut self, what: impl Into<String>, count: u64, elem_bytes: u64) -> Result<()> {
+        let what = what.into();
+        let bytes = count.checked_mul(elem_bytes).ok_or_else(|| {
+            EngramError::invalid(
+                what.clone(),
+                "a size that fits in 64 bits",
+                format!("{count} elements of {elem_bytes} bytes"),
+            )
+        })?;
+        self.parts.push((what, bytes));
+        Ok(())
+    }
+
+    /// Adds the product of `dims` elements of `elem_bytes` each.
+    pub fn add_dims(
+        &mut self,
+        what: impl Into<String>,
+        dims: &[u64],
+        elem_bytes: u64,
+    ) -> Result<()> {
+        let what = what.into();
+        let count = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                EngramError::invalid(
+                    what.clone(),
+                    "a size that fits in 64 bits",
+                    format!("shape {dims:?}"),
+                )
+            })?;
+        self.add(what, count, elem_bytes)
+    }
+
+    /// The buffers planned so far.
+    pub fn parts(&self) -> &[(String, u64)] {
+        &self.parts
+    }
+
+    /// The total in bytes (saturating).
+    pub fn total(&self) -> u64 {
+        self.parts
+            .iter()
+            .fold(0u64, |a, (_, b)| a.saturating_add(*b))
+    }
+
+    /// Refuses the plan when it needs more than the memory available now (Linux:
+    /// `MemAvailable` plus free swap; elsewhere nothing is checked).
+    pub fn check(&self) -> Result<()> {
+        match available_memory() {
+            Some(avail) => self.check_against(avail),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses the plan when it needs more than `available` bytes.
+    pub fn check_against(&self, available: u64) -> Result<()> {
+        let total = self.total();
+        if total <= available {
+            return Ok(());
+        }
+        let (what, bytes) = self
+            .parts
+            .iter()
+            .max_by_key(|(_, b)| *b)
+            .cloned()
+            .unwrap_or_default();
+        Err(EngramError::Resource {
+            resource: "memory".into(),
+            needed: total,
+            available,
+            detail: format!("the largest part is {what} ({})", human(bytes)),
+        })
+    }
+}
+
+/// Bytes of memory available to a new allocation now: `MemAvailable + SwapFree` from
+/// `/proc/meminfo` (Linux); `None` where unknown.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kb.checked_mul(1024)
+    };
+    let avail = field("MemAvailable:")?;
+    Some(avail.saturating_add(field("SwapFree:").unwrap_or(0)))
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`; `None` where
+/// unknown.
+pub fn free_disk(dir: &Path) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs; statvfs writes
+        // only into it and we read it only when the call succeeded.
+        let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: statvfs returned 0, so it filled the struct.
+        let st = unsafe { st.assume_init() };
+        // The field types differ between targets (u32 on some 32-bit ones).
+        #[allow(clippy::unnecessary_cast)]
+        (st.f_bavail as u64).checked_mul(st.f_frsize as u64)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// Refuses to write `bytes` into the folder of `dest` when its file system has less free.
+pub fn check_disk(dest: &Path, bytes: u64) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    match free_disk(dir) {
+        Some(free) if free < bytes => Err(EngramError::Resource {
+            resource: format!("disk space in {}", display_dir(dir)),
+            needed: bytes,
+            available: free,
+            detail: format!("to write {}", dest.display()),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn display_dir(dir: &Path) -> String {
+    if dir.as_os_str().is_empty() {
+        ".".into()
+    } else {
+        dir.display().to_string()
+    }
+}
+
+/// Rows per tile of the fused path's scratch (the largest tile any kernel uses).
+const TILE_ROWS: u64 = 256;
+
+/// How a forward run will be made, for [`forward_plan`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunShape {
+    /// Tokens in all sequences together.
+    pub tokens: u64,
+    /// Sequences (each carries a state).
+    pub sequences: u64,
+    /// Whether every stage is kept (the reference path, `--all-stages`).
+    pub all_stages: bool,
+    /// Whether the fused path runs with a bf16 table that must be copied from the file's
+    /// f32 table (`table_rows` then counts).
+    pub bf16_table_copy: bool,
+    /// Table rows (exact when known, else [`crate::LayerSizes::table_rows_estimate`]).
+    pub table_rows: u64,
+    /// Worker threads.
+    pub threads: u64,
+    /// Whether the embedding table is held in RAM (initialised, not memory-mapped).
+    pub table_in_ram: bool,
+    /// Bytes per element of a table held in RAM (4 for f32, 2 for bf16).
+    pub table_elem_bytes: u64,
+}
+
+/// The memory a forward run needs beyond memory-mapped files: weights decoded and packed,
+/// the table where it is held in RAM or copied to bf16, inputs decoded to f32, outputs,
+/// states and per-thread tile scratch.
+pub fn forward_plan(cfg: &EngramConfig, run: &RunShape) -> Result<MemoryPlan> {
+    let s = cfg.sizes()?;
+    let mut p = MemoryPlan::new();
+    let tb = if run.bf16_table_copy {
+        2
+    } else {
+        run.table_elem_bytes
+    };
+    if run.table_in_ram || run.bf16_table_copy {
+        p.add_dims(
+            "the embedding table",
+            &[run.table_rows, cfg.head_dim() as u64],
+            tb,
+        )?;
+    }
+    // Decoded f32 projections plus their packed copy.
+    p.add("the projection weights", s.proj_weights, 8)?;
+    p.add_dims("the input hidden_states", &[run.tokens, s.row_width], 4)?;
+    p.add("the input ids", run.tokens, 16)?;
+    p.add_dims("the output hash_ids", &[run.tokens, s.heads], 8)?;
+    p.add_dims(
+        "the outputs gates and output",
+        &[run.tokens, s.row_width + cfg.hc_mult as u64],
+        4,
+    )?;
+    if run.all_stages {
+        // embeddings [Dm], value [D], keys, gated_value, short_conv [HC·D].
+        let per = s
+            .memory_width
+            .saturating_add(cfg.hidden_size as u64)
+            .saturating_add(3 * s.row_width);
+        p.add_dims("every stage (--all-stages)", &[run.tokens, per], 4)?;
+    }
+    p.add_dims("the sequence states", &[run.sequences, s.state_floats], 4)?;
+    let scratch = s
+        .memory_width
+        .saturating_add(s.proj_weights / s.memory_width.max(1))
+        .saturating_add(3 * s.row_width);
+    p.add_dims(
+        "per-thread tile scratch",
+        &[run.threads.max(1), TILE_ROWS, scratch],
+        4,
+    )?;
+    Ok(p)
+}
+
+/// Bytes of the state-dict file of a layer with `table_rows` rows, floats of `float_bytes`.
+pub fn weights_file_bytes(cfg: &EngramConfig, table_rows: u64, float_bytes: u64) -> Result<u64> {
+    let s = cfg.sizes()?;
+    let d = cfg.hidden_size as u64;
+    let hc = cfg.hc_mult as u64;
+    let floats = table_rows
+        .checked_mul(cfg.head_dim() as u64)
+        .and_then(|t| t.checked_add(s.proj_weights))
+        .and_then(|t| t.checked_add(d * (1 + hc)))
+        .and_then(|t| t.checked_add(s.row_width * cfg.kernel_size as u64))
+        .and_then(|t| t.checked_add(3 * hc * d))
+        .and_then(|t| t.checked_mul(float_bytes))
+        .ok_or_else(|| {
+            EngramError::config(
+                "engram_vocab_size",
+                "a weights file whose size fits in 64 bits",
+                format!("{table_rows} table rows"),
+            )
+        })?;
+    // Header and the offsets buffer: a few KB per tensor.
+    Ok(floats.saturating_add(64 * 1024 + 256 * hc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_refuses_what_does_not_fit_and_names_the_largest_part() {
+        let mut p = MemoryPlan::new();
+        p.add("table", 1000, 4).unwrap();
+        p.add_dims("output", &[2, 3, 4], 4).unwrap();
+        assert_eq!(p.total(), 4000 + 96);
+        p.check_against(5000).unwrap();
+        let e = p.check_against(4000).unwrap_err().to_string();
+        assert!(e.contains("memory") && e.contains("table"), "{e}");
+        assert!(p.add("x", u64::MAX, 2).is_err());
+        assert!(p.add_dims("y", &[u64::MAX, 2], 1).is_err());
+    }
+
+    #[test]
+    fn forward_plan_counts_what_a_run_holds() {
+        let cfg = EngramConfig::default();
+        let run = RunShape {
+            tokens: 1000,
+            sequences: 1,
+            all_stages: false,
+            bf16_table_copy: false,
+            table_rows: 10_344_164,
+            threads: 2,
+            table_in_ram: false,
+            table_elem_bytes: 4,
+        };
+        let p = forward_plan(&cfg, &run).unwrap();
+        // Inputs and the output alone: 1000 x 4096 floats each.
+        assert!(p.total() > 2 * 1000 * 4096 * 4);
+        assert!(p.total() < 200 << 20, "{}", p.total());
+        let ram = forward_plan(
+            &cfg,
+            &RunShape {
+                table_in_ram: true,
+                ..run
+            },
+        )
+        .unwrap();
+        assert!(ram.total() - p.total() == 10_344_164 * 64 * 4);
+        let huge = forward_plan(
+            &cfg,
+            &RunShape {
+                tokens: u64::MAX / 2,
+                ..run
+            },
+        );
+        assert!(huge.is_err());
+    }
+
+    #[test]
+    fn machine_limits_are_read() {
+        #[cfg(target_os = "linux")]
+        {
+            assert!(available_memory().unwrap() > 0);
+            assert!(free_disk(&std::env::temp_dir()).unwrap() > 0);
+            let e = check_disk(&std::env::temp_dir().join("x"), u64::MAX).unwrap_err();
+            assert!(e.to_string().contains("disk space"), "{e}");
+        }
+    }
+}
