@@ -48,18 +48,141 @@ pub struct BenchArgs {
     /// core and on all): the yardstick for GEMM efficiency.
     #[arg(long)]
     fma_peak: bool,
+    /// Measure the read bandwidth instead: from memory and from the last-level cache, all
+    /// threads (the yardstick of a decode step, which streams every projection weight).
+    #[arg(long)]
+    mem_bw: bool,
+}
+
+/// Read bandwidth of this machine, measured in this process.
+#[derive(Debug, Clone, Copy)]
+pub struct MemBw {
+    /// Bytes/s reading a buffer far larger than the last-level cache, all threads.
+    pub dram: f64,
+    /// Bytes/s reading a buffer of half the last-level cache, all threads.
+    pub llc: f64,
+    /// Size of the last-level cache in bytes (from sysfs; 8 MiB when unknown).
+    pub llc_bytes: usize,
+}
+
+/// The largest cache of cpu0 (sysfs), in bytes.
+fn llc_bytes() -> Option<usize> {
+    let mut best = None;
+    for i in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+        let Ok(size) = std::fs::read_to_string(format!("{dir}/size")) else {
+            continue;
+        };
+        let size = size.trim();
+        let (num, mult) = match size.strip_suffix('K') {
+            Some(n) => (n, 1024),
+            None => match size.strip_suffix('M') {
+                Some(n) => (n, 1 << 20),
+                None => (size, 1),
+            },
+        };
+        if let Ok(n) = num.parse::<usize>() {
+            best = best.max(Some(n * mult));
+        }
+    }
+    best
+}
+
+/// Reads `buf` split across all threads, `reps` times; returns bytes/s (best of `tries`).
+fn read_bw(buf: &[f32], reps: usize, tries: usize) -> f64 {
+    use engram::fused::kernels::{read_sum, Isa};
+    let isa = Isa::detect();
+    let threads = rayon::current_num_threads().max(1);
+    let part = buf.len().div_ceil(threads);
+    let mut best = 0.0f64;
+    for _ in 0..tries {
+        let t0 = Instant::now();
+        rayon::broadcast(|ctx| {
+            let lo = (ctx.index() * part).min(buf.len());
+            let hi = (lo + part).min(buf.len());
+            for _ in 0..reps {
+                std::hint::black_box(read_sum(isa, std::hint::black_box(&buf[lo..hi])));
+            }
+        });
+        let bytes = (buf.len() * 4 * reps) as f64;
+        best = best.max(bytes / t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Measures [`MemBw`]: 1 GiB (or less when memory is short) from memory, half the LLC from
+/// cache.
+pub fn measure_mem_bw() -> MemBw {
+    let llc = llc_bytes().unwrap_or(8 << 20);
+    let avail = engram::budget::available_memory().unwrap_or(u64::MAX);
+    let big = (1usize << 30).min((avail / 4) as usize).max(64 * llc);
+    let buf: Vec<f32> = vec![1.0; big / 4];
+    let dram = read_bw(&buf, 1, 3);
+    drop(buf);
+    let small: Vec<f32> = vec![1.0; llc / 2 / 4];
+    let reps = ((256usize << 20) / (llc / 2)).max(4);
+    let _ = read_bw(&small, 2, 1); // bring it into the cache
+    let llc_bw = read_bw(&small, reps, 5);
+    MemBw {
+        dram,
+        llc: llc_bw,
+        llc_bytes: llc,
+    }
+}
+
+/// `engram bench --mem-bw`.
+fn mem_bw(json: bool) -> Result<ExitCode> {
+    let m = measure_mem_bw();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"dram_read_gb_s": m.dram / 1e9, "llc_read_gb_s": m.llc / 1e9,
+                "llc_bytes": m.llc_bytes, "threads": rayon::current_num_threads()})
+        );
+    } else {
+        println!(
+            "read bandwidth, {} threads: memory {:.1} GB/s, last-level cache ({:.0} MiB) {:.1} GB/s",
+            rayon::current_num_threads(),
+            m.dram / 1e9,
+            m.llc_bytes as f64 / (1 << 20) as f64,
+            m.llc / 1e9
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// FMA peak of all threads now, GFLOP/s, for the kernel the projection runs: f32 FMA
+/// chains, or `vdpbf16ps` chains for the AVX512-BF16 kernel.
+fn peak_gflops(bf16_dot: bool) -> f64 {
+    use engram::fused::kernels::{fma_chains, Isa};
+    let threads = rayon::current_num_threads();
+    let iters = 20_000_000usize;
+    let t0 = Instant::now();
+    let flops = if bf16_dot {
+        rayon::broadcast(|_| {
+            std::hint::black_box(engram::fused::proj::bf16_dot_chains(std::hint::black_box(
+                iters,
+            )))
+        });
+        12.0 * 16.0 * 4.0 * iters as f64
+    } else {
+        let isa = Isa::detect();
+        let r = rayon::broadcast(|_| fma_chains(isa, std::hint::black_box(iters)));
+        std::hint::black_box(&r);
+        r[0].1
+    };
+    threads as f64 * flops / t0.elapsed().as_secs_f64() / 1e9
 }
 
 /// `engram bench --fma-peak`.
 fn fma_peak(json: bool) -> Result<ExitCode> {
     use engram::fused::kernels::{fma_chains, Isa};
     let iters = 50_000_000usize;
-    let flops = (iters * 12 * 16 * 2) as f64;
     let threads = rayon::current_num_threads();
     let mut rows = Vec::new();
     for isa in Isa::all_supported() {
         let t0 = Instant::now();
-        std::hint::black_box(fma_chains(isa, std::hint::black_box(iters)));
+        let (_, flops) = std::hint::black_box(fma_chains(isa, std::hint::black_box(iters)));
         let one = flops / t0.elapsed().as_secs_f64() / 1e9;
         let t0 = Instant::now();
         rayon::broadcast(|_| std::hint::black_box(fma_chains(isa, std::hint::black_box(iters))));
@@ -109,6 +232,9 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.fma_peak {
         return fma_peak(a.json);
+    }
+    if a.mem_bw {
+        return mem_bw(a.json);
     }
     if a.tokens == 0 || a.batch == 0 || a.runs == 0 {
         bail!(
@@ -199,6 +325,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         Ok(())
     };
     run_once()?; // warm-up: page in the touched table rows, pack weights, spin up threads
+    let proj = e.fused_weights()?.projection();
+    let bf16_dot = proj.kernel_name().starts_with("avx512-bf16");
+    // The machine's limits, measured in this process: the read bandwidth for decode (every
+    // step streams the projection weights), the FMA peak just before and after the runs.
+    let bw = a.decode.then(measure_mem_bw);
+    let peak_before = peak_gflops(bf16_dot);
     profile::take();
     let mut secs = Vec::with_capacity(a.runs);
     for _ in 0..a.runs {
@@ -207,8 +339,40 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         secs.push(t0.elapsed().as_secs_f64());
     }
     let stages = profile::take();
+    let peak_after = peak_gflops(bf16_dot);
+    // Bandwidth is noisy on a shared machine: the best of the measurements before and after.
+    let bw = bw.map(|before| {
+        let after = measure_mem_bw();
+        MemBw {
+            dram: before.dram.max(after.dram),
+            llc: before.llc.max(after.llc),
+            llc_bytes: before.llc_bytes,
+        }
+    });
     let med = median(&mut secs);
     let tps = (b * l) as f64 / med;
+    // Projection FLOPs per token: 2·Dm·(1+HC)·D.
+    let flops_token = 2.0 * cfg.memory_width() as f64 * proj.n() as f64;
+    let peak = 0.5 * (peak_before + peak_after);
+    let fma_share = flops_token * tps / (peak * 1e9);
+    // Decode: the step's floor is the packed weights read once, from the last-level cache
+    // when they fit there, else from memory; from a few rows on, the step's FLOPs at the
+    // FMA peak take longer, and that is the floor.
+    let floor = bw.map(|bw| {
+        let bytes = proj.weight_bytes();
+        let (rate, from) = if bytes <= bw.llc_bytes {
+            (bw.llc, "weights from last-level cache")
+        } else {
+            (bw.dram, "weights from memory")
+        };
+        let memory = bytes as f64 / rate;
+        let compute = b as f64 * flops_token / (peak * 1e9);
+        if compute > memory {
+            (bytes, rate, "FLOPs at the FMA peak", compute)
+        } else {
+            (bytes, rate, from, memory)
+        }
+    });
     let rss = peak_rss().unwrap_or(0);
     let threads = rayon::current_num_threads();
     let mode = if a.decode { "decode" } else { "prefill" };
@@ -221,6 +385,14 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 "path": a.path, "mode": mode, "chunk": a.chunk, "threads": threads, "runs": a.runs,
                 "peak_rss_bytes": rss, "stage_thread_s_per_run": st,
                 "step_latency_ms": if a.decode { Some(med / l as f64 * 1e3) } else { None },
+                "kernel": proj.kernel_name(),
+                "fma_peak_gflops_before": peak_before, "fma_peak_gflops_after": peak_after,
+                "fma_peak_share": fma_share,
+                "weight_bytes": proj.weight_bytes(),
+                "step_floor_ms": floor.map(|f| f.3 * 1e3),
+                "step_floor_from": floor.map(|f| f.2),
+                "floor_bandwidth_gb_s": floor.map(|f| f.1 / 1e9),
+                "step_over_floor": floor.map(|f| med / l as f64 / f.3),
             })
         );
     } else {
@@ -229,11 +401,25 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             dtype, path, a.runs
         );
         println!("  median {:.4} s  ->  {:.0} tokens/s", med, tps);
+        println!(
+            "  projection ({}): {:.1}% of the FMA peak ({:.1} GFLOP/s before, {:.1} after the runs)",
+            proj.kernel_name(),
+            100.0 * fma_share,
+            peak_before,
+            peak_after
+        );
         if a.decode {
-            println!(
-                "  decode step latency {:.3} ms (batch {b})",
-                med / l as f64 * 1e3
-            );
+            let step = med / l as f64;
+            println!("  decode step latency {:.3} ms (batch {b})", step * 1e3);
+            if let Some((bytes, rate, from, fl)) = floor {
+                println!(
+                    "  floor {:.3} ms ({from}; {:.1} MB of projection weights, read bandwidth {:.1} GB/s); the step takes {:.2}x the floor",
+                    fl * 1e3,
+                    bytes as f64 / 1e6,
+                    rate / 1e9,
+                    step / fl
+                );
+            }
         }
         if path == ForwardPath::Fused {
             println!("  thread-seconds per run by stage:");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{case_inputs, engram, forward_small, golden, max_err, s, tmp};
+use common::{case_inputs, engram, expect_error, forward_small, golden, max_err, s, tmp};
 use engram::tensors::{TensorFile, TensorWriter};
 
 #[test]
@@ -228,22 +228,6 @@ fn errors_exit_non_zero_with_one_message() {
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
-        let (code, _, err) = engram(&args);
-        assert_ne!(code, 0, "{args:?} should fail");
-        assert!(
-            err.contains(needle),
-            "{args:?}: stderr {err:?} lacks {needle:?}"
-        );
-        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-        assert!(err.starts_with("error"), "{args:?}: {err}");
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "{args:?}: one line: {err}"
-        );
-        assert!(
-            err.matches("os error").count() <= 1,
-            "{args:?}: cause repeated: {err}"
-        );
+        expect_error(&args, needle);
     }
 }

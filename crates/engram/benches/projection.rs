@@ -1,7 +1,7 @@
 //! The projection GEMM ([Dm] -> [(1+HC)·D], default shape) for f32 and bf16: tokens/s and
 //! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token).
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use engram::fused::proj::Projection;
+use engram::fused::proj::{PanelKernel, Projection};
 use engram::DType;
 
 fn bench(c: &mut Criterion) {
@@ -16,15 +16,21 @@ fn bench(c: &mut Criterion) {
     let refs: Vec<&[f32]> = w.iter().map(|m| m.as_slice()).collect();
     let mut grp = c.benchmark_group("projection");
     grp.sample_size(10);
-    for dtype in [DType::F32, DType::Bf16] {
-        let p = Projection::pack(&refs, k, dtype);
-        for rows in [64usize, 256] {
-            let x: Vec<f32> = (0..rows * k).map(|i| (i % 97) as f32 / 97.0).collect();
-            let mut y = vec![0.0f32; rows * p.n()];
-            grp.throughput(Throughput::Elements(rows as u64));
-            grp.bench_function(format!("{dtype:?}/rows{rows}/1thread"), |b| {
-                b.iter(|| p.matmul(&x, rows, &mut y, 1))
-            });
+    // The `gemm` crate and every microkernel this CPU runs.
+    let mut kernels: Vec<Option<PanelKernel>> = vec![None];
+    kernels.extend(PanelKernel::all_supported().into_iter().map(Some));
+    for kernel in kernels {
+        for dtype in [DType::F32, DType::Bf16] {
+            let p = Projection::pack_for(&refs, k, dtype, kernel);
+            let name = p.kernel_name().replace(' ', "_");
+            for rows in [1usize, 64, 256] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i % 97) as f32 / 97.0).collect();
+                let mut y = vec![0.0f32; rows * p.n()];
+                grp.throughput(Throughput::Elements(rows as u64));
+                grp.bench_function(format!("{name}/rows{rows}/1thread"), |b| {
+                    b.iter(|| p.matmul(&x, rows, &mut y, 1))
+                });
+            }
         }
     }
     grp.finish();

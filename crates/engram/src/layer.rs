@@ -635,17 +635,17 @@ impl Engram {
     }
 
     fn check_state(&self, state: &EngramState) -> Result<()> {
-        let fresh = self.new_state();
-        if state.ngram_history.len() != fresh.ngram_history.len() {
+        // Sizes of a fresh state, without building one (a decode step checks every state).
+        let n1 = self.cfg.max_ngram_size - 1;
+        let ring = self.cfg.conv_history() * self.cfg.hc_mult * self.cfg.hidden_size;
+        if state.ngram_history.len() != n1 {
             return Err(EngramError::Shape {
                 name: "state.ngram_history".into(),
-                expected: vec![fresh.ngram_history.len()],
+                expected: vec![n1],
                 found: vec![state.ngram_history.len()],
             });
         }
-        if state.conv_ring.len() != fresh.conv_ring.len()
-            || state.conv_head >= fresh.conv_ring.len().max(1)
-        {
+        if state.conv_ring.len() != ring || state.conv_head >= ring.max(1) {
             return Err(EngramError::Shape {
                 name: "state.conv_history".into(),
                 expected: vec![

@@ -29,7 +29,7 @@ fn small_cfg(
 }
 
 /// Bound between two splittings of the same rows (chunks, ragged packings, decode steps).
-/// Allowed exception: the `gemm` crate path (f32 without AVX-512) sums a row's projection in
+/// Allowed exception: the `gemm` crate path (x86-64 without AVX2) sums a row's projection in
 /// an order that depends on the tile's row count, so there the bound is 1e-5.
 fn split_tol(e: &engram::Engram, path: ForwardPath) -> f32 {
     if path == ForwardPath::Reference || e.fused_weights().unwrap().split_invariant() {

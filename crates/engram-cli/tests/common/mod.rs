@@ -89,6 +89,10 @@ pub fn expect_error(args: &[&str], needle: &str) -> String {
         lines[0].contains(needle),
         "{args:?}: stderr {err:?} lacks {needle:?}"
     );
+    assert!(
+        err.matches("os error").count() <= 1,
+        "{args:?}: cause repeated: {err}"
+    );
     lines[0].to_string()
 }
 

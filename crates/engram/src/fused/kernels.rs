@@ -538,23 +538,71 @@ dispatch! {
     }
 }
 
+/// `C` independent 16-lane FMA chains for `iters` steps; returns a lane sum so that the work
+/// is kept.
+#[inline(always)]
+fn chains<S: Simd16, const C: usize>(iters: usize) -> f32 {
+    let (a, b) = (S::splat(1.000_001), S::splat(0.999_999));
+    let mut acc = [S::splat(0.0); C];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = S::fma(a, b, *v);
+        }
+    }
+    let mut total = S::splat(0.0);
+    for v in acc {
+        total = S::add(total, v);
+    }
+    S::hsum(total)
+}
+
 dispatch! {
-    /// Twelve independent 16-lane FMA chains run `iters` steps (12·16·2·iters FLOPs): the FMA
-    /// peak of one core, used to state GEMM efficiency (`engram bench --fma-peak`). Returns a
-    /// lane sum so that the work is kept.
-    pub fn fma_chains(iters: usize) -> f32 {
-        let (a, b) = (S::splat(1.000_001), S::splat(0.999_999));
-        let mut acc = [S::splat(0.0); 12];
-        for _ in 0..iters {
-            for v in acc.iter_mut() {
-                *v = S::fma(a, b, *v);
+    /// Twelve 16-lane FMA chains (12 zmm on AVX-512).
+    fn chains12(iters: usize) -> f32 {
+        chains::<S, 12>(iters)
+    }
+}
+
+dispatch! {
+    /// Six 16-lane FMA chains (12 ymm on AVX2, 24 q registers on NEON): as many as the
+    /// registers hold without spilling.
+    fn chains6(iters: usize) -> f32 {
+        chains::<S, 6>(iters)
+    }
+}
+
+/// Independent FMA chains for `iters` steps: the FMA peak of one core, used to state GEMM
+/// efficiency (`engram bench --fma-peak`, `fma_peak_share`). Twelve 16-lane chains on
+/// AVX-512, six elsewhere (twelve would spill the 16 ymm registers of AVX2 and understate
+/// its peak). Returns (a lane sum that keeps the work, FLOPs done).
+pub fn fma_chains(isa: Isa, iters: usize) -> (f32, f64) {
+    let (sum, c) = match isa {
+        Isa::Avx512 => (chains12(isa, iters), 12),
+        _ => (chains6(isa, iters), 6),
+    };
+    (sum, (c * LANES * 2) as f64 * iters as f64)
+}
+
+dispatch! {
+    /// The sum of `a`, read with four independent vector accumulators: a streaming read of
+    /// memory for `engram bench --mem-bw` (the decode step's yardstick).
+    pub fn read_sum(a: &[f32]) -> f32 {
+        let (chunks, _) = a.as_chunks::<LANES>();
+        let mut acc = [S::splat(0.0); 4];
+        let mut quads = chunks.chunks_exact(4);
+        for q in quads.by_ref() {
+            for (v, x) in acc.iter_mut().zip(q) {
+                *v = S::add(*v, S::load(x));
             }
         }
-        let mut total = S::splat(0.0);
-        for v in acc {
-            total = S::add(total, v);
+        for x in quads.remainder() {
+            acc[0] = S::add(acc[0], S::load(x));
         }
-        S::hsum(total)
+        let mut t = S::hsum(S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3])));
+        for x in &a[chunks.len() * LANES..] {
+            t += x;
+        }
+        t
     }
 }
 

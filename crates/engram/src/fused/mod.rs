@@ -84,6 +84,11 @@ impl std::str::FromStr for DType {
 }
 
 impl FusedWeights {
+    /// The packed projection (for reports: kernel, weight bytes).
+    pub fn projection(&self) -> &Projection {
+        &self.proj
+    }
+
     /// Packs the weights of a layer.
     pub fn pack(e: &Engram, dtype: DType) -> Result<Self> {
         let cfg = e.config();
@@ -130,7 +135,7 @@ impl FusedWeights {
 
     /// Whether each row's projection is summed in the same order whatever the tile's row
     /// count (our microkernels: one FMA chain over k). Then any split of a sequence into
-    /// chunks gives bit-identical projections. The `gemm` crate (CPUs without AVX-512, f32)
+    /// chunks gives bit-identical projections. The `gemm` crate (x86-64 without AVX2)
     /// picks its blocking by size, so there chunked and one-shot results differ by rounding
     /// (a few 1e-6 at most in our tests).
     pub fn split_invariant(&self) -> bool {
@@ -154,6 +159,47 @@ pub(crate) struct FusedOut<'a> {
     /// When given, receives gated_value `[T, HC·D]` (for inspection; the default path
     /// keeps no such intermediate).
     pub gated: Option<&'a mut [f32]>,
+}
+
+/// Per-thread tile buffers of the fused path, kept between calls so that a decode step
+/// allocates nothing. Taken out of the thread's slot for the duration of a call (a nested
+/// call on the same thread, e.g. through rayon's work stealing, gets fresh buffers).
+#[derive(Default)]
+struct Scratch {
+    /// Gathered embeddings `[tile, Dm]`.
+    x: Vec<f32>,
+    /// Projections `[tile, (1+HC)·D]`.
+    y: Vec<f32>,
+    /// Conv inputs `[tile, HC·D]`.
+    normed: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+}
+
+impl Scratch {
+    fn take() -> Scratch {
+        SCRATCH.with(|c| c.take()).unwrap_or_default()
+    }
+
+    fn put_back(self) {
+        SCRATCH.with(|c| c.set(Some(self)));
+    }
+
+    /// Grows each buffer to at least the given length; only newly added elements are
+    /// initialised.
+    fn ensure(&mut self, x: usize, y: usize, normed: usize) {
+        for (v, n) in [
+            (&mut self.x, x),
+            (&mut self.y, y),
+            (&mut self.normed, normed),
+        ] {
+            if v.len() < n {
+                v.resize(n, 0.0);
+            }
+        }
+    }
 }
 
 /// A row range of one sequence handled by one thread.
@@ -375,10 +421,14 @@ impl<'e> Driver<'e> {
         let np = self.fw.proj.n();
         let r = cfg.conv_history();
         let table = self.fw.table.as_ref().unwrap_or(&self.e.weights().table);
-        let tile = tile_rows(self.fw);
-        let mut x = vec![0.0f32; tile * dm];
-        let mut y = vec![0.0f32; tile * np];
-        let mut normed = vec![0.0f32; tile * c];
+        let total_rows: usize = pieces.iter().map(|p| p.t1 - p.t0).sum();
+        // Scratch sized by the rows of this call (a decode step's tile holds its few rows),
+        // reused across calls on this thread and never zeroed: every row used is written
+        // first (gather, GEMM, gate).
+        let tile = tile_rows(self.fw).min(total_rows).max(1);
+        let mut scratch = Scratch::take();
+        scratch.ensure(tile * dm, tile * np, tile * c);
+        let Scratch { x, y, normed } = &mut scratch;
         let mut hist = vec![0i64; n];
         let params = GateParams {
             value_bias: &self.fw.value_bias,
@@ -388,7 +438,6 @@ impl<'e> Driver<'e> {
         };
         let mut fixups = Vec::new();
         let mut tail = None;
-        let total_rows: usize = pieces.iter().map(|p| p.t1 - p.t0).sum();
         // The ring of the piece being convolved, created when its first rows are reached.
         let mut ring: Option<(usize, Ring<'_>)> = None;
         let mut states_left: &mut [EngramState] = states;
@@ -525,6 +574,7 @@ impl<'e> Driver<'e> {
                 tail = Some(tl);
             }
         }
+        scratch.put_back();
         Ok(PartResult { fixups, tail })
     }
 
@@ -550,7 +600,8 @@ impl<'e> Driver<'e> {
         let unknown = ring.unknown;
         let (ring_data, head) = ring.parts();
         let mut rows_k: Vec<Option<&[f32]>> = vec![None; taps];
-        let mut ybuf = vec![0.0f32; c];
+        // Only rows at a range start need a partial-sum buffer.
+        let mut ybuf = Vec::new();
         for u in 0..rows {
             let mut partial = false;
             for (k, slot) in rows_k.iter_mut().enumerate() {
@@ -571,6 +622,7 @@ impl<'e> Driver<'e> {
             }
             let lr = lr0 + u;
             if partial {
+                ybuf.resize(c, 0.0);
                 kernels::conv_row_pre(self.isa, &self.fw.conv_w, &rows_k, &mut ybuf);
                 fixups.push(Fixup {
                     seq: p.seq,

@@ -1,32 +1,95 @@
 //! The projection GEMM `y[M, N] = x[M, K] · W_allᵀ`, N = (1+HC)·D (value_proj and every
-//! key_projs.i as one matrix), K = Dm. Weights are packed once, at load.
+//! key_projs.i as one matrix), K = Dm. Weights are packed once, at load, for the kernel this
+//! CPU runs ([`PanelKernel`]):
 //!
-//! - f32: the `gemm` crate (run-time SIMD dispatch, rayon), weights stored [K, N].
-//! - bf16: our AVX512-BF16 microkernel (`vdpbf16ps`, f32 accumulation) on weights packed in
-//!   64-column panels of bf16 pairs along K; elsewhere the `gemm` crate on the same bf16-rounded
-//!   operands widened to f32 (products of bf16 values are exact in f32, so it is the same math).
+//! | CPU | f32 | bf16 |
+//! |---|---|---|
+//! | AVX-512 | 6×64 microkernel, `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs (else the AVX2 bf16 kernel) |
+//! | AVX2 + FMA | 6×16 microkernel, `[N/16][K][16]` panels | the same, bf16 panels widened to f32 in registers |
+//! | aarch64 (NEON) | 6×16 microkernel | the same, bf16 panels widened in registers |
+//! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
+//!
+//! Every microkernel computes each output as one FMA chain over k in order, from zero,
+//! whatever the row count: a row's projection is bit-identical however a sequence is split
+//! into chunks, and the f32 result is the same bits on AVX-512, AVX2 and NEON. The kernels
+//! compute only `[mr ≤ 6, NR]` blocks; [`panel_driver`] handles the tails and threading.
 
+use super::kernels::Isa;
 use super::DType;
 use half::bf16;
 
-/// Columns per packed bf16 panel (4 × 16 lanes).
-const NR: usize = 64;
 /// Rows per microkernel call.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the microkernels are x86-64 only
 const MR: usize = 6;
+/// The widest panel (AVX-512: 4 × 16 lanes); the AVX512-BF16 pairs layout uses it too.
+const NR_MAX: usize = 64;
+
+/// The packed-panel microkernel family a projection runs, fixed at pack time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanelKernel {
+    /// x86-64 AVX-512F: 64-column panels.
+    Avx512,
+    /// x86-64 AVX2 + FMA: 16-column panels.
+    Avx2,
+    /// aarch64 NEON: 16-column panels.
+    Neon,
+}
+
+impl PanelKernel {
+    /// Columns per panel.
+    pub fn nr(self) -> usize {
+        match self {
+            PanelKernel::Avx512 => NR_MAX,
+            PanelKernel::Avx2 | PanelKernel::Neon => 16,
+        }
+    }
+
+    /// Column blocks of [`PanelKernel::nr`] per packed panel: a decode step's one row reads
+    /// a whole panel row (96 or 192 contiguous columns) per k, with enough independent FMA
+    /// chains in flight, instead of several panels a cache-aliasing stride apart.
+    pub fn group(self) -> usize {
+        match self {
+            PanelKernel::Avx512 => 3,
+            PanelKernel::Avx2 | PanelKernel::Neon => 6,
+        }
+    }
+
+    /// Columns per packed panel.
+    pub fn panel_width(self) -> usize {
+        self.nr() * self.group()
+    }
+
+    /// The kernel for an instruction set; `None` where only the `gemm` crate runs (x86-64
+    /// without AVX2, or `ENGRAM_ISA=generic` on x86-64).
+    pub fn for_isa(isa: Isa) -> Option<Self> {
+        match isa {
+            Isa::Avx512 => Some(PanelKernel::Avx512),
+            Isa::Avx2 => Some(PanelKernel::Avx2),
+            Isa::Generic if cfg!(target_arch = "aarch64") => Some(PanelKernel::Neon),
+            Isa::Generic => None,
+        }
+    }
+
+    /// Every kernel this CPU can run (for tests that cover each).
+    pub fn all_supported() -> Vec<Self> {
+        Isa::all_supported()
+            .into_iter()
+            .filter_map(Self::for_isa)
+            .collect()
+    }
+}
 
 #[derive(Debug, Clone)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // panels are packed on x86-64 only
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // bf16 pairs are x86-64 only
 enum Packed {
     /// [K, N] row-major f32 (for the `gemm` crate) and [N, K] (PyTorch layout, for few rows).
     F32(Vec<f32>, Vec<f32>),
-    /// [N/NR][K][NR] f32 panels for our AVX-512 microkernel, used for every row count: each
-    /// output is one FMA chain over k in order, whatever M, so a row's projection is
-    /// bit-identical however a sequence is split into chunks.
-    F32Panels(Vec<f32>),
-    /// [N/NR][K/2][NR][2] bf16 (K padded to even, N padded to NR).
-    Bf16Panels(Vec<bf16>),
-    /// [K, N] f32 holding bf16-rounded values (fallback without AVX512-BF16).
+    /// `[N/NR][K][NR]` f32 panels for a microkernel.
+    F32Panels(PanelKernel, Vec<f32>),
+    /// `[N/64][K/2][64][2]` bf16 pairs for the AVX512-BF16 kernel (K padded to even).
+    Bf16Pairs(Vec<bf16>),
+    /// `[N/NR][K][NR]` bf16 panels, widened to f32 in registers.
+    Bf16Panels(PanelKernel, Vec<bf16>),
+    /// [K, N] f32 holding bf16-rounded values (the `gemm` crate fallback).
     Bf16AsF32(Vec<f32>),
 }
 
@@ -38,16 +101,10 @@ pub struct Projection {
     packed: Packed,
 }
 
-fn has_avx512() -> bool {
-    super::kernels::Isa::detect() == super::kernels::Isa::Avx512
-}
-
 fn has_avx512bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bf16")
-            && super::kernels::Isa::detect() == super::kernels::Isa::Avx512
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -55,16 +112,48 @@ fn has_avx512bf16() -> bool {
     }
 }
 
+/// `[N/nr][K][nr]` panels of `W_allᵀ` (`kn` is [K, N]); columns past N are zero.
+fn pack_panels<T: Copy + Default>(
+    kn: &[f32],
+    k: usize,
+    n: usize,
+    nr: usize,
+    conv: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let np = n.div_ceil(nr) * nr;
+    let mut v = vec![T::default(); np * k];
+    for panel in 0..np / nr {
+        for kk in 0..k {
+            for c in 0..nr {
+                let col = panel * nr + c;
+                if col < n {
+                    v[(panel * k + kk) * nr + c] = conv(kn[kk * n + col]);
+                }
+            }
+        }
+    }
+    v
+}
+
 impl Projection {
     /// Packs `mats` (each [D, K] in PyTorch layout, stacked along the output dim) for the
     /// fastest kernel this CPU runs.
     pub fn pack(mats: &[&[f32]], k: usize, dtype: DType) -> Self {
-        Self::pack_with(mats, k, dtype, true)
+        Self::pack_for(mats, k, dtype, PanelKernel::for_isa(Isa::detect()))
     }
 
     /// [`Projection::pack`]; `own_kernels = false` keeps to the `gemm` crate for f32 (and the
-    /// widened fallback for bf16), which is what CPUs without AVX-512 run.
+    /// widened fallback for bf16), which is what CPUs without AVX2 run.
     pub fn pack_with(mats: &[&[f32]], k: usize, dtype: DType, own_kernels: bool) -> Self {
+        let kernel = own_kernels
+            .then(|| PanelKernel::for_isa(Isa::detect()))
+            .flatten();
+        Self::pack_for(mats, k, dtype, kernel)
+    }
+
+    /// Packs for a given microkernel (`None`: the `gemm` crate). The kernel must be one
+    /// [`PanelKernel::all_supported`] lists.
+    pub fn pack_for(mats: &[&[f32]], k: usize, dtype: DType, kernel: Option<PanelKernel>) -> Self {
         let n: usize = mats.iter().map(|m| m.len() / k).sum();
         // W_allᵀ as [K, N].
         let mut kn = vec![0.0f32; k * n];
@@ -78,43 +167,42 @@ impl Projection {
             }
             col0 += rows;
         }
-        let packed = match dtype {
-            DType::F32 if own_kernels && has_avx512() => {
-                let np = n.div_ceil(NR) * NR;
-                let mut v = vec![0.0f32; np * k];
-                for panel in 0..np / NR {
-                    for kk in 0..k {
-                        for c in 0..NR {
-                            let col = panel * NR + c;
-                            if col < n {
-                                v[(panel * k + kk) * NR + c] = kn[kk * n + col];
-                            }
-                        }
-                    }
-                }
-                Packed::F32Panels(v)
+        let packed = match (dtype, kernel) {
+            (DType::F32, Some(kr)) => {
+                Packed::F32Panels(kr, pack_panels(&kn, k, n, kr.panel_width(), |x| x))
             }
-            DType::F32 => Packed::F32(kn, mats.concat()),
-            DType::Bf16 if own_kernels && has_avx512bf16() => {
-                let (kp, np) = (k.div_ceil(2), n.div_ceil(NR) * NR);
-                let mut v = vec![bf16::ZERO; np / NR * kp * NR * 2];
-                for panel in 0..np / NR {
+            (DType::F32, None) => Packed::F32(kn, mats.concat()),
+            (DType::Bf16, Some(PanelKernel::Avx512)) if has_avx512bf16() => {
+                // [N/W][K/2][W][2], W = 192 (the AVX-512 panel width).
+                let wd = PanelKernel::Avx512.panel_width();
+                let (kp, np) = (k.div_ceil(2), n.div_ceil(wd) * wd);
+                let mut v = vec![bf16::ZERO; np / wd * kp * wd * 2];
+                for panel in 0..np / wd {
                     for p in 0..kp {
-                        for c in 0..NR {
-                            let col = panel * NR + c;
+                        for c in 0..wd {
+                            let col = panel * wd + c;
                             for h in 0..2 {
                                 let row = 2 * p + h;
                                 if col < n && row < k {
-                                    v[((panel * kp + p) * NR + c) * 2 + h] =
+                                    v[((panel * kp + p) * wd + c) * 2 + h] =
                                         bf16::from_f32(kn[row * n + col]);
                                 }
                             }
                         }
                     }
                 }
-                Packed::Bf16Panels(v)
+                Packed::Bf16Pairs(v)
             }
-            DType::Bf16 => {
+            (DType::Bf16, Some(kr)) => {
+                // AVX-512 CPUs without AVX512-BF16 run the AVX2 widening kernel.
+                let kr = if kr == PanelKernel::Avx512 {
+                    PanelKernel::Avx2
+                } else {
+                    kr
+                };
+                Packed::Bf16Panels(kr, pack_panels(&kn, k, n, kr.panel_width(), bf16::from_f32))
+            }
+            (DType::Bf16, None) => {
                 Packed::Bf16AsF32(kn.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
             }
         };
@@ -129,43 +217,79 @@ impl Projection {
     /// Storage type.
     pub fn dtype(&self) -> DType {
         match self.packed {
-            Packed::F32(..) | Packed::F32Panels(_) => DType::F32,
+            Packed::F32(..) | Packed::F32Panels(..) => DType::F32,
             _ => DType::Bf16,
         }
     }
 
     /// Whether one of our microkernels runs on weights packed once (so that small tiles
-    /// cost no re-packing).
+    /// cost no re-packing, and each output is one FMA chain over k).
     pub fn uses_own_kernel(&self) -> bool {
-        matches!(self.packed, Packed::Bf16Panels(_) | Packed::F32Panels(_))
+        matches!(
+            self.packed,
+            Packed::Bf16Pairs(_) | Packed::Bf16Panels(..) | Packed::F32Panels(..)
+        )
+    }
+
+    /// The name of the kernel that runs (for reports).
+    pub fn kernel_name(&self) -> &'static str {
+        match &self.packed {
+            Packed::F32(..) => "gemm crate (f32)",
+            Packed::F32Panels(PanelKernel::Avx512, _) => "avx512 6x64 (f32)",
+            Packed::F32Panels(PanelKernel::Avx2, _) => "avx2 6x16 (f32)",
+            Packed::F32Panels(PanelKernel::Neon, _) => "neon 6x16 (f32)",
+            Packed::Bf16Pairs(_) => "avx512-bf16 6x64 (vdpbf16ps)",
+            Packed::Bf16Panels(PanelKernel::Neon, _) => "neon 6x16 (bf16 widened)",
+            Packed::Bf16Panels(..) => "avx2 6x16 (bf16 widened)",
+            Packed::Bf16AsF32(_) => "gemm crate (bf16 widened)",
+        }
+    }
+
+    /// Bytes of packed weights a product streams (the decode step's floor).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.packed {
+            Packed::F32(kn, _) => kn.len() * 4,
+            Packed::F32Panels(_, v) => v.len() * 4,
+            Packed::Bf16Pairs(v) | Packed::Bf16Panels(_, v) => v.len() * 2,
+            Packed::Bf16AsF32(v) => v.len() * 4,
+        }
     }
 
     /// `y[rows, N] = x[rows, K] · W`, on `threads` threads.
     pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32], threads: usize) {
         let (k, n) = (self.k, self.n);
-        debug_assert_eq!(x.len(), rows * k);
-        debug_assert_eq!(y.len(), rows * n);
+        assert_eq!(x.len(), rows * k, "x must be [rows, K]");
+        assert_eq!(y.len(), rows * n, "y must be [rows, N]");
         match &self.packed {
             Packed::F32(_, nk) if rows <= SMALL_M => small_m_f32(x, nk, y, rows, k, n, threads),
             Packed::F32(kn, _) => gemm_f32(x, kn, y, rows, k, n, threads),
+            Packed::Bf16AsF32(w) => gemm_f32(&round_bf16(x), w, y, rows, k, n, threads),
             #[cfg(target_arch = "x86_64")]
-            Packed::F32Panels(w) => {
-                // SAFETY: `F32Panels` is only built when the CPU has AVX-512F.
+            Packed::F32Panels(PanelKernel::Avx512, w) => {
+                // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F.
                 unsafe { f32_avx512::matmul(x, w, y, rows, k, n, threads) }
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            Packed::F32Panels(_) => unreachable!("f32 panels are only packed on x86-64"),
-            Packed::Bf16AsF32(w) => {
-                let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-                gemm_f32(&xr, w, y, rows, k, n, threads)
+            #[cfg(target_arch = "x86_64")]
+            Packed::F32Panels(PanelKernel::Avx2, w) => {
+                // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA.
+                unsafe { avx2::matmul(x, w, y, rows, k, n, threads) }
             }
             #[cfg(target_arch = "x86_64")]
-            Packed::Bf16Panels(w) => {
-                // SAFETY: `Bf16Panels` is only built when the CPU has AVX512F and AVX512-BF16.
+            Packed::Bf16Panels(_, w) => {
+                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
+                unsafe { avx2::matmul(&round_bf16(x), w, y, rows, k, n, threads) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Packed::Bf16Pairs(w) => {
+                // SAFETY: `Bf16Pairs` is only built when the CPU has AVX512F and AVX512-BF16.
                 unsafe { bf16_avx512::matmul(x, w, y, rows, k, n, threads) }
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            Packed::Bf16Panels(_) => unreachable!("bf16 panels are only packed on x86-64"),
+            #[cfg(target_arch = "aarch64")]
+            Packed::F32Panels(_, w) => neon::matmul(x, w, y, rows, k, n, threads),
+            #[cfg(target_arch = "aarch64")]
+            Packed::Bf16Panels(_, w) => neon::matmul(&round_bf16(x), w, y, rows, k, n, threads),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("panels are only packed for kernels this target has"),
         }
     }
 }
@@ -249,58 +373,390 @@ fn gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, t
     }
 }
 
-/// The shared driver of our microkernels: every (column panel of NR, block of at most MR
-/// rows) goes through `block(panel, r0, mr, out)`, which writes an `[mr, NR]` block; the
-/// driver handles the row tail (smaller `mr`), the column tail (a narrower copy out of the
-/// block) and threading over panels (disjoint columns of y).
-#[cfg(target_arch = "x86_64")]
+/// The shared driver of our microkernels. The columns are cut into panels of `nr`; a work
+/// unit is a group of `groups[m]` consecutive panels (more than one only for calls of at most
+/// three rows, i.e. decode steps, so that enough independent FMA chains are in flight while
+/// the weights stream by) and a block of at most MR rows. `block(panel0, np, r0, mr, out)`
+/// writes the `[mr, np·nr]` block; the driver handles the row tail (smaller `mr`), the
+/// column tail (a narrower copy out of the block) and threading over groups (disjoint
+/// columns of y). A panel's weights are read from memory once per call and stay in cache
+/// for its later row blocks.
 fn panel_driver(
     m: usize,
     n: usize,
+    nr: usize,
+    groups: [usize; 4],
     y: &mut [f32],
     threads: usize,
-    block: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+    block: impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(y.len(), m * n, "y must be [m, n]");
-    let panels = n.div_ceil(NR);
+    let group = if m < groups.len() {
+        groups[m].max(1)
+    } else {
+        1
+    };
+    assert!(
+        nr * group <= BUF_COLS,
+        "block wider than the driver's buffer"
+    );
+    let panels = n.div_ceil(nr);
     let yaddr = y.as_mut_ptr() as usize;
-    let work = |panel: usize| {
-        let cols = NR.min(n - panel * NR);
-        let mut buf = [0.0f32; MR * NR];
+    let work = |g: usize| {
+        let panel0 = g * group;
+        let np = group.min(panels - panel0);
+        let (c0, cols) = (panel0 * nr, (np * nr).min(n - panel0 * nr));
+        let mut buf = [0.0f32; MR * BUF_COLS];
         let mut r0 = 0;
         while r0 < m {
             let mr = (m - r0).min(MR);
-            block(panel, r0, mr, &mut buf[..mr * NR]);
+            let w = np * nr;
+            block(panel0, np, r0, mr, &mut buf[..mr * w]);
             for r in 0..mr {
                 // SAFETY: y is [m, n] (asserted above) and this closure writes only columns
-                // [panel·NR, panel·NR + cols) of rows r0..r0+mr; each panel is handled once,
-                // so no two threads touch the same element.
+                // [c0, c0 + cols) of rows r0..r0+mr; each group is handled once, so no two
+                // threads touch the same element.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (yaddr as *mut f32).add((r0 + r) * n + panel * NR),
-                        cols,
-                    )
+                    std::slice::from_raw_parts_mut((yaddr as *mut f32).add((r0 + r) * n + c0), cols)
                 };
-                dst.copy_from_slice(&buf[r * NR..r * NR + cols]);
+                dst.copy_from_slice(&buf[r * w..r * w + cols]);
             }
             r0 += mr;
         }
     };
-    if threads > 1 {
+    let units = panels.div_ceil(group);
+    if threads > 1 && units > 1 {
         use rayon::prelude::*;
-        (0..panels).into_par_iter().for_each(work);
+        (0..units).into_par_iter().for_each(work);
     } else {
-        (0..panels).for_each(work);
+        (0..units).for_each(work);
+    }
+}
+
+/// Columns of the driver's block buffer: the widest group (3 AVX-512 panels, 6 of 16).
+const BUF_COLS: usize = 3 * NR_MAX;
+
+/// x rounded to bf16 (kept as f32): the activations of the widening bf16 kernels, so that
+/// they compute the same products as the AVX512-BF16 kernel and the `gemm` fallback.
+fn round_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+/// Calls `$kernel::<R, P, _>(x, k, w, y, ldy)` for a block of `$mr` rows and `$np` panels:
+/// the decode shapes listed get one instance with R×P accumulators in registers; any other
+/// block runs panel by panel with P = 1 (`$wstride`: elements per panel of `w`, `$nr`:
+/// columns per panel).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(unused_macros)
+)]
+macro_rules! block_kernel {
+    ($kernel:ident, [$(($r:literal, $p:literal)),*], $mr:expr, $np:expr, $x:expr, $k:expr, $w:expr, $ldw:expr, $wstride:expr, $nr:expr, $y:expr) => {{
+        let (mr, np, x, k, w, ldw, y) = ($mr, $np, $x, $k, $w, $ldw, $y);
+        let ldy = np * $nr;
+        match (mr, np) {
+            $(($r, $p) => $kernel::<$r, $p, _>(x, k, w, ldw, y, ldy),)*
+            _ => {
+                for p in 0..np {
+                    let (wp, yp) = (&w[p * $wstride..], &mut y[p * $nr..]);
+                    match mr {
+                        1 => $kernel::<1, 1, _>(x, k, wp, ldw, yp, ldy),
+                        2 => $kernel::<2, 1, _>(x, k, wp, ldw, yp, ldy),
+                        3 => $kernel::<3, 1, _>(x, k, wp, ldw, yp, ldy),
+                        4 => $kernel::<4, 1, _>(x, k, wp, ldw, yp, ldy),
+                        5 => $kernel::<5, 1, _>(x, k, wp, ldw, yp, ldy),
+                        _ => $kernel::<6, 1, _>(x, k, wp, ldw, yp, ldy),
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// The packed weights of column blocks `j0..j0+np` (of `nr` columns each) in panels of
+/// `g` blocks (`[N/(g·nr)][k][g·nr]`, `kw` values per column and k step): the slice from
+/// the first block's column at k = 0 to the end of its panel, and the row stride `g·nr·kw`.
+/// A group of blocks never crosses a panel (the driver's groups divide `g`).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+fn panel_slice<T>(w: &[T], j0: usize, k: usize, nr: usize, g: usize, kw: usize) -> (&[T], usize) {
+    let ldw = g * nr * kw;
+    let (panel, o) = (j0 / g, (j0 % g) * nr * kw);
+    let start = panel * k * ldw;
+    (&w[start + o..start + k * ldw], ldw)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// Columns per panel: two ymm.
+    const NR: usize = 16;
+    /// Column blocks per packed panel (96 columns: one row of 16 ymm loads per k).
+    pub const G: usize = 6;
+    /// Blocks per work unit for 1, 2, 3 rows: 12 ymm accumulators in flight.
+    const GROUPS: [usize; 4] = [1, 6, 3, 2];
+
+    /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
+    pub trait Elem: Copy + Sync {
+        /// Loads 8 elements at `p` as 8 f32.
+        ///
+        /// # Safety
+        /// `p` must point to 8 readable elements; the CPU must have AVX2.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: per the trait contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Elem for bf16 {
+        /// bf16 → f32 is a 16-bit shift of the bits.
+        #[inline(always)]
+        unsafe fn load8(p: *const bf16) -> __m256 {
+            // SAFETY: per the trait contract.
+            unsafe {
+                let raw = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+            }
+        }
+    }
+
+    /// Every (panel group, row block) through the 16-column kernels. For bf16 panels, `x`
+    /// must hold bf16-rounded values (the caller rounds once).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    pub unsafe fn matmul<T: Elem>(
+        x: &[f32],
+        w: &[T],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) {
+        assert!(
+            w.len() >= n.div_ceil(NR * G) * k * NR * G,
+            "w must hold every panel"
+        );
+        super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
+            let (wg, ldw) = super::panel_slice(w, j0, k, NR, G, 1);
+            let xs = &x[r0 * k..(r0 + mr) * k];
+            // SAFETY: the caller guarantees AVX2 + FMA; the kernel checks the slices.
+            unsafe {
+                block_kernel!(
+                    kernel,
+                    [(1, 6), (2, 3), (3, 2)],
+                    mr,
+                    np,
+                    xs,
+                    k,
+                    wg,
+                    ldw,
+                    NR,
+                    NR,
+                    out
+                )
+            };
+        });
+    }
+
+    /// `y[R, P·16] = x[R, k] · w[k, P·16]` (w's row stride `ldw`, y's `ldy`): R×P×2 ymm
+    /// accumulators, one FMA chain per output.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<const R: usize, const P: usize, T: Elem>(
+        x: &[f32],
+        k: usize,
+        w: &[T],
+        ldw: usize,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
+        assert!(x.len() >= R * k && k >= 1 && w.len() >= (k - 1) * ldw + P * NR);
+        assert!(y.len() >= (R - 1) * ldy + P * NR);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        for kk in 0..k {
+            let mut b = [[_mm256_setzero_ps(); 2]; P];
+            for (p, bp) in b.iter_mut().enumerate() {
+                let at = kk * ldw + p * NR;
+                // SAFETY: w holds (k-1)·ldw + P·16 elements (asserted); kk < k.
+                *bp = unsafe { [T::load8(wp.add(at)), T::load8(wp.add(at + 8))] };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: x holds R·k floats (asserted); r < R, kk < k.
+                let a = _mm256_set1_ps(unsafe { *xp.add(r * k + kk) });
+                for (v, bp) in row.iter_mut().zip(&b) {
+                    v[0] = _mm256_fmadd_ps(a, bp[0], v[0]);
+                    v[1] = _mm256_fmadd_ps(a, bp[1], v[1]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                // SAFETY: y holds row r's P·16 floats at r·ldy (asserted).
+                unsafe {
+                    _mm256_storeu_ps(y.as_mut_ptr().add(r * ldy + p * NR), v[0]);
+                    _mm256_storeu_ps(y.as_mut_ptr().add(r * ldy + p * NR + 8), v[1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use half::bf16;
+    use std::arch::aarch64::*;
+
+    /// Columns per panel: four q registers.
+    const NR: usize = 16;
+    /// Column blocks per packed panel (96 columns).
+    pub const G: usize = 6;
+    /// Blocks per work unit for 1, 2, 3 rows: up to 24 q accumulators in flight.
+    const GROUPS: [usize; 4] = [1, 6, 3, 2];
+
+    /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
+    pub trait Elem: Copy + Sync {
+        /// Loads 16 elements at `p` as four vectors of 4 f32.
+        ///
+        /// # Safety
+        /// `p` must point to 16 readable elements.
+        unsafe fn load16(p: *const Self) -> [float32x4_t; 4];
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> [float32x4_t; 4] {
+            // SAFETY: per the trait contract; NEON is baseline on aarch64.
+            unsafe {
+                [
+                    vld1q_f32(p),
+                    vld1q_f32(p.add(4)),
+                    vld1q_f32(p.add(8)),
+                    vld1q_f32(p.add(12)),
+                ]
+            }
+        }
+    }
+
+    impl Elem for bf16 {
+        /// bf16 → f32 is a 16-bit widening shift of the bits.
+        #[inline(always)]
+        unsafe fn load16(p: *const bf16) -> [float32x4_t; 4] {
+            // SAFETY: per the trait contract; NEON is baseline on aarch64.
+            unsafe {
+                let (lo, hi) = (
+                    vld1q_u16(p as *const u16),
+                    vld1q_u16((p as *const u16).add(8)),
+                );
+                [
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(lo))),
+                    vreinterpretq_f32_u32(vshll_high_n_u16::<16>(lo)),
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(hi))),
+                    vreinterpretq_f32_u32(vshll_high_n_u16::<16>(hi)),
+                ]
+            }
+        }
+    }
+
+    /// Every (panel group, row block) through the 16-column kernels. For bf16 panels, `x`
+    /// must hold bf16-rounded values (the caller rounds once).
+    pub fn matmul<T: Elem>(
+        x: &[f32],
+        w: &[T],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) {
+        assert!(
+            w.len() >= n.div_ceil(NR * G) * k * NR * G,
+            "w must hold every panel"
+        );
+        super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
+            let (wg, ldw) = super::panel_slice(w, j0, k, NR, G, 1);
+            let xs = &x[r0 * k..(r0 + mr) * k];
+            // SAFETY: NEON is part of the aarch64 baseline; the kernel checks the slices.
+            unsafe {
+                block_kernel!(
+                    kernel,
+                    [(1, 6), (2, 3), (3, 2)],
+                    mr,
+                    np,
+                    xs,
+                    k,
+                    wg,
+                    ldw,
+                    NR,
+                    NR,
+                    out
+                )
+            };
+        });
+    }
+
+    /// `y[R, P·16] = x[R, k] · w[k, P·16]` (w's row stride `ldw`, y's `ldy`): R×P×4
+    /// accumulators, one FMA chain per output.
+    #[target_feature(enable = "neon")]
+    unsafe fn kernel<const R: usize, const P: usize, T: Elem>(
+        x: &[f32],
+        k: usize,
+        w: &[T],
+        ldw: usize,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
+        assert!(x.len() >= R * k && k >= 1 && w.len() >= (k - 1) * ldw + P * NR);
+        assert!(y.len() >= (R - 1) * ldy + P * NR);
+        let mut acc = [[[vdupq_n_f32(0.0); 4]; P]; R];
+        let wp = w.as_ptr();
+        for kk in 0..k {
+            let mut b = [[vdupq_n_f32(0.0); 4]; P];
+            for (p, bp) in b.iter_mut().enumerate() {
+                // SAFETY: w holds (k-1)·ldw + P·16 elements (asserted); kk < k.
+                *bp = unsafe { T::load16(wp.add(kk * ldw + p * NR)) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = vdupq_n_f32(x[r * k + kk]);
+                for (v, bp) in row.iter_mut().zip(&b) {
+                    for (vj, bj) in v.iter_mut().zip(bp) {
+                        *vj = vfmaq_f32(*vj, *bj, a);
+                    }
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                for (j, vj) in v.iter().enumerate() {
+                    // SAFETY: y holds row r's P·16 floats at r·ldy (asserted).
+                    unsafe { vst1q_f32(y.as_mut_ptr().add(r * ldy + p * NR + 4 * j), *vj) };
+                }
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod f32_avx512 {
-    use super::{MR, NR};
     use std::arch::x86_64::*;
+    /// Columns per panel: four zmm.
+    const NR: usize = super::NR_MAX;
+    /// Column blocks per packed panel (192 columns).
+    pub const G: usize = 3;
+    /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
+    const GROUPS: [usize; 4] = [1, 3, 1, 1];
 
-    /// Driver: every (column panel, block of MR rows) through the 6×64 microkernel; panels
-    /// write their columns of y directly; the tails of M use fewer rows, N is padded.
+    /// Every (panel group, row block) through the 64-column kernels.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
@@ -313,40 +769,64 @@ mod f32_avx512 {
         n: usize,
         threads: usize,
     ) {
-        super::panel_driver(m, n, y, threads, |panel, r0, mr, out| {
-            let wpan = &w[panel * k * NR..(panel + 1) * k * NR];
-            // SAFETY: the caller guarantees AVX-512F; slices are in bounds.
-            unsafe { kernel(&x[r0 * k..(r0 + mr) * k], k, mr, wpan, out) };
+        assert!(
+            w.len() >= n.div_ceil(NR * G) * k * NR * G,
+            "w must hold every panel"
+        );
+        super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
+            let (wg, ldw) = super::panel_slice(w, j0, k, NR, G, 1);
+            let xs = &x[r0 * k..(r0 + mr) * k];
+            // SAFETY: the caller guarantees AVX-512F; the kernel checks the slices.
+            unsafe { block_kernel!(kernel, [(1, 3)], mr, np, xs, k, wg, ldw, NR, NR, out) };
         });
     }
 
-    /// y[mr, 64] = x[mr, k] · panel[k, 64]: 6×4 zmm accumulators, one broadcast of x and four
-    /// loads of the panel per k.
+    /// `y[R, P·64] = x[R, k] · w[k, P·64]` (w's row stride `ldw`, y's `ldy`): R×P×4 zmm
+    /// accumulators, one broadcast of x and 4·P loads of w per k.
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel(x: &[f32], k: usize, mr: usize, w: &[f32], y: &mut [f32]) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
-        let wp = w.as_ptr();
+    unsafe fn kernel<const R: usize, const P: usize, T: Copy>(
+        x: &[f32],
+        k: usize,
+        w: &[T],
+        ldw: usize,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
+        // T is f32 (generic only so that `block_kernel!` can infer it).
+        assert!(std::mem::size_of::<T>() == 4);
+        assert!(x.len() >= R * k && k >= 1 && w.len() >= (k - 1) * ldw + P * NR);
+        assert!(y.len() >= (R - 1) * ldy + P * NR);
+        let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
+        let wp = w.as_ptr() as *const f32;
         for kk in 0..k {
-            // SAFETY: the panel holds k·NR floats = 4 zmm per k; kk < k.
-            let b: [__m512; 4] = unsafe {
-                [
-                    _mm512_loadu_ps(wp.add(kk * NR)),
-                    _mm512_loadu_ps(wp.add(kk * NR + 16)),
-                    _mm512_loadu_ps(wp.add(kk * NR + 32)),
-                    _mm512_loadu_ps(wp.add(kk * NR + 48)),
-                ]
-            };
-            for (r, row) in acc.iter_mut().enumerate().take(mr) {
+            let mut b = [[_mm512_setzero_ps(); 4]; P];
+            for (p, bp) in b.iter_mut().enumerate() {
+                let at = kk * ldw + p * NR;
+                // SAFETY: w holds (k-1)·ldw + P·64 floats (asserted); kk < k.
+                *bp = unsafe {
+                    [
+                        _mm512_loadu_ps(wp.add(at)),
+                        _mm512_loadu_ps(wp.add(at + 16)),
+                        _mm512_loadu_ps(wp.add(at + 32)),
+                        _mm512_loadu_ps(wp.add(at + 48)),
+                    ]
+                };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
                 let a = _mm512_set1_ps(x[r * k + kk]);
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = _mm512_fmadd_ps(a, b[j], *v);
+                for (v, bp) in row.iter_mut().zip(&b) {
+                    for (vj, bj) in v.iter_mut().zip(bp) {
+                        *vj = _mm512_fmadd_ps(a, *bj, *vj);
+                    }
                 }
             }
         }
-        for (r, row) in acc.iter().enumerate().take(mr) {
-            for (j, v) in row.iter().enumerate() {
-                // SAFETY: y holds mr·64 floats.
-                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(r * NR + j * 16), *v) };
+        for (r, row) in acc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                for (j, vj) in v.iter().enumerate() {
+                    // SAFETY: y holds row r's P·64 floats at r·ldy (asserted).
+                    unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(r * ldy + p * NR + 16 * j), *vj) };
+                }
             }
         }
     }
@@ -354,12 +834,17 @@ mod f32_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod bf16_avx512 {
-    use super::{MR, NR};
     use half::bf16;
     use std::arch::x86_64::*;
+    /// Columns per panel: four zmm of bf16 pairs.
+    const NR: usize = super::NR_MAX;
+    /// Column blocks per packed panel (192 columns of bf16 pairs).
+    pub const G: usize = 3;
+    /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
+    const GROUPS: [usize; 4] = [1, 3, 1, 1];
 
-    /// Driver: converts x to bf16 pairs, then runs the MR×NR microkernel over every
-    /// (row block, column panel); the tails of M use a smaller row count, N is padded.
+    /// Converts x to bf16 pairs, then runs every (panel group, row block) through the
+    /// 64-column kernels.
     ///
     /// # Safety
     /// The CPU must support AVX512F and AVX512-BF16.
@@ -373,6 +858,10 @@ mod bf16_avx512 {
         threads: usize,
     ) {
         let kp = k.div_ceil(2);
+        assert!(
+            w.len() >= n.div_ceil(NR * G) * kp * NR * G * 2,
+            "w must hold every panel"
+        );
         // x as [m][kp] u32 = (bf16 x[2p], bf16 x[2p+1]).
         let mut xp = vec![0u32; m * kp];
         for r in 0..m {
@@ -386,44 +875,102 @@ mod bf16_avx512 {
                 xp[r * kp + p] = lo | (hi << 16);
             }
         }
-        super::panel_driver(m, n, y, threads, |panel, r0, mr, out| {
-            let wpan = &w[panel * kp * NR * 2..(panel + 1) * kp * NR * 2];
-            // SAFETY: the caller guarantees AVX512F + AVX512-BF16; slices are in bounds.
-            unsafe { kernel(&xp[r0 * kp..(r0 + mr) * kp], kp, mr, wpan, out) };
+        super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
+            let (wg, ldw) = super::panel_slice(w, j0, kp, NR, G, 2);
+            let xs = &xp[r0 * kp..(r0 + mr) * kp];
+            // SAFETY: the caller guarantees AVX512F + AVX512-BF16; the kernel checks the
+            // slices.
+            unsafe { block_kernel!(kernel, [(1, 3)], mr, np, xs, kp, wg, ldw, NR * 2, NR, out) };
         });
     }
 
-    /// y[mr, 64] = sum over k-pairs of dpbf16(xpair, wpanel): 6×4 zmm accumulators.
+    /// See [`super::bf16_dot_chains`].
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn kernel(xp: &[u32], kp: usize, mr: usize, w: &[bf16], y: &mut [f32]) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+    pub unsafe fn dot_chains(iters: usize) -> f32 {
+        let ones = _mm512_set1_epi32(0x3f80_3f80);
+        let (a, b) = (
+            std::mem::transmute::<__m512i, __m512bh>(ones),
+            std::mem::transmute::<__m512i, __m512bh>(ones),
+        );
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, b);
+            }
+        }
+        let mut t = _mm512_setzero_ps();
+        for v in acc {
+            t = _mm512_add_ps(t, v);
+        }
+        _mm512_reduce_add_ps(t)
+    }
+
+    /// `y[R, P·64]` = sum over k-pairs of dpbf16(x pair, w pairs) (w's row stride `ldw`
+    /// elements per k pair, y's `ldy`): R×P×4 zmm accumulators.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel<const R: usize, const P: usize, T: Copy>(
+        xp: &[u32],
+        kp: usize,
+        w: &[T],
+        ldw: usize,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
+        // T is bf16 (generic only so that `block_kernel!` can infer it).
+        assert!(std::mem::size_of::<T>() == 2);
+        assert!(xp.len() >= R * kp && kp >= 1 && w.len() >= (kp - 1) * ldw + P * NR * 2);
+        assert!(y.len() >= (R - 1) * ldy + P * NR);
+        let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
+        // One zmm = 16 columns × a bf16 pair = 32 elements.
         let wp = w.as_ptr() as *const __m512i;
         for p in 0..kp {
-            // SAFETY: the panel holds kp·NR·2 bf16 = kp·4 zmm; p < kp.
-            let b: [__m512bh; 4] = unsafe {
-                [
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wp.add(p * 4))),
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wp.add(p * 4 + 1))),
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wp.add(p * 4 + 2))),
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wp.add(p * 4 + 3))),
-                ]
-            };
-            for r in 0..mr {
+            let mut b = [[_mm512_setzero_si512(); 4]; P];
+            for (q, bq) in b.iter_mut().enumerate() {
+                let at = (p * ldw + q * NR * 2) / 32;
+                // SAFETY: w holds (kp-1)·ldw + P·128 elements (asserted); p < kp.
+                *bq = unsafe {
+                    [
+                        _mm512_loadu_si512(wp.add(at)),
+                        _mm512_loadu_si512(wp.add(at + 1)),
+                        _mm512_loadu_si512(wp.add(at + 2)),
+                        _mm512_loadu_si512(wp.add(at + 3)),
+                    ]
+                };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
                 let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
                     xp[r * kp + p] as i32,
                 ));
-                for j in 0..4 {
-                    acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+                for (v, bq) in row.iter_mut().zip(&b) {
+                    for (vj, bj) in v.iter_mut().zip(bq) {
+                        let bw = std::mem::transmute::<__m512i, __m512bh>(*bj);
+                        *vj = _mm512_dpbf16_ps(*vj, a, bw);
+                    }
                 }
             }
         }
-        for (r, row) in acc.iter().enumerate().take(mr) {
-            for (j, v) in row.iter().enumerate() {
-                // SAFETY: y holds mr·64 floats.
-                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(r * NR + j * 16), *v) };
+        for (r, row) in acc.iter().enumerate() {
+            for (q, v) in row.iter().enumerate() {
+                for (j, vj) in v.iter().enumerate() {
+                    // SAFETY: y holds row r's P·64 floats at r·ldy (asserted).
+                    unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(r * ldy + q * NR + 16 * j), *vj) };
+                }
             }
         }
     }
+}
+
+/// Twelve independent 16-lane `vdpbf16ps` chains for `iters` steps (12·16·4·iters FLOPs:
+/// each lane does two multiply-adds): the bf16 dot peak of one core, the yardstick of the
+/// AVX512-BF16 kernel. `None` where the CPU has no AVX512-BF16.
+pub fn bf16_dot_chains(iters: usize) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512bf16() {
+        // SAFETY: the CPU reports AVX512F and AVX512-BF16.
+        return Some(unsafe { bf16_avx512::dot_chains(iters) });
+    }
+    let _ = iters;
+    None
 }
 
 #[cfg(test)]
@@ -454,47 +1001,75 @@ mod tests {
         y
     }
 
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max)
+    }
+
+    /// Every kernel this CPU runs (and the `gemm` fallback) against the plain product, with
+    /// tails in M (not a multiple of 6), N (not of 16 or 64) and K (odd).
     #[test]
-    fn f32_and_bf16_match_plain_product() {
-        // Odd sizes: tails in M (not a multiple of 6), N (not of 64) and K (odd).
+    fn every_kernel_matches_plain_product() {
         let (k, rows) = (37, 13);
         let a = data(40 * k, 1);
         let b = data(50 * k, 2);
         let x = data(rows * k, 3);
         let want = plain(&x, &[&a, &b], k);
-        for (dtype, tol, own) in [
-            (DType::F32, 1e-5, true),
-            (DType::F32, 1e-5, false),
-            (DType::Bf16, 0.08, true),
-            (DType::Bf16, 0.08, false),
-        ] {
-            let p = Projection::pack_with(&[&a, &b], k, dtype, own);
-            for threads in [1, 2] {
-                let mut y = vec![0.0; rows * 90];
-                p.matmul(&x, rows, &mut y, threads);
-                let err = y
-                    .iter()
-                    .zip(&want)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(err < tol, "{dtype:?} threads {threads}: {err}");
+        let r = |v: &[f32]| -> Vec<f32> { v.iter().map(|&t| bf16::from_f32(t).to_f32()).collect() };
+        let want_bf16 = plain(&r(&x), &[&r(&a), &r(&b)], k);
+        let mut kernels: Vec<Option<PanelKernel>> = vec![None];
+        kernels.extend(PanelKernel::all_supported().into_iter().map(Some));
+        for kernel in kernels {
+            for (dtype, want, tol) in [(DType::F32, &want, 1e-5), (DType::Bf16, &want_bf16, 1e-4)] {
+                let p = Projection::pack_for(&[&a, &b], k, dtype, kernel);
+                assert_eq!(p.uses_own_kernel(), kernel.is_some());
+                for threads in [1, 2, 3] {
+                    let mut y = vec![0.0; rows * 90];
+                    p.matmul(&x, rows, &mut y, threads);
+                    let err = max_diff(&y, want);
+                    assert!(err < tol, "{kernel:?} {dtype:?} threads {threads}: {err}");
+                }
             }
         }
-        // bf16 against the exact product of bf16-rounded operands.
-        let r = |v: &[f32]| {
-            v.iter()
-                .map(|&t| bf16::from_f32(t).to_f32())
-                .collect::<Vec<_>>()
-        };
-        let want = plain(&r(&x), &[&r(&a), &r(&b)], k);
-        let p = Projection::pack(&[&a, &b], k, DType::Bf16);
-        let mut y = vec![0.0; rows * 90];
-        p.matmul(&x, rows, &mut y, 1);
-        let err = y
-            .iter()
-            .zip(&want)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
-        assert!(err < 1e-4, "bf16 kernel vs rounded operands: {err}");
+    }
+
+    /// Our kernels sum each output in one FMA chain over k: any row split gives the same
+    /// bits, and f32 panels give the same bits on every ISA.
+    #[test]
+    fn kernels_are_split_invariant_and_agree_bit_for_bit() {
+        let (k, rows) = (301, 17);
+        // 250 columns: full and partial groups of panels for the decode shapes (1-3 rows).
+        let a = data(250 * k, 5);
+        let x = data(rows * k, 6);
+        let mut f32_results: Vec<(PanelKernel, Vec<f32>)> = Vec::new();
+        for kernel in PanelKernel::all_supported() {
+            for dtype in [DType::F32, DType::Bf16] {
+                let p = Projection::pack_for(&[&a], k, dtype, Some(kernel));
+                let mut whole = vec![0.0; rows * 250];
+                p.matmul(&x, rows, &mut whole, 2);
+                for split in [1, 2, 3, 5, 6, 7] {
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let m = split.min(rows - r0);
+                        let mut part = vec![0.0; m * 250];
+                        p.matmul(&x[r0 * k..(r0 + m) * k], m, &mut part, 1);
+                        assert!(
+                            part == whole[r0 * 250..(r0 + m) * 250],
+                            "{kernel:?} {dtype:?}: rows {r0}..{} differ from one shot",
+                            r0 + m
+                        );
+                        r0 += m;
+                    }
+                }
+                if dtype == DType::F32 {
+                    f32_results.push((kernel, whole));
+                }
+            }
+        }
+        for w in f32_results.windows(2) {
+            assert!(w[0].1 == w[1].1, "{:?} and {:?} differ", w[0].0, w[1].0);
+        }
     }
 }
