@@ -12,7 +12,8 @@
 //! Every microkernel computes each output as one FMA chain over k in order, from zero,
 //! whatever the row count: a row's projection is bit-identical however a sequence is split
 //! into chunks, and the f32 result is the same bits on AVX-512, AVX2 and NEON. The kernels
-//! compute only `[mr ≤ 6, NR]` blocks; [`panel_driver`] handles the tails and threading.
+//! compute only `[mr ≤ 6, NR·P]` blocks; one shared driver (`panel_driver`) handles the tails
+//! and threading.
 
 use super::kernels::Isa;
 use super::DType;
