@@ -4,14 +4,16 @@
 //!
 //! | CPU | f32 | bf16 |
 //! |---|---|---|
-//! | AVX-512 | 6×64 microkernel, `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs (else the AVX2 bf16 kernel) |
-//! | AVX2 + FMA | 6×16 microkernel, `[N/16][K][16]` panels | the same, bf16 panels widened to f32 in registers |
-//! | aarch64 (NEON) | 6×16 microkernel | the same, bf16 panels widened in registers |
+//! | AVX-512 | 6×64 microkernel on `[N/192][K][192]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/192][K/2][192][2]` (else the AVX2 bf16 kernel) |
+//! | AVX2 + FMA | 6×16 microkernel on `[N/96][K][96]` panels | the same on bf16 panels, widened to f32 in registers |
+//! | aarch64 (NEON) | 6×16 microkernel on `[N/96][K][96]` panels | the same on bf16 panels, widened in registers |
 //! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
 //!
 //! Every microkernel computes each output as one FMA chain over k in order, from zero,
 //! whatever the row count: a row's projection is bit-identical however a sequence is split
-//! into chunks, and the f32 result is the same bits on AVX-512, AVX2 and NEON. The kernels
+//! into chunks, and the f32 result is the same bits on AVX-512, AVX2 and NEON. A panel holds
+//! several column blocks side by side, so that a decode step (1-3 rows) reads each k's
+//! weights as one contiguous run and keeps 12 independent FMA chains in flight. The kernels
 //! compute only `[mr ≤ 6, NR·P]` blocks; one shared driver (`panel_driver`) handles the tails
 //! and threading.
 
