@@ -4,16 +4,17 @@
 //!
 //! | CPU | f32 | bf16 |
 //! |---|---|---|
-//! | AVX-512 | 6×64 microkernel on `[N/192][K][192]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/192][K/2][192][2]` (else the AVX2 bf16 kernel) |
-//! | AVX2 + FMA | 6×16 microkernel on `[N/96][K][96]` panels | the same on bf16 panels, widened to f32 in registers |
-//! | aarch64 (NEON) | 6×16 microkernel on `[N/96][K][96]` panels | the same on bf16 panels, widened in registers |
+//! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` (else the AVX2 bf16 kernel) |
+//! | AVX2 + FMA | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels, widened to f32 in registers |
+//! | aarch64 (NEON) | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels, widened in registers |
 //! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
 //!
 //! Every microkernel computes each output as one FMA chain over k in order, from zero,
 //! whatever the row count: a row's projection is bit-identical however a sequence is split
-//! into chunks, and the f32 result is the same bits on AVX-512, AVX2 and NEON. A panel holds
-//! several column blocks side by side, so that a decode step (1-3 rows) reads each k's
-//! weights as one contiguous run and keeps 12 independent FMA chains in flight. The kernels
+//! into chunks, and the f32 result is the same bits on AVX-512, AVX2 and NEON. A decode step
+//! (1-3 rows) runs several panels at once, so that 12 independent FMA chains are in flight;
+//! each panel carries one row of padding so that panels read together do not share cache
+//! sets. The kernels
 //! compute only `[mr ≤ 6, NR·P]` blocks; one shared driver (`panel_driver`) handles the tails
 //! and threading.
 
@@ -44,21 +45,6 @@ impl PanelKernel {
             PanelKernel::Avx512 => NR_MAX,
             PanelKernel::Avx2 | PanelKernel::Neon => 16,
         }
-    }
-
-    /// Column blocks of [`PanelKernel::nr`] per packed panel: a decode step's one row reads
-    /// a whole panel row (96 or 192 contiguous columns) per k, with enough independent FMA
-    /// chains in flight, instead of several panels a cache-aliasing stride apart.
-    pub fn group(self) -> usize {
-        match self {
-            PanelKernel::Avx512 => 3,
-            PanelKernel::Avx2 | PanelKernel::Neon => 6,
-        }
-    }
-
-    /// Columns per packed panel.
-    pub fn panel_width(self) -> usize {
-        self.nr() * self.group()
     }
 
     /// The kernel for an instruction set; `None` where only the `gemm` crate runs (x86-64
@@ -115,7 +101,8 @@ fn has_avx512bf16() -> bool {
     }
 }
 
-/// `[N/nr][K][nr]` panels of `W_allᵀ` (`kn` is [K, N]); columns past N are zero.
+/// `[N/nr][K+1][nr]` panels of `W_allᵀ` (`kn` is [K, N]): K rows and one zero row of
+/// padding per panel (see `panel_slice`); columns past N are zero.
 fn pack_panels<T: Copy + Default>(
     kn: &[f32],
     k: usize,
@@ -124,13 +111,13 @@ fn pack_panels<T: Copy + Default>(
     conv: impl Fn(f32) -> T,
 ) -> Vec<T> {
     let np = n.div_ceil(nr) * nr;
-    let mut v = vec![T::default(); np * k];
+    let mut v = vec![T::default(); np * (k + 1)];
     for panel in 0..np / nr {
         for kk in 0..k {
             for c in 0..nr {
                 let col = panel * nr + c;
                 if col < n {
-                    v[(panel * k + kk) * nr + c] = conv(kn[kk * n + col]);
+                    v[(panel * (k + 1) + kk) * nr + c] = conv(kn[kk * n + col]);
                 }
             }
         }
@@ -171,23 +158,20 @@ impl Projection {
             col0 += rows;
         }
         let packed = match (dtype, kernel) {
-            (DType::F32, Some(kr)) => {
-                Packed::F32Panels(kr, pack_panels(&kn, k, n, kr.panel_width(), |x| x))
-            }
+            (DType::F32, Some(kr)) => Packed::F32Panels(kr, pack_panels(&kn, k, n, kr.nr(), |x| x)),
             (DType::F32, None) => Packed::F32(kn, mats.concat()),
             (DType::Bf16, Some(PanelKernel::Avx512)) if has_avx512bf16() => {
-                // [N/W][K/2][W][2], W = 192 (the AVX-512 panel width).
-                let wd = PanelKernel::Avx512.panel_width();
-                let (kp, np) = (k.div_ceil(2), n.div_ceil(wd) * wd);
-                let mut v = vec![bf16::ZERO; np / wd * kp * wd * 2];
-                for panel in 0..np / wd {
+                // [N/64][K/2 + 1][64][2]: pairs along K, one zero pair row of padding.
+                let (kp, np) = (k.div_ceil(2), n.div_ceil(NR_MAX) * NR_MAX);
+                let mut v = vec![bf16::ZERO; np / NR_MAX * (kp + 1) * NR_MAX * 2];
+                for panel in 0..np / NR_MAX {
                     for p in 0..kp {
-                        for c in 0..wd {
-                            let col = panel * wd + c;
+                        for c in 0..NR_MAX {
+                            let col = panel * NR_MAX + c;
                             for h in 0..2 {
                                 let row = 2 * p + h;
                                 if col < n && row < k {
-                                    v[((panel * kp + p) * wd + c) * 2 + h] =
+                                    v[((panel * (kp + 1) + p) * NR_MAX + c) * 2 + h] =
                                         bf16::from_f32(kn[row * n + col]);
                                 }
                             }
@@ -203,7 +187,7 @@ impl Projection {
                 } else {
                     kr
                 };
-                Packed::Bf16Panels(kr, pack_panels(&kn, k, n, kr.panel_width(), bf16::from_f32))
+                Packed::Bf16Panels(kr, pack_panels(&kn, k, n, kr.nr(), bf16::from_f32))
             }
             (DType::Bf16, None) => {
                 Packed::Bf16AsF32(kn.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
@@ -454,21 +438,21 @@ fn round_bf16(x: &[f32]) -> Vec<f32> {
     allow(unused_macros)
 )]
 macro_rules! block_kernel {
-    ($kernel:ident, [$(($r:literal, $p:literal)),*], $mr:expr, $np:expr, $x:expr, $k:expr, $w:expr, $ldw:expr, $wstride:expr, $nr:expr, $y:expr) => {{
-        let (mr, np, x, k, w, ldw, y) = ($mr, $np, $x, $k, $w, $ldw, $y);
+    ($kernel:ident, [$(($r:literal, $p:literal)),*], $mr:expr, $np:expr, $x:expr, $k:expr, $w:expr, $ldw:expr, $lds:expr, $nr:expr, $y:expr) => {{
+        let (mr, np, x, k, w, ldw, lds, y) = ($mr, $np, $x, $k, $w, $ldw, $lds, $y);
         let ldy = np * $nr;
         match (mr, np) {
-            $(($r, $p) => $kernel::<$r, $p, _>(x, k, w, ldw, y, ldy),)*
+            $(($r, $p) => $kernel::<$r, $p, _>(x, k, w, ldw, lds, y, ldy),)*
             _ => {
                 for p in 0..np {
-                    let (wp, yp) = (&w[p * $wstride..], &mut y[p * $nr..]);
+                    let (wp, yp) = (&w[p * lds..], &mut y[p * $nr..]);
                     match mr {
-                        1 => $kernel::<1, 1, _>(x, k, wp, ldw, yp, ldy),
-                        2 => $kernel::<2, 1, _>(x, k, wp, ldw, yp, ldy),
-                        3 => $kernel::<3, 1, _>(x, k, wp, ldw, yp, ldy),
-                        4 => $kernel::<4, 1, _>(x, k, wp, ldw, yp, ldy),
-                        5 => $kernel::<5, 1, _>(x, k, wp, ldw, yp, ldy),
-                        _ => $kernel::<6, 1, _>(x, k, wp, ldw, yp, ldy),
+                        1 => $kernel::<1, 1, _>(x, k, wp, ldw, lds, yp, ldy),
+                        2 => $kernel::<2, 1, _>(x, k, wp, ldw, lds, yp, ldy),
+                        3 => $kernel::<3, 1, _>(x, k, wp, ldw, lds, yp, ldy),
+                        4 => $kernel::<4, 1, _>(x, k, wp, ldw, lds, yp, ldy),
+                        5 => $kernel::<5, 1, _>(x, k, wp, ldw, lds, yp, ldy),
+                        _ => $kernel::<6, 1, _>(x, k, wp, ldw, lds, yp, ldy),
                     }
                 }
             }
@@ -476,19 +460,14 @@ macro_rules! block_kernel {
     }};
 }
 
-/// The packed weights of column blocks `j0..j0+np` (of `nr` columns each) in panels of
-/// `g` blocks (`[N/(g·nr)][k][g·nr]`, `kw` values per column and k step): the slice from
-/// the first block's column at k = 0 to the end of its panel, and the row stride `g·nr·kw`.
-/// A group of blocks never crosses a panel (the driver's groups divide `g`).
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(dead_code)
-)]
-fn panel_slice<T>(w: &[T], j0: usize, k: usize, nr: usize, g: usize, kw: usize) -> (&[T], usize) {
-    let ldw = g * nr * kw;
-    let (panel, o) = (j0 / g, (j0 % g) * nr * kw);
-    let start = panel * k * ldw;
-    (&w[start + o..start + k * ldw], ldw)
+/// The packed weights from column block `j0` (of `nr` columns, `kw` values per column and
+/// k step) to the end: panels are `[k + 1][nr·kw]` each, one zero row of padding after the
+/// k rows, so that consecutive panels are not a multiple of 4 KiB apart (the blocks of a
+/// decode step are read together and would otherwise fall into the same cache sets).
+/// Returns the slice, the row stride within a panel and the panel stride.
+fn panel_slice<T>(w: &[T], j0: usize, k: usize, nr: usize, kw: usize) -> (&[T], usize, usize) {
+    let (ldw, lds) = (nr * kw, (k + 1) * nr * kw);
+    (&w[j0 * lds..], ldw, lds)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -498,8 +477,6 @@ mod avx2 {
 
     /// Columns per panel: two ymm.
     const NR: usize = 16;
-    /// Column blocks per packed panel (96 columns: one row of 16 ymm loads per k).
-    pub const G: usize = 6;
     /// Blocks per work unit for 1, 2, 3 rows: 12 ymm accumulators in flight.
     const GROUPS: [usize; 4] = [1, 6, 3, 2];
 
@@ -547,11 +524,11 @@ mod avx2 {
         threads: usize,
     ) {
         assert!(
-            w.len() >= n.div_ceil(NR * G) * k * NR * G,
+            w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
         super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
-            let (wg, ldw) = super::panel_slice(w, j0, k, NR, G, 1);
+            let (wg, ldw, lds) = super::panel_slice(w, j0, k, NR, 1);
             let xs = &x[r0 * k..(r0 + mr) * k];
             // SAFETY: the caller guarantees AVX2 + FMA; the kernel checks the slices.
             unsafe {
@@ -564,7 +541,7 @@ mod avx2 {
                     k,
                     wg,
                     ldw,
-                    NR,
+                    lds,
                     NR,
                     out
                 )
@@ -580,18 +557,19 @@ mod avx2 {
         k: usize,
         w: &[T],
         ldw: usize,
+        lds: usize,
         y: &mut [f32],
         ldy: usize,
     ) {
-        assert!(x.len() >= R * k && k >= 1 && w.len() >= (k - 1) * ldw + P * NR);
+        assert!(x.len() >= R * k && k >= 1 && w.len() >= (P - 1) * lds + (k - 1) * ldw + NR);
         assert!(y.len() >= (R - 1) * ldy + P * NR);
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         for kk in 0..k {
             let mut b = [[_mm256_setzero_ps(); 2]; P];
             for (p, bp) in b.iter_mut().enumerate() {
-                let at = kk * ldw + p * NR;
-                // SAFETY: w holds (k-1)·ldw + P·16 elements (asserted); kk < k.
+                let at = kk * ldw + p * lds;
+                // SAFETY: w holds block p's k rows (asserted); kk < k.
                 *bp = unsafe { [T::load8(wp.add(at)), T::load8(wp.add(at + 8))] };
             }
             for (r, row) in acc.iter_mut().enumerate() {
@@ -622,8 +600,6 @@ mod neon {
 
     /// Columns per panel: four q registers.
     const NR: usize = 16;
-    /// Column blocks per packed panel (96 columns).
-    pub const G: usize = 6;
     /// Blocks per work unit for 1, 2, 3 rows: up to 24 q accumulators in flight.
     const GROUPS: [usize; 4] = [1, 6, 3, 2];
 
@@ -683,11 +659,11 @@ mod neon {
         threads: usize,
     ) {
         assert!(
-            w.len() >= n.div_ceil(NR * G) * k * NR * G,
+            w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
         super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
-            let (wg, ldw) = super::panel_slice(w, j0, k, NR, G, 1);
+            let (wg, ldw, lds) = super::panel_slice(w, j0, k, NR, 1);
             let xs = &x[r0 * k..(r0 + mr) * k];
             // SAFETY: NEON is part of the aarch64 baseline; the kernel checks the slices.
             unsafe {
@@ -700,7 +676,7 @@ mod neon {
                     k,
                     wg,
                     ldw,
-                    NR,
+                    lds,
                     NR,
                     out
                 )
@@ -716,18 +692,19 @@ mod neon {
         k: usize,
         w: &[T],
         ldw: usize,
+        lds: usize,
         y: &mut [f32],
         ldy: usize,
     ) {
-        assert!(x.len() >= R * k && k >= 1 && w.len() >= (k - 1) * ldw + P * NR);
+        assert!(x.len() >= R * k && k >= 1 && w.len() >= (P - 1) * lds + (k - 1) * ldw + NR);
         assert!(y.len() >= (R - 1) * ldy + P * NR);
         let mut acc = [[[vdupq_n_f32(0.0); 4]; P]; R];
         let wp = w.as_ptr();
         for kk in 0..k {
             let mut b = [[vdupq_n_f32(0.0); 4]; P];
             for (p, bp) in b.iter_mut().enumerate() {
-                // SAFETY: w holds (k-1)·ldw + P·16 elements (asserted); kk < k.
-                *bp = unsafe { T::load16(wp.add(kk * ldw + p * NR)) };
+                // SAFETY: w holds block p's k rows (asserted); kk < k.
+                *bp = unsafe { T::load16(wp.add(kk * ldw + p * lds)) };
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let a = vdupq_n_f32(x[r * k + kk]);
@@ -754,8 +731,6 @@ mod f32_avx512 {
     use std::arch::x86_64::*;
     /// Columns per panel: four zmm.
     const NR: usize = super::NR_MAX;
-    /// Column blocks per packed panel (192 columns).
-    pub const G: usize = 3;
     /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
     const GROUPS: [usize; 4] = [1, 3, 1, 1];
 
@@ -773,14 +748,14 @@ mod f32_avx512 {
         threads: usize,
     ) {
         assert!(
-            w.len() >= n.div_ceil(NR * G) * k * NR * G,
+            w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
         super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
-            let (wg, ldw) = super::panel_slice(w, j0, k, NR, G, 1);
+            let (wg, ldw, lds) = super::panel_slice(w, j0, k, NR, 1);
             let xs = &x[r0 * k..(r0 + mr) * k];
             // SAFETY: the caller guarantees AVX-512F; the kernel checks the slices.
-            unsafe { block_kernel!(kernel, [(1, 3)], mr, np, xs, k, wg, ldw, NR, NR, out) };
+            unsafe { block_kernel!(kernel, [(1, 3)], mr, np, xs, k, wg, ldw, lds, NR, out) };
         });
     }
 
@@ -792,20 +767,21 @@ mod f32_avx512 {
         k: usize,
         w: &[T],
         ldw: usize,
+        lds: usize,
         y: &mut [f32],
         ldy: usize,
     ) {
         // T is f32 (generic only so that `block_kernel!` can infer it).
         assert!(std::mem::size_of::<T>() == 4);
-        assert!(x.len() >= R * k && k >= 1 && w.len() >= (k - 1) * ldw + P * NR);
+        assert!(x.len() >= R * k && k >= 1 && w.len() >= (P - 1) * lds + (k - 1) * ldw + NR);
         assert!(y.len() >= (R - 1) * ldy + P * NR);
         let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
         let wp = w.as_ptr() as *const f32;
         for kk in 0..k {
             let mut b = [[_mm512_setzero_ps(); 4]; P];
             for (p, bp) in b.iter_mut().enumerate() {
-                let at = kk * ldw + p * NR;
-                // SAFETY: w holds (k-1)·ldw + P·64 floats (asserted); kk < k.
+                let at = kk * ldw + p * lds;
+                // SAFETY: w holds block p's k rows (asserted); kk < k.
                 *bp = unsafe {
                     [
                         _mm512_loadu_ps(wp.add(at)),
@@ -841,8 +817,6 @@ mod bf16_avx512 {
     use std::arch::x86_64::*;
     /// Columns per panel: four zmm of bf16 pairs.
     const NR: usize = super::NR_MAX;
-    /// Column blocks per packed panel (192 columns of bf16 pairs).
-    pub const G: usize = 3;
     /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
     const GROUPS: [usize; 4] = [1, 3, 1, 1];
 
@@ -862,7 +836,7 @@ mod bf16_avx512 {
     ) {
         let kp = k.div_ceil(2);
         assert!(
-            w.len() >= n.div_ceil(NR * G) * kp * NR * G * 2,
+            w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
         // x as [m][kp] u32 = (bf16 x[2p], bf16 x[2p+1]).
@@ -879,11 +853,11 @@ mod bf16_avx512 {
             }
         }
         super::panel_driver(m, n, NR, GROUPS, y, threads, |j0, np, r0, mr, out| {
-            let (wg, ldw) = super::panel_slice(w, j0, kp, NR, G, 2);
+            let (wg, ldw, lds) = super::panel_slice(w, j0, kp, NR, 2);
             let xs = &xp[r0 * kp..(r0 + mr) * kp];
             // SAFETY: the caller guarantees AVX512F + AVX512-BF16; the kernel checks the
             // slices.
-            unsafe { block_kernel!(kernel, [(1, 3)], mr, np, xs, kp, wg, ldw, NR * 2, NR, out) };
+            unsafe { block_kernel!(kernel, [(1, 3)], mr, np, xs, kp, wg, ldw, lds, NR, out) };
         });
     }
 
@@ -916,12 +890,15 @@ mod bf16_avx512 {
         kp: usize,
         w: &[T],
         ldw: usize,
+        lds: usize,
         y: &mut [f32],
         ldy: usize,
     ) {
         // T is bf16 (generic only so that `block_kernel!` can infer it).
         assert!(std::mem::size_of::<T>() == 2);
-        assert!(xp.len() >= R * kp && kp >= 1 && w.len() >= (kp - 1) * ldw + P * NR * 2);
+        assert!(
+            xp.len() >= R * kp && kp >= 1 && w.len() >= (P - 1) * lds + (kp - 1) * ldw + NR * 2
+        );
         assert!(y.len() >= (R - 1) * ldy + P * NR);
         let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
         // One zmm = 16 columns × a bf16 pair = 32 elements.
@@ -929,8 +906,8 @@ mod bf16_avx512 {
         for p in 0..kp {
             let mut b = [[_mm512_setzero_si512(); 4]; P];
             for (q, bq) in b.iter_mut().enumerate() {
-                let at = (p * ldw + q * NR * 2) / 32;
-                // SAFETY: w holds (kp-1)·ldw + P·128 elements (asserted); p < kp.
+                let at = (p * ldw + q * lds) / 32;
+                // SAFETY: w holds block q's kp rows (asserted); p < kp.
                 *bq = unsafe {
                     [
                         _mm512_loadu_si512(wp.add(at)),
