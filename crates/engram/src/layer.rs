@@ -524,11 +524,21 @@ impl Engram {
         let total = ids.len();
         self.check_offsets(offsets, states.len(), total)?;
         if total == 0 {
-            return Err(EngramError::invalid(
-                "input_ids",
-                "at least one token in the batch",
-                format!("{} sequences with 0 tokens", states.len()),
-            ));
+            // Every sequence empty: nothing to compute, no state changes.
+            for st in states.iter() {
+                self.check_state(st)?;
+            }
+            if !hidden.is_empty() {
+                return Err(EngramError::Shape {
+                    name: "hidden_states".into(),
+                    expected: vec![0, self.cfg.hc_mult, self.cfg.hidden_size],
+                    found: vec![hidden.len()],
+                });
+            }
+            return Ok(Stages {
+                batch: 1,
+                ..Default::default()
+            });
         }
         self.check_inputs(ids, hidden, 1, total)?;
         for st in states.iter() {
