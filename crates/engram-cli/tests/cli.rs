@@ -231,3 +231,44 @@ fn errors_exit_non_zero_with_one_message() {
         expect_error(&args, needle);
     }
 }
+
+#[test]
+fn bench_reports_limits_and_shares() {
+    let (code, out, err) = engram(&["bench", "--mem-bw", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for key in ["dram_read_gb_s", "llc_read_gb_s"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {out}");
+    }
+    // A decode bench on the small layer: the floor, the step's ratio to it and the share of
+    // the FMA peak are reported and consistent.
+    let cfg = golden("small.config.json");
+    let (code, out, err) = engram(&[
+        "bench",
+        "--config",
+        s(&cfg),
+        "--decode",
+        "--batch",
+        "2",
+        "--tokens",
+        "4",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (step, floor) = (
+        v["step_latency_ms"].as_f64().unwrap(),
+        v["step_floor_ms"].as_f64().unwrap(),
+    );
+    assert!(floor > 0.0 && step > 0.0, "{out}");
+    let ratio = v["step_over_floor"].as_f64().unwrap();
+    assert!(
+        (ratio - step / floor).abs() < 1e-6 * ratio.max(1.0),
+        "{out}"
+    );
+    assert!(v["fma_peak_share"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(v["fma_peak_gflops_before"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(!v["kernel"].as_str().unwrap().is_empty(), "{out}");
+}
