@@ -1,7 +1,7 @@
 //! The subcommands. Library errors carry their own context; here they only gain the
 //! file or flag they came from.
 
-use crate::guard::{tokenizer_files, Files};
+use crate::guard::Files;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use engram::budget::{forward_plan, RunShape};
@@ -156,16 +156,11 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     if a.chunk == Some(0) {
         bail!("--chunk: expected a chunk length >= 1, found 0");
     }
-    let tok_files = tokenizer_files(&cfg.tokenizer_name_or_path);
-    let mut files = Files::new()
-        .input("--config", a.config.as_deref())
+    Files::new()
+        .config(a.config.as_deref(), &cfg.tokenizer_name_or_path)
         .input("--weights", Some(&a.weights))
         .input("--inputs", a.src.inputs.as_deref())
-        .input("--state-in", a.state_in.as_deref());
-    for t in &tok_files {
-        files = files.input("tokenizer", Some(t));
-    }
-    files
+        .input("--state-in", a.state_in.as_deref())
         .output("--out", Some(&a.out))
         .output("--state-out", a.state_out.as_deref())
         .check()?;
@@ -386,14 +381,11 @@ pub struct HashArgs {
 
 pub fn hash(a: HashArgs) -> Result<ExitCode> {
     let cfg = load_config(&a.config)?;
-    let tok_files = tokenizer_files(&cfg.tokenizer_name_or_path);
-    let mut files = Files::new()
-        .input("--config", a.config.as_deref())
-        .input("--inputs", a.src.inputs.as_deref());
-    for t in &tok_files {
-        files = files.input("tokenizer", Some(t));
-    }
-    files.output("--out", Some(&a.out)).check()?;
+    Files::new()
+        .config(a.config.as_deref(), &cfg.tokenizer_name_or_path)
+        .input("--inputs", a.src.inputs.as_deref())
+        .output("--out", Some(&a.out))
+        .check()?;
     check_id_source(&a.src)?;
     let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
     let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
@@ -503,12 +495,10 @@ pub struct CompressionArgs {
 
 pub fn compression(a: CompressionArgs) -> Result<ExitCode> {
     let cfg = load_config(&a.config)?;
-    let tok_files = tokenizer_files(&cfg.tokenizer_name_or_path);
-    let mut files = Files::new().input("--config", a.config.as_deref());
-    for t in &tok_files {
-        files = files.input("tokenizer", Some(t));
-    }
-    files.output("--out", a.out.as_deref()).check()?;
+    Files::new()
+        .config(a.config.as_deref(), &cfg.tokenizer_name_or_path)
+        .output("--out", a.out.as_deref())
+        .check()?;
     let t0 = Instant::now();
     let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
     let t_load = t0.elapsed();

@@ -108,12 +108,10 @@ pub fn init(a: InitArgs) -> Result<ExitCode> {
         None => EngramConfig::default(),
     };
     let dtype: DType = a.dtype.parse()?;
-    let tok_files = crate::guard::tokenizer_files(&cfg.tokenizer_name_or_path);
-    let mut files = crate::guard::Files::new().input("--config", a.config.as_deref());
-    for t in &tok_files {
-        files = files.input("tokenizer", Some(t));
-    }
-    files.output("--out", Some(&a.out)).check()?;
+    crate::guard::Files::new()
+        .config(a.config.as_deref(), &cfg.tokenizer_name_or_path)
+        .output("--out", Some(&a.out))
+        .check()?;
     let m = NgramHashMapping::new(&cfg, compression_for(&cfg)?)?;
     // The table is built in RAM, then streamed to the file: check both before starting.
     let rows = m.layer(cfg.layer_id)?.table_rows();

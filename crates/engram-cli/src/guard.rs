@@ -39,28 +39,38 @@ fn file_id(p: &Path) -> FileId {
 
 /// The files of one command: (flag, path) of every input and output.
 #[derive(Default)]
-pub struct Files<'a> {
-    inputs: Vec<(&'a str, &'a Path)>,
-    outputs: Vec<(&'a str, &'a Path)>,
+pub struct Files {
+    inputs: Vec<(String, PathBuf)>,
+    outputs: Vec<(String, PathBuf)>,
 }
 
-impl<'a> Files<'a> {
+impl Files {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// An input file (skipped when `None`).
-    pub fn input(mut self, flag: &'a str, p: Option<&'a Path>) -> Self {
+    pub fn input(mut self, flag: &str, p: Option<&Path>) -> Self {
         if let Some(p) = p {
-            self.inputs.push((flag, p));
+            self.inputs.push((flag.to_string(), p.to_path_buf()));
+        }
+        self
+    }
+
+    /// The config file (when given) and the tokenizer files its `tokenizer_name_or_path`
+    /// names, as inputs.
+    pub fn config(mut self, path: Option<&Path>, tokenizer_name_or_path: &str) -> Self {
+        self = self.input("--config", path);
+        for t in tokenizer_files(tokenizer_name_or_path) {
+            self.inputs.push(("tokenizer".to_string(), t));
         }
         self
     }
 
     /// An output file (skipped when `None`).
-    pub fn output(mut self, flag: &'a str, p: Option<&'a Path>) -> Self {
+    pub fn output(mut self, flag: &str, p: Option<&Path>) -> Self {
         if let Some(p) = p {
-            self.outputs.push((flag, p));
+            self.outputs.push((flag.to_string(), p.to_path_buf()));
         }
         self
     }
@@ -111,7 +121,7 @@ impl<'a> Files<'a> {
 }
 
 /// The input files a config names besides itself: a tokenizer file or folder given by path.
-pub fn tokenizer_files(name_or_path: &str) -> Vec<PathBuf> {
+fn tokenizer_files(name_or_path: &str) -> Vec<PathBuf> {
     let p = Path::new(name_or_path);
     if p.is_file() {
         vec![p.to_path_buf()]
