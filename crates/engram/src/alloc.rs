@@ -1,13 +1,20 @@
 //! Large zeroed buffers that fail with an error instead of aborting, backed by transparent
-//! huge pages where the OS offers them.
+//! huge pages where the OS offers them and they pay.
 
 use crate::error::{EngramError, Result};
 
 /// A zeroed `Vec<T>` of `n` elements, or an error naming `what` when the allocation fails
 /// (where `vec![0; n]` would abort the process). The memory comes from `alloc_zeroed`, so
-/// the OS hands out zero pages lazily, and on Linux ranges of 8 MiB and more are advised
-/// for transparent huge pages (512× fewer page faults on first touch).
-pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<T>> {
+/// the OS hands out zero pages lazily. With `huge_pages`, on Linux, ranges of 8 MiB and more
+/// are advised for transparent huge pages (512× fewer page faults on first touch): right for
+/// a table filled once, wrong for a per-call output, where the kernel's synchronous
+/// compaction for huge pages (`defrag=madvise`, the common default) stalled the first
+/// writes and cost about 30% of prefill throughput in `engram bench` on our VM.
+pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(
+    n: usize,
+    what: &str,
+    huge_pages: bool,
+) -> Result<Vec<T>> {
     if n == 0 || std::mem::size_of::<T>() == 0 {
         return Ok(Vec::new());
     }
@@ -26,7 +33,11 @@ pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<
         return Err(failed(crate::budget::human(layout.size() as u64)));
     }
     #[cfg(target_os = "linux")]
-    advise_huge(ptr as usize, layout.size());
+    if huge_pages {
+        advise_huge(ptr as usize, layout.size());
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = huge_pages;
     // SAFETY: `ptr` was allocated by the global allocator with `Layout::array::<T>(n)`, the
     // layout `Vec<T>` uses for capacity n; all n elements are zero bytes, a valid `T`
     // (`Zeroable`).
@@ -34,13 +45,13 @@ pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<
 }
 
 /// A zeroed `Vec<f32>` of `n` elements ([`try_zeroed`]).
-pub(crate) fn zeroed_f32(n: usize, what: &str) -> Result<Vec<f32>> {
-    try_zeroed(n, what)
+pub(crate) fn zeroed_f32(n: usize, what: &str, huge_pages: bool) -> Result<Vec<f32>> {
+    try_zeroed(n, what, huge_pages)
 }
 
 /// A zeroed `Vec<u16>` (bf16 storage) of `n` elements ([`try_zeroed`]).
-pub(crate) fn zeroed_u16(n: usize, what: &str) -> Result<Vec<u16>> {
-    try_zeroed(n, what)
+pub(crate) fn zeroed_u16(n: usize, what: &str, huge_pages: bool) -> Result<Vec<u16>> {
+    try_zeroed(n, what, huge_pages)
 }
 
 #[cfg(target_os = "linux")]
@@ -64,10 +75,12 @@ fn advise_huge(addr: usize, len: usize) {
 mod tests {
     #[test]
     fn zeroed_buffers_and_refused_allocations() {
-        let v = super::zeroed_f32(1 << 20, "test").unwrap();
-        assert!(v.len() == 1 << 20 && v.iter().all(|&x| x == 0.0));
-        let e = super::zeroed_u16(usize::MAX / 2, "a huge table").unwrap_err();
+        for huge in [false, true] {
+            let v = super::zeroed_f32(3 << 20, "test", huge).unwrap();
+            assert!(v.len() == 3 << 20 && v.iter().all(|&x| x == 0.0));
+        }
+        let e = super::zeroed_u16(usize::MAX / 2, "a huge table", true).unwrap_err();
         assert!(e.to_string().contains("a huge table"), "{e}");
-        assert!(super::zeroed_f32(0, "none").unwrap().is_empty());
+        assert!(super::zeroed_f32(0, "none", false).unwrap().is_empty());
     }
 }

@@ -61,12 +61,12 @@ pub fn torch_default_weights_as(
     let n = rows * cfg.head_dim();
     let table = match table_dtype {
         DType::F32 => {
-            let mut table = crate::alloc::zeroed_f32(n, "the embedding table")?;
+            let mut table = crate::alloc::zeroed_f32(n, "the embedding table", true)?;
             g.normal_f32_with_progress(&mut table, 0.0, 1.0, progress);
             EmbeddingTable::from_f32(table, rows, cfg.head_dim())?
         }
         DType::Bf16 => {
-            let mut table = crate::alloc::zeroed_u16(n, "the embedding table")?;
+            let mut table = crate::alloc::zeroed_u16(n, "the embedding table", true)?;
             g.normal_f32_chunked(n, 0.0, 1.0, &mut |off, v| {
                 for (o, x) in table[off..off + v.len()].iter_mut().zip(v) {
                     *o = half::bf16::from_f32(*x).to_bits();

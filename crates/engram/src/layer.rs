@@ -587,7 +587,7 @@ impl Engram {
                 let (h, hc) = (self.cfg.num_heads(), self.cfg.hc_mult);
                 let mut hash_ids = vec![0i64; total * h];
                 let mut gates = vec![0.0f32; total * hc];
-                let mut output = crate::alloc::zeroed_f32(total * c, "the output")?;
+                let mut output = crate::alloc::zeroed_f32(total * c, "the output", false)?;
                 let mut gated = if keep {
                     vec![0.0f32; total * c]
                 } else {

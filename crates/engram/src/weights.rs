@@ -109,7 +109,7 @@ impl EmbeddingTable {
     /// A bf16 copy (round to nearest even), for the bf16 path.
     pub fn to_bf16(&self) -> Result<EmbeddingTable> {
         let mut v: Vec<bf16> =
-            crate::alloc::try_zeroed(self.rows * self.dim, "a bf16 copy of the table")?;
+            crate::alloc::try_zeroed(self.rows * self.dim, "a bf16 copy of the table", true)?;
         let mut row = vec![0.0; self.dim];
         for r in 0..self.rows {
             self.row_into(r, &mut row);
