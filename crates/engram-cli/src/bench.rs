@@ -52,6 +52,15 @@ pub struct BenchArgs {
     /// threads (the yardstick of a decode step, which streams every projection weight).
     #[arg(long)]
     mem_bw: bool,
+    /// cpu or cuda. On cuda the inputs are device-resident, times are CUDA-event medians,
+    /// decode steps replay a CUDA graph, and the copy bandwidth and the projection GEMM alone
+    /// are measured in the same process.
+    #[arg(long, default_value = "cpu")]
+    device: crate::cuda::Device,
+    /// With --device cuda: every configuration of the GPU check in one process (prefill
+    /// L = 4096 and 32768; decode B = 1, 64, 256), one JSON line each with --json.
+    #[arg(long)]
+    suite: bool,
 }
 
 /// Read bandwidth of this machine, measured in this process.
@@ -250,6 +259,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     };
     let dtype: DType = a.dtype.parse()?;
     let path: ForwardPath = a.path.parse()?;
+    if a.device == crate::cuda::Device::Cuda {
+        crate::cuda::open()?; // one line, before building weights, where there is no GPU
+    }
     let m = Arc::new(NgramHashMapping::new(&cfg, compression_for(&cfg)?)?);
     let tokens = (a.tokens as u64).saturating_mul(a.batch as u64);
     let rows = m.layer(cfg.layer_id)?.table_rows();
@@ -285,6 +297,49 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
     };
     let e = e.with_dtype(dtype);
+    if a.device == crate::cuda::Device::Cuda {
+        use crate::cuda::Shape;
+        let shapes = if a.suite {
+            vec![
+                Shape {
+                    decode: false,
+                    batch: 1,
+                    tokens: 4096,
+                },
+                Shape {
+                    decode: false,
+                    batch: 1,
+                    tokens: 32768,
+                },
+                Shape {
+                    decode: true,
+                    batch: 1,
+                    tokens: 200,
+                },
+                Shape {
+                    decode: true,
+                    batch: 64,
+                    tokens: 100,
+                },
+                Shape {
+                    decode: true,
+                    batch: 256,
+                    tokens: 50,
+                },
+            ]
+        } else {
+            vec![Shape {
+                decode: a.decode,
+                batch: a.batch,
+                tokens: a.tokens,
+            }]
+        };
+        crate::cuda::bench(&e, dtype, &shapes, a.runs, a.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.suite {
+        bail!("--suite: only with --device cuda");
+    }
     e.fused_weights()?;
     let (b, l) = (a.batch, a.tokens);
     let (hc, d) = (cfg.hc_mult, cfg.hidden_size);

@@ -147,6 +147,9 @@ pub struct ForwardArgs {
     /// Keep `gated_value` and `short_conv` on the fused path too.
     #[arg(long)]
     all_stages: bool,
+    /// cpu or cuda (the GPU: NVRTC kernels + cuBLAS; `[B, L]` inputs, not ragged ones).
+    #[arg(long, default_value = "cpu")]
+    device: crate::cuda::Device,
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
@@ -155,6 +158,9 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     let dtype: DType = a.dtype.parse()?;
     if a.chunk == Some(0) {
         bail!("--chunk: expected a chunk length >= 1, found 0");
+    }
+    if a.device == crate::cuda::Device::Cuda {
+        crate::cuda::open()?;
     }
     Files::new()
         .config(a.config.as_deref(), &cfg.tokenizer_name_or_path)
@@ -273,6 +279,21 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     };
     let t0 = Instant::now();
     let mut s = match a.chunk {
+        _ if a.device == crate::cuda::Device::Cuda => {
+            let Some(shape) = batch_shape else {
+                bail!("--device cuda: ragged inputs (with `offsets`) are not supported; give [B, L] inputs");
+            };
+            crate::cuda::forward(
+                &e,
+                dtype,
+                &mut states,
+                &ids,
+                &hidden,
+                shape,
+                a.chunk,
+                a.all_stages || path == ForwardPath::Reference,
+            )?
+        }
         None if a.all_stages && a.state_in.is_none() && batch_shape.is_some() => {
             let (b, l) = batch_shape.unwrap_or((1, ids.len()));
             e.forward_detailed(&ids, &hidden, b, l, path)?

@@ -164,6 +164,10 @@ pub struct DemoArgs {
     /// Config JSON; the default config when omitted.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// cpu: the fused CPU path against the reference; cuda: the GPU (NVRTC kernels +
+    /// cuBLAS) against the reference, stage by stage.
+    #[arg(long, default_value = "cpu")]
+    device: crate::cuda::Device,
 }
 
 fn first(v: &[f32], n: usize) -> String {
@@ -193,6 +197,11 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     cfg.validate()?;
     let dtype: DType = a.dtype.parse()?;
     let tol: f32 = if dtype == DType::Bf16 { 0.03 } else { 1e-4 };
+    let cuda = a.device == crate::cuda::Device::Cuda;
+    if cuda {
+        // Fail now, before minutes of work, where there is no GPU.
+        crate::cuda::open()?;
+    }
     let mut times: Vec<(&str, f64)> = Vec::new();
     let rule = "=".repeat(72);
     println!(
@@ -263,6 +272,9 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
     let r = e.forward(&ids, &hidden, 1, l, ForwardPath::Reference)?;
     times.push(("reference forward", t0.elapsed().as_secs_f64()));
+    if cuda {
+        return crate::cuda::demo_compare(&e, &cfg, dtype, &ids, &hidden, &r);
+    }
     e.fused_weights()?; // pack outside the timed run
     let t0 = Instant::now();
     let f = e.forward_detailed(&ids, &hidden, 1, l, ForwardPath::Fused)?;

@@ -2,13 +2,14 @@
 
 mod bench;
 mod commands;
+mod cuda;
 mod demo;
 mod guard;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-/// Exact, fast CPU implementation of DeepSeek's Engram layer.
+/// Exact, fast implementation of DeepSeek's Engram layer (CPU; CUDA with --device cuda).
 #[derive(Parser)]
 #[command(
     name = "engram",
@@ -44,6 +45,9 @@ enum Command {
     Weights(commands::WeightsArgs),
     /// Compare the tensors two safetensors files share: max and mean absolute error.
     Compare(commands::CompareArgs),
+    /// Compile every CUDA kernel with NVRTC (no GPU needed): one line per kernel with its
+    /// registers, stack and spills.
+    CudaKernels(cuda::KernelArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Command::Compression(a) => commands::compression(a),
         Command::Weights(a) => commands::weights(a),
         Command::Compare(a) => commands::compare(a),
+        Command::CudaKernels(a) => cuda::kernels(a),
     };
     match result {
         Ok(code) => code,

@@ -151,7 +151,8 @@ impl EngramError {
         }
     }
 
-    pub(crate) fn invalid(
+    /// An [`EngramError::Invalid`]: `name` was expected to be `expected`, found `found`.
+    pub fn invalid(
         name: impl Into<String>,
         expected: impl Into<String>,
         found: impl std::fmt::Display,
