@@ -90,11 +90,33 @@ python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, os, sys
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(os.path.join(out, "ours.jsonl")) if l.strip().startswith("{")]
+try:
+    peer = json.load(open(os.path.join(out, "peer.json")))
+except Exception as e:  # the peer may have failed; ours still prints
+    peer = {"prefill": [], "decode": []}
+def peer_prefill(dtype, L, mode):
+    for r in peer.get("prefill", []):
+        if r.get("dtype") == dtype and r.get("tokens") == L and r.get("mode") == mode and "tokens_per_s" in r:
+            return r["tokens_per_s"]
+def peer_decode(dtype, B):
+    best = None
+    for r in peer.get("decode", []):
+        if r.get("dtype") == dtype and r.get("batch") == B and "median_us_per_step" in r:
+            if best is None or r["median_us_per_step"] < best[0]:
+                best = (r["median_us_per_step"], r.get("mode"))
+    return best
 for r in rows:
     if r["mode"] == "prefill":
-        print(f"ours prefill {r['dtype']:>4} L={r['tokens']:>6}: {r['tokens_per_s']/1e6:7.2f} M tok/s  {r['median_ms']:.3f} ms  gemm {r['gemm_ms']:.3f} ms ({r['gemm_tflops']:.0f} TF)  {r['over_floor']:.2f}x floor")
+        pc = peer_prefill(r["dtype"], r["tokens"], "compile")
+        vs = f"  vs torch.compile {r['tokens_per_s']/pc:.2f}x" if pc else ""
+        print(f"ours prefill {r['dtype']:>4} L={r['tokens']:>6}: {r['tokens_per_s']/1e6:7.2f} M tok/s ({r['median_ms']:.3f} ms){vs}; "
+              f"conv_rows {r.get('conv_rows_tokens_per_s', 0)/1e6:.2f} M tok/s (diff {r.get('conv_rows_vs_strided_max_abs')}); "
+              f"gemm {r['gemm_ms']:.3f} ms ({r['gemm_tflops']:.0f} TF); stages {r.get('stage_ms')}")
     else:
-        print(f"ours decode  {r['dtype']:>4} B={r['batch']:>4}: step {r['step_us_graph']:7.1f} us graph, {r['step_us_launches']:7.1f} us launches  {r['tokens_per_s']/1e6:.3f} M tok/s")
+        pd = peer_decode(r["dtype"], r["batch"])
+        vs = f"  (best torch {pd[0]:.1f} us, {pd[1]})" if pd else ""
+        print(f"ours decode  {r['dtype']:>4} B={r['batch']:>4}: step {r['step_us_graph']:7.1f} us graph, "
+              f"{r.get('step_us_graph_conv_rows', 0):.1f} us conv_rows graph, {r['step_us_launches']:.1f} us launches{vs}; stages {r.get('stage_us')}")
 PY
 for f in golden.log; do grep -E "test result" "$OUT/$f"; done
 echo "total $(( $(date +%s) - t_start ))s"

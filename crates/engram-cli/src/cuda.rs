@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use engram::{DType, Engram, EngramConfig, EngramState, Stages};
-use engram_cuda::{median, CudaEngram, Gpu};
+use engram_cuda::{median, ConvKernel, CudaEngram, Gpu};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -190,7 +190,6 @@ pub fn demo_compare(
             rows.push((name, got, want));
         }
     }
-    rows.push(("gates", &s.gates, &reference.gates));
     for (name, got, want) in rows {
         let err = max_abs(got, want);
         worst = if err > worst || err.is_nan() {
@@ -230,7 +229,7 @@ pub struct Shape {
 /// floors measured in the same process (copy bandwidth; the projection GEMM alone).
 pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool) -> Result<()> {
     let gpu = open()?;
-    let cuda = CudaEngram::new(gpu.clone(), e, dtype)?;
+    let mut cuda = CudaEngram::new(gpu.clone(), e, dtype)?;
     let cfg = e.config();
     let (hc, d, h, rd) = (
         cfg.hc_mult,
@@ -265,6 +264,30 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
             })?;
             let step_ms = median(&replays) / l as f64;
             let plain_ms = median(&launches) / l as f64;
+            drop(graph);
+            // Where a step's time goes (plain launches, events between the stages).
+            let mut per_stage: Vec<[f64; 5]> = Vec::new();
+            for _ in 0..runs.min(20) {
+                per_stage.push(cuda.enqueue_profiled(&mut ws, &mut st)?);
+            }
+            let stage_us: Vec<f64> = (0..5)
+                .map(|k| 1e3 * median(&per_stage.iter().map(|r| r[k]).collect::<Vec<_>>()))
+                .collect();
+            // The same step with the coalesced conv kernel, replayed from its own graph.
+            cuda.set_conv_kernel(ConvKernel::Rows);
+            let graph = cuda.capture(&mut ws, &mut st)?;
+            let rows = cuda.time_ms(3, runs, || {
+                for _ in 0..l {
+                    graph.launch().map_err(|e| engram_cuda::CudaError::Driver {
+                        what: "graph launch",
+                        detail: format!("{e:?}"),
+                    })?;
+                }
+                Ok(())
+            })?;
+            drop(graph);
+            cuda.set_conv_kernel(ConvKernel::Strided);
+            let rows_step_ms = median(&rows) / l as f64;
             // Floor: every projection weight read once from HBM, plus the step's rows.
             let bytes = cuda.weight_bytes() + b * (8 + 2 * hc * d * elem + h * rd * elem);
             let floor_ms = bytes as f64 / bw * 1e3;
@@ -275,6 +298,9 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
                 "tokens_per_s": b as f64 / (step_ms * 1e-3),
                 "floor_us": floor_ms * 1e3, "step_over_floor": step_ms / floor_ms,
                 "copy_bandwidth_gb_s": bw / 1e9, "weight_bytes": cuda.weight_bytes(),
+                "stage_us": {"hash_gather": stage_us[0], "projection": stage_us[1], "gate": stage_us[2],
+                             "conv_out": stage_us[3], "advance_state": stage_us[4]},
+                "step_us_graph_conv_rows": rows_step_ms * 1e3,
             })
         } else {
             let mut ws = cuda.workspace(b, l, false)?;
@@ -292,6 +318,17 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
             let stage_ms: Vec<f64> = (0..5)
                 .map(|k| median(&per_stage.iter().map(|r| r[k]).collect::<Vec<_>>()))
                 .collect();
+            // The coalesced conv kernel (not yet the default): same run, its time and how far
+            // its output is from the default's (0 when bit-identical, as designed).
+            cuda.set_conv_kernel(ConvKernel::Rows);
+            let mut st3 = cuda.new_state(b)?;
+            let rows_ms = cuda.time_ms(2, runs, || cuda.enqueue(&mut ws, &mut st3))?;
+            let rows_err = max_abs(&cuda.read_output(&ws)?, &plain_out);
+            let mut rows_stage: Vec<f64> = Vec::new();
+            for _ in 0..runs.min(10) {
+                rows_stage.push(cuda.enqueue_profiled(&mut ws, &mut st3)?[3]);
+            }
+            cuda.set_conv_kernel(ConvKernel::Strided);
             // The GEMM of one piece overlapping the gates + conv of the previous one.
             let chunks = 4;
             let mut st2 = cuda.new_state(b)?;
@@ -320,6 +357,10 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
                 "pipelined_chunks": chunks, "pipelined_ms": median(&piped),
                 "pipelined_tokens_per_s": t as f64 / (median(&piped) * 1e-3),
                 "pipelined_vs_plain_max_abs": piped_err,
+                "conv_rows_ms": median(&rows_ms),
+                "conv_rows_tokens_per_s": t as f64 / (median(&rows_ms) * 1e-3),
+                "conv_rows_stage_ms": median(&rows_stage),
+                "conv_rows_vs_strided_max_abs": rows_err,
             })
         };
         if json {

@@ -272,3 +272,61 @@ fn bench_reports_limits_and_shares() {
     assert!(v["fma_peak_gflops_before"].as_f64().unwrap() > 0.0, "{out}");
     assert!(!v["kernel"].as_str().unwrap().is_empty(), "{out}");
 }
+
+/// Without a GPU, every `--device cuda` command fails at once with one line that says why;
+/// a bad device name is one line too.
+#[test]
+fn device_cuda_without_a_gpu_is_one_error_line() {
+    if engram_cuda::probe().is_ok() {
+        eprintln!("skipped: this machine has a GPU (the golden_cuda suite covers it)");
+        return;
+    }
+    for args in [
+        &["demo", "--device", "cuda"][..],
+        &["bench", "--device", "cuda", "--tokens", "8", "--runs", "1"],
+        &["bench", "--device", "cuda", "--suite"],
+    ] {
+        expect_error(args, "--device cuda: CUDA library");
+    }
+    // A bad value is clap's usage error (its first line names the flag and the choices).
+    let (code, _, err) = engram(&["demo", "--device", "tpu"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.lines()
+            .next()
+            .unwrap_or("")
+            .contains("expected cpu or cuda"),
+        "{err}"
+    );
+    expect_error(
+        &["bench", "--suite", "--tokens", "8"],
+        "--suite: only with --device cuda",
+    );
+}
+
+/// `engram cuda-kernels` compiles every kernel with NVRTC (CI puts it on the library path)
+/// and prints one line per kernel; without NVRTC it says which library is missing.
+#[test]
+fn cuda_kernels_lists_every_kernel_or_names_the_missing_library() {
+    let (code, out, err) = engram(&["cuda-kernels", "--arch", "sm_90"]);
+    if engram_cuda::kernels::nvrtc_present() {
+        assert_eq!(code, 0, "{err}");
+        for k in engram_cuda::kernels::KERNELS {
+            let line = out
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(*k))
+                .unwrap_or_else(|| panic!("no line for {k}: {out}"));
+            assert!(
+                line.contains("registers") && line.contains("0 B spills"),
+                "{line}"
+            );
+        }
+        expect_error(
+            &["cuda-kernels", "--arch", "sm_9x!"],
+            "expected an architecture like sm_90",
+        );
+    } else {
+        assert_ne!(code, 0);
+        assert!(err.contains("libnvrtc"), "{err}");
+    }
+}

@@ -289,6 +289,66 @@ __device__ void conv_out(const act_t* __restrict__ kv, const float* __restrict__
     }
 }
 
+// `conv_out` laid out for coalescing (measured on the H200, 2026-11-28, `conv_out` took 77% of
+// a bf16 prefill: each thread read its 8 channels' taps as 32 scalar loads 4·KC bytes apart).
+// One block per token row g = row0 + blockIdx.x, threads over 8-channel pieces; the conv
+// weight comes tap-major (`conv_wt` [KC][HC·D], so a warp's tap load is 1 KB contiguous);
+// the bias and conv norm weight are loaded once per piece. Same arithmetic in the same order
+// as `conv_out`: the outputs are meant to be bit-identical.
+template <typename act_t>
+__device__ void conv_rows(const act_t* __restrict__ kv, const float* __restrict__ bias,
+                          const float* __restrict__ gates, const float* __restrict__ cscale,
+                          const float* __restrict__ cnorm, const float* __restrict__ conv_wt,
+                          const float* __restrict__ conv_ring, const i64* __restrict__ pos,
+                          act_t* __restrict__ out, float* __restrict__ gated_out,
+                          float* __restrict__ conv_out_f, i64 row0, int L, int HC, int D, int KC,
+                          int N) {
+    const int C = HC * D;
+    const i64 W = (i64)(HC + 1) * D;
+    const i64 g = row0 + blockIdx.x;
+    const int b = (int)(g / L);
+    const int t = (int)(g - (i64)b * L);
+    const int R = (KC - 1) * N;
+    for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
+        const int i = c / D, j = c - i * D;
+        float b8[8], w8[8], y[8];
+        load8(bias + j, b8);
+        load8(cnorm + c, w8);  // conv norm weights [HC][D]: branch i, channel j
+#pragma unroll
+        for (int e = 0; e < 8; ++e) y[e] = 0.f;
+        for (int k = 0; k < KC; ++k) {
+            const int tt = t - (KC - 1 - k) * N;
+            float n8[8], cw[8];
+            load8(conv_wt + (i64)k * C + c, cw);
+            if (tt >= 0) {
+                const i64 gg = g - (t - tt);
+                float v8[8];
+                load8(kv + gg * W + j, v8);
+                const float gt = gates[gg * HC + i], cs = cscale[gg * HC + i];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) n8[e] = gt * (v8[e] + b8[e]) * cs * w8[e];
+            } else {
+                const i64 slot = floor_mod(pos[b] + tt, R);
+                load8(conv_ring + ((i64)b * R + slot) * C + c, n8);
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) y[e] += cw[e] * n8[e];
+        }
+        float v8[8], o[8], gv[8], sc[8];
+        load8(kv + g * W + j, v8);
+        const float gt = gates[g * HC + i];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            gv[e] = gt * (v8[e] + b8[e]);
+            sc[e] = y[e] / (1.0f + expf(-y[e]));  // SiLU
+            o[e] = gv[e] + sc[e];
+        }
+        store8(out + g * C + c, o);
+        if (gated_out) store8(gated_out + g * C + c, gv);
+        if (conv_out_f) store8(conv_out_f + g * C + c, sc);
+    }
+}
+
 // One block per sequence: the rows of the chunk's last min(L, R) tokens go into the conv
 // ring, its last min(L, N-1) canonical ids into the n-gram ring, then pos[b] += L. Runs
 // after every kernel that reads the rings.
@@ -358,6 +418,18 @@ GATE(gate_bf16, bf16_t)
     }
 CONV_OUT(conv_out_f32, float)
 CONV_OUT(conv_out_bf16, bf16_t)
+
+#define CONV_ROWS(name, act_t)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) name(                                 \
+        const act_t* kv, const float* bias, const float* gates, const float* cscale,        \
+        const float* cnorm, const float* conv_wt, const float* conv_ring, const i64* pos,   \
+        act_t* out, float* gated_out, float* conv_out_f, i64 row0, int L, int HC, int D,    \
+        int KC, int N) {                                                                    \
+        conv_rows<act_t>(kv, bias, gates, cscale, cnorm, conv_wt, conv_ring, pos, out,      \
+                         gated_out, conv_out_f, row0, L, HC, D, KC, N);                     \
+    }
+CONV_ROWS(conv_rows_f32, float)
+CONV_ROWS(conv_rows_bf16, bf16_t)
 
 #define ADVANCE(name, act_t)                                                                \
     extern "C" __global__ void __launch_bounds__(256) name(                                 \

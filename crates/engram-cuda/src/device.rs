@@ -76,6 +76,7 @@ pub(crate) struct Kernels {
     pub hash_gather: CudaFunction,
     pub gate: CudaFunction,
     pub conv_out: CudaFunction,
+    pub conv_rows: CudaFunction,
     pub advance_state: CudaFunction,
 }
 
@@ -132,6 +133,7 @@ impl Gpu {
                 hash_gather: load(&format!("hash_gather_{t}"))?,
                 gate: load(&format!("gate_{t}"))?,
                 conv_out: load(&format!("conv_out_{t}"))?,
+                conv_rows: load(&format!("conv_rows_{t}"))?,
                 advance_state: load(&format!("advance_state_{t}"))?,
             })
         };

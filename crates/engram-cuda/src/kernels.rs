@@ -16,6 +16,8 @@ pub const KERNELS: &[&str] = &[
     "gate_bf16",
     "conv_out_f32",
     "conv_out_bf16",
+    "conv_rows_f32",
+    "conv_rows_bf16",
     "advance_state_f32",
     "advance_state_bf16",
 ];

@@ -16,6 +16,19 @@ use std::sync::Arc;
 /// Tokens per block of `hash_gather` (the `HASH_TOKENS` of the kernel source).
 const HASH_TOKENS: usize = 4;
 
+/// Which conv + output kernel a call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvKernel {
+    /// `conv_out`: one thread per 8 channels over all rows (checked against the golden
+    /// files on an H200; slow: its conv-weight loads are strided).
+    #[default]
+    Strided,
+    /// `conv_rows`: one block per row, tap-major conv weights (coalesced); the same
+    /// arithmetic, meant to be bit-identical to `Strided`. Not yet run on a GPU: the next
+    /// device check measures it and compares it with `Strided`.
+    Rows,
+}
+
 /// One Engram layer's weights on the GPU.
 pub struct CudaEngram {
     gpu: Arc<Gpu>,
@@ -47,6 +60,9 @@ pub struct CudaEngram {
     conv_norm: CudaSlice<f32>,
     /// `short_conv.conv.weight` `[HC·D, KC]`.
     conv_w: CudaSlice<f32>,
+    /// The same, tap-major `[KC, HC·D]` (for `conv_rows`).
+    conv_wt: CudaSlice<f32>,
+    conv_kernel: ConvKernel,
     err: CudaSlice<i32>,
 }
 
@@ -219,6 +235,14 @@ impl CudaEngram {
         let norm2 = up_f32(&wts.norm2.concat(), "norm2")?;
         let conv_norm = up_f32(&wts.conv_norms.concat(), "short_conv.norms")?;
         let conv_w = up_f32(&wts.conv_weight, "short_conv.conv.weight")?;
+        let c = hc * d;
+        let mut wt = vec![0f32; kc * c];
+        for (ch, taps) in wts.conv_weight.chunks_exact(kc).enumerate() {
+            for (k, &x) in taps.iter().enumerate() {
+                wt[k * c + ch] = x;
+            }
+        }
+        let conv_wt = up_f32(&wt, "short_conv.conv.weight (tap-major)")?;
 
         // The table, in slabs of rows converted on the host (never a second full copy).
         let rows = wts.table.rows();
@@ -270,9 +294,27 @@ impl CudaEngram {
             norm2,
             conv_norm,
             conv_w,
+            conv_wt,
+            conv_kernel: ConvKernel::default(),
             err,
             gpu,
         })
+    }
+
+    /// Uses `k` for the conv + output stage.
+    pub fn with_conv_kernel(mut self, k: ConvKernel) -> Self {
+        self.conv_kernel = k;
+        self
+    }
+
+    /// Switches the conv + output kernel in place.
+    pub fn set_conv_kernel(&mut self, k: ConvKernel) {
+        self.conv_kernel = k;
+    }
+
+    /// The conv + output kernel in use.
+    pub fn conv_kernel(&self) -> ConvKernel {
+        self.conv_kernel
     }
 
     /// The GPU.
@@ -693,6 +735,32 @@ impl CudaEngram {
             ptr(&self.conv_norm, g),
             ptr(&self.conv_w, g),
         );
+        if self.conv_kernel == ConvKernel::Rows {
+            let conv_wt = ptr(&self.conv_wt, g);
+            let cfg = LaunchConfig {
+                grid_dim: ((r1 - r0) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let row0 = r0 as i64;
+            let mut l = st.launch_builder(&self.kernels().conv_rows);
+            l.arg(&a.kv)
+                .arg(&bias)
+                .arg(&a.gates)
+                .arg(&a.cscale)
+                .arg(&cnorm)
+                .arg(&conv_wt);
+            l.arg(&a.conv_ring)
+                .arg(&a.pos)
+                .arg(&a.out)
+                .arg(&a.gated)
+                .arg(&a.short_conv);
+            l.arg(&row0).arg(&a.l).arg(&hc).arg(&d).arg(&kc).arg(&n);
+            // SAFETY: the arguments match `conv_rows_*`'s parameters in type and order; rows
+            // r0..r1 lie within the workspace; `conv_wt` is [KC, HC·D].
+            unsafe { l.launch(cfg) }.map_err(drv("conv_rows"))?;
+            return Ok(());
+        }
         let pieces = (r1 - r0) * self.hc * self.d / 8;
         let cfg = LaunchConfig {
             grid_dim: (pieces.div_ceil(256).min(1 << 20) as u32, 1, 1),

@@ -30,4 +30,4 @@ pub mod layer;
 
 pub use device::{probe, DeviceInfo, Gpu};
 pub use error::{CudaError, Result};
-pub use layer::{median, CudaEngram, DeviceState, Workspace};
+pub use layer::{median, ConvKernel, CudaEngram, DeviceState, Workspace};

@@ -8,7 +8,7 @@
 
 use engram::tensors::TensorFile;
 use engram::{CompressedTokenizer, DType, Engram, EngramConfig, ForwardPath, NgramHashMapping};
-use engram_cuda::{CudaEngram, CudaError, Gpu};
+use engram_cuda::{ConvKernel, CudaEngram, CudaError, Gpu};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -97,18 +97,21 @@ fn check(tag: &str, name: &str, got: &[f32], want: &[f32], tol: f32) {
 
 const CASES: [&str; 4] = ["seed_text", "multilingual", "batch2", "long"];
 
+const CONV_KERNELS: [ConvKernel; 2] = [ConvKernel::Strided, ConvKernel::Rows];
+
 fn small_stages(dtype: DType, tol: f32) {
     let Some((g, _l)) = gpu() else { return };
     let f = open("small.stages.safetensors");
     let e = small_engram();
     let cfg = e.config().clone();
-    let cuda = CudaEngram::new(g, &e, dtype).unwrap();
-    for case in CASES {
+    let mut cuda = CudaEngram::new(g, &e, dtype).unwrap();
+    for (case, conv) in CASES.iter().flat_map(|c| CONV_KERNELS.map(|k| (*c, k))) {
+        cuda.set_conv_kernel(conv);
         let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
         let (b, l) = (ids.shape[0], ids.shape[1]);
         let hidden = f.f32(&format!("{case}.hidden_states"), None).unwrap().data;
         let s = cuda.forward(&ids.data, &hidden, b, l, true).unwrap();
-        let tag = format!("cuda {dtype:?} small/{case}");
+        let tag = format!("cuda {dtype:?} {conv:?} small/{case}");
         assert_eq!(
             s.hash_ids,
             f.i64(&format!("{case}.hash_ids"), None).unwrap().data,
@@ -118,6 +121,9 @@ fn small_stages(dtype: DType, tol: f32) {
         let mut seen = 0;
         for (name, _shape, got) in s.float_stages(&cfg) {
             let key = format!("{case}.{name}");
+            if name == "gates" {
+                continue; // compared below, on every case
+            }
             if !f.names().contains(&key) {
                 continue; // not every case keeps every stage
             }
@@ -156,8 +162,8 @@ fn full_size_demo_every_stage_f32() {
     assert_eq!(s.hash_ids, f.i64("hash_ids", None).unwrap().data);
     println!("parity cuda F32 demo_full hash_ids: exact");
     for (name, shape, got) in s.float_stages(&cfg) {
-        if name == "keys" {
-            continue; // the demo file does not keep the key projections
+        if name == "keys" || name == "gates" {
+            continue; // the demo file does not keep the keys; gates are compared below
         }
         let want = f.f32(name, Some(&shape)).unwrap().data;
         check("cuda F32 demo_full", name, got, &want, F32_TOL);
@@ -212,6 +218,53 @@ fn chunked_equals_one_shot_and_states_match_the_cpu() {
     assert_eq!(got.ngram_history(), cpu.ngram_history());
     let (err, _) = max_abs_diff(&got.conv_history(), &cpu.conv_history());
     assert!(err <= 1e-4, "conv state differs by {err:e}");
+}
+
+/// The coalesced conv kernel computes the same arithmetic as the strided one: equal bits on
+/// every stage it writes, in prefill and in decode.
+#[test]
+fn conv_kernels_agree_bit_for_bit() {
+    let Some((g, _l)) = gpu() else { return };
+    let f = open("small.stages.safetensors");
+    let e = small_engram();
+    let c = e.config().hc_mult * e.config().hidden_size;
+    let ids = f.i64("long.input_ids", None).unwrap().data;
+    let hidden = f.f32("long.hidden_states", None).unwrap().data;
+    let l = ids.len();
+    for dtype in [DType::F32, DType::Bf16] {
+        let mut cuda = CudaEngram::new(g.clone(), &e, dtype).unwrap();
+        let mut runs = Vec::new();
+        for k in CONV_KERNELS {
+            cuda.set_conv_kernel(k);
+            let whole = cuda.forward(&ids, &hidden, 1, l, true).unwrap();
+            let mut state = cuda.new_state(1).unwrap();
+            let mut steps = Vec::new();
+            for t in 0..l {
+                let s = cuda
+                    .forward_chunk(
+                        &mut state,
+                        &ids[t..t + 1],
+                        &hidden[t * c..(t + 1) * c],
+                        1,
+                        false,
+                    )
+                    .unwrap();
+                steps.extend(s.output);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            runs.push((
+                bits(&whole.output),
+                bits(whole.short_conv.as_deref().unwrap()),
+                bits(whole.gated_value.as_deref().unwrap()),
+                bits(&steps),
+            ));
+        }
+        assert!(runs[0].0 == runs[1].0, "{dtype:?} output");
+        assert!(runs[0].1 == runs[1].1, "{dtype:?} short_conv");
+        assert!(runs[0].2 == runs[1].2, "{dtype:?} gated_value");
+        assert!(runs[0].3 == runs[1].3, "{dtype:?} decode output");
+        println!("parity cuda {dtype:?} conv kernels Rows vs Strided: bit-identical");
+    }
 }
 
 /// Two sequences decoded token by token (plain launches, then CUDA-graph replays) equal
