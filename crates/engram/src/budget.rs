@@ -15,21 +15,7 @@ pub struct MemoryPlan {
     parts: Vec<(String, u64)>,
 }
 
-/// `n` bytes as a short human-readable size.
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = n as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
-    }
-}
+pub use crate::error::human;
 
 impl MemoryPlan {
     /// An empty plan.

@@ -115,8 +115,8 @@ pub enum EngramError {
     /// A run would need more memory or disk space than this machine has.
     #[error(
         "not enough {resource}: this needs {} ({needed} bytes), {} available; {detail}",
-        crate::budget::human(*needed),
-        crate::budget::human(*available)
+        human(*needed),
+        human(*available)
     )]
     Resource {
         /// `memory`, or `disk space in DIR`.
@@ -174,5 +174,21 @@ impl EngramError {
             expected: expected.into(),
             found: format!("{found:?}"),
         }
+    }
+}
+
+/// `n` bytes as a short human-readable size.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
     }
 }

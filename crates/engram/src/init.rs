@@ -7,8 +7,8 @@
 //! (ones, no draw).
 
 use crate::config::EngramConfig;
+use crate::dtype::DType;
 use crate::error::{EngramError, Result};
-use crate::fused::DType;
 use crate::hashing::NgramHashMapping;
 use crate::rng::torch::TorchGenerator;
 use crate::weights::{EmbeddingTable, EngramWeights};

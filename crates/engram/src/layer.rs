@@ -4,80 +4,14 @@ use crate::compression::CompressedTokenizer;
 use crate::config::EngramConfig;
 use crate::error::{EngramError, Result};
 use crate::fused::{DType, Driver, FusedOut, FusedWeights, SeqInput};
-use crate::hashing::{LayerHashParams, NgramHashMapping};
+use crate::hashing::NgramHashMapping;
+use crate::model::DemoModel;
 use crate::ops;
+use crate::state::EngramState;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{EngramWeights, TABLE};
+use crate::weights::EngramWeights;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-
-/// What later tokens of one sequence need from the earlier ones (streaming decode).
-///
-/// A fresh state is the sequence start: the n-gram history is the pad token and the
-/// convolution history is zeros (the reference's implicit left padding).
-#[derive(Debug, Clone, PartialEq)]
-pub struct EngramState {
-    /// Last N-1 canonical ids, oldest first.
-    pub(crate) ngram_history: Vec<i64>,
-    /// Ring of the last R = (kernel_size-1)·N normalised conv inputs, rows of HC·D
-    /// (channel c = i·D + j as in `short_conv.conv`); `conv_head` is the oldest row.
-    pub(crate) conv_ring: Vec<f32>,
-    pub(crate) conv_head: usize,
-    /// Tokens consumed so far.
-    pub(crate) position: u64,
-    /// HC·D, the width of a conv row.
-    pub(crate) row_width: usize,
-}
-
-impl EngramState {
-    /// Last N-1 canonical ids, oldest first.
-    pub fn ngram_history(&self) -> &[i64] {
-        &self.ngram_history
-    }
-
-    /// Last R normalised conv inputs, oldest first: `[R, HC·D]`.
-    pub fn conv_history(&self) -> Vec<f32> {
-        let r = self.conv_rows();
-        if r == 0 {
-            return Vec::new();
-        }
-        let c = self.conv_ring.len() / r;
-        let mut v = Vec::with_capacity(self.conv_ring.len());
-        for j in 0..r {
-            let p = (self.conv_head + j) % r;
-            v.extend_from_slice(&self.conv_ring[p * c..(p + 1) * c]);
-        }
-        v
-    }
-
-    fn conv_rows(&self) -> usize {
-        self.conv_ring
-            .len()
-            .checked_div(self.row_width.max(1))
-            .unwrap_or(0)
-    }
-
-    /// Tokens consumed so far.
-    pub fn position(&self) -> u64 {
-        self.position
-    }
-
-    /// Rebuilds a state from its parts (e.g. read from disk); sizes are checked when used.
-    pub fn from_parts(
-        ngram_history: Vec<i64>,
-        conv_history: Vec<f32>,
-        row_width: usize,
-        position: u64,
-    ) -> Self {
-        EngramState {
-            ngram_history,
-            conv_ring: conv_history,
-            conv_head: 0,
-            position,
-            row_width,
-        }
-    }
-}
 
 /// Every stage of a forward pass over `[B, L]`. Stages that a path does not materialise
 /// are `None`.
@@ -187,13 +121,12 @@ impl std::str::FromStr for ForwardPath {
     }
 }
 
-/// One Engram layer: its config, hash mapping and weights.
+/// One Engram layer: the demo variant's model (config, hash mapping, weights) and how it
+/// runs (the fused path's storage type and packed weights). It dereferences to its
+/// [`DemoModel`], whose accessors (`config`, `hashing`, `weights`, ...) it offers directly.
 #[derive(Debug, Clone)]
 pub struct Engram {
-    cfg: EngramConfig,
-    hashing: Arc<NgramHashMapping>,
-    layer: LayerHashParams,
-    weights: EngramWeights,
+    model: DemoModel,
     dtype: DType,
     /// Packed weights of the fused path, built on first use.
     fused: OnceLock<Arc<FusedWeights>>,
@@ -219,6 +152,13 @@ pub fn compression_for(cfg: &EngramConfig) -> Result<Arc<CompressedTokenizer>> {
     Ok(Arc::new(CompressedTokenizer::build(&tok)?))
 }
 
+impl std::ops::Deref for Engram {
+    type Target = DemoModel;
+    fn deref(&self) -> &DemoModel {
+        &self.model
+    }
+}
+
 impl Engram {
     /// Builds the layer `cfg.layer_id` from a hash mapping and weights, checking that the
     /// weights fit the config.
@@ -227,95 +167,16 @@ impl Engram {
         hashing: Arc<NgramHashMapping>,
         weights: EngramWeights,
     ) -> Result<Self> {
-        cfg.validate()?;
-        let layer = hashing.layer(cfg.layer_id)?.clone();
-        let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
-        let rows = layer.table_rows() as usize;
-        if weights.table.rows() != rows || weights.table.dim() != cfg.head_dim() {
-            return Err(EngramError::Shape {
-                name: TABLE.into(),
-                expected: vec![rows, cfg.head_dim()],
-                found: vec![weights.table.rows(), weights.table.dim()],
-            });
-        }
-        if weights.offsets != offsets {
-            return Err(EngramError::invalid(
-                "multi_head_embedding.offsets",
-                format!("{offsets:?}"),
-                format!("{:?}", weights.offsets),
-            ));
-        }
-        let (d, dm, hc) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult);
-        let checks: Vec<(String, usize, usize)> = [
-            (
-                "value_proj.weight".to_string(),
-                weights.value_proj_weight.len(),
-                d * dm,
-            ),
-            (
-                "value_proj.bias".to_string(),
-                weights.value_proj_bias.len(),
-                d,
-            ),
-            (
-                "short_conv.conv.weight".to_string(),
-                weights.conv_weight.len(),
-                hc * d * cfg.kernel_size,
-            ),
-            ("key_projs".to_string(), weights.key_projs_weight.len(), hc),
-            (
-                "key_projs (bias)".to_string(),
-                weights.key_projs_bias.len(),
-                hc,
-            ),
-            ("norm1".to_string(), weights.norm1.len(), hc),
-            ("norm2".to_string(), weights.norm2.len(), hc),
-            ("short_conv.norms".to_string(), weights.conv_norms.len(), hc),
-        ]
-        .into_iter()
-        .collect();
-        for (name, found, want) in checks {
-            if found != want {
-                return Err(EngramError::Shape {
-                    name,
-                    expected: vec![want],
-                    found: vec![found],
-                });
-            }
-        }
-        for i in 0..hc {
-            for (name, v, want) in [
-                (
-                    format!("key_projs.{i}.weight"),
-                    &weights.key_projs_weight[i],
-                    d * dm,
-                ),
-                (format!("key_projs.{i}.bias"), &weights.key_projs_bias[i], d),
-                (format!("norm1.{i}.weight"), &weights.norm1[i], d),
-                (format!("norm2.{i}.weight"), &weights.norm2[i], d),
-                (
-                    format!("short_conv.norms.{i}.weight"),
-                    &weights.conv_norms[i],
-                    d,
-                ),
-            ] {
-                if v.len() != want {
-                    return Err(EngramError::Shape {
-                        name,
-                        expected: vec![want],
-                        found: vec![v.len()],
-                    });
-                }
-            }
-        }
         Ok(Engram {
-            cfg,
-            hashing,
-            layer,
-            weights,
+            model: DemoModel::new(cfg, hashing, weights)?,
             dtype: DType::F32,
             fused: OnceLock::new(),
         })
+    }
+
+    /// The model (config, hash mapping, weights) this layer runs.
+    pub fn model(&self) -> &DemoModel {
+        &self.model
     }
 
     /// Loads everything a config names: tokenizer (compression), hash mapping, weights file.
@@ -335,26 +196,6 @@ impl Engram {
         let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
         let w = EngramWeights::load(weights_path, &cfg, &offsets, layer.table_rows() as usize)?;
         Self::new(cfg, hashing, w)
-    }
-
-    /// The config.
-    pub fn config(&self) -> &EngramConfig {
-        &self.cfg
-    }
-
-    /// The hash mapping (all layers).
-    pub fn hashing(&self) -> &Arc<NgramHashMapping> {
-        &self.hashing
-    }
-
-    /// Hash parameters of this layer.
-    pub fn layer_params(&self) -> &LayerHashParams {
-        &self.layer
-    }
-
-    /// The weights.
-    pub fn weights(&self) -> &EngramWeights {
-        &self.weights
     }
 
     /// Storage type of the fused path's table and projections.
@@ -377,21 +218,9 @@ impl Engram {
         if let Some(f) = self.fused.get() {
             return Ok(f);
         }
-        let packed = Arc::new(FusedWeights::pack(self, self.dtype)?);
+        let packed = Arc::new(FusedWeights::pack(&self.model, self.dtype)?);
         // Two threads may pack at once; either result is the same.
         Ok(self.fused.get_or_init(|| packed))
-    }
-
-    /// The state of a sequence that has not started.
-    pub fn new_state(&self) -> EngramState {
-        let c = self.cfg.hc_mult * self.cfg.hidden_size;
-        EngramState {
-            ngram_history: vec![self.hashing.pad_canonical(); self.cfg.max_ngram_size - 1],
-            conv_ring: vec![0.0; self.cfg.conv_history() * c],
-            conv_head: 0,
-            position: 0,
-            row_width: c,
-        }
     }
 
     /// Checks `[B, L]` ids and `[B, L, HC, D]` hidden states: sizes, finiteness.
@@ -600,7 +429,7 @@ impl Engram {
                     out: &mut output,
                     gated: keep.then_some(gated.as_mut_slice()),
                 };
-                Driver::new(self, fw).run(&seqs, states, out)?;
+                Driver::new(&self.model, fw).run(&seqs, states, out)?;
                 for (st, sq) in states.iter_mut().zip(&seqs) {
                     st.ngram_history
                         .copy_from_slice(&sq.ext[sq.ext.len() - n1..]);
@@ -640,92 +469,6 @@ impl Engram {
                 ),
                 short_list(offsets),
             ));
-        }
-        Ok(())
-    }
-
-    fn check_state(&self, state: &EngramState) -> Result<()> {
-        // Sizes of a fresh state, without building one (a decode step checks every state).
-        let n1 = self.cfg.max_ngram_size - 1;
-        let ring = self.cfg.conv_history() * self.cfg.hc_mult * self.cfg.hidden_size;
-        if state.ngram_history.len() != n1 {
-            return Err(EngramError::Shape {
-                name: "state.ngram_history".into(),
-                expected: vec![n1],
-                found: vec![state.ngram_history.len()],
-            });
-        }
-        if state.conv_ring.len() != ring || state.conv_head >= ring.max(1) {
-            return Err(EngramError::Shape {
-                name: "state.conv_history".into(),
-                expected: vec![
-                    self.cfg.conv_history(),
-                    self.cfg.hc_mult * self.cfg.hidden_size,
-                ],
-                found: vec![state.conv_ring.len()],
-            });
-        }
-        Ok(())
-    }
-
-    /// Hashes of a chunk from its canonical ids and the carried n-gram history:
-    /// `[len, H]`. Updates `state.ngram_history`.
-    pub(crate) fn hash_chunk(&self, state: &mut EngramState, canon: &[i64]) -> Vec<i64> {
-        let n = self.cfg.max_ngram_size;
-        let h = self.cfg.num_heads();
-        let mut ext = state.ngram_history.clone();
-        ext.extend_from_slice(canon);
-        let mut out = vec![0i64; canon.len() * h];
-        let mut hist = vec![0i64; n];
-        for t in 0..canon.len() {
-            for (k, hk) in hist.iter_mut().enumerate() {
-                *hk = ext[t + n - 1 - k];
-            }
-            self.hashing
-                .hash_position(&self.layer, &hist, &mut out[t * h..(t + 1) * h]);
-        }
-        state
-            .ngram_history
-            .copy_from_slice(&ext[ext.len() - (n - 1)..]);
-        out
-    }
-
-    /// Gathers the concatenated head rows of every position: `[len, Dm]`. A non-finite table
-    /// value is an error naming the row.
-    pub(crate) fn gather(&self, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
-        self.gather_from(&self.weights.table, hash_ids, out)
-    }
-
-    /// Hints the CPU to fetch the table rows of one position's hashes.
-    #[inline]
-    pub(crate) fn prefetch_rows(&self, table: &crate::weights::EmbeddingTable, hash_row: &[i64]) {
-        for (j, &hid) in hash_row.iter().enumerate() {
-            table.prefetch_row((hid + self.weights.offsets[j]) as usize);
-        }
-    }
-
-    /// [`Engram::gather`] from a given copy of the table (e.g. the fused path's bf16 one).
-    pub(crate) fn gather_from(
-        &self,
-        table: &crate::weights::EmbeddingTable,
-        hash_ids: &[i64],
-        out: &mut [f32],
-    ) -> Result<()> {
-        let h = self.cfg.num_heads();
-        let dh = self.cfg.head_dim();
-        for (t, hrow) in hash_ids.chunks_exact(h).enumerate() {
-            for (j, &hid) in hrow.iter().enumerate() {
-                let row = (hid + self.weights.offsets[j]) as usize;
-                let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
-                table.row_into(row, dst);
-                if let Some(k) = dst.iter().position(|x| !x.is_finite()) {
-                    return Err(EngramError::NonFinite {
-                        name: TABLE.into(),
-                        index: row * dh + k,
-                        value: dst[k],
-                    });
-                }
-            }
         }
         Ok(())
     }

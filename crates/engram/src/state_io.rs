@@ -7,7 +7,8 @@
 
 use crate::config::EngramConfig;
 use crate::error::{EngramError, Result};
-use crate::layer::{Engram, EngramState};
+use crate::layer::Engram;
+use crate::state::EngramState;
 use crate::tensors::{TensorFile, TensorWriter};
 use std::path::Path;
 

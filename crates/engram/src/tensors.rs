@@ -237,13 +237,24 @@ pub(crate) fn decode_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f
     })
 }
 
+/// A matrix that can hand out its rows as f32 (a table written row by row, never widened
+/// whole). Implemented by the weights' embedding table; `tensors` knows nothing else of it.
+pub trait RowSource {
+    /// Rows.
+    fn rows(&self) -> usize;
+    /// Row width.
+    fn dim(&self) -> usize;
+    /// Writes row `r` into `out` (`dim` values).
+    fn row_into(&self, r: usize, out: &mut [f32]);
+}
+
 /// Where a tensor's bytes come from when it is written.
 enum Data<'a> {
     F32(&'a [f32]),
     F32AsBf16(&'a [f32]),
     I64(&'a [i64]),
     Table {
-        table: &'a crate::weights::EmbeddingTable,
+        table: &'a dyn RowSource,
         bf16: bool,
     },
 }
@@ -357,12 +368,7 @@ impl<'a> TensorWriter<'a> {
     }
 
     /// Adds an embedding table, streamed row by row (f32 or bf16).
-    pub(crate) fn table(
-        &mut self,
-        name: &str,
-        table: &'a crate::weights::EmbeddingTable,
-        bf16: bool,
-    ) -> &mut Self {
+    pub(crate) fn table(&mut self, name: &str, table: &'a dyn RowSource, bf16: bool) -> &mut Self {
         self.tensors.push((
             name.into(),
             vec![table.rows(), table.dim()],

@@ -45,6 +45,18 @@ impl std::fmt::Debug for EmbeddingTable {
     }
 }
 
+impl crate::tensors::RowSource for EmbeddingTable {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        EmbeddingTable::row_into(self, r, out)
+    }
+}
+
 impl EmbeddingTable {
     /// An owned f32 table.
     pub fn from_f32(data: Vec<f32>, rows: usize, dim: usize) -> Result<Self> {

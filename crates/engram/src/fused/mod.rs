@@ -21,7 +21,8 @@ pub mod profile;
 pub mod proj;
 
 use crate::error::Result;
-use crate::layer::{Engram, EngramState};
+use crate::model::DemoModel;
+use crate::state::EngramState;
 use kernels::{GateParams, Isa};
 use profile::Stage;
 use proj::Projection;
@@ -62,26 +63,7 @@ pub struct FusedWeights {
     conv_w: Vec<f32>,
 }
 
-/// Storage type of the table and projection weights on the fused path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DType {
-    /// float32 everywhere.
-    #[default]
-    F32,
-    /// bfloat16 table and projection weights, f32 accumulation and activations.
-    Bf16,
-}
-
-impl std::str::FromStr for DType {
-    type Err = crate::EngramError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "float32" => Ok(DType::F32),
-            "bf16" | "bfloat16" => Ok(DType::Bf16),
-            o => Err(crate::EngramError::invalid("dtype", "`f32` or `bf16`", o)),
-        }
-    }
-}
+pub use crate::dtype::DType;
 
 impl FusedWeights {
     /// The packed projection (for reports: kernel, weight bytes).
@@ -90,7 +72,7 @@ impl FusedWeights {
     }
 
     /// Packs the weights of a layer.
-    pub fn pack(e: &Engram, dtype: DType) -> Result<Self> {
+    pub fn pack(e: &DemoModel, dtype: DType) -> Result<Self> {
         let cfg = e.config();
         let w = e.weights();
         let (d, hc, taps) = (cfg.hidden_size, cfg.hc_mult, cfg.kernel_size);
@@ -268,13 +250,13 @@ impl Ring<'_> {
 }
 
 pub(crate) struct Driver<'e> {
-    e: &'e Engram,
+    e: &'e DemoModel,
     fw: &'e FusedWeights,
     isa: Isa,
 }
 
 impl<'e> Driver<'e> {
-    pub fn new(e: &'e Engram, fw: &'e FusedWeights) -> Self {
+    pub fn new(e: &'e DemoModel, fw: &'e FusedWeights) -> Self {
         Driver {
             e,
             fw,

@@ -1,0 +1,237 @@
+//! The demo variant's model: what the layer is (config, hash parameters, weights), apart from
+//! how it runs. Backends (the reference loops, the fused CPU path, CUDA) read it; it reads none
+//! of them.
+
+use crate::config::EngramConfig;
+use crate::error::{EngramError, Result};
+use crate::hashing::{LayerHashParams, NgramHashMapping};
+use crate::state::EngramState;
+use crate::weights::{EngramWeights, TABLE};
+use std::sync::Arc;
+
+/// The demo variant's model: config, hash mapping (compression, multipliers, primes), this
+/// layer's hash parameters and its weights, with the model-level operations every backend
+/// shares (fresh states, hashing a chunk, gathering rows). Knows no backend.
+#[derive(Debug, Clone)]
+pub struct DemoModel {
+    pub(crate) cfg: EngramConfig,
+    pub(crate) hashing: Arc<NgramHashMapping>,
+    pub(crate) layer: LayerHashParams,
+    pub(crate) weights: EngramWeights,
+}
+
+impl DemoModel {
+    /// Builds the layer `cfg.layer_id` from a hash mapping and weights, checking that the
+    /// weights fit the config.
+    pub fn new(
+        cfg: EngramConfig,
+        hashing: Arc<NgramHashMapping>,
+        weights: EngramWeights,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let layer = hashing.layer(cfg.layer_id)?.clone();
+        let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
+        let rows = layer.table_rows() as usize;
+        if weights.table.rows() != rows || weights.table.dim() != cfg.head_dim() {
+            return Err(EngramError::Shape {
+                name: TABLE.into(),
+                expected: vec![rows, cfg.head_dim()],
+                found: vec![weights.table.rows(), weights.table.dim()],
+            });
+        }
+        if weights.offsets != offsets {
+            return Err(EngramError::invalid(
+                "multi_head_embedding.offsets",
+                format!("{offsets:?}"),
+                format!("{:?}", weights.offsets),
+            ));
+        }
+        let (d, dm, hc) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult);
+        let checks: Vec<(String, usize, usize)> = [
+            (
+                "value_proj.weight".to_string(),
+                weights.value_proj_weight.len(),
+                d * dm,
+            ),
+            (
+                "value_proj.bias".to_string(),
+                weights.value_proj_bias.len(),
+                d,
+            ),
+            (
+                "short_conv.conv.weight".to_string(),
+                weights.conv_weight.len(),
+                hc * d * cfg.kernel_size,
+            ),
+            ("key_projs".to_string(), weights.key_projs_weight.len(), hc),
+            (
+                "key_projs (bias)".to_string(),
+                weights.key_projs_bias.len(),
+                hc,
+            ),
+            ("norm1".to_string(), weights.norm1.len(), hc),
+            ("norm2".to_string(), weights.norm2.len(), hc),
+            ("short_conv.norms".to_string(), weights.conv_norms.len(), hc),
+        ]
+        .into_iter()
+        .collect();
+        for (name, found, want) in checks {
+            if found != want {
+                return Err(EngramError::Shape {
+                    name,
+                    expected: vec![want],
+                    found: vec![found],
+                });
+            }
+        }
+        for i in 0..hc {
+            for (name, v, want) in [
+                (
+                    format!("key_projs.{i}.weight"),
+                    &weights.key_projs_weight[i],
+                    d * dm,
+                ),
+                (format!("key_projs.{i}.bias"), &weights.key_projs_bias[i], d),
+                (format!("norm1.{i}.weight"), &weights.norm1[i], d),
+                (format!("norm2.{i}.weight"), &weights.norm2[i], d),
+                (
+                    format!("short_conv.norms.{i}.weight"),
+                    &weights.conv_norms[i],
+                    d,
+                ),
+            ] {
+                if v.len() != want {
+                    return Err(EngramError::Shape {
+                        name,
+                        expected: vec![want],
+                        found: vec![v.len()],
+                    });
+                }
+            }
+        }
+        Ok(DemoModel {
+            cfg,
+            hashing,
+            layer,
+            weights,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &EngramConfig {
+        &self.cfg
+    }
+
+    /// The hash mapping (all layers).
+    pub fn hashing(&self) -> &Arc<NgramHashMapping> {
+        &self.hashing
+    }
+
+    /// Hash parameters of this layer.
+    pub fn layer_params(&self) -> &LayerHashParams {
+        &self.layer
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &EngramWeights {
+        &self.weights
+    }
+
+    /// The state of a sequence that has not started.
+    pub fn new_state(&self) -> EngramState {
+        let c = self.cfg.hc_mult * self.cfg.hidden_size;
+        EngramState {
+            ngram_history: vec![self.hashing.pad_canonical(); self.cfg.max_ngram_size - 1],
+            conv_ring: vec![0.0; self.cfg.conv_history() * c],
+            conv_head: 0,
+            position: 0,
+            row_width: c,
+        }
+    }
+
+    pub(crate) fn check_state(&self, state: &EngramState) -> Result<()> {
+        // Sizes of a fresh state, without building one (a decode step checks every state).
+        let n1 = self.cfg.max_ngram_size - 1;
+        let ring = self.cfg.conv_history() * self.cfg.hc_mult * self.cfg.hidden_size;
+        if state.ngram_history.len() != n1 {
+            return Err(EngramError::Shape {
+                name: "state.ngram_history".into(),
+                expected: vec![n1],
+                found: vec![state.ngram_history.len()],
+            });
+        }
+        if state.conv_ring.len() != ring || state.conv_head >= ring.max(1) {
+            return Err(EngramError::Shape {
+                name: "state.conv_history".into(),
+                expected: vec![
+                    self.cfg.conv_history(),
+                    self.cfg.hc_mult * self.cfg.hidden_size,
+                ],
+                found: vec![state.conv_ring.len()],
+            });
+        }
+        Ok(())
+    }
+
+    /// Hashes of a chunk from its canonical ids and the carried n-gram history:
+    /// `[len, H]`. Updates `state.ngram_history`.
+    pub(crate) fn hash_chunk(&self, state: &mut EngramState, canon: &[i64]) -> Vec<i64> {
+        let n = self.cfg.max_ngram_size;
+        let h = self.cfg.num_heads();
+        let mut ext = state.ngram_history.clone();
+        ext.extend_from_slice(canon);
+        let mut out = vec![0i64; canon.len() * h];
+        let mut hist = vec![0i64; n];
+        for t in 0..canon.len() {
+            for (k, hk) in hist.iter_mut().enumerate() {
+                *hk = ext[t + n - 1 - k];
+            }
+            self.hashing
+                .hash_position(&self.layer, &hist, &mut out[t * h..(t + 1) * h]);
+        }
+        state
+            .ngram_history
+            .copy_from_slice(&ext[ext.len() - (n - 1)..]);
+        out
+    }
+
+    /// Gathers the concatenated head rows of every position: `[len, Dm]`. A non-finite table
+    /// value is an error naming the row.
+    pub(crate) fn gather(&self, hash_ids: &[i64], out: &mut [f32]) -> Result<()> {
+        self.gather_from(&self.weights.table, hash_ids, out)
+    }
+
+    /// Hints the CPU to fetch the table rows of one position's hashes.
+    #[inline]
+    pub(crate) fn prefetch_rows(&self, table: &crate::weights::EmbeddingTable, hash_row: &[i64]) {
+        for (j, &hid) in hash_row.iter().enumerate() {
+            table.prefetch_row((hid + self.weights.offsets[j]) as usize);
+        }
+    }
+
+    /// [`DemoModel::gather`] from a given copy of the table (e.g. the fused path's bf16 one).
+    pub(crate) fn gather_from(
+        &self,
+        table: &crate::weights::EmbeddingTable,
+        hash_ids: &[i64],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let h = self.cfg.num_heads();
+        let dh = self.cfg.head_dim();
+        for (t, hrow) in hash_ids.chunks_exact(h).enumerate() {
+            for (j, &hid) in hrow.iter().enumerate() {
+                let row = (hid + self.weights.offsets[j]) as usize;
+                let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
+                table.row_into(row, dst);
+                if let Some(k) = dst.iter().position(|x| !x.is_finite()) {
+                    return Err(EngramError::NonFinite {
+                        name: TABLE.into(),
+                        index: row * dh + k,
+                        value: dst[k],
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
