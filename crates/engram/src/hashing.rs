@@ -100,6 +100,52 @@ impl LayerHashParams {
     }
 }
 
+/// Multipliers and primes of every layer, in `layer_ids` order (§2 of the reference notes;
+/// the DeepSeek-V4.1 layer draws them the same way, with one base for every order):
+/// multipliers `2r + 1` with r from numpy's `default_rng(seed + 10007·layer)` below
+/// `max(1, i64::MAX / vocab / 2)`; primes from one `seen` set over all layers, the search
+/// restarting at `bases[n-2] - 1` for every order n of every layer.
+pub fn draw_layer_params(
+    layer_ids: &[u64],
+    bases: &[u64],
+    heads: usize,
+    max_ngram_size: usize,
+    seed: u64,
+    compressed_vocab: u64,
+) -> Vec<LayerHashParams> {
+    let vprime = compressed_vocab.max(1) as i64;
+    let half_bound = (i64::MAX / vprime / 2).max(1);
+    let mut seen = HashSet::new();
+    let mut layers = Vec::with_capacity(layer_ids.len());
+    for &layer_id in layer_ids {
+        let s = seed as u128 + LAYER_SEED_STRIDE as u128 * layer_id as u128;
+        let mut g = Pcg64::from_seed(s);
+        let multipliers = g
+            .integers(0, half_bound, max_ngram_size)
+            .into_iter()
+            .map(|r| 2 * r + 1)
+            .collect();
+        let mut primes = Vec::with_capacity(max_ngram_size - 1);
+        for &base in bases {
+            let mut start = base - 1;
+            let mut hs = Vec::with_capacity(heads);
+            for _ in 0..heads {
+                let p = next_unseen_prime(start, &seen);
+                seen.insert(p);
+                hs.push(p);
+                start = p;
+            }
+            primes.push(hs);
+        }
+        layers.push(LayerHashParams {
+            layer_id,
+            multipliers,
+            primes,
+        });
+    }
+    layers
+}
+
 /// The reference's `NgramHashMapping`: compression plus per-layer hash parameters.
 #[derive(Debug, Clone)]
 pub struct NgramHashMapping {
@@ -125,36 +171,14 @@ impl NgramHashMapping {
                 cfg.pad_id,
             )
         })?;
-        let vprime = compressed.num_compressed() as i64;
-        let half_bound = (i64::MAX / vprime / 2).max(1);
-        let mut seen = HashSet::new();
-        let mut layers = Vec::with_capacity(cfg.layer_ids.len());
-        for &layer_id in &cfg.layer_ids {
-            let seed = cfg.seed as u128 + LAYER_SEED_STRIDE as u128 * layer_id as u128;
-            let mut g = Pcg64::from_seed(seed);
-            let multipliers = g
-                .integers(0, half_bound, cfg.max_ngram_size)
-                .into_iter()
-                .map(|r| 2 * r + 1)
-                .collect();
-            let mut primes = Vec::with_capacity(cfg.max_ngram_size - 1);
-            for &base in &cfg.engram_vocab_size {
-                let mut start = base - 1;
-                let mut heads = Vec::with_capacity(cfg.n_head_per_ngram);
-                for _ in 0..cfg.n_head_per_ngram {
-                    let p = next_unseen_prime(start, &seen);
-                    seen.insert(p);
-                    heads.push(p);
-                    start = p;
-                }
-                primes.push(heads);
-            }
-            layers.push(LayerHashParams {
-                layer_id,
-                multipliers,
-                primes,
-            });
-        }
+        let layers = draw_layer_params(
+            &cfg.layer_ids,
+            &cfg.engram_vocab_size,
+            cfg.n_head_per_ngram,
+            cfg.max_ngram_size,
+            cfg.seed,
+            compressed.num_compressed() as u64,
+        );
         Ok(NgramHashMapping {
             compressed,
             pad_canonical,

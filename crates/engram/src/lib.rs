@@ -62,6 +62,7 @@ pub mod state;
 pub mod state_io;
 pub mod tensors;
 pub mod tokenizer;
+pub mod v41;
 pub mod weights;
 
 pub use compression::CompressedTokenizer;

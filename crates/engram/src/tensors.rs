@@ -43,6 +43,35 @@ impl std::ops::Deref for FileBytes {
     }
 }
 
+/// A tensor's undecoded bytes inside its (memory-mapped) file; keeps the file alive.
+#[derive(Clone)]
+pub struct RawTensor {
+    /// Stored dtype.
+    pub dtype: Dtype,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    bytes: FileBytes,
+    start: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for RawTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RawTensor({:?} {:?}, {} bytes)",
+            self.dtype, self.shape, self.len
+        )
+    }
+}
+
+impl RawTensor {
+    /// The bytes, row-major.
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+}
+
 /// A memory-mapped, validated safetensors file.
 pub struct TensorFile {
     path: PathBuf,
@@ -142,6 +171,22 @@ impl TensorFile {
     /// Whether a tensor is present.
     pub fn contains(&self, name: &str) -> bool {
         self.st().tensor(name).is_ok()
+    }
+
+    /// A tensor's bytes where they lie in the file (no copy, no decoding): for formats the
+    /// caller decodes itself, such as fp8 tables read a row at a time.
+    pub fn raw(&self, name: &str) -> Result<RawTensor> {
+        let st = self.st();
+        let v = self.view(&st, name)?;
+        let data = v.data();
+        let start = data.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        Ok(RawTensor {
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            bytes: self.mmap.clone(),
+            start,
+            len: data.len(),
+        })
     }
 
     /// (dtype, shape) of a tensor.

@@ -101,14 +101,13 @@ fn has_avx512bf16() -> bool {
     }
 }
 
-/// `[N/nr][K+1][nr]` panels of `W_allᵀ` (`kn` is [K, N]): K rows and one zero row of
-/// padding per panel (see `panel_slice`); columns past N are zero.
+/// `[N/nr][K+1][nr]` panels of `W_allᵀ` (`get(kk, col)` is W_all[col][kk]): K rows and one
+/// zero row of padding per panel (see `panel_slice`); columns past N are zero.
 fn pack_panels<T: Copy + Default>(
-    kn: &[f32],
     k: usize,
     n: usize,
     nr: usize,
-    conv: impl Fn(f32) -> T,
+    get: impl Fn(usize, usize) -> T,
 ) -> Vec<T> {
     let np = n.div_ceil(nr) * nr;
     let mut v = vec![T::default(); np * (k + 1)];
@@ -117,7 +116,7 @@ fn pack_panels<T: Copy + Default>(
             for c in 0..nr {
                 let col = panel * nr + c;
                 if col < n {
-                    v[(panel * (k + 1) + kk) * nr + c] = conv(kn[kk * n + col]);
+                    v[(panel * (k + 1) + kk) * nr + c] = get(kk, col);
                 }
             }
         }
@@ -144,22 +143,46 @@ impl Projection {
     /// Packs for a given microkernel (`None`: the `gemm` crate). The kernel must be one
     /// [`PanelKernel::all_supported`] lists.
     pub fn pack_for(mats: &[&[f32]], k: usize, dtype: DType, kernel: Option<PanelKernel>) -> Self {
-        let n: usize = mats.iter().map(|m| m.len() / k).sum();
-        // W_allᵀ as [K, N].
-        let mut kn = vec![0.0f32; k * n];
-        let mut col0 = 0;
+        // Row `o` of the stacked matrices, without stacking them.
+        let mut starts = Vec::with_capacity(mats.len());
+        let mut n = 0;
         for m in mats {
-            let rows = m.len() / k;
-            for o in 0..rows {
+            starts.push(n);
+            n += m.len() / k;
+        }
+        let w = |o: usize, i: usize| -> f32 {
+            let j = starts.partition_point(|&s| s <= o) - 1;
+            mats[j][(o - starts[j]) * k + i]
+        };
+        Self::pack_fn(n, k, dtype, kernel, &w)
+    }
+
+    /// Packs the `[n, k]` matrix whose element (o, i) is `w(o, i)` (PyTorch layout: output o,
+    /// input i), never holding it whole in f32 except for the `gemm`-crate fallback.
+    pub fn pack_fn(
+        n: usize,
+        k: usize,
+        dtype: DType,
+        kernel: Option<PanelKernel>,
+        w: &dyn Fn(usize, usize) -> f32,
+    ) -> Self {
+        let kn = || {
+            let mut kn = vec![0.0f32; k * n];
+            for o in 0..n {
                 for i in 0..k {
-                    kn[i * n + col0 + o] = m[o * k + i];
+                    kn[i * n + o] = w(o, i);
                 }
             }
-            col0 += rows;
-        }
+            kn
+        };
         let packed = match (dtype, kernel) {
-            (DType::F32, Some(kr)) => Packed::F32Panels(kr, pack_panels(&kn, k, n, kr.nr(), |x| x)),
-            (DType::F32, None) => Packed::F32(kn, mats.concat()),
+            (DType::F32, Some(kr)) => {
+                Packed::F32Panels(kr, pack_panels(k, n, kr.nr(), |kk, col| w(col, kk)))
+            }
+            (DType::F32, None) => {
+                let nk = (0..n * k).map(|j| w(j / k, j % k)).collect();
+                Packed::F32(kn(), nk)
+            }
             (DType::Bf16, Some(PanelKernel::Avx512)) if has_avx512bf16() => {
                 // [N/64][K/2 + 1][64][2]: pairs along K, one zero pair row of padding.
                 let (kp, np) = (k.div_ceil(2), n.div_ceil(NR_MAX) * NR_MAX);
@@ -172,7 +195,7 @@ impl Projection {
                                 let row = 2 * p + h;
                                 if col < n && row < k {
                                     v[((panel * (kp + 1) + p) * NR_MAX + c) * 2 + h] =
-                                        bf16::from_f32(kn[row * n + col]);
+                                        bf16::from_f32(w(col, row));
                                 }
                             }
                         }
@@ -187,10 +210,13 @@ impl Projection {
                 } else {
                     kr
                 };
-                Packed::Bf16Panels(kr, pack_panels(&kn, k, n, kr.nr(), bf16::from_f32))
+                Packed::Bf16Panels(
+                    kr,
+                    pack_panels(k, n, kr.nr(), |kk, col| bf16::from_f32(w(col, kk))),
+                )
             }
             (DType::Bf16, None) => {
-                Packed::Bf16AsF32(kn.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
+                Packed::Bf16AsF32(kn().iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
             }
         };
         Projection { k, n, packed }

@@ -105,3 +105,11 @@ pub fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
         .unwrap()
         .install(f)
 }
+
+/// A fresh folder for one test (under the target folder's temp space).
+pub fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("engram-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

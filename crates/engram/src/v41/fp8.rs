@@ -1,0 +1,237 @@
+//! fp8 rows: e4m3fn codes with one e8m0 (power-of-two) scale per 32 values, as DeepSeek-V4.1
+//! stores its Engram tables and `wkv`. Tables stay memory-mapped; a row is dequantised only
+//! when it is gathered.
+
+use crate::error::{EngramError, Result};
+use crate::tensors::RawTensor;
+use safetensors::Dtype;
+
+/// Values per fp8 scale.
+pub const BLOCK: usize = 32;
+
+/// The value of an e4m3fn code (bias 7, no infinities; 0x7F and 0xFF are NaN; max 448).
+#[inline]
+pub fn e4m3_to_f32(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let e = (code >> 3) & 0x0F;
+    let m = (code & 0x07) as f32;
+    if e == 0x0F && code & 0x07 == 0x07 {
+        return f32::NAN;
+    }
+    if e == 0 {
+        sign * m * (1.0 / 512.0) // subnormal: m/8 · 2^-6
+    } else {
+        sign * (1.0 + m / 8.0) * f32::from_bits(((e as u32 + 127 - 7) & 0xFF) << 23)
+    }
+}
+
+/// The value of an e8m0 scale byte: 2^(b - 127); 0xFF is NaN.
+#[inline]
+pub fn e8m0_to_f32(b: u8) -> f32 {
+    match b {
+        0xFF => f32::NAN,
+        // 2^-127 is an f32 subnormal.
+        0 => f32::from_bits(1 << 22),
+        _ => f32::from_bits((b as u32) << 23),
+    }
+}
+
+/// The nearest e4m3fn code to `x` (ties to even), for |x| <= 448 (larger magnitudes
+/// saturate to ±448).
+#[inline]
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() {
+        return 0x7F | sign;
+    }
+    if a >= 448.0 {
+        return 0x7E | sign;
+    }
+    if a < 1.0 / 64.0 {
+        // Subnormal range: multiples of 2^-9 (8 of them reach the smallest normal, 2^-6,
+        // whose code is 0x08: the count carries into the exponent field).
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let bits = a.to_bits();
+    // Keep 3 mantissa bits, rounding the 20 dropped ones to nearest even.
+    let r = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20;
+    let code = r - ((127 - 7) << 3);
+    sign | code.min(0x7E) as u8
+}
+
+/// `x` rounded to bf16 (nearest even), as f32.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// Re-quantises one block of at most 32 values as the reference's activation quantiser does
+/// before its fp8 GEMM: amax clamped to 1e-4, scale 2^ceil(log2(amax / 448)) (ue8m0), codes
+/// e4m3 of x / scale. Returns the scale; `x` becomes codes · scale (for values that already
+/// are e4m3 · 2^e, unchanged).
+pub fn requantize_block(x: &mut [f32]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-4);
+    let ratio = amax / 448.0;
+    // 2^ceil(log2(ratio)) from the bits: the exponent, plus one unless a power of two.
+    let bits = ratio.to_bits();
+    let mut e = ((bits >> 23) & 0xFF) as i32 - 127;
+    if bits & 0x7F_FFFF != 0 {
+        e += 1;
+    }
+    let scale = 2f32.powi(e);
+    for v in x.iter_mut() {
+        *v = e4m3_to_f32(f32_to_e4m3(*v / scale)) * scale;
+    }
+    scale
+}
+
+/// A table of e4m3 rows `[rows, dim]` with e8m0 scales `[rows, dim/32]`, left in its file.
+#[derive(Debug, Clone)]
+pub struct Fp8Table {
+    codes: RawTensor,
+    scales: RawTensor,
+    rows: usize,
+    dim: usize,
+}
+
+impl Fp8Table {
+    /// Checks dtypes and shapes (`name` is the weight's key, for messages).
+    pub fn new(
+        name: &str,
+        codes: RawTensor,
+        scales: RawTensor,
+        rows: usize,
+        dim: usize,
+    ) -> Result<Self> {
+        let scale_name = name.replace(".weight", ".scale");
+        for (n, t, want) in [
+            (name.to_string(), &codes, Dtype::F8_E4M3),
+            (scale_name.clone(), &scales, Dtype::F8_E8M0),
+        ] {
+            if t.dtype != want {
+                return Err(EngramError::DType {
+                    name: n,
+                    expected: format!("{want:?}"),
+                    found: format!("{:?}", t.dtype),
+                });
+            }
+        }
+        for (n, t, want) in [
+            (name.to_string(), &codes, vec![rows, dim]),
+            (scale_name, &scales, vec![rows, dim / BLOCK]),
+        ] {
+            if t.shape != want {
+                return Err(EngramError::Shape {
+                    name: n,
+                    expected: want,
+                    found: t.shape.clone(),
+                });
+            }
+        }
+        Ok(Fp8Table {
+            codes,
+            scales,
+            rows,
+            dim,
+        })
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row width.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Row `r`'s codes and scales, as stored.
+    #[inline]
+    pub fn row_codes(&self, r: usize) -> (&[u8], &[u8]) {
+        let b = self.dim / BLOCK;
+        (
+            &self.codes.data()[r * self.dim..(r + 1) * self.dim],
+            &self.scales.data()[r * b..(r + 1) * b],
+        )
+    }
+
+    /// Row `r` dequantised: e4m3(code) · 2^(scale - 127) in f32, rounded to bf16 (as the
+    /// reference does), into `out` (`dim` values). Touches only that row's bytes.
+    #[inline]
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let (codes, scales) = self.row_codes(r);
+        for ((o, c), s) in out
+            .chunks_exact_mut(BLOCK)
+            .zip(codes.chunks_exact(BLOCK))
+            .zip(scales)
+        {
+            let s = e8m0_to_f32(*s);
+            for (o, &c) in o.iter_mut().zip(c) {
+                *o = round_bf16(e4m3_to_f32(c) * s);
+            }
+        }
+    }
+
+    /// Asks the CPU to start loading row `r` (no effect where unsupported).
+    #[inline]
+    pub fn prefetch_row(&self, r: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = self.codes.data()[r * self.dim..].as_ptr();
+            // SAFETY: prefetch is a hint; `p` points into the mapped table.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = r;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_e4m3_code_round_trips() {
+        for c in 0..=255u8 {
+            let v = e4m3_to_f32(c);
+            if v.is_nan() {
+                assert!(c & 0x7F == 0x7F, "{c:#x}");
+                continue;
+            }
+            let back = f32_to_e4m3(v);
+            // +0 and -0 both decode to zero.
+            assert!(
+                back == c || (v == 0.0 && back & 0x7F == 0),
+                "{c:#x} -> {v} -> {back:#x}"
+            );
+        }
+        assert_eq!(e4m3_to_f32(0x7E), 448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(120), 2f32.powi(-7));
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        // Ties go to even codes: 1 + 1/16 lies between 1 (0x38) and 1.125 (0x39).
+        assert_eq!(f32_to_e4m3(1.0625), 0x38);
+        assert_eq!(f32_to_e4m3(1.1875), 0x3A);
+    }
+
+    #[test]
+    fn requantising_e4m3_values_changes_nothing() {
+        let mut x: Vec<f32> = (0..32)
+            .map(|i| e4m3_to_f32((i * 7 % 120) as u8) * 0.25)
+            .collect();
+        x[3] = -x[3];
+        let before = x.clone();
+        requantize_block(&mut x);
+        assert_eq!(x, before);
+        // Below the 1e-4 clamp a block is coarsened, as in the reference.
+        let mut tiny = vec![3e-7f32; 32];
+        requantize_block(&mut tiny);
+        assert_ne!(tiny[0], 3e-7);
+    }
+}

@@ -1,0 +1,521 @@
+//! The DeepSeek-V4.1 Engram layer: fp8 table rows gathered by row id, one block-scaled fp8
+//! `wkv` projection to every branch's key and one shared value, an RMS-normalised gate per
+//! branch, and `out = h + gate · value` (no ShortConv, no biases). Dead tokens keep their
+//! hidden state bit for bit.
+
+use super::checkpoint::Checkpoint;
+use super::config::V41Config;
+use super::fp8::{self, e4m3_to_f32, e8m0_to_f32, round_bf16, Fp8Table, BLOCK};
+use super::hashing::{V41Hashing, DEAD};
+use crate::compression::CompressedTokenizer;
+use crate::dtype::DType;
+use crate::error::{EngramError, Result};
+use crate::fused::proj::Projection;
+use crate::tensors::RawTensor;
+use rayon::prelude::*;
+use safetensors::Dtype;
+use std::sync::{Arc, OnceLock};
+
+/// Gate clamp: `sqrt(max(|dot|, 1e-6))`.
+const GATE_CLAMP: f32 = 1e-6;
+
+/// Which implementation runs a V4.1 forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V41Path {
+    /// Plain loops, the reference's block-scaled fp8 GEMM as written.
+    Reference,
+    /// Tiles on every core, the packed bf16 GEMM microkernels (same values; the projection
+    /// sums in another order, so a kv value can move by one bf16 ulp).
+    Fused,
+}
+
+/// One layer's weights: the table stays in its file; `wkv` stays fp8 until packed.
+#[derive(Debug, Clone)]
+pub struct V41Weights {
+    /// `embed.weight` + `embed.scale`.
+    pub table: Fp8Table,
+    /// `wkv.weight` F8_E4M3 `[(hc+1)·dim, memory width]`.
+    pub wkv: RawTensor,
+    /// `wkv.scale` F8_E8M0 `[(hc+1)·dim / 32, memory width / 32]`.
+    pub wkv_scale: RawTensor,
+    /// `q_weight` `[hc, dim]` (bf16, widened).
+    pub q_weight: Vec<f32>,
+    /// `k_weight` `[hc, dim]`.
+    pub k_weight: Vec<f32>,
+}
+
+fn expect(name: &str, t: &RawTensor, dtype: Dtype, shape: &[usize]) -> Result<()> {
+    if t.dtype != dtype {
+        return Err(EngramError::DType {
+            name: name.into(),
+            expected: format!("{dtype:?}"),
+            found: format!("{:?}", t.dtype),
+        });
+    }
+    if t.shape != shape {
+        return Err(EngramError::Shape {
+            name: name.into(),
+            expected: shape.to_vec(),
+            found: t.shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn bf16_vec(name: &str, t: &RawTensor, shape: &[usize]) -> Result<Vec<f32>> {
+    expect(name, t, Dtype::BF16, shape)?;
+    Ok(t.data()
+        .chunks_exact(2)
+        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect())
+}
+
+impl V41Weights {
+    /// Reads `layers.{layer}.engram.*` from a checkpoint (one file or a sharded folder),
+    /// checking every dtype and shape; the table keeps `rows` rows.
+    pub fn load(ck: &Checkpoint, cfg: &V41Config, layer: u64, rows: usize) -> Result<Self> {
+        let p = format!("layers.{layer}.engram");
+        let (kvw, mw, hc, dim) = (cfg.kv_width(), cfg.memory_width(), cfg.hc_mult, cfg.dim);
+        let table = Fp8Table::new(
+            &format!("{p}.embed.weight"),
+            ck.raw(&format!("{p}.embed.weight"))?,
+            ck.raw(&format!("{p}.embed.scale"))?,
+            rows,
+            cfg.head_dim,
+        )?;
+        let wkv = ck.raw(&format!("{p}.wkv.weight"))?;
+        expect(&format!("{p}.wkv.weight"), &wkv, Dtype::F8_E4M3, &[kvw, mw])?;
+        let wkv_scale = ck.raw(&format!("{p}.wkv.scale"))?;
+        expect(
+            &format!("{p}.wkv.scale"),
+            &wkv_scale,
+            Dtype::F8_E8M0,
+            &[kvw / BLOCK, mw / BLOCK],
+        )?;
+        let q_weight = bf16_vec(
+            &format!("{p}.q_weight"),
+            &ck.raw(&format!("{p}.q_weight"))?,
+            &[hc, dim],
+        )?;
+        let k_weight = bf16_vec(
+            &format!("{p}.k_weight"),
+            &ck.raw(&format!("{p}.k_weight"))?,
+            &[hc, dim],
+        )?;
+        Ok(V41Weights {
+            table,
+            wkv,
+            wkv_scale,
+            q_weight,
+            k_weight,
+        })
+    }
+}
+
+/// What later tokens of a sequence need: its last N-1 canonical ids ([`DEAD`] kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V41State {
+    /// Oldest first; all [`DEAD`] at a sequence's start.
+    pub history: Vec<i64>,
+    /// Tokens consumed.
+    pub position: u64,
+}
+
+/// Every stage of a V4.1 forward over packed rows (ragged batches are packed, B = 1).
+#[derive(Debug, Clone, Default)]
+pub struct V41Stages {
+    /// B.
+    pub batch: usize,
+    /// L.
+    pub len: usize,
+    /// Table row ids `[B, L, columns]` (offsets added).
+    pub hash_ids: Vec<i64>,
+    /// Dequantised rows `[B, L, memory width]` (bf16 values), when kept.
+    pub embeddings: Option<Vec<f32>>,
+    /// `kv` `[B, L, (hc+1)·dim]` (bf16 values: the keys of every branch, then the value), when
+    /// kept.
+    pub kv: Option<Vec<f32>>,
+    /// Gates `[B, L, hc]` (0 for dead tokens).
+    pub gates: Vec<f32>,
+    /// Output `[B, L, hc, dim]`, rounded to bf16 when the input was bf16.
+    pub output: Vec<f32>,
+}
+
+/// One V4.1 Engram layer.
+pub struct V41Layer {
+    cfg: V41Config,
+    layer_id: u64,
+    hashing: V41Hashing,
+    weights: V41Weights,
+    /// `f32(q_weight) · f32(k_weight)` `[hc, dim]`.
+    w_gate: Vec<f32>,
+    /// `wkv` dequantised into bf16 panels for the fused path, packed on first use.
+    packed: OnceLock<Projection>,
+}
+
+impl std::fmt::Debug for V41Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "V41Layer(layer {}, {} rows)",
+            self.layer_id,
+            self.weights.table.rows()
+        )
+    }
+}
+
+impl V41Layer {
+    /// Builds layer `layer` from its config, a compression table (whose canonical-id count
+    /// must equal `engram_compressed_vocab_size`) and a checkpoint.
+    pub fn load(
+        cfg: &V41Config,
+        compressed: Arc<CompressedTokenizer>,
+        ck: &Checkpoint,
+        layer: u64,
+    ) -> Result<Self> {
+        let hashing = V41Hashing::new(cfg, compressed, layer)?;
+        let rows = hashing.layer().table_rows() as usize;
+        let weights = V41Weights::load(ck, cfg, layer, rows)?;
+        Self::new(cfg.clone(), layer, hashing, weights)
+    }
+
+    /// Builds from parts (checked by [`V41Weights::load`]).
+    pub fn new(
+        cfg: V41Config,
+        layer_id: u64,
+        hashing: V41Hashing,
+        weights: V41Weights,
+    ) -> Result<Self> {
+        let w_gate = weights
+            .q_weight
+            .iter()
+            .zip(&weights.k_weight)
+            .map(|(q, k)| q * k)
+            .collect();
+        Ok(V41Layer {
+            cfg,
+            layer_id,
+            hashing,
+            weights,
+            w_gate,
+            packed: OnceLock::new(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &V41Config {
+        &self.cfg
+    }
+
+    /// The layer id.
+    pub fn layer_id(&self) -> u64 {
+        self.layer_id
+    }
+
+    /// Compression and hash parameters.
+    pub fn hashing(&self) -> &V41Hashing {
+        &self.hashing
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &V41Weights {
+        &self.weights
+    }
+
+    /// A sequence that has not started.
+    pub fn new_state(&self) -> V41State {
+        V41State {
+            history: vec![DEAD; self.hashing.history_len()],
+            position: 0,
+        }
+    }
+
+    /// The fused path's packed projection (bf16 panels; e4m3 · 2^e is exact in bf16).
+    pub fn projection(&self) -> &Projection {
+        self.packed.get_or_init(|| {
+            let (n, k) = (self.cfg.kv_width(), self.cfg.memory_width());
+            let codes = self.weights.wkv.data();
+            let scales = self.weights.wkv_scale.data();
+            let kb = k / BLOCK;
+            let w = |o: usize, i: usize| -> f32 {
+                e4m3_to_f32(codes[o * k + i]) * e8m0_to_f32(scales[(o / BLOCK) * kb + i / BLOCK])
+            };
+            Projection::pack_fn(
+                n,
+                k,
+                DType::Bf16,
+                crate::fused::proj::PanelKernel::for_isa(crate::fused::kernels::Isa::detect()),
+                &w,
+            )
+        })
+    }
+
+    /// `[B, L]` fresh sequences: raw `ids`, `hidden` `[B, L, hc, dim]` (bf16 values when
+    /// `bf16_out`, whose output is then rounded to bf16), optional `mask` `[B, L]` (false =
+    /// dead).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        ids: &[i64],
+        hidden: &[f32],
+        mask: Option<&[bool]>,
+        batch: usize,
+        len: usize,
+        bf16_out: bool,
+        path: V41Path,
+        keep: bool,
+    ) -> Result<V41Stages> {
+        let mut states: Vec<V41State> = (0..batch).map(|_| self.new_state()).collect();
+        let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
+        let mut s = self.forward_ragged(
+            &mut states,
+            ids,
+            hidden,
+            mask,
+            &offsets,
+            bf16_out,
+            path,
+            keep,
+        )?;
+        s.batch = batch;
+        s.len = len;
+        Ok(s)
+    }
+
+    /// Ragged batch: sequence s has rows `offsets[s]..offsets[s+1]` of the packed inputs and
+    /// its own state (read and updated). Returns packed stages (B = 1, L = T).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_ragged(
+        &self,
+        states: &mut [V41State],
+        ids: &[i64],
+        hidden: &[f32],
+        mask: Option<&[bool]>,
+        offsets: &[usize],
+        bf16_out: bool,
+        path: V41Path,
+        keep: bool,
+    ) -> Result<V41Stages> {
+        let (hc, dim) = (self.cfg.hc_mult, self.cfg.dim);
+        let total = ids.len();
+        if offsets.len() != states.len() + 1
+            || offsets.first() != Some(&0)
+            || offsets.last() != Some(&total)
+            || offsets.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err(EngramError::invalid(
+                "offsets",
+                format!(
+                    "{} non-decreasing offsets from 0 to {total}",
+                    states.len() + 1
+                ),
+                format!("{offsets:?}"),
+            ));
+        }
+        if hidden.len() != total * hc * dim {
+            return Err(EngramError::Shape {
+                name: "hidden_states".into(),
+                expected: vec![total, hc, dim],
+                found: vec![hidden.len()],
+            });
+        }
+        if let Some(m) = mask {
+            if m.len() != total {
+                return Err(EngramError::Shape {
+                    name: "token_mask".into(),
+                    expected: vec![total],
+                    found: vec![m.len()],
+                });
+            }
+        }
+        if let Some(index) = hidden.iter().position(|x| !x.is_finite()) {
+            return Err(EngramError::NonFinite {
+                name: "hidden_states".into(),
+                index,
+                value: hidden[index],
+            });
+        }
+        let n1 = self.hashing.history_len();
+        for st in states.iter() {
+            if st.history.len() != n1 {
+                return Err(EngramError::Shape {
+                    name: "state.history".into(),
+                    expected: vec![n1],
+                    found: vec![st.history.len()],
+                });
+            }
+        }
+        // Canonical ids (DEAD where masked) and row ids, sequence by sequence.
+        let cols = self.hashing.columns();
+        let mut hash_ids = vec![0i64; total * cols];
+        for (s, st) in states.iter_mut().enumerate() {
+            let (a, b) = (offsets[s], offsets[s + 1]);
+            let canon = self
+                .hashing
+                .canonical(&ids[a..b], mask.map(|m| &m[a..b]))
+                .map_err(|e| match e {
+                    EngramError::Invalid {
+                        name,
+                        expected,
+                        found,
+                    } => EngramError::Invalid {
+                        name: format!("sequence {s}: {name}"),
+                        expected,
+                        found,
+                    },
+                    e => e,
+                })?;
+            let h = self.hashing.hash_chunk(&mut st.history, &canon);
+            hash_ids[a * cols..b * cols].copy_from_slice(&h);
+            st.position += (b - a) as u64;
+        }
+        let alive = |t: usize| mask.is_none_or(|m| m[t]);
+        let (kvw, mw) = (self.cfg.kv_width(), self.cfg.memory_width());
+        let mut gates = vec![0.0f32; total * hc];
+        let mut output = vec![0.0f32; total * hc * dim];
+        let mut emb_keep = keep.then(|| vec![0.0f32; total * mw]);
+        let mut kv_keep = keep.then(|| vec![0.0f32; total * kvw]);
+        // Tiles of rows: gather + requantise, project, gate. The fused path projects a tile
+        // with every core (each weight read once per tile).
+        const TILE: usize = 256;
+        let mut x = vec![0.0f32; TILE.min(total) * mw];
+        let mut kv = vec![0.0f32; TILE.min(total) * kvw];
+        for t0 in (0..total).step_by(TILE) {
+            let rows = TILE.min(total - t0);
+            let x = &mut x[..rows * mw];
+            let kv = &mut kv[..rows * kvw];
+            x.par_chunks_mut(mw).enumerate().for_each(|(r, xr)| {
+                self.gather(&hash_ids[(t0 + r) * cols..(t0 + r + 1) * cols], xr);
+            });
+            if let Some(e) = emb_keep.as_mut() {
+                e[t0 * mw..(t0 + rows) * mw].copy_from_slice(x);
+            }
+            match path {
+                V41Path::Reference => self.project_reference(x, kv),
+                V41Path::Fused => {
+                    x.par_chunks_mut(mw).for_each(|xr| {
+                        for b in xr.chunks_mut(BLOCK) {
+                            fp8::requantize_block(b);
+                        }
+                    });
+                    self.projection()
+                        .matmul(x, rows, kv, rayon::current_num_threads());
+                    kv.par_iter_mut().for_each(|v| *v = round_bf16(*v));
+                }
+            }
+            if let Some(k) = kv_keep.as_mut() {
+                k[t0 * kvw..(t0 + rows) * kvw].copy_from_slice(kv);
+            }
+            let g = &mut gates[t0 * hc..(t0 + rows) * hc];
+            let o = &mut output[t0 * hc * dim..(t0 + rows) * hc * dim];
+            g.par_chunks_mut(hc)
+                .zip(o.par_chunks_mut(hc * dim))
+                .enumerate()
+                .for_each(|(r, (g, o))| {
+                    let t = t0 + r;
+                    let h = &hidden[t * hc * dim..(t + 1) * hc * dim];
+                    self.gate_token(h, &kv[r * kvw..(r + 1) * kvw], alive(t), bf16_out, g, o);
+                });
+        }
+        Ok(V41Stages {
+            batch: 1,
+            len: total,
+            hash_ids,
+            embeddings: emb_keep,
+            kv: kv_keep,
+            gates,
+            output,
+        })
+    }
+
+    /// The dequantised rows of one token's columns, concatenated: `[memory width]`.
+    fn gather(&self, row_ids: &[i64], out: &mut [f32]) {
+        let hd = self.cfg.head_dim;
+        for (j, &r) in row_ids.iter().enumerate() {
+            self.weights
+                .table
+                .row_into(r as usize, &mut out[j * hd..(j + 1) * hd]);
+        }
+    }
+
+    /// The reference's fp8 GEMM, plainly: each token's rows re-quantised per 32 values
+    /// (scale 2^ceil(log2(amax/448))), then for every output, per 32-wide k block an f32 sum
+    /// of code products times both block scales, blocks accumulated in f32, rounded to bf16.
+    fn project_reference(&self, x: &[f32], kv: &mut [f32]) {
+        let (n, k) = (self.cfg.kv_width(), self.cfg.memory_width());
+        let kb = k / BLOCK;
+        let codes = self.weights.wkv.data();
+        let wscale = self.weights.wkv_scale.data();
+        kv.par_chunks_mut(n)
+            .zip(x.par_chunks(k))
+            .for_each(|(y, xr)| {
+                let mut xq = xr.to_vec();
+                let mut xs = vec![0.0f32; kb];
+                for (b, blk) in xq.chunks_mut(BLOCK).enumerate() {
+                    xs[b] = fp8::requantize_block(blk);
+                    for v in blk.iter_mut() {
+                        *v /= xs[b]; // the block's e4m3 code values
+                    }
+                }
+                for (o, yo) in y.iter_mut().enumerate() {
+                    let wrow = &codes[o * k..(o + 1) * k];
+                    let mut acc = 0.0f32;
+                    for b in 0..kb {
+                        let mut s = 0.0f32;
+                        for i in b * BLOCK..(b + 1) * BLOCK {
+                            s += xq[i] * e4m3_to_f32(wrow[i]);
+                        }
+                        acc += s * xs[b] * e8m0_to_f32(wscale[(o / BLOCK) * kb + b]);
+                    }
+                    *yo = round_bf16(acc);
+                }
+            });
+    }
+
+    /// Gates and output of one token: per branch h, `rstd = rsqrt(mean(h²)+eps) ·
+    /// rsqrt(mean(key²)+eps)`, `dot = Σ h·w·key · rstd / sqrt(dim)`, `g = sigmoid(copysign(
+    /// sqrt(max(|dot|, 1e-6)), dot))` (0 for a dead token), `out = h + g · value` in f32.
+    fn gate_token(
+        &self,
+        h: &[f32],
+        kv: &[f32],
+        alive: bool,
+        bf16_out: bool,
+        g: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let (hc, dim) = (self.cfg.hc_mult, self.cfg.dim);
+        let eps = self.cfg.norm_eps;
+        let value = &kv[hc * dim..];
+        for b in 0..hc {
+            let hb = &h[b * dim..(b + 1) * dim];
+            let key = &kv[b * dim..(b + 1) * dim];
+            let gate = if alive {
+                let w = &self.w_gate[b * dim..(b + 1) * dim];
+                let (mut hh, mut kk, mut dot) = (0.0f32, 0.0f32, 0.0f32);
+                for j in 0..dim {
+                    hh += hb[j] * hb[j];
+                    kk += key[j] * key[j];
+                    dot += hb[j] * w[j] * key[j];
+                }
+                let rstd =
+                    (1.0 / (hh / dim as f32 + eps).sqrt()) * (1.0 / (kk / dim as f32 + eps).sqrt());
+                let d = dot * rstd / (dim as f32).sqrt();
+                let s = d.abs().max(GATE_CLAMP).sqrt().copysign(d);
+                1.0 / (1.0 + (-s).exp())
+            } else {
+                0.0
+            };
+            g[b] = gate;
+            let ob = &mut o[b * dim..(b + 1) * dim];
+            if !alive {
+                ob.copy_from_slice(hb); // a dead token's stream passes through untouched
+                continue;
+            }
+            for j in 0..dim {
+                let y = hb[j] + gate * value[j];
+                ob[j] = if bf16_out { round_bf16(y) } else { y };
+            }
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The DeepSeek-V4.1 layer against what the checkpoint's own reference code produced
+//! (`testdata/golden/v41`, copied from shared/golden/v41): config spellings, the published
+//! geometry, every stage of both layers on both paths, chunking, dead spans across chunks,
+//! sharded checkpoints, a sparse real-size table, and the errors.
+
+mod common;
+use common::*;
+use engram::tensors::TensorFile;
+use engram::v41::{
+    config::V41Config, fp8, hashing::layer_params, Checkpoint, V41Layer, V41Path, DEAD,
+};
+
+fn v41(name: &str) -> std::path::PathBuf {
+    golden(&format!("v41/{name}"))
+}
+
+fn cfg() -> V41Config {
+    V41Config::from_json_file(v41("v41_small.config.json")).unwrap()
+}
+
+fn layer(l: u64) -> V41Layer {
+    let ck = Checkpoint::open(v41("v41_small.weights.safetensors")).unwrap();
+    V41Layer::load(&cfg(), compression(), &ck, l).unwrap()
+}
+
+struct Case {
+    ids: Vec<i64>,
+    hidden: Vec<f32>,
+    mask: Vec<bool>,
+    b: usize,
+    l: usize,
+}
+
+fn case() -> (TensorFile, Case) {
+    let f = TensorFile::open(v41("v41_small.cases.safetensors")).unwrap();
+    let ids = f.i64("input_ids", Some(&[2, 30])).unwrap().data;
+    let hidden = f.f32("hidden_states", Some(&[2, 30, 4, 256])).unwrap().data;
+    let raw = f.raw("token_mask").unwrap();
+    let mask = raw.data().iter().map(|&m| m != 0).collect();
+    (
+        f,
+        Case {
+            ids,
+            hidden,
+            mask,
+            b: 2,
+            l: 30,
+        },
+    )
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Count of values whose bits differ, and the largest difference in bf16 ulps.
+fn ulps(got: &[f32], want: &[f32]) -> (usize, u32) {
+    assert_eq!(got.len(), want.len());
+    let mut same = 0;
+    let mut worst = 0;
+    for (a, b) in got.iter().zip(want) {
+        let (x, y) = ((a.to_bits() >> 16) as i32, (b.to_bits() >> 16) as i32);
+        let d = if (x < 0) == (y < 0) {
+            (x - y).unsigned_abs()
+        } else {
+            u32::MAX
+        };
+        if a.to_bits() == b.to_bits() {
+            same += 1;
+        }
+        worst = worst.max(if a == b { 0 } else { d.min(1 << 16) });
+    }
+    (got.len() - same, worst)
+}
+
+#[test]
+fn config_spellings_and_published_geometry() {
+    let c = cfg();
+    assert_eq!(
+        (c.dim, c.hc_mult, c.columns(), c.memory_width()),
+        (256, 4, 6, 192)
+    );
+    let text = std::fs::read_to_string(v41("v41_small.config.json")).unwrap();
+    let hf = text
+        .replace("\"dim\"", "\"hidden_size\"")
+        .replace("\"norm_eps\"", "\"rms_norm_eps\"")
+        .replace("\"engram_pad_id\"", "\"engram_pad_token_id\"");
+    assert_eq!(V41Config::from_json_str(&hf).unwrap(), c);
+    // The published V4.1 geometry, from the config alone.
+    let real = V41Config::from_json_str(
+        r#"{"dim": 5120, "hc_mult": 4, "norm_eps": 1e-20, "engram_layer_ids": [1, 14],
+        "engram_vocab_size": 16000000, "engram_num_embeddings": [384006168, 384016682],
+        "engram_max_ngram_size": 4, "engram_pad_id": 2, "engram_compressed_vocab_size": 99092,
+        "engram_n_heads": 8, "engram_head_dim": 256}"#,
+    )
+    .unwrap();
+    let f = TensorFile::open(v41("v41_small.cases.safetensors")).unwrap();
+    for (p, l) in layer_params(&real).unwrap().iter().zip([1, 14]) {
+        let primes: Vec<i64> = p.params.head_sizes().iter().map(|&x| x as i64).collect();
+        assert_eq!(
+            primes,
+            f.i64(&format!("real.l{l}.primes"), None).unwrap().data
+        );
+        assert_eq!(
+            p.offsets,
+            f.i64(&format!("real.l{l}.offsets"), None).unwrap().data
+        );
+        assert_eq!(
+            p.params.multipliers,
+            f.i64(&format!("real.l{l}.multipliers"), None).unwrap().data
+        );
+    }
+    for (p, l) in layer_params(&c).unwrap().iter().zip([1, 14]) {
+        let primes: Vec<i64> = p.params.head_sizes().iter().map(|&x| x as i64).collect();
+        assert_eq!(primes, f.i64(&format!("l{l}.primes"), None).unwrap().data);
+        assert_eq!(
+            p.offsets,
+            f.i64(&format!("l{l}.offsets"), None).unwrap().data
+        );
+        assert_eq!(
+            p.params.multipliers,
+            f.i64(&format!("l{l}.multipliers"), None).unwrap().data
+        );
+    }
+}
+
+#[test]
+fn every_stage_of_both_layers_on_both_paths() {
+    let (f, c) = case();
+    for l in [1u64, 14] {
+        let layer = layer(l);
+        for path in [V41Path::Reference, V41Path::Fused] {
+            let s = layer
+                .forward(&c.ids, &c.hidden, Some(&c.mask), c.b, c.l, true, path, true)
+                .unwrap();
+            let tag = format!("layer {l} {path:?}");
+            assert_eq!(
+                s.hash_ids,
+                f.i64(&format!("l{l}.hash_ids"), None).unwrap().data,
+                "{tag} hash_ids"
+            );
+            let emb = f.f32(&format!("l{l}.embeddings"), None).unwrap().data;
+            assert_eq!(
+                bits(s.embeddings.as_ref().unwrap()),
+                bits(&emb),
+                "{tag} embeddings"
+            );
+            let kv = f.f32(&format!("l{l}.kv"), None).unwrap().data;
+            let (same_kv, ulp_kv) = ulps(s.kv.as_ref().unwrap(), &kv);
+            let gates = f.f32(&format!("l{l}.gates"), None).unwrap().data;
+            let (gerr, _) = max_abs_diff(&s.gates, &gates);
+            let out = f.f32(&format!("l{l}.output"), None).unwrap().data;
+            let (same_out, ulp_out) = ulps(&s.output, &out);
+            println!(
+                "v41 {tag}: hash_ids exact, embeddings exact, kv {same_kv} of {} differ (max {ulp_kv} ulp), gates max |err| {gerr:.2e}, output {same_out} of {} differ (max {ulp_out} bf16 ulp)",
+                kv.len(),
+                out.len()
+            );
+            assert!(ulp_kv <= 1, "{tag} kv off by {ulp_kv} ulp");
+            assert!(gerr <= 1e-3, "{tag} gates {gerr}");
+            // Within 2^-6 relative: a bf16 output differs by at most 2 ulps.
+            assert!(ulp_out <= 2, "{tag} output off by {ulp_out} ulp");
+            // Dead tokens: gate 0 and the hidden state back bit for bit.
+            for (t, &alive) in c.mask.iter().enumerate() {
+                if !alive {
+                    assert!(s.gates[t * 4..t * 4 + 4].iter().all(|&g| g == 0.0));
+                    assert_eq!(
+                        bits(&s.output[t * 1024..(t + 1) * 1024]),
+                        bits(&c.hidden[t * 1024..(t + 1) * 1024])
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Random chunk splits (dead spans crossing chunk boundaries included) equal one shot, on
+/// both paths; the reference's own hash cache agreed for 1+29, 9+1+1+19, 7+7+7+9.
+#[test]
+fn chunked_equals_one_shot() {
+    let (_, c) = case();
+    let layer = layer(14);
+    let w = 4 * 256;
+    for path in [V41Path::Reference, V41Path::Fused] {
+        let whole = layer
+            .forward(
+                &c.ids,
+                &c.hidden,
+                Some(&c.mask),
+                c.b,
+                c.l,
+                true,
+                path,
+                false,
+            )
+            .unwrap();
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        for splits in [
+            vec![1, 29],
+            vec![9, 1, 1, 19],
+            vec![7, 7, 7, 9],
+            vec![8, 3, 19],
+        ]
+        .into_iter()
+        .chain((0..4).map(|_| {
+            // A random split of 30.
+            let mut v = Vec::new();
+            let mut left = 30;
+            while left > 0 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let n = 1 + (seed % left as u64) as usize;
+                v.push(n);
+                left -= n;
+            }
+            v
+        })) {
+            for s in 0..c.b {
+                let mut st = layer.new_state();
+                let mut at = 0;
+                let mut hashes = Vec::new();
+                let mut out = Vec::new();
+                for &n in &splits {
+                    let r = s * c.l + at;
+                    let part = layer
+                        .forward_ragged(
+                            std::slice::from_mut(&mut st),
+                            &c.ids[r..r + n],
+                            &c.hidden[r * w..(r + n) * w],
+                            Some(&c.mask[r..r + n]),
+                            &[0, n],
+                            true,
+                            path,
+                            false,
+                        )
+                        .unwrap();
+                    hashes.extend(part.hash_ids);
+                    out.extend(part.output);
+                    at += n;
+                }
+                assert_eq!(
+                    hashes,
+                    whole.hash_ids[s * 30 * 6..(s + 1) * 30 * 6],
+                    "{splits:?}"
+                );
+                assert_eq!(
+                    bits(&out),
+                    bits(&whole.output[s * 30 * w..(s + 1) * 30 * w]),
+                    "{path:?} {splits:?}"
+                );
+                assert_eq!(st.position, 30);
+            }
+        }
+    }
+}
+
+#[test]
+fn sharded_checkpoint_reads_the_same_and_names_missing_keys() {
+    let dir = tmp_dir("v41-sharded");
+    let src = TensorFile::open(v41("v41_small.weights.safetensors")).unwrap();
+    // Two shards by layer, written with the safetensors crate from the raw bytes.
+    let mut index = serde_json::Map::new();
+    for (shard, l) in [
+        ("model-00001-of-00002.safetensors", 1),
+        ("model-00002-of-00002.safetensors", 14),
+    ] {
+        let names: Vec<String> = src
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("layers.{l}.")))
+            .collect();
+        let raws: Vec<_> = names.iter().map(|n| src.raw(n).unwrap()).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = names
+            .iter()
+            .zip(&raws)
+            .map(|(n, r)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(r.dtype, r.shape.clone(), r.data())
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(shard)).unwrap();
+        for n in names {
+            index.insert(n, serde_json::Value::String(shard.into()));
+        }
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": index}).to_string(),
+    )
+    .unwrap();
+    let (_, c) = case();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let from_shards = V41Layer::load(&cfg(), compression(), &ck, 14).unwrap();
+    let a = from_shards
+        .forward(
+            &c.ids,
+            &c.hidden,
+            Some(&c.mask),
+            2,
+            30,
+            true,
+            V41Path::Reference,
+            false,
+        )
+        .unwrap();
+    let b = layer(14)
+        .forward(
+            &c.ids,
+            &c.hidden,
+            Some(&c.mask),
+            2,
+            30,
+            true,
+            V41Path::Reference,
+            false,
+        )
+        .unwrap();
+    assert_eq!(bits(&a.output), bits(&b.output));
+    // A key the index lacks, and a shard that lost a key.
+    let mut text = std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap();
+    text = text.replace(
+        "\"layers.14.engram.q_weight\"",
+        "\"layers.14.engram.q_weight_gone\"",
+    );
+    std::fs::write(dir.join("model.safetensors.index.json"), text).unwrap();
+    let e =
+        V41Layer::load(&cfg(), compression(), &Checkpoint::open(&dir).unwrap(), 14).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("layers.14.engram.q_weight") && msg.contains("index.json"),
+        "{msg}"
+    );
+}
+
+/// A table of the real shape `[384006168, 256]` (+ scales) as a sparse file of a few MB:
+/// opens at once, reads back the written rows, and touching a row maps in only that row.
+#[test]
+fn sparse_real_size_table_reads_back_written_rows() {
+    let rows: usize = 384_006_168;
+    let dir = tmp_dir("v41-sparse");
+    let path = dir.join("table.safetensors");
+    let wname = "layers.1.engram.embed.weight";
+    let sname = "layers.1.engram.embed.scale";
+    let wbytes = rows * 256;
+    let header = serde_json::json!({
+        wname: {"dtype": "F8_E4M3", "shape": [rows, 256], "data_offsets": [0, wbytes]},
+        sname: {"dtype": "F8_E8M0", "shape": [rows, 8], "data_offsets": [wbytes, wbytes + rows * 8]},
+    })
+    .to_string();
+    let mut h = header.into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(&h).unwrap();
+    let base = 8 + h.len() as u64;
+    f.set_len(base + (wbytes + rows * 8) as u64).unwrap();
+    let probe = [0usize, 1, 123_456_789, rows - 1];
+    for (i, &r) in probe.iter().enumerate() {
+        let codes: Vec<u8> = (0..256).map(|j| ((j * 7 + i * 13) % 0x7E) as u8).collect();
+        f.seek(SeekFrom::Start(base + (r * 256) as u64)).unwrap();
+        f.write_all(&codes).unwrap();
+        f.seek(SeekFrom::Start(base + (wbytes + r * 8) as u64))
+            .unwrap();
+        f.write_all(&[120 + i as u8; 8]).unwrap();
+    }
+    drop(f);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            on_disk < 64 << 20,
+            "the test file is sparse ({on_disk} bytes on disk)"
+        );
+    }
+    let rss = || -> Option<u64> {
+        let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+        Some(s.split_whitespace().nth(1)?.parse::<u64>().ok()? * 4096)
+    };
+    let before = rss();
+    let ck = Checkpoint::open(&path).unwrap();
+    let table = fp8::Fp8Table::new(
+        wname,
+        ck.raw(wname).unwrap(),
+        ck.raw(sname).unwrap(),
+        rows,
+        256,
+    )
+    .unwrap();
+    let mut row = vec![0.0f32; 256];
+    for (i, &r) in probe.iter().enumerate() {
+        table.row_into(r, &mut row);
+        let scale = 2f32.powi(120 + i as i32 - 127);
+        for (j, &v) in row.iter().enumerate() {
+            let code = ((j * 7 + i * 13) % 0x7E) as u8;
+            assert_eq!(
+                v,
+                fp8::round_bf16(fp8::e4m3_to_f32(code) * scale),
+                "row {r} col {j}"
+            );
+        }
+    }
+    table.row_into(777, &mut row);
+    assert!(
+        row.iter().all(|&v| v == 0.0),
+        "an unwritten row reads as zeros"
+    );
+    if let (Some(a), Some(b)) = (before, rss()) {
+        assert!(
+            b.saturating_sub(a) < 64 << 20,
+            "RSS grew by {} bytes",
+            b - a
+        );
+    }
+}
+
+#[test]
+fn errors_name_what_differs() {
+    // The tokenizer's compression count must equal engram_compressed_vocab_size.
+    let text = std::fs::read_to_string(v41("v41_small.config.json"))
+        .unwrap()
+        .replace("98627", "99092");
+    let c = V41Config::from_json_str(&text).unwrap();
+    let ck = Checkpoint::open(v41("v41_small.weights.safetensors")).unwrap();
+    let msg = V41Layer::load(&c, compression(), &ck, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("98627") && msg.contains("99092") && msg.contains("--tokenizer"),
+        "{msg}"
+    );
+    // engram_num_embeddings must be the sum of the layer's primes.
+    let text = std::fs::read_to_string(v41("v41_small.config.json"))
+        .unwrap()
+        .replace("6126", "6127");
+    let c = V41Config::from_json_str(&text).unwrap();
+    let msg = layer_params(&c).unwrap_err().to_string();
+    assert!(
+        msg.contains("engram_num_embeddings[0]") && msg.contains("6126"),
+        "{msg}"
+    );
+    // A layer the config does not carry.
+    let msg = V41Layer::load(&cfg(), compression(), &ck, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("[1, 14]"), "{msg}");
+    // A dead token's id is never looked up; a live id outside the tokenizer is an error.
+    let l = layer(1);
+    let h = vec![0.5f32; 2 * 1024];
+    assert!(l
+        .forward(
+            &[0, 99_999_999],
+            &h,
+            Some(&[true, false]),
+            1,
+            2,
+            true,
+            V41Path::Reference,
+            false
+        )
+        .is_ok());
+    let msg = l
+        .forward(
+            &[0, 99_999_999],
+            &h,
+            None,
+            1,
+            2,
+            true,
+            V41Path::Reference,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("input_ids[1]"), "{msg}");
+    assert_eq!(l.new_state().history, vec![DEAD; 3]);
+}
