@@ -352,7 +352,7 @@ fn sparse_real_size_table_reads_back_written_rows() {
     })
     .to_string();
     let mut h = header.into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     use std::io::{Seek, SeekFrom, Write};
