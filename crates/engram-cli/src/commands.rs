@@ -15,11 +15,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
-    match path {
-        Some(p) => Ok(EngramConfig::from_json_file(p)?),
-        None => Ok(EngramConfig::default()),
+/// The demo-layer config (default when omitted), with the global `--tokenizer` applied.
+pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
+    let mut cfg = match path {
+        Some(p) => EngramConfig::from_json_file(p)?,
+        None => EngramConfig::default(),
+    };
+    if let Some(t) = crate::v41::tokenizer_override() {
+        cfg.tokenizer_name_or_path = t.to_string_lossy().into_owned();
     }
+    Ok(cfg)
 }
 
 /// Where the input ids come from: an inputs file or a text.
@@ -150,10 +155,38 @@ pub struct ForwardArgs {
     /// cpu or cuda (the GPU: NVRTC kernels + cuBLAS; `[B, L]` inputs, not ragged ones).
     #[arg(long, default_value = "cpu")]
     device: crate::cuda::Device,
+    /// Which layer to run: one of the config's layer ids (required for a DeepSeek-V4.1
+    /// config; overrides `layer_id` of a demo config).
+    #[arg(long)]
+    layer: Option<u64>,
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
-    let cfg = load_config(&a.config)?;
+    if let Some(v) = crate::v41::detect(a.config.as_deref())? {
+        if a.device == crate::cuda::Device::Cuda {
+            bail!("--device cuda: the CUDA backend runs the demo layer; DeepSeek-V4.1 layers run on the CPU");
+        }
+        let f = crate::v41::Forward {
+            config_path: a.config.as_deref().unwrap_or(Path::new("")),
+            weights: &a.weights,
+            inputs: a.src.inputs.as_deref(),
+            text: a.src.text.as_deref(),
+            no_bos: a.src.no_bos,
+            random_hidden: a.random_hidden,
+            out: &a.out,
+            path: &a.path,
+            chunk: a.chunk,
+            state_in: a.state_in.as_deref(),
+            state_out: a.state_out.as_deref(),
+            all_stages: a.all_stages,
+            layer: a.layer,
+        };
+        return crate::v41::forward(f, v);
+    }
+    let mut cfg = load_config(&a.config)?;
+    if let Some(l) = a.layer {
+        cfg.layer_id = l;
+    }
     let path: ForwardPath = a.path.parse()?;
     let dtype: DType = a.dtype.parse()?;
     if a.chunk == Some(0) {
@@ -401,6 +434,45 @@ pub struct HashArgs {
 }
 
 pub fn hash(a: HashArgs) -> Result<ExitCode> {
+    if let Some(v) = crate::v41::detect(a.config.as_deref())? {
+        Files::new()
+            .input("--config", a.config.as_deref())
+            .input("--inputs", a.src.inputs.as_deref())
+            .output("--out", Some(&a.out))
+            .check()?;
+        check_id_source(&a.src)?;
+        let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+        let (ids, b, l) = match (&a.src.text, &inputs) {
+            (Some(t), _) => {
+                let ids = crate::v41::tokenizer()?.encode(t, !a.src.no_bos)?;
+                if ids.is_empty() {
+                    bail!("--text: the text tokenizes to no ids; give a non-empty text");
+                }
+                let l = ids.len();
+                (ids, 1, l)
+            }
+            (None, Some(f)) => {
+                let (b, l) = batch_shape(f)?;
+                (f.i64("input_ids", Some(&[b, l]))?.data, b, l)
+            }
+            (None, None) => bail!("give --inputs (with `input_ids`) or --text"),
+        };
+        let mask = match &inputs {
+            Some(f) if f.contains("token_mask") => {
+                let raw = f.raw("token_mask")?;
+                if raw.shape.iter().product::<usize>() != b * l {
+                    bail!(
+                        "tensor `token_mask` in {}: expected [{b}, {l}] like input_ids, found {:?}",
+                        f.path().display(),
+                        raw.shape
+                    );
+                }
+                Some(raw.data().iter().map(|&m| m != 0).collect::<Vec<bool>>())
+            }
+            _ => None,
+        };
+        return crate::v41::hash(v, &ids, mask.as_deref(), b, l, &a.out);
+    }
     let cfg = load_config(&a.config)?;
     Files::new()
         .config(a.config.as_deref(), &cfg.tokenizer_name_or_path)

@@ -5,6 +5,7 @@ mod commands;
 mod cuda;
 mod demo;
 mod guard;
+mod v41;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,6 +22,10 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Tokenizer: a tokenizer.json or a folder with one (default: the config's
+    /// tokenizer_name_or_path; for DeepSeek-V4.1 configs the bundled DeepSeek-V3 one).
+    #[arg(long, global = true, value_name = "PATH")]
+    tokenizer: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,11 +53,15 @@ enum Command {
     /// Compile every CUDA kernel with NVRTC (no GPU needed): one line per kernel with its
     /// registers, stack and spills.
     CudaKernels(cuda::KernelArgs),
+    /// Primes, offsets and multipliers of every layer of a DeepSeek-V4.1 config (no tokenizer
+    /// needed: the multipliers are drawn against engram_compressed_vocab_size).
+    HashParams(v41::HashParamsArgs),
 }
 
 fn main() -> ExitCode {
     guard::default_sigpipe();
     let cli = Cli::parse();
+    v41::set_tokenizer(cli.tokenizer.clone());
     // --threads, else RAYON_NUM_THREADS, else all cores; capped at a multiple of the cores.
     let requested = cli.threads.or_else(|| {
         std::env::var("RAYON_NUM_THREADS")
@@ -87,6 +96,7 @@ fn main() -> ExitCode {
         Command::Weights(a) => commands::weights(a),
         Command::Compare(a) => commands::compare(a),
         Command::CudaKernels(a) => cuda::kernels(a),
+        Command::HashParams(a) => v41::hash_params(a),
     };
     match result {
         Ok(code) => code,

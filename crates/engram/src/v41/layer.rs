@@ -519,3 +519,163 @@ impl V41Layer {
         }
     }
 }
+
+impl V41Layer {
+    /// Every sequence in chunks of `chunk` tokens with carried state (all sequences' i-th
+    /// chunks as one ragged call), reassembled in the packed order of `offsets`: the same
+    /// outputs as one call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_chunked(
+        &self,
+        states: &mut [V41State],
+        ids: &[i64],
+        hidden: &[f32],
+        mask: Option<&[bool]>,
+        offsets: &[usize],
+        chunk: usize,
+        bf16_out: bool,
+        path: V41Path,
+        keep: bool,
+    ) -> Result<V41Stages> {
+        if chunk == 0 {
+            return Err(EngramError::invalid("chunk", "a chunk length >= 1", 0));
+        }
+        let total = ids.len();
+        let (hc, dim) = (self.cfg.hc_mult, self.cfg.dim);
+        let w = hc * dim;
+        let (cols, mw, kvw) = (
+            self.hashing.columns(),
+            self.cfg.memory_width(),
+            self.cfg.kv_width(),
+        );
+        if offsets.len() != states.len() + 1 || offsets.last() != Some(&total) {
+            // forward_ragged names the problem in full.
+            return self.forward_ragged(states, ids, hidden, mask, offsets, bf16_out, path, keep);
+        }
+        let mut out = V41Stages {
+            batch: 1,
+            len: total,
+            hash_ids: vec![0; total * cols],
+            embeddings: keep.then(|| vec![0.0; total * mw]),
+            kv: keep.then(|| vec![0.0; total * kvw]),
+            gates: vec![0.0; total * hc],
+            output: vec![0.0; total * w],
+        };
+        let longest = offsets
+            .windows(2)
+            .map(|p| p[1].saturating_sub(p[0]))
+            .max()
+            .unwrap_or(0);
+        let mut start = 0;
+        while start < longest {
+            // Rows (in the packed order) of every sequence's chunk at `start`.
+            let mut rows: Vec<(usize, usize)> = Vec::new();
+            let (mut cid, mut chid, mut cmask) = (Vec::new(), Vec::new(), Vec::new());
+            let mut coff = vec![0usize];
+            for s in 0..states.len() {
+                let (a, b) = (offsets[s], offsets[s + 1]);
+                let (lo, hi) = ((a + start).min(b), (a + start + chunk).min(b));
+                rows.push((lo, hi));
+                cid.extend_from_slice(&ids[lo..hi]);
+                chid.extend_from_slice(&hidden[lo * w..hi * w]);
+                if let Some(m) = mask {
+                    cmask.extend_from_slice(&m[lo..hi]);
+                }
+                coff.push(cid.len());
+            }
+            let part = self.forward_ragged(
+                states,
+                &cid,
+                &chid,
+                mask.map(|_| cmask.as_slice()),
+                &coff,
+                bf16_out,
+                path,
+                keep,
+            )?;
+            for (s, &(lo, hi)) in rows.iter().enumerate() {
+                let p = coff[s];
+                let n = hi - lo;
+                out.hash_ids[lo * cols..hi * cols]
+                    .copy_from_slice(&part.hash_ids[p * cols..(p + n) * cols]);
+                out.gates[lo * hc..hi * hc].copy_from_slice(&part.gates[p * hc..(p + n) * hc]);
+                out.output[lo * w..hi * w].copy_from_slice(&part.output[p * w..(p + n) * w]);
+                if let (Some(o), Some(e)) = (out.embeddings.as_mut(), part.embeddings.as_ref()) {
+                    o[lo * mw..hi * mw].copy_from_slice(&e[p * mw..(p + n) * mw]);
+                }
+                if let (Some(o), Some(e)) = (out.kv.as_mut(), part.kv.as_ref()) {
+                    o[lo * kvw..hi * kvw].copy_from_slice(&e[p * kvw..(p + n) * kvw]);
+                }
+            }
+            start += chunk;
+        }
+        Ok(out)
+    }
+
+    /// Writes the states of a batch: `history` int64 `[S, N-1]` (dead = i64::MIN),
+    /// `position` int64 `[S]`; metadata names the variant and the layer.
+    pub fn save_states(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        states: &[V41State],
+    ) -> Result<()> {
+        let n1 = self.hashing.history_len();
+        let hist: Vec<i64> = states
+            .iter()
+            .flat_map(|s| s.history.iter().copied())
+            .collect();
+        let pos: Vec<i64> = states.iter().map(|s| s.position as i64).collect();
+        let mut w = crate::tensors::TensorWriter::new();
+        w.i64("history", &[states.len(), n1], &hist);
+        w.i64("position", &[states.len()], &pos);
+        w.meta("engram_variant", "deepseek-v4.1");
+        w.meta("engram_layer", self.layer_id.to_string());
+        w.meta("engram_max_ngram_size", self.cfg.max_ngram_size.to_string());
+        w.write(path)
+    }
+
+    /// Reads states written by [`V41Layer::save_states`] for this layer.
+    pub fn load_states(&self, path: impl AsRef<std::path::Path>) -> Result<Vec<V41State>> {
+        let f = crate::tensors::TensorFile::open(path)?;
+        let where_ = format!("states in {}", f.path().display());
+        let meta = |k: &str| f.metadata().get(k).cloned().unwrap_or_default();
+        if meta("engram_variant") != "deepseek-v4.1" {
+            return Err(EngramError::invalid(
+                where_,
+                "`engram_variant: deepseek-v4.1` metadata (written by --state-out on a V4.1 layer)",
+                format!("{:?}", meta("engram_variant")),
+            ));
+        }
+        if meta("engram_layer") != self.layer_id.to_string() {
+            return Err(EngramError::invalid(
+                where_,
+                format!("states of layer {}", self.layer_id),
+                format!("layer {}", meta("engram_layer")),
+            ));
+        }
+        let n1 = self.hashing.history_len();
+        let pos = f.i64("position", None)?;
+        if pos.shape.len() != 1 {
+            return Err(EngramError::Shape {
+                name: "position".into(),
+                expected: vec![0],
+                found: pos.shape,
+            });
+        }
+        let s = pos.shape[0];
+        let hist = f.i64("history", Some(&[s, n1]))?;
+        hist.data
+            .chunks_exact(n1.max(1))
+            .zip(&pos.data)
+            .map(|(h, &p)| {
+                if p < 0 {
+                    return Err(EngramError::invalid("position", "a count >= 0", p));
+                }
+                Ok(V41State {
+                    history: h.to_vec(),
+                    position: p as u64,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,344 @@
+//! DeepSeek-V4.1 configs behind the CLI's commands: `forward`, `hash` and `hash-params` take a
+//! V4.1 model config (recognised by `engram_layer_ids`) and a checkpoint.
+
+use crate::guard::Files;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use engram::tensors::{TensorFile, TensorWriter};
+use engram::v41::hashing::layer_params;
+use engram::v41::{Checkpoint, V41Config, V41Hashing, V41Layer, V41Path, V41State};
+use engram::{CompressedTokenizer, Tokenizer};
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+
+static TOKENIZER: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Records the global `--tokenizer` (once, from `main`).
+pub fn set_tokenizer(p: Option<PathBuf>) {
+    let _ = TOKENIZER.set(p);
+}
+
+/// The global `--tokenizer`, if given.
+pub fn tokenizer_override() -> Option<&'static Path> {
+    TOKENIZER.get().and_then(|p| p.as_deref())
+}
+
+/// The tokenizer for a V4.1 layer: `--tokenizer`, else the bundled DeepSeek-V3 one.
+pub fn tokenizer() -> Result<Tokenizer> {
+    Ok(match tokenizer_override() {
+        Some(p) => Tokenizer::from_name_or_path(&p.to_string_lossy())?,
+        None => Tokenizer::bundled()?,
+    })
+}
+
+fn compression() -> Result<Arc<CompressedTokenizer>> {
+    Ok(Arc::new(CompressedTokenizer::build(&tokenizer()?)?))
+}
+
+/// The V4.1 config at `path`, or None when the file is a demo-layer config.
+pub fn detect(path: Option<&Path>) -> Result<Option<V41Config>> {
+    let Some(p) = path else { return Ok(None) };
+    let text = engram::files::read_limited_string(p, engram::files::MAX_CONFIG_BYTES, "config")?;
+    let v: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(_) => return Ok(None), // the demo loader names the JSON error
+    };
+    if !engram::v41::config::is_v41(&v) {
+        return Ok(None);
+    }
+    Ok(Some(
+        V41Config::from_value(&v).with_context(|| format!("config {}", p.display()))?,
+    ))
+}
+
+/// What `forward` gives a V4.1 run.
+pub struct Forward<'a> {
+    pub config_path: &'a Path,
+    pub weights: &'a Path,
+    pub inputs: Option<&'a Path>,
+    pub text: Option<&'a str>,
+    pub no_bos: bool,
+    pub random_hidden: Option<u64>,
+    pub out: &'a Path,
+    pub path: &'a str,
+    pub chunk: Option<usize>,
+    pub state_in: Option<&'a Path>,
+    pub state_out: Option<&'a Path>,
+    pub all_stages: bool,
+    pub layer: Option<u64>,
+}
+
+fn pick_layer(cfg: &V41Config, layer: Option<u64>) -> Result<u64> {
+    match layer {
+        Some(l) => {
+            cfg.layer_index(l)?;
+            Ok(l)
+        }
+        None => bail!(
+            "--layer: a V4.1 config carries several Engram layers {:?}; say which one to run",
+            cfg.layer_ids
+        ),
+    }
+}
+
+/// `token_mask` `[T]` (u8 or bool, 1 = text) from an inputs file, if present.
+fn read_mask(f: &TensorFile, t: usize) -> Result<Option<Vec<bool>>> {
+    if !f.contains("token_mask") {
+        return Ok(None);
+    }
+    let raw = f.raw("token_mask")?;
+    if !matches!(raw.dtype, Dtype::U8 | Dtype::BOOL) {
+        bail!(
+            "tensor `token_mask` in {}: expected dtype u8 or bool, found {:?}",
+            f.path().display(),
+            raw.dtype
+        );
+    }
+    if raw.shape.iter().product::<usize>() != t {
+        bail!(
+            "tensor `token_mask` in {}: expected {t} values (one per token, like input_ids), found shape {:?}",
+            f.path().display(),
+            raw.shape
+        );
+    }
+    Ok(Some(raw.data().iter().map(|&m| m != 0).collect()))
+}
+
+/// `engram forward` on a V4.1 config.
+pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
+    let layer_id = pick_layer(&cfg, a.layer)?;
+    let path = match a.path {
+        "fused" => V41Path::Fused,
+        "reference" => V41Path::Reference,
+        o => bail!("--path: expected fused or reference, found {o:?}"),
+    };
+    Files::new()
+        .input("--config", Some(a.config_path))
+        .input("--inputs", a.inputs)
+        .input("--state-in", a.state_in)
+        .output("--out", Some(a.out))
+        .output("--state-out", a.state_out)
+        .check()?;
+    let t0 = std::time::Instant::now();
+    let ck = Checkpoint::open(a.weights)
+        .with_context(|| format!("--weights {}", a.weights.display()))?;
+    let layer = V41Layer::load(&cfg, compression()?, &ck, layer_id)?;
+    let load = t0.elapsed();
+    let w = cfg.hc_mult * cfg.dim;
+    let inputs = a.inputs.map(TensorFile::open).transpose()?;
+    // ids, hidden (and its dtype), mask, offsets, [B, L] when not ragged.
+    let (ids, hidden, bf16, mask, offsets, shape) = match (&inputs, a.text) {
+        (Some(_), Some(_)) => {
+            bail!("--text conflicts with --inputs: both give the input ids; give one of them")
+        }
+        (None, Some(text)) => {
+            let ids = tokenizer()?.encode(text, !a.no_bos)?;
+            if ids.is_empty() {
+                bail!("--text: the text tokenizes to no ids; give a non-empty text");
+            }
+            let Some(seed) = a.random_hidden else {
+                bail!("--text needs --random-hidden SEED (there is no hidden_states tensor)");
+            };
+            let l = ids.len();
+            let h = engram::rng::torch::TorchGenerator::manual_seed(seed).randn(l * w);
+            (ids, h, false, None, vec![0, l], Some((1, l)))
+        }
+        (Some(f), None) => {
+            let (_, shape) = f.info("input_ids")?;
+            let ragged = f.contains("offsets");
+            let (t, offsets, bl) = match (&shape[..], ragged) {
+                ([t], true) => {
+                    let off = f.i64("offsets", None)?.data;
+                    if off.first() != Some(&0) || off.last() != Some(&(*t as i64)) || off.windows(2).any(|p| p[0] > p[1]) {
+                        bail!("tensor `offsets` in {}: expected non-decreasing int64 [S+1] from 0 to {t}", f.path().display());
+                    }
+                    (*t, off.iter().map(|&o| o as usize).collect(), None)
+                }
+                ([b, l], false) if *b >= 1 && *l >= 1 => (b * l, (0..=*b).map(|s| s * l).collect(), Some((*b, *l))),
+                _ => bail!(
+                    "tensor `input_ids` in {}: expected [B, L] (or [T] with `offsets`), found {shape:?}",
+                    f.path().display()
+                ),
+            };
+            let ids = f.i64("input_ids", None)?.data;
+            let (dt, hshape) = f.info("hidden_states")?;
+            if hshape.iter().product::<usize>() != t * w || hshape.last() != Some(&cfg.dim) {
+                bail!(
+                    "tensor `hidden_states` in {}: expected [.., {}, {}] with {t} tokens, found {hshape:?}",
+                    f.path().display(),
+                    cfg.hc_mult,
+                    cfg.dim
+                );
+            }
+            let bf16 = match dt {
+                Dtype::BF16 => true,
+                Dtype::F32 => false,
+                d => bail!(
+                    "tensor `hidden_states` in {}: expected bf16 or f32, found {d:?}",
+                    f.path().display()
+                ),
+            };
+            let hidden = f.f32("hidden_states", None)?.data;
+            (ids, hidden, bf16, read_mask(f, t)?, offsets, bl)
+        }
+        (None, None) => bail!(
+            "give --inputs (input_ids, hidden_states[, token_mask]) or --text with --random-hidden"
+        ),
+    };
+    let nseq = offsets.len() - 1;
+    let mut states: Vec<V41State> = match a.state_in {
+        Some(p) => {
+            let s = layer.load_states(p)?;
+            if s.len() != nseq {
+                bail!(
+                    "--state-in {}: expected {nseq} states (one per sequence), found {}",
+                    p.display(),
+                    s.len()
+                );
+            }
+            s
+        }
+        None => (0..nseq).map(|_| layer.new_state()).collect(),
+    };
+    let t1 = std::time::Instant::now();
+    let keep = a.all_stages;
+    let m = mask.as_deref();
+    let mut s = match a.chunk {
+        Some(0) => bail!("--chunk: expected a chunk length >= 1, found 0"),
+        Some(n) => {
+            layer.forward_chunked(&mut states, &ids, &hidden, m, &offsets, n, bf16, path, keep)?
+        }
+        None => layer.forward_ragged(&mut states, &ids, &hidden, m, &offsets, bf16, path, keep)?,
+    };
+    let run = t1.elapsed();
+    let (b, l) = shape.unwrap_or((1, ids.len()));
+    s.batch = b;
+    s.len = l;
+    let (cols, mw, kvw) = (cfg.columns(), cfg.memory_width(), cfg.kv_width());
+    let mut wr = TensorWriter::new();
+    wr.i64("hash_ids", &[b, l, cols], &s.hash_ids);
+    wr.f32("gates", &[b, l, cfg.hc_mult], &s.gates);
+    let oshape = [b, l, cfg.hc_mult, cfg.dim];
+    if bf16 {
+        wr.bf16("output", &oshape, &s.output);
+    } else {
+        wr.f32("output", &oshape, &s.output);
+    }
+    if let Some(e) = &s.embeddings {
+        wr.bf16("embeddings", &[b, l, mw], e);
+    }
+    if let Some(k) = &s.kv {
+        wr.bf16("kv", &[b, l, kvw], k);
+    }
+    wr.meta("engram_variant", "deepseek-v4.1");
+    wr.meta("engram_layer", layer_id.to_string());
+    wr.write(a.out)?;
+    if let Some(p) = a.state_out {
+        layer.save_states(p, &states)?;
+    }
+    eprintln!(
+        "forward V4.1 layer {layer_id} ({path:?}): {nseq} sequence(s), {} tokens; load {:.2}s, run {:.3}s; wrote {}",
+        ids.len(),
+        load.as_secs_f64(),
+        run.as_secs_f64(),
+        a.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `engram hash` on a V4.1 config: `layer{l}` int64 `[B, L, columns]` table row ids (offsets
+/// added) for every layer; `token_mask` in the inputs marks dead tokens.
+pub fn hash(
+    cfg: V41Config,
+    ids: &[i64],
+    mask: Option<&[bool]>,
+    b: usize,
+    l: usize,
+    out: &Path,
+) -> Result<ExitCode> {
+    let comp = compression()?;
+    let mut w = TensorWriter::new();
+    let mut all = Vec::new();
+    for &layer in &cfg.layer_ids {
+        let h = V41Hashing::new(&cfg, comp.clone(), layer)?;
+        let mut rows = Vec::with_capacity(ids.len() * h.columns());
+        for s in 0..b {
+            let seq = &ids[s * l..(s + 1) * l];
+            let canon = h.canonical(seq, mask.map(|m| &m[s * l..(s + 1) * l]))?;
+            let mut hist = vec![engram::v41::DEAD; h.history_len()];
+            rows.extend(h.hash_chunk(&mut hist, &canon));
+        }
+        all.push((layer, h.columns(), rows));
+    }
+    for (layer, cols, rows) in &all {
+        w.i64(&format!("layer{layer}"), &[b, l, *cols], rows);
+    }
+    w.meta("engram_variant", "deepseek-v4.1");
+    w.write(out)?;
+    eprintln!(
+        "hashed B={b} L={l} for V4.1 layers {:?}; wrote {}",
+        cfg.layer_ids,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `engram hash-params`.
+#[derive(Args)]
+pub struct HashParamsArgs {
+    /// A DeepSeek-V4.1 model config (`engram_layer_ids`, `engram_compressed_vocab_size`, ...).
+    #[arg(long)]
+    config: PathBuf,
+    /// Output: `layer{l}.primes` [N-1, heads], `layer{l}.offsets` [columns],
+    /// `layer{l}.multipliers` [N], int64, for every layer.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Primes, offsets and multipliers of every layer, from the config alone (no tokenizer).
+pub fn hash_params(a: HashParamsArgs) -> Result<ExitCode> {
+    Files::new()
+        .input("--config", Some(&a.config))
+        .output("--out", Some(&a.out))
+        .check()?;
+    let Some(cfg) = detect(Some(&a.config))? else {
+        bail!(
+            "--config {}: expected a DeepSeek-V4.1 model config (with engram_layer_ids); a demo-layer config's parameters come from `engram hash`",
+            a.config.display()
+        );
+    };
+    let params = layer_params(&cfg)?;
+    let mut w = TensorWriter::new();
+    let primes: Vec<Vec<i64>> = params
+        .iter()
+        .map(|p| p.params.head_sizes().iter().map(|&x| x as i64).collect())
+        .collect();
+    for (p, pr) in params.iter().zip(&primes) {
+        let l = p.params.layer_id;
+        w.i64(
+            &format!("layer{l}.primes"),
+            &[cfg.max_ngram_size - 1, cfg.n_heads],
+            pr,
+        );
+        w.i64(&format!("layer{l}.offsets"), &[cfg.columns()], &p.offsets);
+        w.i64(
+            &format!("layer{l}.multipliers"),
+            &[cfg.max_ngram_size],
+            &p.params.multipliers,
+        );
+    }
+    w.write(&a.out)?;
+    for p in &params {
+        eprintln!(
+            "layer {}: {} columns, {} table rows, multipliers {:?}",
+            p.params.layer_id,
+            cfg.columns(),
+            p.table_rows(),
+            p.params.multipliers
+        );
+    }
+    eprintln!("wrote {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,182 @@
+//! `engram forward`, `hash` and `hash-params` on the DeepSeek-V4.1 golden layer.
+
+mod common;
+use common::*;
+use engram::tensors::TensorFile;
+
+fn v41(name: &str) -> std::path::PathBuf {
+    golden(&format!("v41/{name}"))
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn forward_every_stage_of_both_layers_and_chunked() {
+    let (cfg, w, cases) = (
+        v41("v41_small.config.json"),
+        v41("v41_small.weights.safetensors"),
+        v41("v41_small.cases.safetensors"),
+    );
+    let g = TensorFile::open(&cases).unwrap();
+    for layer in ["1", "14"] {
+        let out = tmp(&format!("v41-fwd-{layer}.safetensors"));
+        let (code, _, err) = engram(&[
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--inputs",
+            s(&cases),
+            "--layer",
+            layer,
+            "--all-stages",
+            "--out",
+            s(&out),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let o = TensorFile::open(&out).unwrap();
+        assert_eq!(
+            o.info("output").unwrap().0,
+            safetensors::Dtype::BF16,
+            "output in the input's dtype"
+        );
+        let key = |n: &str| format!("l{layer}.{n}");
+        assert_eq!(
+            o.i64("hash_ids", None).unwrap().data,
+            g.i64(&key("hash_ids"), None).unwrap().data
+        );
+        for name in ["embeddings", "kv"] {
+            assert_eq!(
+                bits(&o.f32(name, None).unwrap().data),
+                bits(&g.f32(&key(name), None).unwrap().data),
+                "layer {layer} {name}"
+            );
+        }
+        let (got, want) = (
+            o.f32("output", None).unwrap().data,
+            g.f32(&key("output"), None).unwrap().data,
+        );
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| ((a.to_bits() >> 16) as i32 - (b.to_bits() >> 16) as i32).abs())
+            .max()
+            .unwrap();
+        assert!(worst <= 2, "layer {layer}: output off by {worst} bf16 ulp");
+        // Chunks of 7 with carried state write the same output, and a state file.
+        let out2 = tmp(&format!("v41-fwd-{layer}-chunked.safetensors"));
+        let st = tmp(&format!("v41-state-{layer}.safetensors"));
+        let (code, _, err) = engram(&[
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--inputs",
+            s(&cases),
+            "--layer",
+            layer,
+            "--chunk",
+            "7",
+            "--out",
+            s(&out2),
+            "--state-out",
+            s(&st),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let o2 = TensorFile::open(&out2).unwrap();
+        assert_eq!(bits(&o2.f32("output", None).unwrap().data), bits(&got));
+        let states = TensorFile::open(&st).unwrap();
+        assert_eq!(states.i64("position", None).unwrap().data, vec![30, 30]);
+    }
+}
+
+#[test]
+fn hash_and_hash_params_match_the_reference() {
+    let cfg = v41("v41_small.config.json");
+    let cases = v41("v41_small.cases.safetensors");
+    let g = TensorFile::open(&cases).unwrap();
+    let out = tmp("v41-hash.safetensors");
+    let (code, _, err) = engram(&[
+        "hash",
+        "--config",
+        s(&cfg),
+        "--inputs",
+        s(&cases),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let h = TensorFile::open(&out).unwrap();
+    let params = tmp("v41-params.safetensors");
+    let (code, _, err) = engram(&["hash-params", "--config", s(&cfg), "--out", s(&params)]);
+    assert_eq!(code, 0, "{err}");
+    let p = TensorFile::open(&params).unwrap();
+    for l in [1, 14] {
+        assert_eq!(
+            h.i64(&format!("layer{l}"), Some(&[2, 30, 6])).unwrap().data,
+            g.i64(&format!("l{l}.hash_ids"), None).unwrap().data
+        );
+        for n in ["primes", "offsets", "multipliers"] {
+            assert_eq!(
+                p.i64(&format!("layer{l}.{n}"), None).unwrap().data,
+                g.i64(&format!("l{l}.{n}"), None).unwrap().data,
+                "layer {l} {n}"
+            );
+        }
+    }
+}
+
+#[test]
+fn v41_errors_are_one_line() {
+    let cfg = v41("v41_small.config.json");
+    let w = v41("v41_small.weights.safetensors");
+    let cases = v41("v41_small.cases.safetensors");
+    let out = tmp("v41-err.safetensors");
+    let base = [
+        "forward",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--inputs",
+        s(&cases),
+        "--out",
+        s(&out),
+    ];
+    expect_error(&base, "--layer");
+    let mut a = base.to_vec();
+    a.extend(["--layer", "3"]);
+    expect_error(&a, "[1, 14]");
+    let mut a = base.to_vec();
+    a.extend(["--layer", "1", "--tokenizer", "/nonexistent/tokenizer.json"]);
+    expect_error(&a, "tokenizer");
+    // The checkpoint's tokenizer must give engram_compressed_vocab_size canonical ids.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("98627", "99092");
+    let bad = tmp("v41-bad-vocab.json");
+    std::fs::write(&bad, text).unwrap();
+    let mut a = base.to_vec();
+    a[2] = s(&bad);
+    a.extend(["--layer", "1"]);
+    let line = expect_error(&a, "99092");
+    assert!(
+        line.contains("98627") && line.contains("--tokenizer"),
+        "{line}"
+    );
+    // hash-params wants a V4.1 config.
+    expect_error(
+        &[
+            "hash-params",
+            "--config",
+            s(&golden("small.config.json")),
+            "--out",
+            s(&tmp("hp.safetensors")),
+        ],
+        "DeepSeek-V4.1",
+    );
+}
