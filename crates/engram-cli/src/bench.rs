@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// are measured in the same process.
     #[arg(long, default_value = "cpu")]
     device: crate::cuda::Device,
+    /// Which layer of a DeepSeek-V4.1 config (the bench then uses random checkpoint-format
+    /// weights at the config's width, with the table's rows reduced to fit in memory).
+    #[arg(long)]
+    layer: Option<u64>,
     /// With --device cuda: every configuration of the GPU check in one process (prefill
     /// L = 4096 and 32768; decode B = 1, 64, 256), one JSON line each with --json.
     #[arg(long)]
@@ -162,7 +166,7 @@ fn mem_bw(json: bool) -> Result<ExitCode> {
 
 /// FMA peak of all threads now, GFLOP/s, for the kernel the projection runs: f32 FMA
 /// chains, or `vdpbf16ps` chains for the AVX512-BF16 kernel.
-fn peak_gflops(bf16_dot: bool) -> f64 {
+pub fn peak_gflops(bf16_dot: bool) -> f64 {
     use engram::fused::kernels::{fma_chains, Isa};
     let threads = rayon::current_num_threads();
     let iters = 20_000_000usize;
@@ -228,7 +232,7 @@ fn stage_json(stages: [f64; 4], runs: usize) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
     if n % 2 == 1 {
@@ -252,6 +256,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             a.batch,
             a.runs
         );
+    }
+    if let Some(v) = crate::v41::detect(a.config.as_deref())? {
+        return crate::v41::bench(v, a.layer, a.tokens, a.runs, a.json);
     }
     let cfg = match &a.config {
         Some(p) => EngramConfig::from_json_file(p)?,

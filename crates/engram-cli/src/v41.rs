@@ -342,3 +342,216 @@ pub fn hash_params(a: HashParamsArgs) -> Result<ExitCode> {
     eprintln!("wrote {}", a.out.display());
     Ok(ExitCode::SUCCESS)
 }
+
+/// `engram bench` on a V4.1 config: random checkpoint-format weights at the config's width
+/// (fp8 table and `wkv`, bf16 q/k weights), the table's rows reduced (prime bases of 50,000)
+/// so that it fits in memory, the bundled tokenizer's compression; one sequence of `tokens`
+/// tokens on the fused path, and the projection alone on the same rows.
+pub fn bench(
+    cfg: V41Config,
+    layer: Option<u64>,
+    tokens: usize,
+    runs: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    use engram::v41::fp8::{requantize_block, BLOCK};
+    if tokens == 0 || runs == 0 {
+        bail!("--tokens and --runs must be >= 1 (found {tokens}, {runs})");
+    }
+    let layer_id = pick_layer(&cfg, layer)?;
+    let comp = compression()?;
+    let mut c = cfg.clone();
+    c.vocab_size = c.vocab_size.min(50_000);
+    c.compressed_vocab_size = comp.num_compressed() as u64;
+    let bases = vec![c.vocab_size; c.max_ngram_size - 1];
+    c.num_embeddings = engram::hashing::draw_layer_params(
+        &c.layer_ids,
+        &bases,
+        c.n_heads,
+        c.max_ngram_size,
+        0,
+        c.compressed_vocab_size,
+    )
+    .iter()
+    .map(|p| p.table_rows())
+    .collect();
+    let rows = c.num_embeddings[c.layer_index(layer_id)?] as usize;
+    let (hd, kvw, mw, hc, dim) = (c.head_dim, c.kv_width(), c.memory_width(), c.hc_mult, c.dim);
+    let mut plan = engram::budget::MemoryPlan::new();
+    plan.add_dims(
+        "the random table",
+        &[rows as u64, (hd + hd / BLOCK) as u64],
+        2,
+    )?;
+    plan.add_dims("wkv (fp8 codes, bf16 panels)", &[kvw as u64, mw as u64], 4)?;
+    plan.add_dims(
+        "activations",
+        &[tokens as u64, (hc * dim * 3 + mw + kvw) as u64],
+        4,
+    )?;
+    plan.check()?;
+    eprintln!("building random V4.1 weights: table {rows} x {hd} fp8, wkv {kvw} x {mw} fp8 ...");
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    // e4m3 codes from a bell-ish spread (never the NaN codes), scales near 2^-4.
+    let mut codes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                let r = rnd();
+                let mag = ((r >> 8) % 0x58) as u8; // |value| up to 2^3
+                mag | if r & 1 == 1 { 0x80 } else { 0 }
+            })
+            .collect()
+    };
+    let p = format!("layers.{layer_id}.engram");
+    let t_codes = codes(rows * hd);
+    let w_codes = codes(kvw * mw);
+    let t_scale: Vec<u8> = (0..rows * hd / BLOCK)
+        .map(|i| 118 + (i % 5) as u8)
+        .collect();
+    let w_scale: Vec<u8> = (0..kvw / BLOCK * mw / BLOCK)
+        .map(|i| 116 + (i % 3) as u8)
+        .collect();
+    let qk: Vec<u8> = (0..hc * dim)
+        .flat_map(|i| {
+            half::bf16::from_f32(1.0 + ((i * 37 % 101) as f32 - 50.0) / 500.0).to_le_bytes()
+        })
+        .collect();
+    use safetensors::tensor::TensorView;
+    let views = vec![
+        (
+            format!("{p}.embed.weight"),
+            TensorView::new(Dtype::F8_E4M3, vec![rows, hd], &t_codes)?,
+        ),
+        (
+            format!("{p}.embed.scale"),
+            TensorView::new(Dtype::F8_E8M0, vec![rows, hd / BLOCK], &t_scale)?,
+        ),
+        (
+            format!("{p}.wkv.weight"),
+            TensorView::new(Dtype::F8_E4M3, vec![kvw, mw], &w_codes)?,
+        ),
+        (
+            format!("{p}.wkv.scale"),
+            TensorView::new(Dtype::F8_E8M0, vec![kvw / BLOCK, mw / BLOCK], &w_scale)?,
+        ),
+        (
+            format!("{p}.q_weight"),
+            TensorView::new(Dtype::BF16, vec![hc, dim], &qk)?,
+        ),
+        (
+            format!("{p}.k_weight"),
+            TensorView::new(Dtype::BF16, vec![hc, dim], &qk)?,
+        ),
+    ];
+    let bytes = safetensors::serialize(views, None)?;
+    drop((t_codes, w_codes));
+    let ck = Checkpoint::from_file(TensorFile::from_bytes("random V4.1 weights", bytes)?);
+    let layer = V41Layer::load(&c, comp.clone(), &ck, layer_id)?;
+    let t0 = std::time::Instant::now();
+    let proj = layer.projection();
+    let pack_s = t0.elapsed().as_secs_f64();
+    let ids: Vec<i64> = (0..tokens)
+        .map(|_| (rnd() % comp.num_raw() as u64) as i64)
+        .collect();
+    let hidden: Vec<f32> = (0..tokens * hc * dim)
+        .map(|_| {
+            half::bf16::from_f32(((rnd() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.4).to_f32()
+        })
+        .collect();
+    let off = [0, tokens];
+    let run = || -> Result<()> {
+        let mut st = [layer.new_state()];
+        layer.forward_ragged(
+            &mut st,
+            &ids,
+            &hidden,
+            None,
+            &off,
+            true,
+            V41Path::Fused,
+            false,
+        )?;
+        Ok(())
+    };
+    run()?; // warm-up: page in rows, spin up threads
+    let bf16_dot = proj.kernel_name().starts_with("avx512-bf16");
+    let peak_before = crate::bench::peak_gflops(bf16_dot);
+    let mut total = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        run()?;
+        total.push(t.elapsed().as_secs_f64());
+    }
+    // The projection alone on re-quantised rows of the same tokens (in tiles of 256, as the
+    // layer runs it).
+    let mut xs: Vec<f32> = (0..256.min(tokens) * mw)
+        .map(|_| (rnd() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect();
+    for b in xs.chunks_mut(BLOCK) {
+        requantize_block(b);
+    }
+    let mut y = vec![0f32; 256.min(tokens) * kvw];
+    let mut projs = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        let mut left = tokens;
+        while left > 0 {
+            let r = left.min(256);
+            proj.matmul(
+                &xs[..r * mw],
+                r,
+                &mut y[..r * kvw],
+                rayon::current_num_threads(),
+            );
+            left -= r;
+        }
+        projs.push(t.elapsed().as_secs_f64());
+    }
+    let peak_after = crate::bench::peak_gflops(bf16_dot);
+    let (med, pmed) = (
+        crate::bench::median(&mut total),
+        crate::bench::median(&mut projs),
+    );
+    let flops_token = 2.0 * mw as f64 * kvw as f64;
+    let peak = 0.5 * (peak_before + peak_after);
+    let share = flops_token * tokens as f64 / pmed / (peak * 1e9);
+    let row = serde_json::json!({
+        "variant": "deepseek-v4.1", "layer": layer_id, "tokens": tokens, "runs": runs,
+        "dim": dim, "hc_mult": hc, "columns": c.columns(), "head_dim": hd, "table_rows": rows,
+        "tokens_per_s": tokens as f64 / med, "median_s": med,
+        "projection_s": pmed, "projection_share_of_time": pmed / med,
+        "projection_mflop_per_token": flops_token / 1e6,
+        "kernel": proj.kernel_name(), "weight_bytes": proj.weight_bytes(), "pack_s": pack_s,
+        "fma_peak_gflops_before": peak_before, "fma_peak_gflops_after": peak_after,
+        "projection_fma_peak_share": share,
+        "threads": rayon::current_num_threads(),
+    });
+    if json {
+        println!("{row}");
+    } else {
+        println!(
+            "engram bench: DeepSeek-V4.1 layer {layer_id}, dim {dim}, {} columns x {hd}, {tokens} tokens, {runs} runs ({} threads)",
+            c.columns(),
+            rayon::current_num_threads()
+        );
+        println!("  median {med:.3} s -> {:.1} tokens/s", tokens as f64 / med);
+        println!(
+            "  projection ({}, {:.0} MFLOP/token): {pmed:.3} s = {:.0}% of the time, {:.1}% of the FMA peak ({peak_before:.1} GFLOP/s before, {peak_after:.1} after)",
+            proj.kernel_name(),
+            flops_token / 1e6,
+            100.0 * pmed / med,
+            100.0 * share
+        );
+        println!(
+            "  the rest (hash, gather + dequantise + re-quantise, gates): {:.3} s",
+            med - pmed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -180,3 +180,31 @@ fn v41_errors_are_one_line() {
         "DeepSeek-V4.1",
     );
 }
+
+#[test]
+fn bench_runs_a_v41_config_and_reports_the_projection_share() {
+    let cfg = v41("v41_small.config.json");
+    let (code, out, err) = engram(&[
+        "bench",
+        "--config",
+        s(&cfg),
+        "--layer",
+        "14",
+        "--tokens",
+        "64",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["variant"], "deepseek-v4.1");
+    assert_eq!(v["columns"], 6);
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let share = v["projection_fma_peak_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share.is_finite(), "{v}");
+    assert_eq!(
+        v["projection_mflop_per_token"].as_f64().unwrap(),
+        2.0 * 192.0 * 1280.0 / 1e6
+    );
+}

@@ -87,6 +87,19 @@ impl Checkpoint {
         })
     }
 
+    /// A checkpoint of one already opened file (e.g. made in memory with
+    /// [`TensorFile::from_bytes`]).
+    pub fn from_file(file: TensorFile) -> Self {
+        let root = file.path().to_path_buf();
+        let mut open = HashMap::new();
+        open.insert(root.clone(), Arc::new(file));
+        Checkpoint {
+            root,
+            map: None,
+            open: Mutex::new(open),
+        }
+    }
+
     /// Where the checkpoint is.
     pub fn path(&self) -> &Path {
         &self.root

@@ -9,20 +9,42 @@ use safetensors::Dtype;
 /// Values per fp8 scale.
 pub const BLOCK: usize = 32;
 
+/// IEEE f32 bits of an e4m3fn code (bias 7, no infinities; 0x7F and 0xFF are NaN; max 448).
+const fn e4m3_bits(code: u8) -> u32 {
+    let sign = ((code & 0x80) as u32) << 24;
+    let e = ((code >> 3) & 0x0F) as u32;
+    let m = (code & 0x07) as u32;
+    if e == 0x0F && m == 0x07 {
+        return 0x7FC0_0000 | sign;
+    }
+    if e == 0 {
+        if m == 0 {
+            return sign;
+        }
+        // Subnormal m/8 · 2^-6 = m · 2^-9: normalise the 3-bit m.
+        let lead = 31 - m.leading_zeros(); // 0..=2
+        let exp = 127 - 9 + lead;
+        let frac = (m << (23 - lead)) & 0x7F_FFFF;
+        return sign | (exp << 23) | frac;
+    }
+    sign | ((e + 127 - 7) << 23) | (m << 20)
+}
+
+/// Every e4m3fn code's value.
+static E4M3: [f32; 256] = {
+    let mut t = [0.0f32; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = f32::from_bits(e4m3_bits(c as u8));
+        c += 1;
+    }
+    t
+};
+
 /// The value of an e4m3fn code (bias 7, no infinities; 0x7F and 0xFF are NaN; max 448).
 #[inline]
 pub fn e4m3_to_f32(code: u8) -> f32 {
-    let sign = if code & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let e = (code >> 3) & 0x0F;
-    let m = (code & 0x07) as f32;
-    if e == 0x0F && code & 0x07 == 0x07 {
-        return f32::NAN;
-    }
-    if e == 0 {
-        sign * m * (1.0 / 512.0) // subnormal: m/8 · 2^-6
-    } else {
-        sign * (1.0 + m / 8.0) * f32::from_bits(((e as u32 + 127 - 7) & 0xFF) << 23)
-    }
+    E4M3[code as usize]
 }
 
 /// The value of an e8m0 scale byte: 2^(b - 127); 0xFF is NaN.
@@ -60,10 +82,14 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     sign | code.min(0x7E) as u8
 }
 
-/// `x` rounded to bf16 (nearest even), as f32.
+/// `x` rounded to bf16 (nearest even), as f32; NaN stays NaN.
 #[inline]
 pub fn round_bf16(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
+    let b = x.to_bits();
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        return f32::from_bits(b | 0x0040_0000); // quiet the NaN, keep it one
+    }
+    f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
 }
 
 /// Re-quantises one block of at most 32 values as the reference's activation quantiser does
@@ -80,8 +106,9 @@ pub fn requantize_block(x: &mut [f32]) -> f32 {
         e += 1;
     }
     let scale = 2f32.powi(e);
+    let inv = 1.0 / scale; // a power of two: x · inv is x / scale exactly
     for v in x.iter_mut() {
-        *v = e4m3_to_f32(f32_to_e4m3(*v / scale)) * scale;
+        *v = e4m3_to_f32(f32_to_e4m3(*v * inv)) * scale;
     }
     scale
 }
@@ -193,6 +220,37 @@ impl Fp8Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table against the format's definition, computed plainly.
+    #[test]
+    fn e4m3_table_matches_the_definition() {
+        for c in 0..=255u8 {
+            let (s, e, m) = (c >> 7, (c >> 3) & 15, c & 7);
+            let want = if e == 15 && m == 7 {
+                f32::NAN
+            } else if e == 0 {
+                m as f32 / 8.0 * 2f32.powi(-6)
+            } else {
+                (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7)
+            } * if s == 1 { -1.0 } else { 1.0 };
+            let got = e4m3_to_f32(c);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{c:#x}: {got} vs {want}"
+            );
+        }
+        for x in [
+            1.0f32,
+            -2.5e-3,
+            3.3e38,
+            1.00390625,
+            1.01171875,
+            f32::MIN_POSITIVE,
+        ] {
+            assert_eq!(round_bf16(x), half::bf16::from_f32(x).to_f32(), "{x}");
+        }
+        assert!(round_bf16(f32::NAN).is_nan());
+    }
 
     #[test]
     fn every_e4m3_code_round_trips() {
