@@ -243,8 +243,8 @@ mod tests {
             1.0f32,
             -2.5e-3,
             3.3e38,
-            1.00390625,
-            1.01171875,
+            f32::from_bits(0x3F80_8000), // ties: 1 + 2^-8 rounds down to even
+            f32::from_bits(0x3F81_8000), // 1 + 3·2^-8 rounds up to even
             f32::MIN_POSITIVE,
         ] {
             assert_eq!(round_bf16(x), half::bf16::from_f32(x).to_f32(), "{x}");
