@@ -5,7 +5,7 @@ use clap::Args;
 use engram::fused::profile;
 use engram::layer::compression_for;
 use engram::rng::torch::TorchGenerator;
-use engram::{DType, Engram, EngramConfig, ForwardPath, NgramHashMapping};
+use engram::{DType, Engram, ForwardPath, NgramHashMapping};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -260,10 +260,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
         return crate::v41::bench(v, a.layer, a.tokens, a.runs, a.json);
     }
-    let cfg = match &a.config {
-        Some(p) => EngramConfig::from_json_file(p)?,
-        None => EngramConfig::default(),
-    };
+    let cfg = crate::commands::load_config(&a.config)?;
     let dtype: DType = a.dtype.parse()?;
     let path: ForwardPath = a.path.parse()?;
     if a.device == crate::cuda::Device::Cuda {

@@ -103,10 +103,7 @@ pub struct InitArgs {
 }
 
 pub fn init(a: InitArgs) -> Result<ExitCode> {
-    let cfg = match &a.config {
-        Some(p) => EngramConfig::from_json_file(p)?,
-        None => EngramConfig::default(),
-    };
+    let cfg = crate::commands::load_config(&a.config)?;
     let dtype: DType = a.dtype.parse()?;
     crate::guard::Files::new()
         .config(a.config.as_deref(), &cfg.tokenizer_name_or_path)
@@ -189,10 +186,7 @@ fn max_mean(a: &[f32], b: &[f32]) -> (f32, f64) {
 }
 
 pub fn demo(a: DemoArgs) -> Result<ExitCode> {
-    let mut cfg = match &a.config {
-        Some(p) => EngramConfig::from_json_file(p)?,
-        None => EngramConfig::default(),
-    };
+    let mut cfg = crate::commands::load_config(&a.config)?;
     cfg.layer_id = a.layer;
     cfg.validate()?;
     let dtype: DType = a.dtype.parse()?;

@@ -168,6 +168,8 @@ fn v41_errors_are_one_line() {
         line.contains("98627") && line.contains("--tokenizer"),
         "{line}"
     );
+    // The global --tokenizer reaches demo-layer commands too.
+    expect_error(&["tokenize", "hi", "--tokenizer", "/nonexistent/tok.json"], "/nonexistent/tok.json");
     // hash-params wants a V4.1 config.
     expect_error(
         &[

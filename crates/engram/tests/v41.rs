@@ -482,3 +482,44 @@ fn errors_name_what_differs() {
     assert!(msg.contains("input_ids[1]"), "{msg}");
     assert_eq!(l.new_state().history, vec![DEAD; 3]);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Any split of both sequences into chunks (dead spans falling anywhere relative to the
+    /// cuts) gives the one-shot output bit for bit, on both paths.
+    #[test]
+    fn any_chunk_split_equals_one_shot(
+        cuts in proptest::collection::vec(1usize..12, 1..12),
+        fused in proptest::bool::ANY,
+    ) {
+        use std::sync::OnceLock;
+        static L: OnceLock<V41Layer> = OnceLock::new();
+        let layer = L.get_or_init(|| layer(1));
+        let (_, c) = case();
+        let path = if fused { V41Path::Fused } else { V41Path::Reference };
+        let whole = layer.forward(&c.ids, &c.hidden, Some(&c.mask), 2, 30, true, path, false).unwrap();
+        let mut splits = Vec::new();
+        let mut left = 30;
+        for n in cuts {
+            if left == 0 { break; }
+            let n = n.min(left);
+            splits.push(n);
+            left -= n;
+        }
+        if left > 0 { splits.push(left); }
+        let w = 1024;
+        for s in 0..2 {
+            let mut st = layer.new_state();
+            let mut at = 0;
+            let mut out = Vec::new();
+            for &n in &splits {
+                let r = s * 30 + at;
+                let part = layer.forward_ragged(std::slice::from_mut(&mut st), &c.ids[r..r + n],
+                    &c.hidden[r * w..(r + n) * w], Some(&c.mask[r..r + n]), &[0, n], true, path, false).unwrap();
+                out.extend(part.output);
+                at += n;
+            }
+            proptest::prop_assert_eq!(bits(&out), bits(&whole.output[s * 30 * w..(s + 1) * 30 * w]));
+        }
+    }
+}
