@@ -151,8 +151,9 @@ fn every_stage_of_both_layers_on_both_paths() {
             let (gerr, _) = max_abs_diff(&s.gates, &gates);
             let out = f.f32(&format!("l{l}.output"), None).unwrap().data;
             let (same_out, ulp_out) = ulps(&s.output, &out);
+            let (oerr, _) = max_abs_diff(&s.output, &out);
             println!(
-                "v41 {tag}: hash_ids exact, embeddings exact, kv {same_kv} of {} differ (max {ulp_kv} ulp), gates max |err| {gerr:.2e}, output {same_out} of {} differ (max {ulp_out} bf16 ulp)",
+                "v41 {tag}: hash_ids exact, embeddings exact, kv {same_kv} of {} differ (max {ulp_kv} ulp), gates max |err| {gerr:.2e}, output {same_out} of {} differ (max {ulp_out} bf16 ulp, max |err| {oerr:.2e})",
                 kv.len(),
                 out.len()
             );
