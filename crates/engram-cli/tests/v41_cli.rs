@@ -169,7 +169,10 @@ fn v41_errors_are_one_line() {
         "{line}"
     );
     // The global --tokenizer reaches demo-layer commands too.
-    expect_error(&["tokenize", "hi", "--tokenizer", "/nonexistent/tok.json"], "/nonexistent/tok.json");
+    expect_error(
+        &["tokenize", "hi", "--tokenizer", "/nonexistent/tok.json"],
+        "/nonexistent/tok.json",
+    );
     // hash-params wants a V4.1 config.
     expect_error(
         &[
