@@ -46,6 +46,11 @@ impl EngramState {
             .unwrap_or(0)
     }
 
+    /// HC·D: the width of a conv row.
+    pub fn row_width(&self) -> usize {
+        self.row_width
+    }
+
     /// Tokens consumed so far.
     pub fn position(&self) -> u64 {
         self.position

@@ -1,0 +1,960 @@
+//! `engram._engram`: the engine behind the `engram` Python package. Thin: every computation
+//! is the Rust library's; this file converts arrays, releases the GIL while the engine works
+//! and turns library errors into Python exceptions (`OSError` for files, `ValueError` for
+//! everything else a caller can get wrong).
+
+use engram::v41::{Checkpoint, V41Config, V41Layer, V41Path, V41State};
+use engram::{
+    CompressedTokenizer, DType, Engram, EngramConfig, EngramError, EngramState, ForwardPath,
+    NgramHashMapping, Stages, Tokenizer,
+};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn err(e: EngramError) -> PyErr {
+    match e {
+        EngramError::Io { .. } => PyOSError::new_err(e.to_string()),
+        e => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn verr(msg: impl Into<String>) -> PyErr {
+    PyValueError::new_err(msg.into())
+}
+
+fn tokenizer(path: Option<&str>) -> PyResult<Tokenizer> {
+    match path {
+        Some(p) => Tokenizer::from_name_or_path(p),
+        None => Tokenizer::bundled(),
+    }
+    .map_err(err)
+}
+
+/// A config given as JSON text or as a file path.
+fn config_json(config: &str, is_path: bool) -> PyResult<serde_json::Value> {
+    let text = if is_path {
+        engram::files::read_limited_string(
+            std::path::Path::new(config),
+            engram::files::MAX_CONFIG_BYTES,
+            "config",
+        )
+        .map_err(err)?
+    } else {
+        config.to_string()
+    };
+    serde_json::from_str(&text).map_err(|e| verr(format!("config: invalid JSON ({e})")))
+}
+
+enum Inner {
+    Demo(Engram, ForwardPath),
+    V41(V41Layer, V41Path),
+}
+
+/// One Engram layer (the demo variant or a DeepSeek-V4.1 layer).
+#[pyclass(module = "engram._engram", name = "Layer", frozen)]
+struct Layer {
+    inner: Inner,
+    pool: Option<rayon::ThreadPool>,
+    /// Seconds the engine spent inside the last call (for overhead measurements).
+    last: std::sync::Mutex<f64>,
+}
+
+/// A sequence's streaming state.
+#[pyclass(module = "engram._engram", name = "State")]
+#[derive(Clone)]
+struct State {
+    inner: StateInner,
+}
+
+#[derive(Clone)]
+enum StateInner {
+    Demo(EngramState),
+    V41(V41State),
+}
+
+/// An empty stand-in while a state is lent to the engine (allocates nothing).
+fn placeholder() -> StateInner {
+    StateInner::V41(V41State {
+        history: Vec::new(),
+        position: 0,
+    })
+}
+
+impl State {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        match &self.inner {
+            StateInner::Demo(s) => {
+                b.push(1u8);
+                b.extend((s.position()).to_le_bytes());
+                b.extend((s.row_width() as u64).to_le_bytes());
+                b.extend((s.ngram_history().len() as u64).to_le_bytes());
+                s.ngram_history()
+                    .iter()
+                    .for_each(|x| b.extend(x.to_le_bytes()));
+                let c = s.conv_history();
+                b.extend((c.len() as u64).to_le_bytes());
+                c.iter().for_each(|x| b.extend(x.to_le_bytes()));
+            }
+            StateInner::V41(s) => {
+                b.push(2u8);
+                b.extend(s.position.to_le_bytes());
+                b.extend((s.history.len() as u64).to_le_bytes());
+                s.history.iter().for_each(|x| b.extend(x.to_le_bytes()));
+            }
+        }
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> PyResult<State> {
+        let bad = || verr("state: not a state written by engram (truncated or foreign bytes)");
+        let mut at = 1usize;
+        let mut u64_at = |b: &[u8]| -> PyResult<u64> {
+            let v = b.get(at..at + 8).ok_or_else(bad)?;
+            at += 8;
+            Ok(u64::from_le_bytes(v.try_into().unwrap()))
+        };
+        let tag = *b.first().ok_or_else(bad)?;
+        let pos = u64_at(b)?;
+        match tag {
+            1 => {
+                let rw = u64_at(b)? as usize;
+                let n = u64_at(b)? as usize;
+                let hist: Vec<i64> = (0..n.min(1 << 20))
+                    .map(|_| u64_at(b).map(|x| x as i64))
+                    .collect::<PyResult<_>>()?;
+                let m = u64_at(b)? as usize;
+                if m > b.len() {
+                    return Err(bad());
+                }
+                let conv: Vec<f32> = (0..m)
+                    .map(|_| {
+                        let v = b.get(at..at + 4).ok_or_else(bad)?;
+                        at += 4;
+                        Ok(f32::from_le_bytes(v.try_into().unwrap()))
+                    })
+                    .collect::<PyResult<_>>()?;
+                Ok(State {
+                    inner: StateInner::Demo(EngramState::from_parts(hist, conv, rw, pos)),
+                })
+            }
+            2 => {
+                let n = u64_at(b)? as usize;
+                let history: Vec<i64> = (0..n.min(1 << 20))
+                    .map(|_| u64_at(b).map(|x| x as i64))
+                    .collect::<PyResult<_>>()?;
+                Ok(State {
+                    inner: StateInner::V41(V41State {
+                        history,
+                        position: pos,
+                    }),
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+#[pymethods]
+impl State {
+    /// Tokens consumed so far.
+    #[getter]
+    fn position(&self) -> u64 {
+        match &self.inner {
+            StateInner::Demo(s) => s.position(),
+            StateInner::V41(s) => s.position,
+        }
+    }
+
+    fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.to_bytes())
+    }
+
+    fn __setstate__(&mut self, b: &[u8]) -> PyResult<()> {
+        *self = State::from_bytes(b)?;
+        Ok(())
+    }
+
+    fn __getnewargs__(&self) -> (Vec<u8>,) {
+        (Vec::new(),)
+    }
+
+    #[new]
+    #[pyo3(signature = (data=None))]
+    fn new(data: Option<Vec<u8>>) -> PyResult<State> {
+        match data {
+            Some(d) if !d.is_empty() => State::from_bytes(&d),
+            _ => Ok(State {
+                inner: StateInner::V41(V41State {
+                    history: Vec::new(),
+                    position: 0,
+                }),
+            }),
+        }
+    }
+
+    /// Writes the state to `path` (atomically).
+    fn save(&self, path: &str) -> PyResult<()> {
+        let bytes = self.to_bytes();
+        engram::atomic::write_atomic(std::path::Path::new(path), |w| {
+            use std::io::Write;
+            w.write_all(&bytes)
+        })
+        .map_err(err)
+    }
+
+    /// Reads a state written by `save`.
+    #[staticmethod]
+    fn load(path: &str) -> PyResult<State> {
+        let b = engram::files::read_limited(std::path::Path::new(path), 1 << 30, "state")
+            .map_err(err)?;
+        State::from_bytes(&b)
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.inner {
+            StateInner::Demo(s) => format!("State(demo, position={})", s.position()),
+            StateInner::V41(s) => format!("State(v41, position={})", s.position),
+        }
+    }
+}
+
+/// `[B, L]` or `[T]` int64 ids.
+fn ids_of(a: &PyReadonlyArrayDyn<'_, i64>) -> PyResult<(Vec<i64>, Vec<usize>)> {
+    let shape = a.shape().to_vec();
+    let v = a.as_array().iter().copied().collect();
+    Ok((v, shape))
+}
+
+/// The array's values: borrowed in place when C-contiguous (the engine reads them with the
+/// GIL released; callers must not mutate an array while a call reads it), else one copy in
+/// logical order.
+fn floats_of<'a>(a: &'a PyReadonlyArrayDyn<'_, f32>) -> (std::borrow::Cow<'a, [f32]>, Vec<usize>) {
+    let shape = a.shape().to_vec();
+    let v = match a.as_slice() {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => std::borrow::Cow::Owned(a.as_array().iter().copied().collect()),
+    };
+    (v, shape)
+}
+
+fn mask_of(m: Option<PyReadonlyArrayDyn<'_, bool>>, n: usize) -> PyResult<Option<Vec<bool>>> {
+    let Some(m) = m else { return Ok(None) };
+    if m.len() != n {
+        return Err(verr(format!(
+            "token_mask: expected {n} values (one per token, like input_ids), found shape {:?}",
+            m.shape()
+        )));
+    }
+    Ok(Some(m.as_array().iter().copied().collect()))
+}
+
+/// Moves `v` into a NumPy array of `shape` (no copy).
+fn put<'py, T: numpy::Element>(
+    py: Python<'py>,
+    d: &Bound<'py, PyDict>,
+    name: &str,
+    v: Vec<T>,
+    shape: &[usize],
+) -> PyResult<()> {
+    let a = numpy::ndarray::Array::from_shape_vec(numpy::ndarray::IxDyn(shape), v)
+        .map_err(|e| verr(format!("{name}: {e}")))?;
+    d.set_item(name, a.into_pyarray(py))
+}
+
+fn put_f32<'py>(
+    py: Python<'py>,
+    d: &Bound<'py, PyDict>,
+    name: &str,
+    v: Vec<f32>,
+    shape: &[usize],
+) -> PyResult<()> {
+    put(py, d, name, v, shape)
+}
+
+fn put_i64<'py>(
+    py: Python<'py>,
+    d: &Bound<'py, PyDict>,
+    name: &str,
+    v: Vec<i64>,
+    shape: &[usize],
+) -> PyResult<()> {
+    put(py, d, name, v, shape)
+}
+
+impl Layer {
+    fn run<T: Send>(&self, py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+        py.allow_threads(|| {
+            let t0 = Instant::now();
+            let r = match &self.pool {
+                Some(p) => p.install(f),
+                None => f(),
+            };
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = t0.elapsed().as_secs_f64();
+            r
+        })
+    }
+
+    fn demo_dict<'py>(
+        &self,
+        py: Python<'py>,
+        e: &Engram,
+        s: Stages,
+        lead: &[usize],
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let cfg = e.config();
+        let d = PyDict::new(py);
+        let shape = |tail: &[usize]| -> Vec<usize> { lead.iter().chain(tail).copied().collect() };
+        let (h, hc, dd, dm) = (
+            cfg.num_heads(),
+            cfg.hc_mult,
+            cfg.hidden_size,
+            cfg.memory_width(),
+        );
+        put_i64(py, &d, "hash_ids", s.hash_ids, &shape(&[h]))?;
+        put_f32(py, &d, "gates", s.gates, &shape(&[hc]))?;
+        put_f32(py, &d, "output", s.output, &shape(&[hc, dd]))?;
+        for (name, v, tail) in [
+            ("embeddings", s.embeddings, vec![dm]),
+            ("value", s.value, vec![dd]),
+            ("keys", s.keys, vec![hc, dd]),
+            ("gated_value", s.gated_value, vec![hc, dd]),
+            ("short_conv", s.short_conv, vec![hc, dd]),
+        ] {
+            if let Some(v) = v {
+                put_f32(py, &d, name, v, &shape(&tail))?;
+            }
+        }
+        Ok(d)
+    }
+
+    fn v41_dict<'py>(
+        &self,
+        py: Python<'py>,
+        l: &V41Layer,
+        s: engram::v41::V41Stages,
+        lead: &[usize],
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let cfg = l.config();
+        let d = PyDict::new(py);
+        let shape = |tail: &[usize]| -> Vec<usize> { lead.iter().chain(tail).copied().collect() };
+        put_i64(py, &d, "hash_ids", s.hash_ids, &shape(&[cfg.columns()]))?;
+        put_f32(py, &d, "gates", s.gates, &shape(&[cfg.hc_mult]))?;
+        put_f32(py, &d, "output", s.output, &shape(&[cfg.hc_mult, cfg.dim]))?;
+        if let Some(e) = s.embeddings {
+            put_f32(py, &d, "embeddings", e, &shape(&[cfg.memory_width()]))?;
+        }
+        if let Some(k) = s.kv {
+            put_f32(py, &d, "kv", k, &shape(&[cfg.kv_width()]))?;
+        }
+        Ok(d)
+    }
+
+    fn widths(&self) -> (usize, usize) {
+        match &self.inner {
+            Inner::Demo(e, _) => (e.config().hc_mult, e.config().hidden_size),
+            Inner::V41(l, _) => (l.config().hc_mult, l.config().dim),
+        }
+    }
+}
+
+fn pool(threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
+    threads
+        .map(|n| {
+            if n == 0 {
+                return Err(verr("threads: expected at least 1"));
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| verr(format!("threads: {e}")))
+        })
+        .transpose()
+}
+
+fn demo_path(path: &str) -> PyResult<ForwardPath> {
+    path.parse().map_err(err)
+}
+
+fn v41_path(path: &str) -> PyResult<V41Path> {
+    match path {
+        "fused" => Ok(V41Path::Fused),
+        "reference" => Ok(V41Path::Reference),
+        o => Err(verr(format!(
+            "path: expected \"fused\" or \"reference\", found {o:?}"
+        ))),
+    }
+}
+
+#[pymethods]
+impl Layer {
+    /// `forward(input_ids [B, L] int64, hidden_states [B, L, HC, D] float32, token_mask=None,
+    /// all_stages=False, bf16_output=False) -> dict` of NumPy arrays; fresh sequences.
+    #[pyo3(signature = (input_ids, hidden_states, token_mask=None, all_stages=false, bf16_output=false))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        hidden_states: PyReadonlyArrayDyn<'py, f32>,
+        token_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+        all_stages: bool,
+        bf16_output: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (ids, ishape) = ids_of(&input_ids)?;
+        let [b, l] = ishape[..] else {
+            return Err(verr(format!(
+                "input_ids: expected shape [B, L], found {ishape:?}"
+            )));
+        };
+        let (hc, d) = self.widths();
+        let (hidden, hshape) = floats_of(&hidden_states);
+        if hshape != [b, l, hc, d] {
+            return Err(verr(format!(
+                "hidden_states: expected shape {:?}, found {hshape:?}",
+                [b, l, hc, d]
+            )));
+        }
+        let mask = mask_of(token_mask, b * l)?;
+        match &self.inner {
+            Inner::Demo(e, path) => {
+                if mask.is_some() {
+                    return Err(verr("token_mask: the demo layer has no dead tokens (a DeepSeek-V4.1 layer does)"));
+                }
+                let s = self
+                    .run(py, || {
+                        if all_stages {
+                            e.forward_detailed(&ids, &hidden, b, l, *path)
+                        } else {
+                            e.forward(&ids, &hidden, b, l, *path)
+                        }
+                    })
+                    .map_err(err)?;
+                self.demo_dict(py, e, s, &[b, l])
+            }
+            Inner::V41(layer, path) => {
+                let s = self
+                    .run(py, || {
+                        layer.forward(
+                            &ids,
+                            &hidden,
+                            mask.as_deref(),
+                            b,
+                            l,
+                            bf16_output,
+                            *path,
+                            all_stages,
+                        )
+                    })
+                    .map_err(err)?;
+                self.v41_dict(py, layer, s, &[b, l])
+            }
+        }
+    }
+
+    /// A sequence that has not started.
+    fn new_state(&self) -> State {
+        match &self.inner {
+            Inner::Demo(e, _) => State {
+                inner: StateInner::Demo(e.new_state()),
+            },
+            Inner::V41(l, _) => State {
+                inner: StateInner::V41(l.new_state()),
+            },
+        }
+    }
+
+    /// `forward_ragged(states, input_ids [T], hidden_states [T, HC, D], offsets [S+1],
+    /// token_mask=None, bf16_output=False) -> dict`: sequence s has rows offsets[s]..offsets[s+1]
+    /// and its own state, which is updated.
+    #[pyo3(signature = (states, input_ids, hidden_states, offsets, token_mask=None, bf16_output=false))]
+    #[allow(clippy::too_many_arguments)] // the Python signature
+    fn forward_ragged<'py>(
+        &self,
+        py: Python<'py>,
+        states: Vec<Bound<'py, State>>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        hidden_states: PyReadonlyArrayDyn<'py, f32>,
+        offsets: PyReadonlyArray1<'py, i64>,
+        token_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+        bf16_output: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (ids, ishape) = ids_of(&input_ids)?;
+        if ishape.len() != 1 {
+            return Err(verr(format!(
+                "input_ids: expected shape [T], found {ishape:?}"
+            )));
+        }
+        let t = ids.len();
+        let (hc, d) = self.widths();
+        let (hidden, hshape) = floats_of(&hidden_states);
+        if hshape != [t, hc, d] {
+            return Err(verr(format!(
+                "hidden_states: expected shape {:?}, found {hshape:?}",
+                [t, hc, d]
+            )));
+        }
+        let off: Vec<usize> = offsets
+            .as_array()
+            .iter()
+            .map(|&o| {
+                usize::try_from(o)
+                    .map_err(|_| verr(format!("offsets: expected values >= 0, found {o}")))
+            })
+            .collect::<PyResult<_>>()?;
+        let mask = mask_of(token_mask, t)?;
+        let mut seen = std::collections::HashSet::new();
+        if !states.iter().all(|s| seen.insert(s.as_ptr() as usize)) {
+            return Err(verr(
+                "states: the same State object appears twice; each sequence needs its own",
+            ));
+        }
+        match &self.inner {
+            Inner::Demo(e, path) => {
+                if mask.is_some() {
+                    return Err(verr("token_mask: the demo layer has no dead tokens (a DeepSeek-V4.1 layer does)"));
+                }
+                if states
+                    .iter()
+                    .any(|s| !matches!(s.borrow().inner, StateInner::Demo(_)))
+                {
+                    return Err(verr("states: a DeepSeek-V4.1 state given to a demo layer"));
+                }
+                // Moved out of the Python objects for the call and back after it (no copy).
+                let mut st: Vec<EngramState> = states
+                    .iter()
+                    .map(
+                        |s| match std::mem::replace(&mut s.borrow_mut().inner, placeholder()) {
+                            StateInner::Demo(x) => x,
+                            StateInner::V41(_) => unreachable!("checked above"),
+                        },
+                    )
+                    .collect();
+                let r = self.run(py, || e.forward_ragged(&mut st, &ids, &hidden, &off, *path));
+                for (o, n) in states.iter().zip(st) {
+                    o.borrow_mut().inner = StateInner::Demo(n);
+                }
+                self.demo_dict(py, e, r.map_err(err)?, &[t])
+            }
+            Inner::V41(layer, path) => {
+                if states
+                    .iter()
+                    .any(|s| !matches!(s.borrow().inner, StateInner::V41(_)))
+                {
+                    return Err(verr(
+                        "states: a demo-layer state given to a DeepSeek-V4.1 layer",
+                    ));
+                }
+                let mut st: Vec<V41State> = states
+                    .iter()
+                    .map(
+                        |s| match std::mem::replace(&mut s.borrow_mut().inner, placeholder()) {
+                            StateInner::V41(x) => x,
+                            StateInner::Demo(_) => unreachable!("checked above"),
+                        },
+                    )
+                    .collect();
+                let r = self.run(py, || {
+                    layer.forward_ragged(
+                        &mut st,
+                        &ids,
+                        &hidden,
+                        mask.as_deref(),
+                        &off,
+                        bf16_output,
+                        *path,
+                        false,
+                    )
+                });
+                for (o, n) in states.iter().zip(st) {
+                    o.borrow_mut().inner = StateInner::V41(n);
+                }
+                self.v41_dict(py, layer, r.map_err(err)?, &[t])
+            }
+        }
+    }
+
+    /// Seconds the engine itself spent in the last call (the rest of a call's time is the
+    /// Python binding's overhead).
+    #[getter]
+    fn last_engine_seconds(&self) -> f64 {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// "demo" or "deepseek-v4.1".
+    #[getter]
+    fn variant(&self) -> &'static str {
+        match &self.inner {
+            Inner::Demo(..) => "demo",
+            Inner::V41(..) => "deepseek-v4.1",
+        }
+    }
+
+    /// (hc_mult, hidden width).
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        self.widths()
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.inner {
+            Inner::Demo(e, p) => format!(
+                "Layer(demo, layer_id={}, hc_mult={}, hidden_size={}, table={}x{}, path={p:?}, dtype={:?})",
+                e.config().layer_id,
+                e.config().hc_mult,
+                e.config().hidden_size,
+                e.weights().table.rows(),
+                e.weights().table.dim(),
+                e.dtype()
+            ),
+            Inner::V41(l, p) => format!("Layer(deepseek-v4.1, layer={}, dim={}, path={p:?})", l.layer_id(), l.config().dim),
+        }
+    }
+}
+
+/// `load(config, is_path, weights, layer, dtype, path, tokenizer, threads) -> Layer`.
+#[pyfunction]
+#[pyo3(signature = (config, is_path, weights, layer=None, dtype="f32", path="fused", tokenizer=None, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn load(
+    py: Python<'_>,
+    config: &str,
+    is_path: bool,
+    weights: &str,
+    layer: Option<u64>,
+    dtype: &str,
+    path: &str,
+    tokenizer: Option<&str>,
+    threads: Option<usize>,
+) -> PyResult<Layer> {
+    let v = config_json(config, is_path)?;
+    let pool = pool(threads)?;
+    let inner = if engram::v41::config::is_v41(&v) {
+        let cfg = V41Config::from_value(&v).map_err(err)?;
+        let layer = layer.ok_or_else(|| {
+            verr(format!(
+                "layer: a DeepSeek-V4.1 config carries several Engram layers {:?}; say which one",
+                cfg.layer_ids
+            ))
+        })?;
+        let p = v41_path(path)?;
+        let tok = tokenizer.map(str::to_string);
+        let weights = weights.to_string();
+        let l = py
+            .allow_threads(move || -> engram::Result<V41Layer> {
+                let t = match tok {
+                    Some(p) => Tokenizer::from_name_or_path(&p)?,
+                    None => Tokenizer::bundled()?,
+                };
+                let comp = Arc::new(CompressedTokenizer::build(&t)?);
+                V41Layer::load(&cfg, comp, &Checkpoint::open(&weights)?, layer)
+            })
+            .map_err(err)?;
+        Inner::V41(l, p)
+    } else {
+        let mut cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
+        if let Some(l) = layer {
+            cfg.layer_id = l;
+        }
+        if let Some(t) = tokenizer {
+            cfg.tokenizer_name_or_path = t.to_string();
+        }
+        let dt: DType = dtype.parse().map_err(err)?;
+        let p = demo_path(path)?;
+        let weights = weights.to_string();
+        let e = py
+            .allow_threads(move || Engram::load(cfg, &weights))
+            .map_err(err)?
+            .with_dtype(dt);
+        Inner::Demo(e, p)
+    };
+    Ok(Layer {
+        inner,
+        pool,
+        last: std::sync::Mutex::new(0.0),
+    })
+}
+
+/// The demo layer with PyTorch's default weights after `torch.manual_seed(seed)`.
+#[pyfunction]
+#[pyo3(signature = (config, is_path, seed, dtype="f32", path="fused", threads=None))]
+fn torch_default(
+    py: Python<'_>,
+    config: &str,
+    is_path: bool,
+    seed: u64,
+    dtype: &str,
+    path: &str,
+    threads: Option<usize>,
+) -> PyResult<Layer> {
+    let v = config_json(config, is_path)?;
+    if engram::v41::config::is_v41(&v) {
+        return Err(verr(
+            "torch_default: only the demo layer has a PyTorch default initialisation",
+        ));
+    }
+    let cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
+    let dt: DType = dtype.parse().map_err(err)?;
+    let p = demo_path(path)?;
+    let e = py
+        .allow_threads(move || -> engram::Result<Engram> {
+            let comp = engram::layer::compression_for(&cfg)?;
+            let m = Arc::new(NgramHashMapping::new(&cfg, comp)?);
+            let (w, _) = engram::init::torch_default_weights(&cfg, &m, seed, &mut |_| {})?;
+            Engram::new(cfg, m, w)
+        })
+        .map_err(err)?
+        .with_dtype(dt);
+    Ok(Layer {
+        inner: Inner::Demo(e, p),
+        pool: pool(threads)?,
+        last: std::sync::Mutex::new(0.0),
+    })
+}
+
+/// The demo layer from state-dict arrays (the reference's names; float32, offsets int64).
+#[pyfunction]
+#[pyo3(signature = (config, tensors, path="fused", threads=None))]
+fn from_state_dict(
+    config: &str,
+    tensors: &Bound<'_, PyDict>,
+    path: &str,
+    threads: Option<usize>,
+) -> PyResult<Layer> {
+    let v = config_json(config, false)?;
+    let cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
+    let get = |name: &str| -> PyResult<Vec<f32>> {
+        let a = tensors
+            .get_item(name)?
+            .ok_or_else(|| verr(format!("state dict: missing `{name}`")))?;
+        let a: PyReadonlyArrayDyn<'_, f32> = a
+            .extract()
+            .map_err(|_| verr(format!("`{name}`: expected a float32 array")))?;
+        Ok(floats_of(&a).0.into_owned())
+    };
+    let comp = engram::layer::compression_for(&cfg).map_err(err)?;
+    let m = Arc::new(NgramHashMapping::new(&cfg, comp).map_err(err)?);
+    let layer = m.layer(cfg.layer_id).map_err(err)?;
+    let (rows, dim) = (layer.table_rows() as usize, cfg.head_dim());
+    let hc = cfg.hc_mult;
+    let offsets_name = "multi_head_embedding.offsets";
+    let offsets: Vec<i64> = match tensors.get_item(offsets_name)? {
+        Some(a) => {
+            let a: PyReadonlyArrayDyn<'_, i64> = a
+                .extract()
+                .map_err(|_| verr(format!("`{offsets_name}`: expected an int64 array")))?;
+            a.as_array().iter().copied().collect()
+        }
+        None => layer.offsets().iter().map(|&o| o as i64).collect(),
+    };
+    let per = |prefix: &str, suffix: &str| -> PyResult<Vec<Vec<f32>>> {
+        (0..hc)
+            .map(|i| get(&format!("{prefix}.{i}.{suffix}")))
+            .collect()
+    };
+    let w = engram::EngramWeights {
+        table: engram::weights::EmbeddingTable::from_f32(
+            get("multi_head_embedding.embedding.weight")?,
+            rows,
+            dim,
+        )
+        .map_err(err)?,
+        offsets,
+        value_proj_weight: get("value_proj.weight")?,
+        value_proj_bias: get("value_proj.bias")?,
+        key_projs_weight: per("key_projs", "weight")?,
+        key_projs_bias: per("key_projs", "bias")?,
+        norm1: per("norm1", "weight")?,
+        norm2: per("norm2", "weight")?,
+        conv_weight: get("short_conv.conv.weight")?,
+        conv_norms: per("short_conv.norms", "weight")?,
+    };
+    let e = Engram::new(cfg, m, w).map_err(err)?;
+    Ok(Layer {
+        inner: Inner::Demo(e, demo_path(path)?),
+        pool: pool(threads)?,
+        last: std::sync::Mutex::new(0.0),
+    })
+}
+
+/// The state-dict arrays of a demo layer (for modules that hold them as tensors).
+#[pyfunction]
+fn state_dict<'py>(py: Python<'py>, layer: &Layer) -> PyResult<Bound<'py, PyDict>> {
+    let Inner::Demo(e, _) = &layer.inner else {
+        return Err(verr("state_dict: only for the demo layer"));
+    };
+    let w = e.weights();
+    let (cfg, d) = (e.config(), PyDict::new(py));
+    let (rows, dim) = (w.table.rows(), w.table.dim());
+    let mut table = vec![0f32; rows * dim];
+    for (r, row) in table.chunks_exact_mut(dim).enumerate() {
+        w.table.row_into(r, row);
+    }
+    let (dd, dm, hc) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult);
+    put_f32(
+        py,
+        &d,
+        "multi_head_embedding.embedding.weight",
+        table,
+        &[rows, dim],
+    )?;
+    put_i64(
+        py,
+        &d,
+        "multi_head_embedding.offsets",
+        w.offsets.clone(),
+        &[w.offsets.len()],
+    )?;
+    put_f32(
+        py,
+        &d,
+        "value_proj.weight",
+        w.value_proj_weight.clone(),
+        &[dd, dm],
+    )?;
+    put_f32(py, &d, "value_proj.bias", w.value_proj_bias.clone(), &[dd])?;
+    for i in 0..hc {
+        put_f32(
+            py,
+            &d,
+            &format!("key_projs.{i}.weight"),
+            w.key_projs_weight[i].clone(),
+            &[dd, dm],
+        )?;
+        put_f32(
+            py,
+            &d,
+            &format!("key_projs.{i}.bias"),
+            w.key_projs_bias[i].clone(),
+            &[dd],
+        )?;
+    }
+    for i in 0..hc {
+        put_f32(
+            py,
+            &d,
+            &format!("norm1.{i}.weight"),
+            w.norm1[i].clone(),
+            &[dd],
+        )?;
+    }
+    for i in 0..hc {
+        put_f32(
+            py,
+            &d,
+            &format!("norm2.{i}.weight"),
+            w.norm2[i].clone(),
+            &[dd],
+        )?;
+    }
+    put_f32(
+        py,
+        &d,
+        "short_conv.conv.weight",
+        w.conv_weight.clone(),
+        &[hc * dd, 1, cfg.kernel_size],
+    )?;
+    for i in 0..hc {
+        put_f32(
+            py,
+            &d,
+            &format!("short_conv.norms.{i}.weight"),
+            w.conv_norms[i].clone(),
+            &[dd],
+        )?;
+    }
+    Ok(d)
+}
+
+/// Token ids of `text` (BOS first unless `bos=False`).
+#[pyfunction]
+#[pyo3(signature = (text, bos=true, tokenizer=None))]
+fn tokenize<'py>(
+    py: Python<'py>,
+    text: &str,
+    bos: bool,
+    tokenizer: Option<&str>,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let t = self::tokenizer(tokenizer)?;
+    Ok(PyArray1::from_vec(py, t.encode(text, bos).map_err(err)?))
+}
+
+/// The compression table: canonical id of every raw token id.
+#[pyfunction]
+#[pyo3(signature = (tokenizer=None))]
+fn compression_table<'py>(
+    py: Python<'py>,
+    tokenizer: Option<&str>,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let t = self::tokenizer(tokenizer)?;
+    let c = py
+        .allow_threads(|| CompressedTokenizer::build(&t))
+        .map_err(err)?;
+    Ok(PyArray1::from_slice(py, c.lookup()))
+}
+
+/// n-gram hashes of `[B, L]` ids for every layer of a demo config: {layer_id: [B, L, H]}.
+#[pyfunction]
+#[pyo3(signature = (config, is_path, input_ids))]
+fn hash<'py>(
+    py: Python<'py>,
+    config: &str,
+    is_path: bool,
+    input_ids: PyReadonlyArrayDyn<'py, i64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let v = config_json(config, is_path)?;
+    let (ids, shape) = ids_of(&input_ids)?;
+    let [b, l] = shape[..] else {
+        return Err(verr(format!(
+            "input_ids: expected shape [B, L], found {shape:?}"
+        )));
+    };
+    let d = PyDict::new(py);
+    if engram::v41::config::is_v41(&v) {
+        let cfg = V41Config::from_value(&v).map_err(err)?;
+        let comp =
+            Arc::new(CompressedTokenizer::build(&Tokenizer::bundled().map_err(err)?).map_err(err)?);
+        for &layer in &cfg.layer_ids {
+            let h = engram::v41::V41Hashing::new(&cfg, comp.clone(), layer).map_err(err)?;
+            let mut rows = Vec::with_capacity(ids.len() * h.columns());
+            for s in 0..b {
+                let canon = h.canonical(&ids[s * l..(s + 1) * l], None).map_err(err)?;
+                let mut hist = vec![engram::v41::DEAD; h.history_len()];
+                rows.extend(h.hash_chunk(&mut hist, &canon));
+            }
+            put_i64(py, &d, &layer.to_string(), rows, &[b, l, h.columns()])?;
+        }
+        return Ok(d);
+    }
+    let cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
+    let m = NgramHashMapping::new(&cfg, engram::layer::compression_for(&cfg).map_err(err)?)
+        .map_err(err)?;
+    for layer in m.layers() {
+        let h = m.hash(layer.layer_id, &ids, l).map_err(err)?;
+        put_i64(
+            py,
+            &d,
+            &layer.layer_id.to_string(),
+            h,
+            &[b, l, m.num_heads()],
+        )?;
+    }
+    Ok(d)
+}
+
+#[pymodule]
+fn _engram(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Layer>()?;
+    m.add_class::<State>()?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_default, m)?)?;
+    m.add_function(wrap_pyfunction!(from_state_dict, m)?)?;
+    m.add_function(wrap_pyfunction!(state_dict, m)?)?;
+    m.add_function(wrap_pyfunction!(tokenize, m)?)?;
+    m.add_function(wrap_pyfunction!(compression_table, m)?)?;
+    m.add_function(wrap_pyfunction!(hash, m)?)?;
+    Ok(())
+}

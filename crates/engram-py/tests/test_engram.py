@@ -1,0 +1,176 @@
+"""The engine through Python: golden stages via NumPy, streaming, V4.1, errors, the GIL, leaks."""
+
+import pickle
+import resource
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import engram
+from conftest import read_safetensors
+
+CASES = ["seed_text", "multilingual", "batch2", "long"]
+
+
+def test_golden_every_stage_through_numpy(small, stages, golden):
+    # The reference path keeps every stage; the fused one gated_value and short_conv too.
+    ref = engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", path="reference")
+    for layer, case in [(l, c) for l in (small, ref) for c in CASES]:
+        ids = stages[f"{case}.input_ids"]
+        out = layer.forward(ids, stages[f"{case}.hidden_states"], all_stages=True)
+        np.testing.assert_array_equal(out["hash_ids"], stages[f"{case}.hash_ids"])
+        kept = ["gated_value", "short_conv"] + (["embeddings", "value", "keys"] if layer is ref else [])
+        assert all(k in out for k in kept), sorted(out)
+        for name in ["gates", "output"] + kept:
+            key = f"{case}.{name}"
+            if key in stages:
+                np.testing.assert_allclose(out[name], stages[key], atol=1e-4, rtol=0, err_msg=key)
+        assert out["output"].dtype == np.float32 and out["output"].shape == stages[f"{case}.output"].shape
+
+
+def test_non_contiguous_and_other_dtypes_are_converted(small, stages):
+    ids = stages["batch2.input_ids"]
+    h = stages["batch2.hidden_states"]
+    want = small.forward(ids, h)["output"]
+    # A Fortran-ordered copy (non-contiguous view of the same values) and int32 ids / float64 hidden.
+    got = small.forward(ids.astype(np.int32), np.asfortranarray(h.astype(np.float64)))["output"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_streaming_equals_one_shot(small, stages):
+    ids = stages["long.input_ids"][0]
+    h = stages["long.hidden_states"][0]
+    whole = small.forward(ids[None], h[None])["output"][0]
+    st = small.new_state()
+    parts, at = [], 0
+    for n in [1, 40, 7, 89]:
+        parts.append(small.forward_chunk(st, ids[at : at + n], h[at : at + n])["output"])
+        at += n
+    assert st.position == len(ids)
+    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
+    # A pickled state continues exactly like the original.
+    st2 = small.new_state()
+    small.forward_chunk(st2, ids[:50], h[:50])
+    st3 = pickle.loads(pickle.dumps(st2))
+    a = small.forward_chunk(st2, ids[50:], h[50:])["output"]
+    b = small.forward_chunk(st3, ids[50:], h[50:])["output"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ragged_batch_and_state_files(small, stages, tmp_path):
+    ids = stages["batch2.input_ids"]
+    h = stages["batch2.hidden_states"]
+    want = small.forward(ids, h)["output"]
+    states = [small.new_state(), small.new_state()]
+    out = small.forward_ragged(states, ids.reshape(-1), h.reshape(-1, 4, 1024), [0, 12, 24])["output"]
+    np.testing.assert_allclose(out.reshape(want.shape), want, atol=1e-5)
+    states[0].save(str(tmp_path / "s.bin"))
+    back = engram.State.load(str(tmp_path / "s.bin"))
+    assert back.position == 12 and pickle.dumps(back) == pickle.dumps(states[0])
+
+
+def test_tokenize_compression_and_hash(golden):
+    comp = read_safetensors(golden / "compression_deepseek_v3.safetensors")["lookup"]
+    np.testing.assert_array_equal(engram.compression_table(), comp)
+    g = read_safetensors(golden / "hashing_full_config.safetensors")
+    h = engram.hash({}, g["seed_text.input_ids"])
+    np.testing.assert_array_equal(h[1], g["seed_text.hash.layer1"])
+    np.testing.assert_array_equal(h[15], g["seed_text.hash.layer15"])
+    ids = engram.tokenize("Only Alexander the Great could tame the horse Bucephalus.")
+    assert ids[0] == 0 and ids.dtype == np.int64
+    assert engram.tokenize("hi", bos=False)[0] != 0
+
+
+def test_v41_layer_through_numpy(golden):
+    v = golden / "v41"
+    cases = read_safetensors(v / "v41_small.cases.safetensors")
+    mask = cases["token_mask"].astype(bool)
+    for layer in [1, 14]:
+        l = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=layer)
+        assert l.variant == "deepseek-v4.1"
+        out = l.forward(cases["input_ids"], cases["hidden_states"], token_mask=mask, all_stages=True)
+        np.testing.assert_array_equal(out["hash_ids"], cases[f"l{layer}.hash_ids"])
+        np.testing.assert_array_equal(out["embeddings"], cases[f"l{layer}.embeddings"])
+        np.testing.assert_array_equal(out["kv"], cases[f"l{layer}.kv"])
+        np.testing.assert_allclose(out["gates"], cases[f"l{layer}.gates"], atol=1e-3)
+        # f32 output (NumPy float32 in): within bf16 rounding of the bf16 reference output.
+        np.testing.assert_allclose(out["output"], cases[f"l{layer}.output"], rtol=2 ** -7, atol=1e-6)
+    assert np.all(out["gates"][~mask] == 0)
+
+
+def test_errors_are_python_exceptions(small, stages, golden, tmp_path):
+    ids = stages["batch2.input_ids"]
+    h = stages["batch2.hidden_states"]
+    with pytest.raises(ValueError, match="hidden_states"):
+        small.forward(ids, h[:, :5])
+    with pytest.raises(ValueError, match="input_ids"):
+        small.forward(ids[0], h)
+    bad = h.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="hidden_states"):
+        small.forward(ids, bad)
+    big = ids.copy()
+    big[0, 0] = 10**9
+    with pytest.raises(ValueError, match="input_ids"):
+        small.forward(big, h)
+    with pytest.raises(ValueError, match="token_mask"):
+        small.forward(ids, h, token_mask=np.ones(ids.shape, bool))
+    with pytest.raises(ValueError, match="expected int64"):
+        small.forward(ids.astype(np.float32), h)
+    with pytest.raises(OSError):
+        engram.Engram.load(golden / "small.config.json", tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="hidden_size"):
+        engram.Engram.load({"hidden_size": -3}, golden / "small.weights.safetensors")
+    with pytest.raises(ValueError, match="layer"):
+        engram.Engram.load(golden / "v41" / "v41_small.config.json", golden / "v41" / "v41_small.weights.safetensors")
+    with pytest.raises(ValueError, match="threads"):
+        engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", threads=0)
+    with pytest.raises(ValueError, match="config"):
+        engram.Engram.load(42, golden / "small.weights.safetensors")
+    with pytest.raises(ValueError, match="state"):
+        engram.State(b"\x07garbage")
+    st = small.new_state()
+    with pytest.raises(ValueError, match="twice"):
+        small.forward_ragged([st, st], ids.reshape(-1), h.reshape(-1, 4, 1024), [0, 12, 24])
+    assert st.position == 0
+    # Still works after all that.
+    assert small.forward(ids, h)["output"].shape == (2, 12, 4, 1024)
+
+
+def test_the_gil_is_released_while_the_engine_computes(small):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 128000, size=(1, 3000), dtype=np.int64)
+    h = rng.standard_normal((1, 3000, 4, 1024), dtype=np.float32)
+    done = threading.Event()
+    spins = 0
+
+    def work():
+        for _ in range(3):
+            small.forward(ids, h)
+        done.set()
+
+    t = threading.Thread(target=work)
+    t0 = time.perf_counter()
+    t.start()
+    while not done.is_set():
+        spins += 1  # runs only while the worker does not hold the GIL
+    t.join()
+    elapsed = time.perf_counter() - t0
+    assert elapsed > 0.05, "the work must take a while for this test to mean anything"
+    assert spins > 10_000, f"the main thread ran {spins} iterations in {elapsed:.2f}s: the GIL was held"
+
+
+def test_no_leak_over_many_calls(small, stages):
+    ids = stages["seed_text.input_ids"]
+    h = stages["seed_text.hidden_states"]
+    for _ in range(50):
+        small.forward(ids, h)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(1000):
+        small.forward(ids, h)
+        st = small.new_state()
+        small.forward_chunk(st, ids[0], h[0])
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    assert grown_kb < 64 * 1024, f"peak RSS grew by {grown_kb} KiB over 1,000 calls"
