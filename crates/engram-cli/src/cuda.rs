@@ -253,15 +253,7 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
                 Ok(())
             })?;
             let graph = cuda.capture(&mut ws, &mut st)?;
-            let replays = cuda.time_ms(3, runs, || {
-                for _ in 0..l {
-                    graph.launch().map_err(|e| engram_cuda::CudaError::Driver {
-                        what: "graph launch",
-                        detail: format!("{e:?}"),
-                    })?;
-                }
-                Ok(())
-            })?;
+            let replays = replay(&cuda, &graph, l, runs)?;
             let step_ms = median(&replays) / l as f64;
             let plain_ms = median(&launches) / l as f64;
             drop(graph);
@@ -276,15 +268,7 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
             // The same step with the coalesced conv kernel, replayed from its own graph.
             cuda.set_conv_kernel(ConvKernel::Rows);
             let graph = cuda.capture(&mut ws, &mut st)?;
-            let rows = cuda.time_ms(3, runs, || {
-                for _ in 0..l {
-                    graph.launch().map_err(|e| engram_cuda::CudaError::Driver {
-                        what: "graph launch",
-                        detail: format!("{e:?}"),
-                    })?;
-                }
-                Ok(())
-            })?;
+            let rows = replay(&cuda, &graph, l, runs)?;
             drop(graph);
             cuda.set_conv_kernel(ConvKernel::Strided);
             let rows_step_ms = median(&rows) / l as f64;
@@ -370,6 +354,24 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
         }
     }
     Ok(())
+}
+
+/// Milliseconds of `runs` timed runs (after 3 warm-ups) of `steps` replays of `graph`.
+fn replay(
+    cuda: &CudaEngram,
+    graph: &engram_cuda::CudaGraph,
+    steps: usize,
+    runs: usize,
+) -> Result<Vec<f64>> {
+    Ok(cuda.time_ms(3, runs, || {
+        for _ in 0..steps {
+            graph.launch().map_err(|e| engram_cuda::CudaError::Driver {
+                what: "graph launch",
+                detail: format!("{e:?}"),
+            })?;
+        }
+        Ok(())
+    })?)
 }
 
 fn report(r: &serde_json::Value) {

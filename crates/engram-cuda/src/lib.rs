@@ -28,6 +28,7 @@ pub mod error;
 pub mod kernels;
 pub mod layer;
 
+pub use cudarc::driver::CudaGraph;
 pub use device::{probe, DeviceInfo, Gpu};
 pub use error::{CudaError, Result};
 pub use layer::{median, ConvKernel, CudaEngram, DeviceState, Workspace};

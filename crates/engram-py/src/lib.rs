@@ -793,7 +793,6 @@ fn state_dict<'py>(py: Python<'py>, layer: &Layer) -> PyResult<Bound<'py, PyDict
     for (r, row) in table.chunks_exact_mut(dim).enumerate() {
         w.table.row_into(r, row);
     }
-    let (dd, dm, hc) = (cfg.hidden_size, cfg.memory_width(), cfg.hc_mult);
     put_f32(
         py,
         &d,
@@ -808,63 +807,8 @@ fn state_dict<'py>(py: Python<'py>, layer: &Layer) -> PyResult<Bound<'py, PyDict
         w.offsets.clone(),
         &[w.offsets.len()],
     )?;
-    put_f32(
-        py,
-        &d,
-        "value_proj.weight",
-        w.value_proj_weight.clone(),
-        &[dd, dm],
-    )?;
-    put_f32(py, &d, "value_proj.bias", w.value_proj_bias.clone(), &[dd])?;
-    for i in 0..hc {
-        put_f32(
-            py,
-            &d,
-            &format!("key_projs.{i}.weight"),
-            w.key_projs_weight[i].clone(),
-            &[dd, dm],
-        )?;
-        put_f32(
-            py,
-            &d,
-            &format!("key_projs.{i}.bias"),
-            w.key_projs_bias[i].clone(),
-            &[dd],
-        )?;
-    }
-    for i in 0..hc {
-        put_f32(
-            py,
-            &d,
-            &format!("norm1.{i}.weight"),
-            w.norm1[i].clone(),
-            &[dd],
-        )?;
-    }
-    for i in 0..hc {
-        put_f32(
-            py,
-            &d,
-            &format!("norm2.{i}.weight"),
-            w.norm2[i].clone(),
-            &[dd],
-        )?;
-    }
-    put_f32(
-        py,
-        &d,
-        "short_conv.conv.weight",
-        w.conv_weight.clone(),
-        &[hc * dd, 1, cfg.kernel_size],
-    )?;
-    for i in 0..hc {
-        put_f32(
-            py,
-            &d,
-            &format!("short_conv.norms.{i}.weight"),
-            w.conv_norms[i].clone(),
-            &[dd],
-        )?;
+    for (name, shape, data) in w.float_tensors(cfg) {
+        put_f32(py, &d, &name, data.to_vec(), &shape)?;
     }
     Ok(d)
 }

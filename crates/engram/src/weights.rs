@@ -393,61 +393,58 @@ impl EngramWeights {
         })
     }
 
+    /// Every float tensor but the table, by state-dict name, with its shape (PyTorch layout),
+    /// in the order [`EngramWeights::save`] writes them.
+    pub fn float_tensors<'a>(&'a self, cfg: &EngramConfig) -> Vec<(String, Vec<usize>, &'a [f32])> {
+        let (d, dm) = (cfg.hidden_size, cfg.memory_width());
+        let mut v: Vec<(String, Vec<usize>, &'a [f32])> = vec![
+            (
+                "value_proj.weight".into(),
+                vec![d, dm],
+                &self.value_proj_weight,
+            ),
+            ("value_proj.bias".into(), vec![d], &self.value_proj_bias),
+        ];
+        for i in 0..cfg.hc_mult {
+            v.push((
+                format!("key_projs.{i}.weight"),
+                vec![d, dm],
+                &self.key_projs_weight[i],
+            ));
+            v.push((
+                format!("key_projs.{i}.bias"),
+                vec![d],
+                &self.key_projs_bias[i],
+            ));
+            v.push((format!("norm1.{i}.weight"), vec![d], &self.norm1[i]));
+            v.push((format!("norm2.{i}.weight"), vec![d], &self.norm2[i]));
+            v.push((
+                format!("short_conv.norms.{i}.weight"),
+                vec![d],
+                &self.conv_norms[i],
+            ));
+        }
+        v.push((
+            "short_conv.conv.weight".into(),
+            vec![cfg.hc_mult * d, 1, cfg.kernel_size],
+            &self.conv_weight,
+        ));
+        v
+    }
+
     /// Writes the weights as a state-dict safetensors file (float tensors in `f32` or `bf16`).
-    pub fn save<'a>(
-        &'a self,
-        path: impl AsRef<Path>,
-        cfg: &EngramConfig,
-        bf16_out: bool,
-    ) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>, cfg: &EngramConfig, bf16_out: bool) -> Result<()> {
+        let tensors = self.float_tensors(cfg);
         let mut w = TensorWriter::new();
-        let put = |w: &mut TensorWriter<'a>, name: &str, shape: &[usize], data: &'a [f32]| {
+        w.table(TABLE, &self.table, bf16_out);
+        w.i64(OFFSETS, &[self.offsets.len()], &self.offsets);
+        for (name, shape, data) in &tensors {
             if bf16_out {
                 w.bf16(name, shape, data);
             } else {
                 w.f32(name, shape, data);
             }
-        };
-        let (d, dm) = (cfg.hidden_size, cfg.memory_width());
-        w.table(TABLE, &self.table, bf16_out);
-        w.i64(OFFSETS, &[self.offsets.len()], &self.offsets);
-        put(
-            &mut w,
-            "value_proj.weight",
-            &[d, dm],
-            &self.value_proj_weight,
-        );
-        put(&mut w, "value_proj.bias", &[d], &self.value_proj_bias);
-        let conv_shape = [cfg.hc_mult * d, 1, cfg.kernel_size];
-        for i in 0..cfg.hc_mult {
-            put(
-                &mut w,
-                &format!("key_projs.{i}.weight"),
-                &[d, dm],
-                &self.key_projs_weight[i],
-            );
-            put(
-                &mut w,
-                &format!("key_projs.{i}.bias"),
-                &[d],
-                &self.key_projs_bias[i],
-            );
-            put(&mut w, &format!("norm1.{i}.weight"), &[d], &self.norm1[i]);
-            put(&mut w, &format!("norm2.{i}.weight"), &[d], &self.norm2[i]);
-            put(
-                &mut w,
-                &format!("short_conv.norms.{i}.weight"),
-                &[d],
-                &self.conv_norms[i],
-            );
         }
-        put(
-            &mut w,
-            "short_conv.conv.weight",
-            &conv_shape,
-            &self.conv_weight,
-        );
-        w.meta("format", "pt");
         w.write(path)
     }
 }
