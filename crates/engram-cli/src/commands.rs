@@ -159,6 +159,13 @@ pub struct ForwardArgs {
     /// config; overrides `layer_id` of a demo config).
     #[arg(long)]
     layer: Option<u64>,
+    /// Where a DeepSeek-V4.1 table's rows come from: `mmap` (default) or `direct` (read
+    /// with O_DIRECT on demand, no page cache). Outputs are the same.
+    #[arg(long, value_name = "IO")]
+    table_io: Option<String>,
+    /// A hot-row cache of this size in front of a DeepSeek-V4.1 table (e.g. 512M).
+    #[arg(long, value_name = "SIZE")]
+    table_cache: Option<String>,
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
@@ -180,8 +187,19 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             state_out: a.state_out.as_deref(),
             all_stages: a.all_stages,
             layer: a.layer,
+            table: engram::v41::TableOptions {
+                io: a.table_io.as_deref().unwrap_or("mmap").parse()?,
+                cache_bytes: a
+                    .table_cache
+                    .as_deref()
+                    .map(engram::rows::parse_size)
+                    .transpose()?,
+            },
         };
         return crate::v41::forward(f, v);
+    }
+    if a.table_io.is_some() || a.table_cache.is_some() {
+        bail!("--table-io / --table-cache: the row stores serve DeepSeek-V4.1 layers so far; the demo layer's table is memory-mapped");
     }
     let mut cfg = load_config(&a.config)?;
     if let Some(l) = a.layer {

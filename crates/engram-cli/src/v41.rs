@@ -68,6 +68,7 @@ pub struct Forward<'a> {
     pub state_out: Option<&'a Path>,
     pub all_stages: bool,
     pub layer: Option<u64>,
+    pub table: engram::v41::TableOptions,
 }
 
 fn pick_layer(cfg: &V41Config, layer: Option<u64>) -> Result<u64> {
@@ -124,7 +125,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     let t0 = std::time::Instant::now();
     let ck = Checkpoint::open(a.weights)
         .with_context(|| format!("--weights {}", a.weights.display()))?;
-    let layer = V41Layer::load(&cfg, compression()?, &ck, layer_id)?;
+    let layer = V41Layer::load_with(&cfg, compression()?, &ck, layer_id, a.table)?;
     let load = t0.elapsed();
     let w = cfg.hc_mult * cfg.dim;
     let inputs = a.inputs.map(TensorFile::open).transpose()?;
@@ -238,11 +239,17 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     if let Some(p) = a.state_out {
         layer.save_states(p, &states)?;
     }
+    let st = layer.weights().table.stats();
     eprintln!(
-        "forward V4.1 layer {layer_id} ({path:?}): {nseq} sequence(s), {} tokens; load {:.2}s, run {:.3}s; wrote {}",
+        "forward V4.1 layer {layer_id} ({path:?}, table {:?}{}): {nseq} sequence(s), {} tokens; load {:.2}s, run {:.3}s; rows: {} from memory, {} read ({} bytes); wrote {}",
+        a.table.io,
+        a.table.cache_bytes.map(|b| format!(" + {b}-byte cache")).unwrap_or_default(),
         ids.len(),
         load.as_secs_f64(),
         run.as_secs_f64(),
+        st.hits,
+        st.misses,
+        st.bytes_read,
         a.out.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -213,3 +213,82 @@ fn bench_runs_a_v41_config_and_reports_the_projection_share() {
         2.0 * 192.0 * 1280.0 / 1e6
     );
 }
+
+#[test]
+fn table_io_direct_and_a_cache_write_the_same_output() {
+    let (cfg, w, cases) = (
+        v41("v41_small.config.json"),
+        v41("v41_small.weights.safetensors"),
+        v41("v41_small.cases.safetensors"),
+    );
+    let mut outs = Vec::new();
+    for extra in [
+        &[][..],
+        &["--table-io", "direct"],
+        &["--table-io", "direct", "--table-cache", "4k"],
+        &["--table-cache", "1"],
+    ] {
+        let out = tmp(&format!("v41-io-{}.safetensors", outs.len()));
+        let mut args = vec![
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--inputs",
+            s(&cases),
+            "--layer",
+            "1",
+            "--out",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = engram(&args);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        outs.push(bits(
+            &TensorFile::open(&out)
+                .unwrap()
+                .f32("output", None)
+                .unwrap()
+                .data,
+        ));
+    }
+    assert!(outs.windows(2).all(|p| p[0] == p[1]));
+    expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--inputs",
+            s(&cases),
+            "--layer",
+            "1",
+            "--out",
+            s(&tmp("v41-io-bad.safetensors")),
+            "--table-cache",
+            "12Q",
+        ],
+        "12Q",
+    );
+    let small = golden("small.config.json");
+    expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&small),
+            "--weights",
+            s(&golden("small.weights.safetensors")),
+            "--text",
+            "hi",
+            "--random-hidden",
+            "1",
+            "--table-io",
+            "direct",
+            "--out",
+            s(&tmp("v41-io-demo.safetensors")),
+        ],
+        "DeepSeek-V4.1 layers so far",
+    );
+}

@@ -58,6 +58,7 @@ pub mod layer;
 pub mod model;
 pub mod ops;
 pub mod rng;
+pub mod rows;
 pub mod state;
 pub mod state_io;
 pub mod tensors;

@@ -53,6 +53,7 @@ pub struct RawTensor {
     bytes: FileBytes,
     start: usize,
     len: usize,
+    path: PathBuf,
 }
 
 impl std::fmt::Debug for RawTensor {
@@ -69,6 +70,15 @@ impl RawTensor {
     /// The bytes, row-major.
     pub fn data(&self) -> &[u8] {
         &self.bytes[self.start..self.start + self.len]
+    }
+
+    /// The file the tensor is in and the offset of its first byte there (None for a file
+    /// given as bytes).
+    pub fn location(&self) -> Option<(&Path, u64)> {
+        match self.bytes {
+            FileBytes::Mapped(_) => Some((&self.path, self.start as u64)),
+            FileBytes::Owned(_) => None,
+        }
     }
 }
 
@@ -186,6 +196,7 @@ impl TensorFile {
             bytes: self.mmap.clone(),
             start,
             len: data.len(),
+            path: self.path.clone(),
         })
     }
 

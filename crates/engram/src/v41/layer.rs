@@ -11,6 +11,7 @@ use crate::compression::CompressedTokenizer;
 use crate::dtype::DType;
 use crate::error::{EngramError, Result};
 use crate::fused::proj::Projection;
+use crate::rows::{cache::CachedRows, direct::DirectRows, RowStore, TableIo};
 use crate::tensors::RawTensor;
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -32,8 +33,8 @@ pub enum V41Path {
 /// One layer's weights: the table stays in its file; `wkv` stays fp8 until packed.
 #[derive(Debug, Clone)]
 pub struct V41Weights {
-    /// `embed.weight` + `embed.scale`.
-    pub table: Fp8Table,
+    /// `embed.weight` + `embed.scale`, in the store chosen at load time.
+    pub table: Arc<dyn RowStore>,
     /// `wkv.weight` F8_E4M3 `[(hc+1)·dim, memory width]`.
     pub wkv: RawTensor,
     /// `wkv.scale` F8_E8M0 `[(hc+1)·dim / 32, memory width / 32]`.
@@ -70,19 +71,52 @@ fn bf16_vec(name: &str, t: &RawTensor, shape: &[usize]) -> Result<Vec<f32>> {
         .collect())
 }
 
+/// Where a layer's table rows come from (chosen at load time; the outputs are the same).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableOptions {
+    /// Memory-mapped or direct I/O.
+    pub io: TableIo,
+    /// A hot-row cache of this many bytes in front of the store.
+    pub cache_bytes: Option<u64>,
+}
+
 impl V41Weights {
     /// Reads `layers.{layer}.engram.*` from a checkpoint (one file or a sharded folder),
-    /// checking every dtype and shape; the table keeps `rows` rows.
+    /// checking every dtype and shape; the table keeps `rows` rows, memory-mapped.
     pub fn load(ck: &Checkpoint, cfg: &V41Config, layer: u64, rows: usize) -> Result<Self> {
+        Self::load_with(ck, cfg, layer, rows, TableOptions::default())
+    }
+
+    /// [`V41Weights::load`] with the table in the store `opts` names.
+    pub fn load_with(
+        ck: &Checkpoint,
+        cfg: &V41Config,
+        layer: u64,
+        rows: usize,
+        opts: TableOptions,
+    ) -> Result<Self> {
         let p = format!("layers.{layer}.engram");
         let (kvw, mw, hc, dim) = (cfg.kv_width(), cfg.memory_width(), cfg.hc_mult, cfg.dim);
-        let table = Fp8Table::new(
-            &format!("{p}.embed.weight"),
+        let (codes, scales) = (
             ck.raw(&format!("{p}.embed.weight"))?,
             ck.raw(&format!("{p}.embed.scale"))?,
+        );
+        // Dtypes and shapes are checked here whatever the store.
+        let mapped = Fp8Table::new(
+            &format!("{p}.embed.weight"),
+            codes.clone(),
+            scales.clone(),
             rows,
             cfg.head_dim,
         )?;
+        let store: Arc<dyn RowStore> = match opts.io {
+            TableIo::Mmap => Arc::new(mapped),
+            TableIo::Direct => Arc::new(DirectRows::open_fp8(&codes, &scales, rows, cfg.head_dim)?),
+        };
+        let table: Arc<dyn RowStore> = match opts.cache_bytes {
+            Some(b) => Arc::new(CachedRows::new(store, b)),
+            None => store,
+        };
         let wkv = ck.raw(&format!("{p}.wkv.weight"))?;
         expect(&format!("{p}.wkv.weight"), &wkv, Dtype::F8_E4M3, &[kvw, mw])?;
         let wkv_scale = ck.raw(&format!("{p}.wkv.scale"))?;
@@ -173,9 +207,20 @@ impl V41Layer {
         ck: &Checkpoint,
         layer: u64,
     ) -> Result<Self> {
+        Self::load_with(cfg, compressed, ck, layer, TableOptions::default())
+    }
+
+    /// [`V41Layer::load`] with the table in the store `opts` names.
+    pub fn load_with(
+        cfg: &V41Config,
+        compressed: Arc<CompressedTokenizer>,
+        ck: &Checkpoint,
+        layer: u64,
+        opts: TableOptions,
+    ) -> Result<Self> {
         let hashing = V41Hashing::new(cfg, compressed, layer)?;
         let rows = hashing.layer().table_rows() as usize;
-        let weights = V41Weights::load(ck, cfg, layer, rows)?;
+        let weights = V41Weights::load_with(ck, cfg, layer, rows, opts)?;
         Self::new(cfg.clone(), layer, hashing, weights)
     }
 
@@ -384,9 +429,9 @@ impl V41Layer {
             let rows = TILE.min(total - t0);
             let x = &mut x[..rows * mw];
             let kv = &mut kv[..rows * kvw];
-            x.par_chunks_mut(mw).enumerate().for_each(|(r, xr)| {
-                self.gather(&hash_ids[(t0 + r) * cols..(t0 + r + 1) * cols], xr);
-            });
+            x.par_chunks_mut(mw).enumerate().try_for_each(|(r, xr)| {
+                self.gather(&hash_ids[(t0 + r) * cols..(t0 + r + 1) * cols], xr)
+            })?;
             if let Some(e) = emb_keep.as_mut() {
                 e[t0 * mw..(t0 + rows) * mw].copy_from_slice(x);
             }
@@ -429,13 +474,9 @@ impl V41Layer {
     }
 
     /// The dequantised rows of one token's columns, concatenated: `[memory width]`.
-    fn gather(&self, row_ids: &[i64], out: &mut [f32]) {
-        let hd = self.cfg.head_dim;
-        for (j, &r) in row_ids.iter().enumerate() {
-            self.weights
-                .table
-                .row_into(r as usize, &mut out[j * hd..(j + 1) * hd]);
-        }
+    fn gather(&self, row_ids: &[i64], out: &mut [f32]) -> Result<()> {
+        let rows: Vec<usize> = row_ids.iter().map(|&r| r as usize).collect();
+        self.weights.table.gather(&rows, out)
     }
 
     /// The reference's fp8 GEMM, plainly: each token's rows re-quantised per 32 values

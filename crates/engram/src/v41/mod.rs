@@ -23,4 +23,4 @@ pub mod layer;
 pub use checkpoint::Checkpoint;
 pub use config::V41Config;
 pub use hashing::{V41Hashing, DEAD};
-pub use layer::{V41Layer, V41Path, V41Stages, V41State, V41Weights};
+pub use layer::{TableOptions, V41Layer, V41Path, V41Stages, V41State, V41Weights};

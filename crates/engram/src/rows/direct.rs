@@ -1,0 +1,267 @@
+//! Rows read straight from the table's file with `O_DIRECT` (no page cache): each row is one
+//! aligned read of the 4 KiB blocks that hold its codes (and one of its scales), issued by a
+//! pool of reader threads so that many reads are in flight at once.
+
+use super::fp8::{check_row, decode_row, BLOCK};
+use super::{RowStore, StoreStats};
+use crate::error::{EngramError, Result};
+use crate::tensors::RawTensor;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// Alignment of direct reads (the largest logical block size in common use).
+const ALIGN: usize = 4096;
+
+/// Reader threads: the queue depth a gather reaches.
+const READERS: usize = 32;
+
+fn readers() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(READERS)
+            .thread_name(|i| format!("engram-io-{i}"))
+            .build()
+            .expect("spawning the reader threads")
+    })
+}
+
+/// A buffer aligned to [`ALIGN`], grown on demand (one per reader thread).
+struct Aligned {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+impl Aligned {
+    fn get(&mut self, n: usize) -> &mut [u8] {
+        if n > self.cap {
+            self.free();
+            let cap = n.next_multiple_of(ALIGN);
+            let layout = std::alloc::Layout::from_size_align(cap, ALIGN).expect("aligned layout");
+            // SAFETY: `layout` has a non-zero size (n > cap >= 0 and rounded up to ALIGN).
+            let p = unsafe { std::alloc::alloc(layout) };
+            if p.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            self.ptr = p;
+            self.cap = cap;
+        }
+        // SAFETY: `ptr` holds `cap >= n` bytes owned by this buffer; u8 has no invalid values
+        // (the bytes are overwritten by the read before they are used).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
+    }
+
+    fn free(&mut self) {
+        if self.cap > 0 {
+            let layout =
+                std::alloc::Layout::from_size_align(self.cap, ALIGN).expect("aligned layout");
+            // SAFETY: `ptr` was allocated with this layout and is freed once.
+            unsafe { std::alloc::dealloc(self.ptr, layout) };
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+thread_local! {
+    static BUF: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
+}
+
+/// An fp8 table (e4m3 codes + e8m0 scales) read from its file on demand.
+#[derive(Debug)]
+pub struct DirectRows {
+    file: File,
+    path: PathBuf,
+    /// Whether the file really is open with `O_DIRECT` (some file systems refuse it; then the
+    /// reads go through the page cache).
+    direct: bool,
+    rows: usize,
+    dim: usize,
+    codes_at: u64,
+    scales_at: u64,
+    /// The file's length and modification time when opened: a change is an error.
+    stamp: (u64, Option<std::time::SystemTime>),
+    misses: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn open_direct(path: &Path) -> Result<(File, bool)> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            return Ok((f, true));
+        }
+    }
+    let f = File::open(path).map_err(|e| EngramError::io(path, e))?;
+    Ok((f, false))
+}
+
+fn stamp(f: &File, path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
+    let m = f.metadata().map_err(|e| EngramError::io(path, e))?;
+    Ok((m.len(), m.modified().ok()))
+}
+
+impl DirectRows {
+    /// Opens the file holding `codes` (`[rows, dim]` e4m3) and `scales` (`[rows, dim/32]`
+    /// e8m0), as located by a checkpoint.
+    pub fn open_fp8(
+        codes: &RawTensor,
+        scales: &RawTensor,
+        rows: usize,
+        dim: usize,
+    ) -> Result<Self> {
+        let ((path, codes_at), (spath, scales_at)) = match (codes.location(), scales.location()) {
+            (Some(a), Some(b)) => (a, b),
+            _ => {
+                return Err(EngramError::invalid(
+                    "table-io direct",
+                    "a table in a file on disk",
+                    "a table given as bytes",
+                ))
+            }
+        };
+        if path != spath {
+            return Err(EngramError::invalid(
+                "table-io direct",
+                "the table's weights and scales in one file",
+                format!("{} and {}", path.display(), spath.display()),
+            ));
+        }
+        let (file, direct) = open_direct(path)?;
+        let stamp = stamp(&file, path)?;
+        Ok(DirectRows {
+            file,
+            path: path.to_path_buf(),
+            direct,
+            rows,
+            dim,
+            codes_at,
+            scales_at,
+            stamp,
+            misses: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether reads bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// `len` bytes at `off` of the file, through an aligned buffer.
+    fn read(&self, off: u64, len: usize, out: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let start = off & !(ALIGN as u64 - 1);
+        let end = (off + len as u64).next_multiple_of(ALIGN as u64);
+        let want = (off - start) as usize + len;
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let buf = b.get((end - start) as usize);
+            let mut got = 0;
+            while got < want {
+                match self.file.read_at(&mut buf[got..], start + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(EngramError::io(&self.path, e)),
+                }
+            }
+            self.bytes.fetch_add(got as u64, Ordering::Relaxed);
+            if got < want {
+                return Err(EngramError::invalid(
+                    format!("table file {}", self.path.display()),
+                    format!("{want} bytes at offset {start}"),
+                    format!("{got} (the file was truncated while in use)"),
+                ));
+            }
+            let s = (off - start) as usize;
+            out.copy_from_slice(&buf[s..s + len]);
+            Ok(())
+        })
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        let now = stamp(&self.file, &self.path)?;
+        if now != self.stamp {
+            return Err(EngramError::invalid(
+                format!("table file {}", self.path.display()),
+                format!("unchanged while in use ({} bytes)", self.stamp.0),
+                format!("{} bytes, modified since it was opened", now.0),
+            ));
+        }
+        Ok(())
+    }
+
+    fn fetch(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        check_row(r, self.rows)?;
+        let blocks = self.dim / BLOCK;
+        let mut codes = [0u8; 4096];
+        let mut scales = [0u8; 128];
+        if self.dim > codes.len() || blocks > scales.len() {
+            return Err(EngramError::invalid(
+                "table-io direct",
+                "rows of at most 4096 values",
+                self.dim,
+            ));
+        }
+        self.read(
+            self.codes_at + (r * self.dim) as u64,
+            self.dim,
+            &mut codes[..self.dim],
+        )?;
+        self.read(
+            self.scales_at + (r * blocks) as u64,
+            blocks,
+            &mut scales[..blocks],
+        )?;
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        decode_row(&codes[..self.dim], &scales[..blocks], out);
+        Ok(())
+    }
+}
+
+impl RowStore for DirectRows {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        self.check_unchanged()?;
+        self.fetch(r, out)
+    }
+    /// Every row's reads in flight at once, on the reader threads.
+    fn gather(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
+        self.check_unchanged()?;
+        let d = self.dim;
+        readers().install(|| {
+            rows.par_iter()
+                .zip(out.par_chunks_mut(d))
+                .with_max_len(1)
+                .try_for_each(|(&r, o)| self.fetch(r, o))
+        })?;
+        self.check_unchanged()
+    }
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            hits: 0,
+            misses: self.misses.load(Ordering::Relaxed),
+            bytes_read: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Row stores: every store gives the memory-mapped store's outputs bit for bit (direct I/O,
+//! caches of one row, one page and more, across chunk boundaries); a table file truncated or
+//! changed during a run is an error, never wrong rows; a cache never holds more than its budget.
+
+mod common;
+use common::*;
+use engram::rows::{cache::CachedRows, parse_size, RowStore, TableIo};
+use engram::tensors::TensorFile;
+use engram::v41::{config::V41Config, Checkpoint, TableOptions, V41Layer, V41Path};
+
+fn v41(name: &str) -> std::path::PathBuf {
+    golden(&format!("v41/{name}"))
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+struct Inputs {
+    ids: Vec<i64>,
+    hidden: Vec<f32>,
+    mask: Vec<bool>,
+}
+
+fn inputs() -> Inputs {
+    let f = TensorFile::open(v41("v41_small.cases.safetensors")).unwrap();
+    Inputs {
+        ids: f.i64("input_ids", None).unwrap().data,
+        hidden: f.f32("hidden_states", None).unwrap().data,
+        mask: f
+            .raw("token_mask")
+            .unwrap()
+            .data()
+            .iter()
+            .map(|&m| m != 0)
+            .collect(),
+    }
+}
+
+fn layer_at(weights: &std::path::Path, opts: TableOptions) -> V41Layer {
+    let cfg = V41Config::from_json_file(v41("v41_small.config.json")).unwrap();
+    V41Layer::load_with(
+        &cfg,
+        compression(),
+        &Checkpoint::open(weights).unwrap(),
+        14,
+        opts,
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_store_equals_the_mapped_one_bit_for_bit() {
+    let x = inputs();
+    let w = v41("v41_small.weights.safetensors");
+    let base = layer_at(&w, TableOptions::default())
+        .forward(
+            &x.ids,
+            &x.hidden,
+            Some(&x.mask),
+            2,
+            30,
+            true,
+            V41Path::Fused,
+            true,
+        )
+        .unwrap();
+    let row_bytes = 32 * 4;
+    for (io, cache) in [
+        (TableIo::Direct, None),
+        (TableIo::Direct, Some(row_bytes)), // one row
+        (TableIo::Direct, Some(4096)),      // one page
+        (TableIo::Direct, Some(64 << 10)),  // most of the touched rows
+        (TableIo::Mmap, Some(row_bytes)),
+    ] {
+        let l = layer_at(
+            &w,
+            TableOptions {
+                io,
+                cache_bytes: cache,
+            },
+        );
+        for path in [V41Path::Reference, V41Path::Fused] {
+            let s = l
+                .forward(&x.ids, &x.hidden, Some(&x.mask), 2, 30, true, path, true)
+                .unwrap();
+            assert_eq!(
+                bits(s.embeddings.as_ref().unwrap()),
+                bits(base.embeddings.as_ref().unwrap()),
+                "{io:?} {cache:?} {path:?}"
+            );
+            assert_eq!(
+                bits(&s.output),
+                bits(&base.output),
+                "{io:?} {cache:?} {path:?}"
+            );
+            // Across chunk boundaries (7 tokens at a time), with the same store.
+            let mut st = vec![l.new_state(), l.new_state()];
+            let off = [0, 30, 60];
+            let c = l
+                .forward_chunked(
+                    &mut st,
+                    &x.ids,
+                    &x.hidden,
+                    Some(&x.mask),
+                    &off,
+                    7,
+                    true,
+                    path,
+                    false,
+                )
+                .unwrap();
+            assert_eq!(
+                bits(&c.output),
+                bits(&base.output),
+                "{io:?} {cache:?} {path:?} chunked"
+            );
+        }
+        let stats = l.weights().table.stats();
+        assert!(stats.misses > 0, "{io:?} {cache:?}: {stats:?}");
+        if cache.is_some() {
+            assert!(
+                stats.hits > 0,
+                "{io:?} {cache:?}: the second pass must hit: {stats:?}"
+            );
+        }
+        if io == TableIo::Direct {
+            assert!(stats.bytes_read > 0);
+        }
+    }
+}
+
+#[test]
+fn a_cache_never_holds_more_than_its_budget() {
+    let w = v41("v41_small.weights.safetensors");
+    let inner = layer_at(&w, TableOptions::default())
+        .weights()
+        .table
+        .clone();
+    for budget in [0u64, 1, 127, 128, 4096, 10_000, 1 << 20] {
+        let c = CachedRows::new(inner.clone(), budget);
+        let mut out = vec![0f32; 32];
+        let mut want = vec![0f32; 32];
+        for r in (0..inner.rows()).chain((0..inner.rows()).step_by(7)) {
+            c.row_into(r, &mut out).unwrap();
+            inner.row_into(r, &mut want).unwrap();
+            assert_eq!(bits(&out), bits(&want), "row {r}");
+            assert!(c.held_bytes() <= budget, "{} > {budget}", c.held_bytes());
+        }
+        let s = c.stats();
+        assert_eq!(
+            s.hits + s.misses,
+            (inner.rows() + inner.rows().div_ceil(7)) as u64
+        );
+    }
+    assert!(
+        inner.row_into(inner.rows(), &mut [0f32; 32]).is_err(),
+        "a row past the end is an error"
+    );
+}
+
+#[test]
+fn a_table_file_truncated_or_changed_during_a_run_is_an_error() {
+    let x = inputs();
+    let dir = tmp_dir("rows-truncated");
+    let w = dir.join("w.safetensors");
+    std::fs::copy(v41("v41_small.weights.safetensors"), &w).unwrap();
+    let l = layer_at(
+        &w,
+        TableOptions {
+            io: TableIo::Direct,
+            cache_bytes: None,
+        },
+    );
+    assert!(l
+        .forward(
+            &x.ids,
+            &x.hidden,
+            Some(&x.mask),
+            2,
+            30,
+            true,
+            V41Path::Reference,
+            false
+        )
+        .is_ok());
+    // Truncated: shorter than the table.
+    let len = std::fs::metadata(&w).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&w)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let e = l
+        .forward(
+            &x.ids,
+            &x.hidden,
+            Some(&x.mask),
+            2,
+            30,
+            true,
+            V41Path::Reference,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("w.safetensors") && (e.contains("truncated") || e.contains("modified")),
+        "{e}"
+    );
+    // Same length, other bytes, later modification time.
+    std::fs::copy(v41("v41_small.weights.safetensors"), &w).unwrap();
+    let l = layer_at(
+        &w,
+        TableOptions {
+            io: TableIo::Direct,
+            cache_bytes: None,
+        },
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut bytes = std::fs::read(&w).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0xFF;
+    std::fs::write(&w, &bytes).unwrap();
+    let e = l
+        .forward(
+            &x.ids,
+            &x.hidden,
+            Some(&x.mask),
+            2,
+            30,
+            true,
+            V41Path::Reference,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("modified since"), "{e}");
+}
+
+#[test]
+fn sizes_parse_with_units_and_errors_name_the_text() {
+    assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+    assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+    assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+    assert_eq!(parse_size("1000").unwrap(), 1000);
+    assert!(parse_size("12Q").unwrap_err().to_string().contains("12Q"));
+    assert!(parse_size("99999999999T").is_err());
+    assert!("direct".parse::<TableIo>().is_ok() && "disk".parse::<TableIo>().is_err());
+}
