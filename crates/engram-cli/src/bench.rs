@@ -258,6 +258,19 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         );
     }
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
+        let ignored = [
+            (
+                a.weights.is_some(),
+                "--weights (the bench draws random checkpoint-format weights)",
+            ),
+            (a.dtype != "f32", "--dtype (a V4.1 layer keeps fp8 weights)"),
+            (a.batch != 1, "--batch (one sequence of --tokens tokens)"),
+            (a.decode || a.chunk.is_some(), "--decode / --chunk"),
+            (a.device != crate::cuda::Device::Cpu, "--device cuda"),
+        ];
+        if let Some((_, what)) = ignored.iter().find(|(given, _)| *given) {
+            bail!("a DeepSeek-V4.1 bench does not take {what}");
+        }
         return crate::v41::bench(v, a.layer, a.tokens, a.runs, a.json);
     }
     let cfg = crate::commands::load_config(&a.config)?;

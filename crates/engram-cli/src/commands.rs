@@ -195,6 +195,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
                     .map(engram::rows::parse_size)
                     .transpose()?,
             },
+            dtype: &a.dtype,
         };
         return crate::v41::forward(f, v);
     }

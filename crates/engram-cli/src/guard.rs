@@ -57,6 +57,19 @@ impl Files {
         self
     }
 
+    /// A checkpoint: a file, or every file of a checkpoint folder (its index and shards).
+    pub fn checkpoint(mut self, flag: &str, p: &Path) -> Self {
+        match std::fs::read_dir(p) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    self.inputs.push((flag.to_string(), e.path()));
+                }
+            }
+            Err(_) => self.inputs.push((flag.to_string(), p.to_path_buf())),
+        }
+        self
+    }
+
     /// The config file (when given) and the tokenizer files its `tokenizer_name_or_path`
     /// names, as inputs.
     pub fn config(mut self, path: Option<&Path>, tokenizer_name_or_path: &str) -> Self {

@@ -69,6 +69,7 @@ pub struct Forward<'a> {
     pub all_stages: bool,
     pub layer: Option<u64>,
     pub table: engram::v41::TableOptions,
+    pub dtype: &'a str,
 }
 
 fn pick_layer(cfg: &V41Config, layer: Option<u64>) -> Result<u64> {
@@ -84,8 +85,8 @@ fn pick_layer(cfg: &V41Config, layer: Option<u64>) -> Result<u64> {
     }
 }
 
-/// `token_mask` `[T]` (u8 or bool, 1 = text) from an inputs file, if present.
-fn read_mask(f: &TensorFile, t: usize) -> Result<Option<Vec<bool>>> {
+/// `token_mask` (u8 or bool, 1 = text; the shape of `input_ids`) from an inputs file.
+fn read_mask(f: &TensorFile, ids_shape: &[usize]) -> Result<Option<Vec<bool>>> {
     if !f.contains("token_mask") {
         return Ok(None);
     }
@@ -97,9 +98,9 @@ fn read_mask(f: &TensorFile, t: usize) -> Result<Option<Vec<bool>>> {
             raw.dtype
         );
     }
-    if raw.shape.iter().product::<usize>() != t {
+    if raw.shape != ids_shape {
         bail!(
-            "tensor `token_mask` in {}: expected {t} values (one per token, like input_ids), found shape {:?}",
+            "tensor `token_mask` in {}: expected shape {ids_shape:?} (that of input_ids), found {:?}",
             f.path().display(),
             raw.shape
         );
@@ -115,8 +116,15 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
         "reference" => V41Path::Reference,
         o => bail!("--path: expected fused or reference, found {o:?}"),
     };
+    if a.dtype != "f32" {
+        bail!(
+            "--dtype {}: a DeepSeek-V4.1 layer keeps its fp8 weights; its output takes the dtype of hidden_states",
+            a.dtype
+        );
+    }
     Files::new()
         .input("--config", Some(a.config_path))
+        .checkpoint("--weights", a.weights)
         .input("--inputs", a.inputs)
         .input("--state-in", a.state_in)
         .output("--out", Some(a.out))
@@ -149,15 +157,31 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
         (Some(f), None) => {
             let (_, shape) = f.info("input_ids")?;
             let ragged = f.contains("offsets");
-            let (t, offsets, bl) = match (&shape[..], ragged) {
+            let (_t, offsets, bl) = match (&shape[..], ragged) {
                 ([t], true) => {
+                    let (_, oshape) = f.info("offsets")?;
+                    if oshape.len() != 1 {
+                        bail!(
+                            "tensor `offsets` in {}: expected int64 [S+1], found shape {oshape:?}",
+                            f.path().display()
+                        );
+                    }
                     let off = f.i64("offsets", None)?.data;
-                    if off.first() != Some(&0) || off.last() != Some(&(*t as i64)) || off.windows(2).any(|p| p[0] > p[1]) {
-                        bail!("tensor `offsets` in {}: expected non-decreasing int64 [S+1] from 0 to {t}", f.path().display());
+                    if off.first() != Some(&0)
+                        || off.last() != Some(&(*t as i64))
+                        || off.windows(2).any(|p| p[0] > p[1])
+                    {
+                        bail!(
+                            "tensor `offsets` in {}: expected non-decreasing int64 [S+1] from 0 to {t}, found {:?}",
+                            f.path().display(),
+                            &off[..off.len().min(12)]
+                        );
                     }
                     (*t, off.iter().map(|&o| o as usize).collect(), None)
                 }
-                ([b, l], false) if *b >= 1 && *l >= 1 => (b * l, (0..=*b).map(|s| s * l).collect(), Some((*b, *l))),
+                ([b, l], false) if *b >= 1 && *l >= 1 => {
+                    (b * l, (0..=*b).map(|s| s * l).collect(), Some((*b, *l)))
+                }
                 _ => bail!(
                     "tensor `input_ids` in {}: expected [B, L] (or [T] with `offsets`), found {shape:?}",
                     f.path().display()
@@ -165,12 +189,12 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
             };
             let ids = f.i64("input_ids", None)?.data;
             let (dt, hshape) = f.info("hidden_states")?;
-            if hshape.iter().product::<usize>() != t * w || hshape.last() != Some(&cfg.dim) {
+            let mut want: Vec<usize> = shape.clone();
+            want.extend([cfg.hc_mult, cfg.dim]);
+            if hshape != want {
                 bail!(
-                    "tensor `hidden_states` in {}: expected [.., {}, {}] with {t} tokens, found {hshape:?}",
-                    f.path().display(),
-                    cfg.hc_mult,
-                    cfg.dim
+                    "tensor `hidden_states` in {}: expected shape {want:?} (input_ids' shape, then hc_mult and dim), found {hshape:?}",
+                    f.path().display()
                 );
             }
             let bf16 = match dt {
@@ -182,7 +206,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
                 ),
             };
             let hidden = f.f32("hidden_states", None)?.data;
-            (ids, hidden, bf16, read_mask(f, t)?, offsets, bl)
+            (ids, hidden, bf16, read_mask(f, &shape)?, offsets, bl)
         }
         (None, None) => bail!(
             "give --inputs (input_ids, hidden_states[, token_mask]) or --text with --random-hidden"

@@ -168,6 +168,36 @@ fn v41_errors_are_one_line() {
         line.contains("98627") && line.contains("--tokenizer"),
         "{line}"
     );
+    // --out may not be (a file of) the checkpoint.
+    let wcopy = tmp("v41-w-copy.safetensors");
+    std::fs::copy(&w, &wcopy).unwrap();
+    let before = std::fs::read(&wcopy).unwrap();
+    let mut a = base.to_vec();
+    a[4] = s(&wcopy);
+    a[8] = s(&wcopy);
+    a.extend(["--layer", "1"]);
+    expect_error(&a, "same file as --weights");
+    assert_eq!(
+        std::fs::read(&wcopy).unwrap(),
+        before,
+        "the checkpoint is untouched"
+    );
+    // Inputs whose shapes only add up: transposed hidden states and mask.
+    let g = TensorFile::open(&cases).unwrap();
+    let ids = g.i64("input_ids", None).unwrap().data;
+    let h = g.f32("hidden_states", None).unwrap().data;
+    let bad_in = tmp("v41-transposed.safetensors");
+    let mut wr = engram::tensors::TensorWriter::new();
+    wr.i64("input_ids", &[2, 30], &ids);
+    wr.f32("hidden_states", &[30, 2, 4, 256], &h);
+    wr.write(&bad_in).unwrap();
+    let mut a = base.to_vec();
+    a[6] = s(&bad_in);
+    a.extend(["--layer", "1"]);
+    expect_error(&a, "hidden_states");
+    let mut a = base.to_vec();
+    a.extend(["--layer", "1", "--dtype", "bf16"]);
+    expect_error(&a, "--dtype");
     // The global --tokenizer reaches demo-layer commands too.
     expect_error(
         &["tokenize", "hi", "--tokenizer", "/nonexistent/tok.json"],

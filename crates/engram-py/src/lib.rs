@@ -74,14 +74,17 @@ struct State {
 enum StateInner {
     Demo(EngramState),
     V41(V41State),
+    /// Lent to a running call (a state serves one call at a time).
+    Busy,
 }
 
-/// An empty stand-in while a state is lent to the engine (allocates nothing).
+/// The stand-in while a state is lent to the engine.
 fn placeholder() -> StateInner {
-    StateInner::V41(V41State {
-        history: Vec::new(),
-        position: 0,
-    })
+    StateInner::Busy
+}
+
+fn busy() -> PyErr {
+    verr("states: this State is in use by a call running in another thread (each sequence's state serves one call at a time)")
 }
 
 impl State {
@@ -106,6 +109,7 @@ impl State {
                 b.extend((s.history.len() as u64).to_le_bytes());
                 s.history.iter().for_each(|x| b.extend(x.to_le_bytes()));
             }
+            StateInner::Busy => b.push(0u8),
         }
         b
     }
@@ -167,6 +171,7 @@ impl State {
         match &self.inner {
             StateInner::Demo(s) => s.position(),
             StateInner::V41(s) => s.position,
+            StateInner::Busy => 0,
         }
     }
 
@@ -219,6 +224,7 @@ impl State {
         match &self.inner {
             StateInner::Demo(s) => format!("State(demo, position={})", s.position()),
             StateInner::V41(s) => format!("State(v41, position={})", s.position),
+            StateInner::Busy => "State(in use by a running call)".into(),
         }
     }
 }
@@ -242,11 +248,14 @@ fn floats_of<'a>(a: &'a PyReadonlyArrayDyn<'_, f32>) -> (std::borrow::Cow<'a, [f
     (v, shape)
 }
 
-fn mask_of(m: Option<PyReadonlyArrayDyn<'_, bool>>, n: usize) -> PyResult<Option<Vec<bool>>> {
+fn mask_of(
+    m: Option<PyReadonlyArrayDyn<'_, bool>>,
+    shape: &[usize],
+) -> PyResult<Option<Vec<bool>>> {
     let Some(m) = m else { return Ok(None) };
-    if m.len() != n {
+    if m.shape() != shape {
         return Err(verr(format!(
-            "token_mask: expected {n} values (one per token, like input_ids), found shape {:?}",
+            "token_mask: expected shape {shape:?} (that of input_ids), found {:?}",
             m.shape()
         )));
     }
@@ -376,6 +385,39 @@ fn pool(threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
         .transpose()
 }
 
+/// Refuses to build `copies` copies of a demo layer's weights that do not fit in memory now.
+fn check_memory(cfg: &EngramConfig, copies: u64) -> PyResult<()> {
+    let sizes = cfg.sizes().map_err(err)?;
+    let mut plan = engram::budget::MemoryPlan::new();
+    let (d, w) = (
+        cfg.hidden_size as u64,
+        ((cfg.hc_mult + 1) * cfg.hidden_size) as u64,
+    );
+    plan.add_dims(
+        "the table",
+        &[sizes.table_rows_estimate, cfg.head_dim() as u64, copies],
+        4,
+    )
+    .map_err(err)?;
+    plan.add_dims(
+        "the projections",
+        &[w, cfg.memory_width() as u64, copies],
+        4,
+    )
+    .map_err(err)?;
+    plan.add_dims(
+        "norms and conv",
+        &[
+            d,
+            (4 * cfg.hc_mult + cfg.kernel_size * cfg.hc_mult) as u64,
+            copies,
+        ],
+        4,
+    )
+    .map_err(err)?;
+    plan.check().map_err(err)
+}
+
 fn demo_path(path: &str) -> PyResult<ForwardPath> {
     path.parse().map_err(err)
 }
@@ -418,7 +460,7 @@ impl Layer {
                 [b, l, hc, d]
             )));
         }
-        let mask = mask_of(token_mask, b * l)?;
+        let mask = mask_of(token_mask, &[b, l])?;
         match &self.inner {
             Inner::Demo(e, path) => {
                 if mask.is_some() {
@@ -505,7 +547,7 @@ impl Layer {
                     .map_err(|_| verr(format!("offsets: expected values >= 0, found {o}")))
             })
             .collect::<PyResult<_>>()?;
-        let mask = mask_of(token_mask, t)?;
+        let mask = mask_of(token_mask, &[t])?;
         let mut seen = std::collections::HashSet::new();
         if !states.iter().all(|s| seen.insert(s.as_ptr() as usize)) {
             return Err(verr(
@@ -517,11 +559,14 @@ impl Layer {
                 if mask.is_some() {
                     return Err(verr("token_mask: the demo layer has no dead tokens (a DeepSeek-V4.1 layer does)"));
                 }
-                if states
-                    .iter()
-                    .any(|s| !matches!(s.borrow().inner, StateInner::Demo(_)))
-                {
-                    return Err(verr("states: a DeepSeek-V4.1 state given to a demo layer"));
+                for s in &states {
+                    match s.borrow().inner {
+                        StateInner::Demo(_) => {}
+                        StateInner::Busy => return Err(busy()),
+                        StateInner::V41(_) => {
+                            return Err(verr("states: a DeepSeek-V4.1 state given to a demo layer"))
+                        }
+                    }
                 }
                 // Moved out of the Python objects for the call and back after it (no copy).
                 let mut st: Vec<EngramState> = states
@@ -529,7 +574,7 @@ impl Layer {
                     .map(
                         |s| match std::mem::replace(&mut s.borrow_mut().inner, placeholder()) {
                             StateInner::Demo(x) => x,
-                            StateInner::V41(_) => unreachable!("checked above"),
+                            _ => unreachable!("checked above, under the GIL"),
                         },
                     )
                     .collect();
@@ -540,20 +585,23 @@ impl Layer {
                 self.demo_dict(py, e, r.map_err(err)?, &[t])
             }
             Inner::V41(layer, path) => {
-                if states
-                    .iter()
-                    .any(|s| !matches!(s.borrow().inner, StateInner::V41(_)))
-                {
-                    return Err(verr(
-                        "states: a demo-layer state given to a DeepSeek-V4.1 layer",
-                    ));
+                for s in &states {
+                    match s.borrow().inner {
+                        StateInner::V41(_) => {}
+                        StateInner::Busy => return Err(busy()),
+                        StateInner::Demo(_) => {
+                            return Err(verr(
+                                "states: a demo-layer state given to a DeepSeek-V4.1 layer",
+                            ))
+                        }
+                    }
                 }
                 let mut st: Vec<V41State> = states
                     .iter()
                     .map(
                         |s| match std::mem::replace(&mut s.borrow_mut().inner, placeholder()) {
                             StateInner::V41(x) => x,
-                            StateInner::Demo(_) => unreachable!("checked above"),
+                            _ => unreachable!("checked above, under the GIL"),
                         },
                     )
                     .collect();
@@ -633,6 +681,11 @@ fn load(
     let v = config_json(config, is_path)?;
     let pool = pool(threads)?;
     let inner = if engram::v41::config::is_v41(&v) {
+        if dtype != "f32" {
+            return Err(verr(format!(
+                "dtype {dtype:?}: a DeepSeek-V4.1 layer keeps its fp8 weights (its output follows the hidden states' dtype)"
+            )));
+        }
         let cfg = V41Config::from_value(&v).map_err(err)?;
         let layer = layer.ok_or_else(|| {
             verr(format!(
@@ -699,6 +752,7 @@ fn torch_default(
     let cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
     let dt: DType = dtype.parse().map_err(err)?;
     let p = demo_path(path)?;
+    check_memory(&cfg, 1)?;
     let e = py
         .allow_threads(move || -> engram::Result<Engram> {
             let comp = engram::layer::compression_for(&cfg)?;
@@ -786,6 +840,7 @@ fn state_dict<'py>(py: Python<'py>, layer: &Layer) -> PyResult<Bound<'py, PyDict
     let Inner::Demo(e, _) = &layer.inner else {
         return Err(verr("state_dict: only for the demo layer"));
     };
+    check_memory(e.config(), 1)?; // the arrays are a copy of the weights
     let w = e.weights();
     let (cfg, d) = (e.config(), PyDict::new(py));
     let (rows, dim) = (w.table.rows(), w.table.dim());

@@ -174,3 +174,30 @@ def test_no_leak_over_many_calls(small, stages):
         small.forward_chunk(st, ids[0], h[0])
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
     assert grown_kb < 64 * 1024, f"peak RSS grew by {grown_kb} KiB over 1,000 calls"
+
+
+def test_v41_inputs_whose_shapes_only_add_up_are_refused(golden):
+    v = golden / "v41"
+    cases = read_safetensors(v / "v41_small.cases.safetensors")
+    l = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=1)
+    ids, h = cases["input_ids"], cases["hidden_states"]
+    mask = cases["token_mask"].astype(bool)
+    with pytest.raises(ValueError, match="token_mask"):
+        l.forward(ids, h, token_mask=mask.T.copy())
+    with pytest.raises(ValueError, match="token_mask"):
+        l.forward(ids, h, token_mask=mask.reshape(-1))
+    # A failing ragged call leaves every state as it was.
+    s0, s1 = l.new_state(), l.new_state()
+    bad = ids.reshape(-1).copy()
+    bad[-1] = 10**7
+    with pytest.raises(ValueError, match="sequence 1"):
+        l.forward_ragged([s0, s1], bad, h.reshape(60, 4, 256), [0, 30, 60])
+    assert s0.position == 0 and s1.position == 0
+    with pytest.raises(ValueError, match="input_ids"):
+        l.forward(np.full_like(ids, -(2**63)), h)
+    with pytest.raises(ValueError, match="dtype"):
+        engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=1, dtype="bf16")
+    with pytest.raises(ValueError, match="layer"):
+        engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=-1)
+    with pytest.raises(ValueError, match="below 2\\^63"):
+        l.forward(np.full(ids.shape, 2**63 + 5, dtype=np.uint64), h)

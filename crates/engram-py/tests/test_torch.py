@@ -41,3 +41,5 @@ def test_engram_module_is_a_drop_in_for_the_reference(golden, stages):
         np.testing.assert_allclose(out.numpy(), stages[f"{case}.output"], atol=1e-4, err_msg=case)
     with pytest.raises(ValueError, match="inference only"):
         m(h.clone().requires_grad_(True), ids)
+    with pytest.raises(ValueError, match="integer"):
+        m(h, ids.float() + 0.7)

@@ -482,6 +482,33 @@ fn errors_name_what_differs() {
         .to_string();
     assert!(msg.contains("input_ids[1]"), "{msg}");
     assert_eq!(l.new_state().history, vec![DEAD; 3]);
+    // A negative id is not a token (dead tokens are marked by the mask, not by the id).
+    let msg = l
+        .forward(&[0, -5], &h, None, 1, 2, true, V41Path::Reference, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("input_ids[1]") && msg.contains("token_mask"),
+        "{msg}"
+    );
+    // A call that fails leaves every state as it was (sequence 0 was fine, 1 was not).
+    let mut st = vec![l.new_state(), l.new_state()];
+    let before = st.clone();
+    let h2 = vec![0.5f32; 4 * 1024];
+    let e = l
+        .forward_ragged(
+            &mut st,
+            &[0, 1, 2, 99_999_999],
+            &h2,
+            None,
+            &[0, 2, 4],
+            true,
+            V41Path::Fused,
+            false,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("sequence 1"), "{e}");
+    assert_eq!(st, before);
 }
 
 proptest::proptest! {

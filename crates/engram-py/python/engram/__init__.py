@@ -43,6 +43,15 @@ def _is_torch(x: Any) -> bool:
     return mod.startswith("torch") and hasattr(x, "numpy") and hasattr(x, "requires_grad")
 
 
+def _count(x: Any, name: str, low: int) -> Optional[int]:
+    """An optional integer argument >= `low`, as a ValueError otherwise."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or int(x) < low or int(x) >= 2**63:
+        raise ValueError(f"{name}: expected an integer >= {low}, found {x!r}")
+    return int(x)
+
+
 def _array(x: Any, name: str, dtype: Any) -> Tuple[np.ndarray, bool]:
     """A contiguous array of `dtype` (no copy when it already is one); whether it was bf16."""
     if type(x) is np.ndarray and x.dtype == dtype and x.flags.c_contiguous:
@@ -68,6 +77,8 @@ def _array(x: Any, name: str, dtype: Any) -> Tuple[np.ndarray, bool]:
         kind_ok = (dtype == np.int64 and a.dtype.kind in "iu") or (dtype == np.float32 and a.dtype.kind == "f")
         if not kind_ok:
             raise ValueError(f"{name}: expected {np.dtype(dtype).name}, found {a.dtype}")
+        if a.dtype.kind == "u" and a.size and a.max() >= 2**63:
+            raise ValueError(f"{name}: expected values below 2^63, found {a.max()}")
         a = a.astype(dtype)
     return np.ascontiguousarray(a), bf16
 
@@ -109,12 +120,14 @@ class Engram:
         sharded folder). ``dtype``: "f32" or "bf16" (demo fused path); ``path``: "fused" or
         "reference"; ``tokenizer``: a tokenizer.json or folder; ``threads``: worker threads."""
         c, is_path = _config(config)
+        layer, threads = _count(layer, "layer", 0), _count(threads, "threads", 1)
         return cls(_engram.load(c, is_path, os.fspath(weights), layer, dtype, path, tokenizer, threads))
 
     @classmethod
     def torch_default(cls, config: Config, seed: int, *, dtype: str = "f32", path: str = "fused", threads: Optional[int] = None) -> "Engram":
         """The demo layer with the weights PyTorch creates after ``torch.manual_seed(seed)``."""
         c, is_path = _config(config)
+        seed, threads = _count(seed, "seed", 0), _count(threads, "threads", 1)
         return cls(_engram.torch_default(c, is_path, seed, dtype, path, threads))
 
     @property

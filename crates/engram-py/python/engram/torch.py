@@ -76,6 +76,8 @@ class EngramModule(torch.nn.Module):
                 raise ValueError(f"{name}: expected a torch.Tensor, found {type(t).__name__}")
             if t.requires_grad:
                 raise ValueError(f"{name}: EngramModule is inference only (no gradients); pass a tensor without requires_grad")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids: expected an integer tensor, found {input_ids.dtype}")
         dtype = hidden_states.dtype
         h = hidden_states.detach().to("cpu", torch.float32).contiguous().numpy()
         ids = input_ids.detach().to("cpu", torch.int64).contiguous().numpy()

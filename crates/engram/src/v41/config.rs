@@ -40,10 +40,21 @@ pub fn is_v41(v: &Value) -> bool {
 }
 
 fn field<'a>(v: &'a Value, names: &[&'static str]) -> Result<(&'static str, &'a Value)> {
-    for n in names {
-        if let Some(x) = v.get(*n) {
-            return Ok((n, x));
+    let present: Vec<(&'static str, &Value)> = names
+        .iter()
+        .filter_map(|n| v.get(*n).map(|x| (*n, x)))
+        .collect();
+    if let [(a, x), (b, y), ..] = present[..] {
+        if x != y {
+            return Err(EngramError::config(
+                format!("{a} / {b}"),
+                "one value (the two spellings name the same field)",
+                format!("{x} and {y}"),
+            ));
         }
+    }
+    if let Some(&(n, x)) = present.first() {
+        return Ok((n, x));
     }
     Err(EngramError::config(
         names.join(" / "),
@@ -291,6 +302,11 @@ mod tests {
             ),
             ("\"dim\": 5120", "\"dmodel\": 5120", "dim / hidden_size"),
             ("[1, 14]", "[1, 1]", "engram_layer_ids"),
+            (
+                "\"dim\": 5120",
+                "\"dim\": 5120, \"hidden_size\": 4096",
+                "dim / hidden_size",
+            ),
             ("\"norm_eps\": 1e-20", "\"norm_eps\": 0", "norm_eps"),
         ] {
             let e = V41Config::from_json_str(&INFERENCE.replace(from, to)).unwrap_err();

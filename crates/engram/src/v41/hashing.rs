@@ -141,6 +141,16 @@ impl V41Hashing {
                 if mask.is_some_and(|m| !m[t]) {
                     return Ok(DEAD);
                 }
+                if id < 0 {
+                    return Err(EngramError::invalid(
+                        format!("input_ids[{t}]"),
+                        format!(
+                            "a token id in 0..{} (mark non-text tokens with token_mask)",
+                            self.compressed.num_raw()
+                        ),
+                        id,
+                    ));
+                }
                 self.compressed.compress_id(id).ok_or_else(|| {
                     EngramError::invalid(
                         format!("input_ids[{t}]"),

@@ -390,29 +390,40 @@ impl V41Layer {
                 });
             }
         }
-        // Canonical ids (DEAD where masked) and row ids, sequence by sequence.
+        // Canonical ids (DEAD where masked) and row ids, sequence by sequence, on copies of
+        // the states: they change only when the whole call has succeeded.
         let cols = self.hashing.columns();
         let mut hash_ids = vec![0i64; total * cols];
-        for (s, st) in states.iter_mut().enumerate() {
+        let mut next: Vec<V41State> = Vec::with_capacity(states.len());
+        for (s, st) in states.iter().enumerate() {
             let (a, b) = (offsets[s], offsets[s + 1]);
+            let in_seq = |e: EngramError| match e {
+                EngramError::Invalid {
+                    name,
+                    expected,
+                    found,
+                } => EngramError::Invalid {
+                    name: format!("sequence {s}: {name}"),
+                    expected,
+                    found,
+                },
+                e => e,
+            };
             let canon = self
                 .hashing
                 .canonical(&ids[a..b], mask.map(|m| &m[a..b]))
-                .map_err(|e| match e {
-                    EngramError::Invalid {
-                        name,
-                        expected,
-                        found,
-                    } => EngramError::Invalid {
-                        name: format!("sequence {s}: {name}"),
-                        expected,
-                        found,
-                    },
-                    e => e,
-                })?;
-            let h = self.hashing.hash_chunk(&mut st.history, &canon);
+                .map_err(in_seq)?;
+            let mut n = st.clone();
+            n.position = n.position.checked_add((b - a) as u64).ok_or_else(|| {
+                in_seq(EngramError::invalid(
+                    "state position",
+                    "below 2^64 after this call",
+                    st.position,
+                ))
+            })?;
+            let h = self.hashing.hash_chunk(&mut n.history, &canon);
             hash_ids[a * cols..b * cols].copy_from_slice(&h);
-            st.position += (b - a) as u64;
+            next.push(n);
         }
         let alive = |t: usize| mask.is_none_or(|m| m[t]);
         let (kvw, mw) = (self.cfg.kv_width(), self.cfg.memory_width());
@@ -462,6 +473,7 @@ impl V41Layer {
                     self.gate_token(h, &kv[r * kvw..(r + 1) * kvw], alive(t), bf16_out, g, o);
                 });
         }
+        states.clone_from_slice(&next);
         Ok(V41Stages {
             batch: 1,
             len: total,
