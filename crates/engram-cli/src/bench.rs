@@ -57,6 +57,12 @@ pub struct BenchArgs {
     /// are measured in the same process.
     #[arg(long, default_value = "cpu")]
     device: crate::cuda::Device,
+    /// Where the table's rows come from, with --weights: `mmap` (default) or `direct`.
+    #[arg(long, value_name = "IO")]
+    table_io: Option<String>,
+    /// A hot-row cache of this size in front of the table, with --weights (e.g. 512M).
+    #[arg(long, value_name = "SIZE")]
+    table_cache: Option<String>,
     /// Which layer of a DeepSeek-V4.1 config (the bench then uses random checkpoint-format
     /// weights at the config's width, with the table's rows reduced to fit in memory).
     #[arg(long)]
@@ -274,6 +280,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         return crate::v41::bench(v, a.layer, a.tokens, a.runs, a.json);
     }
     let cfg = crate::commands::load_config(&a.config)?;
+    let table = crate::v41::table_options(a.table_io.as_deref(), a.table_cache.as_deref())?;
+    if a.weights.is_none() && table != engram::rows::TableOptions::default() {
+        bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
+    }
     let dtype: DType = a.dtype.parse()?;
     let path: ForwardPath = a.path.parse()?;
     if a.device == crate::cuda::Device::Cuda {
@@ -301,6 +311,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     )?;
     plan.check()?;
     let e = match &a.weights {
+        Some(w) if table != engram::rows::TableOptions::default() => {
+            Engram::load_with_table(cfg.clone(), w, table)?
+        }
         Some(w) => Engram::load_with(cfg.clone(), m.clone(), w)?,
         None => {
             // The fused bf16 path gathers from a bf16 table: build that one directly.
@@ -404,12 +417,26 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let bw = a.decode.then(measure_mem_bw);
     let peak_before = peak_gflops(bf16_dot);
     profile::take();
+    let store_before = e.weights().table.store_stats();
     let mut secs = Vec::with_capacity(a.runs);
     for _ in 0..a.runs {
         let t0 = Instant::now();
         run_once()?;
         secs.push(t0.elapsed().as_secs_f64());
     }
+    // Row-store counters over the timed runs (hits, reads from the file, bytes).
+    let store = store_before.zip(e.weights().table.store_stats()).map(|(a0, a1)| {
+        let (hits, misses) = (a1.hits - a0.hits, a1.misses - a0.misses);
+        let t: f64 = secs.iter().sum();
+        serde_json::json!({
+            "table_io": format!("{:?}", table.io).to_lowercase(),
+            "table_cache_bytes": table.cache_bytes,
+            "hit_rate": if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 },
+            "rows_read": misses,
+            "rows_read_per_s": misses as f64 / t,
+            "bytes_read": a1.bytes_read - a0.bytes_read,
+        })
+    });
     let stages = profile::take();
     let peak_after = peak_gflops(bf16_dot);
     // Bandwidth is noisy on a shared machine: the best of the measurements before and after.
@@ -465,6 +492,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 "step_floor_from": floor.map(|f| f.2),
                 "floor_bandwidth_gb_s": floor.map(|f| f.1 / 1e9),
                 "step_over_floor": floor.map(|f| med / l as f64 / f.3),
+                "row_store": store,
             })
         );
     } else {

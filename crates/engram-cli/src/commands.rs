@@ -159,11 +159,11 @@ pub struct ForwardArgs {
     /// config; overrides `layer_id` of a demo config).
     #[arg(long)]
     layer: Option<u64>,
-    /// Where a DeepSeek-V4.1 table's rows come from: `mmap` (default) or `direct` (read
-    /// with O_DIRECT on demand, no page cache). Outputs are the same.
+    /// Where the table's rows come from: `mmap` (default) or `direct` (read with O_DIRECT
+    /// on demand, no page cache). Outputs are the same.
     #[arg(long, value_name = "IO")]
     table_io: Option<String>,
-    /// A hot-row cache of this size in front of a DeepSeek-V4.1 table (e.g. 512M).
+    /// A hot-row cache of this size in front of the table (e.g. 512M).
     #[arg(long, value_name = "SIZE")]
     table_cache: Option<String>,
 }
@@ -187,21 +187,12 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             state_out: a.state_out.as_deref(),
             all_stages: a.all_stages,
             layer: a.layer,
-            table: engram::v41::TableOptions {
-                io: a.table_io.as_deref().unwrap_or("mmap").parse()?,
-                cache_bytes: a
-                    .table_cache
-                    .as_deref()
-                    .map(engram::rows::parse_size)
-                    .transpose()?,
-            },
+            table: crate::v41::table_options(a.table_io.as_deref(), a.table_cache.as_deref())?,
             dtype: &a.dtype,
         };
         return crate::v41::forward(f, v);
     }
-    if a.table_io.is_some() || a.table_cache.is_some() {
-        bail!("--table-io / --table-cache: the row stores serve DeepSeek-V4.1 layers so far; the demo layer's table is memory-mapped");
-    }
+    let table = crate::v41::table_options(a.table_io.as_deref(), a.table_cache.as_deref())?;
     let mut cfg = load_config(&a.config)?;
     if let Some(l) = a.layer {
         cfg.layer_id = l;
@@ -251,7 +242,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         },
     )?;
     let t0 = Instant::now();
-    let e = Engram::load(cfg.clone(), &a.weights)?.with_dtype(dtype);
+    let e = Engram::load_with_table(cfg.clone(), &a.weights, table)?.with_dtype(dtype);
     let load = t0.elapsed();
     let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
     // Sequences as (ids, hidden) over packed rows with offsets.

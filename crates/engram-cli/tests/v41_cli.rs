@@ -302,23 +302,66 @@ fn table_io_direct_and_a_cache_write_the_same_output() {
         ],
         "12Q",
     );
+    // The demo layer over the same stores writes the same output.
     let small = golden("small.config.json");
-    expect_error(
-        &[
+    let sw = golden("small.weights.safetensors");
+    let mut demo = Vec::new();
+    for extra in [&[][..], &["--table-io", "direct", "--table-cache", "1k"]] {
+        let out = tmp(&format!("demo-io-{}.safetensors", demo.len()));
+        let mut args = vec![
             "forward",
             "--config",
             s(&small),
             "--weights",
-            s(&golden("small.weights.safetensors")),
+            s(&sw),
             "--text",
-            "hi",
+            "Engram rows",
             "--random-hidden",
             "1",
-            "--table-io",
-            "direct",
             "--out",
-            s(&tmp("v41-io-demo.safetensors")),
-        ],
-        "DeepSeek-V4.1 layers so far",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = engram(&args);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        demo.push(bits(
+            &TensorFile::open(&out)
+                .unwrap()
+                .f32("output", None)
+                .unwrap()
+                .data,
+        ));
+    }
+    assert_eq!(demo[0], demo[1]);
+}
+
+#[test]
+fn bench_reports_the_row_store_counters() {
+    let (code, out, err) = engram(&[
+        "bench",
+        "--config",
+        s(&golden("small.config.json")),
+        "--weights",
+        s(&golden("small.weights.safetensors")),
+        "--tokens",
+        "64",
+        "--runs",
+        "2",
+        "--table-io",
+        "direct",
+        "--table-cache",
+        "16k",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let rs = &v["row_store"];
+    assert_eq!(rs["table_io"], "direct");
+    assert_eq!(rs["table_cache_bytes"], 16384);
+    let hit = rs["hit_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&hit), "{rs}");
+    assert!(
+        rs["rows_read"].as_u64().unwrap() > 0 && rs["bytes_read"].as_u64().unwrap() >= 4096,
+        "{rs}"
     );
 }

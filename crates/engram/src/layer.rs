@@ -174,6 +174,22 @@ impl Engram {
         })
     }
 
+    /// [`Engram::load`] with the table in the store `opts` names (direct I/O, a hot-row
+    /// cache); outputs are the same as with the memory-mapped table.
+    pub fn load_with_table(
+        cfg: EngramConfig,
+        weights_path: impl AsRef<Path>,
+        opts: crate::rows::TableOptions,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let hashing = Arc::new(NgramHashMapping::new(&cfg, compression_for(&cfg)?)?);
+        let layer = hashing.layer(cfg.layer_id)?;
+        let offsets: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
+        let rows = layer.table_rows() as usize;
+        let w = EngramWeights::load_with_table(weights_path, &cfg, &offsets, rows, opts)?;
+        Self::new(cfg, hashing, w)
+    }
+
     /// The model (config, hash mapping, weights) this layer runs.
     pub fn model(&self) -> &DemoModel {
         &self.model

@@ -209,6 +209,46 @@ impl DemoModel {
         }
     }
 
+    /// A tile's rows from a store-backed table in one batch (the store issues the reads
+    /// together); `round_bf16` rounds them as a bf16 copy of the table would hold them.
+    pub(crate) fn gather_tile(
+        &self,
+        table: &crate::weights::EmbeddingTable,
+        hash_ids: &[i64],
+        out: &mut [f32],
+        round_bf16: bool,
+    ) -> Result<()> {
+        let h = self.cfg.num_heads();
+        match table.store() {
+            Some(store) => {
+                let rows: Vec<usize> = hash_ids
+                    .chunks_exact(h)
+                    .flat_map(|hrow| {
+                        hrow.iter()
+                            .zip(&self.weights.offsets)
+                            .map(|(&hid, &o)| (hid + o) as usize)
+                    })
+                    .collect();
+                store.gather(&rows, out)?;
+                if let Some(k) = out.iter().position(|x| !x.is_finite()) {
+                    let dh = self.cfg.head_dim();
+                    return Err(EngramError::NonFinite {
+                        name: TABLE.into(),
+                        index: rows[k / dh] * dh + k % dh,
+                        value: out[k],
+                    });
+                }
+            }
+            None => self.gather_from(table, hash_ids, out)?,
+        }
+        if round_bf16 {
+            for v in out.iter_mut() {
+                *v = half::bf16::from_f32(*v).to_f32();
+            }
+        }
+        Ok(())
+    }
+
     /// [`DemoModel::gather`] from a given copy of the table (e.g. the fused path's bf16 one).
     pub(crate) fn gather_from(
         &self,
@@ -222,7 +262,7 @@ impl DemoModel {
             for (j, &hid) in hrow.iter().enumerate() {
                 let row = (hid + self.weights.offsets[j]) as usize;
                 let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
-                table.row_into(row, dst);
+                table.try_row_into(row, dst)?;
                 if let Some(k) = dst.iter().position(|x| !x.is_finite()) {
                     return Err(EngramError::NonFinite {
                         name: TABLE.into(),

@@ -301,7 +301,7 @@ pub trait RowSource {
     /// Row width.
     fn dim(&self) -> usize;
     /// Writes row `r` into `out` (`dim` values).
-    fn row_into(&self, r: usize, out: &mut [f32]);
+    fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()>;
 }
 
 /// Where a tensor's bytes come from when it is written.
@@ -365,7 +365,9 @@ impl Data<'_> {
             Data::Table { table, bf16 } => {
                 let mut row = vec![0.0f32; table.dim()];
                 for r in 0..table.rows() {
-                    table.row_into(r, &mut row);
+                    table
+                        .row_into(r, &mut row)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
                     if *bf16 {
                         buf.extend(
                             row.iter()

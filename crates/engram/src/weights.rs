@@ -23,6 +23,8 @@ enum TableData {
         start: usize,
         dtype: Dtype,
     },
+    /// Rows from a row store (direct I/O, a cache): read on demand, decoded to f32.
+    Store(Arc<dyn crate::rows::RowStore>),
 }
 
 /// The multi-head embedding table `[rows, d]` (all heads stacked; head h starts at offset_h).
@@ -52,8 +54,35 @@ impl crate::tensors::RowSource for EmbeddingTable {
     fn dim(&self) -> usize {
         self.dim
     }
-    fn row_into(&self, r: usize, out: &mut [f32]) {
-        EmbeddingTable::row_into(self, r, out)
+    fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        self.try_row_into(r, out)
+    }
+}
+
+impl crate::rows::RowStore for EmbeddingTable {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.rows {
+            return Err(EngramError::invalid(
+                "row id",
+                format!("below the table's {} rows", self.rows),
+                r,
+            ));
+        }
+        self.try_row_into(r, out)
+    }
+    fn prefetch(&self, rows: &[usize]) {
+        for &r in rows {
+            self.prefetch_row(r);
+        }
+    }
+    fn stats(&self) -> crate::rows::StoreStats {
+        self.store_stats().unwrap_or_default()
     }
 }
 
@@ -110,6 +139,50 @@ impl EmbeddingTable {
                 Dtype::BF16 => "bf16",
                 _ => "f16",
             },
+            TableData::Store(_) => "store",
+        }
+    }
+
+    /// A table whose rows come from `store` (read on demand).
+    pub fn from_store(store: Arc<dyn crate::rows::RowStore>) -> Self {
+        EmbeddingTable {
+            rows: store.rows(),
+            dim: store.dim(),
+            data: TableData::Store(store),
+        }
+    }
+
+    /// The row store a store-backed table reads from.
+    pub fn store(&self) -> Option<&Arc<dyn crate::rows::RowStore>> {
+        match &self.data {
+            TableData::Store(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the rows come from a row store.
+    pub fn is_store(&self) -> bool {
+        matches!(self.data, TableData::Store(_))
+    }
+
+    /// The row store's counters, for a store-backed table.
+    pub fn store_stats(&self) -> Option<crate::rows::StoreStats> {
+        match &self.data {
+            TableData::Store(s) => Some(s.stats()),
+            _ => None,
+        }
+    }
+
+    /// [`EmbeddingTable::row_into`] that reports a row store's failure (I/O, a table file
+    /// changed while in use) instead of NaN values.
+    #[inline]
+    pub fn try_row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        match &self.data {
+            TableData::Store(s) => s.row_into(r, out),
+            _ => {
+                self.row_into(r, out);
+                Ok(())
+            }
         }
     }
 
@@ -124,7 +197,7 @@ impl EmbeddingTable {
             crate::alloc::try_zeroed(self.rows * self.dim, "a bf16 copy of the table", true)?;
         let mut row = vec![0.0; self.dim];
         for r in 0..self.rows {
-            self.row_into(r, &mut row);
+            self.try_row_into(r, &mut row)?;
             for (o, x) in v[r * self.dim..(r + 1) * self.dim].iter_mut().zip(&row) {
                 *o = bf16::from_f32(*x);
             }
@@ -142,6 +215,10 @@ impl EmbeddingTable {
         #[cfg(target_arch = "x86_64")]
         {
             let (ptr, bytes) = match &self.data {
+                TableData::Store(st) => {
+                    st.prefetch(&[r]);
+                    return;
+                }
                 TableData::F32(v) => (v.as_ptr() as *const u8, 4),
                 TableData::Bf16(v) => (v.as_ptr() as *const u8, 2),
                 TableData::Mapped { mmap, start, dtype } => (
@@ -179,7 +256,9 @@ impl EmbeddingTable {
             let mut row = vec![0.0f32; self.dim];
             let end = ((b + 1) * BLOCK).min(self.rows);
             for r in b * BLOCK..end {
-                self.row_into(r, &mut row);
+                if self.try_row_into(r, &mut row).is_err() {
+                    row.fill(f32::NAN); // reported as the first bad row below
+                }
                 if let Some(c) = row.iter().position(|x| !x.is_finite()) {
                     return Some((r, c, row[c]));
                 }
@@ -203,6 +282,13 @@ impl EmbeddingTable {
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let d = self.dim;
         match &self.data {
+            // A store that fails gives NaN here; every reader of rows that can fail (the
+            // gather, the bf16 copy, the writer) goes through `try_row_into` instead.
+            TableData::Store(s) => {
+                if s.row_into(r, out).is_err() {
+                    out.fill(f32::NAN);
+                }
+            }
             TableData::F32(v) => out.copy_from_slice(&v[r * d..(r + 1) * d]),
             TableData::Bf16(v) => {
                 for (o, x) in out.iter_mut().zip(&v[r * d..(r + 1) * d]) {
@@ -391,6 +477,40 @@ impl EngramWeights {
             conv_weight: get("short_conv.conv.weight")?,
             conv_norms: per(&|i| format!("short_conv.norms.{i}.weight"))?,
         })
+    }
+
+    /// [`EngramWeights::load`] with the table in the store `opts` names: read with direct
+    /// I/O, and/or behind a hot-row cache (the default options keep it memory-mapped).
+    pub fn load_with_table(
+        path: impl AsRef<Path>,
+        cfg: &EngramConfig,
+        offsets: &[i64],
+        table_rows: usize,
+        opts: crate::rows::TableOptions,
+    ) -> Result<Self> {
+        use crate::rows::{cache::CachedRows, direct::DirectRows, RowStore, TableIo};
+        let path = path.as_ref();
+        let mut w = Self::load(path, cfg, offsets, table_rows)?;
+        if opts == crate::rows::TableOptions::default() {
+            return Ok(w);
+        }
+        let store: Arc<dyn RowStore> = match opts.io {
+            TableIo::Mmap => Arc::new(w.table.clone()),
+            TableIo::Direct => {
+                let f = TensorFile::open(path)?;
+                Arc::new(DirectRows::open_dense(
+                    &f.raw(TABLE)?,
+                    table_rows,
+                    cfg.head_dim(),
+                )?)
+            }
+        };
+        let store: Arc<dyn RowStore> = match opts.cache_bytes {
+            Some(b) => Arc::new(CachedRows::new(store, b)),
+            None => store,
+        };
+        w.table = EmbeddingTable::from_store(store);
+        Ok(w)
     }
 
     /// Every float tensor but the table, by state-dict name, with its shape (PyTorch layout),

@@ -249,3 +249,59 @@ fn sizes_parse_with_units_and_errors_name_the_text() {
     assert!(parse_size("99999999999T").is_err());
     assert!("direct".parse::<TableIo>().is_ok() && "disk".parse::<TableIo>().is_err());
 }
+
+/// The demo layer over the same stores: every golden case, both paths, f32 and bf16, bit for
+/// bit equal to the memory-mapped table.
+#[test]
+fn demo_layer_over_every_store_equals_the_mapped_table() {
+    use engram::rows::TableOptions;
+    use engram::{DType, Engram, ForwardPath};
+    let f = TensorFile::open(golden("small.stages.safetensors")).unwrap();
+    let cfg = small_config();
+    let w = golden("small.weights.safetensors");
+    let base = Engram::load(cfg.clone(), &w).unwrap();
+    for opts in [
+        TableOptions {
+            io: TableIo::Direct,
+            cache_bytes: None,
+        },
+        TableOptions {
+            io: TableIo::Direct,
+            cache_bytes: Some(256),
+        }, // one row
+        TableOptions {
+            io: TableIo::Mmap,
+            cache_bytes: Some(4096),
+        },
+        TableOptions {
+            io: TableIo::Direct,
+            cache_bytes: Some(1 << 20),
+        },
+    ] {
+        let e = Engram::load_with_table(cfg.clone(), &w, opts).unwrap();
+        assert!(e.weights().table.is_store());
+        for dtype in [DType::F32, DType::Bf16] {
+            let (b0, e0) = (base.clone().with_dtype(dtype), e.clone().with_dtype(dtype));
+            for case in ["seed_text", "batch2", "long"] {
+                let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
+                let (b, l) = (ids.shape[0], ids.shape[1]);
+                let h = f.f32(&format!("{case}.hidden_states"), None).unwrap().data;
+                for path in [ForwardPath::Reference, ForwardPath::Fused] {
+                    if dtype == DType::Bf16 && path == ForwardPath::Reference {
+                        continue; // the reference path reads the table as loaded
+                    }
+                    let want = b0.forward(&ids.data, &h, b, l, path).unwrap();
+                    let got = e0.forward(&ids.data, &h, b, l, path).unwrap();
+                    assert_eq!(got.hash_ids, want.hash_ids);
+                    assert_eq!(
+                        bits(&got.output),
+                        bits(&want.output),
+                        "{opts:?} {dtype:?} {case} {path:?}"
+                    );
+                }
+            }
+        }
+        let s = e.weights().table.store_stats().unwrap();
+        assert!(s.misses > 0, "{opts:?}: {s:?}");
+    }
+}

@@ -55,6 +55,8 @@ pub struct FusedWeights {
     proj: Projection,
     /// A bf16 copy of the table when the path runs in bf16 from an f32 table.
     table: Option<crate::weights::EmbeddingTable>,
+    /// Round gathered rows to bf16 (a bf16 run over a row store).
+    round_rows: bool,
     value_bias: Vec<f32>,
     key_bias: Vec<Vec<f32>>,
     norm12: Vec<Vec<f32>>,
@@ -86,12 +88,16 @@ impl FusedWeights {
                 conv_w[k * c + ch] = w.conv_weight[ch * taps + k];
             }
         }
-        let table = if dtype == DType::Bf16 && w.table.dtype_name() != "bf16" {
+        // A bf16 run reads bf16 rows: a copy of an f32 table, or, for rows from a store
+        // (read on demand, never copied whole), each gathered row rounded on the way in.
+        let round_rows = dtype == DType::Bf16 && w.table.is_store();
+        let table = if dtype == DType::Bf16 && w.table.dtype_name() != "bf16" && !round_rows {
             Some(w.table.to_bf16()?)
         } else {
             None
         };
         Ok(FusedWeights {
+            round_rows,
             proj,
             table,
             value_bias: w.value_proj_bias.clone(),
@@ -460,19 +466,25 @@ impl<'e> Driver<'e> {
                 }
             }
             let hashes = &hash_out[lr0 * h..(lr0 + rows) * h];
-            for u in 0..rows.min(PREFETCH_AHEAD) {
-                self.e.prefetch_rows(table, &hashes[u * h..(u + 1) * h]);
-            }
-            for u in 0..rows {
-                if u + PREFETCH_AHEAD < rows {
-                    let v = u + PREFETCH_AHEAD;
-                    self.e.prefetch_rows(table, &hashes[v * h..(v + 1) * h]);
+            if table.is_store() {
+                // Rows from a store: the whole tile's reads issued together.
+                self.e
+                    .gather_tile(table, hashes, &mut x[..rows * dm], self.fw.round_rows)?;
+            } else {
+                for u in 0..rows.min(PREFETCH_AHEAD) {
+                    self.e.prefetch_rows(table, &hashes[u * h..(u + 1) * h]);
                 }
-                self.e.gather_from(
-                    table,
-                    &hashes[u * h..(u + 1) * h],
-                    &mut x[u * dm..(u + 1) * dm],
-                )?;
+                for u in 0..rows {
+                    if u + PREFETCH_AHEAD < rows {
+                        let v = u + PREFETCH_AHEAD;
+                        self.e.prefetch_rows(table, &hashes[v * h..(v + 1) * h]);
+                    }
+                    self.e.gather_from(
+                        table,
+                        &hashes[u * h..(u + 1) * h],
+                        &mut x[u * dm..(u + 1) * dm],
+                    )?;
+                }
             }
             profile::add(Stage::HashGather, clock);
             // 2. projections: one GEMM for the whole tile.

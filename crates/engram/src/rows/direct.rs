@@ -76,9 +76,21 @@ thread_local! {
     static BUF: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
 }
 
-/// An fp8 table (e4m3 codes + e8m0 scales) read from its file on demand.
+/// How a row is stored in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// e4m3 codes `[rows, dim]` and e8m0 scales `[rows, dim/32]` (two reads per row).
+    Fp8,
+    /// f32 values.
+    F32,
+    /// bf16 values.
+    Bf16,
+}
+
+/// A table read from its file on demand: fp8 (e4m3 codes + e8m0 scales), f32 or bf16.
 #[derive(Debug)]
 pub struct DirectRows {
+    format: Format,
     file: File,
     path: PathBuf,
     /// Whether the file really is open with `O_DIRECT` (some file systems refuse it; then the
@@ -144,6 +156,7 @@ impl DirectRows {
         let (file, direct) = open_direct(path)?;
         let stamp = stamp(&file, path)?;
         Ok(DirectRows {
+            format: Format::Fp8,
             file,
             path: path.to_path_buf(),
             direct,
@@ -151,6 +164,43 @@ impl DirectRows {
             dim,
             codes_at,
             scales_at,
+            stamp,
+            misses: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// Opens the file holding a dense f32 or bf16 table `[rows, dim]` (a demo-layer table).
+    pub fn open_dense(t: &RawTensor, rows: usize, dim: usize) -> Result<Self> {
+        let format = match t.dtype {
+            safetensors::Dtype::F32 => Format::F32,
+            safetensors::Dtype::BF16 => Format::Bf16,
+            d => {
+                return Err(EngramError::invalid(
+                    "table-io direct",
+                    "an f32, bf16 or fp8 table",
+                    format!("{d:?}"),
+                ))
+            }
+        };
+        let Some((path, at)) = t.location() else {
+            return Err(EngramError::invalid(
+                "table-io direct",
+                "a table in a file on disk",
+                "a table given as bytes",
+            ));
+        };
+        let (file, direct) = open_direct(path)?;
+        let stamp = stamp(&file, path)?;
+        Ok(DirectRows {
+            format,
+            file,
+            path: path.to_path_buf(),
+            direct,
+            rows,
+            dim,
+            codes_at: at,
+            scales_at: 0,
             stamp,
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -208,28 +258,50 @@ impl DirectRows {
 
     fn fetch(&self, r: usize, out: &mut [f32]) -> Result<()> {
         check_row(r, self.rows)?;
-        let blocks = self.dim / BLOCK;
-        let mut codes = [0u8; 4096];
-        let mut scales = [0u8; 128];
-        if self.dim > codes.len() || blocks > scales.len() {
-            return Err(EngramError::invalid(
-                "table-io direct",
-                "rows of at most 4096 values",
-                self.dim,
-            ));
+        let d = self.dim;
+        let mut raw = [0u8; 4 * 4096];
+        match self.format {
+            Format::Fp8 => {
+                let blocks = d / BLOCK;
+                let mut scales = [0u8; 128];
+                if d > 4096 || blocks > scales.len() {
+                    return Err(EngramError::invalid(
+                        "table-io direct",
+                        "rows of at most 4096 values",
+                        d,
+                    ));
+                }
+                self.read(self.codes_at + (r * d) as u64, d, &mut raw[..d])?;
+                self.read(
+                    self.scales_at + (r * blocks) as u64,
+                    blocks,
+                    &mut scales[..blocks],
+                )?;
+                decode_row(&raw[..d], &scales[..blocks], out);
+            }
+            Format::F32 | Format::Bf16 => {
+                let es = if self.format == Format::F32 { 4 } else { 2 };
+                let n = d * es;
+                if n > raw.len() {
+                    return Err(EngramError::invalid(
+                        "table-io direct",
+                        "rows of at most 4096 values",
+                        d,
+                    ));
+                }
+                self.read(self.codes_at + (r * n) as u64, n, &mut raw[..n])?;
+                if es == 4 {
+                    for (o, c) in out.iter_mut().zip(raw[..n].chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                } else {
+                    for (o, c) in out.iter_mut().zip(raw[..n].chunks_exact(2)) {
+                        *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                }
+            }
         }
-        self.read(
-            self.codes_at + (r * self.dim) as u64,
-            self.dim,
-            &mut codes[..self.dim],
-        )?;
-        self.read(
-            self.scales_at + (r * blocks) as u64,
-            blocks,
-            &mut scales[..blocks],
-        )?;
         self.misses.fetch_add(1, Ordering::Relaxed);
-        decode_row(&codes[..self.dim], &scales[..blocks], out);
         Ok(())
     }
 }

@@ -71,6 +71,15 @@ impl std::str::FromStr for TableIo {
     }
 }
 
+/// Where a layer's table rows come from (chosen at load time; the outputs are the same).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableOptions {
+    /// Memory-mapped or direct I/O.
+    pub io: TableIo,
+    /// A hot-row cache of this many bytes in front of the store.
+    pub cache_bytes: Option<u64>,
+}
+
 /// Parses a byte size: `512M`, `2G`, `64k`, `1000` (bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();

@@ -71,14 +71,7 @@ fn bf16_vec(name: &str, t: &RawTensor, shape: &[usize]) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// Where a layer's table rows come from (chosen at load time; the outputs are the same).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TableOptions {
-    /// Memory-mapped or direct I/O.
-    pub io: TableIo,
-    /// A hot-row cache of this many bytes in front of the store.
-    pub cache_bytes: Option<u64>,
-}
+pub use crate::rows::TableOptions;
 
 impl V41Weights {
     /// Reads `layers.{layer}.engram.*` from a checkpoint (one file or a sharded folder),
