@@ -663,9 +663,21 @@ impl Layer {
     }
 }
 
-/// `load(config, is_path, weights, layer, dtype, path, tokenizer, threads) -> Layer`.
+/// Row-store options: `table_io` "mmap" or "direct", `table_cache` a size like "512M".
+fn table_options(io: Option<&str>, cache: Option<&str>) -> PyResult<engram::rows::TableOptions> {
+    Ok(engram::rows::TableOptions {
+        io: io.unwrap_or("mmap").parse().map_err(err)?,
+        cache_bytes: cache
+            .map(engram::rows::parse_size)
+            .transpose()
+            .map_err(err)?,
+    })
+}
+
+/// `load(config, is_path, weights, layer, dtype, path, tokenizer, threads, table_io,
+/// table_cache) -> Layer`.
 #[pyfunction]
-#[pyo3(signature = (config, is_path, weights, layer=None, dtype="f32", path="fused", tokenizer=None, threads=None))]
+#[pyo3(signature = (config, is_path, weights, layer=None, dtype="f32", path="fused", tokenizer=None, threads=None, table_io=None, table_cache=None))]
 #[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
@@ -677,9 +689,12 @@ fn load(
     path: &str,
     tokenizer: Option<&str>,
     threads: Option<usize>,
+    table_io: Option<&str>,
+    table_cache: Option<&str>,
 ) -> PyResult<Layer> {
     let v = config_json(config, is_path)?;
     let pool = pool(threads)?;
+    let table = table_options(table_io, table_cache)?;
     let inner = if engram::v41::config::is_v41(&v) {
         if dtype != "f32" {
             return Err(verr(format!(
@@ -703,7 +718,7 @@ fn load(
                     None => Tokenizer::bundled()?,
                 };
                 let comp = Arc::new(CompressedTokenizer::build(&t)?);
-                V41Layer::load(&cfg, comp, &Checkpoint::open(&weights)?, layer)
+                V41Layer::load_with(&cfg, comp, &Checkpoint::open(&weights)?, layer, table)
             })
             .map_err(err)?;
         Inner::V41(l, p)
@@ -719,7 +734,7 @@ fn load(
         let p = demo_path(path)?;
         let weights = weights.to_string();
         let e = py
-            .allow_threads(move || Engram::load(cfg, &weights))
+            .allow_threads(move || Engram::load_with_table(cfg, &weights, table))
             .map_err(err)?
             .with_dtype(dt);
         Inner::Demo(e, p)

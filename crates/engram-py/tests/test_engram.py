@@ -201,3 +201,18 @@ def test_v41_inputs_whose_shapes_only_add_up_are_refused(golden):
         engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=-1)
     with pytest.raises(ValueError, match="below 2\\^63"):
         l.forward(np.full(ids.shape, 2**63 + 5, dtype=np.uint64), h)
+
+
+def test_row_stores_give_the_same_outputs(small, stages, golden):
+    ids, h = stages["long.input_ids"], stages["long.hidden_states"]
+    want = small.forward(ids, h)["output"]
+    for io, cache in [("direct", None), ("direct", "4k"), ("mmap", 256)]:
+        l = engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", table_io=io, table_cache=cache)
+        np.testing.assert_array_equal(l.forward(ids, h)["output"], want)
+    with pytest.raises(ValueError, match="table-io"):
+        engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", table_io="disk")
+    v = golden / "v41"
+    cases = read_safetensors(v / "v41_small.cases.safetensors")
+    a = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=14)
+    b = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=14, table_io="direct", table_cache="1k")
+    np.testing.assert_array_equal(a.forward(cases["input_ids"], cases["hidden_states"])["output"], b.forward(cases["input_ids"], cases["hidden_states"])["output"])
