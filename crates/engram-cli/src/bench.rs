@@ -63,6 +63,13 @@ pub struct BenchArgs {
     /// A hot-row cache of this size in front of the table, with --weights (e.g. 512M).
     #[arg(long, value_name = "SIZE")]
     table_cache: Option<String>,
+    /// Take the ids from this text file (sequence s gets tokens s·L..(s+1)·L of it) instead
+    /// of random ids: natural n-gram traffic for the row stores.
+    #[arg(long, value_name = "FILE")]
+    text_file: Option<PathBuf>,
+    /// Keep the row cache warm between runs (by default it is emptied before each run).
+    #[arg(long)]
+    warm: bool,
     /// Which layer of a DeepSeek-V4.1 config (the bench then uses random checkpoint-format
     /// weights at the config's width, with the table's rows reduced to fit in memory).
     #[arg(long)]
@@ -382,14 +389,30 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     // Random raw ids (uniform over the vocabulary) and randn hidden states.
     let v = m.compressed().num_raw() as u64;
     let mut x = 0x9E3779B97F4A7C15u64;
-    let ids: Vec<i64> = (0..b * l)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % v) as i64
-        })
-        .collect();
+    let ids: Vec<i64> = match &a.text_file {
+        Some(p) => {
+            let text = engram::files::read_limited_string(p, 1 << 30, "--text-file")?;
+            let tok = engram::Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
+            let all = tok.encode(&text, false)?;
+            if all.len() < b * l {
+                bail!(
+                    "--text-file {}: expected at least {} tokens (B·L), found {}",
+                    p.display(),
+                    b * l,
+                    all.len()
+                );
+            }
+            all[..b * l].to_vec()
+        }
+        None => (0..b * l)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % v) as i64
+            })
+            .collect(),
+    };
     let hidden = TorchGenerator::manual_seed(1).randn(b * l * hc * d);
     let run_once = || -> Result<()> {
         if a.decode {
@@ -420,6 +443,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let store_before = e.weights().table.store_stats();
     let mut secs = Vec::with_capacity(a.runs);
     for _ in 0..a.runs {
+        if !a.warm {
+            e.weights().table.clear_cache();
+        }
         let t0 = Instant::now();
         run_once()?;
         secs.push(t0.elapsed().as_secs_f64());
@@ -431,6 +457,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         serde_json::json!({
             "table_io": format!("{:?}", table.io).to_lowercase(),
             "table_cache_bytes": table.cache_bytes,
+            "warm": a.warm,
             "hit_rate": if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 },
             "rows_read": misses,
             "rows_read_per_s": misses as f64 / t,

@@ -365,3 +365,42 @@ fn bench_reports_the_row_store_counters() {
         "{rs}"
     );
 }
+
+#[test]
+fn bench_takes_its_ids_from_a_text_file() {
+    let text = tmp("bench-text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let (cfg, w) = (
+        golden("small.config.json"),
+        golden("small.weights.safetensors"),
+    );
+    let base = [
+        "bench",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--runs",
+        "1",
+        "--table-cache",
+        "256k",
+        "--json",
+        "--text-file",
+        s(&text),
+    ];
+    let mut a = base.to_vec();
+    a.extend(["--tokens", "64"]);
+    let (code, out, err) = engram(&a);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    // The repeated sentence reuses its rows: the cache hits.
+    assert!(v["row_store"]["hit_rate"].as_f64().unwrap() > 0.5, "{v}");
+    assert_eq!(v["row_store"]["warm"], false);
+    let mut a = base.to_vec();
+    a.extend(["--tokens", "100000"]);
+    expect_error(&a, "tokens (B·L)");
+}

@@ -256,7 +256,7 @@ impl CudaEngram {
             let end = (start + SLAB).min(rows);
             host.clear();
             for r in start..end {
-                wts.table.row_into(r, &mut row);
+                wts.table.try_row_into(r, &mut row)?;
                 match dtype {
                     DType::F32 => host.extend_from_slice(bytemuck::cast_slice(&row)),
                     DType::Bf16 => host.extend_from_slice(&bf16_bytes(&row)),

@@ -230,6 +230,13 @@ impl DemoModel {
                     })
                     .collect();
                 store.gather(&rows, out)?;
+                if round_bf16 {
+                    // As a bf16 copy of the table holds them (rounded before the check, as
+                    // the copy's rows are).
+                    for v in out.iter_mut() {
+                        *v = half::bf16::from_f32(*v).to_f32();
+                    }
+                }
                 if let Some(k) = out.iter().position(|x| !x.is_finite()) {
                     let dh = self.cfg.head_dim();
                     return Err(EngramError::NonFinite {
@@ -238,6 +245,7 @@ impl DemoModel {
                         value: out[k],
                     });
                 }
+                return Ok(());
             }
             None => self.gather_from(table, hash_ids, out)?,
         }

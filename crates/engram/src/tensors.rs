@@ -54,6 +54,21 @@ pub struct RawTensor {
     start: usize,
     len: usize,
     path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+/// (device, inode) of an open file (None where the platform has no such notion).
+pub fn file_identity(f: &std::fs::File) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = f;
+        None
+    }
 }
 
 impl std::fmt::Debug for RawTensor {
@@ -72,6 +87,11 @@ impl RawTensor {
         &self.bytes[self.start..self.start + self.len]
     }
 
+    /// (device, inode) of the file the tensor was mapped from.
+    pub fn file_identity(&self) -> Option<(u64, u64)> {
+        self.identity
+    }
+
     /// The file the tensor is in and the offset of its first byte there (None for a file
     /// given as bytes).
     pub fn location(&self) -> Option<(&Path, u64)> {
@@ -87,6 +107,8 @@ pub struct TensorFile {
     path: PathBuf,
     mmap: FileBytes,
     metadata: HashMap<String, String>,
+    /// (device, inode) of the mapped file, to tell it from a file put at its path later.
+    identity: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for TensorFile {
@@ -122,11 +144,14 @@ impl TensorFile {
         // with every memory-mapped weight loader). Truncation by another process would fault,
         // which is the documented hazard of memory-mapping.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngramError::io(&path, e))?;
+        let identity = file_identity(&file);
         // Table rows are read at random: ask the kernel not to read ahead around each row
         // when the file is not cached (a hint; failure to apply it changes nothing).
         #[cfg(unix)]
         let _ = mmap.advise(memmap2::Advice::Random);
-        Self::parse(path, FileBytes::Mapped(Arc::new(mmap)))
+        let mut f = Self::parse(path, FileBytes::Mapped(Arc::new(mmap)))?;
+        f.identity = identity;
+        Ok(f)
     }
 
     /// A safetensors file given as bytes; `name` stands for its path in messages.
@@ -150,6 +175,7 @@ impl TensorFile {
             path,
             mmap,
             metadata,
+            identity: None,
         })
     }
 
@@ -197,6 +223,7 @@ impl TensorFile {
             start,
             len: data.len(),
             path: self.path.clone(),
+            identity: self.identity,
         })
     }
 

@@ -160,6 +160,13 @@ impl EmbeddingTable {
         }
     }
 
+    /// Empties a store-backed table's cache (no effect on other tables).
+    pub fn clear_cache(&self) {
+        if let TableData::Store(s) = &self.data {
+            s.clear();
+        }
+    }
+
     /// Whether the rows come from a row store.
     pub fn is_store(&self) -> bool {
         matches!(self.data, TableData::Store(_))
@@ -256,18 +263,19 @@ impl EmbeddingTable {
             let mut row = vec![0.0f32; self.dim];
             let end = ((b + 1) * BLOCK).min(self.rows);
             for r in b * BLOCK..end {
-                if self.try_row_into(r, &mut row).is_err() {
-                    row.fill(f32::NAN); // reported as the first bad row below
+                if let Err(e) = self.try_row_into(r, &mut row) {
+                    return Some(Err(e)); // the store's own error, not a NaN
                 }
                 if let Some(c) = row.iter().position(|x| !x.is_finite()) {
-                    return Some((r, c, row[c]));
+                    return Some(Ok((r, c, row[c])));
                 }
             }
             progress(end - b * BLOCK);
             None
         });
         match bad {
-            Some((r, c, value)) => Err(EngramError::NonFinite {
+            Some(Err(e)) => Err(e),
+            Some(Ok((r, c, value))) => Err(EngramError::NonFinite {
                 name: format!("{TABLE} (row {r}, column {c})"),
                 index: r * self.dim + c,
                 value,

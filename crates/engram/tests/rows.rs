@@ -305,3 +305,25 @@ fn demo_layer_over_every_store_equals_the_mapped_table() {
         assert!(s.misses > 0, "{opts:?}: {s:?}");
     }
 }
+
+/// A direct store opens the very file the checkpoint mapped: one put at its path since (a
+/// rename over it) is refused, not read at the old file's offsets.
+#[test]
+fn a_table_file_replaced_before_the_direct_store_opens_is_refused() {
+    let dir = tmp_dir("rows-replaced");
+    let w = dir.join("w.safetensors");
+    std::fs::copy(v41("v41_small.weights.safetensors"), &w).unwrap();
+    let ck = Checkpoint::open(&w).unwrap();
+    let other = dir.join("other.safetensors");
+    std::fs::copy(v41("v41_small.weights.safetensors"), &other).unwrap();
+    std::fs::rename(&other, &w).unwrap();
+    let cfg = V41Config::from_json_file(v41("v41_small.config.json")).unwrap();
+    let opts = TableOptions {
+        io: TableIo::Direct,
+        cache_bytes: None,
+    };
+    let e = V41Layer::load_with(&cfg, compression(), &ck, 14, opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another file"), "{e}");
+}

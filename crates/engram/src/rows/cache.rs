@@ -108,10 +108,9 @@ impl CachedRows {
                 s.slots[h].referenced = false;
                 continue;
             }
-            let old = s.slots[h].row;
-            s.map.remove(&old);
-            s.slots[h].row = r;
             s.slots[h].data.copy_from_slice(row);
+            let old = std::mem::replace(&mut s.slots[h].row, r);
+            s.map.remove(&old);
             s.map.insert(r, h);
             return;
         }
@@ -135,19 +134,29 @@ impl RowStore for CachedRows {
         self.insert(r, out);
         Ok(())
     }
-    /// Hits are copied at once; the misses go to the inner store together.
+    /// Hits are copied at once; the misses go to the inner store together, each distinct row
+    /// once (a row asked for twice in one batch is read once and counts one miss).
     fn gather(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
         let d = self.dim();
+        super::check_gather_len(rows.len(), d, out.len())?;
         let mut miss_rows = Vec::new();
         let mut miss_at = Vec::new();
+        let mut first: HashMap<usize, usize> = HashMap::new();
+        let mut repeats = Vec::new();
+        let mut hits = 0u64;
         for (i, (&r, o)) in rows.iter().zip(out.chunks_exact_mut(d)).enumerate() {
             if self.lookup(r, o) {
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                hits += 1;
+            } else if let Some(&k) = first.get(&r) {
+                repeats.push((i, k));
             } else {
+                first.insert(r, miss_rows.len());
                 miss_rows.push(r);
                 miss_at.push(i);
             }
         }
+        self.hits
+            .fetch_add(hits + repeats.len() as u64, Ordering::Relaxed);
         if miss_rows.is_empty() {
             return Ok(());
         }
@@ -159,10 +168,22 @@ impl RowStore for CachedRows {
             out[i * d..(i + 1) * d].copy_from_slice(row);
             self.insert(r, row);
         }
+        for (i, k) in repeats {
+            out[i * d..(i + 1) * d].copy_from_slice(&got[k * d..(k + 1) * d]);
+        }
         Ok(())
     }
     fn prefetch(&self, rows: &[usize]) {
         self.inner.prefetch(rows)
+    }
+    fn clear(&self) {
+        for s in &self.shards {
+            let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
+            s.map.clear();
+            s.slots.clear();
+            s.hand = 0;
+        }
+        self.inner.clear();
     }
     fn stats(&self) -> StoreStats {
         StoreStats {

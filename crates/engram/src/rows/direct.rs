@@ -38,20 +38,24 @@ struct Aligned {
 
 impl Aligned {
     fn get(&mut self, n: usize) -> &mut [u8] {
+        if n == 0 {
+            return &mut [];
+        }
         if n > self.cap {
             self.free();
             let cap = n.next_multiple_of(ALIGN);
             let layout = std::alloc::Layout::from_size_align(cap, ALIGN).expect("aligned layout");
-            // SAFETY: `layout` has a non-zero size (n > cap >= 0 and rounded up to ALIGN).
-            let p = unsafe { std::alloc::alloc(layout) };
+            // SAFETY: `layout` has a non-zero size (n > 0, rounded up to ALIGN); zeroed, so
+            // the slice below is initialised.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
             if p.is_null() {
                 std::alloc::handle_alloc_error(layout);
             }
             self.ptr = p;
             self.cap = cap;
         }
-        // SAFETY: `ptr` holds `cap >= n` bytes owned by this buffer; u8 has no invalid values
-        // (the bytes are overwritten by the read before they are used).
+        // SAFETY: `ptr` holds `cap >= n > 0` initialised bytes owned by this buffer, borrowed
+        // mutably through `&mut self` only.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
     }
 
@@ -122,6 +126,19 @@ fn open_direct(path: &Path) -> Result<(File, bool)> {
     Ok((f, false))
 }
 
+/// Refuses a file at `path` that is not the one the tensor was mapped from.
+fn same_file(f: &File, path: &Path, t: &RawTensor) -> Result<()> {
+    let (now, then) = (crate::tensors::file_identity(f), t.file_identity());
+    if now.is_some() && then.is_some() && now != then {
+        return Err(EngramError::invalid(
+            format!("table file {}", path.display()),
+            "the file the checkpoint was opened from",
+            "another file, put at its path since",
+        ));
+    }
+    Ok(())
+}
+
 fn stamp(f: &File, path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
     let m = f.metadata().map_err(|e| EngramError::io(path, e))?;
     Ok((m.len(), m.modified().ok()))
@@ -154,6 +171,7 @@ impl DirectRows {
             ));
         }
         let (file, direct) = open_direct(path)?;
+        same_file(&file, path, codes)?;
         let stamp = stamp(&file, path)?;
         Ok(DirectRows {
             format: Format::Fp8,
@@ -191,6 +209,7 @@ impl DirectRows {
             ));
         };
         let (file, direct) = open_direct(path)?;
+        same_file(&file, path, t)?;
         let stamp = stamp(&file, path)?;
         Ok(DirectRows {
             format,
@@ -315,10 +334,13 @@ impl RowStore for DirectRows {
     }
     fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
         self.check_unchanged()?;
-        self.fetch(r, out)
+        self.fetch(r, out)?;
+        // A write that overlapped the read shows in the stamp afterwards.
+        self.check_unchanged()
     }
     /// Every row's reads in flight at once, on the reader threads.
     fn gather(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
+        super::check_gather_len(rows.len(), self.dim, out.len())?;
         self.check_unchanged()?;
         let d = self.dim;
         readers().install(|| {

@@ -29,10 +29,24 @@ pub trait RowStore: Send + Sync + std::fmt::Debug {
     }
     /// A hint: these rows will be asked for soon.
     fn prefetch(&self, _rows: &[usize]) {}
+    /// Forgets every row held in memory (a cache starts cold again).
+    fn clear(&self) {}
     /// Counters since the store was made: (hits, misses, bytes read from the file).
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
+}
+
+/// `out` must hold `rows · dim` values.
+pub(crate) fn check_gather_len(rows: usize, dim: usize, out: usize) -> Result<()> {
+    if rows.checked_mul(dim) != Some(out) {
+        return Err(crate::EngramError::invalid(
+            "gather output",
+            format!("{rows} rows of {dim} values"),
+            format!("{out} values"),
+        ));
+    }
+    Ok(())
 }
 
 /// What a store has done.
