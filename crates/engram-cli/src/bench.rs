@@ -57,12 +57,9 @@ pub struct BenchArgs {
     /// are measured in the same process.
     #[arg(long, default_value = "cpu")]
     device: crate::cuda::Device,
-    /// Where the table's rows come from, with --weights: `mmap` (default) or `direct`.
-    #[arg(long, value_name = "IO")]
-    table_io: Option<String>,
-    /// A hot-row cache of this size in front of the table, with --weights (e.g. 512M).
-    #[arg(long, value_name = "SIZE")]
-    table_cache: Option<String>,
+    /// Where the table's rows live (with --weights).
+    #[command(flatten)]
+    table: crate::table::TableArgs,
     /// Take the ids from this text file (sequence s gets tokens s·L..(s+1)·L of it) instead
     /// of random ids: natural n-gram traffic for the row stores.
     #[arg(long, value_name = "FILE")]
@@ -236,7 +233,7 @@ pub fn peak_rss() -> Option<u64> {
 }
 
 /// Thread-seconds per run of each fused stage, as a JSON object.
-fn stage_json(stages: [f64; 4], runs: usize) -> serde_json::Value {
+fn stage_json(stages: [f64; 5], runs: usize) -> serde_json::Value {
     let m: serde_json::Map<String, serde_json::Value> = profile::STAGE_NAMES
         .iter()
         .zip(stages)
@@ -287,7 +284,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         return crate::v41::bench(v, a.layer, a.tokens, a.runs, a.json);
     }
     let cfg = crate::commands::load_config(&a.config)?;
-    let table = crate::v41::table_options(a.table_io.as_deref(), a.table_cache.as_deref())?;
+    let table = a.table.options()?;
     if a.weights.is_none() && table != engram::rows::TableOptions::default() {
         bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
     }
@@ -452,16 +449,20 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     // Row-store counters over the timed runs (hits, reads from the file, bytes).
     let store = store_before.zip(e.weights().table.store_stats()).map(|(a0, a1)| {
-        let (hits, misses) = (a1.hits - a0.hits, a1.misses - a0.misses);
+        let st = a1.since(&a0);
         let t: f64 = secs.iter().sum();
         serde_json::json!({
             "table_io": format!("{:?}", table.io).to_lowercase(),
             "table_cache_bytes": table.cache_bytes,
+            "table_cache_policy": table.cache_bytes.map(|_| format!("{:?}", table.cache_policy).to_lowercase()),
+            "io_depth": table.io_depth.unwrap_or(engram::rows::DEFAULT_IO_DEPTH),
             "warm": a.warm,
-            "hit_rate": if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 },
-            "rows_read": misses,
-            "rows_read_per_s": misses as f64 / t,
-            "bytes_read": a1.bytes_read - a0.bytes_read,
+            "hit_rate": st.hit_rate(),
+            "rows_read": st.misses,
+            "rows_read_per_s": st.misses as f64 / t,
+            "bytes_read": st.bytes_read,
+            "reads_per_s": st.reads as f64 / t,
+            "io_depth_mean": st.io_depth_mean(),
         })
     });
     let stages = profile::take();
@@ -547,6 +548,19 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     step / fl
                 );
             }
+        }
+        if let Some(st) = &store {
+            println!(
+                "  row store ({}{}): hit rate {:.1}%, {:.0} rows read/s, mean {:.1} reads in flight",
+                st["table_io"].as_str().unwrap_or("?"),
+                st["table_cache_policy"]
+                    .as_str()
+                    .map(|p| format!(", {p} cache"))
+                    .unwrap_or_default(),
+                100.0 * st["hit_rate"].as_f64().unwrap_or(0.0),
+                st["rows_read_per_s"].as_f64().unwrap_or(0.0),
+                st["io_depth_mean"].as_f64().unwrap_or(0.0),
+            );
         }
         if path == ForwardPath::Fused {
             println!("  thread-seconds per run by stage:");

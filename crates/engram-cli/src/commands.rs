@@ -159,13 +159,8 @@ pub struct ForwardArgs {
     /// config; overrides `layer_id` of a demo config).
     #[arg(long)]
     layer: Option<u64>,
-    /// Where the table's rows come from: `mmap` (default) or `direct` (read with O_DIRECT
-    /// on demand, no page cache). Outputs are the same.
-    #[arg(long, value_name = "IO")]
-    table_io: Option<String>,
-    /// A hot-row cache of this size in front of the table (e.g. 512M).
-    #[arg(long, value_name = "SIZE")]
-    table_cache: Option<String>,
+    #[command(flatten)]
+    table: crate::table::TableArgs,
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
@@ -187,12 +182,12 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             state_out: a.state_out.as_deref(),
             all_stages: a.all_stages,
             layer: a.layer,
-            table: crate::v41::table_options(a.table_io.as_deref(), a.table_cache.as_deref())?,
+            table: a.table.options()?,
             dtype: &a.dtype,
         };
         return crate::v41::forward(f, v);
     }
-    let table = crate::v41::table_options(a.table_io.as_deref(), a.table_cache.as_deref())?;
+    let table = a.table.options()?;
     let mut cfg = load_config(&a.config)?;
     if let Some(l) = a.layer {
         cfg.layer_id = l;

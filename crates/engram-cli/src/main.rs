@@ -5,6 +5,7 @@ mod commands;
 mod cuda;
 mod demo;
 mod guard;
+mod table;
 mod v41;
 
 use clap::{Parser, Subcommand};

@@ -37,20 +37,6 @@ fn compression() -> Result<Arc<CompressedTokenizer>> {
     Ok(Arc::new(CompressedTokenizer::build(&tokenizer()?)?))
 }
 
-/// `--table-io` / `--table-cache` as row-store options.
-pub fn table_options(io: Option<&str>, cache: Option<&str>) -> Result<engram::rows::TableOptions> {
-    Ok(engram::rows::TableOptions {
-        io: match io {
-            Some(s) => s.parse().context("--table-io")?,
-            None => engram::rows::TableIo::Mmap,
-        },
-        cache_bytes: cache
-            .map(engram::rows::parse_size)
-            .transpose()
-            .context("--table-cache")?,
-    })
-}
-
 /// The V4.1 config at `path`, or None when the file is a demo-layer config.
 pub fn detect(path: Option<&Path>) -> Result<Option<V41Config>> {
     let Some(p) = path else { return Ok(None) };

@@ -87,6 +87,26 @@ impl RawTensor {
         &self.bytes[self.start..self.start + self.len]
     }
 
+    /// The tensor's bytes copied into process memory (the allocation checked against free
+    /// memory); the copy no longer reads the file.
+    pub fn to_owned_bytes(&self) -> Result<RawTensor> {
+        let mut v: Vec<u8> = crate::alloc::try_zeroed(
+            self.len,
+            &format!("{} in RAM (--table-io ram)", self.path.display()),
+            true,
+        )?;
+        v.copy_from_slice(self.data());
+        Ok(RawTensor {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            bytes: FileBytes::Owned(Arc::new(v)),
+            start: 0,
+            len: self.len,
+            path: self.path.clone(),
+            identity: None,
+        })
+    }
+
     /// (device, inode) of the file the tensor was mapped from.
     pub fn file_identity(&self) -> Option<(u64, u64)> {
         self.identity

@@ -84,6 +84,14 @@ impl crate::rows::RowStore for EmbeddingTable {
     fn stats(&self) -> crate::rows::StoreStats {
         self.store_stats().unwrap_or_default()
     }
+    fn bf16_exact(&self) -> bool {
+        match &self.data {
+            TableData::Bf16(_) => true,
+            TableData::Mapped { dtype, .. } => *dtype == Dtype::BF16,
+            TableData::Store(s) => s.bf16_exact(),
+            TableData::F32(_) => false,
+        }
+    }
 }
 
 impl EmbeddingTable {
@@ -191,6 +199,40 @@ impl EmbeddingTable {
                 Ok(())
             }
         }
+    }
+
+    /// The table copied into process memory (bf16 stays bf16, f32 and f16 become f32); an
+    /// owned table is shared, not copied. The allocation is checked against free memory.
+    pub fn to_ram(&self) -> Result<EmbeddingTable> {
+        let n = self.rows * self.dim;
+        let data = match &self.data {
+            TableData::F32(_) | TableData::Bf16(_) => return Ok(self.clone()),
+            TableData::Mapped { dtype, .. } if *dtype == Dtype::BF16 => {
+                let mut v: Vec<bf16> =
+                    crate::alloc::try_zeroed(n, "the table in RAM (--table-io ram)", true)?;
+                let mut row = vec![0.0; self.dim];
+                for (r, o) in v.chunks_exact_mut(self.dim.max(1)).enumerate() {
+                    self.row_into(r, &mut row);
+                    for (o, x) in o.iter_mut().zip(&row) {
+                        *o = bf16::from_f32(*x); // exact: the values are bf16
+                    }
+                }
+                TableData::Bf16(Arc::new(v))
+            }
+            _ => {
+                let mut v: Vec<f32> =
+                    crate::alloc::try_zeroed(n, "the table in RAM (--table-io ram)", true)?;
+                for (r, o) in v.chunks_exact_mut(self.dim.max(1)).enumerate() {
+                    self.try_row_into(r, o)?;
+                }
+                TableData::F32(Arc::new(v))
+            }
+        };
+        Ok(EmbeddingTable {
+            data,
+            rows: self.rows,
+            dim: self.dim,
+        })
     }
 
     /// Whether the table is memory-mapped (not copied).
@@ -496,28 +538,27 @@ impl EngramWeights {
         table_rows: usize,
         opts: crate::rows::TableOptions,
     ) -> Result<Self> {
-        use crate::rows::{cache::CachedRows, direct::DirectRows, RowStore, TableIo};
+        use crate::rows::{direct::DirectRows, RowStore, TableIo};
         let path = path.as_ref();
         let mut w = Self::load(path, cfg, offsets, table_rows)?;
-        if opts == crate::rows::TableOptions::default() {
-            return Ok(w);
-        }
         let store: Arc<dyn RowStore> = match opts.io {
+            TableIo::Mmap if opts.cache_bytes.is_none() => return Ok(w),
+            TableIo::Ram if opts.cache_bytes.is_none() => {
+                w.table = w.table.to_ram()?;
+                return Ok(w);
+            }
             TableIo::Mmap => Arc::new(w.table.clone()),
+            TableIo::Ram => Arc::new(w.table.to_ram()?),
             TableIo::Direct => {
                 let f = TensorFile::open(path)?;
-                Arc::new(DirectRows::open_dense(
-                    &f.raw(TABLE)?,
-                    table_rows,
-                    cfg.head_dim(),
-                )?)
+                let d = DirectRows::open_dense(&f.raw(TABLE)?, table_rows, cfg.head_dim())?;
+                Arc::new(match opts.io_depth {
+                    Some(n) => d.with_io_depth(n),
+                    None => d,
+                })
             }
         };
-        let store: Arc<dyn RowStore> = match opts.cache_bytes {
-            Some(b) => Arc::new(CachedRows::new(store, b)),
-            None => store,
-        };
-        w.table = EmbeddingTable::from_store(store);
+        w.table = EmbeddingTable::from_store(opts.cached(store));
         Ok(w)
     }
 

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use engram::rows::{cache::CachedRows, parse_size, RowStore, TableIo};
+use engram::rows::{cache::CachedRows, parse_size, CachePolicy, RowStore, TableIo};
 use engram::tensors::TensorFile;
 use engram::v41::{config::V41Config, Checkpoint, TableOptions, V41Layer, V41Path};
 
@@ -78,6 +78,7 @@ fn every_store_equals_the_mapped_one_bit_for_bit() {
             TableOptions {
                 io,
                 cache_bytes: cache,
+                ..Default::default()
             },
         );
         for path in [V41Path::Reference, V41Path::Fused] {
@@ -170,6 +171,7 @@ fn a_table_file_truncated_or_changed_during_a_run_is_an_error() {
         TableOptions {
             io: TableIo::Direct,
             cache_bytes: None,
+            ..Default::default()
         },
     );
     assert!(l
@@ -216,6 +218,7 @@ fn a_table_file_truncated_or_changed_during_a_run_is_an_error() {
         TableOptions {
             io: TableIo::Direct,
             cache_bytes: None,
+            ..Default::default()
         },
     );
     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -248,6 +251,110 @@ fn sizes_parse_with_units_and_errors_name_the_text() {
     assert!(parse_size("12Q").unwrap_err().to_string().contains("12Q"));
     assert!(parse_size("99999999999T").is_err());
     assert!("direct".parse::<TableIo>().is_ok() && "disk".parse::<TableIo>().is_err());
+    assert_eq!("ram".parse::<TableIo>().unwrap(), TableIo::Ram);
+    let e = "fifo".parse::<CachePolicy>().unwrap_err().to_string();
+    assert!(e.contains("fifo") && e.contains("s3fifo"), "{e}");
+}
+
+/// Sequences many tiles long (the store's gathers run ahead of compute on their own thread):
+/// every store, every cache policy and size, decode steps too, bit for bit equal to the
+/// memory-mapped table; the cache stays within its budget.
+#[test]
+fn tiles_gathered_ahead_equal_the_mapped_table() {
+    use engram::{DType, Engram, ForwardPath};
+    let cfg = small_config();
+    let w = golden("small.weights.safetensors");
+    let base = Engram::load(cfg.clone(), &w).unwrap();
+    let (b, l) = (3, 700);
+    let vocab = base.hashing().compressed().num_raw() as u64;
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let ids: Vec<i64> = (0..b * l)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Repeats, as text has: every third token from a small set.
+            if i % 3 == 0 {
+                (x % 50) as i64
+            } else {
+                (x % vocab) as i64
+            }
+        })
+        .collect();
+    let c = cfg.hc_mult * cfg.hidden_size;
+    let hidden: Vec<f32> = (0..b * l * c)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+        .collect();
+    let row = cfg.head_dim() as u64;
+    let mut cases = vec![
+        TableOptions {
+            io: TableIo::Direct,
+            io_depth: Some(3),
+            ..Default::default()
+        },
+        TableOptions {
+            io: TableIo::Ram,
+            ..Default::default()
+        },
+    ];
+    for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
+        for cache in [1, row * 4 + 64, 4096, 200 << 10] {
+            cases.push(TableOptions {
+                io: TableIo::Direct,
+                cache_bytes: Some(cache),
+                cache_policy: policy,
+                io_depth: None,
+            });
+        }
+        cases.push(TableOptions {
+            io: TableIo::Ram,
+            cache_bytes: Some(4096),
+            cache_policy: policy,
+            io_depth: None,
+        });
+    }
+    for dtype in [DType::F32, DType::Bf16] {
+        let b0 = base.clone().with_dtype(dtype);
+        let want = b0.forward(&ids, &hidden, b, l, ForwardPath::Fused).unwrap();
+        // Decode: five steps of all three sequences after a prefill of l - 5.
+        let mut st0: Vec<_> = (0..b).map(|_| b0.new_state()).collect();
+        let steps = |e: &Engram, st: &mut Vec<engram::EngramState>| -> Vec<u32> {
+            let mut out = Vec::new();
+            for t in l - 5..l {
+                let sid: Vec<i64> = (0..b).map(|s| ids[s * l + t]).collect();
+                let sh: Vec<f32> = (0..b)
+                    .flat_map(|s| hidden[(s * l + t) * c..(s * l + t + 1) * c].to_vec())
+                    .collect();
+                let offs: Vec<usize> = (0..=b).collect();
+                let r = e
+                    .forward_ragged(st, &sid, &sh, &offs, ForwardPath::Fused)
+                    .unwrap();
+                out.extend(bits(&r.output));
+            }
+            out
+        };
+        let want_steps = steps(&b0, &mut st0);
+        for opts in &cases {
+            let e = Engram::load_with_table(cfg.clone(), &w, *opts)
+                .unwrap()
+                .with_dtype(dtype);
+            let got = e.forward(&ids, &hidden, b, l, ForwardPath::Fused).unwrap();
+            assert_eq!(got.hash_ids, want.hash_ids, "{opts:?}");
+            assert_eq!(bits(&got.output), bits(&want.output), "{opts:?} {dtype:?}");
+            assert_eq!(bits(&got.gates), bits(&want.gates), "{opts:?} {dtype:?}");
+            let mut st: Vec<_> = (0..b).map(|_| e.new_state()).collect();
+            assert_eq!(steps(&e, &mut st), want_steps, "{opts:?} {dtype:?} decode");
+            if opts.cache_bytes.is_some() {
+                let s = e.weights().table.store().unwrap();
+                let held = format!("{s:?}");
+                assert!(held.contains(&format!("{:?}", opts.cache_policy)), "{held}");
+            }
+            if opts.io == TableIo::Direct {
+                let s = e.weights().table.store_stats().unwrap();
+                assert!(s.reads > 0 && s.io_depth_mean() >= 1.0, "{opts:?}: {s:?}");
+            }
+        }
+    }
 }
 
 /// The demo layer over the same stores: every golden case, both paths, f32 and bf16, bit for
@@ -264,18 +371,22 @@ fn demo_layer_over_every_store_equals_the_mapped_table() {
         TableOptions {
             io: TableIo::Direct,
             cache_bytes: None,
+            ..Default::default()
         },
         TableOptions {
             io: TableIo::Direct,
             cache_bytes: Some(256),
+            ..Default::default()
         }, // one row
         TableOptions {
             io: TableIo::Mmap,
             cache_bytes: Some(4096),
+            ..Default::default()
         },
         TableOptions {
             io: TableIo::Direct,
             cache_bytes: Some(1 << 20),
+            ..Default::default()
         },
     ] {
         let e = Engram::load_with_table(cfg.clone(), &w, opts).unwrap();
@@ -321,9 +432,98 @@ fn a_table_file_replaced_before_the_direct_store_opens_is_refused() {
     let opts = TableOptions {
         io: TableIo::Direct,
         cache_bytes: None,
+        ..Default::default()
     };
     let e = V41Layer::load_with(&cfg, compression(), &ck, 14, opts)
         .unwrap_err()
         .to_string();
     assert!(e.contains("another file"), "{e}");
+}
+
+/// The V4.1 layer over more than one tile (later tiles gathered ahead): direct I/O and
+/// every cache policy equal the memory-mapped table bit for bit, dead spans included.
+#[test]
+fn v41_tiles_gathered_ahead_equal_the_mapped_table() {
+    let x = inputs();
+    let w = v41("v41_small.weights.safetensors");
+    // The golden 2 × 30 tokens repeated: 2 × 300 rows, three tiles of 256.
+    let reps = 10;
+    let (b, l0) = (2, 30);
+    let c = x.hidden.len() / (b * l0);
+    let mut ids = Vec::new();
+    let mut hidden = Vec::new();
+    let mut mask = Vec::new();
+    for s in 0..b {
+        for _ in 0..reps {
+            ids.extend_from_slice(&x.ids[s * l0..(s + 1) * l0]);
+            hidden.extend_from_slice(&x.hidden[s * l0 * c..(s + 1) * l0 * c]);
+            mask.extend_from_slice(&x.mask[s * l0..(s + 1) * l0]);
+        }
+    }
+    let l = l0 * reps;
+    let run = |opts: TableOptions| {
+        layer_at(&w, opts)
+            .forward(&ids, &hidden, Some(&mask), b, l, true, V41Path::Fused, true)
+            .unwrap()
+    };
+    let base = run(TableOptions::default());
+    for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
+        for (io, cache) in [
+            (TableIo::Direct, Some(1)),
+            (TableIo::Direct, Some(8 << 10)),
+            (TableIo::Ram, Some(4096)),
+        ] {
+            let got = run(TableOptions {
+                io,
+                cache_bytes: cache,
+                cache_policy: policy,
+                io_depth: None,
+            });
+            assert_eq!(
+                bits(got.embeddings.as_ref().unwrap()),
+                bits(base.embeddings.as_ref().unwrap()),
+                "{io:?} {cache:?} {policy:?}"
+            );
+            assert_eq!(bits(&got.output), bits(&base.output), "{io:?} {policy:?}");
+        }
+    }
+}
+
+/// A table file truncated under a run whose tiles are gathered ahead: an error naming the
+/// file from the call, never rows of zeros.
+#[test]
+fn a_truncated_table_fails_a_run_gathered_ahead() {
+    use engram::{Engram, ForwardPath};
+    let dir = tmp_dir("rows-truncated-ahead");
+    let w = dir.join("w.safetensors");
+    std::fs::copy(golden("small.weights.safetensors"), &w).unwrap();
+    let cfg = small_config();
+    let e = Engram::load_with_table(
+        cfg.clone(),
+        &w,
+        TableOptions {
+            io: TableIo::Direct,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (b, l) = (2, 600);
+    let ids: Vec<i64> = (0..b * l).map(|i| (i * 37 % 1000) as i64).collect();
+    let hidden = vec![0.5f32; b * l * cfg.hc_mult * cfg.hidden_size];
+    assert!(e.forward(&ids, &hidden, b, l, ForwardPath::Fused).is_ok());
+    let len = std::fs::metadata(&w).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&w)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let err = e
+        .forward(&ids, &hidden, b, l, ForwardPath::Fused)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("w.safetensors") && (err.contains("truncated") || err.contains("modified")),
+        "{err}"
+    );
 }

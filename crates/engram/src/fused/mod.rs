@@ -430,146 +430,183 @@ impl<'e> Driver<'e> {
         let mut ring: Option<(usize, Ring<'_>)> = None;
         let mut states_left: &mut [EngramState] = states;
         let mut states_base = state_first;
+        // 1. hashes of every row of the part first: a row store can then read later tiles'
+        // rows while earlier tiles compute.
+        let clock = Instant::now();
+        let mut lr = 0;
+        for p in pieces {
+            let seq = &seqs[p.seq];
+            for tt in p.t0..p.t1 {
+                for (k, hk) in hist.iter_mut().enumerate() {
+                    *hk = seq.ext[tt + n - 1 - k];
+                }
+                self.e.hashing().hash_position(
+                    self.e.layer_params(),
+                    &hist,
+                    &mut hash_out[lr * h..(lr + 1) * h],
+                );
+                lr += 1;
+            }
+        }
+        profile::add(Stage::HashGather, clock);
+        let hashes_all: &[i64] = hash_out;
+        // A store's tiles are gathered ahead on a thread of their own when there is more
+        // than one tile (a decode step's single tile is gathered in place).
+        let pipelined = table.is_store() && total_rows > tile;
         let (mut pi, mut t) = (0usize, pieces.first().map_or(0, |p| p.t0));
         let mut done = 0;
-        while done < total_rows {
-            // Rows of this tile as segments (piece, t0, t1, first tile row): consecutive
-            // pieces share one tile, so that many short sequences (decode) make one GEMM.
-            let mut segs: Vec<(usize, usize, usize, usize)> = Vec::new();
-            let mut rows = 0;
-            while rows < tile && pi < pieces.len() {
-                let p = &pieces[pi];
-                let take = (p.t1 - t).min(tile - rows);
-                segs.push((pi, t, t + take, rows));
-                rows += take;
-                t += take;
-                if t == p.t1 {
-                    pi += 1;
-                    t = pieces.get(pi).map_or(0, |q| q.t0);
-                }
-            }
-            let lr0 = done; // part-local row of the tile's first row
-                            // 1. hashes of every row, then the gather with rows a few tokens ahead
-                            // prefetched, so that the table's cache misses overlap instead of queueing.
-            let clock = Instant::now();
-            for &(si, a, b, u0) in &segs {
-                let seq = &seqs[pieces[si].seq];
-                for tt in a..b {
-                    for (k, hk) in hist.iter_mut().enumerate() {
-                        *hk = seq.ext[tt + n - 1 - k];
+        std::thread::scope(|sc| -> Result<PartResult> {
+            let feed = pipelined.then(|| {
+                let (e, round) = (self.e, self.fw.round_rows);
+                crate::rows::ahead::Feed::spawn(sc, total_rows, tile, dm, move |r0, r1, out| {
+                    e.gather_tile(table, &hashes_all[r0 * h..r1 * h], out, round)
+                })
+            });
+            while done < total_rows {
+                // Rows of this tile as segments (piece, t0, t1, first tile row): consecutive
+                // pieces share one tile, so that many short sequences (decode) make one GEMM.
+                let mut segs: Vec<(usize, usize, usize, usize)> = Vec::new();
+                let mut rows = 0;
+                while rows < tile && pi < pieces.len() {
+                    let p = &pieces[pi];
+                    let take = (p.t1 - t).min(tile - rows);
+                    segs.push((pi, t, t + take, rows));
+                    rows += take;
+                    t += take;
+                    if t == p.t1 {
+                        pi += 1;
+                        t = pieces.get(pi).map_or(0, |q| q.t0);
                     }
-                    let u = u0 + tt - a;
-                    let hrow = &mut hash_out[(lr0 + u) * h..(lr0 + u + 1) * h];
-                    self.e
-                        .hashing()
-                        .hash_position(self.e.layer_params(), &hist, hrow);
                 }
-            }
-            let hashes = &hash_out[lr0 * h..(lr0 + rows) * h];
-            if table.is_store() {
-                // Rows from a store: the whole tile's reads issued together.
-                self.e
-                    .gather_tile(table, hashes, &mut x[..rows * dm], self.fw.round_rows)?;
-            } else {
-                for u in 0..rows.min(PREFETCH_AHEAD) {
-                    self.e.prefetch_rows(table, &hashes[u * h..(u + 1) * h]);
-                }
-                for u in 0..rows {
-                    if u + PREFETCH_AHEAD < rows {
-                        let v = u + PREFETCH_AHEAD;
-                        self.e.prefetch_rows(table, &hashes[v * h..(v + 1) * h]);
+                let lr0 = done; // part-local row of the tile's first row
+                let hashes = &hashes_all[lr0 * h..(lr0 + rows) * h];
+                // 2. the tile's rows: from the gathering thread, gathered in place from a store
+                // (its reads issued together), or from memory with rows a few tokens ahead
+                // prefetched so that the table's cache misses overlap instead of queueing.
+                let clock = Instant::now();
+                let fed = match &feed {
+                    Some(f) => {
+                        let buf = f.next()?;
+                        profile::add(Stage::IoWait, clock);
+                        Some(buf)
                     }
-                    self.e.gather_from(
-                        table,
-                        &hashes[u * h..(u + 1) * h],
-                        &mut x[u * dm..(u + 1) * dm],
-                    )?;
+                    None if table.is_store() => {
+                        self.e.gather_tile(
+                            table,
+                            hashes,
+                            &mut x[..rows * dm],
+                            self.fw.round_rows,
+                        )?;
+                        profile::add(Stage::IoWait, clock);
+                        None
+                    }
+                    None => {
+                        for u in 0..rows.min(PREFETCH_AHEAD) {
+                            self.e.prefetch_rows(table, &hashes[u * h..(u + 1) * h]);
+                        }
+                        for u in 0..rows {
+                            if u + PREFETCH_AHEAD < rows {
+                                let v = u + PREFETCH_AHEAD;
+                                self.e.prefetch_rows(table, &hashes[v * h..(v + 1) * h]);
+                            }
+                            self.e.gather_from(
+                                table,
+                                &hashes[u * h..(u + 1) * h],
+                                &mut x[u * dm..(u + 1) * dm],
+                            )?;
+                        }
+                        profile::add(Stage::HashGather, clock);
+                        None
+                    }
+                };
+                // 3. projections: one GEMM for the whole tile.
+                let clock = Instant::now();
+                let xs: &[f32] = fed.as_deref().unwrap_or(&x[..]);
+                self.fw
+                    .proj
+                    .matmul(&xs[..rows * dm], rows, &mut y[..rows * np], inner_threads);
+                profile::add(Stage::Projection, clock);
+                if let (Some(f), Some(buf)) = (&feed, fed) {
+                    f.give_back(buf);
                 }
-            }
-            profile::add(Stage::HashGather, clock);
-            // 2. projections: one GEMM for the whole tile.
-            let clock = Instant::now();
-            self.fw
-                .proj
-                .matmul(&x[..rows * dm], rows, &mut y[..rows * np], inner_threads);
-            profile::add(Stage::Projection, clock);
-            // 3. gates, gated value (into `out`), conv RMSNorm.
-            let clock = Instant::now();
-            for &(si, a, b, u0) in &segs {
-                let seq = &seqs[pieces[si].seq];
-                for tt in a..b {
-                    let u = u0 + tt - a;
-                    let lr = lr0 + u;
-                    kernels::gate_token(
-                        self.isa,
-                        &params,
-                        &y[u * np..(u + 1) * np],
-                        &seq.hidden[tt * c..(tt + 1) * c],
-                        &mut gate_out[lr * hc..(lr + 1) * hc],
-                        &mut out[lr * c..(lr + 1) * c],
-                        &mut normed[u * c..(u + 1) * c],
+                // 4. gates, gated value (into `out`), conv RMSNorm.
+                let clock = Instant::now();
+                for &(si, a, b, u0) in &segs {
+                    let seq = &seqs[pieces[si].seq];
+                    for tt in a..b {
+                        let u = u0 + tt - a;
+                        let lr = lr0 + u;
+                        kernels::gate_token(
+                            self.isa,
+                            &params,
+                            &y[u * np..(u + 1) * np],
+                            &seq.hidden[tt * c..(tt + 1) * c],
+                            &mut gate_out[lr * hc..(lr + 1) * hc],
+                            &mut out[lr * c..(lr + 1) * c],
+                            &mut normed[u * c..(u + 1) * c],
+                        );
+                    }
+                }
+                if let Some(g) = gated_out.as_deref_mut() {
+                    g[lr0 * c..(lr0 + rows) * c].copy_from_slice(&out[lr0 * c..(lr0 + rows) * c]);
+                }
+                profile::add(Stage::Gate, clock);
+                // 5. conv + SiLU + residual per segment; earlier rows come from the tile or from
+                // the piece's history ring.
+                let clock = Instant::now();
+                for &(si, a, b, u0) in &segs {
+                    let p = pieces[si];
+                    if ring.as_ref().is_none_or(|(rp, _)| *rp != si) {
+                        if let Some((rp, old)) = ring.take() {
+                            if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
+                                tail = Some(tl);
+                            }
+                        }
+                        let rg = if p.t0 == 0 {
+                            // States of the sequences starting in this part, in order.
+                            let skip = p.seq - states_base;
+                            let (_, rest) = std::mem::take(&mut states_left).split_at_mut(skip);
+                            let (st, rest) = rest.split_first_mut().expect("a state per sequence");
+                            states_left = rest;
+                            states_base = p.seq + 1;
+                            Ring {
+                                rows: RingRows::State(st),
+                                unknown: 0,
+                            }
+                        } else {
+                            Ring {
+                                rows: RingRows::Local {
+                                    data: vec![0.0; r * c],
+                                    head: 0,
+                                },
+                                unknown: r,
+                            }
+                        };
+                        ring = Some((si, rg));
+                    }
+                    let rg = &mut ring.as_mut().unwrap().1;
+                    let len = b - a;
+                    self.conv_segment(
+                        rg,
+                        &normed[u0 * c..(u0 + len) * c],
+                        a,
+                        p,
+                        lr0 + u0,
+                        out,
+                        &mut fixups,
                     );
                 }
+                profile::add(Stage::Conv, clock);
+                done += rows;
             }
-            if let Some(g) = gated_out.as_deref_mut() {
-                g[lr0 * c..(lr0 + rows) * c].copy_from_slice(&out[lr0 * c..(lr0 + rows) * c]);
-            }
-            profile::add(Stage::Gate, clock);
-            // 4. conv + SiLU + residual per segment; earlier rows come from the tile or from
-            // the piece's history ring.
-            let clock = Instant::now();
-            for &(si, a, b, u0) in &segs {
-                let p = pieces[si];
-                if ring.as_ref().is_none_or(|(rp, _)| *rp != si) {
-                    if let Some((rp, old)) = ring.take() {
-                        if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
-                            tail = Some(tl);
-                        }
-                    }
-                    let rg = if p.t0 == 0 {
-                        // States of the sequences starting in this part, in order.
-                        let skip = p.seq - states_base;
-                        let (_, rest) = std::mem::take(&mut states_left).split_at_mut(skip);
-                        let (st, rest) = rest.split_first_mut().expect("a state per sequence");
-                        states_left = rest;
-                        states_base = p.seq + 1;
-                        Ring {
-                            rows: RingRows::State(st),
-                            unknown: 0,
-                        }
-                    } else {
-                        Ring {
-                            rows: RingRows::Local {
-                                data: vec![0.0; r * c],
-                                head: 0,
-                            },
-                            unknown: r,
-                        }
-                    };
-                    ring = Some((si, rg));
+            if let Some((rp, old)) = ring.take() {
+                if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
+                    tail = Some(tl);
                 }
-                let rg = &mut ring.as_mut().unwrap().1;
-                let len = b - a;
-                self.conv_segment(
-                    rg,
-                    &normed[u0 * c..(u0 + len) * c],
-                    a,
-                    p,
-                    lr0 + u0,
-                    out,
-                    &mut fixups,
-                );
             }
-            profile::add(Stage::Conv, clock);
-            done += rows;
-        }
-        if let Some((rp, old)) = ring.take() {
-            if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
-                tail = Some(tl);
-            }
-        }
-        scratch.put_back();
-        Ok(PartResult { fixups, tail })
+            Ok(PartResult { fixups, tail })
+        })
+        .inspect(|_| scratch.put_back())
     }
 
     /// Convolves `len` rows of one piece (normalised rows `seg`, sequence positions

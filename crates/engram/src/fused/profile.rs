@@ -15,12 +15,16 @@ pub enum Stage {
     Gate = 2,
     /// Short conv + SiLU + residual (and boundary fix-ups).
     Conv = 3,
+    /// Waiting for a row store's reads (the part of a tile's gather not hidden behind the
+    /// previous tile's compute).
+    IoWait = 4,
 }
 
 /// Names, in `Stage` order.
-pub const STAGE_NAMES: [&str; 4] = ["hash+gather", "projection", "gate", "conv"];
+pub const STAGE_NAMES: [&str; 5] = ["hash+gather", "projection", "gate", "conv", "io_wait"];
 
-static NANOS: [AtomicU64; 4] = [
+static NANOS: [AtomicU64; 5] = [
+    AtomicU64::new(0),
     AtomicU64::new(0),
     AtomicU64::new(0),
     AtomicU64::new(0),
@@ -32,8 +36,8 @@ pub(crate) fn add(stage: Stage, since: Instant) {
 }
 
 /// Returns the thread-seconds spent per stage since the last call, and resets them.
-pub fn take() -> [f64; 4] {
-    let mut out = [0.0; 4];
+pub fn take() -> [f64; 5] {
+    let mut out = [0.0; 5];
     for (o, n) in out.iter_mut().zip(&NANOS) {
         *o = n.swap(0, Ordering::Relaxed) as f64 * 1e-9;
     }

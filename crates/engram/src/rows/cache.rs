@@ -1,25 +1,290 @@
-//! A hot-row cache in front of any store: decoded rows up to a byte budget, CLOCK eviction
-//! (second chance: a row read again since the hand last passed survives one sweep, so a
-//! one-off scan of cold rows does not flush the hot ones), sharded by row id so that readers
-//! of different rows do not wait for each other.
+//! A hot-row cache in front of any store: decoded rows up to a byte budget, sharded by row id
+//! so that readers of different rows do not wait for each other. The eviction policy is a
+//! choice ([`CachePolicy`]): S3-FIFO (default), CLOCK or LRU. Rows of a store whose values
+//! are all exactly bf16 (bf16 and fp8 tables) are kept in 2 bytes per value, others in 4.
+//!
+//! The budget covers the rows and [`SLOT_OVERHEAD`] bytes of bookkeeping per row (index
+//! entry, policy state, S3-FIFO's remembered keys); `held_bytes` never exceeds it.
 
-use super::{RowStore, StoreStats};
+use super::{CachePolicy, RowStore, StoreStats};
 use crate::error::Result;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-struct Slot {
-    row: usize,
-    referenced: bool,
-    data: Box<[f32]>,
+/// Bytes of bookkeeping charged to the budget per cached row.
+pub const SLOT_OVERHEAD: u64 = 64;
+
+/// Share of a shard's slots for S3-FIFO's small (probation) queue, as in the paper (10%).
+const S3_SMALL_SHARE: f64 = 0.1;
+
+/// Rows of one shard, packed: slot `i` holds values `i·dim .. (i+1)·dim`.
+enum Arena {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
 }
 
-#[derive(Default)]
+impl Arena {
+    fn load(&self, slot: usize, dim: usize, out: &mut [f32]) {
+        match self {
+            Arena::F32(v) => out.copy_from_slice(&v[slot * dim..(slot + 1) * dim]),
+            Arena::Bf16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[slot * dim..(slot + 1) * dim]) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+
+    /// Writes `row` into `slot`; a slot one past the end grows the arena.
+    fn store(&mut self, slot: usize, dim: usize, row: &[f32]) {
+        match self {
+            Arena::F32(v) => {
+                if v.len() < (slot + 1) * dim {
+                    v.resize((slot + 1) * dim, 0.0);
+                }
+                v[slot * dim..(slot + 1) * dim].copy_from_slice(row);
+            }
+            Arena::Bf16(v) => {
+                if v.len() < (slot + 1) * dim {
+                    v.resize((slot + 1) * dim, half::bf16::ZERO);
+                }
+                for (o, x) in v[slot * dim..(slot + 1) * dim].iter_mut().zip(row) {
+                    // Exact: the store promised bf16 values.
+                    *o = half::bf16::from_f32(*x);
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Arena::F32(v) => *v = Vec::new(),
+            Arena::Bf16(v) => *v = Vec::new(),
+        }
+    }
+}
+
+/// Eviction state of one shard, per policy; slots are indices into the shard's arena.
+enum Evict {
+    Clock {
+        referenced: Vec<bool>,
+        hand: usize,
+    },
+    /// A doubly linked list over slots, most recent at `head`.
+    Lru {
+        prev: Vec<u32>,
+        next: Vec<u32>,
+        head: u32,
+        tail: u32,
+    },
+    S3Fifo {
+        /// Reads since insertion, saturating at 3.
+        freq: Vec<u8>,
+        small: VecDeque<u32>,
+        main: VecDeque<u32>,
+        /// Rows recently evicted from `small` (keys only), oldest first, with the insertion
+        /// number that `ghost_at` must still show for the entry to count.
+        ghost: VecDeque<(usize, u64)>,
+        ghost_at: HashMap<usize, u64>,
+        ghost_seq: u64,
+        small_cap: usize,
+        ghost_cap: usize,
+    },
+}
+
+const NIL: u32 = u32::MAX;
+
+impl Evict {
+    fn new(policy: CachePolicy, capacity: usize) -> Self {
+        match policy {
+            CachePolicy::Clock => Evict::Clock {
+                referenced: Vec::new(),
+                hand: 0,
+            },
+            CachePolicy::Lru => Evict::Lru {
+                prev: Vec::new(),
+                next: Vec::new(),
+                head: NIL,
+                tail: NIL,
+            },
+            CachePolicy::S3Fifo => {
+                let small_cap = ((capacity as f64 * S3_SMALL_SHARE).ceil() as usize).max(1);
+                Evict::S3Fifo {
+                    freq: Vec::new(),
+                    small: VecDeque::new(),
+                    main: VecDeque::new(),
+                    ghost: VecDeque::new(),
+                    ghost_at: HashMap::new(),
+                    ghost_seq: 0,
+                    small_cap,
+                    ghost_cap: capacity.saturating_sub(small_cap).max(1),
+                }
+            }
+        }
+    }
+
+    fn lru_unlink(prev: &mut [u32], next: &mut [u32], head: &mut u32, tail: &mut u32, s: u32) {
+        let (p, n) = (prev[s as usize], next[s as usize]);
+        if p != NIL {
+            next[p as usize] = n;
+        } else {
+            *head = n;
+        }
+        if n != NIL {
+            prev[n as usize] = p;
+        } else {
+            *tail = p;
+        }
+    }
+
+    fn lru_push_front(prev: &mut [u32], next: &mut [u32], head: &mut u32, tail: &mut u32, s: u32) {
+        prev[s as usize] = NIL;
+        next[s as usize] = *head;
+        if *head != NIL {
+            prev[*head as usize] = s;
+        }
+        *head = s;
+        if *tail == NIL {
+            *tail = s;
+        }
+    }
+
+    /// A hit on `slot`.
+    fn touch(&mut self, slot: usize) {
+        match self {
+            Evict::Clock { referenced, .. } => referenced[slot] = true,
+            Evict::Lru {
+                prev,
+                next,
+                head,
+                tail,
+            } => {
+                Self::lru_unlink(prev, next, head, tail, slot as u32);
+                Self::lru_push_front(prev, next, head, tail, slot as u32);
+            }
+            Evict::S3Fifo { freq, .. } => freq[slot] = (freq[slot] + 1).min(3),
+        }
+    }
+
+    /// `row` was just put in `slot` (a new slot, or one [`Evict::victim`] freed).
+    fn placed(&mut self, slot: usize, row: usize) {
+        let s = slot as u32;
+        match self {
+            Evict::Clock { referenced, .. } => {
+                if referenced.len() <= slot {
+                    referenced.resize(slot + 1, false);
+                }
+                referenced[slot] = false;
+            }
+            Evict::Lru {
+                prev,
+                next,
+                head,
+                tail,
+            } => {
+                if prev.len() <= slot {
+                    prev.resize(slot + 1, NIL);
+                    next.resize(slot + 1, NIL);
+                }
+                Self::lru_push_front(prev, next, head, tail, s);
+            }
+            Evict::S3Fifo {
+                freq,
+                small,
+                main,
+                ghost_at,
+                ..
+            } => {
+                if freq.len() <= slot {
+                    freq.resize(slot + 1, 0);
+                }
+                freq[slot] = 0;
+                // A row seen recently (evicted from the small queue) goes straight to main.
+                if ghost_at.remove(&row).is_some() {
+                    main.push_back(s);
+                } else {
+                    small.push_back(s);
+                }
+            }
+        }
+    }
+
+    /// Chooses the slot to reuse when the shard is full (`rows` maps slots to their rows,
+    /// to remember evicted keys).
+    fn victim(&mut self, rows: &[usize]) -> usize {
+        match self {
+            Evict::Clock { referenced, hand } => loop {
+                let h = *hand;
+                *hand = (h + 1) % referenced.len();
+                if referenced[h] {
+                    referenced[h] = false;
+                } else {
+                    return h;
+                }
+            },
+            Evict::Lru {
+                prev,
+                next,
+                head,
+                tail,
+            } => {
+                let t = *tail;
+                Self::lru_unlink(prev, next, head, tail, t);
+                t as usize
+            }
+            Evict::S3Fifo {
+                freq,
+                small,
+                main,
+                ghost,
+                ghost_at,
+                ghost_seq,
+                small_cap,
+                ghost_cap,
+            } => loop {
+                if small.len() >= *small_cap || main.is_empty() {
+                    let Some(t) = small.pop_front() else {
+                        // Unreachable with a non-empty shard; fall back to main.
+                        return main.pop_front().map_or(0, |t| t as usize);
+                    };
+                    if freq[t as usize] > 0 {
+                        // Read again while on probation: promoted, not evicted.
+                        freq[t as usize] = 0;
+                        main.push_back(t);
+                        continue;
+                    }
+                    *ghost_seq += 1;
+                    let row = rows[t as usize];
+                    ghost.push_back((row, *ghost_seq));
+                    ghost_at.insert(row, *ghost_seq);
+                    while ghost.len() > *ghost_cap {
+                        if let Some((r, q)) = ghost.pop_front() {
+                            if ghost_at.get(&r) == Some(&q) {
+                                ghost_at.remove(&r);
+                            }
+                        }
+                    }
+                    return t as usize;
+                }
+                let t = main.pop_front().expect("main is not empty");
+                if freq[t as usize] > 0 {
+                    freq[t as usize] -= 1;
+                    main.push_back(t);
+                    continue;
+                }
+                return t as usize;
+            },
+        }
+    }
+}
+
 struct Shard {
-    map: HashMap<usize, usize>,
-    slots: Vec<Slot>,
-    hand: usize,
+    map: HashMap<usize, u32>,
+    /// Row held by each slot.
+    rows: Vec<usize>,
+    arena: Arena,
+    evict: Evict,
 }
 
 /// Rows of `inner`, the hot ones kept in memory within `budget` bytes.
@@ -28,6 +293,10 @@ pub struct CachedRows {
     shards: Vec<Mutex<Shard>>,
     /// Rows each shard may hold.
     per_shard: usize,
+    /// Bytes charged per cached row (values and bookkeeping).
+    slot_bytes: u64,
+    policy: CachePolicy,
+    bf16: bool,
     budget: u64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -35,19 +304,47 @@ pub struct CachedRows {
 
 impl std::fmt::Debug for CachedRows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CachedRows({} bytes over {:?})", self.budget, self.inner)
+        write!(
+            f,
+            "CachedRows({} bytes, {:?}, over {:?})",
+            self.budget, self.policy, self.inner
+        )
     }
 }
 
 impl CachedRows {
-    /// A cache of at most `budget` bytes of decoded rows in front of `inner`.
+    /// A cache of at most `budget` bytes in front of `inner`, with the default policy.
     pub fn new(inner: Arc<dyn RowStore>, budget: u64) -> Self {
-        let row_bytes = (inner.dim() * 4).max(1) as u64;
-        let capacity = (budget / row_bytes) as usize;
+        Self::with_policy(inner, budget, CachePolicy::default())
+    }
+
+    /// A cache of at most `budget` bytes in front of `inner`, evicting by `policy`.
+    pub fn with_policy(inner: Arc<dyn RowStore>, budget: u64, policy: CachePolicy) -> Self {
+        let bf16 = inner.bf16_exact();
+        let value_bytes = if bf16 { 2 } else { 4 };
+        let slot_bytes = (inner.dim() as u64 * value_bytes).max(1) + SLOT_OVERHEAD;
+        let capacity = (budget / slot_bytes) as usize;
         let nshards = capacity.clamp(1, 64);
+        let per_shard = capacity / nshards;
         CachedRows {
-            per_shard: capacity / nshards,
-            shards: (0..nshards).map(|_| Mutex::new(Shard::default())).collect(),
+            per_shard,
+            shards: (0..nshards)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::new(),
+                        rows: Vec::new(),
+                        arena: if bf16 {
+                            Arena::Bf16(Vec::new())
+                        } else {
+                            Arena::F32(Vec::new())
+                        },
+                        evict: Evict::new(policy, per_shard),
+                    })
+                })
+                .collect(),
+            slot_bytes,
+            policy,
+            bf16,
             inner,
             budget,
             hits: AtomicU64::new(0),
@@ -55,14 +352,24 @@ impl CachedRows {
         }
     }
 
-    /// Bytes of decoded rows held now (never more than the budget).
+    /// The eviction policy.
+    pub fn policy(&self) -> CachePolicy {
+        self.policy
+    }
+
+    /// Rows the cache can hold.
+    pub fn capacity_rows(&self) -> usize {
+        self.per_shard * self.shards.len()
+    }
+
+    /// Bytes charged for the rows held now (never more than the budget).
     pub fn held_bytes(&self) -> u64 {
         let rows: usize = self
             .shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).slots.len())
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).rows.len())
             .sum();
-        (rows * self.inner.dim() * 4) as u64
+        rows as u64 * self.slot_bytes
     }
 
     fn shard(&self, r: usize) -> std::sync::MutexGuard<'_, Shard> {
@@ -72,11 +379,11 @@ impl CachedRows {
     }
 
     fn lookup(&self, r: usize, out: &mut [f32]) -> bool {
+        let d = self.inner.dim();
         let mut s = self.shard(r);
         if let Some(&i) = s.map.get(&r) {
-            let slot = &mut s.slots[i];
-            slot.referenced = true;
-            out.copy_from_slice(&slot.data);
+            s.evict.touch(i as usize);
+            s.arena.load(i as usize, d, out);
             return true;
         }
         false
@@ -86,34 +393,24 @@ impl CachedRows {
         if self.per_shard == 0 {
             return;
         }
-        let mut s = self.shard(r);
+        let d = self.inner.dim();
+        let mut guard = self.shard(r);
+        let s = &mut *guard;
         if s.map.contains_key(&r) {
             return;
         }
-        if s.slots.len() < self.per_shard {
-            let i = s.slots.len();
-            s.slots.push(Slot {
-                row: r,
-                referenced: false,
-                data: row.into(),
-            });
-            s.map.insert(r, i);
-            return;
-        }
-        // CLOCK: clear reference bits until an unreferenced slot comes under the hand.
-        loop {
-            let h = s.hand;
-            s.hand = (h + 1) % s.slots.len();
-            if s.slots[h].referenced {
-                s.slots[h].referenced = false;
-                continue;
-            }
-            s.slots[h].data.copy_from_slice(row);
-            let old = std::mem::replace(&mut s.slots[h].row, r);
+        let slot = if s.rows.len() < self.per_shard {
+            s.rows.push(r);
+            s.rows.len() - 1
+        } else {
+            let v = s.evict.victim(&s.rows);
+            let old = std::mem::replace(&mut s.rows[v], r);
             s.map.remove(&old);
-            s.map.insert(r, h);
-            return;
-        }
+            v
+        };
+        s.arena.store(slot, d, row);
+        s.map.insert(r, slot as u32);
+        s.evict.placed(slot, r);
     }
 }
 
@@ -123,6 +420,9 @@ impl RowStore for CachedRows {
     }
     fn dim(&self) -> usize {
         self.inner.dim()
+    }
+    fn bf16_exact(&self) -> bool {
+        self.bf16
     }
     fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
         if self.lookup(r, out) {
@@ -180,16 +480,119 @@ impl RowStore for CachedRows {
         for s in &self.shards {
             let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
             s.map.clear();
-            s.slots.clear();
-            s.hand = 0;
+            s.rows.clear();
+            s.arena.clear();
+            s.evict = Evict::new(self.policy, self.per_shard);
         }
         self.inner.clear();
     }
     fn stats(&self) -> StoreStats {
+        let inner = self.inner.stats();
         StoreStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
-            bytes_read: self.inner.stats().bytes_read,
+            ..inner
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store whose row `r` is `[r, r, …]` (exact in bf16 for small r).
+    #[derive(Debug)]
+    struct Ids(usize);
+    impl RowStore for Ids {
+        fn rows(&self) -> usize {
+            1 << 20
+        }
+        fn dim(&self) -> usize {
+            self.0
+        }
+        fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+            out.fill(r as f32);
+            Ok(())
+        }
+    }
+
+    /// Every policy returns the right rows under churn and stays within its budget.
+    #[test]
+    fn every_policy_serves_the_right_rows_within_budget() {
+        for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
+            let budget = 10 * (8 * 4 + SLOT_OVERHEAD);
+            let c = CachedRows::with_policy(Arc::new(Ids(8)), budget, policy);
+            assert!(
+                c.capacity_rows() >= 1 && c.capacity_rows() <= 10,
+                "{policy:?}"
+            );
+            let mut x = 7u64;
+            let mut out = [0f32; 8];
+            for _ in 0..5000 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Skewed: a few hot rows, a long cold tail.
+                let r = if x >> 62 == 0 {
+                    (x >> 33) as usize % 1000
+                } else {
+                    (x >> 33) as usize % 4
+                };
+                c.row_into(r, &mut out).unwrap();
+                assert!(out.iter().all(|&v| v == r as f32), "{policy:?} row {r}");
+                assert!(c.held_bytes() <= budget, "{policy:?}");
+            }
+            let s = c.stats();
+            assert_eq!(s.hits + s.misses, 5000);
+            assert!(s.hits > 2500, "{policy:?}: hot rows must stay: {s:?}");
+        }
+    }
+
+    /// LRU evicts exactly the least recently used row.
+    #[test]
+    fn lru_evicts_the_least_recent() {
+        // 128 rows in 64 shards of 2 slots; rows ≡ 0 mod 64 share shard 0.
+        let c = CachedRows::with_policy(
+            Arc::new(Ids(1)),
+            128 * (4 + SLOT_OVERHEAD),
+            CachePolicy::Lru,
+        );
+        assert_eq!((c.shards.len(), c.per_shard), (64, 2));
+        let mut o = [0f32];
+        for r in [0, 64, 0, 128] {
+            c.row_into(r, &mut o).unwrap(); // 128 evicts 64, the least recent
+        }
+        let before = c.stats();
+        c.row_into(0, &mut o).unwrap();
+        c.row_into(128, &mut o).unwrap();
+        assert_eq!(c.stats().since(&before).hits, 2);
+        c.row_into(64, &mut o).unwrap();
+        assert_eq!(c.stats().since(&before).misses, 1);
+    }
+
+    /// S3-FIFO: a one-off scan does not flush rows read twice.
+    #[test]
+    fn s3fifo_resists_a_scan() {
+        let budget = 20 * (4 + SLOT_OVERHEAD);
+        let c = CachedRows::with_policy(Arc::new(Ids(1)), budget, CachePolicy::S3Fifo);
+        let mut o = [0f32];
+        // One shard per slot is too fine to test; force one shard by using rows ≡ 0 mod n.
+        let n = c.shards.len();
+        let per = c.per_shard;
+        let hot: Vec<usize> = (0..per / 2).map(|k| k * n).collect();
+        for _ in 0..3 {
+            for &r in &hot {
+                c.row_into(r, &mut o).unwrap();
+            }
+        }
+        let before = c.stats();
+        for k in 1000..1000 + 10 * per {
+            c.row_into(k * n, &mut o).unwrap();
+        }
+        for &r in &hot {
+            c.row_into(r, &mut o).unwrap();
+        }
+        let after = c.stats().since(&before);
+        assert_eq!(after.hits as usize, hot.len(), "hot rows survive the scan");
     }
 }

@@ -163,6 +163,17 @@ impl Fp8Table {
         self.rows
     }
 
+    /// The same table copied into process memory (codes and scales as stored: 1 + 1/32
+    /// bytes per value), the file no longer read.
+    pub fn to_ram(&self) -> Result<Self> {
+        Ok(Fp8Table {
+            codes: self.codes.to_owned_bytes()?,
+            scales: self.scales.to_owned_bytes()?,
+            rows: self.rows,
+            dim: self.dim,
+        })
+    }
+
     /// Row width.
     pub fn dim(&self) -> usize {
         self.dim
@@ -213,6 +224,9 @@ impl super::RowStore for Fp8Table {
         check_row(r, self.rows)?;
         Fp8Table::row_into(self, r, out);
         Ok(())
+    }
+    fn bf16_exact(&self) -> bool {
+        true // decoded rows are rounded to bf16
     }
     fn prefetch(&self, rows: &[usize]) {
         for &r in rows {

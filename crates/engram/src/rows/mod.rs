@@ -3,6 +3,7 @@
 //! ([`direct::DirectRows`]), behind a hot-row cache with a byte budget ([`cache::CachedRows`]).
 //! A layer asks one question of a store: the decoded values of these rows.
 
+pub mod ahead;
 pub mod cache;
 pub mod direct;
 pub mod fp8;
@@ -31,6 +32,11 @@ pub trait RowStore: Send + Sync + std::fmt::Debug {
     fn prefetch(&self, _rows: &[usize]) {}
     /// Forgets every row held in memory (a cache starts cold again).
     fn clear(&self) {}
+    /// Whether every value this store gives is exactly a bf16 (a bf16 table, or fp8 rows
+    /// decoded and rounded to bf16): a cache may then keep rows in 2 bytes per value.
+    fn bf16_exact(&self) -> bool {
+        false
+    }
     /// Counters since the store was made: (hits, misses, bytes read from the file).
     fn stats(&self) -> StoreStats {
         StoreStats::default()
@@ -58,6 +64,43 @@ pub struct StoreStats {
     pub misses: u64,
     /// Bytes read from the file.
     pub bytes_read: u64,
+    /// Reads issued to the file (a row of an fp8 table takes two: codes and scales).
+    pub reads: u64,
+    /// Sum over reads of the reads in flight when each was issued (itself included):
+    /// `depth_sum / reads` is the mean queue depth a read found.
+    pub depth_sum: u64,
+}
+
+impl StoreStats {
+    /// Counters from `before` to `self`.
+    pub fn since(&self, before: &StoreStats) -> StoreStats {
+        StoreStats {
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            bytes_read: self.bytes_read - before.bytes_read,
+            reads: self.reads - before.reads,
+            depth_sum: self.depth_sum - before.depth_sum,
+        }
+    }
+
+    /// Share of lookups served from memory.
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+
+    /// Mean number of reads in flight that a read found when issued (0 without reads).
+    pub fn io_depth_mean(&self) -> f64 {
+        if self.reads == 0 {
+            0.0
+        } else {
+            self.depth_sum as f64 / self.reads as f64
+        }
+    }
 }
 
 /// How a layer's table is stored, chosen at load time.
@@ -66,6 +109,8 @@ pub enum TableIo {
     /// Memory-mapped (the page cache decides what stays resident).
     #[default]
     Mmap,
+    /// Copied into process memory at load (the table must fit in RAM).
+    Ram,
     /// Read with `O_DIRECT` (no page cache), rows on demand.
     Direct,
 }
@@ -75,23 +120,74 @@ impl std::str::FromStr for TableIo {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "mmap" => Ok(TableIo::Mmap),
+            "ram" => Ok(TableIo::Ram),
             "direct" => Ok(TableIo::Direct),
             o => Err(crate::EngramError::invalid(
                 "table-io",
-                "`mmap` or `direct`",
+                "`ram`, `mmap` or `direct`",
                 o,
             )),
         }
     }
 }
 
+/// Which rows a hot-row cache keeps when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CachePolicy {
+    /// S3-FIFO (Yang et al., SOSP 2023): new rows enter a small FIFO and reach the main one
+    /// only if read again; rows evicted from the small queue are remembered (keys only) so
+    /// that their next read admits them straight to the main queue. Resists one-off scans.
+    #[default]
+    S3Fifo,
+    /// CLOCK (second chance): a row read since the hand last passed survives one sweep.
+    Clock,
+    /// Least recently used.
+    Lru,
+}
+
+impl std::str::FromStr for CachePolicy {
+    type Err = crate::EngramError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "s3fifo" | "s3-fifo" => Ok(CachePolicy::S3Fifo),
+            "clock" => Ok(CachePolicy::Clock),
+            "lru" => Ok(CachePolicy::Lru),
+            o => Err(crate::EngramError::invalid(
+                "table-cache-policy",
+                "`s3fifo`, `clock` or `lru`",
+                o,
+            )),
+        }
+    }
+}
+
+/// Reads a direct store keeps in flight unless told otherwise (the queue depth at which
+/// `fio` measures a disk's random-read limit).
+pub const DEFAULT_IO_DEPTH: usize = 64;
+
 /// Where a layer's table rows come from (chosen at load time; the outputs are the same).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TableOptions {
-    /// Memory-mapped or direct I/O.
+    /// In RAM, memory-mapped, or direct I/O.
     pub io: TableIo,
     /// A hot-row cache of this many bytes in front of the store.
     pub cache_bytes: Option<u64>,
+    /// The cache's eviction policy.
+    pub cache_policy: CachePolicy,
+    /// Reads in flight for the direct store (reader threads); `None`: [`DEFAULT_IO_DEPTH`].
+    pub io_depth: Option<usize>,
+}
+
+impl TableOptions {
+    /// `store` behind the cache these options ask for (or `store` itself).
+    pub fn cached(&self, store: std::sync::Arc<dyn RowStore>) -> std::sync::Arc<dyn RowStore> {
+        match self.cache_bytes {
+            Some(b) => {
+                std::sync::Arc::new(cache::CachedRows::with_policy(store, b, self.cache_policy))
+            }
+            None => store,
+        }
+    }
 }
 
 /// Parses a byte size: `512M`, `2G`, `64k`, `1000` (bytes).

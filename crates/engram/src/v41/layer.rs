@@ -11,7 +11,7 @@ use crate::compression::CompressedTokenizer;
 use crate::dtype::DType;
 use crate::error::{EngramError, Result};
 use crate::fused::proj::Projection;
-use crate::rows::{cache::CachedRows, direct::DirectRows, RowStore, TableIo};
+use crate::rows::{direct::DirectRows, RowStore, TableIo};
 use crate::tensors::RawTensor;
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -104,12 +104,16 @@ impl V41Weights {
         )?;
         let store: Arc<dyn RowStore> = match opts.io {
             TableIo::Mmap => Arc::new(mapped),
-            TableIo::Direct => Arc::new(DirectRows::open_fp8(&codes, &scales, rows, cfg.head_dim)?),
+            TableIo::Ram => Arc::new(mapped.to_ram()?),
+            TableIo::Direct => {
+                let d = DirectRows::open_fp8(&codes, &scales, rows, cfg.head_dim)?;
+                Arc::new(match opts.io_depth {
+                    Some(n) => d.with_io_depth(n),
+                    None => d,
+                })
+            }
         };
-        let table: Arc<dyn RowStore> = match opts.cache_bytes {
-            Some(b) => Arc::new(CachedRows::new(store, b)),
-            None => store,
-        };
+        let table = opts.cached(store);
         let wkv = ck.raw(&format!("{p}.wkv.weight"))?;
         expect(&format!("{p}.wkv.weight"), &wkv, Dtype::F8_E4M3, &[kvw, mw])?;
         let wkv_scale = ck.raw(&format!("{p}.wkv.scale"))?;
@@ -425,47 +429,71 @@ impl V41Layer {
         let mut emb_keep = keep.then(|| vec![0.0f32; total * mw]);
         let mut kv_keep = keep.then(|| vec![0.0f32; total * kvw]);
         // Tiles of rows: gather + requantise, project, gate. The fused path projects a tile
-        // with every core (each weight read once per tile).
+        // with every core (each weight read once per tile). With more than one tile, the
+        // rows of later tiles are gathered on a thread of their own while earlier tiles
+        // compute (a store's reads overlap the projection).
         const TILE: usize = 256;
-        let mut x = vec![0.0f32; TILE.min(total) * mw];
+        let gather_rows = |r0: usize, r1: usize, out: &mut [f32]| -> Result<()> {
+            let rows: Vec<usize> = hash_ids[r0 * cols..r1 * cols]
+                .iter()
+                .map(|&r| r as usize)
+                .collect();
+            self.weights.table.gather(&rows, out)
+        };
+        let mut x = vec![0.0f32; if total > TILE { 0 } else { total * mw }];
         let mut kv = vec![0.0f32; TILE.min(total) * kvw];
-        for t0 in (0..total).step_by(TILE) {
-            let rows = TILE.min(total - t0);
-            let x = &mut x[..rows * mw];
-            let kv = &mut kv[..rows * kvw];
-            x.par_chunks_mut(mw).enumerate().try_for_each(|(r, xr)| {
-                self.gather(&hash_ids[(t0 + r) * cols..(t0 + r + 1) * cols], xr)
-            })?;
-            if let Some(e) = emb_keep.as_mut() {
-                e[t0 * mw..(t0 + rows) * mw].copy_from_slice(x);
-            }
-            match path {
-                V41Path::Reference => self.project_reference(x, kv),
-                V41Path::Fused => {
-                    x.par_chunks_mut(mw).for_each(|xr| {
-                        for b in xr.chunks_mut(BLOCK) {
-                            fp8::requantize_block(b);
-                        }
-                    });
-                    self.projection()
-                        .matmul(x, rows, kv, rayon::current_num_threads());
-                    kv.par_iter_mut().for_each(|v| *v = round_bf16(*v));
+        std::thread::scope(|sc| -> Result<()> {
+            let feed = (total > TILE)
+                .then(|| crate::rows::ahead::Feed::spawn(sc, total, TILE, mw, gather_rows));
+            for t0 in (0..total).step_by(TILE) {
+                let rows = TILE.min(total - t0);
+                let mut fed = match &feed {
+                    Some(f) => Some(f.next()?),
+                    None => {
+                        gather_rows(t0, t0 + rows, &mut x[..rows * mw])?;
+                        None
+                    }
+                };
+                let x = match fed.as_mut() {
+                    Some(b) => &mut b[..rows * mw],
+                    None => &mut x[..rows * mw],
+                };
+                let kv = &mut kv[..rows * kvw];
+                if let Some(e) = emb_keep.as_mut() {
+                    e[t0 * mw..(t0 + rows) * mw].copy_from_slice(x);
                 }
+                match path {
+                    V41Path::Reference => self.project_reference(x, kv),
+                    V41Path::Fused => {
+                        x.par_chunks_mut(mw).for_each(|xr| {
+                            for b in xr.chunks_mut(BLOCK) {
+                                fp8::requantize_block(b);
+                            }
+                        });
+                        self.projection()
+                            .matmul(x, rows, kv, rayon::current_num_threads());
+                        kv.par_iter_mut().for_each(|v| *v = round_bf16(*v));
+                    }
+                }
+                if let (Some(f), Some(b)) = (&feed, fed) {
+                    f.give_back(b);
+                }
+                if let Some(k) = kv_keep.as_mut() {
+                    k[t0 * kvw..(t0 + rows) * kvw].copy_from_slice(kv);
+                }
+                let g = &mut gates[t0 * hc..(t0 + rows) * hc];
+                let o = &mut output[t0 * hc * dim..(t0 + rows) * hc * dim];
+                g.par_chunks_mut(hc)
+                    .zip(o.par_chunks_mut(hc * dim))
+                    .enumerate()
+                    .for_each(|(r, (g, o))| {
+                        let t = t0 + r;
+                        let h = &hidden[t * hc * dim..(t + 1) * hc * dim];
+                        self.gate_token(h, &kv[r * kvw..(r + 1) * kvw], alive(t), bf16_out, g, o);
+                    });
             }
-            if let Some(k) = kv_keep.as_mut() {
-                k[t0 * kvw..(t0 + rows) * kvw].copy_from_slice(kv);
-            }
-            let g = &mut gates[t0 * hc..(t0 + rows) * hc];
-            let o = &mut output[t0 * hc * dim..(t0 + rows) * hc * dim];
-            g.par_chunks_mut(hc)
-                .zip(o.par_chunks_mut(hc * dim))
-                .enumerate()
-                .for_each(|(r, (g, o))| {
-                    let t = t0 + r;
-                    let h = &hidden[t * hc * dim..(t + 1) * hc * dim];
-                    self.gate_token(h, &kv[r * kvw..(r + 1) * kvw], alive(t), bf16_out, g, o);
-                });
-        }
+            Ok(())
+        })?;
         states.clone_from_slice(&next);
         Ok(V41Stages {
             batch: 1,
@@ -476,12 +504,6 @@ impl V41Layer {
             gates,
             output,
         })
-    }
-
-    /// The dequantised rows of one token's columns, concatenated: `[memory width]`.
-    fn gather(&self, row_ids: &[i64], out: &mut [f32]) -> Result<()> {
-        let rows: Vec<usize> = row_ids.iter().map(|&r| r as usize).collect();
-        self.weights.table.gather(&rows, out)
     }
 
     /// The reference's fp8 GEMM, plainly: each token's rows re-quantised per 32 values
