@@ -268,11 +268,11 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         );
     }
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
+        let table = a.table.options()?;
+        if a.weights.is_none() && table != engram::rows::TableOptions::default() {
+            bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
+        }
         let ignored = [
-            (
-                a.weights.is_some(),
-                "--weights (the bench draws random checkpoint-format weights)",
-            ),
             (a.dtype != "f32", "--dtype (a V4.1 layer keeps fp8 weights)"),
             (a.batch != 1, "--batch (one sequence of --tokens tokens)"),
             (a.decode || a.chunk.is_some(), "--decode / --chunk"),
@@ -281,7 +281,19 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         if let Some((_, what)) = ignored.iter().find(|(given, _)| *given) {
             bail!("a DeepSeek-V4.1 bench does not take {what}");
         }
-        return crate::v41::bench(v, a.layer, a.tokens, a.runs, a.json);
+        return crate::v41::bench(
+            v,
+            crate::v41::BenchV41 {
+                layer: a.layer,
+                tokens: a.tokens,
+                runs: a.runs,
+                json: a.json,
+                weights: a.weights.as_deref(),
+                table,
+                text_file: a.text_file.as_deref(),
+                warm: a.warm,
+            },
+        );
     }
     let cfg = crate::commands::load_config(&a.config)?;
     let table = a.table.options()?;

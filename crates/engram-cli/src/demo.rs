@@ -1,7 +1,7 @@
 //! `engram init` and `engram demo`: PyTorch-identical default weights, and the seed demo's
 //! flow with a stage-by-stage comparison of the fused path against the reference path.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use engram::init::{demo_hidden_states, torch_default_weights_as};
 use engram::layer::compression_for;
@@ -165,6 +165,10 @@ pub struct DemoArgs {
     /// cuBLAS) against the reference, stage by stage.
     #[arg(long, default_value = "cpu")]
     device: crate::cuda::Device,
+    /// Where the table's rows live. Without --weights, `--table-io direct` first writes the
+    /// initialised weights to a temporary file (removed at once; the open file is read).
+    #[command(flatten)]
+    table: crate::table::TableArgs,
 }
 
 fn first(v: &[f32], n: usize) -> String {
@@ -186,6 +190,7 @@ fn max_mean(a: &[f32], b: &[f32]) -> (f32, f64) {
 }
 
 pub fn demo(a: DemoArgs) -> Result<ExitCode> {
+    let topts = a.table.options()?;
     let mut cfg = crate::commands::load_config(&a.config)?;
     cfg.layer_id = a.layer;
     cfg.validate()?;
@@ -246,11 +251,50 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         Some(p) => {
             let layer = m.layer(cfg.layer_id)?;
             let offs: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
-            let w = engram::EngramWeights::load(p, &cfg, &offs, layer.table_rows() as usize)?;
+            let w = engram::EngramWeights::load_with_table(
+                p,
+                &cfg,
+                &offs,
+                layer.table_rows() as usize,
+                topts,
+            )?;
             println!("    loaded {}", p.display());
             (w, TorchGenerator::manual_seed(a.seed))
         }
     };
+    let weights = match (&a.weights, topts.io) {
+        (Some(_), _) => weights,
+        (None, engram::rows::TableIo::Direct) => {
+            let dir = std::env::temp_dir().join(format!("engram-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let f = dir.join("weights.safetensors");
+            let layer = m.layer(cfg.layer_id)?;
+            let offs: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();
+            let loaded = weights.save(&f, &cfg, false).and_then(|()| {
+                engram::EngramWeights::load_with_table(
+                    &f,
+                    &cfg,
+                    &offs,
+                    layer.table_rows() as usize,
+                    topts,
+                )
+            });
+            // The store keeps the file open; its name is not needed any more.
+            let _ = std::fs::remove_dir_all(&dir);
+            println!("    table read with O_DIRECT from a temporary copy of the weights");
+            loaded?
+        }
+        (None, _) if topts.cache_bytes.is_some() => {
+            let mut w = weights;
+            let t = std::sync::Arc::new(w.table.clone());
+            w.table = engram::weights::EmbeddingTable::from_store(topts.cached(t));
+            w
+        }
+        (None, _) => weights,
+    };
+    if let Some(s) = weights.table.store() {
+        println!("    rows from {s:?}");
+    }
     times.push(("weights", t0.elapsed().as_secs_f64()));
     let t0 = Instant::now();
     let hidden = demo_hidden_states(&mut g, &cfg, l);

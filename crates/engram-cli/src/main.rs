@@ -57,6 +57,9 @@ enum Command {
     /// Primes, offsets and multipliers of every layer of a DeepSeek-V4.1 config (no tokenizer
     /// needed: the multipliers are drawn against engram_compressed_vocab_size).
     HashParams(v41::HashParamsArgs),
+    /// Row tables: cache hit rates of a text (`cache-sim`).
+    #[command(subcommand)]
+    Table(table::TableCommand),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => commands::compare(a),
         Command::CudaKernels(a) => cuda::kernels(a),
         Command::HashParams(a) => v41::hash_params(a),
+        Command::Table(c) => table::table(c),
     };
     match result {
         Ok(code) => code,

@@ -378,19 +378,204 @@ pub fn hash_params(a: HashParamsArgs) -> Result<ExitCode> {
 /// (fp8 table and `wkv`, bf16 q/k weights), the table's rows reduced (prime bases of 50,000)
 /// so that it fits in memory, the bundled tokenizer's compression; one sequence of `tokens`
 /// tokens on the fused path, and the projection alone on the same rows.
-pub fn bench(
-    cfg: V41Config,
-    layer: Option<u64>,
-    tokens: usize,
-    runs: usize,
-    json: bool,
-) -> Result<ExitCode> {
+/// What `engram bench` runs on a V4.1 config.
+pub struct BenchV41<'a> {
+    pub layer: Option<u64>,
+    pub tokens: usize,
+    pub runs: usize,
+    pub json: bool,
+    /// A checkpoint to read instead of random weights (the config then stays as given).
+    pub weights: Option<&'a Path>,
+    pub table: engram::rows::TableOptions,
+    /// Ids from this text instead of random ones.
+    pub text_file: Option<&'a Path>,
+    /// Keep the row cache warm between runs.
+    pub warm: bool,
+}
+
+pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
     use engram::v41::fp8::{requantize_block, BLOCK};
+    let (layer, tokens, runs, json) = (a.layer, a.tokens, a.runs, a.json);
     if tokens == 0 || runs == 0 {
         bail!("--tokens and --runs must be >= 1 (found {tokens}, {runs})");
     }
     let layer_id = pick_layer(&cfg, layer)?;
     let comp = compression()?;
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (c, layer, pack_s) = match a.weights {
+        Some(w) => {
+            let ck = Checkpoint::open(w)?;
+            eprintln!("loading layer {layer_id} of {} ...", w.display());
+            let layer = V41Layer::load_with(&cfg, comp.clone(), &ck, layer_id, a.table)?;
+            let t0 = std::time::Instant::now();
+            layer.projection();
+            (cfg.clone(), layer, t0.elapsed().as_secs_f64())
+        }
+        None => random_layer(&cfg, layer_id, &comp, &mut rnd, tokens)?,
+    };
+    let rows = layer.weights().table.rows();
+    let (hd, kvw, mw, hc, dim) = (c.head_dim, c.kv_width(), c.memory_width(), c.hc_mult, c.dim);
+    let proj = layer.projection();
+    let ids: Vec<i64> = match a.text_file {
+        Some(p) => {
+            let text = engram::files::read_limited_string(p, 1 << 30, "--text-file")?;
+            let all = tokenizer()?.encode(&text, false)?;
+            if all.len() < tokens {
+                bail!(
+                    "--text-file {}: expected at least {tokens} tokens (--tokens), found {}",
+                    p.display(),
+                    all.len()
+                );
+            }
+            all[..tokens].to_vec()
+        }
+        None => (0..tokens)
+            .map(|_| (rnd() % comp.num_raw() as u64) as i64)
+            .collect(),
+    };
+    let hidden: Vec<f32> = (0..tokens * hc * dim)
+        .map(|_| {
+            half::bf16::from_f32(((rnd() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.4).to_f32()
+        })
+        .collect();
+    let off = [0, tokens];
+    let run = || -> Result<()> {
+        let mut st = [layer.new_state()];
+        layer.forward_ragged(
+            &mut st,
+            &ids,
+            &hidden,
+            None,
+            &off,
+            true,
+            V41Path::Fused,
+            false,
+        )?;
+        Ok(())
+    };
+    run()?; // warm-up: page in rows, spin up threads
+    let bf16_dot = proj.kernel_name().starts_with("avx512-bf16");
+    let peak_before = crate::bench::peak_gflops(bf16_dot);
+    let table = &layer.weights().table;
+    let store_before = table.stats();
+    let mut total = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        if !a.warm {
+            table.clear();
+        }
+        let t = std::time::Instant::now();
+        run()?;
+        total.push(t.elapsed().as_secs_f64());
+    }
+    let st = table.stats().since(&store_before);
+    let run_s: f64 = total.iter().sum();
+    let store = serde_json::json!({
+        "table_io": format!("{:?}", a.table.io).to_lowercase(),
+        "table_cache_bytes": a.table.cache_bytes,
+        "table_cache_policy": a.table.cache_bytes.map(|_| format!("{:?}", a.table.cache_policy).to_lowercase()),
+        "warm": a.warm,
+        "hit_rate": st.hit_rate(),
+        "rows_read": st.misses,
+        "rows_read_per_s": st.misses as f64 / run_s,
+        "bytes_read": st.bytes_read,
+        "reads_per_s": st.reads as f64 / run_s,
+        "io_depth_mean": st.io_depth_mean(),
+    });
+
+    // The projection alone on re-quantised rows of the same tokens (in tiles of 256, as the
+    // layer runs it).
+    let mut xs: Vec<f32> = (0..256.min(tokens) * mw)
+        .map(|_| (rnd() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect();
+    for b in xs.chunks_mut(BLOCK) {
+        requantize_block(b);
+    }
+    let mut y = vec![0f32; 256.min(tokens) * kvw];
+    let mut projs = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        let mut left = tokens;
+        while left > 0 {
+            let r = left.min(256);
+            proj.matmul(
+                &xs[..r * mw],
+                r,
+                &mut y[..r * kvw],
+                rayon::current_num_threads(),
+            );
+            left -= r;
+        }
+        projs.push(t.elapsed().as_secs_f64());
+    }
+    let peak_after = crate::bench::peak_gflops(bf16_dot);
+    let (med, pmed) = (
+        crate::bench::median(&mut total),
+        crate::bench::median(&mut projs),
+    );
+    let flops_token = 2.0 * mw as f64 * kvw as f64;
+    let peak = 0.5 * (peak_before + peak_after);
+    let share = flops_token * tokens as f64 / pmed / (peak * 1e9);
+    let row = serde_json::json!({
+        "variant": "deepseek-v4.1", "layer": layer_id, "tokens": tokens, "runs": runs,
+        "dim": dim, "hc_mult": hc, "columns": c.columns(), "head_dim": hd, "table_rows": rows,
+        "tokens_per_s": tokens as f64 / med, "median_s": med,
+        "projection_s": pmed, "projection_share_of_time": pmed / med,
+        "projection_mflop_per_token": flops_token / 1e6,
+        "kernel": proj.kernel_name(), "weight_bytes": proj.weight_bytes(), "pack_s": pack_s,
+        "fma_peak_gflops_before": peak_before, "fma_peak_gflops_after": peak_after,
+        "projection_fma_peak_share": share,
+        "threads": rayon::current_num_threads(),
+        "row_store": store,
+        "table_bytes": rows as u64 * (hd + hd / BLOCK) as u64,
+    });
+    if json {
+        println!("{row}");
+    } else {
+        println!(
+            "engram bench: DeepSeek-V4.1 layer {layer_id}, dim {dim}, {} columns x {hd}, {tokens} tokens, {runs} runs ({} threads)",
+            c.columns(),
+            rayon::current_num_threads()
+        );
+        println!("  median {med:.3} s -> {:.1} tokens/s", tokens as f64 / med);
+        println!(
+            "  projection ({}, {:.0} MFLOP/token): {pmed:.3} s = {:.0}% of the time, {:.1}% of the FMA peak ({peak_before:.1} GFLOP/s before, {peak_after:.1} after)",
+            proj.kernel_name(),
+            flops_token / 1e6,
+            100.0 * pmed / med,
+            100.0 * share
+        );
+        println!(
+            "  the rest (hash, gather + dequantise + re-quantise, gates): {:.3} s",
+            med - pmed
+        );
+        println!(
+            "  table {rows} rows ({:.2} GB, {}): hit rate {:.1}%, {:.0} rows read/s, mean {:.1} reads in flight",
+            (rows * (hd + hd / BLOCK)) as f64 / 1e9,
+            store["table_io"].as_str().unwrap_or("?"),
+            100.0 * st.hit_rate(),
+            st.misses as f64 / run_s,
+            st.io_depth_mean()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Random checkpoint-format weights at the config's width (fp8 table and `wkv`, bf16 q/k
+/// weights), the table's rows reduced (prime bases of 50,000) so that it fits in memory.
+fn random_layer(
+    cfg: &V41Config,
+    layer_id: u64,
+    comp: &Arc<CompressedTokenizer>,
+    rnd: &mut impl FnMut() -> u64,
+    tokens: usize,
+) -> Result<(V41Config, V41Layer, f64)> {
+    use engram::v41::fp8::BLOCK;
     let mut c = cfg.clone();
     c.vocab_size = c.vocab_size.min(50_000);
     c.compressed_vocab_size = comp.num_compressed() as u64;
@@ -422,13 +607,6 @@ pub fn bench(
     )?;
     plan.check()?;
     eprintln!("building random V4.1 weights: table {rows} x {hd} fp8, wkv {kvw} x {mw} fp8 ...");
-    let mut x = 0x9E3779B97F4A7C15u64;
-    let mut rnd = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
     // e4m3 codes from a bell-ish spread (never the NaN codes), scales near 2^-4.
     let mut codes = |n: usize| -> Vec<u8> {
         (0..n)
@@ -485,104 +663,6 @@ pub fn bench(
     let ck = Checkpoint::from_file(TensorFile::from_bytes("random V4.1 weights", bytes)?);
     let layer = V41Layer::load(&c, comp.clone(), &ck, layer_id)?;
     let t0 = std::time::Instant::now();
-    let proj = layer.projection();
-    let pack_s = t0.elapsed().as_secs_f64();
-    let ids: Vec<i64> = (0..tokens)
-        .map(|_| (rnd() % comp.num_raw() as u64) as i64)
-        .collect();
-    let hidden: Vec<f32> = (0..tokens * hc * dim)
-        .map(|_| {
-            half::bf16::from_f32(((rnd() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.4).to_f32()
-        })
-        .collect();
-    let off = [0, tokens];
-    let run = || -> Result<()> {
-        let mut st = [layer.new_state()];
-        layer.forward_ragged(
-            &mut st,
-            &ids,
-            &hidden,
-            None,
-            &off,
-            true,
-            V41Path::Fused,
-            false,
-        )?;
-        Ok(())
-    };
-    run()?; // warm-up: page in rows, spin up threads
-    let bf16_dot = proj.kernel_name().starts_with("avx512-bf16");
-    let peak_before = crate::bench::peak_gflops(bf16_dot);
-    let mut total = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let t = std::time::Instant::now();
-        run()?;
-        total.push(t.elapsed().as_secs_f64());
-    }
-    // The projection alone on re-quantised rows of the same tokens (in tiles of 256, as the
-    // layer runs it).
-    let mut xs: Vec<f32> = (0..256.min(tokens) * mw)
-        .map(|_| (rnd() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-        .collect();
-    for b in xs.chunks_mut(BLOCK) {
-        requantize_block(b);
-    }
-    let mut y = vec![0f32; 256.min(tokens) * kvw];
-    let mut projs = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let t = std::time::Instant::now();
-        let mut left = tokens;
-        while left > 0 {
-            let r = left.min(256);
-            proj.matmul(
-                &xs[..r * mw],
-                r,
-                &mut y[..r * kvw],
-                rayon::current_num_threads(),
-            );
-            left -= r;
-        }
-        projs.push(t.elapsed().as_secs_f64());
-    }
-    let peak_after = crate::bench::peak_gflops(bf16_dot);
-    let (med, pmed) = (
-        crate::bench::median(&mut total),
-        crate::bench::median(&mut projs),
-    );
-    let flops_token = 2.0 * mw as f64 * kvw as f64;
-    let peak = 0.5 * (peak_before + peak_after);
-    let share = flops_token * tokens as f64 / pmed / (peak * 1e9);
-    let row = serde_json::json!({
-        "variant": "deepseek-v4.1", "layer": layer_id, "tokens": tokens, "runs": runs,
-        "dim": dim, "hc_mult": hc, "columns": c.columns(), "head_dim": hd, "table_rows": rows,
-        "tokens_per_s": tokens as f64 / med, "median_s": med,
-        "projection_s": pmed, "projection_share_of_time": pmed / med,
-        "projection_mflop_per_token": flops_token / 1e6,
-        "kernel": proj.kernel_name(), "weight_bytes": proj.weight_bytes(), "pack_s": pack_s,
-        "fma_peak_gflops_before": peak_before, "fma_peak_gflops_after": peak_after,
-        "projection_fma_peak_share": share,
-        "threads": rayon::current_num_threads(),
-    });
-    if json {
-        println!("{row}");
-    } else {
-        println!(
-            "engram bench: DeepSeek-V4.1 layer {layer_id}, dim {dim}, {} columns x {hd}, {tokens} tokens, {runs} runs ({} threads)",
-            c.columns(),
-            rayon::current_num_threads()
-        );
-        println!("  median {med:.3} s -> {:.1} tokens/s", tokens as f64 / med);
-        println!(
-            "  projection ({}, {:.0} MFLOP/token): {pmed:.3} s = {:.0}% of the time, {:.1}% of the FMA peak ({peak_before:.1} GFLOP/s before, {peak_after:.1} after)",
-            proj.kernel_name(),
-            flops_token / 1e6,
-            100.0 * pmed / med,
-            100.0 * share
-        );
-        println!(
-            "  the rest (hash, gather + dequantise + re-quantise, gates): {:.3} s",
-            med - pmed
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    layer.projection();
+    Ok((c, layer, t0.elapsed().as_secs_f64()))
 }

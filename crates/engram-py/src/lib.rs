@@ -663,21 +663,34 @@ impl Layer {
     }
 }
 
-/// Row-store options: `table_io` "mmap" or "direct", `table_cache` a size like "512M".
-fn table_options(io: Option<&str>, cache: Option<&str>) -> PyResult<engram::rows::TableOptions> {
+/// Row-store options: `table_io` "ram", "mmap" or "direct", `table_cache` a size like
+/// "512M", `policy` "s3fifo", "clock" or "lru", `io_depth` reads in flight (direct).
+fn table_options(
+    io: Option<&str>,
+    cache: Option<&str>,
+    policy: Option<&str>,
+    io_depth: Option<usize>,
+) -> PyResult<engram::rows::TableOptions> {
+    if io_depth == Some(0) {
+        return Err(verr(
+            "io_depth: expected at least 1 read in flight, found 0",
+        ));
+    }
     Ok(engram::rows::TableOptions {
         io: io.unwrap_or("mmap").parse().map_err(err)?,
         cache_bytes: cache
             .map(engram::rows::parse_size)
             .transpose()
             .map_err(err)?,
+        cache_policy: policy.unwrap_or("s3fifo").parse().map_err(err)?,
+        io_depth,
     })
 }
 
 /// `load(config, is_path, weights, layer, dtype, path, tokenizer, threads, table_io,
-/// table_cache) -> Layer`.
+/// table_cache, table_cache_policy, io_depth) -> Layer`.
 #[pyfunction]
-#[pyo3(signature = (config, is_path, weights, layer=None, dtype="f32", path="fused", tokenizer=None, threads=None, table_io=None, table_cache=None))]
+#[pyo3(signature = (config, is_path, weights, layer=None, dtype="f32", path="fused", tokenizer=None, threads=None, table_io=None, table_cache=None, table_cache_policy=None, io_depth=None))]
 #[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
@@ -691,10 +704,12 @@ fn load(
     threads: Option<usize>,
     table_io: Option<&str>,
     table_cache: Option<&str>,
+    table_cache_policy: Option<&str>,
+    io_depth: Option<usize>,
 ) -> PyResult<Layer> {
     let v = config_json(config, is_path)?;
     let pool = pool(threads)?;
-    let table = table_options(table_io, table_cache)?;
+    let table = table_options(table_io, table_cache, table_cache_policy, io_depth)?;
     let inner = if engram::v41::config::is_v41(&v) {
         if dtype != "f32" {
             return Err(verr(format!(

@@ -1,5 +1,5 @@
 //! Rows read straight from the table's file with `O_DIRECT` (no page cache): each row is one
-//! aligned read of the 4 KiB blocks that hold its codes (and one of its scales), issued by a
+//! aligned read of the 4 KiB blocks that hold its codes, issued by a
 //! pool of reader threads (one per read in flight, [`super::DEFAULT_IO_DEPTH`] unless told
 //! otherwise) so that many reads are in flight at once.
 //!
@@ -74,7 +74,8 @@ thread_local! {
 /// How a row is stored in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
-    /// e4m3 codes `[rows, dim]` and e8m0 scales `[rows, dim/32]` (two reads per row).
+    /// e4m3 codes `[rows, dim]` read from the file, e8m0 scales `[rows, dim/32]` held in
+    /// memory (1/32 of the codes' size; reading them would double the reads per row).
     Fp8,
     /// f32 values.
     F32,
@@ -83,7 +84,6 @@ enum Format {
 }
 
 /// A table read from its file on demand: fp8 (e4m3 codes + e8m0 scales), f32 or bf16.
-#[derive(Debug)]
 pub struct DirectRows {
     format: Format,
     file: File,
@@ -94,7 +94,8 @@ pub struct DirectRows {
     rows: usize,
     dim: usize,
     codes_at: u64,
-    scales_at: u64,
+    /// An fp8 table's scales, copied into memory at open.
+    scales: Option<crate::tensors::RawTensor>,
     /// The file's length and modification time when opened: a change is an error.
     stamp: (u64, Option<std::time::SystemTime>),
     misses: AtomicU64,
@@ -105,6 +106,25 @@ pub struct DirectRows {
     /// Reader threads (the queue depth a gather reaches), started on first use.
     io_depth: usize,
     pool: OnceLock<std::result::Result<rayon::ThreadPool, String>>,
+}
+
+impl std::fmt::Debug for DirectRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DirectRows({}, {:?} [{} x {}], {}, {} reads in flight)",
+            self.path.display(),
+            self.format,
+            self.rows,
+            self.dim,
+            if self.direct {
+                "O_DIRECT"
+            } else {
+                "page cache: the file system refused O_DIRECT"
+            },
+            self.io_depth
+        )
+    }
 }
 
 fn open_direct(path: &Path) -> Result<(File, bool)> {
@@ -142,31 +162,30 @@ fn stamp(f: &File, path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> 
 }
 
 impl DirectRows {
-    /// Opens the file holding `codes` (`[rows, dim]` e4m3) and `scales` (`[rows, dim/32]`
-    /// e8m0), as located by a checkpoint.
+    /// Opens the file holding `codes` (`[rows, dim]` e4m3, as located by a checkpoint);
+    /// `scales` (`[rows, dim/32]` e8m0) are copied into memory.
     pub fn open_fp8(
         codes: &RawTensor,
         scales: &RawTensor,
         rows: usize,
         dim: usize,
     ) -> Result<Self> {
-        let ((path, codes_at), (spath, scales_at)) = match (codes.location(), scales.location()) {
-            (Some(a), Some(b)) => (a, b),
-            _ => {
-                return Err(EngramError::invalid(
-                    "table-io direct",
-                    "a table in a file on disk",
-                    "a table given as bytes",
-                ))
-            }
-        };
-        if path != spath {
+        // Dtypes and shapes, as the mapped table checks them.
+        super::fp8::Fp8Table::new("embed.weight", codes.clone(), scales.clone(), rows, dim)?;
+        if !dim.is_multiple_of(BLOCK) {
             return Err(EngramError::invalid(
                 "table-io direct",
-                "the table's weights and scales in one file",
-                format!("{} and {}", path.display(), spath.display()),
+                format!("rows of a multiple of {BLOCK} values"),
+                dim,
             ));
         }
+        let Some((path, codes_at)) = codes.location() else {
+            return Err(EngramError::invalid(
+                "table-io direct",
+                "a table in a file on disk",
+                "a table given as bytes",
+            ));
+        };
         let (file, direct) = open_direct(path)?;
         same_file(&file, path, codes)?;
         let stamp = stamp(&file, path)?;
@@ -178,7 +197,7 @@ impl DirectRows {
             rows,
             dim,
             codes_at,
-            scales_at,
+            scales: Some(scales.to_owned_bytes()?),
             stamp,
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -221,7 +240,7 @@ impl DirectRows {
             rows,
             dim,
             codes_at: at,
-            scales_at: 0,
+            scales: None,
             stamp,
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -322,8 +341,7 @@ impl DirectRows {
         match self.format {
             Format::Fp8 => {
                 let blocks = d / BLOCK;
-                let mut scales = [0u8; 128];
-                if d > 4096 || blocks > scales.len() {
+                if d > 4096 {
                     return Err(EngramError::invalid(
                         "table-io direct",
                         "rows of at most 4096 values",
@@ -331,12 +349,9 @@ impl DirectRows {
                     ));
                 }
                 self.read(self.codes_at + (r * d) as u64, d, &mut raw[..d])?;
-                self.read(
-                    self.scales_at + (r * blocks) as u64,
-                    blocks,
-                    &mut scales[..blocks],
-                )?;
-                decode_row(&raw[..d], &scales[..blocks], out);
+                let scales =
+                    &self.scales.as_ref().expect("fp8 scales").data()[r * blocks..(r + 1) * blocks];
+                decode_row(&raw[..d], scales, out);
             }
             Format::F32 | Format::Bf16 => {
                 let es = if self.format == Format::F32 { 4 } else { 2 };
