@@ -460,23 +460,11 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         secs.push(t0.elapsed().as_secs_f64());
     }
     // Row-store counters over the timed runs (hits, reads from the file, bytes).
-    let store = store_before.zip(e.weights().table.store_stats()).map(|(a0, a1)| {
-        let st = a1.since(&a0);
-        let t: f64 = secs.iter().sum();
-        serde_json::json!({
-            "table_io": format!("{:?}", table.io).to_lowercase(),
-            "table_cache_bytes": table.cache_bytes,
-            "table_cache_policy": table.cache_bytes.map(|_| format!("{:?}", table.cache_policy).to_lowercase()),
-            "io_depth": table.io_depth.unwrap_or(engram::rows::DEFAULT_IO_DEPTH),
-            "warm": a.warm,
-            "hit_rate": st.hit_rate(),
-            "rows_read": st.misses,
-            "rows_read_per_s": st.misses as f64 / t,
-            "bytes_read": st.bytes_read,
-            "reads_per_s": st.reads as f64 / t,
-            "io_depth_mean": st.io_depth_mean(),
-        })
-    });
+    let store = store_before
+        .zip(e.weights().table.store_stats())
+        .map(|(a0, a1)| {
+            crate::table::row_store_json(&table, a.warm, &a1.since(&a0), secs.iter().sum())
+        });
     let stages = profile::take();
     let peak_after = peak_gflops(bf16_dot);
     // Bandwidth is noisy on a shared machine: the best of the measurements before and after.

@@ -265,8 +265,13 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let weights = match (&a.weights, topts.io) {
         (Some(_), _) => weights,
         (None, engram::rows::TableIo::Direct) => {
+            // A fresh folder only this user can read (an existing one is an error, never reused).
             let dir = std::env::temp_dir().join(format!("engram-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let mut mk = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut mk, 0o700);
+            mk.create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
             let f = dir.join("weights.safetensors");
             let layer = m.layer(cfg.layer_id)?;
             let offs: Vec<i64> = layer.offsets().iter().map(|&o| o as i64).collect();

@@ -60,6 +60,29 @@ impl TableArgs {
     }
 }
 
+/// `row_store` in `engram bench --json`: the options and the counters over the timed runs
+/// (`run_s`: their summed wall time).
+pub fn row_store_json(
+    o: &TableOptions,
+    warm: bool,
+    st: &engram::rows::StoreStats,
+    run_s: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "table_io": format!("{:?}", o.io).to_lowercase(),
+        "table_cache_bytes": o.cache_bytes,
+        "table_cache_policy": o.cache_bytes.map(|_| format!("{:?}", o.cache_policy).to_lowercase()),
+        "io_depth": o.io_depth.unwrap_or(engram::rows::DEFAULT_IO_DEPTH),
+        "warm": warm,
+        "hit_rate": st.hit_rate(),
+        "rows_read": st.misses,
+        "rows_read_per_s": st.misses as f64 / run_s,
+        "bytes_read": st.bytes_read,
+        "reads_per_s": st.reads as f64 / run_s,
+        "io_depth_mean": st.io_depth_mean(),
+    })
+}
+
 /// `engram table ...`.
 #[derive(clap::Subcommand)]
 pub enum TableCommand {

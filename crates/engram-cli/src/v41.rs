@@ -475,19 +475,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
     }
     let st = table.stats().since(&store_before);
     let run_s: f64 = total.iter().sum();
-    let store = serde_json::json!({
-        "table_io": format!("{:?}", a.table.io).to_lowercase(),
-        "table_cache_bytes": a.table.cache_bytes,
-        "table_cache_policy": a.table.cache_bytes.map(|_| format!("{:?}", a.table.cache_policy).to_lowercase()),
-        "warm": a.warm,
-        "hit_rate": st.hit_rate(),
-        "rows_read": st.misses,
-        "rows_read_per_s": st.misses as f64 / run_s,
-        "bytes_read": st.bytes_read,
-        "reads_per_s": st.reads as f64 / run_s,
-        "io_depth_mean": st.io_depth_mean(),
-    });
-
+    let store = crate::table::row_store_json(&a.table, a.warm, &st, run_s);
     // The projection alone on re-quantised rows of the same tokens (in tiles of 256, as the
     // layer runs it).
     let mut xs: Vec<f32> = (0..256.min(tokens) * mw)
@@ -554,7 +542,8 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
             "  the rest (hash, gather + dequantise + re-quantise, gates): {:.3} s",
             med - pmed
         );
-        println!(
+        if a.table != engram::rows::TableOptions::default() {
+            println!(
             "  table {rows} rows ({:.2} GB, {}): hit rate {:.1}%, {:.0} rows read/s, mean {:.1} reads in flight",
             (rows * (hd + hd / BLOCK)) as f64 / 1e9,
             store["table_io"].as_str().unwrap_or("?"),
@@ -562,6 +551,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
             st.misses as f64 / run_s,
             st.io_depth_mean()
         );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -206,7 +206,7 @@ def test_v41_inputs_whose_shapes_only_add_up_are_refused(golden):
 def test_row_stores_give_the_same_outputs(small, stages, golden):
     ids, h = stages["long.input_ids"], stages["long.hidden_states"]
     want = small.forward(ids, h)["output"]
-    for io, cache, policy in [("direct", None, "s3fifo"), ("direct", "4k", "lru"), ("mmap", 256, "clock"), ("ram", "1k", "s3fifo")]:
+    for io, cache, policy in [("direct", None, "s3fifo"), ("direct", "4k", "lru"), ("mmap", 1024, "clock"), ("ram", "1k", "s3fifo")]:
         l = engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", table_io=io, table_cache=cache, table_cache_policy=policy)
         np.testing.assert_array_equal(l.forward(ids, h)["output"], want)
     with pytest.raises(ValueError, match="table-cache-policy"):

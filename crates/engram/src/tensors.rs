@@ -89,12 +89,10 @@ impl RawTensor {
 
     /// The tensor's bytes copied into process memory (the allocation checked against free
     /// memory); the copy no longer reads the file.
-    pub fn to_owned_bytes(&self) -> Result<RawTensor> {
-        let mut v: Vec<u8> = crate::alloc::try_zeroed(
-            self.len,
-            &format!("{} in RAM (--table-io ram)", self.path.display()),
-            true,
-        )?;
+    /// `what` names the copy in an out-of-memory error.
+    pub fn to_owned_bytes(&self, what: &str) -> Result<RawTensor> {
+        let mut v: Vec<u8> =
+            crate::alloc::try_zeroed(self.len, &format!("{what}: {}", self.path.display()), true)?;
         v.copy_from_slice(self.data());
         Ok(RawTensor {
             dtype: self.dtype,

@@ -4,7 +4,8 @@
 
 mod common;
 use common::*;
-use engram::rows::{cache::CachedRows, parse_size, CachePolicy, RowStore, TableIo};
+use engram::rows::cache::{CachedRows, SLOT_OVERHEAD};
+use engram::rows::{parse_size, CachePolicy, RowStore, TableIo};
 use engram::tensors::TensorFile;
 use engram::v41::{config::V41Config, Checkpoint, TableOptions, V41Layer, V41Path};
 
@@ -65,7 +66,8 @@ fn every_store_equals_the_mapped_one_bit_for_bit() {
             true,
         )
         .unwrap();
-    let row_bytes = 32 * 4;
+    // One V4.1 row (32 values, kept as bf16) and its bookkeeping.
+    let row_bytes = 32 * 2 + SLOT_OVERHEAD;
     for (io, cache) in [
         (TableIo::Direct, None),
         (TableIo::Direct, Some(row_bytes)), // one row
@@ -298,7 +300,10 @@ fn tiles_gathered_ahead_equal_the_mapped_table() {
         },
     ];
     for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
-        for cache in [1, row * 4 + 64, 4096, 200 << 10] {
+        // Nothing (a pass-through), one row (f32 values and bookkeeping), four, a page and
+        // ~500 rows (shards of several rows: the policies' queues really evict).
+        let slot = row * 4 + SLOT_OVERHEAD;
+        for cache in [1, slot, 4 * slot, 4096, 200 << 10] {
             cases.push(TableOptions {
                 io: TableIo::Direct,
                 cache_bytes: Some(cache),
@@ -375,7 +380,7 @@ fn demo_layer_over_every_store_equals_the_mapped_table() {
         },
         TableOptions {
             io: TableIo::Direct,
-            cache_bytes: Some(256),
+            cache_bytes: Some(64 * 4 + SLOT_OVERHEAD),
             ..Default::default()
         }, // one row
         TableOptions {
@@ -471,6 +476,7 @@ fn v41_tiles_gathered_ahead_equal_the_mapped_table() {
         for (io, cache) in [
             (TableIo::Direct, Some(1)),
             (TableIo::Direct, Some(8 << 10)),
+            (TableIo::Direct, Some(2000 * (32 * 2 + SLOT_OVERHEAD))), // 64 shards of 31
             (TableIo::Ram, Some(4096)),
         ] {
             let got = run(TableOptions {

@@ -450,9 +450,9 @@ impl<'e> Driver<'e> {
         }
         profile::add(Stage::HashGather, clock);
         let hashes_all: &[i64] = hash_out;
-        // A store's tiles are gathered ahead on a thread of their own when there is more
-        // than one tile (a decode step's single tile is gathered in place).
-        let pipelined = table.is_store() && total_rows > tile;
+        // Tiles of a store that reads files are gathered ahead on a thread of their own when
+        // there is more than one tile (a decode step's single tile is gathered in place).
+        let pipelined = total_rows > tile && table.store().is_some_and(|s| !s.in_memory());
         let (mut pi, mut t) = (0usize, pieces.first().map_or(0, |p| p.t0));
         let mut done = 0;
         std::thread::scope(|sc| -> Result<PartResult> {

@@ -12,8 +12,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Bytes of bookkeeping charged to the budget per cached row.
-pub const SLOT_OVERHEAD: u64 = 64;
+/// Bytes of bookkeeping charged to the budget per cached row: the index entry (~20 B at the
+/// hash map's load factor), the row id (8), the policy's state (S3-FIFO: a queue entry and
+/// up to one remembered key, ~45 B; LRU: two links, 8 B) and slack. The shard's tables are
+/// sized once for its rows, so they do not grow past this.
+pub const SLOT_OVERHEAD: u64 = 128;
 
 /// Share of a shard's slots for S3-FIFO's small (probation) queue, as in the paper (10%).
 const S3_SMALL_SHARE: f64 = 0.1;
@@ -36,17 +39,20 @@ impl Arena {
         }
     }
 
-    /// Writes `row` into `slot`; a slot one past the end grows the arena.
-    fn store(&mut self, slot: usize, dim: usize, row: &[f32]) {
+    /// Writes `row` into `slot`; a slot one past the end grows the arena (the first growth
+    /// reserves exactly `capacity` rows, so the arena never holds more than that).
+    fn store(&mut self, slot: usize, dim: usize, capacity: usize, row: &[f32]) {
         match self {
             Arena::F32(v) => {
                 if v.len() < (slot + 1) * dim {
+                    v.reserve_exact((capacity * dim).saturating_sub(v.len()));
                     v.resize((slot + 1) * dim, 0.0);
                 }
                 v[slot * dim..(slot + 1) * dim].copy_from_slice(row);
             }
             Arena::Bf16(v) => {
                 if v.len() < (slot + 1) * dim {
+                    v.reserve_exact((capacity * dim).saturating_sub(v.len()));
                     v.resize((slot + 1) * dim, half::bf16::ZERO);
                 }
                 for (o, x) in v[slot * dim..(slot + 1) * dim].iter_mut().zip(row) {
@@ -99,26 +105,27 @@ impl Evict {
     fn new(policy: CachePolicy, capacity: usize) -> Self {
         match policy {
             CachePolicy::Clock => Evict::Clock {
-                referenced: Vec::new(),
+                referenced: Vec::with_capacity(capacity),
                 hand: 0,
             },
             CachePolicy::Lru => Evict::Lru {
-                prev: Vec::new(),
-                next: Vec::new(),
+                prev: Vec::with_capacity(capacity),
+                next: Vec::with_capacity(capacity),
                 head: NIL,
                 tail: NIL,
             },
             CachePolicy::S3Fifo => {
                 let small_cap = ((capacity as f64 * S3_SMALL_SHARE).ceil() as usize).max(1);
+                let ghost_cap = capacity.saturating_sub(small_cap).max(1);
                 Evict::S3Fifo {
-                    freq: Vec::new(),
-                    small: VecDeque::new(),
-                    main: VecDeque::new(),
-                    ghost: VecDeque::new(),
-                    ghost_at: HashMap::new(),
+                    freq: Vec::with_capacity(capacity),
+                    small: VecDeque::with_capacity(capacity),
+                    main: VecDeque::with_capacity(capacity),
+                    ghost: VecDeque::with_capacity(ghost_cap + 1),
+                    ghost_at: HashMap::with_capacity(ghost_cap + 1),
                     ghost_seq: 0,
                     small_cap,
-                    ghost_cap: capacity.saturating_sub(small_cap).max(1),
+                    ghost_cap,
                 }
             }
         }
@@ -331,8 +338,8 @@ impl CachedRows {
             shards: (0..nshards)
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashMap::new(),
-                        rows: Vec::new(),
+                        map: HashMap::with_capacity(per_shard),
+                        rows: Vec::with_capacity(per_shard),
                         arena: if bf16 {
                             Arena::Bf16(Vec::new())
                         } else {
@@ -408,7 +415,7 @@ impl CachedRows {
             s.map.remove(&old);
             v
         };
-        s.arena.store(slot, d, row);
+        s.arena.store(slot, d, self.per_shard, row);
         s.map.insert(r, slot as u32);
         s.evict.placed(slot, r);
     }
@@ -423,6 +430,9 @@ impl RowStore for CachedRows {
     }
     fn bf16_exact(&self) -> bool {
         self.bf16
+    }
+    fn in_memory(&self) -> bool {
+        self.inner.in_memory()
     }
     fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
         if self.lookup(r, out) {
@@ -479,7 +489,7 @@ impl RowStore for CachedRows {
     fn clear(&self) {
         for s in &self.shards {
             let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
-            s.map.clear();
+            s.map.clear(); // keeps its capacity: the shard's rows
             s.rows.clear();
             s.arena.clear();
             s.evict = Evict::new(self.policy, self.per_shard);
@@ -520,12 +530,10 @@ mod tests {
     #[test]
     fn every_policy_serves_the_right_rows_within_budget() {
         for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
-            let budget = 10 * (8 * 4 + SLOT_OVERHEAD);
+            // 64 shards of 10 rows.
+            let budget = 640 * (8 * 4 + SLOT_OVERHEAD);
             let c = CachedRows::with_policy(Arc::new(Ids(8)), budget, policy);
-            assert!(
-                c.capacity_rows() >= 1 && c.capacity_rows() <= 10,
-                "{policy:?}"
-            );
+            assert_eq!((c.shards.len(), c.per_shard), (64, 10), "{policy:?}");
             let mut x = 7u64;
             let mut out = [0f32; 8];
             for _ in 0..5000 {
@@ -534,9 +542,9 @@ mod tests {
                     .wrapping_add(1442695040888963407);
                 // Skewed: a few hot rows, a long cold tail.
                 let r = if x >> 62 == 0 {
-                    (x >> 33) as usize % 1000
+                    (x >> 33) as usize % 100_000
                 } else {
-                    (x >> 33) as usize % 4
+                    (x >> 33) as usize % 256
                 };
                 c.row_into(r, &mut out).unwrap();
                 assert!(out.iter().all(|&v| v == r as f32), "{policy:?} row {r}");
@@ -573,12 +581,12 @@ mod tests {
     /// S3-FIFO: a one-off scan does not flush rows read twice.
     #[test]
     fn s3fifo_resists_a_scan() {
-        let budget = 20 * (4 + SLOT_OVERHEAD);
+        // 64 shards of 20 rows; rows ≡ 0 mod 64 all fall in shard 0.
+        let budget = 64 * 20 * (4 + SLOT_OVERHEAD);
         let c = CachedRows::with_policy(Arc::new(Ids(1)), budget, CachePolicy::S3Fifo);
         let mut o = [0f32];
-        // One shard per slot is too fine to test; force one shard by using rows ≡ 0 mod n.
-        let n = c.shards.len();
-        let per = c.per_shard;
+        let (n, per) = (c.shards.len(), c.per_shard);
+        assert_eq!((n, per), (64, 20));
         let hot: Vec<usize> = (0..per / 2).map(|k| k * n).collect();
         for _ in 0..3 {
             for &r in &hot {
@@ -594,5 +602,20 @@ mod tests {
         }
         let after = c.stats().since(&before);
         assert_eq!(after.hits as usize, hot.len(), "hot rows survive the scan");
+        // LRU, by contrast, loses them all to the same scan.
+        let l = CachedRows::with_policy(Arc::new(Ids(1)), budget, CachePolicy::Lru);
+        for _ in 0..3 {
+            for &r in &hot {
+                l.row_into(r, &mut o).unwrap();
+            }
+        }
+        for k in 1000..1000 + 10 * per {
+            l.row_into(k * n, &mut o).unwrap();
+        }
+        let before = l.stats();
+        for &r in &hot {
+            l.row_into(r, &mut o).unwrap();
+        }
+        assert_eq!(l.stats().since(&before).hits, 0);
     }
 }

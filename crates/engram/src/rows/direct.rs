@@ -197,7 +197,7 @@ impl DirectRows {
             rows,
             dim,
             codes_at,
-            scales: Some(scales.to_owned_bytes()?),
+            scales: Some(scales.to_owned_bytes("the fp8 table's scales (--table-io direct)")?),
             stamp,
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -386,6 +386,9 @@ impl RowStore for DirectRows {
     }
     fn dim(&self) -> usize {
         self.dim
+    }
+    fn in_memory(&self) -> bool {
+        false
     }
     fn bf16_exact(&self) -> bool {
         // fp8 rows are rounded to bf16 as decoded; a bf16 table's values are bf16.

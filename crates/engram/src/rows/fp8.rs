@@ -167,8 +167,12 @@ impl Fp8Table {
     /// bytes per value), the file no longer read.
     pub fn to_ram(&self) -> Result<Self> {
         Ok(Fp8Table {
-            codes: self.codes.to_owned_bytes()?,
-            scales: self.scales.to_owned_bytes()?,
+            codes: self
+                .codes
+                .to_owned_bytes("the fp8 table in RAM (--table-io ram)")?,
+            scales: self
+                .scales
+                .to_owned_bytes("the fp8 table's scales in RAM (--table-io ram)")?,
             rows: self.rows,
             dim: self.dim,
         })

@@ -20,7 +20,8 @@ pub trait RowStore: Send + Sync + std::fmt::Debug {
     /// the store is an error, never wrong values.
     fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()>;
     /// Rows `rows` decoded into `out` (`rows.len() · dim` values). Stores that read files issue
-    /// the reads together.
+    /// the reads together, on threads of their own: a gather may run while every worker of
+    /// the global rayon pool waits for it, so it must not need that pool.
     fn gather(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
         let d = self.dim();
         for (r, o) in rows.iter().zip(out.chunks_exact_mut(d)) {
@@ -32,6 +33,11 @@ pub trait RowStore: Send + Sync + std::fmt::Debug {
     fn prefetch(&self, _rows: &[usize]) {}
     /// Forgets every row held in memory (a cache starts cold again).
     fn clear(&self) {}
+    /// Whether rows come from memory (RAM, a mapped file, a cache over those): a layer then
+    /// gathers in place; a store that reads files (or a network) is gathered ahead of compute.
+    fn in_memory(&self) -> bool {
+        true
+    }
     /// Whether every value this store gives is exactly a bf16 (a bf16 table, or fp8 rows
     /// decoded and rounded to bf16): a cache may then keep rows in 2 bytes per value.
     fn bf16_exact(&self) -> bool {
@@ -64,7 +70,7 @@ pub struct StoreStats {
     pub misses: u64,
     /// Bytes read from the file.
     pub bytes_read: u64,
-    /// Reads issued to the file (a row of an fp8 table takes two: codes and scales).
+    /// Reads issued to the file (one per row read).
     pub reads: u64,
     /// Sum over reads of the reads in flight when each was issued (itself included):
     /// `depth_sum / reads` is the mean queue depth a read found.

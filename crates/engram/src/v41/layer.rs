@@ -429,22 +429,34 @@ impl V41Layer {
         let mut emb_keep = keep.then(|| vec![0.0f32; total * mw]);
         let mut kv_keep = keep.then(|| vec![0.0f32; total * kvw]);
         // Tiles of rows: gather + requantise, project, gate. The fused path projects a tile
-        // with every core (each weight read once per tile). With more than one tile, the
-        // rows of later tiles are gathered on a thread of their own while earlier tiles
-        // compute (a store's reads overlap the projection).
+        // with every core (each weight read once per tile). When the rows come from a file
+        // (direct I/O) and there is more than one tile, later tiles are gathered on a thread
+        // of their own while earlier tiles compute (the reads overlap the projection).
         const TILE: usize = 256;
+        let table = &self.weights.table;
+        let in_memory = table.in_memory();
         let gather_rows = |r0: usize, r1: usize, out: &mut [f32]| -> Result<()> {
-            let rows: Vec<usize> = hash_ids[r0 * cols..r1 * cols]
-                .iter()
-                .map(|&r| r as usize)
-                .collect();
-            self.weights.table.gather(&rows, out)
+            let ids = &hash_ids[r0 * cols..r1 * cols];
+            if in_memory {
+                // Rows from memory: each token's rows on a worker (page faults of a mapped
+                // table overlap).
+                return out
+                    .par_chunks_mut(mw)
+                    .zip(ids.par_chunks(cols))
+                    .try_for_each(|(o, id)| {
+                        let rows: Vec<usize> = id.iter().map(|&r| r as usize).collect();
+                        table.gather(&rows, o)
+                    });
+            }
+            let rows: Vec<usize> = ids.iter().map(|&r| r as usize).collect();
+            table.gather(&rows, out)
         };
-        let mut x = vec![0.0f32; if total > TILE { 0 } else { total * mw }];
+        let ahead = total > TILE && !in_memory;
+        let mut x = vec![0.0f32; if ahead { 0 } else { TILE.min(total) * mw }];
         let mut kv = vec![0.0f32; TILE.min(total) * kvw];
         std::thread::scope(|sc| -> Result<()> {
-            let feed = (total > TILE)
-                .then(|| crate::rows::ahead::Feed::spawn(sc, total, TILE, mw, gather_rows));
+            let feed =
+                ahead.then(|| crate::rows::ahead::Feed::spawn(sc, total, TILE, mw, gather_rows));
             for t0 in (0..total).step_by(TILE) {
                 let rows = TILE.min(total - t0);
                 let mut fed = match &feed {
