@@ -186,27 +186,8 @@ impl DirectRows {
                 "a table given as bytes",
             ));
         };
-        let (file, direct) = open_direct(path)?;
-        same_file(&file, path, codes)?;
-        let stamp = stamp(&file, path)?;
-        Ok(DirectRows {
-            format: Format::Fp8,
-            file,
-            path: path.to_path_buf(),
-            direct,
-            rows,
-            dim,
-            codes_at,
-            scales: Some(scales.to_owned_bytes("the fp8 table's scales (--table-io direct)")?),
-            stamp,
-            misses: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            reads: AtomicU64::new(0),
-            depth_sum: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            io_depth: super::DEFAULT_IO_DEPTH,
-            pool: OnceLock::new(),
-        })
+        let scales = scales.to_owned_bytes("the fp8 table's scales (--table-io direct)")?;
+        Self::open(Format::Fp8, codes, path, codes_at, Some(scales), rows, dim)
     }
 
     /// Opens the file holding a dense f32 or bf16 table `[rows, dim]` (a demo-layer table).
@@ -229,6 +210,20 @@ impl DirectRows {
                 "a table given as bytes",
             ));
         };
+        Self::open(format, t, path, at, None, rows, dim)
+    }
+
+    /// Opens `path` (the file `t` was mapped from: another file put at its path is refused)
+    /// for rows at `codes_at`.
+    fn open(
+        format: Format,
+        t: &RawTensor,
+        path: &Path,
+        codes_at: u64,
+        scales: Option<RawTensor>,
+        rows: usize,
+        dim: usize,
+    ) -> Result<Self> {
         let (file, direct) = open_direct(path)?;
         same_file(&file, path, t)?;
         let stamp = stamp(&file, path)?;
@@ -239,8 +234,8 @@ impl DirectRows {
             direct,
             rows,
             dim,
-            codes_at: at,
-            scales: None,
+            codes_at,
+            scales,
             stamp,
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
