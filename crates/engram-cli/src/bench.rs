@@ -328,7 +328,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     plan.check()?;
     let e = match &a.weights {
         Some(w) if table != engram::rows::TableOptions::default() => {
-            Engram::load_with_table(cfg.clone(), w, table)?
+            Engram::load_with_table(cfg.clone(), w, table.clone())?
         }
         Some(w) => Engram::load_with(cfg.clone(), m.clone(), w)?,
         None => {

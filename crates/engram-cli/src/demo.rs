@@ -256,7 +256,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
                 &cfg,
                 &offs,
                 layer.table_rows() as usize,
-                topts,
+                topts.clone(),
             )?;
             println!("    loaded {}", p.display());
             (w, TorchGenerator::manual_seed(a.seed))

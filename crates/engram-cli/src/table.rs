@@ -22,6 +22,53 @@ pub struct TableArgs {
     /// Reads kept in flight by `--table-io direct` (reader threads; default 64).
     #[arg(long, value_name = "N")]
     pub io_depth: Option<usize>,
+    /// Rows from a Redis Cluster (`redis://HOST:PORT`, any node) holding this table, written
+    /// there by `engram table push`; the weights file still names the table.
+    #[arg(long, value_name = "URL")]
+    pub table_store: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Timeouts and batching of a remote row store.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// Seconds to connect to a node or wait for one reply (default 2).
+    #[arg(long, value_name = "S")]
+    pub store_timeout: Option<f64>,
+    /// Seconds a failed round trip is retried (a node down, a failover) before the run fails
+    /// (default 30).
+    #[arg(long, value_name = "S")]
+    pub store_deadline: Option<f64>,
+    /// Rows per round trip (default 256).
+    #[arg(long, value_name = "N")]
+    pub store_batch: Option<usize>,
+}
+
+impl StoreArgs {
+    /// The options these flags ask for.
+    pub fn options(&self) -> Result<engram::rows::redis::RedisOptions> {
+        let mut o = engram::rows::redis::RedisOptions::default();
+        let secs = |v: f64, flag: &str| -> Result<std::time::Duration> {
+            if !(v.is_finite() && v > 0.0 && v < 1e6) {
+                anyhow::bail!("{flag}: expected seconds > 0, found {v}");
+            }
+            Ok(std::time::Duration::from_secs_f64(v))
+        };
+        if let Some(v) = self.store_timeout {
+            o.timeout = secs(v, "--store-timeout")?;
+        }
+        if let Some(v) = self.store_deadline {
+            o.deadline = secs(v, "--store-deadline")?;
+        }
+        if let Some(n) = self.store_batch {
+            if n == 0 {
+                anyhow::bail!("--store-batch: expected at least 1 row, found 0");
+            }
+            o.batch = n;
+        }
+        Ok(o)
+    }
 }
 
 impl TableArgs {
@@ -43,7 +90,15 @@ impl TableArgs {
                 None => Default::default(),
             },
             io_depth: self.io_depth,
+            store: self.table_store.clone(),
+            store_options: self.store.options()?,
         };
+        if o.store.is_some() && o.io != engram::rows::TableIo::Mmap {
+            anyhow::bail!(
+                "--table-store: rows come from the store; expected no --table-io with it, found {:?}",
+                o.io
+            );
+        }
         if o.io_depth == Some(0) {
             anyhow::bail!("--io-depth: expected at least 1 read in flight, found 0");
         }
@@ -86,6 +141,11 @@ pub fn row_store_json(
 /// `engram table ...`.
 #[derive(clap::Subcommand)]
 pub enum TableCommand {
+    /// Write a layer's table rows into a Redis Cluster (resumable; every row read back and
+    /// checked at the end).
+    Push(PushArgs),
+    /// The tables a Redis Cluster holds.
+    Info(InfoArgs),
     /// Hit rates of the hot-row cache policies on a text's real row ids (the layer's hashes
     /// of the text, streamed through the engine's own cache in token order; no table read):
     /// what a cache of each size would serve from memory.
@@ -142,7 +202,155 @@ impl engram::rows::RowStore for Zeros {
 pub fn table(c: TableCommand) -> Result<std::process::ExitCode> {
     match c {
         TableCommand::CacheSim(a) => cache_sim(a),
+        TableCommand::Push(a) => push(a),
+        TableCommand::Info(a) => info(a),
     }
+}
+
+/// `engram table push`.
+#[derive(Args)]
+pub struct PushArgs {
+    /// The weights (demo state dict) or checkpoint (V4.1 file or sharded folder).
+    #[arg(long)]
+    weights: std::path::PathBuf,
+    /// Config JSON (a demo-layer or DeepSeek-V4.1 config); the default demo config when omitted.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Which layer (V4.1: required; demo: the config's layer_id unless given).
+    #[arg(long)]
+    layer: Option<u64>,
+    /// The cluster: `redis://HOST:PORT` of any node.
+    #[arg(long, value_name = "URL")]
+    store: String,
+    #[command(flatten)]
+    opts: StoreArgs,
+}
+
+/// `engram table info`.
+#[derive(Args)]
+pub struct InfoArgs {
+    /// The cluster: `redis://HOST:PORT` of any node.
+    #[arg(long, value_name = "URL")]
+    store: String,
+    /// One JSON object per table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    opts: StoreArgs,
+}
+
+/// The table rows of the layer `a` names, and their id in a store.
+fn raw_table(
+    weights: &std::path::Path,
+    config: &Option<std::path::PathBuf>,
+    layer: Option<u64>,
+) -> Result<(engram::rows::redis::RawRows, engram::rows::redis::TableId)> {
+    use engram::rows::redis::{RawRows, TableId};
+    if let Some(v) = crate::v41::detect(config.as_deref())? {
+        let layer = layer.ok_or_else(|| {
+            anyhow::anyhow!(
+                "--layer: a DeepSeek-V4.1 config has Engram layers {:?}; say which one",
+                v.layer_ids
+            )
+        })?;
+        let ck = engram::v41::Checkpoint::open(weights)?;
+        let rows = v.num_embeddings[v.layer_index(layer)?] as usize;
+        let p = format!("layers.{layer}.engram");
+        let raw = RawRows::fp8(
+            ck.raw(&format!("{p}.embed.weight"))?,
+            ck.raw(&format!("{p}.embed.scale"))?,
+            rows,
+            v.head_dim,
+        )?;
+        let id = TableId::new("deepseek-v4.1", layer, &format!("{v:?}"), &raw);
+        return Ok((raw, id));
+    }
+    let mut cfg = crate::commands::load_config(config)?;
+    if let Some(l) = layer {
+        cfg.layer_id = l;
+    }
+    cfg.validate()?;
+    let m = engram::NgramHashMapping::new(&cfg, engram::layer::compression_for(&cfg)?)?;
+    let rows = m.layer(cfg.layer_id)?.table_rows() as usize;
+    let f = engram::tensors::TensorFile::open(weights)?;
+    let raw = RawRows::dense(f.raw(engram::weights::TABLE)?, rows, cfg.head_dim())?;
+    let id = TableId::new("demo", cfg.layer_id, &cfg.to_json_string(), &raw);
+    Ok((raw, id))
+}
+
+fn push(a: PushArgs) -> Result<std::process::ExitCode> {
+    let o = a.opts.options()?;
+    let (raw, id) = raw_table(&a.weights, &a.config, a.layer)?;
+    let tid = id.tid();
+    eprintln!(
+        "table {tid}: {} layer {}, {} rows x {} ({:?}, {:.2} GB) -> {}",
+        id.variant,
+        id.layer,
+        raw.rows(),
+        raw.dim(),
+        raw.format(),
+        (raw.rows() * raw.format().row_bytes(raw.dim())) as f64 / 1e9,
+        a.store
+    );
+    let bar = crate::demo::progress(raw.rows() as u64, "rows");
+    let t0 = std::time::Instant::now();
+    let r = engram::rows::redis::push(&a.store, &raw, &id, &o, None, &mut |done, _, phase| {
+        bar.set_message(phase.to_string());
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if r.written == 0 && r.complete {
+        println!(
+            "table {tid} is already in the store, complete (digest {})",
+            r.table_digest.as_deref().unwrap_or("?")
+        );
+    } else {
+        println!(
+            "table {tid}: wrote rows {}..{} ({} rows, {:.1} s), read every row back: equal; sha256 {}",
+            r.resumed_from,
+            r.resumed_from + r.written,
+            r.written,
+            t0.elapsed().as_secs_f64(),
+            r.table_digest.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn info(a: InfoArgs) -> Result<std::process::ExitCode> {
+    let o = a.opts.options()?;
+    let tables = engram::rows::redis::list_tables(&a.store, &o)?;
+    if tables.is_empty() && !a.json {
+        println!("{}: no Engram tables", a.store);
+    }
+    for (tid, m) in tables {
+        if a.json {
+            let mut v = serde_json::Map::new();
+            v.insert("tid".into(), tid.into());
+            for (k, x) in m.fields {
+                v.insert(k, x.into());
+            }
+            println!("{}", serde_json::Value::Object(v));
+        } else {
+            let f = |k: &str| m.fields.get(k).cloned().unwrap_or_else(|| "?".into());
+            println!(
+                "{tid}  {} layer {}  {} rows x {} {}  pushed {}  complete {}  config {}  sha256 {}",
+                f("variant"),
+                f("layer"),
+                f("rows"),
+                f("dim"),
+                f("format"),
+                f("pushed"),
+                f("complete"),
+                f("config_digest"),
+                m.fields
+                    .get("table_digest")
+                    .map(String::as_str)
+                    .unwrap_or("-")
+            );
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {

@@ -133,7 +133,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     let t0 = std::time::Instant::now();
     let ck = Checkpoint::open(a.weights)
         .with_context(|| format!("--weights {}", a.weights.display()))?;
-    let layer = V41Layer::load_with(&cfg, compression()?, &ck, layer_id, a.table)?;
+    let layer = V41Layer::load_with(&cfg, compression()?, &ck, layer_id, a.table.clone())?;
     let load = t0.elapsed();
     let w = cfg.hc_mult * cfg.dim;
     let inputs = a.inputs.map(TensorFile::open).transpose()?;
@@ -412,7 +412,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
         Some(w) => {
             let ck = Checkpoint::open(w)?;
             eprintln!("loading layer {layer_id} of {} ...", w.display());
-            let layer = V41Layer::load_with(&cfg, comp.clone(), &ck, layer_id, a.table)?;
+            let layer = V41Layer::load_with(&cfg, comp.clone(), &ck, layer_id, a.table.clone())?;
             let t0 = std::time::Instant::now();
             layer.projection();
             (cfg.clone(), layer, t0.elapsed().as_secs_f64())

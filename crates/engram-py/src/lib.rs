@@ -670,6 +670,7 @@ fn table_options(
     cache: Option<&str>,
     policy: Option<&str>,
     io_depth: Option<usize>,
+    store: Option<&str>,
 ) -> PyResult<engram::rows::TableOptions> {
     if io_depth == Some(0) {
         return Err(verr(
@@ -684,13 +685,15 @@ fn table_options(
             .map_err(err)?,
         cache_policy: policy.unwrap_or("s3fifo").parse().map_err(err)?,
         io_depth,
+        store: store.map(str::to_string),
+        ..Default::default()
     })
 }
 
 /// `load(config, is_path, weights, layer, dtype, path, tokenizer, threads, table_io,
-/// table_cache, table_cache_policy, io_depth) -> Layer`.
+/// table_cache, table_cache_policy, io_depth, table_store) -> Layer`.
 #[pyfunction]
-#[pyo3(signature = (config, is_path, weights, layer=None, dtype="f32", path="fused", tokenizer=None, threads=None, table_io=None, table_cache=None, table_cache_policy=None, io_depth=None))]
+#[pyo3(signature = (config, is_path, weights, layer=None, dtype="f32", path="fused", tokenizer=None, threads=None, table_io=None, table_cache=None, table_cache_policy=None, io_depth=None, table_store=None))]
 #[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
@@ -706,10 +709,11 @@ fn load(
     table_cache: Option<&str>,
     table_cache_policy: Option<&str>,
     io_depth: Option<usize>,
+    table_store: Option<&str>,
 ) -> PyResult<Layer> {
     let v = config_json(config, is_path)?;
     let pool = pool(threads)?;
-    let table = table_options(table_io, table_cache, table_cache_policy, io_depth)?;
+    let table = table_options(table_io, table_cache, table_cache_policy, io_depth, table_store)?;
     let inner = if engram::v41::config::is_v41(&v) {
         if dtype != "f32" {
             return Err(verr(format!(

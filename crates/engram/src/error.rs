@@ -128,6 +128,14 @@ pub enum EngramError {
         /// What needs it.
         detail: String,
     },
+    /// A remote row store failed (after its retries) or holds something else.
+    #[error("row store {store}: {message}")]
+    Store {
+        /// The store (its URL, or the node that failed).
+        store: String,
+        /// What went wrong.
+        message: String,
+    },
     /// An argument of an API call is invalid.
     #[error("{name}: expected {expected}, found {found}")]
     Invalid {

@@ -541,6 +541,16 @@ impl EngramWeights {
         use crate::rows::{direct::DirectRows, RowStore, TableIo};
         let path = path.as_ref();
         let mut w = Self::load(path, cfg, offsets, table_rows)?;
+        if let Some(url) = &opts.store {
+            let f = TensorFile::open(path)?;
+            let raw =
+                crate::rows::redis::RawRows::dense(f.raw(TABLE)?, table_rows, cfg.head_dim())?;
+            let id =
+                crate::rows::redis::TableId::new("demo", cfg.layer_id, &cfg.to_json_string(), &raw);
+            let store = crate::rows::redis::RedisRows::open(url, &id, opts.store_options)?;
+            w.table = EmbeddingTable::from_store(opts.cached(Arc::new(store)));
+            return Ok(w);
+        }
         let store: Arc<dyn RowStore> = match opts.io {
             TableIo::Mmap if opts.cache_bytes.is_none() => return Ok(w),
             TableIo::Ram if opts.cache_bytes.is_none() => {

@@ -309,6 +309,7 @@ fn tiles_gathered_ahead_equal_the_mapped_table() {
                 cache_bytes: Some(cache),
                 cache_policy: policy,
                 io_depth: None,
+                ..Default::default()
             });
         }
         cases.push(TableOptions {
@@ -316,6 +317,7 @@ fn tiles_gathered_ahead_equal_the_mapped_table() {
             cache_bytes: Some(4096),
             cache_policy: policy,
             io_depth: None,
+            ..Default::default()
         });
     }
     for dtype in [DType::F32, DType::Bf16] {
@@ -340,7 +342,7 @@ fn tiles_gathered_ahead_equal_the_mapped_table() {
         };
         let want_steps = steps(&b0, &mut st0);
         for opts in &cases {
-            let e = Engram::load_with_table(cfg.clone(), &w, *opts)
+            let e = Engram::load_with_table(cfg.clone(), &w, opts.clone())
                 .unwrap()
                 .with_dtype(dtype);
             let got = e.forward(&ids, &hidden, b, l, ForwardPath::Fused).unwrap();
@@ -394,7 +396,7 @@ fn demo_layer_over_every_store_equals_the_mapped_table() {
             ..Default::default()
         },
     ] {
-        let e = Engram::load_with_table(cfg.clone(), &w, opts).unwrap();
+        let e = Engram::load_with_table(cfg.clone(), &w, opts.clone()).unwrap();
         assert!(e.weights().table.is_store());
         for dtype in [DType::F32, DType::Bf16] {
             let (b0, e0) = (base.clone().with_dtype(dtype), e.clone().with_dtype(dtype));
@@ -484,6 +486,7 @@ fn v41_tiles_gathered_ahead_equal_the_mapped_table() {
                 cache_bytes: cache,
                 cache_policy: policy,
                 io_depth: None,
+                ..Default::default()
             });
             assert_eq!(
                 bits(got.embeddings.as_ref().unwrap()),

@@ -117,6 +117,7 @@ class Engram:
         table_cache: Optional[Union[int, str]] = None,
         table_cache_policy: str = "s3fifo",
         io_depth: Optional[int] = None,
+        table_store: Optional[str] = None,
     ) -> "Engram":
         """Loads a layer. ``config``: a path or a dict (the reference's field names, or a
         DeepSeek-V4.1 model config, recognised by ``engram_layer_ids``; ``layer`` picks the
@@ -127,12 +128,13 @@ class Engram:
         with O_DIRECT, ``io_depth`` reads in flight, 64 by default); ``table_cache``: a
         hot-row cache in front of the table, in bytes or like "512M", evicting by
         ``table_cache_policy`` ("s3fifo", "clock" or "lru"). Outputs do not depend on where
-        the rows live."""
+        the rows live. ``table_store``: ``"redis://HOST:PORT"`` of a Redis Cluster holding
+        the table (written by ``engram table push``)."""
         c, is_path = _config(config)
         layer, threads = _count(layer, "layer", 0), _count(threads, "threads", 1)
         cache = None if table_cache is None else str(table_cache)
         io_depth = _count(io_depth, "io_depth", 1)
-        return cls(_engram.load(c, is_path, os.fspath(weights), layer, dtype, path, tokenizer, threads, table_io, cache, table_cache_policy, io_depth))
+        return cls(_engram.load(c, is_path, os.fspath(weights), layer, dtype, path, tokenizer, threads, table_io, cache, table_cache_policy, io_depth, table_store))
 
     @classmethod
     def torch_default(cls, config: Config, seed: int, *, dtype: str = "f32", path: str = "fused", threads: Optional[int] = None) -> "Engram":

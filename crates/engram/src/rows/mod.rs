@@ -7,6 +7,7 @@ pub mod ahead;
 pub mod cache;
 pub mod direct;
 pub mod fp8;
+pub mod redis;
 
 use crate::error::Result;
 
@@ -172,7 +173,7 @@ impl std::str::FromStr for CachePolicy {
 pub const DEFAULT_IO_DEPTH: usize = 64;
 
 /// Where a layer's table rows come from (chosen at load time; the outputs are the same).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableOptions {
     /// In RAM, memory-mapped, or direct I/O.
     pub io: TableIo,
@@ -182,6 +183,11 @@ pub struct TableOptions {
     pub cache_policy: CachePolicy,
     /// Reads in flight for the direct store (reader threads); `None`: [`DEFAULT_IO_DEPTH`].
     pub io_depth: Option<usize>,
+    /// Rows from a Redis Cluster at this URL (`redis://HOST:PORT`) instead of the file; the
+    /// file still names and fingerprints the table ([`redis::TableId`]).
+    pub store: Option<String>,
+    /// Timeouts, retries and batching of a remote store.
+    pub store_options: redis::RedisOptions,
 }
 
 impl TableOptions {

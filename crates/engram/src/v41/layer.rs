@@ -102,10 +102,24 @@ impl V41Weights {
             rows,
             cfg.head_dim,
         )?;
-        let store: Arc<dyn RowStore> = match opts.io {
-            TableIo::Mmap => Arc::new(mapped),
-            TableIo::Ram => Arc::new(mapped.to_ram()?),
-            TableIo::Direct => {
+        let store: Arc<dyn RowStore> = match (&opts.store, opts.io) {
+            (Some(url), _) => {
+                let raw = crate::rows::redis::RawRows::fp8(codes, scales, rows, cfg.head_dim)?;
+                let id = crate::rows::redis::TableId::new(
+                    "deepseek-v4.1",
+                    layer,
+                    &format!("{cfg:?}"),
+                    &raw,
+                );
+                Arc::new(crate::rows::redis::RedisRows::open(
+                    url,
+                    &id,
+                    opts.store_options,
+                )?)
+            }
+            (None, TableIo::Mmap) => Arc::new(mapped),
+            (None, TableIo::Ram) => Arc::new(mapped.to_ram()?),
+            (None, TableIo::Direct) => {
                 let d = DirectRows::open_fp8(&codes, &scales, rows, cfg.head_dim)?;
                 Arc::new(match opts.io_depth {
                     Some(n) => d.with_io_depth(n),

@@ -1,0 +1,840 @@
+//! Rows in a Redis Cluster: one key per row holding the row's bytes as the checkpoint stores
+//! them (f32 or bf16 values; fp8 codes followed by their e8m0 scales), fetched by their
+//! deterministic ids in pipelines (one round trip per node for a batch of rows, every node's
+//! pipeline in flight at once, several batches at once on separate connections).
+//!
+//! **Key scheme.** A table is named by `tid`, 12 hex digits of SHA-256 over the variant, the
+//! layer, a digest of the config as the engine reads it, the table's shape and format, and
+//! the SHA-256 of every row's bytes in the local file (so loading reads the table once, about
+//! a second per GB here). Its keys:
+//! - `eg:{tid}:{row}`: row `row` (decimal), the row's stored bytes;
+//! - `eg:{tid}:meta`: a hash: `variant`, `layer`, `rows`, `dim`, `format`, `row_bytes`,
+//!   `config_digest`, `pushed` (rows written, in order: a push resumes there), `complete` (1
+//!   once every row was read back equal to the file's), `table_digest` (SHA-256 of every row's
+//!   bytes in order, recomputed from the store, set with `complete`);
+//! - `eg:tables`: the set of tids the store holds.
+//!
+//! Two tables never share keys: a different config, layer, variant or table gives another
+//! tid. A store that lacks the tid, or holds it incomplete, is refused when the layer loads.
+//!
+//! **Faults.** A failed round trip (a node down, a failover moving slots) is retried on a
+//! fresh connection, with back-off, until `deadline`; then the gather fails with an error
+//! naming the store and the cause. A row is never invented: a missing key or a value of the
+//! wrong length is an error.
+
+use super::fp8::{decode_row, BLOCK};
+use super::{RowStore, StoreStats};
+use crate::error::{EngramError, Result};
+use crate::tensors::RawTensor;
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::Value;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Timeouts, retries and batching of a Redis store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Connecting to a node, and waiting for one reply.
+    pub timeout: Duration,
+    /// How long a failed round trip is retried before the gather fails.
+    pub deadline: Duration,
+    /// Rows per round trip (per pipeline).
+    pub batch: usize,
+    /// Batches in flight at once (one connection each).
+    pub connections: usize,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(30),
+            batch: 256,
+            connections: 4,
+        }
+    }
+}
+
+/// How a row's bytes encode its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawFormat {
+    /// `dim` little-endian f32.
+    F32,
+    /// `dim` little-endian bf16.
+    Bf16,
+    /// `dim` e4m3 codes, then `dim/32` e8m0 scales.
+    Fp8,
+}
+
+impl RawFormat {
+    fn name(self) -> &'static str {
+        match self {
+            RawFormat::F32 => "f32",
+            RawFormat::Bf16 => "bf16",
+            RawFormat::Fp8 => "fp8",
+        }
+    }
+
+    /// Bytes of one row of `dim` values.
+    pub fn row_bytes(self, dim: usize) -> usize {
+        match self {
+            RawFormat::F32 => 4 * dim,
+            RawFormat::Bf16 => 2 * dim,
+            RawFormat::Fp8 => dim + dim / BLOCK,
+        }
+    }
+
+    /// Decodes one row's bytes into `out` (`dim` values) as the file stores would.
+    pub fn decode(self, raw: &[u8], out: &mut [f32]) {
+        match self {
+            RawFormat::F32 => {
+                for (o, c) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            RawFormat::Bf16 => {
+                for (o, c) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            RawFormat::Fp8 => {
+                let d = out.len();
+                decode_row(&raw[..d], &raw[d..], out);
+            }
+        }
+    }
+}
+
+/// A table's rows as stored bytes, read from its (memory-mapped) file: what a push writes
+/// and what the digest covers.
+#[derive(Debug, Clone)]
+pub struct RawRows {
+    format: RawFormat,
+    codes: RawTensor,
+    scales: Option<RawTensor>,
+    rows: usize,
+    dim: usize,
+}
+
+impl RawRows {
+    /// A dense f32 or bf16 table `[rows, dim]` (the demo layer's).
+    pub fn dense(t: RawTensor, rows: usize, dim: usize) -> Result<Self> {
+        let format = match t.dtype {
+            safetensors::Dtype::F32 => RawFormat::F32,
+            safetensors::Dtype::BF16 => RawFormat::Bf16,
+            d => {
+                return Err(EngramError::invalid(
+                    "table for a remote store",
+                    "an f32, bf16 or fp8 table",
+                    format!("{d:?}"),
+                ))
+            }
+        };
+        if Some(t.data().len()) != rows.checked_mul(format.row_bytes(dim)) {
+            return Err(EngramError::Shape {
+                name: crate::weights::TABLE.into(),
+                expected: vec![rows, dim],
+                found: t.shape.clone(),
+            });
+        }
+        Ok(RawRows {
+            format,
+            codes: t,
+            scales: None,
+            rows,
+            dim,
+        })
+    }
+
+    /// An fp8 table: e4m3 `codes` `[rows, dim]` and e8m0 `scales` `[rows, dim/32]`.
+    pub fn fp8(codes: RawTensor, scales: RawTensor, rows: usize, dim: usize) -> Result<Self> {
+        super::fp8::Fp8Table::new("embed.weight", codes.clone(), scales.clone(), rows, dim)?;
+        Ok(RawRows {
+            format: RawFormat::Fp8,
+            codes,
+            scales: Some(scales),
+            rows,
+            dim,
+        })
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The encoding of a row's bytes.
+    pub fn format(&self) -> RawFormat {
+        self.format
+    }
+
+    /// Row `r`'s stored bytes appended to `out` (`r < rows`).
+    pub fn row(&self, r: usize, out: &mut Vec<u8>) {
+        let d = self.dim;
+        match (&self.scales, self.format) {
+            (Some(s), _) => {
+                let b = d / BLOCK;
+                out.extend_from_slice(&self.codes.data()[r * d..(r + 1) * d]);
+                out.extend_from_slice(&s.data()[r * b..(r + 1) * b]);
+            }
+            (None, f) => {
+                let n = f.row_bytes(d);
+                out.extend_from_slice(&self.codes.data()[r * n..(r + 1) * n]);
+            }
+        }
+    }
+
+    /// SHA-256 over every row's bytes, in order (what the final check of a push recomputes
+    /// from the store). Reads the whole table once.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut buf = Vec::new();
+        for r in 0..self.rows {
+            buf.clear();
+            self.row(r, &mut buf);
+            h.update(&buf);
+        }
+        h.finalize().into()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The name of one table in a store (see the module's key scheme).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableId {
+    /// `demo` or `deepseek-v4.1`.
+    pub variant: String,
+    /// The layer.
+    pub layer: u64,
+    /// SHA-256 (hex, 16 digits) of the config as the engine reads it.
+    pub config_digest: String,
+    /// [`RawRows::digest`] (hex, 64 digits).
+    pub table_digest: String,
+    /// Rows, values per row and their encoding.
+    pub rows: usize,
+    /// Values per row.
+    pub dim: usize,
+    /// How rows are encoded.
+    pub format: RawFormat,
+}
+
+impl TableId {
+    /// The id of `raw`, layer `layer` of a `variant` config whose canonical text is `config`.
+    pub fn new(variant: &str, layer: u64, config: &str, raw: &RawRows) -> Self {
+        TableId {
+            variant: variant.into(),
+            layer,
+            config_digest: hex(&Sha256::digest(config.as_bytes())[..8]),
+            table_digest: hex(&raw.digest()),
+            rows: raw.rows,
+            dim: raw.dim,
+            format: raw.format,
+        }
+    }
+
+    /// 12 hex digits naming the table.
+    pub fn tid(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            self.variant.as_str(),
+            &self.layer.to_string(),
+            &self.config_digest,
+            self.format.name(),
+            &self.rows.to_string(),
+            &self.dim.to_string(),
+            &self.table_digest,
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        hex(&h.finalize()[..6])
+    }
+
+    fn row_key(tid: &str, r: usize) -> String {
+        format!("eg:{tid}:{r}")
+    }
+
+    fn meta_key(tid: &str) -> String {
+        format!("eg:{tid}:meta")
+    }
+}
+
+/// The registry of tables a store holds.
+const TABLES_KEY: &str = "eg:tables";
+
+fn store_err(url: &str, message: impl Into<String>) -> EngramError {
+    EngramError::Store {
+        store: url.into(),
+        message: message.into(),
+    }
+}
+
+fn connect(url: &str, o: &RedisOptions) -> Result<(ClusterClient, ClusterConnection)> {
+    let client = ClusterClient::builder(vec![url])
+        .connection_timeout(o.timeout)
+        .response_timeout(o.timeout)
+        .retries(2)
+        .build()
+        .map_err(|e| store_err(url, format!("not a Redis Cluster URL: {e}")))?;
+    let con = retry(url, o, || client.get_connection())?;
+    Ok((client, con))
+}
+
+/// Runs `f` until it succeeds or `o.deadline` has passed (back-off 50 ms doubling to 1 s).
+fn retry<T>(
+    url: &str,
+    o: &RedisOptions,
+    mut f: impl FnMut() -> redis::RedisResult<T>,
+) -> Result<T> {
+    let t0 = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if t0.elapsed() + wait < o.deadline => {
+                let _ = e;
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                return Err(store_err(
+                    url,
+                    format!(
+                        "{e} ({tries} tries over {:.1} s; {})",
+                        t0.elapsed().as_secs_f64(),
+                        failed_nodes(url, o)
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// The nodes the cluster itself marks as failing (`CLUSTER NODES`), for an error message.
+fn failed_nodes(url: &str, o: &RedisOptions) -> String {
+    let probe = || -> redis::RedisResult<String> {
+        let client = redis::Client::open(url)?;
+        let mut c = client.get_connection_with_timeout(o.timeout)?;
+        redis::cmd("CLUSTER").arg("NODES").query(&mut c)
+    };
+    match probe() {
+        Ok(text) => {
+            let bad: Vec<String> = text
+                .lines()
+                .filter(|l| {
+                    l.split(' ')
+                        .nth(2)
+                        .is_some_and(|f| f.contains("fail") || f.contains("noaddr"))
+                })
+                .map(|l| {
+                    let mut w = l.split(' ');
+                    let addr = w.nth(1).unwrap_or("?");
+                    let flags = w.next().unwrap_or("?");
+                    format!("{} ({flags})", addr.split('@').next().unwrap_or(addr))
+                })
+                .collect();
+            if bad.is_empty() {
+                "no node is marked failing".into()
+            } else {
+                format!("failing: {}", bad.join(", "))
+            }
+        }
+        Err(e) => format!("{url} itself does not answer: {e}"),
+    }
+}
+
+/// What a store says of one table (its `meta` hash).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableMeta {
+    /// Every field of the hash.
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+impl TableMeta {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.fields.get(k).map(String::as_str)
+    }
+
+    fn num(&self, k: &str) -> usize {
+        self.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+fn read_meta(con: &mut ClusterConnection, tid: &str) -> redis::RedisResult<TableMeta> {
+    let fields: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(TableId::meta_key(tid))
+        .query(con)?;
+    Ok(TableMeta { fields })
+}
+
+/// Every table a store holds: (tid, meta).
+pub fn list_tables(url: &str, o: &RedisOptions) -> Result<Vec<(String, TableMeta)>> {
+    let (_, mut con) = connect(url, o)?;
+    let mut tids: Vec<String> = retry(url, o, || {
+        redis::cmd("SMEMBERS").arg(TABLES_KEY).query(&mut con)
+    })?;
+    tids.sort();
+    let mut out = Vec::new();
+    for t in tids {
+        let m = retry(url, o, || read_meta(&mut con, &t))?;
+        out.push((t, m));
+    }
+    Ok(out)
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushReport {
+    /// The table's name in the store.
+    pub tid: String,
+    /// Rows written by this push (0 when the store already held the whole table).
+    pub written: usize,
+    /// The row this push started from (a resumed push starts past row 0).
+    pub resumed_from: usize,
+    /// Whether every row is in the store and was read back equal (the final check).
+    pub complete: bool,
+    /// SHA-256 of every row's bytes, in order (hex), when complete.
+    pub table_digest: Option<String>,
+}
+
+/// Writes `raw` into the store as table `id`, resuming where an earlier push stopped, then
+/// reads every row back and compares it with the file (the final check) before marking the
+/// table complete. `stop_after`: write at most this many rows, then return incomplete (an
+/// interrupted push, for tests). `progress(done, total, phase)` is called after each batch.
+pub fn push(
+    url: &str,
+    raw: &RawRows,
+    id: &TableId,
+    o: &RedisOptions,
+    stop_after: Option<usize>,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<PushReport> {
+    let (_, mut con) = connect(url, o)?;
+    let tid = id.tid();
+    let meta_key = TableId::meta_key(&tid);
+    let meta = retry(url, o, || read_meta(&mut con, &tid))?;
+    let rows = raw.rows;
+    if meta.fields.is_empty() {
+        let fields = [
+            ("variant", id.variant.clone()),
+            ("layer", id.layer.to_string()),
+            ("rows", rows.to_string()),
+            ("dim", raw.dim.to_string()),
+            ("format", raw.format.name().to_string()),
+            ("row_bytes", raw.format.row_bytes(raw.dim).to_string()),
+            ("config_digest", id.config_digest.clone()),
+            ("pushed", "0".into()),
+            ("complete", "0".into()),
+        ];
+        retry(url, o, || {
+            let mut c = redis::cmd("HSET");
+            c.arg(&meta_key);
+            for (k, v) in &fields {
+                c.arg(*k).arg(v);
+            }
+            c.query::<()>(&mut con)?;
+            redis::cmd("SADD")
+                .arg(TABLES_KEY)
+                .arg(&tid)
+                .query::<()>(&mut con)
+        })?;
+    } else if meta.num("rows") != rows || meta.get("format") != Some(raw.format.name()) {
+        return Err(store_err(
+            url,
+            format!(
+                "table {tid}: the store's meta says {} rows of {:?}, the file has {rows} of {}",
+                meta.num("rows"),
+                meta.get("format").unwrap_or("?"),
+                raw.format.name()
+            ),
+        ));
+    }
+    if meta.get("complete") == Some("1") {
+        return Ok(PushReport {
+            tid,
+            written: 0,
+            resumed_from: rows,
+            complete: true,
+            table_digest: meta.get("table_digest").map(str::to_string),
+        });
+    }
+    let start = meta.num("pushed").min(rows);
+    let end = stop_after.map_or(rows, |n| (start + n).min(rows));
+    let mut buf = Vec::new();
+    let mut at = start;
+    while at < end {
+        let b = (at + o.batch.max(1)).min(end);
+        let mut pipe = redis::cluster::cluster_pipe();
+        for r in at..b {
+            buf.clear();
+            raw.row(r, &mut buf);
+            pipe.cmd("SET")
+                .arg(TableId::row_key(&tid, r))
+                .arg(&buf[..])
+                .ignore();
+        }
+        retry(url, o, || {
+            pipe.query::<()>(&mut con)?;
+            redis::cmd("HSET")
+                .arg(&meta_key)
+                .arg("pushed")
+                .arg(b)
+                .query::<()>(&mut con)
+        })?;
+        at = b;
+        progress(at, rows, "writing");
+    }
+    if end < rows {
+        return Ok(PushReport {
+            tid,
+            written: end - start,
+            resumed_from: start,
+            complete: false,
+            table_digest: None,
+        });
+    }
+    // The final check: every row read back equals the file's, and the digest of them all.
+    let mut h = Sha256::new();
+    let mut at = 0;
+    while at < rows {
+        let b = (at + o.batch.max(1)).min(rows);
+        let keys: Vec<usize> = (at..b).collect();
+        let got = fetch(url, o, &mut con, &tid, &keys)?;
+        for (r, v) in (at..b).zip(got) {
+            buf.clear();
+            raw.row(r, &mut buf);
+            match v {
+                Some(v) if v == buf => h.update(&buf),
+                Some(v) => {
+                    return Err(store_err(
+                        url,
+                        format!(
+                            "table {tid}: row {r} reads back as {} bytes that differ from the file's {}",
+                            v.len(),
+                            buf.len()
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(store_err(
+                        url,
+                        format!("table {tid}: row {r} is missing after the push"),
+                    ))
+                }
+            }
+        }
+        at = b;
+        progress(at, rows, "checking");
+    }
+    let digest = hex(&h.finalize());
+    if digest != id.table_digest {
+        return Err(store_err(
+            url,
+            format!(
+                "table {tid}: the rows read back digest to {digest}, the file's to {}",
+                id.table_digest
+            ),
+        ));
+    }
+    retry(url, o, || {
+        redis::cmd("HSET")
+            .arg(&meta_key)
+            .arg("complete")
+            .arg(1)
+            .arg("table_digest")
+            .arg(&digest)
+            .query::<()>(&mut con)
+    })?;
+    Ok(PushReport {
+        tid,
+        written: end - start,
+        resumed_from: start,
+        complete: true,
+        table_digest: Some(digest),
+    })
+}
+
+/// The values of rows `rows` of table `tid`, one pipeline (one round trip per node); `None`
+/// for a missing key. Retried until the deadline on a fresh connection.
+fn fetch(
+    url: &str,
+    o: &RedisOptions,
+    con: &mut ClusterConnection,
+    tid: &str,
+    rows: &[usize],
+) -> Result<Vec<Option<Vec<u8>>>> {
+    let mut pipe = redis::cluster::cluster_pipe();
+    for &r in rows {
+        pipe.cmd("GET").arg(TableId::row_key(tid, r));
+    }
+    let mut fresh: Option<ClusterConnection> = None;
+    let values: Vec<Value> = retry(url, o, || {
+        let c = match fresh.as_mut() {
+            Some(c) => c,
+            None => &mut *con,
+        };
+        match pipe.query(c) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // The next try goes through a new connection (a node may have gone).
+                if let Ok(client) = ClusterClient::builder(vec![url])
+                    .connection_timeout(o.timeout)
+                    .response_timeout(o.timeout)
+                    .build()
+                {
+                    if let Ok(c) = client.get_connection() {
+                        fresh = Some(c);
+                    }
+                }
+                Err(e)
+            }
+        }
+    })?;
+    if let Some(c) = fresh {
+        *con = c;
+    }
+    values
+        .into_iter()
+        .map(|v| match v {
+            Value::Nil => Ok(None),
+            Value::BulkString(b) => Ok(Some(b)),
+            other => Err(store_err(
+                url,
+                format!("expected a row's bytes, found {other:?}"),
+            )),
+        })
+        .collect()
+}
+
+/// A table's rows in a Redis Cluster, decoded on the way out.
+pub struct RedisRows {
+    url: String,
+    tid: String,
+    format: RawFormat,
+    rows: usize,
+    dim: usize,
+    opts: RedisOptions,
+    pool: Mutex<Vec<ClusterConnection>>,
+    misses: AtomicU64,
+    bytes: AtomicU64,
+    trips: AtomicU64,
+    depth_sum: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+impl std::fmt::Debug for RedisRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RedisRows({}, table {}, {} [{} x {}], {} rows per round trip)",
+            self.url,
+            self.tid,
+            self.format.name(),
+            self.rows,
+            self.dim,
+            self.opts.batch
+        )
+    }
+}
+
+impl RedisRows {
+    /// Opens table `id` in the cluster at `url` (`redis://HOST:PORT`): refused unless the
+    /// store holds it complete, with the shape and format of `id`.
+    pub fn open(url: &str, id: &TableId, opts: RedisOptions) -> Result<Self> {
+        let (_, mut con) = connect(url, &opts)?;
+        let tid = id.tid();
+        let meta = retry(url, &opts, || read_meta(&mut con, &tid))?;
+        if meta.fields.is_empty() {
+            let held: Vec<String> = list_tables(url, &opts)?
+                .into_iter()
+                .map(|(t, m)| {
+                    format!(
+                        "{t} ({} layer {}, {} rows)",
+                        m.get("variant").unwrap_or("?"),
+                        m.get("layer").unwrap_or("?"),
+                        m.get("rows").unwrap_or("?")
+                    )
+                })
+                .collect();
+            return Err(store_err(
+                url,
+                format!(
+                    "holds no table {tid} ({} layer {}, config {}, table sha256 {}); it holds {}; write it with `engram table push`",
+                    id.variant,
+                    id.layer,
+                    id.config_digest,
+                    &id.table_digest[..16],
+                    if held.is_empty() { "none".to_string() } else { held.join(", ") }
+                ),
+            ));
+        }
+        if meta.get("complete") != Some("1") {
+            return Err(store_err(
+                url,
+                format!(
+                    "table {tid} is incomplete: {} of {} rows pushed and checked; resume with `engram table push`",
+                    meta.num("pushed"),
+                    meta.num("rows")
+                ),
+            ));
+        }
+        if meta.num("rows") != id.rows
+            || meta.num("dim") != id.dim
+            || meta.get("format") != Some(id.format.name())
+            || meta.get("table_digest") != Some(id.table_digest.as_str())
+        {
+            return Err(store_err(
+                url,
+                format!(
+                    "table {tid}: expected {} rows x {} {} (sha256 {}), the store has {} x {} {} (sha256 {})",
+                    id.rows,
+                    id.dim,
+                    id.format.name(),
+                    id.table_digest,
+                    meta.num("rows"),
+                    meta.num("dim"),
+                    meta.get("format").unwrap_or("?"),
+                    meta.get("table_digest").unwrap_or("?")
+                ),
+            ));
+        }
+        Ok(RedisRows {
+            url: url.into(),
+            tid,
+            format: id.format,
+            rows: id.rows,
+            dim: id.dim,
+            opts,
+            pool: Mutex::new(vec![con]),
+            misses: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            trips: AtomicU64::new(0),
+            depth_sum: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        })
+    }
+
+    /// The table's name in the store.
+    pub fn tid(&self) -> &str {
+        &self.tid
+    }
+
+    fn take_connection(&self) -> Result<ClusterConnection> {
+        if let Some(c) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(c);
+        }
+        Ok(connect(&self.url, &self.opts)?.1)
+    }
+
+    /// One batch: one pipeline, decoded into `out`.
+    fn batch(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
+        let mut con = self.take_connection()?;
+        let depth = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.depth_sum.fetch_add(depth, Ordering::Relaxed);
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        let got = fetch(&self.url, &self.opts, &mut con, &self.tid, rows);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let got = got?;
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(con);
+        let want = self.format.row_bytes(self.dim);
+        for ((&r, v), o) in rows.iter().zip(got).zip(out.chunks_exact_mut(self.dim)) {
+            match v {
+                Some(v) if v.len() == want => {
+                    self.bytes.fetch_add(want as u64, Ordering::Relaxed);
+                    self.format.decode(&v, o);
+                }
+                Some(v) => {
+                    return Err(store_err(
+                        &self.url,
+                        format!(
+                            "table {}: row {r} holds {} bytes, expected {want}",
+                            self.tid,
+                            v.len()
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(store_err(
+                        &self.url,
+                        format!("table {}: row {r} is missing", self.tid),
+                    ))
+                }
+            }
+        }
+        self.misses.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl RowStore for RedisRows {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn in_memory(&self) -> bool {
+        false
+    }
+    fn bf16_exact(&self) -> bool {
+        self.format != RawFormat::F32
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        self.gather(&[r], out)
+    }
+    /// Batches of `batch` rows, up to `connections` of them in flight at once.
+    fn gather(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
+        super::check_gather_len(rows.len(), self.dim, out.len())?;
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.rows) {
+            super::fp8::check_row(r, self.rows)?;
+        }
+        let b = self.opts.batch.max(1);
+        let jobs: Vec<(&[usize], &mut [f32])> =
+            rows.chunks(b).zip(out.chunks_mut(b * self.dim)).collect();
+        if jobs.len() <= 1 {
+            return jobs.into_iter().try_for_each(|(r, o)| self.batch(r, o));
+        }
+        let lanes = self.opts.connections.clamp(1, jobs.len());
+        let mut per_lane: Vec<Vec<(&[usize], &mut [f32])>> =
+            (0..lanes).map(|_| Vec::new()).collect();
+        for (i, j) in jobs.into_iter().enumerate() {
+            per_lane[i % lanes].push(j);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = per_lane
+                .into_iter()
+                .map(|lane| {
+                    s.spawn(move || lane.into_iter().try_for_each(|(r, o)| self.batch(r, o)))
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(store_err(&self.url, "a fetching thread panicked")))
+            })
+        })
+    }
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            hits: 0,
+            misses: self.misses.load(Ordering::Relaxed),
+            bytes_read: self.bytes.load(Ordering::Relaxed),
+            reads: self.trips.load(Ordering::Relaxed),
+            depth_sum: self.depth_sum.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The Redis Cluster row store against a live cluster (`ENGRAM_REDIS_CLUSTER=redis://HOST:PORT`;
+//! `bash scripts/redis_cluster.sh start DIR` starts one; `.ci/run` does, and sets
+//! `ENGRAM_REQUIRE_REDIS=1` so that a missing cluster fails instead of skipping): outputs bit
+//! for bit those of the mapped table on the golden cases of both layers, with no, tiny and
+//! large caches; an interrupted push resumes; a table that differs, or is incomplete, is
+//! refused before any output.
+
+mod common;
+use common::*;
+use engram::rows::cache::SLOT_OVERHEAD;
+use engram::rows::redis::{self, RawRows, RedisOptions, RedisRows, TableId};
+use engram::rows::{CachePolicy, RowStore, TableOptions};
+use engram::tensors::TensorFile;
+use engram::v41::{config::V41Config, Checkpoint, V41Layer, V41Path};
+use engram::{DType, Engram, ForwardPath};
+
+fn cluster() -> Option<String> {
+    match std::env::var("ENGRAM_REDIS_CLUSTER") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var("ENGRAM_REQUIRE_REDIS").as_deref() != Ok("1"),
+                "ENGRAM_REQUIRE_REDIS=1 but ENGRAM_REDIS_CLUSTER is not set"
+            );
+            eprintln!("skipped: no Redis Cluster (set ENGRAM_REDIS_CLUSTER=redis://HOST:PORT)");
+            None
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn store_opts(url: &str, cache: Option<u64>) -> TableOptions {
+    TableOptions {
+        cache_bytes: cache,
+        cache_policy: CachePolicy::S3Fifo,
+        store: Some(url.into()),
+        store_options: RedisOptions {
+            batch: 37, // several round trips per tile
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn demo_raw(w: &std::path::Path) -> (RawRows, TableId) {
+    let cfg = small_config();
+    let rows = mapping(&cfg).layer(cfg.layer_id).unwrap().table_rows() as usize;
+    let f = TensorFile::open(w).unwrap();
+    let raw = RawRows::dense(f.raw(engram::weights::TABLE).unwrap(), rows, cfg.head_dim()).unwrap();
+    let id = TableId::new("demo", cfg.layer_id, &cfg.to_json_string(), &raw);
+    (raw, id)
+}
+
+fn push_all(url: &str, raw: &RawRows, id: &TableId) {
+    let r = redis::push(
+        url,
+        raw,
+        id,
+        &RedisOptions::default(),
+        None,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert!(r.complete, "{r:?}");
+    assert_eq!(r.table_digest.as_deref(), Some(id.table_digest.as_str()));
+}
+
+#[test]
+fn both_layers_over_the_cluster_equal_the_mapped_table() {
+    let Some(url) = cluster() else { return };
+    // Demo layer: every golden case, f32 and bf16, both paths.
+    let w = golden("small.weights.safetensors");
+    let (raw, id) = demo_raw(&w);
+    push_all(&url, &raw, &id);
+    let cfg = small_config();
+    let base = Engram::load(cfg.clone(), &w).unwrap();
+    let f = TensorFile::open(golden("small.stages.safetensors")).unwrap();
+    for cache in [None, Some(64 * 4 + SLOT_OVERHEAD), Some(1 << 20)] {
+        let e = Engram::load_with_table(cfg.clone(), &w, store_opts(&url, cache)).unwrap();
+        for dtype in [DType::F32, DType::Bf16] {
+            let (b0, e0) = (base.clone().with_dtype(dtype), e.clone().with_dtype(dtype));
+            for case in ["seed_text", "batch2", "long"] {
+                let ids = f.i64(&format!("{case}.input_ids"), None).unwrap();
+                let (b, l) = (ids.shape[0], ids.shape[1]);
+                let h = f.f32(&format!("{case}.hidden_states"), None).unwrap().data;
+                for path in [ForwardPath::Reference, ForwardPath::Fused] {
+                    if dtype == DType::Bf16 && path == ForwardPath::Reference {
+                        continue; // the reference path reads the table as loaded
+                    }
+                    let want = b0.forward(&ids.data, &h, b, l, path).unwrap();
+                    let got = e0.forward(&ids.data, &h, b, l, path).unwrap();
+                    assert_eq!(
+                        bits(&got.output),
+                        bits(&want.output),
+                        "{cache:?} {dtype:?} {case} {path:?}"
+                    );
+                }
+            }
+        }
+        let s = e.weights().table.store_stats().unwrap();
+        assert!(s.misses > 0 && s.reads > 0, "{s:?}");
+    }
+    // Many tiles (the store is gathered ahead of compute).
+    let (ids, hidden) = random_inputs(&cfg, 1500, 7);
+    let want = base
+        .forward(&ids, &hidden, 1, 1500, ForwardPath::Fused)
+        .unwrap();
+    let e = Engram::load_with_table(cfg.clone(), &w, store_opts(&url, Some(4096))).unwrap();
+    let got = e
+        .forward(&ids, &hidden, 1, 1500, ForwardPath::Fused)
+        .unwrap();
+    assert_eq!(bits(&got.output), bits(&want.output));
+
+    // V4.1 layer: fp8 rows (codes + scales), dead spans, chunked.
+    let v = golden("v41/v41_small.weights.safetensors");
+    let vcfg = V41Config::from_json_file(golden("v41/v41_small.config.json")).unwrap();
+    let ck = Checkpoint::open(&v).unwrap();
+    let rows = vcfg.num_embeddings[vcfg.layer_index(14).unwrap()] as usize;
+    let raw = RawRows::fp8(
+        ck.raw("layers.14.engram.embed.weight").unwrap(),
+        ck.raw("layers.14.engram.embed.scale").unwrap(),
+        rows,
+        vcfg.head_dim,
+    )
+    .unwrap();
+    let id = TableId::new("deepseek-v4.1", 14, &format!("{vcfg:?}"), &raw);
+    push_all(&url, &raw, &id);
+    let cases = TensorFile::open(golden("v41/v41_small.cases.safetensors")).unwrap();
+    let ids = cases.i64("input_ids", None).unwrap().data;
+    let hidden = cases.f32("hidden_states", None).unwrap().data;
+    let mask: Vec<bool> = cases
+        .raw("token_mask")
+        .unwrap()
+        .data()
+        .iter()
+        .map(|&m| m != 0)
+        .collect();
+    let layer = |o: TableOptions| V41Layer::load_with(&vcfg, compression(), &ck, 14, o).unwrap();
+    let base = layer(TableOptions::default());
+    for cache in [None, Some(1), Some(1 << 20)] {
+        let l = layer(store_opts(&url, cache));
+        for path in [V41Path::Reference, V41Path::Fused] {
+            let want = base
+                .forward(&ids, &hidden, Some(&mask), 2, 30, true, path, true)
+                .unwrap();
+            let got = l
+                .forward(&ids, &hidden, Some(&mask), 2, 30, true, path, true)
+                .unwrap();
+            assert_eq!(bits(&got.output), bits(&want.output), "{cache:?} {path:?}");
+            let mut st = vec![l.new_state(), l.new_state()];
+            let c = l
+                .forward_chunked(
+                    &mut st,
+                    &ids,
+                    &hidden,
+                    Some(&mask),
+                    &[0, 30, 60],
+                    7,
+                    true,
+                    path,
+                    false,
+                )
+                .unwrap();
+            assert_eq!(
+                bits(&c.output),
+                bits(&want.output),
+                "{cache:?} {path:?} chunked"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_push_resumes_and_another_table_is_refused() {
+    let Some(url) = cluster() else { return };
+    // Another table: the golden weights with one row changed (a fresh name in the store each
+    // run, so the push really starts from zero).
+    let dir = tmp_dir("redis-other-table");
+    let w = dir.join("w.safetensors");
+    let mut bytes = std::fs::read(golden("small.weights.safetensors")).unwrap();
+    let (raw0, id0) = demo_raw(&golden("small.weights.safetensors"));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u32;
+    {
+        let f = TensorFile::open(golden("small.weights.safetensors")).unwrap();
+        let (_, at) = f
+            .raw(engram::weights::TABLE)
+            .unwrap()
+            .location()
+            .map(|(p, a)| (p.to_path_buf(), a))
+            .unwrap();
+        // Row 5, first value: a run-unique f32.
+        let v = 0.25f32 + (stamp % 1000) as f32 * 1e-6;
+        bytes[at as usize + 5 * 64 * 4..at as usize + 5 * 64 * 4 + 4]
+            .copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&w, &bytes).unwrap();
+    let (raw, id) = demo_raw(&w);
+    assert_ne!(id.tid(), id0.tid(), "one changed value names another table");
+    let o = RedisOptions::default();
+    // Interrupted after 1,000 rows.
+    let r = redis::push(&url, &raw, &id, &o, Some(1000), &mut |_, _, _| {}).unwrap();
+    assert!(
+        !r.complete && r.written == 1000 && r.resumed_from == 0,
+        "{r:?}"
+    );
+    let cfg = small_config();
+    let e = Engram::load_with_table(cfg.clone(), &w, store_opts(&url, None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("incomplete") && e.contains("1000 of"), "{e}");
+    // Resumed: starts at row 1,000, then checks every row.
+    let mut phases = std::collections::BTreeSet::new();
+    let r = redis::push(&url, &raw, &id, &o, None, &mut |_, _, p| {
+        phases.insert(p.to_string());
+    })
+    .unwrap();
+    assert!(
+        r.complete && r.resumed_from == 1000 && r.written == raw.rows() - 1000,
+        "{r:?}"
+    );
+    assert!(phases.contains("writing") && phases.contains("checking"));
+    // Pushing again writes nothing.
+    let r = redis::push(&url, &raw, &id, &o, None, &mut |_, _, _| {}).unwrap();
+    assert_eq!((r.written, r.complete), (0, true));
+    // The resumed table serves the changed file's rows, bit for bit.
+    let base = Engram::load(cfg.clone(), &w).unwrap();
+    let e = Engram::load_with_table(cfg.clone(), &w, store_opts(&url, None)).unwrap();
+    let (ids, hidden) = random_inputs(&cfg, 300, 3);
+    assert_eq!(
+        bits(
+            &e.forward(&ids, &hidden, 1, 300, ForwardPath::Fused)
+                .unwrap()
+                .output
+        ),
+        bits(
+            &base
+                .forward(&ids, &hidden, 1, 300, ForwardPath::Fused)
+                .unwrap()
+                .output
+        )
+    );
+    // A table the store does not hold: refused at load, naming what it holds.
+    let mut other = bytes.clone();
+    let f = TensorFile::open(&w).unwrap();
+    let at = f.raw(engram::weights::TABLE).unwrap().location().unwrap().1 as usize;
+    other[at + 9 * 256..at + 9 * 256 + 4]
+        .copy_from_slice(&(-1.5f32 - stamp as f32 * 1e-9).to_le_bytes());
+    let w2 = dir.join("w2.safetensors");
+    std::fs::write(&w2, &other).unwrap();
+    let e = Engram::load_with_table(cfg.clone(), &w2, store_opts(&url, None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds no table") && e.contains(&id.tid()), "{e}");
+    // A meta that says otherwise (a store edited by hand) is refused too.
+    let s = RedisRows::open(&url, &id0, RedisOptions::default());
+    assert!(s.is_ok() || s.unwrap_err().to_string().contains("holds no table"));
+    let _ = raw0;
+    // The store's rows decode as the file's.
+    let st = RedisRows::open(&url, &id, o).unwrap();
+    let mut a = vec![0f32; 64 * 3];
+    st.gather(&[0, 5, raw.rows() - 1], &mut a).unwrap();
+    let mut want = vec![0f32; 64];
+    base.weights().table.row_into(5, &mut want);
+    assert_eq!(bits(&a[64..128]), bits(&want));
+    assert!(
+        st.gather(&[raw.rows()], &mut [0f32; 64]).is_err(),
+        "a row past the end"
+    );
+}
