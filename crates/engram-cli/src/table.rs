@@ -40,7 +40,7 @@ pub struct StoreArgs {
     /// (default 30).
     #[arg(long, value_name = "S")]
     pub store_deadline: Option<f64>,
-    /// Rows per round trip (default 256).
+    /// Rows per round trip (default 1024: one tile of the demo layer).
     #[arg(long, value_name = "N")]
     pub store_batch: Option<usize>,
 }
@@ -124,7 +124,9 @@ pub fn row_store_json(
     run_s: f64,
 ) -> serde_json::Value {
     serde_json::json!({
-        "table_io": format!("{:?}", o.io).to_lowercase(),
+        "table_io": if o.store.is_some() { "redis".to_string() } else { format!("{:?}", o.io).to_lowercase() },
+        "table_store": o.store,
+        "store_batch": o.store.as_ref().map(|_| o.store_options.batch),
         "table_cache_bytes": o.cache_bytes,
         "table_cache_policy": o.cache_bytes.map(|_| format!("{:?}", o.cache_policy).to_lowercase()),
         "io_depth": o.io_depth.unwrap_or(engram::rows::DEFAULT_IO_DEPTH),

@@ -40,7 +40,8 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// How long a failed round trip is retried before the gather fails.
     pub deadline: Duration,
-    /// Rows per round trip (per pipeline).
+    /// Rows per round trip (per pipeline); the default, 1,024, is a tile of the demo layer
+    /// (64 rows × 16 heads).
     pub batch: usize,
     /// Batches in flight at once (one connection each).
     pub connections: usize,
@@ -51,7 +52,7 @@ impl Default for RedisOptions {
         RedisOptions {
             timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(30),
-            batch: 256,
+            batch: 1024,
             connections: 4,
         }
     }
