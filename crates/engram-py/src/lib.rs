@@ -713,7 +713,13 @@ fn load(
 ) -> PyResult<Layer> {
     let v = config_json(config, is_path)?;
     let pool = pool(threads)?;
-    let table = table_options(table_io, table_cache, table_cache_policy, io_depth, table_store)?;
+    let table = table_options(
+        table_io,
+        table_cache,
+        table_cache_policy,
+        io_depth,
+        table_store,
+    )?;
     let inner = if engram::v41::config::is_v41(&v) {
         if dtype != "f32" {
             return Err(verr(format!(
