@@ -10,6 +10,13 @@ cmd=$1; dir=$2; p0=${3:-7100}
 case "$cmd" in
 start)
   mkdir -p "$dir"
+  for i in 0 1 2 3 4 5; do
+    if redis-cli -p $((p0 + i)) ping >/dev/null 2>&1; then
+      echo "port $((p0 + i)) already answers (a cluster left running?); stop it or pick another first port" >&2
+      exit 1
+    fi
+  done
+  echo "$p0" > "$dir/first_port"
   nodes=()
   for i in 0 1 2 3 4 5; do
     p=$((p0 + i)); d="$dir/$p"; mkdir -p "$d"
@@ -42,8 +49,13 @@ start)
   exit 1
   ;;
 stop)
-  for f in "$dir"/*/redis.pid; do
-    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+  # By port (a pid file may be stale after a node was killed); then wait for them to exit.
+  [ -f "$dir/first_port" ] && p0=$(cat "$dir/first_port")
+  for i in 0 1 2 3 4 5; do
+    redis-cli -p $((p0 + i)) shutdown nosave >/dev/null 2>&1 || true
+  done
+  for i in 0 1 2 3 4 5; do
+    for _ in $(seq 50); do redis-cli -p $((p0 + i)) ping >/dev/null 2>&1 || break; sleep 0.1; done
   done
   ;;
 *) echo "usage: $0 start|stop DIR [FIRST_PORT]" >&2; exit 2 ;;

@@ -50,8 +50,8 @@ impl StoreArgs {
     pub fn options(&self) -> Result<engram::rows::redis::RedisOptions> {
         let mut o = engram::rows::redis::RedisOptions::default();
         let secs = |v: f64, flag: &str| -> Result<std::time::Duration> {
-            if !(v.is_finite() && v > 0.0 && v < 1e6) {
-                anyhow::bail!("{flag}: expected seconds > 0, found {v}");
+            if !(v.is_finite() && (0.001..1e6).contains(&v)) {
+                anyhow::bail!("{flag}: expected seconds from 0.001 to 1e6, found {v}");
             }
             Ok(std::time::Duration::from_secs_f64(v))
         };
@@ -62,8 +62,9 @@ impl StoreArgs {
             o.deadline = secs(v, "--store-deadline")?;
         }
         if let Some(n) = self.store_batch {
-            if n == 0 {
-                anyhow::bail!("--store-batch: expected at least 1 row, found 0");
+            let max = engram::rows::redis::MAX_BATCH;
+            if n == 0 || n > max {
+                anyhow::bail!("--store-batch: expected 1 to {max} rows per round trip, found {n}");
             }
             o.batch = n;
         }

@@ -7,8 +7,9 @@
 //! layer, a digest of the config as the engine reads it, the table's shape and format, and
 //! the SHA-256 of every row's bytes in the local file (so loading reads the table once, about
 //! a second per GB here). Its keys:
-//! - `eg:{tid}:{row}`: row `row` (decimal), the row's stored bytes;
-//! - `eg:{tid}:meta`: a hash: `variant`, `layer`, `rows`, `dim`, `format`, `row_bytes`,
+//! - `eg:<tid>:<row>` (`row` in decimal; no hash tag, so rows spread over every slot): the
+//!   row's stored bytes;
+//! - `eg:<tid>:meta`: a hash: `variant`, `layer`, `rows`, `dim`, `format`, `row_bytes`,
 //!   `config_digest`, `pushed` (rows written, in order: a push resumes there), `complete` (1
 //!   once every row was read back equal to the file's), `table_digest` (SHA-256 of every row's
 //!   bytes in order, recomputed from the store, set with `complete`);
@@ -17,10 +18,13 @@
 //! Two tables never share keys: a different config, layer, variant or table gives another
 //! tid. A store that lacks the tid, or holds it incomplete, is refused when the layer loads.
 //!
-//! **Faults.** A failed round trip (a node down, a failover moving slots) is retried on a
-//! fresh connection, with back-off, until `deadline`; then the gather fails with an error
-//! naming the store and the cause. A row is never invented: a missing key or a value of the
-//! wrong length is an error.
+//! **Faults.** Every request (a gather's pipeline, a push's batch, a meta read) runs on a
+//! thread of its own and is waited for at most until `deadline`, so a node that stops
+//! answering cannot hold a run longer; a failed try (a node down, a failover moving slots)
+//! drops its connection (its replies may be out of step) and is retried on a new one, with
+//! back-off, until `deadline`; then the call fails with an error naming the store, the cause
+//! and the nodes the cluster marks as failing. A row is never invented: a missing key, a
+//! value of the wrong length or a reply count that differs is an error.
 
 use super::fp8::{decode_row, BLOCK};
 use super::{RowStore, StoreStats};
@@ -30,7 +34,7 @@ use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::Value;
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Timeouts, retries and batching of a Redis store.
@@ -280,44 +284,109 @@ fn store_err(url: &str, message: impl Into<String>) -> EngramError {
     }
 }
 
-fn connect(url: &str, o: &RedisOptions) -> Result<(ClusterClient, ClusterConnection)> {
-    let client = ClusterClient::builder(vec![url])
+/// The most rows one round trip may carry.
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// A cluster client with this store's timeouts and few internal retries (ours bound the time).
+fn client(url: &str, o: &RedisOptions) -> Result<ClusterClient> {
+    ClusterClient::builder(vec![url])
         .connection_timeout(o.timeout)
         .response_timeout(o.timeout)
         .retries(2)
         .build()
-        .map_err(|e| store_err(url, format!("not a Redis Cluster URL: {e}")))?;
-    let con = retry(url, o, || client.get_connection())?;
-    Ok((client, con))
+        .map_err(|e| store_err(url, format!("not a Redis Cluster URL: {e}")))
 }
 
-/// Runs `f` until it succeeds or `o.deadline` has passed (back-off 50 ms doubling to 1 s).
-fn retry<T>(
-    url: &str,
-    o: &RedisOptions,
-    mut f: impl FnMut() -> redis::RedisResult<T>,
-) -> Result<T> {
-    let t0 = Instant::now();
-    let mut wait = Duration::from_millis(50);
-    let mut tries = 0u32;
-    loop {
-        tries += 1;
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if t0.elapsed() + wait < o.deadline => {
-                let _ = e;
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_secs(1));
+type Request<T> = Arc<dyn Fn(&mut ClusterConnection) -> redis::RedisResult<T> + Send + Sync>;
+
+/// One try: `f` on `con` (or on a new connection) on a thread of its own, waited for at most
+/// `limit` (a node that stops answering cannot hold a try longer). The connection comes back
+/// only when the try succeeded in time; after any error it is dropped, never reused, as its
+/// replies may be out of step.
+fn bounded<T: Send + 'static>(
+    client: &ClusterClient,
+    con: Option<ClusterConnection>,
+    limit: Duration,
+    f: Request<T>,
+) -> (Option<ClusterConnection>, redis::RedisResult<T>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = client.clone();
+    std::thread::spawn(move || {
+        let con = match con {
+            Some(c) => Ok(c),
+            None => client.get_connection(),
+        };
+        let out = match con {
+            Ok(mut c) => {
+                let r = f(&mut c);
+                let ok = r.is_ok();
+                (ok.then_some(c), r)
             }
-            Err(e) => {
-                return Err(store_err(
-                    url,
-                    format!(
-                        "{e} ({tries} tries over {:.1} s; {})",
-                        t0.elapsed().as_secs_f64(),
-                        failed_nodes(url, o)
-                    ),
-                ))
+            Err(e) => (None, Err(e)),
+        };
+        let _ = tx.send(out);
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out,
+        Err(_) => (
+            None,
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no reply within {:.1} s", limit.as_secs_f64()),
+            ))),
+        ),
+    }
+}
+
+/// A connection to the cluster, remade after any error, whose requests are retried with
+/// back-off (50 ms doubling to 1 s) until the deadline and never outlive it.
+struct Link {
+    url: String,
+    o: RedisOptions,
+    client: ClusterClient,
+    con: Option<ClusterConnection>,
+}
+
+impl Link {
+    fn new(url: &str, o: &RedisOptions) -> Result<Self> {
+        Ok(Link {
+            url: url.into(),
+            o: *o,
+            client: client(url, o)?,
+            con: None,
+        })
+    }
+
+    fn run<T: Send + 'static>(
+        &mut self,
+        f: impl Fn(&mut ClusterConnection) -> redis::RedisResult<T> + Send + Sync + 'static,
+    ) -> Result<T> {
+        let f: Request<T> = Arc::new(f);
+        let t0 = Instant::now();
+        let mut wait = Duration::from_millis(50);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let left = self.o.deadline.saturating_sub(t0.elapsed());
+            let (back, r) = bounded(&self.client, self.con.take(), left, f.clone());
+            self.con = back;
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if t0.elapsed() + wait < self.o.deadline => {
+                    let _ = e;
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    return Err(store_err(
+                        &self.url,
+                        format!(
+                            "{e} ({tries} tries over {:.1} s; {})",
+                            t0.elapsed().as_secs_f64(),
+                            failed_nodes(&self.url, &self.o)
+                        ),
+                    ))
+                }
             }
         }
     }
@@ -328,6 +397,8 @@ fn failed_nodes(url: &str, o: &RedisOptions) -> String {
     let probe = || -> redis::RedisResult<String> {
         let client = redis::Client::open(url)?;
         let mut c = client.get_connection_with_timeout(o.timeout)?;
+        c.set_read_timeout(Some(o.timeout))?;
+        c.set_write_timeout(Some(o.timeout))?;
         redis::cmd("CLUSTER").arg("NODES").query(&mut c)
     };
     match probe() {
@@ -382,14 +453,13 @@ fn read_meta(con: &mut ClusterConnection, tid: &str) -> redis::RedisResult<Table
 
 /// Every table a store holds: (tid, meta).
 pub fn list_tables(url: &str, o: &RedisOptions) -> Result<Vec<(String, TableMeta)>> {
-    let (_, mut con) = connect(url, o)?;
-    let mut tids: Vec<String> = retry(url, o, || {
-        redis::cmd("SMEMBERS").arg(TABLES_KEY).query(&mut con)
-    })?;
+    let mut link = Link::new(url, o)?;
+    let mut tids: Vec<String> = link.run(|c| redis::cmd("SMEMBERS").arg(TABLES_KEY).query(c))?;
     tids.sort();
     let mut out = Vec::new();
     for t in tids {
-        let m = retry(url, o, || read_meta(&mut con, &t))?;
+        let t2 = t.clone();
+        let m = link.run(move |c| read_meta(c, &t2))?;
         out.push((t, m));
     }
     Ok(out)
@@ -422,10 +492,18 @@ pub fn push(
     stop_after: Option<usize>,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<PushReport> {
-    let (_, mut con) = connect(url, o)?;
+    if o.batch == 0 || o.batch > MAX_BATCH {
+        return Err(EngramError::invalid(
+            "store batch",
+            format!("1 to {MAX_BATCH} rows per round trip"),
+            o.batch,
+        ));
+    }
+    let mut link = Link::new(url, o)?;
     let tid = id.tid();
     let meta_key = TableId::meta_key(&tid);
-    let meta = retry(url, o, || read_meta(&mut con, &tid))?;
+    let t2 = tid.clone();
+    let meta = link.run(move |c| read_meta(c, &t2))?;
     let rows = raw.rows;
     if meta.fields.is_empty() {
         let fields = [
@@ -439,17 +517,16 @@ pub fn push(
             ("pushed", "0".into()),
             ("complete", "0".into()),
         ];
-        retry(url, o, || {
-            let mut c = redis::cmd("HSET");
-            c.arg(&meta_key);
-            for (k, v) in &fields {
-                c.arg(*k).arg(v);
-            }
-            c.query::<()>(&mut con)?;
-            redis::cmd("SADD")
-                .arg(TABLES_KEY)
-                .arg(&tid)
-                .query::<()>(&mut con)
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&meta_key);
+        for (k, v) in &fields {
+            hset.arg(*k).arg(v);
+        }
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(TABLES_KEY).arg(&tid);
+        link.run(move |c| {
+            hset.query::<()>(c)?;
+            sadd.query::<()>(c)
         })?;
     } else if meta.num("rows") != rows || meta.get("format") != Some(raw.format.name()) {
         return Err(store_err(
@@ -486,13 +563,11 @@ pub fn push(
                 .arg(&buf[..])
                 .ignore();
         }
-        retry(url, o, || {
-            pipe.query::<()>(&mut con)?;
-            redis::cmd("HSET")
-                .arg(&meta_key)
-                .arg("pushed")
-                .arg(b)
-                .query::<()>(&mut con)
+        let mut mark = redis::cmd("HSET");
+        mark.arg(&meta_key).arg("pushed").arg(b);
+        link.run(move |c| {
+            pipe.query::<()>(c)?;
+            mark.query::<()>(c)
         })?;
         at = b;
         progress(at, rows, "writing");
@@ -512,29 +587,30 @@ pub fn push(
     while at < rows {
         let b = (at + o.batch.max(1)).min(rows);
         let keys: Vec<usize> = (at..b).collect();
-        let got = fetch(url, o, &mut con, &tid, &keys)?;
+        let got = fetch(&mut link, &tid, &keys)?;
         for (r, v) in (at..b).zip(got) {
             buf.clear();
             raw.row(r, &mut buf);
-            match v {
-                Some(v) if v == buf => h.update(&buf),
-                Some(v) => {
-                    return Err(store_err(
-                        url,
-                        format!(
-                            "table {tid}: row {r} reads back as {} bytes that differ from the file's {}",
-                            v.len(),
-                            buf.len()
-                        ),
-                    ))
+            let bad = match v {
+                Some(v) if v == buf => {
+                    h.update(&buf);
+                    continue;
                 }
-                None => {
-                    return Err(store_err(
-                        url,
-                        format!("table {tid}: row {r} is missing after the push"),
-                    ))
-                }
-            }
+                Some(v) => format!(
+                    "reads back as {} bytes that differ from the file's {}",
+                    v.len(),
+                    buf.len()
+                ),
+                None => "is missing after the push (lost in a failover?)".to_string(),
+            };
+            // The next push rewrites from this row on.
+            let mut rewind = redis::cmd("HSET");
+            rewind.arg(&meta_key).arg("pushed").arg(r);
+            link.run(move |c| rewind.query::<()>(c))?;
+            return Err(store_err(
+                url,
+                format!("table {tid}: row {r} {bad}; push again to rewrite from row {r}"),
+            ));
         }
         at = b;
         progress(at, rows, "checking");
@@ -549,15 +625,13 @@ pub fn push(
             ),
         ));
     }
-    retry(url, o, || {
-        redis::cmd("HSET")
-            .arg(&meta_key)
-            .arg("complete")
-            .arg(1)
-            .arg("table_digest")
-            .arg(&digest)
-            .query::<()>(&mut con)
-    })?;
+    let mut done = redis::cmd("HSET");
+    done.arg(&meta_key)
+        .arg("complete")
+        .arg(1)
+        .arg("table_digest")
+        .arg(&digest);
+    link.run(move |c| done.query::<()>(c))?;
     Ok(PushReport {
         tid,
         written: end - start,
@@ -568,43 +642,19 @@ pub fn push(
 }
 
 /// The values of rows `rows` of table `tid`, one pipeline (one round trip per node); `None`
-/// for a missing key. Retried until the deadline on a fresh connection.
-fn fetch(
-    url: &str,
-    o: &RedisOptions,
-    con: &mut ClusterConnection,
-    tid: &str,
-    rows: &[usize],
-) -> Result<Vec<Option<Vec<u8>>>> {
+/// for a missing key. Retried until the deadline, each try on a sound connection.
+fn fetch(link: &mut Link, tid: &str, rows: &[usize]) -> Result<Vec<Option<Vec<u8>>>> {
     let mut pipe = redis::cluster::cluster_pipe();
     for &r in rows {
         pipe.cmd("GET").arg(TableId::row_key(tid, r));
     }
-    let mut fresh: Option<ClusterConnection> = None;
-    let values: Vec<Value> = retry(url, o, || {
-        let c = match fresh.as_mut() {
-            Some(c) => c,
-            None => &mut *con,
-        };
-        match pipe.query(c) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                // The next try goes through a new connection (a node may have gone).
-                if let Ok(client) = ClusterClient::builder(vec![url])
-                    .connection_timeout(o.timeout)
-                    .response_timeout(o.timeout)
-                    .build()
-                {
-                    if let Ok(c) = client.get_connection() {
-                        fresh = Some(c);
-                    }
-                }
-                Err(e)
-            }
-        }
-    })?;
-    if let Some(c) = fresh {
-        *con = c;
+    let values: Vec<Value> = link.run(move |c| pipe.query(c))?;
+    let url = link.url.clone();
+    if values.len() != rows.len() {
+        return Err(store_err(
+            &url,
+            format!("{} replies to {} reads", values.len(), rows.len()),
+        ));
     }
     values
         .into_iter()
@@ -612,7 +662,7 @@ fn fetch(
             Value::Nil => Ok(None),
             Value::BulkString(b) => Ok(Some(b)),
             other => Err(store_err(
-                url,
+                &url,
                 format!("expected a row's bytes, found {other:?}"),
             )),
         })
@@ -627,7 +677,7 @@ pub struct RedisRows {
     rows: usize,
     dim: usize,
     opts: RedisOptions,
-    pool: Mutex<Vec<ClusterConnection>>,
+    pool: Mutex<Vec<Link>>,
     misses: AtomicU64,
     bytes: AtomicU64,
     trips: AtomicU64,
@@ -654,9 +704,17 @@ impl RedisRows {
     /// Opens table `id` in the cluster at `url` (`redis://HOST:PORT`): refused unless the
     /// store holds it complete, with the shape and format of `id`.
     pub fn open(url: &str, id: &TableId, opts: RedisOptions) -> Result<Self> {
-        let (_, mut con) = connect(url, &opts)?;
+        if opts.batch == 0 || opts.batch > MAX_BATCH {
+            return Err(EngramError::invalid(
+                "store batch",
+                format!("1 to {MAX_BATCH} rows per round trip"),
+                opts.batch,
+            ));
+        }
+        let mut link = Link::new(url, &opts)?;
         let tid = id.tid();
-        let meta = retry(url, &opts, || read_meta(&mut con, &tid))?;
+        let t2 = tid.clone();
+        let meta = link.run(move |c| read_meta(c, &t2))?;
         if meta.fields.is_empty() {
             let held: Vec<String> = list_tables(url, &opts)?
                 .into_iter()
@@ -676,7 +734,7 @@ impl RedisRows {
                     id.variant,
                     id.layer,
                     id.config_digest,
-                    &id.table_digest[..16],
+                    id.table_digest.get(..16).unwrap_or(&id.table_digest),
                     if held.is_empty() { "none".to_string() } else { held.join(", ") }
                 ),
             ));
@@ -718,7 +776,7 @@ impl RedisRows {
             rows: id.rows,
             dim: id.dim,
             opts,
-            pool: Mutex::new(vec![con]),
+            pool: Mutex::new(vec![link]),
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             trips: AtomicU64::new(0),
@@ -732,26 +790,28 @@ impl RedisRows {
         &self.tid
     }
 
-    fn take_connection(&self) -> Result<ClusterConnection> {
-        if let Some(c) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(c);
+    fn take_link(&self) -> Result<Link> {
+        if let Some(l) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(l);
         }
-        Ok(connect(&self.url, &self.opts)?.1)
+        Link::new(&self.url, &self.opts)
     }
 
-    /// One batch: one pipeline, decoded into `out`.
+    /// One batch: one pipeline, decoded into `out` (`rows.len() · dim` values).
     fn batch(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
-        let mut con = self.take_connection()?;
+        super::check_gather_len(rows.len(), self.dim, out.len())?;
+        let mut link = self.take_link()?;
         let depth = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.depth_sum.fetch_add(depth, Ordering::Relaxed);
         self.trips.fetch_add(1, Ordering::Relaxed);
-        let got = fetch(&self.url, &self.opts, &mut con, &self.tid, rows);
+        let got = fetch(&mut link, &self.tid, rows);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let got = got?;
+        // The link remakes its connection itself after an error.
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(con);
+            .push(link);
+        let got = got?;
         let want = self.format.row_bytes(self.dim);
         for ((&r, v), o) in rows.iter().zip(got).zip(out.chunks_exact_mut(self.dim)) {
             match v {
@@ -804,9 +864,11 @@ impl RowStore for RedisRows {
         if let Some(&r) = rows.iter().find(|&&r| r >= self.rows) {
             super::fp8::check_row(r, self.rows)?;
         }
-        let b = self.opts.batch.max(1);
-        let jobs: Vec<(&[usize], &mut [f32])> =
-            rows.chunks(b).zip(out.chunks_mut(b * self.dim)).collect();
+        let b = self.opts.batch.clamp(1, MAX_BATCH);
+        let per = b
+            .checked_mul(self.dim)
+            .ok_or_else(|| EngramError::invalid("store batch", "rows x dim within memory", b))?;
+        let jobs: Vec<(&[usize], &mut [f32])> = rows.chunks(b).zip(out.chunks_mut(per)).collect();
         if jobs.len() <= 1 {
             return jobs.into_iter().try_for_each(|(r, o)| self.batch(r, o));
         }
@@ -823,10 +885,15 @@ impl RowStore for RedisRows {
                     s.spawn(move || lane.into_iter().try_for_each(|(r, o)| self.batch(r, o)))
                 })
                 .collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(store_err(&self.url, "a fetching thread panicked")))
-            })
+            // Every lane joined before any result is looked at.
+            let results: Vec<Result<()>> = handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(store_err(&self.url, "a fetching thread panicked")))
+                })
+                .collect();
+            results.into_iter().collect::<Result<()>>()
         })
     }
     fn stats(&self) -> StoreStats {
