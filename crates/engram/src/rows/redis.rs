@@ -139,7 +139,7 @@ impl RawRows {
         };
         if Some(t.data().len()) != rows.checked_mul(format.row_bytes(dim)) {
             return Err(EngramError::Shape {
-                name: crate::weights::TABLE.into(),
+                name: "table (dense rows)".into(),
                 expected: vec![rows, dim],
                 found: t.shape.clone(),
             });
