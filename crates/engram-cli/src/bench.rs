@@ -67,6 +67,12 @@ pub struct BenchArgs {
     /// Keep the row cache warm between runs (by default it is emptied before each run).
     #[arg(long)]
     warm: bool,
+    /// Give each call a fresh output vector (`forward`), as a caller that keeps no buffer
+    /// would: the OS then zeroes and maps its pages on first touch and unmaps them after.
+    /// By default the output goes into one buffer reused across calls (`forward_into`), as
+    /// in a serving loop.
+    #[arg(long)]
+    fresh_output: bool,
     /// Which layer of a DeepSeek-V4.1 config (the bench then uses random checkpoint-format
     /// weights at the config's width, with the table's rows reduced to fit in memory).
     #[arg(long)]
@@ -423,7 +429,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             .collect(),
     };
     let hidden = TorchGenerator::manual_seed(1).randn(b * l * hc * d);
+    // The output buffer reused across calls (unless --fresh-output).
+    let out_len = if a.decode { b } else { b * l } * hc * d;
+    let out_buf = std::sync::Mutex::new(if a.fresh_output {
+        Vec::new()
+    } else {
+        vec![0.0f32; out_len]
+    });
     let run_once = || -> Result<()> {
+        let mut out = out_buf.lock().expect("the bench's output buffer");
         if a.decode {
             let mut states: Vec<_> = (0..b).map(|_| e.new_state()).collect();
             let offsets: Vec<usize> = (0..=b).collect();
@@ -434,10 +448,23 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     step_h
                         .extend_from_slice(&hidden[(s * l + t) * hc * d..(s * l + t + 1) * hc * d]);
                 }
-                e.forward_ragged(&mut states, &step_ids, &step_h, &offsets, path)?;
+                if a.fresh_output {
+                    e.forward_ragged(&mut states, &step_ids, &step_h, &offsets, path)?;
+                } else {
+                    e.forward_ragged_into(
+                        &mut states,
+                        &step_ids,
+                        &step_h,
+                        &offsets,
+                        path,
+                        &mut out,
+                    )?;
+                }
             }
-        } else {
+        } else if a.fresh_output {
             e.forward(&ids, &hidden, b, l, path)?;
+        } else {
+            e.forward_into(&ids, &hidden, b, l, path, &mut out)?;
         }
         Ok(())
     };
@@ -509,7 +536,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "{}",
             serde_json::json!({
                 "tokens_per_s": tps, "median_s": med, "tokens": l, "batch": b, "dtype": a.dtype,
-                "path": a.path, "mode": mode, "chunk": a.chunk, "threads": threads, "runs": a.runs,
+                "path": a.path, "mode": mode, "chunk": a.chunk, "fresh_output": a.fresh_output, "threads": threads, "runs": a.runs,
                 "peak_rss_bytes": rss, "stage_thread_s_per_run": st,
                 "step_latency_ms": if a.decode { Some(med / l as f64 * 1e3) } else { None },
                 "kernel": proj.kernel_name(),

@@ -16,12 +16,12 @@ fn bench(c: &mut Criterion) {
         norm12: &n12,
         conv_norm: &cn,
     };
-    let (mut g, mut gated, mut normed) = (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
+    let (mut g, mut normed) = (vec![0.0; hc], vec![0.0; hc * d]);
     let mut grp = c.benchmark_group("gate_token");
     grp.throughput(Throughput::Elements(1));
     for isa in Isa::all_supported() {
         grp.bench_function(format!("{isa:?}"), |b| {
-            b.iter(|| gate_token(isa, &p, &proj, &query, &mut g, &mut gated, &mut normed))
+            b.iter(|| gate_token(isa, &p, &proj, &query, &mut g, &mut normed))
         });
     }
     grp.finish();

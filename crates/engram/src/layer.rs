@@ -247,6 +247,17 @@ impl Engram {
         batch: usize,
         len: usize,
     ) -> Result<()> {
+        self.check_shapes(input_ids, hidden, batch, len)?;
+        check_finite(hidden)
+    }
+
+    fn check_shapes(
+        &self,
+        input_ids: &[i64],
+        hidden: &[f32],
+        batch: usize,
+        len: usize,
+    ) -> Result<()> {
         if batch == 0 || len == 0 {
             return Err(EngramError::invalid(
                 "input_ids",
@@ -269,13 +280,6 @@ impl Engram {
                 found: vec![hidden.len()],
             });
         }
-        if let Some(index) = hidden.iter().position(|x| !x.is_finite()) {
-            return Err(EngramError::NonFinite {
-                name: "hidden_states".into(),
-                index,
-                value: hidden[index],
-            });
-        }
         Ok(())
     }
 
@@ -289,7 +293,35 @@ impl Engram {
         len: usize,
         path: ForwardPath,
     ) -> Result<Stages> {
-        self.forward_batch(input_ids, hidden, batch, len, path, false)
+        self.forward_batch(input_ids, hidden, batch, len, path, false, None)
+    }
+
+    /// [`Engram::forward`] writing the output `[B, L, HC, D]` into `output`, a buffer the
+    /// caller keeps across calls (a serving loop's activations), instead of a fresh vector:
+    /// no allocation, no page faults on first touch, no unmapping afterwards. The returned
+    /// stages hold `hash_ids` and `gates`; their `output` is empty. Every element of
+    /// `output` is overwritten; its length must be B·L·HC·D.
+    ///
+    /// ```no_run
+    /// # fn main() -> engram::Result<()> {
+    /// let e = engram::Engram::load(engram::EngramConfig::default(), "weights.safetensors")?;
+    /// let (b, l) = (1, 4096);
+    /// let c = e.config().hc_mult * e.config().hidden_size;
+    /// let mut out = vec![0.0f32; b * l * c];
+    /// # let (ids, hidden) = (vec![0i64; b * l], vec![0.0f32; b * l * c]);
+    /// e.forward_into(&ids, &hidden, b, l, engram::ForwardPath::Fused, &mut out)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_into(
+        &self,
+        input_ids: &[i64],
+        hidden: &[f32],
+        batch: usize,
+        len: usize,
+        path: ForwardPath,
+        output: &mut [f32],
+    ) -> Result<Stages> {
+        self.forward_batch(input_ids, hidden, batch, len, path, false, Some(output))
     }
 
     /// [`Engram::forward`] that also keeps `gated_value` and `short_conv` on the fused path
@@ -302,10 +334,11 @@ impl Engram {
         len: usize,
         path: ForwardPath,
     ) -> Result<Stages> {
-        self.forward_batch(input_ids, hidden, batch, len, path, true)
+        self.forward_batch(input_ids, hidden, batch, len, path, true, None)
     }
 
     /// B fresh sequences of length L as a ragged call, reshaped to [B, L, ...].
+    #[allow(clippy::too_many_arguments)]
     fn forward_batch(
         &self,
         input_ids: &[i64],
@@ -314,12 +347,14 @@ impl Engram {
         len: usize,
         path: ForwardPath,
         keep: bool,
+        into: Option<&mut [f32]>,
     ) -> Result<Stages> {
-        self.check_inputs(input_ids, hidden, batch, len)?;
+        // Shapes in [B, L] terms for the error; the ragged call below checks finiteness.
+        self.check_shapes(input_ids, hidden, batch, len)?;
         let mut states: Vec<EngramState> = (0..batch).map(|_| self.new_state()).collect();
         let offsets: Vec<usize> = (0..=batch).map(|b| b * len).collect();
         let mut s =
-            self.forward_ragged_with(&mut states, input_ids, hidden, &offsets, path, keep)?;
+            self.forward_ragged_with(&mut states, input_ids, hidden, &offsets, path, keep, into)?;
         s.batch = batch;
         s.len = len;
         Ok(s)
@@ -354,9 +389,24 @@ impl Engram {
         offsets: &[usize],
         path: ForwardPath,
     ) -> Result<Stages> {
-        self.forward_ragged_with(states, ids, hidden, offsets, path, false)
+        self.forward_ragged_with(states, ids, hidden, offsets, path, false, None)
     }
 
+    /// [`Engram::forward_ragged`] writing the output `[T, HC, D]` into `output` (see
+    /// [`Engram::forward_into`]); the returned stages' `output` is empty.
+    pub fn forward_ragged_into(
+        &self,
+        states: &mut [EngramState],
+        ids: &[i64],
+        hidden: &[f32],
+        offsets: &[usize],
+        path: ForwardPath,
+        output: &mut [f32],
+    ) -> Result<Stages> {
+        self.forward_ragged_with(states, ids, hidden, offsets, path, false, Some(output))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn forward_ragged_with(
         &self,
         states: &mut [EngramState],
@@ -365,9 +415,20 @@ impl Engram {
         offsets: &[usize],
         path: ForwardPath,
         keep: bool,
+        into: Option<&mut [f32]>,
     ) -> Result<Stages> {
         let total = ids.len();
         self.check_offsets(offsets, states.len(), total)?;
+        let c = self.cfg.hc_mult * self.cfg.hidden_size;
+        if let Some(o) = &into {
+            if o.len() != total * c {
+                return Err(EngramError::Shape {
+                    name: "output".into(),
+                    expected: vec![total, self.cfg.hc_mult, self.cfg.hidden_size],
+                    found: vec![o.len()],
+                });
+            }
+        }
         if total == 0 {
             // Every sequence empty: nothing to compute, no state changes.
             for st in states.iter() {
@@ -389,7 +450,6 @@ impl Engram {
         for st in states.iter() {
             self.check_state(st)?;
         }
-        let c = self.cfg.hc_mult * self.cfg.hidden_size;
         // Compress every sequence; errors name the sequence and its own position.
         let mut canon = Vec::with_capacity(states.len());
         for (s, st) in states.iter().enumerate() {
@@ -412,6 +472,10 @@ impl Engram {
                     all.append_time(self.reference_chunk(st, &canon[s], h)?);
                 }
                 all.batch = 1;
+                if let Some(o) = into {
+                    o.copy_from_slice(&all.output);
+                    all.output = Vec::new();
+                }
                 Ok(all)
             }
             ForwardPath::Fused => {
@@ -432,7 +496,15 @@ impl Engram {
                 let (h, hc) = (self.cfg.num_heads(), self.cfg.hc_mult);
                 let mut hash_ids = vec![0i64; total * h];
                 let mut gates = vec![0.0f32; total * hc];
-                let mut output = crate::alloc::zeroed_f32(total * c, "the output", false)?;
+                // The caller's buffer, or a fresh one (zero pages, touched by the gate).
+                let mut fresh = match into {
+                    Some(_) => Vec::new(),
+                    None => crate::alloc::zeroed_f32(total * c, "the output", false)?,
+                };
+                let output: &mut [f32] = match into {
+                    Some(o) => o,
+                    None => &mut fresh,
+                };
                 let mut gated = if keep {
                     vec![0.0f32; total * c]
                 } else {
@@ -442,7 +514,7 @@ impl Engram {
                 let out = FusedOut {
                     hash_ids: &mut hash_ids,
                     gates: &mut gates,
-                    out: &mut output,
+                    out: &mut *output,
                     gated: keep.then_some(gated.as_mut_slice()),
                 };
                 Driver::new(&self.model, fw).run(&seqs, states, out)?;
@@ -462,7 +534,7 @@ impl Engram {
                     len: total,
                     hash_ids,
                     gates,
-                    output,
+                    output: fresh,
                     gated_value,
                     short_conv,
                     ..Default::default()
@@ -564,6 +636,34 @@ impl Engram {
             short_conv: Some(short_conv),
             output,
         })
+    }
+}
+
+/// The first non-finite hidden state is an error naming its index. The scan runs on every
+/// core in blocks (a prefill's hidden states are tens of MB), and reports the first in order.
+fn check_finite(hidden: &[f32]) -> Result<()> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 16;
+    let bad = hidden
+        .par_chunks(BLOCK)
+        .enumerate()
+        .find_map_first(|(b, blk)| {
+            // A branch-free pass per block (vectorised); the position only when it fails.
+            if !blk.iter().fold(false, |bad, x| bad | !x.is_finite()) {
+                None
+            } else {
+                blk.iter()
+                    .position(|x| !x.is_finite())
+                    .map(|i| b * BLOCK + i)
+            }
+        });
+    match bad {
+        Some(index) => Err(EngramError::NonFinite {
+            name: "hidden_states".into(),
+            index,
+            value: hidden[index],
+        }),
+        None => Ok(()),
     }
 }
 

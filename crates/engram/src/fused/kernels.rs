@@ -415,31 +415,26 @@ dispatch! {
     /// The gate of one token (§5) and the conv's RMSNorm (§6), in one pass per branch.
     ///
     /// `proj`: [(1+HC)·D] = [value | key_0 | … | key_{HC-1}] without bias; `query`: `[HC·D]`
-    /// hidden states; writes `gates` `[HC]`, `gated` `[HC·D]` = g_i·value and `normed` `[HC·D]` =
-    /// RMSNorm(gated_i)·w. Uses RMSNorm(g·v) = g·v / sqrt(g²·mean(v²) + eps) so that mean(v²)
-    /// is computed once for all branches.
-    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], gates: &mut [f32], gated: &mut [f32], normed: &mut [f32]) {
+    /// hidden states; writes `gates` `[HC]` and `normed` `[HC·D]` = RMSNorm(g_i·value)·w.
+    /// Uses RMSNorm(g·v) = g·v / sqrt(g²·mean(v²) + eps) so that mean(v²) is computed once
+    /// for all branches. g·value itself is formed where it is consumed ([`conv_row`],
+    /// [`gated_row`]), so that the output is written once.
+    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], gates: &mut [f32], normed: &mut [f32]) {
         let d = p.value_bias.len();
         let (value, keys) = proj.split_at(d);
         let body = d / LANES * LANES;
-        // value = proj + bias, and mean(value²).
-        let mut vbuf = vec![0.0f32; d];
+        let (vc, _) = value[..body].as_chunks::<LANES>();
+        let (vbc, _) = p.value_bias[..body].as_chunks::<LANES>();
+        // mean((value + bias)²).
         let mut msv = S::splat(0.0);
-        {
-            let (oc, _) = vbuf[..body].as_chunks_mut::<LANES>();
-            let (xc, _) = value[..body].as_chunks::<LANES>();
-            let (bc, _) = p.value_bias[..body].as_chunks::<LANES>();
-            for ((o, x), b) in oc.iter_mut().zip(xc).zip(bc) {
-                let v = S::add(S::load(x), S::load(b));
-                msv = S::fma(v, v, msv);
-                S::store(v, o);
-            }
+        for (x, b) in vc.iter().zip(vbc) {
+            let v = S::add(S::load(x), S::load(b));
+            msv = S::fma(v, v, msv);
         }
         let mut msv_tail = 0.0f32;
-        for j in body..d {
-            let x = value[j] + p.value_bias[j];
+        for (x, b) in value[body..].iter().zip(&p.value_bias[body..]) {
+            let x = x + b;
             msv_tail = S::madd(x, x, msv_tail);
-            vbuf[j] = x;
         }
         let msv = (S::hsum(msv) + msv_tail) / d as f32;
         let inv_sqrt_d = 1.0 / (d as f32).sqrt();
@@ -474,52 +469,103 @@ dispatch! {
             let g = 1.0 / (1.0 + (-(s.abs().max(GATE_CLAMP).sqrt() * sign)).exp());
             gates[i] = g;
             let scale = g / (g * g * msv + RMS_EPS_CONV).sqrt();
-            let go = &mut gated[i * d..(i + 1) * d];
             let no = &mut normed[i * d..(i + 1) * d];
             {
-                let (goc, _) = go[..body].as_chunks_mut::<LANES>();
                 let (noc, _) = no[..body].as_chunks_mut::<LANES>();
-                let (vc, _) = vbuf[..body].as_chunks::<LANES>();
                 let (wc, _) = p.conv_norm[i][..body].as_chunks::<LANES>();
-                let (gs, ss) = (S::splat(g), S::splat(scale));
-                for (((go, no), v), w) in goc.iter_mut().zip(noc.iter_mut()).zip(vc).zip(wc) {
-                    let v = S::load(v);
-                    S::store(S::mul(gs, v), go);
+                let ss = S::splat(scale);
+                for (((no, x), b), w) in noc.iter_mut().zip(vc).zip(vbc).zip(wc) {
+                    let v = S::add(S::load(x), S::load(b));
                     S::store(S::mul(S::mul(ss, v), S::load(w)), no);
                 }
             }
             for j in body..d {
-                go[j] = g * vbuf[j];
-                no[j] = scale * vbuf[j] * p.conv_norm[i][j];
+                no[j] = scale * (value[j] + p.value_bias[j]) * p.conv_norm[i][j];
+            }
+        }
+    }
+}
+
+/// The gated value of one row, g_i·(value + value_bias) per branch i, from its projection
+/// and gates: what [`conv_row`] adds the conv to.
+#[derive(Debug, Clone, Copy)]
+pub struct GatedValue<'a> {
+    /// `value_proj` output without bias, `[D]`.
+    pub value: &'a [f32],
+    /// `value_proj.bias`, `[D]`.
+    pub bias: &'a [f32],
+    /// The row's gates, `[HC]`.
+    pub gates: &'a [f32],
+}
+
+dispatch! {
+    /// `out` `[HC·D]` = g_i·(value + value_bias): `gated_value` (§5), for rows whose conv is
+    /// finished later (range starts) and for inspection.
+    pub fn gated_row(gv: &GatedValue<'_>, out: &mut [f32]) {
+        let d = gv.value.len();
+        let body = d / LANES * LANES;
+        let (vc, _) = gv.value[..body].as_chunks::<LANES>();
+        let (bc, _) = gv.bias[..body].as_chunks::<LANES>();
+        for (i, &g) in gv.gates.iter().enumerate() {
+            let o = &mut out[i * d..(i + 1) * d];
+            let gs = S::splat(g);
+            let (oc, _) = o[..body].as_chunks_mut::<LANES>();
+            for ((o, x), b) in oc.iter_mut().zip(vc).zip(bc) {
+                S::store(S::mul(gs, S::add(S::load(x), S::load(b))), o);
+            }
+            for ((o, x), b) in o[body..].iter_mut().zip(&gv.value[body..]).zip(&gv.bias[body..]) {
+                *o = g * (x + b);
             }
         }
     }
 }
 
 dispatch! {
-    /// One output row of the short conv (§6): `out[c] += SiLU(sum_k w[k][c] · rows[k][c])`.
-    /// `rows[k]` is the normalised row at t - (taps-1-k)·dilation, `None` before the start;
-    /// `w_tap_major`: `[taps][C]`. `out` holds gated_value and receives the residual sum.
-    pub fn conv_row(w_tap_major: &[f32], rows: &[Option<&[f32]>], out: &mut [f32]) {
-        let c = out.len();
-        let body = c / LANES * LANES;
-        let mut acc = vec![0.0f32; c];
-        for (k, row) in rows.iter().enumerate() {
-            if let Some(row) = row {
-                fma_rows::<S>(&mut acc, &w_tap_major[k * c..(k + 1) * c], row);
+    /// One output row (§5-§6): `out[i·D + j] = g_i·(value[j] + value_bias[j]) +
+    /// SiLU(sum_k w[k][i·D + j] · rows[k][i·D + j])`, the gated value plus the dilated causal
+    /// depthwise conv, in one pass that writes `out` once. `rows[k]` is the normalised row at
+    /// t - (taps-1-k)·dilation, `None` before the start; `w_tap_major`: `[taps][HC·D]`. The
+    /// taps are summed in k order from zero in registers.
+    pub fn conv_row(w_tap_major: &[f32], rows: &[Option<&[f32]>], gv: &GatedValue<'_>, out: &mut [f32]) {
+        let (c, d) = (out.len(), gv.value.len());
+        let body = d / LANES * LANES;
+        let (vc, _) = gv.value[..body].as_chunks::<LANES>();
+        let (bc, _) = gv.bias[..body].as_chunks::<LANES>();
+        for (i, &g) in gv.gates.iter().enumerate() {
+            let base = i * d;
+            let gs = S::splat(g);
+            let o = &mut out[base..base + d];
+            let (oc, _) = o[..body].as_chunks_mut::<LANES>();
+            for (jc, ((o, x), b)) in oc.iter_mut().zip(vc).zip(bc).enumerate() {
+                let at = base + jc * LANES;
+                let mut acc = S::splat(0.0);
+                for (k, row) in rows.iter().enumerate() {
+                    if let Some(row) = row {
+                        let w: &[f32; LANES] = w_tap_major[k * c + at..k * c + at + LANES]
+                            .try_into()
+                            .expect("LANES floats");
+                        let r: &[f32; LANES] =
+                            row[at..at + LANES].try_into().expect("LANES floats");
+                        acc = S::fma(S::load(w), S::load(r), acc);
+                    }
+                }
+                let gated = S::mul(gs, S::add(S::load(x), S::load(b)));
+                S::store(S::add(gated, S::silu(acc)), o);
             }
-        }
-        let (oc, _) = out[..body].as_chunks_mut::<LANES>();
-        let (ac, _) = acc[..body].as_chunks::<LANES>();
-        for (o, a) in oc.iter_mut().zip(ac) {
-            S::store(S::add(S::load(o), S::silu(S::load(a))), o);
-        }
-        for j in body..c {
-            let mut one = [0.0f32; LANES];
-            one[0] = acc[j];
-            let mut r = [0.0f32; LANES];
-            S::store(S::silu(S::load(&one)), &mut r);
-            out[j] += r[0];
+            for (j, oj) in o.iter_mut().enumerate().skip(body) {
+                let at = base + j;
+                let mut acc = 0.0f32;
+                for (k, row) in rows.iter().enumerate() {
+                    if let Some(row) = row {
+                        acc = S::madd(w_tap_major[k * c + at], row[at], acc);
+                    }
+                }
+                let mut one = [0.0f32; LANES];
+                one[0] = acc;
+                let mut r = [0.0f32; LANES];
+                S::store(S::silu(S::load(&one)), &mut r);
+                *oj = g * (gv.value[j] + gv.bias[j]) + r[0];
+            }
         }
     }
 }
@@ -719,7 +765,13 @@ mod tests {
         for isa in Isa::all_supported() {
             let (mut g, mut gated, mut normed) =
                 (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
-            gate_token(isa, &p, &proj, &query, &mut g, &mut gated, &mut normed);
+            gate_token(isa, &p, &proj, &query, &mut g, &mut normed);
+            let gv = GatedValue {
+                value: &proj[..d],
+                bias: &vb,
+                gates: &g,
+            };
+            gated_row(isa, &gv, &mut gated);
             for i in 0..hc {
                 let key: Vec<f32> = proj[(1 + i) * d..(2 + i) * d]
                     .iter()
@@ -742,11 +794,17 @@ mod tests {
         }
     }
 
+    /// The fused output row (gated value + SiLU(conv)) against the plain conv, with a
+    /// 16-lane body and a tail per branch (D = 20), and rows before the start.
     #[test]
     fn conv_row_equals_plain_conv_on_every_isa() {
-        let (c, taps, dil, len) = (40, 4, 3, 20);
+        let (d, hc, taps, dil, len) = (20, 2, 4, 3, 20);
+        let c = hc * d;
         let x = pseudo(len * c, 5);
         let w = pseudo(c * taps, 6); // [C, taps] as the state dict stores it
+        let value = pseudo(d, 7);
+        let bias = pseudo(d, 8);
+        let gates = [0.25f32, 0.75];
         let y = ops::causal_conv(&x, &w, c, taps, dil, 0);
         let mut wt = vec![0.0; taps * c];
         for ch in 0..c {
@@ -754,7 +812,14 @@ mod tests {
                 wt[k * c + ch] = w[ch * taps + k];
             }
         }
+        let gv = GatedValue {
+            value: &value,
+            bias: &bias,
+            gates: &gates,
+        };
         for isa in Isa::all_supported() {
+            let mut gated = vec![0.0f32; c];
+            gated_row(isa, &gv, &mut gated);
             for t in 0..len {
                 let rows: Vec<Option<&[f32]>> = (0..taps)
                     .map(|k| {
@@ -762,11 +827,27 @@ mod tests {
                         (t >= back).then(|| &x[(t - back) * c..(t - back + 1) * c])
                     })
                     .collect();
-                let mut out = vec![0.5f32; c];
-                conv_row(isa, &wt, &rows, &mut out);
+                let mut out = vec![f32::NAN; c];
+                conv_row(isa, &wt, &rows, &gv, &mut out);
                 for ch in 0..c {
-                    let want = 0.5 + ops::silu(y[t * c + ch]);
+                    let (i, j) = (ch / d, ch % d);
+                    let g = gates[i] * (value[j] + bias[j]);
+                    assert_eq!(gated[ch], g, "{isa:?} gated {ch}");
+                    let want = g + ops::silu(y[t * c + ch]);
                     assert!((out[ch] - want).abs() < 1e-6, "{isa:?} t {t} c {ch}");
+                }
+                // The boundary fix-up's split (pre-activation sum, then the scalar
+                // finish_row) agrees; its scalar SiLU may round the last bit differently
+                // from the portable lanes (seen on Generic), hence a tolerance.
+                let mut pre = vec![0.0f32; c];
+                conv_row_pre(isa, &wt, &rows, &mut pre);
+                let mut fin = vec![0.0f32; c];
+                finish_row(&gated, &pre, &mut fin);
+                for ch in 0..c {
+                    assert!(
+                        (fin[ch] - out[ch]).abs() < 1e-6,
+                        "{isa:?} t {t}: fix-up {ch}"
+                    );
                 }
             }
         }

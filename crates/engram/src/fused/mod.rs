@@ -5,10 +5,10 @@
 //! 1. hash and gather the rows into `x` `[T, Dm]`;
 //! 2. one GEMM `y = x · W_allᵀ` with `W_all` = [value_proj; key_projs.0; …] packed once at
 //!    load ([`proj::Projection`]);
-//! 3. [`kernels::gate_token`] per row: biases, both RMSNorms, gate, g·value (written straight
-//!    into the output) and the conv's RMSNorm;
-//! 4. [`kernels::conv_row`] per row: dilated causal depthwise conv + SiLU + residual, reading
-//!    earlier rows from the tile or from the sequence's history ring.
+//! 3. [`kernels::gate_token`] per row: biases, both RMSNorms, gate and the conv's RMSNorm;
+//! 4. [`kernels::conv_row`] per row: g·value + SiLU(dilated causal depthwise conv), reading
+//!    earlier rows from the tile or from the sequence's history ring; each output row is
+//!    written once, here.
 //!
 //! Rows are split into one contiguous range per thread. A range that starts inside a
 //! sequence does not know the (kernel_size-1)·N normalised rows before it; its first rows
@@ -542,13 +542,20 @@ impl<'e> Driver<'e> {
                             &y[u * np..(u + 1) * np],
                             &seq.hidden[tt * c..(tt + 1) * c],
                             &mut gate_out[lr * hc..(lr + 1) * hc],
-                            &mut out[lr * c..(lr + 1) * c],
                             &mut normed[u * c..(u + 1) * c],
                         );
                     }
                 }
                 if let Some(g) = gated_out.as_deref_mut() {
-                    g[lr0 * c..(lr0 + rows) * c].copy_from_slice(&out[lr0 * c..(lr0 + rows) * c]);
+                    for u in 0..rows {
+                        let lr = lr0 + u;
+                        let gv = kernels::GatedValue {
+                            value: &y[u * np..u * np + d],
+                            bias: &self.fw.value_bias,
+                            gates: &gate_out[lr * hc..(lr + 1) * hc],
+                        };
+                        kernels::gated_row(self.isa, &gv, &mut g[lr * c..(lr + 1) * c]);
+                    }
                 }
                 profile::add(Stage::Gate, clock);
                 // 5. conv + SiLU + residual per segment; earlier rows come from the tile or from
@@ -589,6 +596,8 @@ impl<'e> Driver<'e> {
                     self.conv_segment(
                         rg,
                         &normed[u0 * c..(u0 + len) * c],
+                        &y[u0 * np..(u0 + len) * np],
+                        &gate_out[(lr0 + u0) * hc..(lr0 + u0 + len) * hc],
                         a,
                         p,
                         lr0 + u0,
@@ -609,15 +618,19 @@ impl<'e> Driver<'e> {
         .inspect(|_| scratch.put_back())
     }
 
-    /// Convolves `len` rows of one piece (normalised rows `seg`, sequence positions
-    /// `t..t+len`, part-local output rows from `lr0`), reading earlier rows from the ring,
-    /// then pushes the rows into the ring. Rows with taps into a neighbour's unknown rows keep
-    /// their partial sums for the fix-up.
+    /// Convolves `len` rows of one piece (normalised rows `seg`, their projections `proj`
+    /// `[len, (1+HC)·D]` and gates `[len, HC]`, sequence positions `t..t+len`, part-local
+    /// output rows from `lr0`) and writes each output row once: gated value + SiLU(conv),
+    /// reading earlier rows from the ring; then pushes the rows into the ring. Rows with taps
+    /// into a neighbour's unknown rows get the gated value and keep their partial sums for
+    /// the fix-up.
     #[allow(clippy::too_many_arguments)]
     fn conv_segment(
         &self,
         ring: &mut Ring<'_>,
         seg: &[f32],
+        proj: &[f32],
+        gates: &[f32],
         t: usize,
         p: Piece,
         lr0: usize,
@@ -626,7 +639,9 @@ impl<'e> Driver<'e> {
     ) {
         let cfg = self.e.config();
         let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
-        let c = cfg.hc_mult * cfg.hidden_size;
+        let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
+        let c = hc * d;
+        let np = self.fw.proj.n();
         let rows = seg.len() / c;
         let unknown = ring.unknown;
         let (ring_data, head) = ring.parts();
@@ -652,7 +667,13 @@ impl<'e> Driver<'e> {
                 };
             }
             let lr = lr0 + u;
+            let gv = kernels::GatedValue {
+                value: &proj[u * np..u * np + d],
+                bias: &self.fw.value_bias,
+                gates: &gates[u * hc..(u + 1) * hc],
+            };
             if partial {
+                kernels::gated_row(self.isa, &gv, &mut out[lr * c..(lr + 1) * c]);
                 ybuf.resize(c, 0.0);
                 kernels::conv_row_pre(self.isa, &self.fw.conv_w, &rows_k, &mut ybuf);
                 fixups.push(Fixup {
@@ -666,6 +687,7 @@ impl<'e> Driver<'e> {
                     self.isa,
                     &self.fw.conv_w,
                     &rows_k,
+                    &gv,
                     &mut out[lr * c..(lr + 1) * c],
                 );
             }
