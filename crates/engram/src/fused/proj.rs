@@ -5,7 +5,7 @@
 //! | CPU | f32 | bf16 |
 //! |---|---|---|
 //! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` (else the AVX2 bf16 kernel) |
-//! | AVX2 + FMA | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels, widened to f32 in registers |
+//! | AVX2 + FMA | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels (columns c, c+8 interleaved), widened to f32 in registers by an AND and a shift |
 //! | aarch64 (NEON) | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels, widened in registers |
 //! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
 //!
@@ -102,11 +102,13 @@ fn has_avx512bf16() -> bool {
 }
 
 /// `[N/nr][K+1][nr]` panels of `W_allᵀ` (`get(kk, col)` is W_all[col][kk]): K rows and one
-/// zero row of padding per panel (see `panel_slice`); columns past N are zero.
+/// zero row of padding per panel (see `panel_slice`); columns past N are zero. Slot `c` of a
+/// panel row holds column `order(c)` of the panel.
 fn pack_panels<T: Copy + Default>(
     k: usize,
     n: usize,
     nr: usize,
+    order: impl Fn(usize) -> usize,
     get: impl Fn(usize, usize) -> T,
 ) -> Vec<T> {
     let np = n.div_ceil(nr) * nr;
@@ -114,7 +116,7 @@ fn pack_panels<T: Copy + Default>(
     for panel in 0..np / nr {
         for kk in 0..k {
             for c in 0..nr {
-                let col = panel * nr + c;
+                let col = panel * nr + order(c);
                 if col < n {
                     v[(panel * (k + 1) + kk) * nr + c] = get(kk, col);
                 }
@@ -177,7 +179,7 @@ impl Projection {
         };
         let packed = match (dtype, kernel) {
             (DType::F32, Some(kr)) => {
-                Packed::F32Panels(kr, pack_panels(k, n, kr.nr(), |kk, col| w(col, kk)))
+                Packed::F32Panels(kr, pack_panels(k, n, kr.nr(), |c| c, |kk, col| w(col, kk)))
             }
             (DType::F32, None) => {
                 let nk = (0..n * k).map(|j| w(j / k, j % k)).collect();
@@ -210,9 +212,16 @@ impl Projection {
                 } else {
                     kr
                 };
+                // AVX2 widens a 32-bit lane's two bf16 with one AND and one shift, so its
+                // panels interleave columns c and c+8 (slot 2c: column c, 2c+1: c+8); NEON
+                // widens in order.
+                let order = move |c: usize| match kr {
+                    PanelKernel::Neon => c,
+                    _ => c / 2 + (c % 2) * 8,
+                };
                 Packed::Bf16Panels(
                     kr,
-                    pack_panels(k, n, kr.nr(), |kk, col| bf16::from_f32(w(col, kk))),
+                    pack_panels(k, n, kr.nr(), order, |kk, col| bf16::from_f32(w(col, kk))),
                 )
             }
             (DType::Bf16, None) => {
@@ -552,29 +561,36 @@ mod avx2 {
 
     /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
     pub trait Elem: Copy + Sync {
-        /// Loads 8 elements at `p` as 8 f32.
+        /// Loads a panel row (16 elements at `p`) as columns 0..8 and 8..16 in f32.
         ///
         /// # Safety
-        /// `p` must point to 8 readable elements; the CPU must have AVX2.
-        unsafe fn load8(p: *const Self) -> __m256;
+        /// `p` must point to 16 readable elements; the CPU must have AVX2.
+        unsafe fn load16(p: *const Self) -> [__m256; 2];
     }
 
     impl Elem for f32 {
         #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
+        unsafe fn load16(p: *const f32) -> [__m256; 2] {
             // SAFETY: per the trait contract.
-            unsafe { _mm256_loadu_ps(p) }
+            unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
         }
     }
 
     impl Elem for bf16 {
-        /// bf16 → f32 is a 16-bit shift of the bits.
+        /// The row is packed with columns c and c+8 in one 32-bit lane (low and high half):
+        /// bf16 → f32 is the bits moved to the high half, so columns 0..8 are the lanes
+        /// shifted left by 16 and columns 8..16 the lanes with the low half cleared (two
+        /// plain integer ops, no shuffles).
         #[inline(always)]
-        unsafe fn load8(p: *const bf16) -> __m256 {
+        unsafe fn load16(p: *const bf16) -> [__m256; 2] {
             // SAFETY: per the trait contract.
             unsafe {
-                let raw = _mm_loadu_si128(p as *const __m128i);
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+                let raw = _mm256_loadu_si256(p as *const __m256i);
+                let hi = _mm256_and_si256(raw, _mm256_set1_epi32(0xFFFF_0000u32 as i32));
+                [
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw)),
+                    _mm256_castsi256_ps(hi),
+                ]
             }
         }
     }
@@ -646,7 +662,7 @@ mod avx2 {
             for (p, bp) in b.iter_mut().enumerate() {
                 let at = kk * ldw + p * lds;
                 // SAFETY: w holds block p's kc rows (asserted); kk < kc.
-                *bp = unsafe { [T::load8(wp.add(at)), T::load8(wp.add(at + 8))] };
+                *bp = unsafe { T::load16(wp.add(at)) };
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 // SAFETY: x holds R rows of kc floats at stride ldx (asserted); r < R, kk < kc.
