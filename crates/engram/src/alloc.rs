@@ -54,6 +54,17 @@ pub(crate) fn zeroed_u16(n: usize, what: &str, huge_pages: bool) -> Result<Vec<u
     try_zeroed(n, what, huge_pages)
 }
 
+/// An empty vector with room for `n` elements whose pages are advised for transparent huge
+/// pages before anything is written (Linux; elsewhere a plain `Vec::with_capacity`): for
+/// weights packed once and then streamed by every call, where 4 KiB pages would cost a TLB
+/// miss every few k steps.
+pub(crate) fn huge_capacity<T>(n: usize) -> Vec<T> {
+    let v = Vec::with_capacity(n);
+    #[cfg(target_os = "linux")]
+    advise_huge(v.as_ptr() as usize, n * std::mem::size_of::<T>());
+    v
+}
+
 #[cfg(target_os = "linux")]
 fn advise_huge(addr: usize, len: usize) {
     const HUGE: usize = 2 << 20;

@@ -644,19 +644,25 @@ impl Engram {
 fn check_finite(hidden: &[f32]) -> Result<()> {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 16;
-    let bad = hidden
-        .par_chunks(BLOCK)
-        .enumerate()
-        .find_map_first(|(b, blk)| {
-            // A branch-free pass per block (vectorised); the position only when it fails.
-            if !blk.iter().fold(false, |bad, x| bad | !x.is_finite()) {
-                None
-            } else {
-                blk.iter()
-                    .position(|x| !x.is_finite())
-                    .map(|i| b * BLOCK + i)
-            }
-        });
+    // A branch-free pass per block (vectorised); the position only when it fails.
+    let first_bad = |(b, blk): (usize, &[f32])| {
+        if !blk.iter().fold(false, |bad, x| bad | !x.is_finite()) {
+            None
+        } else {
+            blk.iter()
+                .position(|x| !x.is_finite())
+                .map(|i| b * BLOCK + i)
+        }
+    };
+    // One block (a decode step) is checked here: handing it to the pool costs more.
+    let bad = if hidden.len() <= BLOCK {
+        first_bad((0, hidden))
+    } else {
+        hidden
+            .par_chunks(BLOCK)
+            .enumerate()
+            .find_map_first(first_bad)
+    };
     match bad {
         Some(index) => Err(EngramError::NonFinite {
             name: "hidden_states".into(),

@@ -32,7 +32,12 @@ static NANOS: [AtomicU64; 5] = [
 ];
 
 pub(crate) fn add(stage: Stage, since: Instant) {
-    NANOS[stage as usize].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    add_nanos(stage, since.elapsed().as_nanos() as u64);
+}
+
+/// Adds time measured by the caller (summed over many rows, added once).
+pub(crate) fn add_nanos(stage: Stage, nanos: u64) {
+    NANOS[stage as usize].fetch_add(nanos, Ordering::Relaxed);
 }
 
 /// Returns the thread-seconds spent per stage since the last call, and resets them.

@@ -112,7 +112,8 @@ fn pack_panels<T: Copy + Default>(
     get: impl Fn(usize, usize) -> T,
 ) -> Vec<T> {
     let np = n.div_ceil(nr) * nr;
-    let mut v = vec![T::default(); np * (k + 1)];
+    let mut v = crate::alloc::huge_capacity(np * (k + 1));
+    v.resize(np * (k + 1), T::default());
     for panel in 0..np / nr {
         for kk in 0..k {
             for c in 0..nr {
@@ -188,7 +189,9 @@ impl Projection {
             (DType::Bf16, Some(PanelKernel::Avx512)) if has_avx512bf16() => {
                 // [N/64][K/2 + 1][64][2]: pairs along K, one zero pair row of padding.
                 let (kp, np) = (k.div_ceil(2), n.div_ceil(NR_MAX) * NR_MAX);
-                let mut v = vec![bf16::ZERO; np / NR_MAX * (kp + 1) * NR_MAX * 2];
+                let len = np / NR_MAX * (kp + 1) * NR_MAX * 2;
+                let mut v = crate::alloc::huge_capacity(len);
+                v.resize(len, bf16::ZERO);
                 for panel in 0..np / NR_MAX {
                     for p in 0..kp {
                         for c in 0..NR_MAX {
