@@ -67,17 +67,73 @@ impl PanelKernel {
     }
 }
 
+/// Packed weights whose first element sits on a 64-byte boundary (a cache line), so that no
+/// vector load of a panel row straddles two lines: `Vec` gives no such alignment (a large
+/// allocation starts 16 bytes into its page), so the buffer is a few elements longer and
+/// the panels start at the first aligned element.
+struct Panels<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
+}
+
+impl<T: Copy> Panels<T> {
+    /// `len` copies of `fill`, 64-byte aligned, advised for huge pages.
+    fn new(len: usize, fill: T) -> Self {
+        let size = std::mem::size_of::<T>().max(1);
+        let slack = 64 / size;
+        let mut buf = crate::alloc::huge_capacity(len + slack);
+        buf.resize(len + slack, fill);
+        let misalign = buf.as_ptr() as usize % 64;
+        let off = if misalign == 0 {
+            0
+        } else {
+            (64 - misalign) / size
+        };
+        Panels { buf, off, len }
+    }
+
+    fn as_slice(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T: Copy> Clone for Panels<T> {
+    /// A fresh aligned copy (a cloned `Vec` may sit at another offset from a line).
+    fn clone(&self) -> Self {
+        let src = self.as_slice();
+        // `buf` always holds the slack, so it has a first element to fill with.
+        let mut p = Panels::new(src.len(), self.buf[0]);
+        p.as_mut_slice().copy_from_slice(src);
+        p
+    }
+}
+
+impl<T> std::fmt::Debug for Panels<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Panels({} elements)", self.len)
+    }
+}
+
 #[derive(Debug, Clone)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // bf16 pairs are x86-64 only
 enum Packed {
     /// [K, N] row-major f32 (for the `gemm` crate) and [N, K] (PyTorch layout, for few rows).
     F32(Vec<f32>, Vec<f32>),
     /// `[N/NR][K][NR]` f32 panels for a microkernel.
-    F32Panels(PanelKernel, Vec<f32>),
+    F32Panels(PanelKernel, Panels<f32>),
     /// `[N/64][K/2][64][2]` bf16 pairs for the AVX512-BF16 kernel (K padded to even).
-    Bf16Pairs(Vec<bf16>),
+    Bf16Pairs(Panels<bf16>),
     /// `[N/NR][K][NR]` bf16 panels, widened to f32 in registers.
-    Bf16Panels(PanelKernel, Vec<bf16>),
+    Bf16Panels(PanelKernel, Panels<bf16>),
     /// [K, N] f32 holding bf16-rounded values (the `gemm` crate fallback).
     Bf16AsF32(Vec<f32>),
 }
@@ -110,10 +166,10 @@ fn pack_panels<T: Copy + Default>(
     nr: usize,
     order: impl Fn(usize) -> usize,
     get: impl Fn(usize, usize) -> T,
-) -> Vec<T> {
+) -> Panels<T> {
     let np = n.div_ceil(nr) * nr;
-    let mut v = crate::alloc::huge_capacity(np * (k + 1));
-    v.resize(np * (k + 1), T::default());
+    let mut p = Panels::new(np * (k + 1), T::default());
+    let v = p.as_mut_slice();
     for panel in 0..np / nr {
         for kk in 0..k {
             for c in 0..nr {
@@ -124,7 +180,7 @@ fn pack_panels<T: Copy + Default>(
             }
         }
     }
-    v
+    p
 }
 
 impl Projection {
@@ -189,9 +245,8 @@ impl Projection {
             (DType::Bf16, Some(PanelKernel::Avx512)) if has_avx512bf16() => {
                 // [N/64][K/2 + 1][64][2]: pairs along K, one zero pair row of padding.
                 let (kp, np) = (k.div_ceil(2), n.div_ceil(NR_MAX) * NR_MAX);
-                let len = np / NR_MAX * (kp + 1) * NR_MAX * 2;
-                let mut v = crate::alloc::huge_capacity(len);
-                v.resize(len, bf16::ZERO);
+                let mut pairs = Panels::new(np / NR_MAX * (kp + 1) * NR_MAX * 2, bf16::ZERO);
+                let v = pairs.as_mut_slice();
                 for panel in 0..np / NR_MAX {
                     for p in 0..kp {
                         for c in 0..NR_MAX {
@@ -206,7 +261,7 @@ impl Projection {
                         }
                     }
                 }
-                Packed::Bf16Pairs(v)
+                Packed::Bf16Pairs(pairs)
             }
             (DType::Bf16, Some(kr)) => {
                 // AVX-512 CPUs without AVX512-BF16 run the AVX2 widening kernel.
@@ -292,27 +347,29 @@ impl Projection {
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx512, w) => {
                 // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F.
-                unsafe { f32_avx512::matmul(x, w, y, rows, k, n, threads) }
+                unsafe { f32_avx512::matmul(x, w.as_slice(), y, rows, k, n, threads) }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx2, w) => {
                 // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA.
-                unsafe { avx2::matmul(x, w, y, rows, k, n, threads) }
+                unsafe { avx2::matmul(x, w.as_slice(), y, rows, k, n, threads) }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Panels(_, w) => {
                 // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
-                unsafe { avx2::matmul(&round_bf16(x), w, y, rows, k, n, threads) }
+                unsafe { avx2::matmul(&round_bf16(x), w.as_slice(), y, rows, k, n, threads) }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Pairs(w) => {
                 // SAFETY: `Bf16Pairs` is only built when the CPU has AVX512F and AVX512-BF16.
-                unsafe { bf16_avx512::matmul(x, w, y, rows, k, n, threads) }
+                unsafe { bf16_avx512::matmul(x, w.as_slice(), y, rows, k, n, threads) }
             }
             #[cfg(target_arch = "aarch64")]
-            Packed::F32Panels(_, w) => neon::matmul(x, w, y, rows, k, n, threads),
+            Packed::F32Panels(_, w) => neon::matmul(x, w.as_slice(), y, rows, k, n, threads),
             #[cfg(target_arch = "aarch64")]
-            Packed::Bf16Panels(_, w) => neon::matmul(&round_bf16(x), w, y, rows, k, n, threads),
+            Packed::Bf16Panels(_, w) => {
+                neon::matmul(&round_bf16(x), w.as_slice(), y, rows, k, n, threads)
+            }
             #[allow(unreachable_patterns)]
             _ => unreachable!("panels are only packed for kernels this target has"),
         }
@@ -428,8 +485,11 @@ thread_local! {
 /// the row tail (smaller `mr`), the column tail (a block into a buffer, then its valid
 /// columns copied) and threading over units (disjoint columns of y).
 ///
-/// (Cutting k into L1-sized blocks, continuing each FMA chain from y between blocks, was
-/// measured slower: 3.2 against 2.9 ms for 64 rows on AVX-512 f32.)
+/// Measured on AVX-512 f32, 64 rows, one thread: 2.89 ms, 89% of the FMA peak, with the
+/// panel's weights read from L2; the same kernel reading them from L1 (wrong sums, for the
+/// bound) took 2.54 ms, the peak. Cutting k into L1-sized blocks, continuing each FMA chain
+/// from y between blocks, was slower all the same (3.1-3.5 ms for blocks of 16-32 KiB):
+/// the block's rows of x and y then compete for L1 with the weights.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
@@ -561,6 +621,12 @@ mod avx2 {
     const NR: usize = 16;
     /// Blocks per work unit for 1, 2, 3 rows: 12 ymm accumulators in flight.
     const GROUPS: [usize; 4] = [1, 6, 3, 2];
+    /// Panel rows ahead that a prefill block (one panel) prefetches into L1, one line per
+    /// k step (4 KiB ahead in f32). The row blocks of a panel read its weights from L2,
+    /// and the hardware prefetchers alone left the kernel waiting on them: on AVX-512
+    /// hardware running this kernel, 64 rows × 5120 × 1024 took 5.8-6.1 ms on one thread
+    /// without, 5.2-5.4 ms with (95% of the AVX2 FMA peak; 32 to 128 rows ahead all did).
+    const PREFETCH_ROWS: usize = 64;
 
     /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
     pub trait Elem: Copy + Sync {
@@ -661,6 +727,12 @@ mod avx2 {
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         for kk in 0..kc {
+            if P == 1 {
+                // The line of the row PREFETCH_ROWS ahead into L1: see `PREFETCH_ROWS`.
+                _mm_prefetch::<_MM_HINT_T0>(
+                    wp.wrapping_add((kk + PREFETCH_ROWS) * ldw) as *const i8
+                );
+            }
             let mut b = [[_mm256_setzero_ps(); 2]; P];
             for (p, bp) in b.iter_mut().enumerate() {
                 let at = kk * ldw + p * lds;
@@ -837,6 +909,12 @@ mod f32_avx512 {
     const NR: usize = super::NR_MAX;
     /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
     const GROUPS: [usize; 4] = [1, 3, 1, 1];
+    /// Panel rows (256 B each) ahead that a prefill block (one panel) prefetches into L1.
+    /// Reading the weights from L2 is what kept this kernel off the peak: with the panel
+    /// in L1 (a test with wrong sums) 64 rows × 5120 × 1024 took 2.54 ms on one thread, the
+    /// FMA peak; from L2 2.82-2.94 ms; with this prefetch 2.69-2.75 ms (16-48 rows ahead
+    /// measured alike; 94% of the peak).
+    const PREFETCH_ROWS: usize = 32;
 
     /// Every (panel group, row block) through the 64-column kernels.
     ///
@@ -890,6 +968,13 @@ mod f32_avx512 {
         let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
         let (wp, xp) = (w.as_ptr() as *const f32, x.as_ptr());
         for kk in 0..kc {
+            if P == 1 {
+                // The row PREFETCH_ROWS ahead (4 lines) into L1: see `PREFETCH_ROWS`.
+                let at = wp.wrapping_add((kk + PREFETCH_ROWS) * ldw) as *const i8;
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
+                }
+            }
             let mut b = [[_mm512_setzero_ps(); 4]; P];
             for (p, bp) in b.iter_mut().enumerate() {
                 let at = kk * ldw + p * lds;
@@ -932,6 +1017,9 @@ mod bf16_avx512 {
     const NR: usize = super::NR_MAX;
     /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
     const GROUPS: [usize; 4] = [1, 3, 1, 1];
+    /// Pair rows (256 B each) ahead that a prefill block prefetches into L1, as in the f32
+    /// kernel (here within the noise: 1.34-1.41 against 1.36-1.48 ms for 64 rows).
+    const PREFETCH_ROWS: usize = 32;
 
     /// Converts x to bf16 pairs, then runs every (panel group, row block) through the
     /// 64-column kernels.
@@ -1023,6 +1111,13 @@ mod bf16_avx512 {
         // One zmm = 16 columns × a bf16 pair = 32 elements.
         let (wp, xq) = (w.as_ptr() as *const __m512i, xp.as_ptr());
         for p in 0..kc {
+            if P == 1 {
+                // The pair row PREFETCH_ROWS ahead (4 lines) into L1, as in the f32 kernel.
+                let at = w.as_ptr().wrapping_add((p + PREFETCH_ROWS) * ldw) as *const i8;
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
+                }
+            }
             let mut b = [[_mm512_setzero_si512(); 4]; P];
             for (q, bq) in b.iter_mut().enumerate() {
                 let at = (p * ldw + q * lds) / 32;
