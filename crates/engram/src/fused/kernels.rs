@@ -536,21 +536,40 @@ dispatch! {
             let gs = S::splat(g);
             let o = &mut out[base..base + d];
             let (oc, _) = o[..body].as_chunks_mut::<LANES>();
-            for (jc, ((o, x), b)) in oc.iter_mut().zip(vc).zip(bc).enumerate() {
-                let at = base + jc * LANES;
-                let mut acc = S::splat(0.0);
-                for (k, row) in rows.iter().enumerate() {
-                    if let Some(row) = row {
-                        let w: &[f32; LANES] = w_tap_major[k * c + at..k * c + at + LANES]
-                            .try_into()
-                            .expect("LANES floats");
-                        let r: &[f32; LANES] =
-                            row[at..at + LANES].try_into().expect("LANES floats");
-                        acc = S::fma(S::load(w), S::load(r), acc);
+            // The present taps' weights and rows for this branch, in k order.
+            let mut taps: [(&[[f32; LANES]], &[[f32; LANES]]); CONV_INLINE] = [(&[], &[]); CONV_INLINE];
+            let mut count = 0;
+            for (k, row) in rows.iter().enumerate() {
+                if let Some(row) = row {
+                    if count == CONV_INLINE {
+                        count += 1;
+                        break;
                     }
+                    let w = &w_tap_major[k * c + base..k * c + base + body];
+                    taps[count] = (w.as_chunks::<LANES>().0, row[base..base + body].as_chunks::<LANES>().0);
+                    count += 1;
                 }
-                let gated = S::mul(gs, S::add(S::load(x), S::load(b)));
-                S::store(S::add(gated, S::silu(acc)), o);
+            }
+            match count {
+                0 => conv_chunks::<S>(&[], gs, vc, bc, oc),
+                1 => conv_chunks::<S>(&taps[..1], gs, vc, bc, oc),
+                2 => conv_chunks::<S>(&taps[..2], gs, vc, bc, oc),
+                3 => conv_chunks::<S>(&taps[..3], gs, vc, bc, oc),
+                4 => conv_chunks::<S>(&taps[..4], gs, vc, bc, oc),
+                _ => {
+                    // More taps than the inline set: gathered per call.
+                    let all: Vec<(&[[f32; LANES]], &[[f32; LANES]])> = rows
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(k, row)| {
+                            row.map(|row| {
+                                let w = &w_tap_major[k * c + base..k * c + base + body];
+                                (w.as_chunks::<LANES>().0, row[base..base + body].as_chunks::<LANES>().0)
+                            })
+                        })
+                        .collect();
+                    conv_chunks::<S>(&all, gs, vc, bc, oc)
+                }
             }
             for (j, oj) in o.iter_mut().enumerate().skip(body) {
                 let at = base + j;
@@ -567,6 +586,33 @@ dispatch! {
                 *oj = g * (gv.value[j] + gv.bias[j]) + r[0];
             }
         }
+    }
+}
+
+/// Taps of [`conv_row`] handled with their count known to the compiler (kernel_size 4, the
+/// default, and fewer).
+const CONV_INLINE: usize = 4;
+
+/// The 16-lane body of one branch of [`conv_row`]: `out = g·(value + bias) + SiLU(sum over
+/// taps of w·row)`, the taps summed in order from zero. With `taps` of a constant length
+/// (inlined), the tap loop unrolls.
+#[inline(always)]
+fn conv_chunks<S: Simd16>(
+    taps: &[(&[[f32; LANES]], &[[f32; LANES]])],
+    gs: S::V,
+    vc: &[[f32; LANES]],
+    bc: &[[f32; LANES]],
+    oc: &mut [[f32; LANES]],
+) {
+    let n = oc.len();
+    let (vc, bc) = (&vc[..n], &bc[..n]);
+    for (j, o) in oc.iter_mut().enumerate() {
+        let mut acc = S::splat(0.0);
+        for (w, r) in taps {
+            acc = S::fma(S::load(&w[j]), S::load(&r[j]), acc);
+        }
+        let gated = S::mul(gs, S::add(S::load(&vc[j]), S::load(&bc[j])));
+        S::store(S::add(gated, S::silu(acc)), o);
     }
 }
 
@@ -798,7 +844,14 @@ mod tests {
     /// 16-lane body and a tail per branch (D = 20), and rows before the start.
     #[test]
     fn conv_row_equals_plain_conv_on_every_isa() {
-        let (d, hc, taps, dil, len) = (20, 2, 4, 3, 20);
+        // 4 taps: the unrolled tap sets; 6: more than those, gathered per call.
+        for taps in [4, 6] {
+            conv_row_case(taps);
+        }
+    }
+
+    fn conv_row_case(taps: usize) {
+        let (d, hc, dil, len) = (20, 2, 3, 24);
         let c = hc * d;
         let x = pseudo(len * c, 5);
         let w = pseudo(c * taps, 6); // [C, taps] as the state dict stores it
