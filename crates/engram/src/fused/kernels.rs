@@ -537,7 +537,7 @@ dispatch! {
             let o = &mut out[base..base + d];
             let (oc, _) = o[..body].as_chunks_mut::<LANES>();
             // The present taps' weights and rows for this branch, in k order.
-            let mut taps: [(&[[f32; LANES]], &[[f32; LANES]]); CONV_INLINE] = [(&[], &[]); CONV_INLINE];
+            let mut taps: [Tap<'_>; CONV_INLINE] = [(&[], &[]); CONV_INLINE];
             let mut count = 0;
             for (k, row) in rows.iter().enumerate() {
                 if let Some(row) = row {
@@ -558,7 +558,7 @@ dispatch! {
                 4 => conv_chunks::<S>(&taps[..4], gs, vc, bc, oc),
                 _ => {
                     // More taps than the inline set: gathered per call.
-                    let all: Vec<(&[[f32; LANES]], &[[f32; LANES]])> = rows
+                    let all: Vec<Tap<'_>> = rows
                         .iter()
                         .enumerate()
                         .filter_map(|(k, row)| {
@@ -589,6 +589,9 @@ dispatch! {
     }
 }
 
+/// One conv tap over a branch: its weights and its normalised row, in 16-lane chunks.
+type Tap<'a> = (&'a [[f32; LANES]], &'a [[f32; LANES]]);
+
 /// Taps of [`conv_row`] handled with their count known to the compiler (kernel_size 4, the
 /// default, and fewer).
 const CONV_INLINE: usize = 4;
@@ -598,7 +601,7 @@ const CONV_INLINE: usize = 4;
 /// (inlined), the tap loop unrolls.
 #[inline(always)]
 fn conv_chunks<S: Simd16>(
-    taps: &[(&[[f32; LANES]], &[[f32; LANES]])],
+    taps: &[Tap<'_>],
     gs: S::V,
     vc: &[[f32; LANES]],
     bc: &[[f32; LANES]],
