@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` (else the AVX2 bf16 kernel) |
 //! | AVX2 + FMA | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels (columns c, c+8 interleaved), widened to f32 in registers by an AND and a shift |
-//! | aarch64 (NEON) | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels, widened in registers |
+//! | aarch64 (NEON) | 6×16 microkernel on `[N/16][K][16]` panels | BFDOT on bf16 pairs `[N/16][K/2][16][2]` where the CPU has BF16, else the 6×16 kernel on bf16 panels widened in registers |
 //! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
 //!
 //! Every microkernel computes each output as one FMA chain over k in order, from zero,
@@ -124,7 +124,7 @@ impl<T> std::fmt::Debug for Panels<T> {
 }
 
 #[derive(Debug, Clone)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // bf16 pairs are x86-64 only
+#[allow(dead_code)] // each target builds only its own kernels' variants
 enum Packed {
     /// [K, N] row-major f32 (for the `gemm` crate) and [N, K] (PyTorch layout, for few rows).
     F32(Vec<f32>, Vec<f32>),
@@ -134,6 +134,8 @@ enum Packed {
     Bf16Pairs(Panels<bf16>),
     /// `[N/NR][K][NR]` bf16 panels, widened to f32 in registers.
     Bf16Panels(PanelKernel, Panels<bf16>),
+    /// `[N/16][K/2][16][2]` bf16 pairs for the NEON BFDOT kernel (K padded to even).
+    Bf16DotPairs(Panels<bf16>),
     /// [K, N] f32 holding bf16-rounded values (the `gemm` crate fallback).
     Bf16AsF32(Vec<f32>),
 }
@@ -155,6 +157,64 @@ fn has_avx512bf16() -> bool {
     {
         false
     }
+}
+
+/// Whether this CPU has the Armv8.6 BF16 instructions (BFDOT).
+fn has_neon_bf16() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("bf16")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        false
+    }
+}
+
+/// `[N/nr][K/2 + 1][nr][2]` bf16 pairs of `W_allᵀ` for the bf16 dot kernels (`w(col, kk)`
+/// is W_all[col][kk]): pairs along K (an odd K padded with zero), one zero pair row of
+/// padding per panel; columns past N are zero.
+fn pack_pairs(k: usize, n: usize, nr: usize, w: &dyn Fn(usize, usize) -> f32) -> Panels<bf16> {
+    let (kp, np) = (k.div_ceil(2), n.div_ceil(nr) * nr);
+    let mut pairs = Panels::new(np / nr * (kp + 1) * nr * 2, bf16::ZERO);
+    let v = pairs.as_mut_slice();
+    for panel in 0..np / nr {
+        for p in 0..kp {
+            for c in 0..nr {
+                let col = panel * nr + c;
+                for h in 0..2 {
+                    let row = 2 * p + h;
+                    if col < n && row < k {
+                        v[((panel * (kp + 1) + p) * nr + c) * 2 + h] = bf16::from_f32(w(col, row));
+                    }
+                }
+            }
+        }
+    }
+    pairs
+}
+
+/// x as `[m][K/2]` u32 = (bf16 x[2p], bf16 x[2p+1]) (an odd K padded with zero): the
+/// activations of the bf16 dot kernels.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+fn x_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut xp = vec![0u32; m * kp];
+    for r in 0..m {
+        for p in 0..kp {
+            let lo = bf16::from_f32(x[r * k + 2 * p]).to_bits() as u32;
+            let hi = if 2 * p + 1 < k {
+                bf16::from_f32(x[r * k + 2 * p + 1]).to_bits() as u32
+            } else {
+                0
+            };
+            xp[r * kp + p] = lo | (hi << 16);
+        }
+    }
+    xp
 }
 
 /// `[N/nr][K+1][nr]` panels of `W_allᵀ` (`get(kk, col)` is W_all[col][kk]): K rows and one
@@ -243,25 +303,10 @@ impl Projection {
                 Packed::F32(kn(), nk)
             }
             (DType::Bf16, Some(PanelKernel::Avx512)) if has_avx512bf16() => {
-                // [N/64][K/2 + 1][64][2]: pairs along K, one zero pair row of padding.
-                let (kp, np) = (k.div_ceil(2), n.div_ceil(NR_MAX) * NR_MAX);
-                let mut pairs = Panels::new(np / NR_MAX * (kp + 1) * NR_MAX * 2, bf16::ZERO);
-                let v = pairs.as_mut_slice();
-                for panel in 0..np / NR_MAX {
-                    for p in 0..kp {
-                        for c in 0..NR_MAX {
-                            let col = panel * NR_MAX + c;
-                            for h in 0..2 {
-                                let row = 2 * p + h;
-                                if col < n && row < k {
-                                    v[((panel * (kp + 1) + p) * NR_MAX + c) * 2 + h] =
-                                        bf16::from_f32(w(col, row));
-                                }
-                            }
-                        }
-                    }
-                }
-                Packed::Bf16Pairs(pairs)
+                Packed::Bf16Pairs(pack_pairs(k, n, NR_MAX, w))
+            }
+            (DType::Bf16, Some(PanelKernel::Neon)) if has_neon_bf16() => {
+                Packed::Bf16DotPairs(pack_pairs(k, n, 16, w))
             }
             (DType::Bf16, Some(kr)) => {
                 // AVX-512 CPUs without AVX512-BF16 run the AVX2 widening kernel.
@@ -307,7 +352,10 @@ impl Projection {
     pub fn uses_own_kernel(&self) -> bool {
         matches!(
             self.packed,
-            Packed::Bf16Pairs(_) | Packed::Bf16Panels(..) | Packed::F32Panels(..)
+            Packed::Bf16Pairs(_)
+                | Packed::Bf16Panels(..)
+                | Packed::F32Panels(..)
+                | Packed::Bf16DotPairs(_)
         )
     }
 
@@ -320,6 +368,7 @@ impl Projection {
             Packed::F32Panels(PanelKernel::Neon, _) => "neon 6x16 (f32)",
             Packed::Bf16Pairs(_) => "avx512-bf16 6x64 (vdpbf16ps)",
             Packed::Bf16Panels(PanelKernel::Neon, _) => "neon 6x16 (bf16 widened)",
+            Packed::Bf16DotPairs(_) => "neon-bf16 6x16 (bfdot)",
             Packed::Bf16Panels(..) => "avx2 6x16 (bf16 widened)",
             Packed::Bf16AsF32(_) => "gemm crate (bf16 widened)",
         }
@@ -330,7 +379,9 @@ impl Projection {
         match &self.packed {
             Packed::F32(kn, _) => kn.len() * 4,
             Packed::F32Panels(_, v) => v.len() * 4,
-            Packed::Bf16Pairs(v) | Packed::Bf16Panels(_, v) => v.len() * 2,
+            Packed::Bf16Pairs(v) | Packed::Bf16Panels(_, v) | Packed::Bf16DotPairs(v) => {
+                v.len() * 2
+            }
             Packed::Bf16AsF32(v) => v.len() * 4,
         }
     }
@@ -369,6 +420,11 @@ impl Projection {
             #[cfg(target_arch = "aarch64")]
             Packed::Bf16Panels(_, w) => {
                 neon::matmul(&round_bf16(x), w.as_slice(), y, rows, k, n, threads)
+            }
+            #[cfg(target_arch = "aarch64")]
+            Packed::Bf16DotPairs(w) => {
+                // SAFETY: `Bf16DotPairs` is only built when the CPU reports BF16.
+                unsafe { neon_bf16::matmul(x, w.as_slice(), y, rows, k, n, threads) }
             }
             #[allow(unreachable_patterns)]
             _ => unreachable!("panels are only packed for kernels this target has"),
@@ -902,6 +958,116 @@ mod neon {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon_bf16 {
+    use half::bf16;
+    use std::arch::aarch64::*;
+
+    /// Columns per panel: four q registers of 4 f32 (each fed by 4 columns' bf16 pairs).
+    const NR: usize = 16;
+    /// Blocks per work unit for 1, 2, 3 rows: 12-16 accumulators, the rest of the 32
+    /// registers for the panels' weights.
+    const GROUPS: [usize; 4] = [1, 3, 2, 1];
+
+    /// Converts x to bf16 pairs, then runs every (panel group, row block) through the
+    /// BFDOT kernels.
+    ///
+    /// # Safety
+    /// The CPU must support the BF16 extension (BFDOT).
+    pub unsafe fn matmul(
+        x: &[f32],
+        w: &[bf16],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) {
+        let kp = k.div_ceil(2);
+        assert!(
+            w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
+            "w must hold every panel"
+        );
+        let xp = super::x_pairs(x, m, k);
+        super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
+            let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
+            let xs = &xp[b.r0 * kp..];
+            // SAFETY: the caller guarantees BF16; the kernel checks x and w; the driver hands
+            // out `b.y` valid for the block's rows and panels, written by no one else.
+            unsafe { block_kernel!(kernel, [(1, 3), (2, 2)], b, kp, xs, kp, wg, ldw, lds, NR) };
+        });
+    }
+
+    /// `y[R, P·16]` = the sum over kc k-pairs of BFDOT(w pairs, x pair) (x's row stride
+    /// `ldx` pairs, w's `ldw` elements per k pair and `lds` per panel, y's `ldy`): R×P×4
+    /// accumulators of 4 f32, one chain per output over the pairs in order. BFDOT sums each
+    /// pair's two products before adding them (Arm's BF16 rules), so its sums may differ in
+    /// the last bits from the other bf16 kernels; it is checked against the plain product
+    /// with the same tolerance.
+    ///
+    /// # Safety
+    /// BF16; `y` valid for R rows of P·16 floats at stride `ldy`, touched by no one else
+    /// during the call.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "neon,bf16")]
+    unsafe fn kernel<const R: usize, const P: usize, T: Copy>(
+        xp: &[u32],
+        ldx: usize,
+        kc: usize,
+        w: &[T],
+        ldw: usize,
+        lds: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        // T is bf16 (generic only so that `block_kernel!` can infer it).
+        assert!(std::mem::size_of::<T>() == 2);
+        assert!(xp.len() >= (R - 1) * ldx + kc && kc >= 1);
+        assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR * 2);
+        let mut acc = [[[vdupq_n_f32(0.0); 4]; P]; R];
+        let (wp, xq) = (w.as_ptr() as *const u16, xp.as_ptr());
+        for p in 0..kc {
+            let mut b = [[vdupq_n_u16(0); 4]; P];
+            for (q, bq) in b.iter_mut().enumerate() {
+                let at = p * ldw + q * lds;
+                for (j, bj) in bq.iter_mut().enumerate() {
+                    // SAFETY: w holds block q's kc pair rows of 32 elements (asserted);
+                    // p < kc, j < 4.
+                    *bj = unsafe { vld1q_u16(wp.add(at + 8 * j)) };
+                }
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: x holds R rows of kc pairs at stride ldx (asserted); r < R, p < kc.
+                let pair = unsafe { *xq.add(r * ldx + p) };
+                let a = vreinterpretq_u16_u32(vdupq_n_u32(pair));
+                for (v, bq) in row.iter_mut().zip(&b) {
+                    for (vj, bj) in v.iter_mut().zip(bq) {
+                        // SAFETY: BFDOT needs the BF16 extension (this function's target
+                        // feature); it reads and writes registers only.
+                        unsafe {
+                            std::arch::asm!(
+                                "bfdot {acc:v}.4s, {w:v}.8h, {x:v}.8h",
+                                acc = inout(vreg) *vj,
+                                w = in(vreg) *bj,
+                                x = in(vreg) a,
+                                options(pure, nomem, nostack, preserves_flags)
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (q, v) in row.iter().enumerate() {
+                for (j, vj) in v.iter().enumerate() {
+                    // SAFETY: y holds row r's P·16 floats at r·ldy (contract).
+                    unsafe { vst1q_f32(y.add(r * ldy + q * NR + 4 * j), *vj) };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod f32_avx512 {
     use std::arch::x86_64::*;
@@ -1040,19 +1206,7 @@ mod bf16_avx512 {
             w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
-        // x as [m][kp] u32 = (bf16 x[2p], bf16 x[2p+1]).
-        let mut xp = vec![0u32; m * kp];
-        for r in 0..m {
-            for p in 0..kp {
-                let lo = bf16::from_f32(x[r * k + 2 * p]).to_bits() as u32;
-                let hi = if 2 * p + 1 < k {
-                    bf16::from_f32(x[r * k + 2 * p + 1]).to_bits() as u32
-                } else {
-                    0
-                };
-                xp[r * kp + p] = lo | (hi << 16);
-            }
-        }
+        let xp = super::x_pairs(x, m, k);
         super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
             let xs = &xp[b.r0 * kp..];
@@ -1226,6 +1380,27 @@ mod tests {
                     assert!(err < tol, "{kernel:?} {dtype:?} threads {threads}: {err}");
                 }
             }
+        }
+    }
+
+    /// bf16 runs on the CPU's bf16 dot instruction where it has one (AVX512-BF16, Arm BF16:
+    /// BFDOT), else widens in registers; so the run under an emulated Arm CPU with BF16 (CI)
+    /// has checked the BFDOT kernel in `every_kernel_matches_plain_product`.
+    #[test]
+    fn bf16_uses_the_dot_instruction_where_the_cpu_has_one() {
+        let a = data(64 * 32, 7);
+        for kernel in PanelKernel::all_supported() {
+            let name = Projection::pack_for(&[&a], 32, DType::Bf16, Some(kernel)).kernel_name();
+            let dot = match kernel {
+                PanelKernel::Avx512 => has_avx512bf16(),
+                PanelKernel::Neon => has_neon_bf16(),
+                PanelKernel::Avx2 => false,
+            };
+            assert_eq!(
+                name.contains("vdpbf16ps") || name.contains("bfdot"),
+                dot,
+                "{kernel:?}: {name}"
+            );
         }
     }
 
