@@ -293,3 +293,68 @@ fn bf16_init_equals_rounded_f32_init() {
     assert_eq!(w32.value_proj_weight, w16.value_proj_weight);
     assert_eq!(g32.random(), g16.random());
 }
+
+/// `forward_into` writes the same bits as `forward` into the caller's buffer (and
+/// `forward_ragged_into` the same values), overwriting whatever it held (a reused buffer starts full of NaN here),
+/// on both paths and several thread counts; a buffer of the wrong length is an error naming
+/// `output` before anything runs.
+#[test]
+fn forward_into_a_reused_buffer_equals_forward() {
+    let cfg = small_cfg(3, 2, 8, 40, 2, 4);
+    let e = random_engram(&cfg, 5);
+    let (batch, len) = (2, 150);
+    let (ids, hidden) = random_inputs(&cfg, batch * len, 5);
+    let c = cfg.hc_mult * cfg.hidden_size;
+    for path in [ForwardPath::Fused, ForwardPath::Reference] {
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            // `forward` on the same threads (the split of rows across threads is the same).
+            let want = pool
+                .install(|| e.forward(&ids, &hidden, batch, len, path))
+                .unwrap();
+            let mut out = vec![f32::NAN; batch * len * c];
+            for _ in 0..2 {
+                let got = pool
+                    .install(|| e.forward_into(&ids, &hidden, batch, len, path, &mut out))
+                    .unwrap();
+                assert!(got.output.is_empty());
+                assert_eq!(got.hash_ids, want.hash_ids);
+                assert!(got.gates == want.gates, "{path:?} threads {threads}: gates");
+                assert!(out == want.output, "{path:?} threads {threads}: output");
+            }
+            // Ragged, one sequence at a time into its slice of the buffer.
+            out.fill(f32::NAN);
+            for s in 0..batch {
+                let mut st = [e.new_state()];
+                let rows = s * len..(s + 1) * len;
+                pool.install(|| {
+                    e.forward_ragged_into(
+                        &mut st,
+                        &ids[rows.clone()],
+                        &hidden[rows.start * c..rows.end * c],
+                        &[0, len],
+                        path,
+                        &mut out[rows.start * c..rows.end * c],
+                    )
+                })
+                .unwrap();
+            }
+            // Each sequence alone may be split across threads where the batch was not: the
+            // split's boundary rows then sum their conv taps in another order.
+            let err = max_err(&out, &want.output);
+            assert!(
+                err <= split_tol(&e, path),
+                "{path:?} threads {threads}: ragged {err}"
+            );
+        }
+    }
+    let mut short = vec![0.0f32; batch * len * c - 1];
+    let err = e
+        .forward_into(&ids, &hidden, batch, len, ForwardPath::Fused, &mut short)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("output"), "{err}");
+}
