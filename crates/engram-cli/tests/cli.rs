@@ -271,6 +271,23 @@ fn bench_reports_limits_and_shares() {
     assert!(v["fma_peak_share"].as_f64().unwrap() > 0.0, "{out}");
     assert!(v["fma_peak_gflops_before"].as_f64().unwrap() > 0.0, "{out}");
     assert!(!v["kernel"].as_str().unwrap().is_empty(), "{out}");
+    assert_eq!(v["fresh_output"], false, "{out}");
+    // Prefill with a fresh output vector per call, as `forward` gives.
+    let (code, out, err) = engram(&[
+        "bench",
+        "--config",
+        s(&cfg),
+        "--tokens",
+        "40",
+        "--runs",
+        "1",
+        "--fresh-output",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["fresh_output"], true, "{out}");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
 }
 
 /// Without a GPU, every `--device cuda` command fails at once with one line that says why;
