@@ -422,11 +422,16 @@ impl Engram {
         let c = self.cfg.hc_mult * self.cfg.hidden_size;
         if let Some(o) = &into {
             if o.len() != total * c {
-                return Err(EngramError::Shape {
-                    name: "output".into(),
-                    expected: vec![total, self.cfg.hc_mult, self.cfg.hidden_size],
-                    found: vec![o.len()],
-                });
+                return Err(EngramError::invalid(
+                    "output",
+                    format!(
+                        "a buffer of {} floats ([{total}, {}, {}])",
+                        total * c,
+                        self.cfg.hc_mult,
+                        self.cfg.hidden_size
+                    ),
+                    format!("{} floats", o.len()),
+                ));
             }
         }
         if total == 0 {
@@ -496,7 +501,7 @@ impl Engram {
                 let (h, hc) = (self.cfg.num_heads(), self.cfg.hc_mult);
                 let mut hash_ids = vec![0i64; total * h];
                 let mut gates = vec![0.0f32; total * hc];
-                // The caller's buffer, or a fresh one (zero pages, touched by the gate).
+                // The caller's buffer, or a fresh one (zero pages until the conv writes them).
                 let mut fresh = match into {
                     Some(_) => Vec::new(),
                     None => crate::alloc::zeroed_f32(total * c, "the output", false)?,

@@ -358,3 +358,30 @@ fn forward_into_a_reused_buffer_equals_forward() {
         .to_string();
     assert!(err.contains("output"), "{err}");
 }
+
+/// A conv history longer than a range's share of rows (R = (kernel_size - 1)·N = 33 with
+/// 5 threads over 160 tokens): no range inside the sequence may end with fewer than R rows of
+/// its own, or the next range's boundary rows would be completed from missing rows. Fused
+/// equals the reference for every thread count and sequence length around the splits.
+#[test]
+fn long_conv_history_with_many_threads() {
+    let cfg = small_cfg(3, 2, 8, 32, 1, 12);
+    let e = random_engram(&cfg, 9);
+    for len in [100, 160, 200, 333] {
+        let (ids, hidden) = random_inputs(&cfg, len, 9);
+        let want = e
+            .forward(&ids, &hidden, 1, len, ForwardPath::Reference)
+            .unwrap();
+        for threads in [2, 3, 5, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool
+                .install(|| e.forward(&ids, &hidden, 1, len, ForwardPath::Fused))
+                .unwrap();
+            let err = max_err(&got.output, &want.output);
+            assert!(err < 1e-4, "len {len} threads {threads}: {err}");
+        }
+    }
+}

@@ -51,6 +51,9 @@ const PREFETCH_AHEAD: usize = 4;
 /// thread with its own projection and its own gate and conv, where one range left the
 /// gate and conv to one thread: 54,392 against 36,370 tokens/s in bf16 on AVX-512.)
 const MIN_ROWS_PER_PART: usize = 32;
+/// Fewest rows between two splits when the later one falls inside a sequence: its first R
+/// rows are completed serially after the ranges run (`Driver::fix_boundaries`).
+const MIN_ROWS_PER_SPLIT: usize = 64;
 
 /// Weights of the fused path, packed once from [`crate::EngramWeights`].
 #[derive(Debug, Clone)]
@@ -368,7 +371,11 @@ impl<'e> Driver<'e> {
     }
 
     /// Splits the rows into at most `threads` contiguous ranges. A split inside a sequence
-    /// keeps at least R rows on both sides, so every range ends with R rows of its own.
+    /// keeps at least R rows on both sides and at least `MIN_ROWS_PER_SPLIT` (and R) from
+    /// the previous split, so every range ends with R rows of its own (the next range's
+    /// boundary rows are completed from them) and few rows need the serial fix-up; splits
+    /// between sequences (decode steps of many sequences) need no fix-up and follow
+    /// `MIN_ROWS_PER_PART`.
     fn plan(
         &self,
         lens: &[usize],
@@ -383,14 +390,16 @@ impl<'e> Driver<'e> {
             let target = total * k / want;
             let s = bases.partition_point(|&b| b <= target) - 1;
             let t = target - bases[s];
-            let cut = if t < r {
-                bases[s]
+            let (cut, inside) = if t < r {
+                (bases[s], false)
             } else if lens[s] - t < r {
-                bases[s] + lens[s]
+                (bases[s] + lens[s], false)
             } else {
-                target
+                (target, true)
             };
-            if cut > *cuts.last().unwrap() && cut < total {
+            let last = *cuts.last().unwrap();
+            let gap = if inside { MIN_ROWS_PER_SPLIT.max(r) } else { 1 };
+            if cut >= last + gap && cut < total {
                 cuts.push(cut);
             }
         }

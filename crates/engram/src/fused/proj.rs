@@ -528,7 +528,8 @@ struct Block {
 }
 
 thread_local! {
-    /// The driver's buffer for a block whose columns run past N (the column tail).
+    /// The driver's buffer for a block whose columns run past N (the column tail): MR rows of
+/// the widest group.
     static TAIL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -572,42 +573,49 @@ fn panel_driver(
         let np = group.min(panels - panel0);
         let (c0, w) = (panel0 * nr, np * nr);
         let cols = w.min(n - c0);
-        let run = |out: *mut f32, ldy: usize| {
-            let mut r0 = 0;
-            while r0 < m {
-                let mr = (m - r0).min(MR);
+        let mut r0 = 0;
+        while r0 < m {
+            let mr = (m - r0).min(MR);
+            if cols == w {
+                // Full panels: straight into y, columns [c0, c0 + w) of rows r0..r0+mr.
+                // Each unit is handled once, so no two threads write the same element.
                 block(Block {
                     panel0,
                     np,
                     r0,
                     mr,
-                    // Row r0 of `out` (m rows at stride ldy).
-                    y: out.wrapping_add(r0 * ldy),
-                    ldy,
+                    y: (yaddr as *mut f32).wrapping_add(r0 * n + c0),
+                    ldy: n,
                 });
-                r0 += mr;
+            } else {
+                // The column tail: the block into a buffer of MR rows, then its valid columns.
+                TAIL_BUF.with(|b| {
+                    let mut buf = b.borrow_mut();
+                    if buf.len() < MR * w {
+                        buf.resize(MR * w, 0.0);
+                    }
+                    block(Block {
+                        panel0,
+                        np,
+                        r0,
+                        mr,
+                        y: buf.as_mut_ptr(),
+                        ldy: w,
+                    });
+                    for r in 0..mr {
+                        // SAFETY: y is [m, n] (asserted above) and r0 + r < m; this unit
+                        // alone writes columns [c0, c0 + cols) of its rows.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (yaddr as *mut f32).add((r0 + r) * n + c0),
+                                cols,
+                            )
+                        };
+                        dst.copy_from_slice(&buf[r * w..r * w + cols]);
+                    }
+                });
             }
-        };
-        if cols == w {
-            // Full panels: straight into y, columns [c0, c0 + w) of every row. Each unit is
-            // handled once, so no two threads write the same element.
-            run((yaddr as *mut f32).wrapping_add(c0), n);
-        } else {
-            TAIL_BUF.with(|b| {
-                let mut buf = b.borrow_mut();
-                if buf.len() < m * w {
-                    buf.resize(m * w, 0.0);
-                }
-                run(buf.as_mut_ptr(), w);
-                for r in 0..m {
-                    // SAFETY: y is [m, n] (asserted above); this unit alone writes columns
-                    // [c0, c0 + cols) of its rows.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut((yaddr as *mut f32).add(r * n + c0), cols)
-                    };
-                    dst.copy_from_slice(&buf[r * w..r * w + cols]);
-                }
-            });
+            r0 += mr;
         }
     };
     let units = panels.div_ceil(group);
