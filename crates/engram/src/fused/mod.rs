@@ -565,7 +565,10 @@ impl<'e> Driver<'e> {
                 }
                 // 4-5. per row: the gate and the conv's RMSNorm, then gated value + SiLU(conv)
                 // into `out`, earlier rows coming from the tile or from the piece's history
-                // ring (a row's normalised neighbours are still in cache).
+                // ring (a row's normalised neighbours are still in cache). The gate's time is
+                // counted per row; the rest of this loop (conv, rings) is the conv's.
+                let clock = Instant::now();
+                let mut gate_ns = 0u64;
                 for &(si, a, b, u0) in &segs {
                     let p = pieces[si];
                     if ring.as_ref().is_none_or(|(rp, _)| *rp != si) {
@@ -599,7 +602,7 @@ impl<'e> Driver<'e> {
                     let rg = &mut ring.as_mut().unwrap().1;
                     let len = b - a;
                     let seq = &seqs[p.seq];
-                    self.conv_segment(
+                    gate_ns += self.conv_segment(
                         rg,
                         Segment {
                             normed: &mut normed[u0 * c..(u0 + len) * c],
@@ -614,7 +617,11 @@ impl<'e> Driver<'e> {
                         &mut fixups,
                     );
                 }
+                let all_ns = clock.elapsed().as_nanos() as u64;
+                profile::add_nanos(Stage::Gate, gate_ns);
+                profile::add_nanos(Stage::Conv, all_ns.saturating_sub(gate_ns));
                 if let Some(g) = gated_out.as_deref_mut() {
+                    let clock = Instant::now();
                     for u in 0..rows {
                         let lr = lr0 + u;
                         let gv = kernels::GatedValue {
@@ -624,6 +631,7 @@ impl<'e> Driver<'e> {
                         };
                         kernels::gated_row(self.isa, &gv, &mut g[lr * c..(lr + 1) * c]);
                     }
+                    profile::add(Stage::Gate, clock);
                 }
                 done += rows;
             }
@@ -642,7 +650,7 @@ impl<'e> Driver<'e> {
     /// the output row, written once: gated value + SiLU(conv), reading earlier normalised rows
     /// from the segment or the ring. Then pushes the rows into the ring. Rows with taps into a
     /// neighbour's unknown rows get the gated value and keep their partial sums for the
-    /// fix-up.
+    /// fix-up. Returns the nanoseconds spent in the gate.
     #[allow(clippy::too_many_arguments)]
     fn conv_segment(
         &self,
@@ -653,7 +661,7 @@ impl<'e> Driver<'e> {
         lr0: usize,
         out: &mut [f32],
         fixups: &mut Vec<Fixup>,
-    ) {
+    ) -> u64 {
         let cfg = self.e.config();
         let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
         let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
@@ -676,9 +684,9 @@ impl<'e> Driver<'e> {
         };
         // Only rows at a range start need a partial-sum buffer.
         let mut ybuf = Vec::new();
-        let (mut gate_ns, mut conv_ns) = (0u64, 0u64);
-        let mut clock = Instant::now();
+        let mut gate_ns = 0u64;
         for u in 0..rows {
+            let clock = Instant::now();
             kernels::gate_token(
                 self.isa,
                 &params,
@@ -687,9 +695,7 @@ impl<'e> Driver<'e> {
                 &mut gates[u * hc..(u + 1) * hc],
                 &mut seg[u * c..(u + 1) * c],
             );
-            let now = Instant::now();
-            gate_ns += (now - clock).as_nanos() as u64;
-            clock = now;
+            gate_ns += clock.elapsed().as_nanos() as u64;
             let seg: &[f32] = seg;
             // The taps' rows: on the stack for the usual few taps.
             let mut inline: [Option<&[f32]>; INLINE_TAPS] = [None; INLINE_TAPS];
@@ -742,12 +748,7 @@ impl<'e> Driver<'e> {
                     &mut out[lr * c..(lr + 1) * c],
                 );
             }
-            let now = Instant::now();
-            conv_ns += (now - clock).as_nanos() as u64;
-            clock = now;
         }
-        profile::add_nanos(Stage::Gate, gate_ns);
-        profile::add_nanos(Stage::Conv, conv_ns);
         // Push the rows into the ring (only the last R matter).
         if r > 0 {
             let keep = rows.min(r);
@@ -757,6 +758,7 @@ impl<'e> Driver<'e> {
             }
         }
         ring.unknown = ring.unknown.saturating_sub(rows);
+        gate_ns
     }
 
     /// The last R rows of a finished piece, when the next range needs them (its sequence
