@@ -1391,6 +1391,34 @@ mod tests {
         }
     }
 
+    /// Packed panels start on a cache line, also after a clone (a cloned `Vec` may sit at
+    /// another offset from a line).
+    #[test]
+    fn panels_are_line_aligned_after_clone() {
+        let a = data(40 * 37, 9);
+        for kernel in PanelKernel::all_supported() {
+            for dtype in [DType::F32, DType::Bf16] {
+                let p = Projection::pack_for(&[&a], 37, dtype, Some(kernel));
+                for q in [&p, &p.clone()] {
+                    let addr = match &q.packed {
+                        Packed::F32Panels(_, v) => v.as_slice().as_ptr() as usize,
+                        Packed::Bf16Panels(_, v)
+                        | Packed::Bf16Pairs(v)
+                        | Packed::Bf16DotPairs(v) => v.as_slice().as_ptr() as usize,
+                        _ => unreachable!("own kernels pack panels"),
+                    };
+                    assert_eq!(addr % 64, 0, "{kernel:?} {dtype:?}");
+                }
+                let c = p.clone();
+                let (mut y1, mut y2) = (vec![0.0; 3 * 40], vec![0.0; 3 * 40]);
+                let x = data(3 * 37, 10);
+                p.matmul(&x, 3, &mut y1, 1);
+                c.matmul(&x, 3, &mut y2, 1);
+                assert!(y1 == y2, "{kernel:?} {dtype:?}: clone differs");
+            }
+        }
+    }
+
     /// bf16 runs on the CPU's bf16 dot instruction where it has one (AVX512-BF16, Arm BF16:
     /// BFDOT), else widens in registers; so the run under an emulated Arm CPU with BF16 (CI)
     /// has checked the BFDOT kernel in `every_kernel_matches_plain_product`.
