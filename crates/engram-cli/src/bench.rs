@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// in a serving loop.
     #[arg(long)]
     fresh_output: bool,
+    /// Time the row store alone: gather every row the run would read (the layer's hashes of
+    /// the ids, in token order) with no compute, and report rows/s and round trips/s: the
+    /// store's own rate, to set beside `redis-benchmark` or `fio` (prefill only)
+    #[arg(long)]
+    gather_only: bool,
     /// Which layer of a DeepSeek-V4.1 config (the bench then uses random checkpoint-format
     /// weights at the config's width, with the table's rows reduced to fit in memory).
     #[arg(long)]
@@ -428,6 +433,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             })
             .collect(),
     };
+    if a.gather_only {
+        return bench_gather(&a, &e, &m, cfg.layer_id, &ids, &table);
+    }
     let hidden = TorchGenerator::manual_seed(1).randn(b * l * hc * d);
     // The output buffer reused across calls (unless --fresh-output).
     let out_len = if a.decode { b } else { b * l } * hc * d;
@@ -603,6 +611,100 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
 /// Chunked prefill that streams: each chunk's ids and hidden states are generated when it is
 /// run and its outputs dropped after, so memory is O(chunk) whatever the sequence length
 /// (1M tokens of f32 inputs and outputs alone would need 32 GB).
+/// `--gather-only`: the run's rows through the layer's row store, nothing else.
+fn bench_gather(
+    a: &BenchArgs,
+    e: &Engram,
+    m: &NgramHashMapping,
+    layer_id: u64,
+    ids: &[i64],
+    table: &engram::rows::TableOptions,
+) -> Result<ExitCode> {
+    if a.decode || a.chunk.is_some() {
+        bail!("--gather-only: prefill only (not with --decode or --chunk)");
+    }
+    let Some(store) = e.weights().table.store() else {
+        bail!("--gather-only: expected a row store (--table-store, --table-io direct or --table-cache), found the table in memory");
+    };
+    let (b, l) = (a.batch, a.tokens);
+    let offsets = m.layer(layer_id)?.offsets();
+    let h = m.num_heads();
+    let mut rows: Vec<usize> = Vec::with_capacity(b * l * h);
+    for s in 0..b {
+        let hashes = m.hash(layer_id, &ids[s * l..(s + 1) * l], l)?;
+        rows.extend(hashes.chunks_exact(h).flat_map(|hr| {
+            hr.iter()
+                .zip(&offsets)
+                .map(|(&x, &o)| (x as u64 + o) as usize)
+        }));
+    }
+    let dim = store.dim();
+    // Gathered in pieces of at most 64 Ki rows (the output of one piece stays small).
+    const PIECE: usize = 1 << 16;
+    let mut out = vec![0f32; rows.len().min(PIECE) * dim];
+    let gather_all = |out: &mut Vec<f32>| -> Result<()> {
+        for piece in rows.chunks(PIECE) {
+            store.gather(piece, &mut out[..piece.len() * dim])?;
+        }
+        Ok(())
+    };
+    gather_all(&mut out)?; // warm-up: connections, the slot map
+    let before = e.weights().table.store_stats();
+    let mut secs = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs {
+        if !a.warm {
+            e.weights().table.clear_cache();
+        }
+        let t0 = Instant::now();
+        gather_all(&mut out)?;
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    let st = before.zip(e.weights().table.store_stats()).map(|(a0, a1)| {
+        crate::table::row_store_json(table, a.warm, &a1.since(&a0), secs.iter().sum())
+    });
+    let med = median(&mut secs);
+    let rows_per_s = rows.len() as f64 / med;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": "gather-only",
+                "tokens": b * l,
+                "rows": rows.len(),
+                "runs": a.runs,
+                "median_s": med,
+                "rows_per_s": rows_per_s,
+                "tokens_per_s": (b * l) as f64 / med,
+                "row_store": st,
+                "peak_rss_bytes": peak_rss(),
+            })
+        );
+    } else {
+        println!(
+            "engram bench --gather-only: {} rows ({} tokens x {h} heads) through {:?}",
+            rows.len(),
+            b * l,
+            store
+        );
+        println!(
+            "  median of {} runs: {:.3} s = {:.0} rows/s ({:.0} tokens/s of rows, no compute)",
+            a.runs,
+            med,
+            rows_per_s,
+            (b * l) as f64 / med
+        );
+        if let Some(st) = st {
+            println!(
+                "  round trips/s {:.0}, rows fetched/s {:.0}, hit rate {:.1}%",
+                st["reads_per_s"].as_f64().unwrap_or(0.0),
+                st["rows_read_per_s"].as_f64().unwrap_or(0.0),
+                100.0 * st["hit_rate"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn bench_streaming(
     a: &BenchArgs,
     e: &Engram,

@@ -43,6 +43,10 @@ pub struct StoreArgs {
     /// Rows per round trip (default 1024: one tile of the demo layer).
     #[arg(long, value_name = "N")]
     pub store_batch: Option<usize>,
+    /// Round trips in flight at once when a gather spans several batches (one connection per
+    /// node each; default 4).
+    #[arg(long, value_name = "N")]
+    pub store_connections: Option<usize>,
 }
 
 impl StoreArgs {
@@ -67,6 +71,14 @@ impl StoreArgs {
                 anyhow::bail!("--store-batch: expected 1 to {max} rows per round trip, found {n}");
             }
             o.batch = n;
+        }
+        if let Some(n) = self.store_connections {
+            if !(1..=256).contains(&n) {
+                anyhow::bail!(
+                    "--store-connections: expected 1 to 256 round trips in flight, found {n}"
+                );
+            }
+            o.connections = n;
         }
         Ok(o)
     }

@@ -320,3 +320,162 @@ fn an_interrupted_push_resumes_and_another_table_is_refused() {
     base.weights().table.row_into(8, &mut want8);
     assert_eq!(bits(&row8), bits(&want8));
 }
+
+/// A master of the cluster: (node id, `host:port`, its slot ranges).
+fn masters(url: &str) -> Vec<(String, String, Vec<(u16, u16)>)> {
+    let mut c = ::redis::Client::open(url)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let nodes: String = ::redis::cmd("CLUSTER").arg("NODES").query(&mut c).unwrap();
+    nodes
+        .lines()
+        .filter(|l| l.contains("master") && !l.contains("fail"))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let addr = f[1].split('@').next().unwrap().to_string();
+            let ranges = f[8..]
+                .iter()
+                .filter(|r| !r.starts_with('['))
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                    None => (r.parse().unwrap(), r.parse().unwrap()),
+                })
+                .collect();
+            (f[0].to_string(), addr, ranges)
+        })
+        .collect()
+}
+
+fn node(addr: &str) -> ::redis::Connection {
+    ::redis::Client::open(format!("redis://{addr}"))
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+/// Moves every key of `slot` from `src` to `dst` (`MIGRATE`), `only` first when given.
+fn migrate_keys(src: &str, dst: &str, slot: u16, only: Option<&str>) {
+    let mut s = node(src);
+    let (host, port) = dst.rsplit_once(':').unwrap();
+    loop {
+        let keys: Vec<String> = match only {
+            Some(k) => vec![k.to_string()],
+            None => ::redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1000)
+                .query(&mut s)
+                .unwrap(),
+        };
+        if keys.is_empty() {
+            return;
+        }
+        let _: () = ::redis::cmd("MIGRATE")
+            .arg(host)
+            .arg(port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut s)
+            .unwrap();
+        if only.is_some() {
+            return;
+        }
+    }
+}
+
+/// Hands `slot` from master `src` to master `dst` (ids and addresses), as `redis-cli
+/// --cluster reshard` does: importing/migrating, the keys moved, then the new owner told to
+/// every master.
+fn move_slot(all: &[(String, String, Vec<(u16, u16)>)], src: usize, dst: usize, slot: u16) {
+    let setslot = |addr: &str, args: &[&str]| {
+        let _: () = ::redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(args)
+            .query(&mut node(addr))
+            .unwrap();
+    };
+    setslot(&all[dst].1, &["IMPORTING", &all[src].0]);
+    setslot(&all[src].1, &["MIGRATING", &all[dst].0]);
+    migrate_keys(&all[src].1, &all[dst].1, slot, None);
+    for m in all {
+        setslot(&m.1, &["NODE", &all[dst].0]);
+    }
+}
+
+/// Rows whose slot is being migrated (`ASK`, some keys moved and some not), then owned by
+/// another master (`MOVED`, a stale slot map), then moved back: every gather returns the
+/// file's rows.
+#[test]
+fn rows_follow_a_slot_that_moves_between_masters() {
+    let Some(url) = cluster() else { return };
+    let w = golden("small.weights.safetensors");
+    let (raw, id) = demo_raw(&w);
+    push_all(&url, &raw, &id);
+    let o = RedisOptions {
+        batch: 64,
+        deadline: std::time::Duration::from_secs(20),
+        ..Default::default()
+    };
+    let store = RedisRows::open(&url, &id, o).unwrap();
+    let (n, d) = (raw.rows(), raw.dim());
+    let all_rows: Vec<usize> = (0..n).collect();
+    let mut want = vec![0f32; n * d];
+    let mut buf = Vec::new();
+    for r in 0..n {
+        buf.clear();
+        raw.row(r, &mut buf);
+        raw.format().decode(&buf, &mut want[r * d..(r + 1) * d]);
+    }
+    let check = |what: &str| {
+        let mut got = vec![f32::NAN; n * d];
+        store.gather(&all_rows, &mut got).unwrap();
+        assert!(
+            bits(&got) == bits(&want),
+            "{what}: rows differ from the file's"
+        );
+    };
+    check("before");
+    let key = format!("eg:{}:{}", store.tid(), 7);
+    let mut seed = ::redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let slot: u16 = ::redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&key)
+        .query(&mut seed)
+        .unwrap();
+    let all = masters(&url);
+    let src = all
+        .iter()
+        .position(|m| m.2.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+        .expect("the slot's master");
+    let dst = (src + 1) % all.len();
+    let setslot = |addr: &str, args: &[&str]| {
+        let _: () = ::redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(args)
+            .query(&mut node(addr))
+            .unwrap();
+    };
+    // Migrating, with only row 7's key moved: the source answers ASK for it.
+    setslot(&all[dst].1, &["IMPORTING", &all[src].0]);
+    setslot(&all[src].1, &["MIGRATING", &all[dst].0]);
+    migrate_keys(&all[src].1, &all[dst].1, slot, Some(&key));
+    check("while the slot migrates (ASK)");
+    // The rest moved and the slot handed over: the store's map is stale (MOVED).
+    migrate_keys(&all[src].1, &all[dst].1, slot, None);
+    for m in &all {
+        setslot(&m.1, &["NODE", &all[dst].0]);
+    }
+    check("after the slot moved (MOVED)");
+    // And back, leaving the cluster as it was.
+    move_slot(&all, dst, src, slot);
+    check("after the slot moved back");
+}

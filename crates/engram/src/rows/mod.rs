@@ -8,6 +8,7 @@ pub mod cache;
 pub mod direct;
 pub mod fp8;
 pub mod redis;
+pub mod resp;
 
 use crate::error::Result;
 

@@ -27,11 +27,11 @@
 //! value of the wrong length or a reply count that differs is an error.
 
 use super::fp8::{decode_row, BLOCK};
+use super::resp::{self, SlotMap};
 use super::{RowStore, StoreStats};
 use crate::error::{EngramError, Result};
 use crate::tensors::RawTensor;
 use redis::cluster::{ClusterClient, ClusterConnection};
-use redis::Value;
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -582,26 +582,37 @@ pub fn push(
         });
     }
     // The final check: every row read back equals the file's, and the digest of them all.
+    let wire = Wire::open(url, o)?;
+    let mut lane = Lane::default();
+    let want = raw.format.row_bytes(raw.dim);
     let mut h = Sha256::new();
     let mut at = 0;
     while at < rows {
         let b = (at + o.batch.max(1)).min(rows);
         let keys: Vec<usize> = (at..b).collect();
-        let got = fetch(&mut link, &tid, &keys)?;
-        for (r, v) in (at..b).zip(got) {
+        // None: equal to the file's row; Some(why): not.
+        let mut verdict: Vec<Option<String>> = vec![None; keys.len()];
+        let mut file_row = Vec::new();
+        get_rows(&wire, &mut lane, o, &tid, &keys, want, &mut |i, got| {
+            file_row.clear();
+            raw.row(keys[i], &mut file_row);
+            verdict[i] = match got {
+                Got::Row(v) if v == file_row.as_slice() => None,
+                Got::Row(_) => Some("reads back with bytes that differ from the file's".into()),
+                Got::Len(n) => Some(format!(
+                    "reads back as {n} bytes, the file's row has {}",
+                    file_row.len()
+                )),
+                Got::Missing => Some("is missing after the push (lost in a failover?)".into()),
+            };
+            Ok(())
+        })?;
+        for (r, v) in (at..b).zip(verdict) {
             buf.clear();
             raw.row(r, &mut buf);
-            let bad = match v {
-                Some(v) if v == buf => {
-                    h.update(&buf);
-                    continue;
-                }
-                Some(v) => format!(
-                    "reads back as {} bytes that differ from the file's {}",
-                    v.len(),
-                    buf.len()
-                ),
-                None => "is missing after the push (lost in a failover?)".to_string(),
+            let Some(bad) = v else {
+                h.update(&buf);
+                continue;
             };
             // The next push rewrites from this row on.
             let mut rewind = redis::cmd("HSET");
@@ -641,32 +652,356 @@ pub fn push(
     })
 }
 
-/// The values of rows `rows` of table `tid`, one pipeline (one round trip per node); `None`
-/// for a missing key. Retried until the deadline, each try on a sound connection.
-fn fetch(link: &mut Link, tid: &str, rows: &[usize]) -> Result<Vec<Option<Vec<u8>>>> {
-    let mut pipe = redis::cluster::cluster_pipe();
+/// The cluster as the reads see it: where to ask for the slot map, how to log in, and the
+/// map last read. Reads go over [`resp`]'s lean pipelined connections; the control commands
+/// (meta, push, `CLUSTER NODES`) over the `redis` crate.
+struct Wire {
+    url: String,
+    seed: String,
+    auth: resp::Auth,
+    map: Mutex<Arc<SlotMap>>,
+}
+
+impl Wire {
+    /// Reads the slot map from the node at `url` (or fails with the reason).
+    fn open(url: &str, o: &RedisOptions) -> Result<Self> {
+        use redis::IntoConnectionInfo;
+        let info = url
+            .into_connection_info()
+            .map_err(|e| store_err(url, format!("not a Redis URL: {e}")))?;
+        let seed = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+            a => {
+                return Err(store_err(
+                    url,
+                    format!("expected a plain TCP node (redis://HOST:PORT), found {a:?}"),
+                ))
+            }
+        };
+        let r = info.redis_settings();
+        let wire = Wire {
+            url: url.into(),
+            seed,
+            auth: resp::Auth {
+                username: r.username().map(str::to_string),
+                password: r.password().map(str::to_string),
+            },
+            map: Mutex::new(Arc::new(SlotMap::empty())),
+        };
+        wire.refresh(o.timeout)
+            .map_err(|e| store_err(url, format!("no slot map: {e}")))?;
+        Ok(wire)
+    }
+
+    fn map(&self) -> Arc<SlotMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads `CLUSTER SLOTS` from the seed node, or else from any node of the last map.
+    fn refresh(&self, timeout: Duration) -> std::result::Result<(), String> {
+        let mut ask = vec![self.seed.clone()];
+        ask.extend(
+            self.map()
+                .nodes
+                .iter()
+                .filter(|n| **n != self.seed)
+                .cloned(),
+        );
+        let mut why = Vec::new();
+        for addr in ask {
+            let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let got = (|| -> std::result::Result<SlotMap, String> {
+                let mut c =
+                    resp::Conn::connect(&addr, &self.auth, timeout).map_err(|e| e.to_string())?;
+                let mut cmd = Vec::new();
+                resp::push_command(&mut cmd, &[b"CLUSTER", b"SLOTS"]);
+                c.send(&cmd).map_err(|e| e.to_string())?;
+                let v = c.value(4, 1024).map_err(|e| e.to_string())?;
+                let m = SlotMap::from_cluster_slots(&v, host)?;
+                if m.nodes.is_empty() {
+                    return Err("no slot is served (not a cluster, or not one yet)".into());
+                }
+                Ok(m)
+            })();
+            match got {
+                Ok(m) => {
+                    *self.map.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(m);
+                    return Ok(());
+                }
+                Err(e) => why.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(why.join("; "))
+    }
+}
+
+/// One lane's connections (one per node) and scratch: a gather in flight owns one lane.
+#[derive(Default)]
+struct Lane {
+    conns: std::collections::HashMap<String, resp::Conn>,
+    cmd: Vec<u8>,
+    key: Vec<u8>,
+    row: Vec<u8>,
+    slots: Vec<u16>,
+}
+
+impl Lane {
+    /// The connection to `addr`, made if needed, waiting at most `limit` per read or write.
+    fn conn(
+        &mut self,
+        addr: &str,
+        auth: &resp::Auth,
+        limit: Duration,
+    ) -> std::io::Result<&mut resp::Conn> {
+        if !self.conns.contains_key(addr) {
+            let c = resp::Conn::connect(addr, auth, limit)?;
+            self.conns.insert(addr.to_string(), c);
+        }
+        let c = self.conns.get_mut(addr).expect("inserted above");
+        c.set_timeout(limit)?;
+        Ok(c)
+    }
+
+    /// `eg:<tid>:<row>` into `self.key`.
+    fn key(&mut self, tid: &str, r: usize) {
+        use std::io::Write;
+        self.key.clear();
+        let _ = write!(self.key, "eg:{tid}:{r}");
+    }
+}
+
+/// What a node holds for one asked row.
+enum Got<'a> {
+    /// The row's bytes (of the expected length).
+    Row(&'a [u8]),
+    /// No such key.
+    Missing,
+    /// A value of this many bytes (not a row of this table).
+    Len(usize),
+}
+
+/// One reply to a `GET`, read in place.
+enum Reply {
+    Row,
+    Missing,
+    Len(usize),
+    Error(String),
+}
+
+fn read_reply(c: &mut resp::Conn, want: usize, row: &mut Vec<u8>) -> std::io::Result<Reply> {
+    Ok(match c.head()? {
+        resp::Head::Bulk(n) if n == want => {
+            row.resize(want, 0);
+            c.payload(row)?;
+            Reply::Row
+        }
+        resp::Head::Bulk(n) => {
+            c.skip(n)?;
+            Reply::Len(n)
+        }
+        resp::Head::Nil => Reply::Missing,
+        resp::Head::Error(e) => Reply::Error(e),
+        h => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("expected a row's bytes, found {h:?}"),
+            ))
+        }
+    })
+}
+
+/// Reads rows `rows` of table `tid` (`want` bytes each): every node's share as one pipeline
+/// of `GET`s, all nodes' pipelines sent before any reply is read; each reply goes to
+/// `sink(i, got)` (`i` indexes `rows`; order across nodes is not `rows`' order). A row that
+/// could not be read (a node down, a slot moving: `MOVED` refreshes the map, `ASK` is
+/// followed, `TRYAGAIN`/`CLUSTERDOWN` wait) is asked again, with back-off (50 ms doubling to
+/// 1 s), until `o.deadline`; then the call fails naming the node, the cause and the nodes the
+/// cluster marks as failing. Rows read in a failed try are kept: each reply is framed and
+/// matched to its request, and a connection is dropped at its first error.
+fn get_rows(
+    wire: &Wire,
+    lane: &mut Lane,
+    o: &RedisOptions,
+    tid: &str,
+    rows: &[usize],
+    want: usize,
+    sink: &mut dyn FnMut(usize, Got<'_>) -> Result<()>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    let mut tries = 0u32;
+    let mut pending: Vec<usize> = (0..rows.len()).collect();
+    let mut map_err = String::new();
+    lane.slots.clear();
     for &r in rows {
-        pipe.cmd("GET").arg(TableId::row_key(tid, r));
+        lane.key(tid, r);
+        let s = resp::key_slot(&lane.key);
+        lane.slots.push(s);
     }
-    let values: Vec<Value> = link.run(move |c| pipe.query(c))?;
-    let url = link.url.clone();
-    if values.len() != rows.len() {
-        return Err(store_err(
-            &url,
-            format!("{} replies to {} reads", values.len(), rows.len()),
-        ));
+    loop {
+        tries += 1;
+        let limit = o.timeout.min(o.deadline.saturating_sub(t0.elapsed()));
+        let map = wire.map();
+        let mut retry: Vec<usize> = Vec::new();
+        let mut asks: Vec<(usize, String)> = Vec::new();
+        let mut why = String::new();
+        let mut refresh = false;
+        let mut only_moved = true;
+        let mut per: Vec<Vec<usize>> = vec![Vec::new(); map.nodes.len()];
+        for &i in &pending {
+            match map.node_of(lane.slots[i]) {
+                Some(n) => per[n].push(i),
+                None => {
+                    retry.push(i);
+                    why = format!("slot {} is served by no node", lane.slots[i]);
+                    refresh = true;
+                    only_moved = false;
+                }
+            }
+        }
+        let mut sent = vec![false; per.len()];
+        for (n, idx) in per.iter().enumerate() {
+            if idx.is_empty() {
+                continue;
+            }
+            let mut cmd = std::mem::take(&mut lane.cmd);
+            cmd.clear();
+            for &i in idx {
+                lane.key(tid, rows[i]);
+                resp::push_command(&mut cmd, &[b"GET", &lane.key]);
+            }
+            let addr = &map.nodes[n];
+            let res = lane
+                .conn(addr, &wire.auth, limit)
+                .and_then(|c| c.send(&cmd));
+            lane.cmd = cmd;
+            match res {
+                Ok(()) => sent[n] = true,
+                Err(e) => {
+                    lane.conns.remove(addr);
+                    retry.extend_from_slice(idx);
+                    why = format!("{addr}: {e}");
+                    refresh = true;
+                    only_moved = false;
+                }
+            }
+        }
+        for (n, idx) in per.iter().enumerate() {
+            if !sent[n] {
+                continue;
+            }
+            let addr = &map.nodes[n];
+            let mut row = std::mem::take(&mut lane.row);
+            let c = lane.conns.get_mut(addr).expect("sent on it");
+            for (k, &i) in idx.iter().enumerate() {
+                let got = match read_reply(c, want, &mut row) {
+                    Ok(Reply::Row) => sink(i, Got::Row(&row)),
+                    Ok(Reply::Missing) => sink(i, Got::Missing),
+                    Ok(Reply::Len(l)) => sink(i, Got::Len(l)),
+                    Ok(Reply::Error(e)) => {
+                        match resp::redirect(&e) {
+                            resp::Redirect::Moved(_) => refresh = true,
+                            resp::Redirect::Ask(to) => {
+                                asks.push((i, to));
+                                continue;
+                            }
+                            resp::Redirect::Retry => only_moved = false,
+                            resp::Redirect::Fatal => {
+                                lane.conns.clear();
+                                return Err(store_err(addr, format!("GET answered {e}")));
+                            }
+                        }
+                        retry.push(i);
+                        why = format!("{addr}: {e}");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        lane.conns.remove(addr);
+                        retry.extend_from_slice(&idx[k..]);
+                        why = format!("{addr}: {e}");
+                        refresh = true;
+                        only_moved = false;
+                        break;
+                    }
+                };
+                if let Err(e) = got {
+                    // The rest of this node's replies are unread: no connection is reused.
+                    lane.conns.clear();
+                    return Err(e);
+                }
+            }
+            lane.row = row;
+        }
+        for (i, to) in asks {
+            // `ASKING` then the `GET`, on the node importing the slot.
+            let mut cmd = Vec::new();
+            lane.key(tid, rows[i]);
+            resp::push_command(&mut cmd, &[b"ASKING"]);
+            resp::push_command(&mut cmd, &[b"GET", &lane.key]);
+            let mut row = std::mem::take(&mut lane.row);
+            let res = lane.conn(&to, &wire.auth, limit).and_then(|c| {
+                c.send(&cmd)?;
+                match c.head()? {
+                    resp::Head::Simple(_) => read_reply(c, want, &mut row),
+                    h => Ok(Reply::Error(format!("ASKING answered {h:?}"))),
+                }
+            });
+            let got = match res {
+                Ok(Reply::Row) => sink(i, Got::Row(&row)),
+                Ok(Reply::Missing) => sink(i, Got::Missing),
+                Ok(Reply::Len(l)) => sink(i, Got::Len(l)),
+                Ok(Reply::Error(e)) => {
+                    retry.push(i);
+                    why = format!("{to}: {e}");
+                    refresh = true;
+                    only_moved = false;
+                    Ok(())
+                }
+                Err(e) => {
+                    lane.conns.remove(&to);
+                    retry.push(i);
+                    why = format!("{to}: {e}");
+                    refresh = true;
+                    only_moved = false;
+                    Ok(())
+                }
+            };
+            lane.row = row;
+            if let Err(e) = got {
+                lane.conns.clear();
+                return Err(e);
+            }
+        }
+        if retry.is_empty() {
+            return Ok(());
+        }
+        if t0.elapsed() + wait >= o.deadline {
+            return Err(store_err(
+                &wire.url,
+                format!(
+                    "{why}{map_err} ({} of {} rows unread after {tries} tries over {:.1} s; {})",
+                    retry.len(),
+                    rows.len(),
+                    t0.elapsed().as_secs_f64(),
+                    failed_nodes(&wire.url, o)
+                ),
+            ));
+        }
+        // A slot that moved is asked again at once, once; anything else waits first.
+        if !(only_moved && tries == 1) {
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
+        if refresh {
+            let left = o.deadline.saturating_sub(t0.elapsed());
+            map_err = match wire.refresh(o.timeout.min(left)) {
+                Ok(()) => String::new(),
+                Err(e) => format!("; reading the slot map: {e}"),
+            };
+        }
+        pending = retry;
     }
-    values
-        .into_iter()
-        .map(|v| match v {
-            Value::Nil => Ok(None),
-            Value::BulkString(b) => Ok(Some(b)),
-            other => Err(store_err(
-                &url,
-                format!("expected a row's bytes, found {other:?}"),
-            )),
-        })
-        .collect()
 }
 
 /// A table's rows in a Redis Cluster, decoded on the way out.
@@ -677,7 +1012,8 @@ pub struct RedisRows {
     rows: usize,
     dim: usize,
     opts: RedisOptions,
-    pool: Mutex<Vec<Link>>,
+    wire: Wire,
+    lanes: Mutex<Vec<Lane>>,
     misses: AtomicU64,
     bytes: AtomicU64,
     trips: AtomicU64,
@@ -776,7 +1112,8 @@ impl RedisRows {
             rows: id.rows,
             dim: id.dim,
             opts,
-            pool: Mutex::new(vec![link]),
+            wire: Wire::open(url, &opts)?,
+            lanes: Mutex::new(Vec::new()),
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             trips: AtomicU64::new(0),
@@ -790,53 +1127,54 @@ impl RedisRows {
         &self.tid
     }
 
-    fn take_link(&self) -> Result<Link> {
-        if let Some(l) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(l);
-        }
-        Link::new(&self.url, &self.opts)
-    }
-
-    /// One batch: one pipeline, decoded into `out` (`rows.len() · dim` values).
+    /// One batch: one pipeline per node, decoded into `out` (`rows.len() · dim` values).
     fn batch(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
         super::check_gather_len(rows.len(), self.dim, out.len())?;
-        let mut link = self.take_link()?;
+        let mut lane = self
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
         let depth = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.depth_sum.fetch_add(depth, Ordering::Relaxed);
         self.trips.fetch_add(1, Ordering::Relaxed);
-        let got = fetch(&mut link, &self.tid, rows);
+        let want = self.format.row_bytes(self.dim);
+        let (dim, format, tid, url) = (self.dim, self.format, &self.tid, &self.url);
+        let got = get_rows(
+            &self.wire,
+            &mut lane,
+            &self.opts,
+            tid,
+            rows,
+            want,
+            &mut |i, got| match got {
+                Got::Row(v) => {
+                    format.decode(v, &mut out[i * dim..(i + 1) * dim]);
+                    Ok(())
+                }
+                Got::Len(n) => Err(store_err(
+                    url,
+                    format!(
+                        "table {tid}: row {} holds {n} bytes, expected {want}",
+                        rows[i]
+                    ),
+                )),
+                Got::Missing => Err(store_err(
+                    url,
+                    format!("table {tid}: row {} is missing", rows[i]),
+                )),
+            },
+        );
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // The link remakes its connection itself after an error.
-        self.pool
+        // The lane dropped any connection that failed; the rest are sound.
+        self.lanes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(link);
-        let got = got?;
-        let want = self.format.row_bytes(self.dim);
-        for ((&r, v), o) in rows.iter().zip(got).zip(out.chunks_exact_mut(self.dim)) {
-            match v {
-                Some(v) if v.len() == want => {
-                    self.bytes.fetch_add(want as u64, Ordering::Relaxed);
-                    self.format.decode(&v, o);
-                }
-                Some(v) => {
-                    return Err(store_err(
-                        &self.url,
-                        format!(
-                            "table {}: row {r} holds {} bytes, expected {want}",
-                            self.tid,
-                            v.len()
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(store_err(
-                        &self.url,
-                        format!("table {}: row {r} is missing", self.tid),
-                    ))
-                }
-            }
-        }
+            .push(lane);
+        got?;
+        self.bytes
+            .fetch_add((want * rows.len()) as u64, Ordering::Relaxed);
         self.misses.fetch_add(rows.len() as u64, Ordering::Relaxed);
         Ok(())
     }
