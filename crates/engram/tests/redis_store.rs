@@ -322,7 +322,9 @@ fn an_interrupted_push_resumes_and_another_table_is_refused() {
 }
 
 /// A master of the cluster: (node id, `host:port`, its slot ranges).
-fn masters(url: &str) -> Vec<(String, String, Vec<(u16, u16)>)> {
+type Master = (String, String, Vec<(u16, u16)>);
+
+fn masters(url: &str) -> Vec<Master> {
     let mut c = ::redis::Client::open(url)
         .unwrap()
         .get_connection()
@@ -390,7 +392,7 @@ fn migrate_keys(src: &str, dst: &str, slot: u16, only: Option<&str>) {
 /// Hands `slot` from master `src` to master `dst` (ids and addresses), as `redis-cli
 /// --cluster reshard` does: importing/migrating, the keys moved, then the new owner told to
 /// every master.
-fn move_slot(all: &[(String, String, Vec<(u16, u16)>)], src: usize, dst: usize, slot: u16) {
+fn move_slot(all: &[Master], src: usize, dst: usize, slot: u16) {
     let setslot = |addr: &str, args: &[&str]| {
         let _: () = ::redis::cmd("CLUSTER")
             .arg("SETSLOT")
