@@ -290,6 +290,59 @@ fn bench_reports_limits_and_shares() {
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
 }
 
+/// `bench --gather-only`: the run's rows through the row store and nothing else; one row per
+/// token and head, counted by the store. Without a store it is one error line.
+#[test]
+fn bench_gather_only_times_the_store_alone() {
+    let (cfg, w) = (
+        golden("small.config.json"),
+        golden("small.weights.safetensors"),
+    );
+    let (code, out, err) = engram(&[
+        "bench",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--table-io",
+        "direct",
+        "--tokens",
+        "50",
+        "--batch",
+        "2",
+        "--runs",
+        "2",
+        "--gather-only",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["mode"], "gather-only", "{out}");
+    let heads = v["rows"].as_u64().unwrap() / 100;
+    assert!(
+        heads >= 1 && v["rows"].as_u64().unwrap() == 100 * heads,
+        "{out}"
+    );
+    assert!(v["rows_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    // Two timed runs, each reading every row from the file (no cache).
+    assert_eq!(
+        v["row_store"]["rows_read"].as_u64(),
+        Some(2 * 100 * heads),
+        "{out}"
+    );
+    expect_error(
+        &[
+            "bench",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--gather-only",
+        ],
+        "--gather-only: expected a row store",
+    );
+}
+
 /// Without a GPU, every `--device cuda` command fails at once with one line that says why;
 /// a bad device name is one line too.
 #[test]

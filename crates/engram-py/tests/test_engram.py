@@ -218,3 +218,29 @@ def test_row_stores_give_the_same_outputs(small, stages, golden):
     a = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=14)
     b = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=14, table_io="direct", table_cache="1k")
     np.testing.assert_array_equal(a.forward(cases["input_ids"], cases["hidden_states"])["output"], b.forward(cases["input_ids"], cases["hidden_states"])["output"])
+
+
+def test_rows_from_a_redis_cluster(small, stages, golden):
+    # Needs a cluster (ENGRAM_REDIS_CLUSTER; CI starts one and sets ENGRAM_REQUIRE_REDIS=1)
+    # and the CLI to push the table (target/release/engram, or ENGRAM_BIN).
+    import os
+    import subprocess
+
+    url = os.environ.get("ENGRAM_REDIS_CLUSTER")
+    if not url:
+        assert os.environ.get("ENGRAM_REQUIRE_REDIS") != "1", "ENGRAM_REQUIRE_REDIS=1 but ENGRAM_REDIS_CLUSTER is not set"
+        pytest.skip("no Redis Cluster (set ENGRAM_REDIS_CLUSTER=redis://HOST:PORT)")
+    from conftest import ROOT
+
+    cli = os.environ.get("ENGRAM_BIN") or str(ROOT / "target" / "release" / "engram")
+    cfg, w = golden / "small.config.json", golden / "small.weights.safetensors"
+    subprocess.run([cli, "table", "push", "--weights", str(w), "--config", str(cfg), "--store", url], check=True, capture_output=True)
+    ids, h = stages["long.input_ids"], stages["long.hidden_states"]
+    want = small.forward(ids, h)["output"]
+    for cache in [None, "1k", "1M"]:
+        l = engram.Engram.load(cfg, w, table_store=url, table_cache=cache)
+        np.testing.assert_array_equal(l.forward(ids, h)["output"], want)
+    # A table the store does not hold (the V4.1 one was never pushed): refused at load.
+    v = golden / "v41"
+    with pytest.raises(ValueError, match="holds no table"):
+        engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=14, table_store=url)

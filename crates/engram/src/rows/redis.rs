@@ -1,7 +1,9 @@
 //! Rows in a Redis Cluster: one key per row holding the row's bytes as the checkpoint stores
 //! them (f32 or bf16 values; fp8 codes followed by their e8m0 scales), fetched by their
-//! deterministic ids in pipelines (one round trip per node for a batch of rows, every node's
-//! pipeline in flight at once, several batches at once on separate connections).
+//! deterministic ids in pipelines: one round trip per node for a batch of rows, every node's
+//! pipeline sent before any reply is read, several batches at once on separate lanes. Reads
+//! go over [`super::resp`]'s lean connections (replies parsed in place into the row buffer);
+//! the few control commands (meta, push, `CLUSTER NODES`) over the `redis` crate.
 //!
 //! **Key scheme.** A table is named by `tid`, 12 hex digits of SHA-256 over the variant, the
 //! layer, a digest of the config as the engine reads it, the table's shape and format, and
@@ -18,13 +20,14 @@
 //! Two tables never share keys: a different config, layer, variant or table gives another
 //! tid. A store that lacks the tid, or holds it incomplete, is refused when the layer loads.
 //!
-//! **Faults.** Every request (a gather's pipeline, a push's batch, a meta read) runs on a
-//! thread of its own and is waited for at most until `deadline`, so a node that stops
-//! answering cannot hold a run longer; a failed try (a node down, a failover moving slots)
-//! drops its connection (its replies may be out of step) and is retried on a new one, with
-//! back-off, until `deadline`; then the call fails with an error naming the store, the cause
-//! and the nodes the cluster marks as failing. A row is never invented: a missing key, a
-//! value of the wrong length or a reply count that differs is an error.
+//! **Faults.** A read's every socket wait is bounded by `timeout` (and by what is left of
+//! `deadline`); a control request runs on a thread of its own and is waited for at most until
+//! `deadline`. So a node that stops answering cannot hold a run longer. A failed try (a node
+//! down, a failover moving slots) drops its connection (its replies may be out of step) and
+//! asks again on a new one, with back-off, after reading the slot map anew; `MOVED` refreshes
+//! the map, `ASK` is followed with `ASKING`. At the deadline the call fails with an error
+//! naming the node, the cause and the nodes the cluster marks as failing. A row is never
+//! invented: a missing key or a value of the wrong length is an error.
 
 use super::fp8::{decode_row, BLOCK};
 use super::resp::{self, SlotMap};
