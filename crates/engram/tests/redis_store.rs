@@ -389,23 +389,25 @@ fn migrate_keys(src: &str, dst: &str, slot: u16, only: Option<&str>) {
     }
 }
 
+/// `CLUSTER SETSLOT slot args…` on the node at `addr`.
+fn setslot(addr: &str, slot: u16, args: &[&str]) {
+    let _: () = ::redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg(args)
+        .query(&mut node(addr))
+        .unwrap();
+}
+
 /// Hands `slot` from master `src` to master `dst` (ids and addresses), as `redis-cli
 /// --cluster reshard` does: importing/migrating, the keys moved, then the new owner told to
 /// every master.
 fn move_slot(all: &[Master], src: usize, dst: usize, slot: u16) {
-    let setslot = |addr: &str, args: &[&str]| {
-        let _: () = ::redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg(args)
-            .query(&mut node(addr))
-            .unwrap();
-    };
-    setslot(&all[dst].1, &["IMPORTING", &all[src].0]);
-    setslot(&all[src].1, &["MIGRATING", &all[dst].0]);
+    setslot(&all[dst].1, slot, &["IMPORTING", &all[src].0]);
+    setslot(&all[src].1, slot, &["MIGRATING", &all[dst].0]);
     migrate_keys(&all[src].1, &all[dst].1, slot, None);
     for m in all {
-        setslot(&m.1, &["NODE", &all[dst].0]);
+        setslot(&m.1, slot, &["NODE", &all[dst].0]);
     }
 }
 
@@ -458,23 +460,15 @@ fn rows_follow_a_slot_that_moves_between_masters() {
         .position(|m| m.2.iter().any(|&(a, b)| (a..=b).contains(&slot)))
         .expect("the slot's master");
     let dst = (src + 1) % all.len();
-    let setslot = |addr: &str, args: &[&str]| {
-        let _: () = ::redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg(args)
-            .query(&mut node(addr))
-            .unwrap();
-    };
     // Migrating, with only row 7's key moved: the source answers ASK for it.
-    setslot(&all[dst].1, &["IMPORTING", &all[src].0]);
-    setslot(&all[src].1, &["MIGRATING", &all[dst].0]);
+    setslot(&all[dst].1, slot, &["IMPORTING", &all[src].0]);
+    setslot(&all[src].1, slot, &["MIGRATING", &all[dst].0]);
     migrate_keys(&all[src].1, &all[dst].1, slot, Some(&key));
     check("while the slot migrates (ASK)");
     // The rest moved and the slot handed over: the store's map is stale (MOVED).
     migrate_keys(&all[src].1, &all[dst].1, slot, None);
     for m in &all {
-        setslot(&m.1, &["NODE", &all[dst].0]);
+        setslot(&m.1, slot, &["NODE", &all[dst].0]);
     }
     check("after the slot moved (MOVED)");
     // And back, leaving the cluster as it was.

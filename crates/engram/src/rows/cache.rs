@@ -559,6 +559,8 @@ impl RowStore for CachedRows {
         self.inner.in_memory()
     }
     fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        // Out of range is the inner store's error, before the index is probed.
+        super::fp8::check_row(r, self.rows())?;
         if self.lookup(r, out) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -579,6 +581,9 @@ impl RowStore for CachedRows {
     fn gather(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
         let d = self.dim();
         super::check_gather_len(rows.len(), d, out.len())?;
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.rows()) {
+            super::fp8::check_row(r, self.rows())?;
+        }
         let n = self.shards.len();
         // Positions of `rows` grouped by shard (a stable counting sort).
         let mut start = vec![0usize; n + 1];
@@ -837,6 +842,19 @@ mod tests {
             let s = a.stats();
             assert!(s.hits > 10_000 && s.misses > 1_000, "{policy:?}: {s:?}");
             assert!(a.held_bytes() <= budget);
+        }
+    }
+
+    /// A row id past the table (up to `usize::MAX`, which the index could not key) is an
+    /// error from both reads, never a cached row.
+    #[test]
+    fn rows_out_of_range_are_errors() {
+        let c = CachedRows::new(Arc::new(Ids(2)), 1 << 20);
+        let mut o = [0f32; 4];
+        c.gather(&[0, 1], &mut o).unwrap();
+        for r in [1 << 20, usize::MAX] {
+            assert!(c.row_into(r, &mut o[..2]).is_err(), "{r}");
+            assert!(c.gather(&[0, r], &mut o).is_err(), "{r}");
         }
     }
 

@@ -691,7 +691,7 @@ impl Wire {
             },
             map: Mutex::new(Arc::new(SlotMap::empty())),
         };
-        wire.refresh(o.timeout)
+        wire.refresh(o.timeout, Instant::now() + o.deadline)
             .map_err(|e| store_err(url, format!("no slot map: {e}")))?;
         Ok(wire)
     }
@@ -700,8 +700,9 @@ impl Wire {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Reads `CLUSTER SLOTS` from the seed node, or else from any node of the last map.
-    fn refresh(&self, timeout: Duration) -> std::result::Result<(), String> {
+    /// Reads `CLUSTER SLOTS` from the seed node, or else from any node of the last map;
+    /// every wait at most `timeout` and none past `end`.
+    fn refresh(&self, timeout: Duration, end: Instant) -> std::result::Result<(), String> {
         let mut ask = vec![self.seed.clone()];
         ask.extend(
             self.map()
@@ -712,15 +713,22 @@ impl Wire {
         );
         let mut why = Vec::new();
         for addr in ask {
+            let Some(limit) = wait_limit(timeout, end) else {
+                why.push("the deadline passed".to_string());
+                break;
+            };
             let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let got = (|| -> std::result::Result<SlotMap, String> {
                 let mut c =
-                    resp::Conn::connect(&addr, &self.auth, timeout).map_err(|e| e.to_string())?;
+                    resp::Conn::connect(&addr, &self.auth, limit).map_err(|e| e.to_string())?;
                 let mut cmd = Vec::new();
                 resp::push_command(&mut cmd, &[b"CLUSTER", b"SLOTS"]);
                 c.send(&cmd).map_err(|e| e.to_string())?;
-                let v = c.value(4, 1024).map_err(|e| e.to_string())?;
+                // A few values per range and node: 2^20 is far more than any real map.
+                let v = c
+                    .value(4, 1024, &mut (1 << 20))
+                    .map_err(|e| e.to_string())?;
                 let m = SlotMap::from_cluster_slots(&v, host)?;
                 if m.nodes.is_empty() {
                     return Err("no slot is served (not a cluster, or not one yet)".into());
@@ -739,6 +747,13 @@ impl Wire {
     }
 }
 
+/// The longest one socket wait may last: `timeout`, cut to what is left before `end`; `None`
+/// once `end` has passed.
+fn wait_limit(timeout: Duration, end: Instant) -> Option<Duration> {
+    let left = end.checked_duration_since(Instant::now())?;
+    (!left.is_zero()).then(|| timeout.min(left))
+}
+
 /// One lane's connections (one per node) and scratch: a gather in flight owns one lane.
 #[derive(Default)]
 struct Lane {
@@ -750,13 +765,18 @@ struct Lane {
 }
 
 impl Lane {
-    /// The connection to `addr`, made if needed, waiting at most `limit` per read or write.
+    /// The connection to `addr`, made if needed, waiting at most `timeout` per read or write
+    /// and never past `end`.
     fn conn(
         &mut self,
         addr: &str,
         auth: &resp::Auth,
-        limit: Duration,
+        timeout: Duration,
+        end: Instant,
     ) -> std::io::Result<&mut resp::Conn> {
+        let limit = wait_limit(timeout, end).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the deadline passed")
+        })?;
         if !self.conns.contains_key(addr) {
             let c = resp::Conn::connect(addr, auth, limit)?;
             self.conns.insert(addr.to_string(), c);
@@ -799,9 +819,17 @@ fn read_reply(c: &mut resp::Conn, want: usize, row: &mut Vec<u8>) -> std::io::Re
             c.payload(row)?;
             Reply::Row
         }
-        resp::Head::Bulk(n) => {
+        // A value of another length is drained (the stream stays in step) unless it is
+        // large; then the connection is given up.
+        resp::Head::Bulk(n) if n <= want.saturating_mul(16).max(1 << 16) => {
             c.skip(n)?;
             Reply::Len(n)
+        }
+        resp::Head::Bulk(n) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a value of {n} bytes where a row has {want}"),
+            ))
         }
         resp::Head::Nil => Reply::Missing,
         resp::Head::Error(e) => Reply::Error(e),
@@ -832,6 +860,7 @@ fn get_rows(
     sink: &mut dyn FnMut(usize, Got<'_>) -> Result<()>,
 ) -> Result<()> {
     let t0 = Instant::now();
+    let end = t0 + o.deadline;
     let mut wait = Duration::from_millis(50);
     let mut tries = 0u32;
     let mut pending: Vec<usize> = (0..rows.len()).collect();
@@ -844,49 +873,38 @@ fn get_rows(
     }
     loop {
         tries += 1;
-        let limit = o.timeout.min(o.deadline.saturating_sub(t0.elapsed()));
+        let mut t = Try::default();
         let map = wire.map();
-        let mut retry: Vec<usize> = Vec::new();
-        let mut asks: Vec<(usize, String)> = Vec::new();
-        let mut why = String::new();
-        let mut refresh = false;
-        let mut only_moved = true;
         let mut per: Vec<Vec<usize>> = vec![Vec::new(); map.nodes.len()];
         for &i in &pending {
             match map.node_of(lane.slots[i]) {
                 Some(n) => per[n].push(i),
-                None => {
-                    retry.push(i);
-                    why = format!("slot {} is served by no node", lane.slots[i]);
-                    refresh = true;
-                    only_moved = false;
-                }
+                None => t.failed(i, format!("slot {} is served by no node", lane.slots[i])),
             }
         }
+        let mut asks: Vec<(String, Vec<usize>)> = Vec::new();
+        // Every node's pipeline goes out before any reply is read.
         let mut sent = vec![false; per.len()];
         for (n, idx) in per.iter().enumerate() {
             if idx.is_empty() {
                 continue;
             }
+            let addr = &map.nodes[n];
             let mut cmd = std::mem::take(&mut lane.cmd);
             cmd.clear();
             for &i in idx {
                 lane.key(tid, rows[i]);
                 resp::push_command(&mut cmd, &[b"GET", &lane.key]);
             }
-            let addr = &map.nodes[n];
             let res = lane
-                .conn(addr, &wire.auth, limit)
+                .conn(addr, &wire.auth, o.timeout, end)
                 .and_then(|c| c.send(&cmd));
             lane.cmd = cmd;
             match res {
                 Ok(()) => sent[n] = true,
                 Err(e) => {
                     lane.conns.remove(addr);
-                    retry.extend_from_slice(idx);
-                    why = format!("{addr}: {e}");
-                    refresh = true;
-                    only_moved = false;
+                    t.failed_all(idx, format!("{addr}: {e}"));
                 }
             }
         }
@@ -895,96 +913,59 @@ fn get_rows(
                 continue;
             }
             let addr = &map.nodes[n];
-            let mut row = std::mem::take(&mut lane.row);
-            let c = lane.conns.get_mut(addr).expect("sent on it");
-            for (k, &i) in idx.iter().enumerate() {
-                let got = match read_reply(c, want, &mut row) {
-                    Ok(Reply::Row) => sink(i, Got::Row(&row)),
-                    Ok(Reply::Missing) => sink(i, Got::Missing),
-                    Ok(Reply::Len(l)) => sink(i, Got::Len(l)),
-                    Ok(Reply::Error(e)) => {
-                        match resp::redirect(&e) {
-                            resp::Redirect::Moved(_) => refresh = true,
-                            resp::Redirect::Ask(to) => {
-                                asks.push((i, to));
-                                continue;
-                            }
-                            resp::Redirect::Retry => only_moved = false,
-                            resp::Redirect::Fatal => {
-                                lane.conns.clear();
-                                return Err(store_err(addr, format!("GET answered {e}")));
-                            }
+            let out = read_replies(lane, addr, o.timeout, end, idx, want, sink, &mut t);
+            match out {
+                Ok(a) => {
+                    for (i, to) in a {
+                        match asks.iter_mut().find(|(n, _)| *n == to) {
+                            Some((_, v)) => v.push(i),
+                            None => asks.push((to, vec![i])),
                         }
-                        retry.push(i);
-                        why = format!("{addr}: {e}");
-                        Ok(())
                     }
-                    Err(e) => {
-                        lane.conns.remove(addr);
-                        retry.extend_from_slice(&idx[k..]);
-                        why = format!("{addr}: {e}");
-                        refresh = true;
-                        only_moved = false;
-                        break;
-                    }
-                };
-                if let Err(e) = got {
+                }
+                Err(Abort::Sink(e)) => {
                     // The rest of this node's replies are unread: no connection is reused.
                     lane.conns.clear();
                     return Err(e);
                 }
+                Err(Abort::Fatal(e)) => {
+                    lane.conns.clear();
+                    return Err(store_err(addr, format!("GET answered {e}")));
+                }
             }
-            lane.row = row;
         }
-        for (i, to) in asks {
-            // `ASKING` then the `GET`, on the node importing the slot.
+        for (to, idx) in asks {
+            // `ASKING` then the `GET`, per row, all in one pipeline to the importing node.
             let mut cmd = Vec::new();
-            lane.key(tid, rows[i]);
-            resp::push_command(&mut cmd, &[b"ASKING"]);
-            resp::push_command(&mut cmd, &[b"GET", &lane.key]);
-            let mut row = std::mem::take(&mut lane.row);
-            let res = lane.conn(&to, &wire.auth, limit).and_then(|c| {
-                c.send(&cmd)?;
-                match c.head()? {
-                    resp::Head::Simple(_) => read_reply(c, want, &mut row),
-                    h => Ok(Reply::Error(format!("ASKING answered {h:?}"))),
-                }
-            });
-            let got = match res {
-                Ok(Reply::Row) => sink(i, Got::Row(&row)),
-                Ok(Reply::Missing) => sink(i, Got::Missing),
-                Ok(Reply::Len(l)) => sink(i, Got::Len(l)),
-                Ok(Reply::Error(e)) => {
-                    retry.push(i);
-                    why = format!("{to}: {e}");
-                    refresh = true;
-                    only_moved = false;
-                    Ok(())
-                }
-                Err(e) => {
-                    lane.conns.remove(&to);
-                    retry.push(i);
-                    why = format!("{to}: {e}");
-                    refresh = true;
-                    only_moved = false;
-                    Ok(())
-                }
-            };
-            lane.row = row;
-            if let Err(e) = got {
+            for &i in &idx {
+                lane.key(tid, rows[i]);
+                resp::push_command(&mut cmd, &[b"ASKING"]);
+                resp::push_command(&mut cmd, &[b"GET", &lane.key]);
+            }
+            let sent = lane
+                .conn(&to, &wire.auth, o.timeout, end)
+                .and_then(|c| c.send(&cmd));
+            if let Err(e) = sent {
+                lane.conns.remove(&to);
+                t.failed_all(&idx, format!("{to}: {e}"));
+                continue;
+            }
+            let out = read_replies_asking(lane, &to, o.timeout, end, &idx, want, sink, &mut t);
+            if let Err(e) = out {
                 lane.conns.clear();
                 return Err(e);
             }
         }
-        if retry.is_empty() {
+        if t.retry.is_empty() {
             return Ok(());
         }
         if t0.elapsed() + wait >= o.deadline {
             return Err(store_err(
                 &wire.url,
                 format!(
-                    "{why}{map_err} ({} of {} rows unread after {tries} tries over {:.1} s; {})",
-                    retry.len(),
+                    "{}{map_err} ({} of {} rows unread after {tries} tries over {:.1} s; {})",
+                    t.why,
+                    t.retry.len(),
                     rows.len(),
                     t0.elapsed().as_secs_f64(),
                     failed_nodes(&wire.url, o)
@@ -992,19 +973,218 @@ fn get_rows(
             ));
         }
         // A slot that moved is asked again at once, once; anything else waits first.
-        if !(only_moved && tries == 1) {
+        if !(t.only_moved && tries == 1) {
             std::thread::sleep(wait);
             wait = (wait * 2).min(Duration::from_secs(1));
         }
-        if refresh {
-            let left = o.deadline.saturating_sub(t0.elapsed());
-            map_err = match wire.refresh(o.timeout.min(left)) {
+        if t.refresh {
+            map_err = match wire.refresh(o.timeout, end) {
                 Ok(()) => String::new(),
                 Err(e) => format!("; reading the slot map: {e}"),
             };
         }
-        pending = retry;
+        pending = t.retry;
     }
+}
+
+/// What one try of [`get_rows`] left to do.
+struct Try {
+    /// Rows (indices into the call's rows) to ask again.
+    retry: Vec<usize>,
+    /// The last failure, for the error at the deadline.
+    why: String,
+    /// Whether the slot map should be read again.
+    refresh: bool,
+    /// Whether every failure was a `MOVED` (asked again at once).
+    only_moved: bool,
+}
+
+impl Default for Try {
+    fn default() -> Self {
+        Try {
+            retry: Vec::new(),
+            why: String::new(),
+            refresh: false,
+            only_moved: true,
+        }
+    }
+}
+
+impl Try {
+    fn failed(&mut self, i: usize, why: String) {
+        self.retry.push(i);
+        self.why = why;
+        self.refresh = true;
+        self.only_moved = false;
+    }
+
+    fn failed_all(&mut self, idx: &[usize], why: String) {
+        self.retry.extend_from_slice(idx);
+        self.why = why;
+        self.refresh = true;
+        self.only_moved = false;
+    }
+
+    /// An error reply to row `i`'s `GET`: `Some(addr)` when it is to be asked there (`ASK`).
+    fn redirected(
+        &mut self,
+        i: usize,
+        node: &str,
+        e: &str,
+    ) -> std::result::Result<Option<String>, ()> {
+        match resp::redirect(e) {
+            resp::Redirect::Moved(_) => self.refresh = true,
+            resp::Redirect::Ask(to) => return Ok(Some(to)),
+            resp::Redirect::Retry => self.only_moved = false,
+            resp::Redirect::Fatal => return Err(()),
+        }
+        self.retry.push(i);
+        self.why = format!("{node}: {e}");
+        Ok(None)
+    }
+}
+
+/// Why reading a node's replies stopped the whole call.
+enum Abort {
+    /// The sink refused a row (its error).
+    Sink(EngramError),
+    /// The node answered with an error no retry can help.
+    Fatal(String),
+}
+
+/// How many replies are read between looks at the clock (a node that trickles its replies
+/// cannot hold a try past its end).
+const CLOCK_EVERY: usize = 64;
+
+/// Reads the replies to the `GET`s of rows `idx` (sent on the lane's connection to `addr`)
+/// into `sink`; rows to ask again go to `t`, rows to ask elsewhere (`ASK`) are returned.
+#[allow(clippy::too_many_arguments)]
+fn read_replies(
+    lane: &mut Lane,
+    addr: &str,
+    timeout: Duration,
+    end: Instant,
+    idx: &[usize],
+    want: usize,
+    sink: &mut dyn FnMut(usize, Got<'_>) -> Result<()>,
+    t: &mut Try,
+) -> std::result::Result<Vec<(usize, String)>, Abort> {
+    let mut asks = Vec::new();
+    let mut row = std::mem::take(&mut lane.row);
+    let Some(c) = lane.conns.get_mut(addr) else {
+        t.failed_all(idx, format!("{addr}: no connection"));
+        return Ok(asks);
+    };
+    let mut failure = None;
+    for (k, &i) in idx.iter().enumerate() {
+        if k % CLOCK_EVERY == 0 {
+            let set = match wait_limit(timeout, end) {
+                Some(l) => c.set_timeout(l),
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the deadline passed",
+                )),
+            };
+            if let Err(e) = set {
+                failure = Some((k, e));
+                break;
+            }
+        }
+        let got = match read_reply(c, want, &mut row) {
+            Ok(Reply::Row) => sink(i, Got::Row(&row)),
+            Ok(Reply::Missing) => sink(i, Got::Missing),
+            Ok(Reply::Len(l)) => sink(i, Got::Len(l)),
+            Ok(Reply::Error(e)) => match t.redirected(i, addr, &e) {
+                Ok(Some(to)) => {
+                    asks.push((i, to));
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(()) => {
+                    lane.row = row;
+                    return Err(Abort::Fatal(e));
+                }
+            },
+            Err(e) => {
+                failure = Some((k, e));
+                break;
+            }
+        };
+        if let Err(e) = got {
+            lane.row = row;
+            return Err(Abort::Sink(e));
+        }
+    }
+    lane.row = row;
+    if let Some((k, e)) = failure {
+        lane.conns.remove(addr);
+        t.failed_all(&idx[k..], format!("{addr}: {e}"));
+    }
+    Ok(asks)
+}
+
+/// Reads the replies to `ASKING` + `GET` pairs for rows `idx` from the importing node `to`.
+/// Anything but `+OK` to an `ASKING`, or any failure, gives the connection up (its replies
+/// may be out of step) and leaves the rest of the rows to ask again.
+#[allow(clippy::too_many_arguments)]
+fn read_replies_asking(
+    lane: &mut Lane,
+    to: &str,
+    timeout: Duration,
+    end: Instant,
+    idx: &[usize],
+    want: usize,
+    sink: &mut dyn FnMut(usize, Got<'_>) -> Result<()>,
+    t: &mut Try,
+) -> Result<()> {
+    let mut row = std::mem::take(&mut lane.row);
+    let Some(c) = lane.conns.get_mut(to) else {
+        t.failed_all(idx, format!("{to}: no connection"));
+        return Ok(());
+    };
+    let mut failure: Option<(usize, String)> = None;
+    for (k, &i) in idx.iter().enumerate() {
+        let step = (|| -> std::io::Result<std::result::Result<Reply, String>> {
+            if k % CLOCK_EVERY == 0 {
+                let l = wait_limit(timeout, end).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the deadline passed")
+                })?;
+                c.set_timeout(l)?;
+            }
+            match c.head()? {
+                resp::Head::Simple(_) => Ok(Ok(read_reply(c, want, &mut row)?)),
+                h => Ok(Err(format!("ASKING answered {h:?}"))),
+            }
+        })();
+        let got = match step {
+            Ok(Ok(Reply::Row)) => sink(i, Got::Row(&row)),
+            Ok(Ok(Reply::Missing)) => sink(i, Got::Missing),
+            Ok(Ok(Reply::Len(l))) => sink(i, Got::Len(l)),
+            Ok(Ok(Reply::Error(e))) => {
+                // The slot may have moved on: ask again after reading the map.
+                t.failed(i, format!("{to}: {e}"));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                failure = Some((k, e));
+                break;
+            }
+            Err(e) => {
+                failure = Some((k, e.to_string()));
+                break;
+            }
+        };
+        if let Err(e) = got {
+            lane.row = row;
+            return Err(e);
+        }
+    }
+    lane.row = row;
+    if let Some((k, e)) = failure {
+        lane.conns.remove(to);
+        t.failed_all(&idx[k..], format!("{to}: {e}"));
+    }
+    Ok(())
 }
 
 /// A table's rows in a Redis Cluster, decoded on the way out.
@@ -1245,5 +1425,180 @@ impl RowStore for RedisRows {
             reads: self.trips.load(Ordering::Relaxed),
             depth_sum: self.depth_sum.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+
+    type Handler = Arc<dyn Fn(&[Vec<u8>]) -> Option<Vec<u8>> + Send + Sync>;
+
+    /// A scripted node on loopback: each command (an array of bulk strings) gets
+    /// `handler(args)` as its reply, or none (`None`: the node stays silent).
+    fn fake_node(handler: Handler) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let h = handler.clone();
+                std::thread::spawn(move || {
+                    let Ok(mut c) = resp::Conn::over(s) else {
+                        return;
+                    };
+                    let _ = c.set_timeout(Duration::from_secs(30));
+                    loop {
+                        let Ok(resp::Head::Array(n)) = c.head() else {
+                            return;
+                        };
+                        let mut args = Vec::new();
+                        for _ in 0..n {
+                            let Ok(resp::Head::Bulk(len)) = c.head() else {
+                                return;
+                            };
+                            let mut a = vec![0u8; len];
+                            if c.payload(&mut a).is_err() {
+                                return;
+                            }
+                            args.push(a);
+                        }
+                        if let Some(reply) = h(&args) {
+                            if c.send(&reply).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn slots_reply(addr: &str) -> Vec<u8> {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        format!(
+            "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n${}\r\n{host}\r\n:{port}\r\n",
+            host.len()
+        )
+        .into_bytes()
+    }
+
+    /// Row `r`'s 4 bytes: `R` and three digits.
+    fn row_reply(key: &[u8]) -> Vec<u8> {
+        let r: usize = std::str::from_utf8(key)
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        format!("$4\r\nR{r:03}\r\n").into_bytes()
+    }
+
+    fn wire(addr: &str) -> Wire {
+        let o = RedisOptions {
+            timeout: Duration::from_millis(300),
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        };
+        Wire::open(&format!("redis://{addr}"), &o).unwrap()
+    }
+
+    fn read(w: &Wire, lane: &mut Lane, o: &RedisOptions, rows: &[usize]) -> Result<Vec<String>> {
+        let mut got = vec![String::new(); rows.len()];
+        get_rows(w, lane, o, "t", rows, 4, &mut |i, g| {
+            got[i] = match g {
+                Got::Row(v) => String::from_utf8_lossy(v).into_owned(),
+                Got::Missing => "missing".into(),
+                Got::Len(n) => format!("len {n}"),
+            };
+            Ok(())
+        })?;
+        Ok(got)
+    }
+
+    /// A node importing a slot that refuses `ASKING` once (`LOADING`): the connection is given
+    /// up, so the `GET` reply it still owes is never read as another row's.
+    #[test]
+    fn a_refused_asking_never_shifts_replies() {
+        // The first ASKING and the GET after it are refused, as a node still loading does.
+        let (ask_no, get_no) = (Arc::new(AtomicUsize::new(1)), Arc::new(AtomicUsize::new(1)));
+        let refuse = |n: &AtomicUsize| {
+            n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1))
+                .is_ok()
+        };
+        let b = fake_node(Arc::new(move |a: &[Vec<u8>]| {
+            let loading = b"-LOADING Redis is loading the dataset in memory\r\n".to_vec();
+            Some(match a[0].as_slice() {
+                b"ASKING" if refuse(&ask_no) => loading,
+                b"ASKING" => b"+OK\r\n".to_vec(),
+                b"GET" if refuse(&get_no) => loading,
+                b"GET" => row_reply(&a[1]),
+                _ => b"-ERR unknown\r\n".to_vec(),
+            })
+        }));
+        let a_addr = Arc::new(Mutex::new(String::new()));
+        let a2 = a_addr.clone();
+        let b2 = b.clone();
+        let a = fake_node(Arc::new(move |a: &[Vec<u8>]| {
+            Some(match a[0].as_slice() {
+                b"CLUSTER" => slots_reply(&a2.lock().unwrap()),
+                // Rows 7 and 8 are being migrated to B and are there already.
+                b"GET" if a[1].ends_with(b":7") || a[1].ends_with(b":8") => {
+                    format!("-ASK 1 {b2}\r\n").into_bytes()
+                }
+                b"GET" => row_reply(&a[1]),
+                _ => b"-ERR unknown\r\n".to_vec(),
+            })
+        }));
+        *a_addr.lock().unwrap() = a.clone();
+        let w = wire(&a);
+        let o = RedisOptions {
+            timeout: Duration::from_millis(300),
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let mut lane = Lane::default();
+        assert_eq!(read(&w, &mut lane, &o, &[7, 1]).unwrap(), ["R007", "R001"]);
+        assert_eq!(
+            read(&w, &mut lane, &o, &[7, 8, 2]).unwrap(),
+            ["R007", "R008", "R002"]
+        );
+    }
+
+    /// Rows sent by `ASK` to a node that accepts and never answers: the call fails by its
+    /// deadline (one try's waits are cut to what is left of it), naming the node.
+    #[test]
+    fn a_silent_node_cannot_hold_a_read_past_its_deadline() {
+        let c = fake_node(Arc::new(|_: &[Vec<u8>]| None));
+        let a_addr = Arc::new(Mutex::new(String::new()));
+        let a2 = a_addr.clone();
+        let c2 = c.clone();
+        let a = fake_node(Arc::new(move |a: &[Vec<u8>]| {
+            Some(match a[0].as_slice() {
+                b"CLUSTER" => slots_reply(&a2.lock().unwrap()),
+                _ => format!("-ASK 1 {c2}\r\n").into_bytes(),
+            })
+        }));
+        *a_addr.lock().unwrap() = a.clone();
+        let w = wire(&a);
+        let o = RedisOptions {
+            timeout: Duration::from_millis(200),
+            deadline: Duration::from_millis(600),
+            ..Default::default()
+        };
+        let rows: Vec<usize> = (0..40).collect();
+        let t0 = Instant::now();
+        let e = read(&w, &mut Lane::default(), &o, &rows)
+            .unwrap_err()
+            .to_string();
+        let took = t0.elapsed();
+        assert!(e.contains(&c), "{e}");
+        // Bounded by the deadline plus one wait and the final CLUSTER NODES probe, not by
+        // rows × timeout (8 s here).
+        assert!(took < Duration::from_secs(4), "{took:?}: {e}");
     }
 }

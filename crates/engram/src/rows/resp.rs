@@ -135,13 +135,7 @@ impl Conn {
         let stream = stream.ok_or_else(|| {
             last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
         })?;
-        stream.set_nodelay(true)?;
-        let reader = BufReader::with_capacity(1 << 16, stream.try_clone()?);
-        let mut c = Conn {
-            stream,
-            reader,
-            line: Vec::with_capacity(64),
-        };
+        let mut c = Conn::over(stream)?;
         c.set_timeout(timeout)?;
         if let Some(pw) = &auth.password {
             let mut cmd = Vec::new();
@@ -162,6 +156,17 @@ impl Conn {
             }
         }
         Ok(c)
+    }
+
+    /// RESP over an open stream (either end: a node reads its clients' commands the same way).
+    pub fn over(stream: TcpStream) -> io::Result<Conn> {
+        stream.set_nodelay(true)?;
+        let reader = BufReader::with_capacity(1 << 16, stream.try_clone()?);
+        Ok(Conn {
+            stream,
+            reader,
+            line: Vec::with_capacity(64),
+        })
     }
 
     /// The longest any one read or write may wait.
@@ -246,8 +251,17 @@ impl Conn {
     }
 
     /// A whole reply, nested arrays included (at most `depth` deep, bulk strings at most
-    /// `max_bulk` bytes): for control commands only.
-    pub fn value(&mut self, depth: usize, max_bulk: usize) -> io::Result<Value> {
+    /// `max_bulk` bytes, at most `budget` values in all): for control commands only.
+    pub fn value(
+        &mut self,
+        depth: usize,
+        max_bulk: usize,
+        budget: &mut usize,
+    ) -> io::Result<Value> {
+        if *budget == 0 {
+            return Err(bad("a reply with too many values"));
+        }
+        *budget -= 1;
         Ok(match self.head()? {
             Head::Bulk(n) if n <= max_bulk => {
                 let mut b = vec![0u8; n];
@@ -260,10 +274,11 @@ impl Conn {
             Head::Error(e) => Value::Error(e),
             Head::Int(i) => Value::Int(i),
             Head::Array(_) if depth == 0 => return Err(bad("arrays nested too deep")),
+            Head::Array(n) if n > *budget => return Err(bad(format!("an array of {n} values"))),
             Head::Array(n) => {
-                let mut v = Vec::with_capacity(n.min(1 << 12));
+                let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
-                    v.push(self.value(depth - 1, max_bulk)?);
+                    v.push(self.value(depth - 1, max_bulk, budget)?);
                 }
                 Value::Array(v)
             }
@@ -360,7 +375,8 @@ pub enum Redirect {
     Moved(String),
     /// `ASK slot addr`: this one key is at `addr` for now; send `ASKING` then the command.
     Ask(String),
-    /// `TRYAGAIN`, `CLUSTERDOWN`, `LOADING`, `MASTERDOWN`: the cluster is changing; retry.
+    /// `TRYAGAIN`, `CLUSTERDOWN`, `LOADING`, `MASTERDOWN`, `BUSY`, too many clients: the
+    /// cluster is changing or busy; retry.
     Retry,
     /// Anything else: the request itself is wrong.
     Fatal,
@@ -372,7 +388,8 @@ pub fn redirect(error: &str) -> Redirect {
     match w.next().unwrap_or("") {
         "MOVED" => Redirect::Moved(w.nth(1).unwrap_or("").to_string()),
         "ASK" => Redirect::Ask(w.nth(1).unwrap_or("").to_string()),
-        "TRYAGAIN" | "CLUSTERDOWN" | "LOADING" | "MASTERDOWN" => Redirect::Retry,
+        "TRYAGAIN" | "CLUSTERDOWN" | "LOADING" | "MASTERDOWN" | "BUSY" => Redirect::Retry,
+        "ERR" if error.starts_with("ERR max number of clients") => Redirect::Retry,
         _ => Redirect::Fatal,
     }
 }
@@ -417,6 +434,14 @@ mod tests {
             Redirect::Ask("127.0.0.1:6381".into())
         );
         assert_eq!(redirect("CLUSTERDOWN The cluster is down"), Redirect::Retry);
+        assert_eq!(
+            redirect("BUSY Redis is busy running a script"),
+            Redirect::Retry
+        );
+        assert_eq!(
+            redirect("ERR max number of clients reached"),
+            Redirect::Retry
+        );
         assert_eq!(redirect("ERR unknown command"), Redirect::Fatal);
     }
 
@@ -483,13 +508,19 @@ mod tests {
         assert_eq!(c.head().unwrap(), Head::Error("MOVED 1 h:1".into()));
         assert_eq!(c.head().unwrap(), Head::Int(7));
         assert_eq!(
-            c.value(2, 16).unwrap(),
+            c.value(2, 16, &mut 3).unwrap(),
             Value::Array(vec![Value::Simple("OK".into()), Value::Bulk(vec![])])
         );
         assert_eq!(c.head().unwrap(), Head::Bulk(2));
         let mut b = [0u8; 2];
         assert!(c.payload(&mut b).is_err(), "a payload without its CRLF");
         assert!(c.head().is_err(), "the closed connection");
+
+        // A reply of more values than the budget allows is refused before it is read.
+        let addr = fake(b"*1000000\r\n:1\r\n:1\r\n");
+        let mut c = Conn::connect(&addr, &Auth::default(), Duration::from_secs(5)).unwrap();
+        c.send(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        assert!(c.value(4, 16, &mut 1000).is_err());
 
         let addr = fake(b"?what\r\n");
         let mut c = Conn::connect(&addr, &Auth::default(), Duration::from_secs(5)).unwrap();
