@@ -8,7 +8,7 @@
 //! stores); a blocking reader pool needs no extra crate and runs on every Unix.
 
 use super::fp8::{check_row, decode_row, BLOCK};
-use super::{RowStore, StoreStats};
+use super::{RowFormat, RowStore, StoreStats};
 use crate::error::{EngramError, Result};
 use crate::tensors::RawTensor;
 use rayon::prelude::*;
@@ -71,21 +71,11 @@ thread_local! {
     static BUF: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
 }
 
-/// How a row is stored in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    /// e4m3 codes `[rows, dim]` read from the file, e8m0 scales `[rows, dim/32]` held in
-    /// memory (1/32 of the codes' size; reading them would double the reads per row).
-    Fp8,
-    /// f32 values.
-    F32,
-    /// bf16 values.
-    Bf16,
-}
-
 /// A table read from its file on demand: fp8 (e4m3 codes + e8m0 scales), f32 or bf16.
 pub struct DirectRows {
-    format: Format,
+    /// fp8: e4m3 codes read from the file, e8m0 scales held in memory (1/32 of the codes'
+    /// size; reading them would double the reads per row).
+    format: RowFormat,
     file: File,
     path: PathBuf,
     /// Whether the file really is open with `O_DIRECT` (some file systems refuse it; then the
@@ -187,14 +177,22 @@ impl DirectRows {
             ));
         };
         let scales = scales.to_owned_bytes("the fp8 table's scales (--table-io direct)")?;
-        Self::open(Format::Fp8, codes, path, codes_at, Some(scales), rows, dim)
+        Self::open(
+            RowFormat::Fp8,
+            codes,
+            path,
+            codes_at,
+            Some(scales),
+            rows,
+            dim,
+        )
     }
 
     /// Opens the file holding a dense f32 or bf16 table `[rows, dim]` (a demo-layer table).
     pub fn open_dense(t: &RawTensor, rows: usize, dim: usize) -> Result<Self> {
         let format = match t.dtype {
-            safetensors::Dtype::F32 => Format::F32,
-            safetensors::Dtype::BF16 => Format::Bf16,
+            safetensors::Dtype::F32 => RowFormat::F32,
+            safetensors::Dtype::BF16 => RowFormat::Bf16,
             d => {
                 return Err(EngramError::invalid(
                     "table-io direct",
@@ -216,7 +214,7 @@ impl DirectRows {
     /// Opens `path` (the file `t` was mapped from: another file put at its path is refused)
     /// for rows at `codes_at`.
     fn open(
-        format: Format,
+        format: RowFormat,
         t: &RawTensor,
         path: &Path,
         codes_at: u64,
@@ -334,7 +332,7 @@ impl DirectRows {
         let d = self.dim;
         let mut raw = [0u8; 4 * 4096];
         match self.format {
-            Format::Fp8 => {
+            RowFormat::Fp8 => {
                 let blocks = d / BLOCK;
                 if d > 4096 {
                     return Err(EngramError::invalid(
@@ -348,9 +346,8 @@ impl DirectRows {
                     &self.scales.as_ref().expect("fp8 scales").data()[r * blocks..(r + 1) * blocks];
                 decode_row(&raw[..d], scales, out);
             }
-            Format::F32 | Format::Bf16 => {
-                let es = if self.format == Format::F32 { 4 } else { 2 };
-                let n = d * es;
+            RowFormat::F32 | RowFormat::Bf16 => {
+                let n = self.format.row_bytes(d);
                 if n > raw.len() {
                     return Err(EngramError::invalid(
                         "table-io direct",
@@ -359,15 +356,7 @@ impl DirectRows {
                     ));
                 }
                 self.read(self.codes_at + (r * n) as u64, n, &mut raw[..n])?;
-                if es == 4 {
-                    for (o, c) in out.iter_mut().zip(raw[..n].chunks_exact(4)) {
-                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    }
-                } else {
-                    for (o, c) in out.iter_mut().zip(raw[..n].chunks_exact(2)) {
-                        *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                    }
-                }
+                self.format.decode(&raw[..n], out);
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
@@ -387,7 +376,7 @@ impl RowStore for DirectRows {
     }
     fn bf16_exact(&self) -> bool {
         // fp8 rows are rounded to bf16 as decoded; a bf16 table's values are bf16.
-        self.format != Format::F32
+        self.format != RowFormat::F32
     }
     fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
         self.check_unchanged()?;

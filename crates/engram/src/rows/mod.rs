@@ -12,6 +12,59 @@ pub mod resp;
 
 use crate::error::Result;
 
+/// How a row's bytes encode its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowFormat {
+    /// `dim` little-endian f32.
+    F32,
+    /// `dim` little-endian bf16.
+    Bf16,
+    /// `dim` e4m3 codes, then `dim/32` e8m0 scales.
+    Fp8,
+}
+
+impl RowFormat {
+    /// `f32`, `bf16` or `fp8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RowFormat::F32 => "f32",
+            RowFormat::Bf16 => "bf16",
+            RowFormat::Fp8 => "fp8",
+        }
+    }
+
+    /// Bytes of one row of `dim` values.
+    pub fn row_bytes(self, dim: usize) -> usize {
+        match self {
+            RowFormat::F32 => 4 * dim,
+            RowFormat::Bf16 => 2 * dim,
+            RowFormat::Fp8 => dim + dim / fp8::BLOCK,
+        }
+    }
+
+    /// Decodes one row's bytes into `out` (`dim` values): the same values every store gives
+    /// for them.
+    pub fn decode(self, raw: &[u8], out: &mut [f32]) {
+        match self {
+            RowFormat::F32 => {
+                for (o, c) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            RowFormat::Bf16 => {
+                // A bf16 is the high half of the f32 with the same bits.
+                for (o, c) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            RowFormat::Fp8 => {
+                let d = out.len();
+                fp8::decode_row(&raw[..d], &raw[d..], out);
+            }
+        }
+    }
+}
+
 /// A table of rows `[rows, dim]`, decoded to f32 on the way out.
 pub trait RowStore: Send + Sync + std::fmt::Debug {
     /// Rows.

@@ -29,7 +29,7 @@
 //! naming the node, the cause and the nodes the cluster marks as failing. A row is never
 //! invented: a missing key or a value of the wrong length is an error.
 
-use super::fp8::{decode_row, BLOCK};
+use super::fp8::BLOCK;
 use super::resp::{self, SlotMap};
 use super::{RowStore, StoreStats};
 use crate::error::{EngramError, Result};
@@ -65,55 +65,8 @@ impl Default for RedisOptions {
     }
 }
 
-/// How a row's bytes encode its values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RawFormat {
-    /// `dim` little-endian f32.
-    F32,
-    /// `dim` little-endian bf16.
-    Bf16,
-    /// `dim` e4m3 codes, then `dim/32` e8m0 scales.
-    Fp8,
-}
-
-impl RawFormat {
-    fn name(self) -> &'static str {
-        match self {
-            RawFormat::F32 => "f32",
-            RawFormat::Bf16 => "bf16",
-            RawFormat::Fp8 => "fp8",
-        }
-    }
-
-    /// Bytes of one row of `dim` values.
-    pub fn row_bytes(self, dim: usize) -> usize {
-        match self {
-            RawFormat::F32 => 4 * dim,
-            RawFormat::Bf16 => 2 * dim,
-            RawFormat::Fp8 => dim + dim / BLOCK,
-        }
-    }
-
-    /// Decodes one row's bytes into `out` (`dim` values) as the file stores would.
-    pub fn decode(self, raw: &[u8], out: &mut [f32]) {
-        match self {
-            RawFormat::F32 => {
-                for (o, c) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            RawFormat::Bf16 => {
-                for (o, c) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            RawFormat::Fp8 => {
-                let d = out.len();
-                decode_row(&raw[..d], &raw[d..], out);
-            }
-        }
-    }
-}
+/// How a row's bytes encode its values (the name this module's API has always used).
+pub use super::RowFormat as RawFormat;
 
 /// A table's rows as stored bytes, read from its (memory-mapped) file: what a push writes
 /// and what the digest covers.
