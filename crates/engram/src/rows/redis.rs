@@ -866,7 +866,7 @@ fn get_rows(
                 continue;
             }
             let addr = &map.nodes[n];
-            let out = read_replies(lane, addr, o.timeout, end, idx, want, sink, &mut t);
+            let out = read_replies(lane, addr, false, o.timeout, end, idx, want, sink, &mut t);
             match out {
                 Ok(a) => {
                     for (i, to) in a {
@@ -903,10 +903,17 @@ fn get_rows(
                 t.failed_all(&idx, format!("{to}: {e}"));
                 continue;
             }
-            let out = read_replies_asking(lane, &to, o.timeout, end, &idx, want, sink, &mut t);
-            if let Err(e) = out {
-                lane.conns.clear();
-                return Err(e);
+            let out = read_replies(lane, &to, true, o.timeout, end, &idx, want, sink, &mut t);
+            match out {
+                Ok(_) => {}
+                Err(Abort::Sink(e)) => {
+                    lane.conns.clear();
+                    return Err(e);
+                }
+                Err(Abort::Fatal(e)) => {
+                    lane.conns.clear();
+                    return Err(store_err(&to, format!("GET answered {e}")));
+                }
             }
         }
         if t.retry.is_empty() {
@@ -1009,12 +1016,15 @@ enum Abort {
 /// cannot hold a try past its end).
 const CLOCK_EVERY: usize = 64;
 
-/// Reads the replies to the `GET`s of rows `idx` (sent on the lane's connection to `addr`)
-/// into `sink`; rows to ask again go to `t`, rows to ask elsewhere (`ASK`) are returned.
+/// Reads the replies to the `GET`s of rows `idx` (sent on the lane's connection to `addr`,
+/// each after an `ASKING` when `asking`) into `sink`; rows to ask again go to `t`, rows to ask
+/// elsewhere (`ASK`) are returned. Any failure, or anything but `+OK` to an `ASKING`, gives
+/// the connection up (its replies may be out of step) and leaves the rest to ask again.
 #[allow(clippy::too_many_arguments)]
 fn read_replies(
     lane: &mut Lane,
     addr: &str,
+    asking: bool,
     timeout: Duration,
     end: Instant,
     idx: &[usize],
@@ -1028,26 +1038,33 @@ fn read_replies(
         t.failed_all(idx, format!("{addr}: no connection"));
         return Ok(asks);
     };
-    let mut failure = None;
+    let mut failure: Option<(usize, String)> = None;
     for (k, &i) in idx.iter().enumerate() {
-        if k % CLOCK_EVERY == 0 {
-            let set = match wait_limit(timeout, end) {
-                Some(l) => c.set_timeout(l),
-                None => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the deadline passed",
-                )),
-            };
-            if let Err(e) = set {
-                failure = Some((k, e));
-                break;
+        let reply = (|| -> std::io::Result<std::result::Result<Reply, String>> {
+            if k % CLOCK_EVERY == 0 {
+                let l = wait_limit(timeout, end).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the deadline passed")
+                })?;
+                c.set_timeout(l)?;
             }
-        }
-        let got = match read_reply(c, want, &mut row) {
-            Ok(Reply::Row) => sink(i, Got::Row(&row)),
-            Ok(Reply::Missing) => sink(i, Got::Missing),
-            Ok(Reply::Len(l)) => sink(i, Got::Len(l)),
-            Ok(Reply::Error(e)) => match t.redirected(i, addr, &e) {
+            if asking {
+                match c.head()? {
+                    resp::Head::Simple(_) => {}
+                    h => return Ok(Err(format!("ASKING answered {h:?}"))),
+                }
+            }
+            Ok(Ok(read_reply(c, want, &mut row)?))
+        })();
+        let got = match reply {
+            Ok(Ok(Reply::Row)) => sink(i, Got::Row(&row)),
+            Ok(Ok(Reply::Missing)) => sink(i, Got::Missing),
+            Ok(Ok(Reply::Len(l))) => sink(i, Got::Len(l)),
+            Ok(Ok(Reply::Error(e))) if asking => {
+                // The slot may have moved on: ask again after reading the map.
+                t.failed(i, format!("{addr}: {e}"));
+                Ok(())
+            }
+            Ok(Ok(Reply::Error(e))) => match t.redirected(i, addr, &e) {
                 Ok(Some(to)) => {
                     asks.push((i, to));
                     Ok(())
@@ -1058,8 +1075,12 @@ fn read_replies(
                     return Err(Abort::Fatal(e));
                 }
             },
-            Err(e) => {
+            Ok(Err(e)) => {
                 failure = Some((k, e));
+                break;
+            }
+            Err(e) => {
+                failure = Some((k, e.to_string()));
                 break;
             }
         };
@@ -1074,70 +1095,6 @@ fn read_replies(
         t.failed_all(&idx[k..], format!("{addr}: {e}"));
     }
     Ok(asks)
-}
-
-/// Reads the replies to `ASKING` + `GET` pairs for rows `idx` from the importing node `to`.
-/// Anything but `+OK` to an `ASKING`, or any failure, gives the connection up (its replies
-/// may be out of step) and leaves the rest of the rows to ask again.
-#[allow(clippy::too_many_arguments)]
-fn read_replies_asking(
-    lane: &mut Lane,
-    to: &str,
-    timeout: Duration,
-    end: Instant,
-    idx: &[usize],
-    want: usize,
-    sink: &mut dyn FnMut(usize, Got<'_>) -> Result<()>,
-    t: &mut Try,
-) -> Result<()> {
-    let mut row = std::mem::take(&mut lane.row);
-    let Some(c) = lane.conns.get_mut(to) else {
-        t.failed_all(idx, format!("{to}: no connection"));
-        return Ok(());
-    };
-    let mut failure: Option<(usize, String)> = None;
-    for (k, &i) in idx.iter().enumerate() {
-        let step = (|| -> std::io::Result<std::result::Result<Reply, String>> {
-            if k % CLOCK_EVERY == 0 {
-                let l = wait_limit(timeout, end).ok_or_else(|| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the deadline passed")
-                })?;
-                c.set_timeout(l)?;
-            }
-            match c.head()? {
-                resp::Head::Simple(_) => Ok(Ok(read_reply(c, want, &mut row)?)),
-                h => Ok(Err(format!("ASKING answered {h:?}"))),
-            }
-        })();
-        let got = match step {
-            Ok(Ok(Reply::Row)) => sink(i, Got::Row(&row)),
-            Ok(Ok(Reply::Missing)) => sink(i, Got::Missing),
-            Ok(Ok(Reply::Len(l))) => sink(i, Got::Len(l)),
-            Ok(Ok(Reply::Error(e))) => {
-                // The slot may have moved on: ask again after reading the map.
-                t.failed(i, format!("{to}: {e}"));
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                failure = Some((k, e));
-                break;
-            }
-            Err(e) => {
-                failure = Some((k, e.to_string()));
-                break;
-            }
-        };
-        if let Err(e) = got {
-            lane.row = row;
-            return Err(e);
-        }
-    }
-    lane.row = row;
-    if let Some((k, e)) = failure {
-        lane.conns.remove(to);
-        t.failed_all(&idx[k..], format!("{to}: {e}"));
-    }
-    Ok(())
 }
 
 /// A table's rows in a Redis Cluster, decoded on the way out.
