@@ -574,7 +574,7 @@ impl RowStore for CachedRows {
     /// once (a row asked for twice in one batch is read once and counts one miss).
     ///
     /// Hits are found shard by shard, each shard locked once: every row's bucket is probed
-    /// (buckets prefetched [`PROBE_AHEAD`] rows ahead) and each hit's values prefetched, then
+    /// (buckets prefetched 8 rows ahead) and each hit's values prefetched, then
     /// the hits are copied out. A gather so waits on many cache misses at once, not on three
     /// in a row per row. Within a shard rows keep their order, so the eviction policy sees
     /// the same sequence as row-by-row reads.
