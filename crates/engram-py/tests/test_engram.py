@@ -1,5 +1,6 @@
 """The engine through Python: golden stages via NumPy, streaming, V4.1, errors, the GIL, leaks."""
 
+import pathlib
 import pickle
 import resource
 import threading
@@ -240,7 +241,18 @@ def test_rows_from_a_redis_cluster(small, stages, golden):
     for cache in [None, "1k", "1M"]:
         l = engram.Engram.load(cfg, w, table_store=url, table_cache=cache)
         np.testing.assert_array_equal(l.forward(ids, h)["output"], want)
-    # A table the store does not hold (the V4.1 one was never pushed): refused at load.
-    v = golden / "v41"
-    with pytest.raises(ValueError, match="holds no table"):
-        engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=14, table_store=url)
+    # A table the store does not hold (one byte of the table changed: another digest, so
+    # another name in the store): refused at load.
+    import json
+    import struct
+    import tempfile
+
+    b = bytearray(w.read_bytes())
+    n = struct.unpack("<Q", b[:8])[0]
+    start = json.loads(b[8 : 8 + n])["multi_head_embedding.embedding.weight"]["data_offsets"][0]
+    b[8 + n + start] ^= 1
+    with tempfile.TemporaryDirectory() as d:
+        other = pathlib.Path(d) / "other.safetensors"
+        other.write_bytes(bytes(b))
+        with pytest.raises(ValueError, match="holds no table"):
+            engram.Engram.load(cfg, other, table_store=url)
