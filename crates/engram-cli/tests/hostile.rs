@@ -18,6 +18,13 @@ struct Setup {
     inputs: PathBuf,
 }
 
+/// The folder goes with the test (its largest file is a 550 MB table).
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Setup {
     fn new(name: &str) -> Self {
         let dir = tmp_dir(name);

@@ -9,8 +9,10 @@ use std::path::PathBuf;
 /// (name, shape, float data, int data) of one tensor of a weights file.
 type Named = (String, Vec<usize>, Vec<f32>, Vec<i64>);
 
+/// A file of this test binary's scratch folder, under the target folder: the same paths every
+/// run, so runs overwrite rather than pile up files (names are unique per test).
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("engram-err-{}", std::process::id()));
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("engram-err");
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
 }

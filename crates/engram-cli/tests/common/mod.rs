@@ -11,8 +11,10 @@ pub fn golden(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A path in the CLI tests' scratch folder, under the target folder: the same paths every
+/// run, so runs overwrite rather than pile up files (names are unique across the tests).
 pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("engram-cli-{}", std::process::id()));
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("engram-cli");
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
 }

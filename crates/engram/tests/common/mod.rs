@@ -3,7 +3,7 @@
 
 use engram::tensors::TensorFile;
 use engram::{CompressedTokenizer, EngramConfig, NgramHashMapping, Tokenizer};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 pub fn golden(name: &str) -> PathBuf {
@@ -106,10 +106,33 @@ pub fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
         .install(f)
 }
 
-/// A fresh folder for one test (under the target folder's temp space).
-pub fn tmp_dir(name: &str) -> PathBuf {
+/// A test's own folder, removed with everything in it when dropped (also when the test
+/// fails), so that runs do not pile up files.
+pub struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh folder for one test, removed at the end of it.
+pub fn tmp_dir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("engram-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
