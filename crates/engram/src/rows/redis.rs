@@ -712,7 +712,9 @@ fn wait_limit(timeout: Duration, end: Instant) -> Option<Duration> {
 struct Lane {
     conns: std::collections::HashMap<String, resp::Conn>,
     cmd: Vec<u8>,
-    key: Vec<u8>,
+    /// The call's keys, end to end (`key_end[i]` ends row `i`'s), written once per call.
+    keys: Vec<u8>,
+    key_end: Vec<usize>,
     row: Vec<u8>,
     slots: Vec<u16>,
 }
@@ -739,11 +741,24 @@ impl Lane {
         Ok(c)
     }
 
-    /// `eg:<tid>:<row>` into `self.key`.
-    fn key(&mut self, tid: &str, r: usize) {
+    /// Writes every row's key `eg:<tid>:<row>` and its slot, once for all of a call's tries.
+    fn set_keys(&mut self, tid: &str, rows: &[usize]) {
         use std::io::Write;
-        self.key.clear();
-        let _ = write!(self.key, "eg:{tid}:{r}");
+        self.keys.clear();
+        self.key_end.clear();
+        self.slots.clear();
+        for &r in rows {
+            let start = self.keys.len();
+            let _ = write!(self.keys, "eg:{tid}:{r}");
+            self.slots.push(resp::key_slot(&self.keys[start..]));
+            self.key_end.push(self.keys.len());
+        }
+    }
+
+    /// Row `i`'s key (after [`Lane::set_keys`]).
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.key_end[i - 1] };
+        &self.keys[start..self.key_end[i]]
     }
 }
 
@@ -818,12 +833,7 @@ fn get_rows(
     let mut tries = 0u32;
     let mut pending: Vec<usize> = (0..rows.len()).collect();
     let mut map_err = String::new();
-    lane.slots.clear();
-    for &r in rows {
-        lane.key(tid, r);
-        let s = resp::key_slot(&lane.key);
-        lane.slots.push(s);
-    }
+    lane.set_keys(tid, rows);
     loop {
         tries += 1;
         let mut t = Try::default();
@@ -846,8 +856,7 @@ fn get_rows(
             let mut cmd = std::mem::take(&mut lane.cmd);
             cmd.clear();
             for &i in idx {
-                lane.key(tid, rows[i]);
-                resp::push_command(&mut cmd, &[b"GET", &lane.key]);
+                resp::push_command(&mut cmd, &[b"GET", lane.key(i)]);
             }
             let res = lane
                 .conn(addr, &wire.auth, o.timeout, end)
@@ -891,9 +900,8 @@ fn get_rows(
             // `ASKING` then the `GET`, per row, all in one pipeline to the importing node.
             let mut cmd = Vec::new();
             for &i in &idx {
-                lane.key(tid, rows[i]);
                 resp::push_command(&mut cmd, &[b"ASKING"]);
-                resp::push_command(&mut cmd, &[b"GET", &lane.key]);
+                resp::push_command(&mut cmd, &[b"GET", lane.key(i)]);
             }
             let sent = lane
                 .conn(&to, &wire.auth, o.timeout, end)
