@@ -1,5 +1,6 @@
 //! The projection GEMM ([Dm] -> [(1+HC)·D], default shape) for f32 and bf16: tokens/s and
-//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token).
+//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token); then
+//! the same on every thread at once in a prefill's 64-row tiles.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use engram::fused::proj::{PanelKernel, Projection};
 use engram::DType;
@@ -31,6 +32,43 @@ fn bench(c: &mut Criterion) {
                     b.iter(|| p.matmul(&x, rows, &mut y, 1))
                 });
             }
+        }
+    }
+    grp.finish();
+
+    // As a prefill runs it: every thread on rows of its own, in tiles of 64 rows, each tile
+    // one call on one thread (so that each tile streams the weights from L3 once and the
+    // next-panel prefetch is what keeps the kernel fed).
+    let threads = rayon::current_num_threads();
+    let (tile, per_thread) = (64usize, 2048usize);
+    let mut grp = c.benchmark_group("projection_layer_tiles");
+    grp.sample_size(10);
+    grp.throughput(Throughput::Elements((threads * per_thread) as u64));
+    for kernel in PanelKernel::all_supported() {
+        for dtype in [DType::F32, DType::Bf16] {
+            let p = Projection::pack_for(&refs, k, dtype, Some(kernel));
+            let name = p.kernel_name().replace(' ', "_");
+            let xs: Vec<Vec<f32>> = (0..threads)
+                .map(|t| {
+                    (0..per_thread * k)
+                        .map(|i| ((i + t) % 97) as f32 / 97.0)
+                        .collect()
+                })
+                .collect();
+            let mut ys: Vec<Vec<f32>> = (0..threads).map(|_| vec![0.0f32; tile * p.n()]).collect();
+            grp.bench_function(
+                format!("{name}/{threads}x{per_thread}rows/tiles{tile}"),
+                |b| {
+                    b.iter(|| {
+                        use rayon::prelude::*;
+                        ys.par_iter_mut().zip(&xs).for_each(|(y, x)| {
+                            for t in x.chunks_exact(tile * k) {
+                                p.matmul(t, tile, y, 1);
+                            }
+                        })
+                    })
+                },
+            );
         }
     }
     grp.finish();

@@ -91,6 +91,11 @@ impl Stages {
     }
 }
 
+/// Rows per sequence from which a fused call checks its hidden states in the gate instead
+/// of in a pass of its own first (see `forward_ragged_with`); below it (decode steps) the
+/// upfront pass costs little and the saved conv histories would cost more.
+const CHECK_IN_GATE_ROWS_PER_SEQUENCE: usize = 16;
+
 /// Which implementation runs the float stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardPath {
@@ -451,7 +456,15 @@ impl Engram {
                 ..Default::default()
             });
         }
-        self.check_inputs(ids, hidden, 1, total)?;
+        // A prefill-shaped fused call checks its hidden states where the gate reads them
+        // (the scan here is another pass over them through memory) and puts the states back
+        // if it fails; a decode step, and the reference path, check them here, first.
+        let check_in_gate = path == ForwardPath::Fused
+            && total >= CHECK_IN_GATE_ROWS_PER_SEQUENCE * states.len().max(1);
+        self.check_shapes(ids, hidden, 1, total)?;
+        if !check_in_gate {
+            check_finite(hidden)?;
+        }
         for st in states.iter() {
             self.check_state(st)?;
         }
@@ -522,7 +535,27 @@ impl Engram {
                     out: &mut *output,
                     gated: keep.then_some(gated.as_mut_slice()),
                 };
-                Driver::new(&self.model, fw).run(&seqs, states, out)?;
+                // The conv histories the run updates in place, to put back if it fails
+                // there (non-finite hidden states or table rows, a row store's error): kept
+                // for prefill-shaped calls, where the copy is small beside the call's rows.
+                let saved: Vec<(Vec<f32>, usize)> = if check_in_gate {
+                    states
+                        .iter()
+                        .map(|st| (st.conv_ring.clone(), st.conv_head))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let run = Driver::new(&self.model, fw)
+                    .check_hidden(check_in_gate)
+                    .run(&seqs, states, out);
+                if let Err(e) = run {
+                    for (st, (ring, head)) in states.iter_mut().zip(saved) {
+                        st.conv_ring = ring;
+                        st.conv_head = head;
+                    }
+                    return Err(e);
+                }
                 for (st, sq) in states.iter_mut().zip(&seqs) {
                     st.ngram_history
                         .copy_from_slice(&sq.ext[sq.ext.len() - n1..]);
@@ -649,16 +682,8 @@ impl Engram {
 fn check_finite(hidden: &[f32]) -> Result<()> {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 16;
-    // A branch-free pass per block (vectorised); the position only when it fails.
-    let first_bad = |(b, blk): (usize, &[f32])| {
-        if !blk.iter().fold(false, |bad, x| bad | !x.is_finite()) {
-            None
-        } else {
-            blk.iter()
-                .position(|x| !x.is_finite())
-                .map(|i| b * BLOCK + i)
-        }
-    };
+    let first_bad =
+        |(b, blk): (usize, &[f32])| crate::ops::first_non_finite(blk).map(|i| b * BLOCK + i);
     // One block (a decode step) is checked here: handing it to the pool costs more.
     let bad = if hidden.len() <= BLOCK {
         first_bad((0, hidden))

@@ -237,7 +237,7 @@ impl DemoModel {
                         *v = half::bf16::from_f32(*v).to_f32();
                     }
                 }
-                if let Some(k) = out.iter().position(|x| !x.is_finite()) {
+                if let Some(k) = crate::ops::first_non_finite(out) {
                     let dh = self.cfg.head_dim();
                     return Err(EngramError::NonFinite {
                         name: TABLE.into(),
@@ -271,7 +271,7 @@ impl DemoModel {
                 let row = (hid + self.weights.offsets[j]) as usize;
                 let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
                 table.try_row_into(row, dst)?;
-                if let Some(k) = dst.iter().position(|x| !x.is_finite()) {
+                if let Some(k) = crate::ops::first_non_finite(dst) {
                     return Err(EngramError::NonFinite {
                         name: TABLE.into(),
                         index: row * dh + k,

@@ -113,6 +113,83 @@ fn hidden_states_shape_and_nan() {
     assert!(err.to_string().contains("input_ids"), "{err}");
 }
 
+/// A prefill-shaped fused call checks its hidden states in the gate, not in a pass of its
+/// own: the error is the same (the first NaN or infinity in row order, in either range of
+/// the two-thread split, in a branch's body or its last element), the states are as they
+/// were, and large finite values whose squares overflow are no error.
+#[test]
+fn nan_found_in_the_gate_names_the_first_and_keeps_the_states() {
+    let e = small_engram();
+    let c = e.config().hc_mult * e.config().hidden_size;
+    let lens = [70usize, 130];
+    let total: usize = lens.iter().sum();
+    let offsets = [0, lens[0], total];
+    let ids: Vec<i64> = (0..total as i64).map(|i| (i * 7919) % 1000 + 3).collect();
+    let hidden: Vec<f32> = (0..total * c)
+        .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 2.0)
+        .collect();
+    // States with history: a first chunk of each sequence.
+    let mut states = vec![e.new_state(), e.new_state()];
+    let warm_ids = vec![11i64, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22];
+    let warm_h = vec![0.25f32; 12 * c];
+    e.forward_ragged(
+        &mut states,
+        &warm_ids,
+        &warm_h,
+        &[0, 5, 12],
+        ForwardPath::Fused,
+    )
+    .unwrap();
+    let before: Vec<_> = states
+        .iter()
+        .map(|s| (s.conv_history(), s.ngram_history().to_vec(), s.position()))
+        .collect();
+    let bad_at = [
+        0,                       // first value of the call
+        5 * c + 3,               // a row of the first sequence
+        (lens[0] + 40) * c + 17, // a row of the second sequence (the other range)
+        (total - 1) * c + c - 1, // the last value of the last row
+    ];
+    for &at in &bad_at {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut h = hidden.clone();
+            h[at] = bad;
+            if at + 3 * c < h.len() {
+                h[at + 3 * c] = f32::NAN; // a later one is not reported
+            }
+            let mut st = states.clone();
+            let err = e
+                .forward_ragged(&mut st, &ids, &h, &offsets, ForwardPath::Fused)
+                .unwrap_err();
+            assert!(
+                matches!(&err, EngramError::NonFinite { name, index, .. } if name == "hidden_states" && *index == at),
+                "{at} {bad}: {err}"
+            );
+            for (s, b) in st.iter().zip(&before) {
+                assert!(s.conv_history() == b.0, "{at}: conv history changed");
+                assert_eq!((s.ngram_history(), s.position()), (&b.1[..], b.2));
+            }
+        }
+    }
+    // After errors, the states run on as if nothing had happened.
+    let mut st = states.clone();
+    let after_errors = e
+        .forward_ragged(&mut st, &ids, &hidden, &offsets, ForwardPath::Fused)
+        .unwrap();
+    let mut fresh = states.clone();
+    let clean = e
+        .forward_ragged(&mut fresh, &ids, &hidden, &offsets, ForwardPath::Fused)
+        .unwrap();
+    assert!(after_errors.output == clean.output);
+    // Finite values whose squares overflow f32: no error, on either path.
+    let mut h = hidden.clone();
+    h[(lens[0] + 2) * c + 5] = 3e38;
+    for path in [ForwardPath::Fused, ForwardPath::Reference] {
+        let mut st = states.clone();
+        e.forward_ragged(&mut st, &ids, &h, &offsets, path).unwrap();
+    }
+}
+
 #[test]
 fn ragged_offsets_and_state_checked() {
     let e = small_engram();

@@ -419,7 +419,11 @@ dispatch! {
     /// Uses RMSNorm(g·v) = g·v / sqrt(g²·mean(v²) + eps) so that mean(v²) is computed once
     /// for all branches. g·value itself is formed where it is consumed ([`conv_row`],
     /// [`gated_row`]), so that the output is written once.
-    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], gates: &mut [f32], normed: &mut [f32]) {
+    ///
+    /// Returns whether every branch's sum of query squares is finite: false when `query`
+    /// holds a NaN or an infinity (or values whose squares overflow), so that the caller
+    /// can check the hidden states here, where they are read anyway.
+    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], gates: &mut [f32], normed: &mut [f32]) -> bool {
         let d = p.value_bias.len();
         let (value, keys) = proj.split_at(d);
         let body = d / LANES * LANES;
@@ -438,6 +442,7 @@ dispatch! {
         }
         let msv = (S::hsum(msv) + msv_tail) / d as f32;
         let inv_sqrt_d = 1.0 / (d as f32).sqrt();
+        let mut query_finite = true;
         for i in 0..gates.len() {
             let k = &keys[i * d..(i + 1) * d];
             let q = &query[i * d..(i + 1) * d];
@@ -463,7 +468,9 @@ dispatch! {
                 tkq = S::madd(kk * q[j], p.norm12[i][j], tkq);
             }
             let rk = 1.0 / ((S::hsum(sk) + tk) / d as f32 + RMS_EPS_DEFAULT).sqrt();
-            let rq = 1.0 / ((S::hsum(sq) + tq) / d as f32 + RMS_EPS_DEFAULT).sqrt();
+            let sum_q = S::hsum(sq) + tq;
+            query_finite &= sum_q.is_finite();
+            let rq = 1.0 / (sum_q / d as f32 + RMS_EPS_DEFAULT).sqrt();
             let s = (S::hsum(skq) + tkq) * rk * rq * inv_sqrt_d;
             let sign = if s > 0.0 { 1.0 } else if s < 0.0 { -1.0 } else { 0.0 };
             let g = 1.0 / (1.0 + (-(s.abs().max(GATE_CLAMP).sqrt() * sign)).exp());
@@ -483,6 +490,7 @@ dispatch! {
                 no[j] = scale * (value[j] + p.value_bias[j]) * p.conv_norm[i][j];
             }
         }
+        query_finite
     }
 }
 
@@ -814,7 +822,27 @@ mod tests {
         for isa in Isa::all_supported() {
             let (mut g, mut gated, mut normed) =
                 (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
-            gate_token(isa, &p, &proj, &query, &mut g, &mut normed);
+            assert!(gate_token(isa, &p, &proj, &query, &mut g, &mut normed));
+            // A NaN or an infinity in a branch's query (body or tail) is reported; a
+            // finite one is not.
+            for (at, bad) in [
+                (5, f32::NAN),
+                (d + 70, f32::INFINITY),
+                (2 * d + 1, -f32::INFINITY),
+            ] {
+                let mut q = query.clone();
+                q[at] = bad;
+                let (mut g2, mut n2) = (vec![0.0; hc], vec![0.0; hc * d]);
+                assert!(
+                    !gate_token(isa, &p, &proj, &q, &mut g2, &mut n2),
+                    "{isa:?} {at}"
+                );
+                q[at] = 1e3;
+                assert!(
+                    gate_token(isa, &p, &proj, &q, &mut g2, &mut n2),
+                    "{isa:?} {at}"
+                );
+            }
             let gv = GatedValue {
                 value: &proj[..d],
                 bias: &vb,

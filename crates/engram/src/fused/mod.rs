@@ -20,7 +20,7 @@ pub mod kernels;
 pub mod profile;
 pub mod proj;
 
-use crate::error::Result;
+use crate::error::{EngramError, Result};
 use crate::model::DemoModel;
 use crate::state::EngramState;
 use kernels::{GateParams, Isa};
@@ -290,6 +290,8 @@ pub(crate) struct Driver<'e> {
     e: &'e DemoModel,
     fw: &'e FusedWeights,
     isa: Isa,
+    /// Check the hidden states for NaN and infinity in the gate (see `check_hidden`).
+    check_hidden: bool,
 }
 
 impl<'e> Driver<'e> {
@@ -298,7 +300,18 @@ impl<'e> Driver<'e> {
             e,
             fw,
             isa: Isa::detect(),
+            check_hidden: false,
         }
+    }
+
+    /// Makes the run check the hidden states where the gate reads them, instead of the
+    /// caller scanning them first: a row whose query sums of squares are not finite is
+    /// scanned, and its first NaN or infinity ends the run with the error the scan would
+    /// have given (the first in row order: ranges are in row order and each stops at its
+    /// first). The caller restores the states on an error.
+    pub fn check_hidden(mut self, on: bool) -> Self {
+        self.check_hidden = on;
+        self
     }
 
     /// Runs all sequences; `states[s]` is read and updated.
@@ -615,7 +628,7 @@ impl<'e> Driver<'e> {
                         lr0 + u0,
                         out,
                         &mut fixups,
-                    );
+                    )?;
                 }
                 let all_ns = clock.elapsed().as_nanos() as u64;
                 profile::add_nanos(Stage::Gate, gate_ns);
@@ -650,7 +663,8 @@ impl<'e> Driver<'e> {
     /// the output row, written once: gated value + SiLU(conv), reading earlier normalised rows
     /// from the segment or the ring. Then pushes the rows into the ring. Rows with taps into a
     /// neighbour's unknown rows get the gated value and keep their partial sums for the
-    /// fix-up. Returns the nanoseconds spent in the gate.
+    /// fix-up. Returns the nanoseconds spent in the gate, or the error of a row's non-finite
+    /// hidden state ([`Driver::check_hidden`]).
     #[allow(clippy::too_many_arguments)]
     fn conv_segment(
         &self,
@@ -661,7 +675,7 @@ impl<'e> Driver<'e> {
         lr0: usize,
         out: &mut [f32],
         fixups: &mut Vec<Fixup>,
-    ) -> u64 {
+    ) -> Result<u64> {
         let cfg = self.e.config();
         let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
         let (hc, d) = (cfg.hc_mult, cfg.hidden_size);
@@ -687,14 +701,24 @@ impl<'e> Driver<'e> {
         let mut gate_ns = 0u64;
         for u in 0..rows {
             let clock = Instant::now();
-            kernels::gate_token(
+            let query = &hidden[u * c..(u + 1) * c];
+            let finite = kernels::gate_token(
                 self.isa,
                 &params,
                 &proj[u * np..(u + 1) * np],
-                &hidden[u * c..(u + 1) * c],
+                query,
                 &mut gates[u * hc..(u + 1) * hc],
                 &mut seg[u * c..(u + 1) * c],
             );
+            if !finite && self.check_hidden {
+                if let Some(k) = crate::ops::first_non_finite(query) {
+                    return Err(EngramError::NonFinite {
+                        name: "hidden_states".into(),
+                        index: (p.base + t + u) * c + k,
+                        value: query[k],
+                    });
+                }
+            }
             gate_ns += clock.elapsed().as_nanos() as u64;
             let seg: &[f32] = seg;
             // The taps' rows: on the stack for the usual few taps.
@@ -758,7 +782,7 @@ impl<'e> Driver<'e> {
             }
         }
         ring.unknown = ring.unknown.saturating_sub(rows);
-        gate_ns
+        Ok(gate_ns)
     }
 
     /// The last R rows of a finished piece, when the next range needs them (its sequence
