@@ -706,7 +706,11 @@ impl NextPanel {
     /// prefill (the `layer_tiles` case of `benches/projection.rs`): 86-87% of the FMA peak
     /// without, 90-92% with; in `engram bench` the projection's thread time per 4096-token
     /// run went from 0.180 to 0.166 s.
-    fn share<T>(w: &[T], b: &Block, m: usize, panels: usize, lds: usize) -> NextPanel {
+    ///
+    /// One line per k step at most (`kc` steps), so that the kernels' inner loop gains a
+    /// compare and a prefetch only; a share larger than that (calls of 7 to 12 rows, two
+    /// row blocks) is cut short, which costs nothing but the prefetch.
+    fn share<T>(w: &[T], b: &Block, m: usize, panels: usize, lds: usize, kc: usize) -> NextPanel {
         let blocks = m.div_ceil(MR);
         if b.np != 1 || blocks < 2 || b.r0 == 0 {
             return NextPanel::NONE;
@@ -722,33 +726,28 @@ impl NextPanel {
                 .wrapping_add(next * lds)
                 .cast::<i8>()
                 .wrapping_add(first * 64),
-            lines: per.min(lines.saturating_sub(first)),
+            lines: per.min(lines.saturating_sub(first)).min(kc),
         }
     }
 
-    /// Lines to prefetch per k step for a block of `kc` steps.
-    fn per_step(self, kc: usize) -> usize {
-        self.lines.div_ceil(kc.max(1))
-    }
-
-    /// Step `kk`'s lines (`per` a step, see [`NextPanel::per_step`]) into L2.
+    /// Step `kk`'s line into L2.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[inline(always)]
-    fn prefetch_l2(self, kk: usize, per: usize) {
-        let lo = kk * per;
-        for j in lo..(lo + per).min(self.lines) {
-            let at = self.at.wrapping_add(64 * j);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: SSE is part of x86-64; a prefetch reads nothing and never faults.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at)
-            };
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: PRFM is a hint: it changes no register or memory and never faults.
-            unsafe {
-                std::arch::asm!("prfm pldl2keep, [{0}]", in(reg) at, options(nostack, preserves_flags, readonly))
-            };
+    fn prefetch_l2(self, kk: usize) {
+        if kk >= self.lines {
+            return;
         }
+        let at = self.at.wrapping_add(64 * kk);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE is part of x86-64; a prefetch reads nothing and never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at)
+        };
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: PRFM is a hint: it changes no register or memory and never faults.
+        unsafe {
+            std::arch::asm!("prfm pldl2keep, [{0}]", in(reg) at, options(nostack, preserves_flags, readonly))
+        };
     }
 }
 
@@ -824,7 +823,7 @@ mod avx2 {
         );
         super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds);
+            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
             let xs = &x[b.r0 * k..];
             // SAFETY: the caller guarantees AVX2 + FMA; the kernel checks x and w; the driver
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
@@ -869,10 +868,9 @@ mod avx2 {
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR);
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let per = next.per_step(kc);
         for kk in 0..kc {
             if P == 1 {
-                next.prefetch_l2(kk, per);
+                next.prefetch_l2(kk);
                 // The line of the row PREFETCH_ROWS ahead into L1: see `PREFETCH_ROWS`.
                 _mm_prefetch::<_MM_HINT_T0>(
                     wp.wrapping_add((kk + PREFETCH_ROWS) * ldw) as *const i8
@@ -977,7 +975,7 @@ mod neon {
         );
         super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds);
+            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
             let xs = &x[b.r0 * k..];
             // SAFETY: NEON is part of the aarch64 baseline; the kernel checks x and w; the
             // driver hands out `b.y` valid for the block's rows and panels, written by no one
@@ -1023,10 +1021,9 @@ mod neon {
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR);
         let mut acc = [[[vdupq_n_f32(0.0); 4]; P]; R];
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let per = next.per_step(kc);
         for kk in 0..kc {
             if P == 1 {
-                next.prefetch_l2(kk, per);
+                next.prefetch_l2(kk);
             }
             let mut b = [[vdupq_n_f32(0.0); 4]; P];
             for (p, bp) in b.iter_mut().enumerate() {
@@ -1087,7 +1084,7 @@ mod neon_bf16 {
         let xp = super::x_pairs(x, m, k);
         super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds);
+            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
             let xs = &xp[b.r0 * kp..];
             // SAFETY: the caller guarantees BF16; the kernel checks x and w; the driver hands
             // out `b.y` valid for the block's rows and panels, written by no one else.
@@ -1138,10 +1135,9 @@ mod neon_bf16 {
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR * 2);
         let mut acc = [[[vdupq_n_f32(0.0); 4]; P]; R];
         let (wp, xq) = (w.as_ptr() as *const u16, xp.as_ptr());
-        let per = next.per_step(kc);
         for p in 0..kc {
             if P == 1 {
-                next.prefetch_l2(p, per);
+                next.prefetch_l2(p);
             }
             let mut b = [[vdupq_n_u16(0); 4]; P];
             for (q, bq) in b.iter_mut().enumerate() {
@@ -1217,7 +1213,7 @@ mod f32_avx512 {
         );
         super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds);
+            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
             let xs = &x[b.r0 * k..];
             // SAFETY: the caller guarantees AVX-512F; the kernel checks x and w; the driver
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
@@ -1251,10 +1247,9 @@ mod f32_avx512 {
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR);
         let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
         let (wp, xp) = (w.as_ptr() as *const f32, x.as_ptr());
-        let per = next.per_step(kc);
         for kk in 0..kc {
             if P == 1 {
-                next.prefetch_l2(kk, per);
+                next.prefetch_l2(kk);
                 // The row PREFETCH_ROWS ahead (4 lines) into L1: see `PREFETCH_ROWS`.
                 let at = wp.wrapping_add((kk + PREFETCH_ROWS) * ldw) as *const i8;
                 for line in 0..4 {
@@ -1329,7 +1324,7 @@ mod bf16_avx512 {
         let xp = super::x_pairs(x, m, k);
         super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds);
+            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
             let xs = &xp[b.r0 * kp..];
             // SAFETY: the caller guarantees AVX512F + AVX512-BF16; the kernel checks x and w;
             // the driver hands out `b.y` valid for the block's rows and panels, written by no
@@ -1386,10 +1381,9 @@ mod bf16_avx512 {
         let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
         // One zmm = 16 columns × a bf16 pair = 32 elements.
         let (wp, xq) = (w.as_ptr() as *const __m512i, xp.as_ptr());
-        let per = next.per_step(kc);
         for p in 0..kc {
             if P == 1 {
-                next.prefetch_l2(p, per);
+                next.prefetch_l2(p);
                 // The pair row PREFETCH_ROWS ahead (4 lines) into L1, as in the f32 kernel.
                 let at = w.as_ptr().wrapping_add((p + PREFETCH_ROWS) * ldw) as *const i8;
                 for line in 0..4 {
