@@ -579,19 +579,117 @@ dispatch! {
                     conv_chunks::<S>(&all, gs, vc, bc, oc)
                 }
             }
-            for (j, oj) in o.iter_mut().enumerate().skip(body) {
-                let at = base + j;
-                let mut acc = 0.0f32;
-                for (k, row) in rows.iter().enumerate() {
-                    if let Some(row) = row {
-                        acc = S::madd(w_tap_major[k * c + at], row[at], acc);
+            conv_tail::<S>(w_tap_major, rows, gv, g, base, body, o);
+        }
+    }
+}
+
+/// The elements of one branch of a [`conv_row`] past its 16-lane body (`o[body..]`, the
+/// branch starting at channel `base`), one at a time.
+#[inline(always)]
+fn conv_tail<S: Simd16>(
+    w_tap_major: &[f32],
+    rows: &[Option<&[f32]>],
+    gv: &GatedValue<'_>,
+    g: f32,
+    base: usize,
+    body: usize,
+    o: &mut [f32],
+) {
+    let c = w_tap_major.len() / rows.len().max(1);
+    for (j, oj) in o.iter_mut().enumerate().skip(body) {
+        let at = base + j;
+        let mut acc = 0.0f32;
+        for (k, row) in rows.iter().enumerate() {
+            if let Some(row) = row {
+                acc = S::madd(w_tap_major[k * c + at], row[at], acc);
+            }
+        }
+        let mut one = [0.0f32; LANES];
+        one[0] = acc;
+        let mut r = [0.0f32; LANES];
+        S::store(S::silu(S::load(&one)), &mut r);
+        *oj = g * (gv.value[j] + gv.bias[j]) + r[0];
+    }
+}
+
+/// Chunks (cache lines) ahead that [`conv_rows3`] prefetches each input stream.
+const CONV_AHEAD: usize = 8;
+
+/// Prefetches chunk `j` of `v` into L1 (x86-64; elsewhere nothing). `j` may lie past the
+/// end: a prefetch never faults.
+#[inline(always)]
+fn prefetch_chunk(v: &[[f32; LANES]], j: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64; a prefetch reads nothing and never faults, and
+    // `wrapping_add` keeps the address computation defined past the end.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            v.as_ptr().wrapping_add(j).cast::<i8>(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (v, j);
+}
+
+/// Taps of the rows [`conv_rows3`] takes.
+pub const TRIO_TAPS: usize = 4;
+
+dispatch! {
+    /// Three output rows of [`conv_row`] at once, each with all [`TRIO_TAPS`] taps present
+    /// (`rows[g]`: output row g's taps, every one `Some`; it panics otherwise): the rows a
+    /// dilation apart, so that they share three of their four normalised rows. Each output
+    /// is the same operations in the same order as in `conv_row`, so the same bits; the
+    /// conv weights are loaded once for the three and the shared rows come from L1, where
+    /// one row at a time streamed the weights and four rows from L2 per output row.
+    pub fn conv_rows3(w_tap_major: &[f32], rows: [&[Option<&[f32]>]; 3], gv: [&GatedValue<'_>; 3], out: [&mut [f32]; 3]) {
+        let [o0, o1, o2] = out;
+        let (c, d) = (o0.len(), gv[0].value.len());
+        assert!(o1.len() == c && o2.len() == c && w_tap_major.len() == TRIO_TAPS * c);
+        let body = d / LANES * LANES;
+        let tap = |g: usize, k: usize| -> &[f32] {
+            assert_eq!(rows[g].len(), TRIO_TAPS, "conv_rows3 takes {TRIO_TAPS} taps");
+            rows[g][k].expect("conv_rows3 takes rows with every tap present")
+        };
+        let (bc, _) = gv[0].bias[..body].as_chunks::<LANES>();
+        let vc: [&[[f32; LANES]]; 3] = std::array::from_fn(|g| gv[g].value[..body].as_chunks::<LANES>().0);
+        for i in 0..gv[0].gates.len() {
+            let base = i * d;
+            let gs: [S::V; 3] = std::array::from_fn(|g| S::splat(gv[g].gates[i]));
+            let w: [&[[f32; LANES]]; TRIO_TAPS] =
+                std::array::from_fn(|k| w_tap_major[k * c + base..k * c + base + body].as_chunks::<LANES>().0);
+            let x: [[&[[f32; LANES]]; TRIO_TAPS]; 3] = std::array::from_fn(|g| {
+                std::array::from_fn(|k| tap(g, k)[base..base + body].as_chunks::<LANES>().0)
+            });
+            let (oc0, _) = o0[base..base + body].as_chunks_mut::<LANES>();
+            let (oc1, _) = o1[base..base + body].as_chunks_mut::<LANES>();
+            let (oc2, _) = o2[base..base + body].as_chunks_mut::<LANES>();
+            for (j, ((a0, a1), a2)) in oc0.iter_mut().zip(oc1.iter_mut()).zip(oc2.iter_mut()).enumerate() {
+                // Every input stream's line CONV_AHEAD chunks on into L1: seventeen
+                // streams are more than the hardware prefetchers follow.
+                let ahead = j + CONV_AHEAD;
+                for k in 0..TRIO_TAPS {
+                    prefetch_chunk(w[k], ahead);
+                    for xg in &x {
+                        prefetch_chunk(xg[k], ahead);
                     }
                 }
-                let mut one = [0.0f32; LANES];
-                one[0] = acc;
-                let mut r = [0.0f32; LANES];
-                S::store(S::silu(S::load(&one)), &mut r);
-                *oj = g * (gv.value[j] + gv.bias[j]) + r[0];
+                for v in &vc {
+                    prefetch_chunk(v, ahead);
+                }
+                let wj: [S::V; TRIO_TAPS] = std::array::from_fn(|k| S::load(&w[k][j]));
+                let b = S::load(&bc[j]);
+                for (g, o) in [a0, a1, a2].into_iter().enumerate() {
+                    let mut acc = S::splat(0.0);
+                    for k in 0..TRIO_TAPS {
+                        acc = S::fma(wj[k], S::load(&x[g][k][j]), acc);
+                    }
+                    let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), b));
+                    S::store(S::add(gated, S::silu(acc)), o);
+                }
+            }
+            for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
+                conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], base, body, &mut o[base..base + d]);
             }
         }
     }
@@ -878,6 +976,62 @@ mod tests {
         // 4 taps: the unrolled tap sets; 6: more than those, gathered per call.
         for taps in [4, 6] {
             conv_row_case(taps);
+        }
+    }
+
+    /// Three rows a dilation apart through `conv_rows3`: the same bits as `conv_row` row
+    /// by row, on every ISA, with a 16-lane body and a tail per branch (D = 20).
+    #[test]
+    fn conv_rows3_equals_conv_row_bit_for_bit() {
+        let (d, hc, dil, len) = (20, 2, 3, 30);
+        let (c, taps) = (hc * d, TRIO_TAPS);
+        let x = pseudo(len * c, 15);
+        let wt = pseudo(taps * c, 16);
+        let values: Vec<Vec<f32>> = (0..3).map(|g| pseudo(d, 17 + g)).collect();
+        let bias = pseudo(d, 20);
+        let gates = [[0.25f32, 0.75], [0.5, 0.125], [0.9, 0.3]];
+        let gvs: Vec<GatedValue<'_>> = (0..3)
+            .map(|g| GatedValue {
+                value: &values[g],
+                bias: &bias,
+                gates: &gates[g],
+            })
+            .collect();
+        let taps_of = |t: usize| -> Vec<Option<&[f32]>> {
+            (0..taps)
+                .map(|k| {
+                    let back = (taps - 1 - k) * dil;
+                    Some(&x[(t - back) * c..(t - back + 1) * c])
+                })
+                .collect()
+        };
+        for isa in Isa::all_supported() {
+            for t0 in [9, 12, 20] {
+                let ts = [t0, t0 + dil, t0 + 2 * dil];
+                let rows: Vec<Vec<Option<&[f32]>>> = ts.iter().map(|&t| taps_of(t)).collect();
+                let mut want = vec![vec![0.0f32; c]; 3];
+                for g in 0..3 {
+                    conv_row(isa, &wt, &rows[g], &gvs[g], &mut want[g]);
+                }
+                let mut got = vec![vec![f32::NAN; c]; 3];
+                let [a, b, e] = &mut got[..] else {
+                    unreachable!()
+                };
+                conv_rows3(
+                    isa,
+                    &wt,
+                    [&rows[0], &rows[1], &rows[2]],
+                    [&gvs[0], &gvs[1], &gvs[2]],
+                    [a, b, e],
+                );
+                for g in 0..3 {
+                    let same = got[g]
+                        .iter()
+                        .zip(&want[g])
+                        .all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{isa:?} t0 {t0} row {g}");
+                }
+            }
         }
     }
 

@@ -216,6 +216,47 @@ struct Segment<'a> {
     gates: &'a mut [f32],
 }
 
+/// Where a segment's rows find their conv taps' normalised rows: earlier rows of the
+/// segment, or the piece's history ring (rows of a neighbour's range may be unknown).
+struct History<'a> {
+    seg: &'a [f32],
+    ring: &'a [f32],
+    /// The ring's oldest row.
+    head: usize,
+    /// Oldest ring rows that belong to the neighbour's range.
+    unknown: usize,
+    /// Dilation (max_ngram_size), ring rows R, row width C.
+    n: usize,
+    r: usize,
+    c: usize,
+}
+
+impl<'a> History<'a> {
+    /// Row u's taps' rows (tap k at u - (taps-1-k)·N) into `slots`, `None` for an unknown
+    /// one; returns whether there was one.
+    fn tap_rows(&self, u: usize, slots: &mut [Option<&'a [f32]>]) -> bool {
+        let (taps, n, r, c) = (slots.len(), self.n, self.r, self.c);
+        let mut partial = false;
+        for (k, slot) in slots.iter_mut().enumerate() {
+            let back = (taps - 1 - k) * n;
+            *slot = if u >= back {
+                Some(&self.seg[(u - back) * c..(u - back + 1) * c])
+            } else {
+                // Logical ring row (0 = oldest of R).
+                let j = r + u - back;
+                if j < self.unknown {
+                    partial = true;
+                    None
+                } else {
+                    let phys = (self.head + j) % r;
+                    Some(&self.ring[phys * c..(phys + 1) * c])
+                }
+            };
+        }
+        partial
+    }
+}
+
 /// Conv taps whose rows a row gathers on the stack (more taps allocate per row).
 const INLINE_TAPS: usize = 8;
 
@@ -699,79 +740,115 @@ impl<'e> Driver<'e> {
         // Only rows at a range start need a partial-sum buffer.
         let mut ybuf = Vec::new();
         let mut gate_ns = 0u64;
-        for u in 0..rows {
+        // Rows go in groups of 3·N on AVX-512 with the default taps: their gates first,
+        // then their outputs as N trios of rows a dilation apart ([`kernels::conv_rows3`]),
+        // which share three of their four taps' rows; otherwise (and for the last rows of
+        // a segment) one row at a time.
+        let group = if self.isa == Isa::Avx512 && taps == kernels::TRIO_TAPS {
+            3 * n
+        } else {
+            1
+        };
+        let mut u0 = 0;
+        while u0 < rows {
+            let len = if rows - u0 >= group { group } else { 1 };
             let clock = Instant::now();
-            let query = &hidden[u * c..(u + 1) * c];
-            let finite = kernels::gate_token(
-                self.isa,
-                &params,
-                &proj[u * np..(u + 1) * np],
-                query,
-                &mut gates[u * hc..(u + 1) * hc],
-                &mut seg[u * c..(u + 1) * c],
-            );
-            if !finite && self.check_hidden {
-                if let Some(k) = crate::ops::first_non_finite(query) {
-                    return Err(EngramError::NonFinite {
-                        name: "hidden_states".into(),
-                        index: (p.base + t + u) * c + k,
-                        value: query[k],
-                    });
+            for u in u0..u0 + len {
+                let query = &hidden[u * c..(u + 1) * c];
+                let finite = kernels::gate_token(
+                    self.isa,
+                    &params,
+                    &proj[u * np..(u + 1) * np],
+                    query,
+                    &mut gates[u * hc..(u + 1) * hc],
+                    &mut seg[u * c..(u + 1) * c],
+                );
+                if !finite && self.check_hidden {
+                    if let Some(k) = crate::ops::first_non_finite(query) {
+                        return Err(EngramError::NonFinite {
+                            name: "hidden_states".into(),
+                            index: (p.base + t + u) * c + k,
+                            value: query[k],
+                        });
+                    }
                 }
             }
             gate_ns += clock.elapsed().as_nanos() as u64;
             let seg: &[f32] = seg;
-            // The taps' rows: on the stack for the usual few taps.
-            let mut inline: [Option<&[f32]>; INLINE_TAPS] = [None; INLINE_TAPS];
-            let mut heap: Vec<Option<&[f32]>>;
-            let rows_k: &mut [Option<&[f32]>] = if taps <= INLINE_TAPS {
-                &mut inline[..taps]
-            } else {
-                heap = vec![None; taps];
-                &mut heap
+            let gates: &[f32] = gates;
+            let (ring_rows, ring_head): (&[f32], usize) = (ring_data, *head);
+            let history = History {
+                seg,
+                ring: ring_rows,
+                head: ring_head,
+                unknown,
+                n,
+                r,
+                c,
             };
-            let mut partial = false;
-            for (k, slot) in rows_k.iter_mut().enumerate() {
-                let back = (taps - 1 - k) * n;
-                *slot = if u >= back {
-                    Some(&seg[(u - back) * c..(u - back + 1) * c])
-                } else {
-                    // Logical ring row (0 = oldest of R).
-                    let j = r + u - back;
-                    if j < unknown {
-                        partial = true;
-                        None
-                    } else {
-                        let phys = (*head + j) % r;
-                        Some(&ring_data[phys * c..(phys + 1) * c])
-                    }
-                };
-            }
-            let lr = lr0 + u;
-            let gv = kernels::GatedValue {
+            let gv = |u: usize| kernels::GatedValue {
                 value: &proj[u * np..u * np + d],
                 bias: &self.fw.value_bias,
                 gates: &gates[u * hc..(u + 1) * hc],
             };
-            if partial {
-                kernels::gated_row(self.isa, &gv, &mut out[lr * c..(lr + 1) * c]);
-                ybuf.resize(c, 0.0);
-                kernels::conv_row_pre(self.isa, &self.fw.conv_w, rows_k, &mut ybuf);
-                fixups.push(Fixup {
-                    seq: p.seq,
-                    row: p.base + t + u,
-                    t: t + u,
-                    y: ybuf.clone(),
-                });
+            // One row's output: gated value + SiLU(conv), or, for a row with taps in the
+            // neighbour's range, the gated value and the partial sums for the fix-up.
+            let mut one_row = |u: usize, out: &mut [f32]| {
+                // The taps' rows: on the stack for the usual few taps.
+                let mut inline: [Option<&[f32]>; INLINE_TAPS] = [None; INLINE_TAPS];
+                let mut heap: Vec<Option<&[f32]>>;
+                let rows_k: &mut [Option<&[f32]>] = if taps <= INLINE_TAPS {
+                    &mut inline[..taps]
+                } else {
+                    heap = vec![None; taps];
+                    &mut heap
+                };
+                let partial = history.tap_rows(u, rows_k);
+                let lr = lr0 + u;
+                let o = &mut out[lr * c..(lr + 1) * c];
+                if partial {
+                    kernels::gated_row(self.isa, &gv(u), o);
+                    ybuf.resize(c, 0.0);
+                    kernels::conv_row_pre(self.isa, &self.fw.conv_w, rows_k, &mut ybuf);
+                    fixups.push(Fixup {
+                        seq: p.seq,
+                        row: p.base + t + u,
+                        t: t + u,
+                        y: ybuf.clone(),
+                    });
+                } else {
+                    kernels::conv_row(self.isa, &self.fw.conv_w, rows_k, &gv(u), o);
+                }
+            };
+            if len == 1 {
+                one_row(u0, out);
             } else {
-                kernels::conv_row(
-                    self.isa,
-                    &self.fw.conv_w,
-                    rows_k,
-                    &gv,
-                    &mut out[lr * c..(lr + 1) * c],
-                );
+                for j in 0..n {
+                    let trio = [u0 + j, u0 + j + n, u0 + j + 2 * n];
+                    let mut slots = [[None; kernels::TRIO_TAPS]; 3];
+                    let mut partial = false;
+                    for (slot, &u) in slots.iter_mut().zip(&trio) {
+                        partial |= history.tap_rows(u, slot);
+                    }
+                    if partial {
+                        for &u in &trio {
+                            one_row(u, out);
+                        }
+                        continue;
+                    }
+                    // Three disjoint output rows, in increasing order.
+                    let (lo, rest) = out[(lr0 + trio[0]) * c..].split_at_mut(n * c);
+                    let (mid, rest) = rest.split_at_mut(n * c);
+                    kernels::conv_rows3(
+                        self.isa,
+                        &self.fw.conv_w,
+                        [&slots[0], &slots[1], &slots[2]],
+                        [&gv(trio[0]), &gv(trio[1]), &gv(trio[2])],
+                        [&mut lo[..c], &mut mid[..c], &mut rest[..c]],
+                    );
+                }
             }
+            u0 += len;
         }
         // Push the rows into the ring (only the last R matter).
         if r > 0 {
