@@ -194,27 +194,50 @@ fn pack_pairs(k: usize, n: usize, nr: usize, w: &dyn Fn(usize, usize) -> f32) ->
     pairs
 }
 
+/// The bits of `bf16::from_f32(x)` (round to nearest even; a NaN stays a NaN, quieted) in
+/// integer steps without a branch, which the compiler vectorises: `with_x_pairs` converts a
+/// tile's activations on every bf16 dot call, and the `half` crate's version, with its
+/// branches, ran one value at a time.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let nan = (b >> 16) | 0x40;
+    let rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+thread_local! {
+    /// The activations of the bf16 dot kernels, kept between calls (taken for a call; a
+    /// nested call on the same thread gets a fresh one).
+    static X_PAIRS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// x as `[m][K/2]` u32 = (bf16 x[2p], bf16 x[2p+1]) (an odd K padded with zero): the
-/// activations of the bf16 dot kernels.
+/// activations of the bf16 dot kernels, handed to `f` in this thread's buffer.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
-fn x_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+fn with_x_pairs<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&[u32]) -> R) -> R {
     let kp = k.div_ceil(2);
-    let mut xp = vec![0u32; m * kp];
-    for r in 0..m {
-        for p in 0..kp {
-            let lo = bf16::from_f32(x[r * k + 2 * p]).to_bits() as u32;
-            let hi = if 2 * p + 1 < k {
-                bf16::from_f32(x[r * k + 2 * p + 1]).to_bits() as u32
-            } else {
-                0
-            };
-            xp[r * kp + p] = lo | (hi << 16);
+    let mut xp = X_PAIRS.with(|c| c.take());
+    xp.resize(m * kp, 0);
+    for (row, out) in x.chunks_exact(k).zip(xp.chunks_exact_mut(kp)) {
+        let (pairs, odd) = row.as_chunks::<2>();
+        for (o, p) in out.iter_mut().zip(pairs) {
+            *o = bf16_bits(p[0]) | (bf16_bits(p[1]) << 16);
+        }
+        if let Some(&last) = odd.first() {
+            out[kp - 1] = bf16_bits(last);
         }
     }
-    xp
+    let r = f(&xp[..m * kp]);
+    X_PAIRS.with(|c| c.set(xp));
+    r
 }
 
 /// `[N/nr][K+1][nr]` panels of `W_allᵀ` (`get(kk, col)` is W_all[col][kk]): K rows and one
@@ -1081,29 +1104,30 @@ mod neon_bf16 {
             w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
-        let xp = super::x_pairs(x, m, k);
-        super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
-            let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
-            let xs = &xp[b.r0 * kp..];
-            // SAFETY: the caller guarantees BF16; the kernel checks x and w; the driver hands
-            // out `b.y` valid for the block's rows and panels, written by no one else.
-            unsafe {
-                block_kernel!(
-                    kernel,
-                    [(1, 3), (2, 2)],
-                    b,
-                    kp,
-                    xs,
-                    kp,
-                    wg,
-                    ldw,
-                    lds,
-                    NR,
-                    next
-                )
-            };
-        });
+        super::with_x_pairs(x, m, k, |xp| {
+            super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
+                let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
+                let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
+                let xs = &xp[b.r0 * kp..];
+                // SAFETY: the caller guarantees BF16; the kernel checks x and w; the driver hands
+                // out `b.y` valid for the block's rows and panels, written by no one else.
+                unsafe {
+                    block_kernel!(
+                        kernel,
+                        [(1, 3), (2, 2)],
+                        b,
+                        kp,
+                        xs,
+                        kp,
+                        wg,
+                        ldw,
+                        lds,
+                        NR,
+                        next
+                    )
+                };
+            });
+        })
     }
 
     /// `y[R, P·16]` = the sum over kc k-pairs of BFDOT(w pairs, x pair) (x's row stride
@@ -1321,16 +1345,17 @@ mod bf16_avx512 {
             w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
-        let xp = super::x_pairs(x, m, k);
-        super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
-            let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
-            let xs = &xp[b.r0 * kp..];
-            // SAFETY: the caller guarantees AVX512F + AVX512-BF16; the kernel checks x and w;
-            // the driver hands out `b.y` valid for the block's rows and panels, written by no
-            // one else.
-            unsafe { block_kernel!(kernel, [(1, 3)], b, kp, xs, kp, wg, ldw, lds, NR, next) };
-        });
+        super::with_x_pairs(x, m, k, |xp| {
+            super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
+                let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
+                let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
+                let xs = &xp[b.r0 * kp..];
+                // SAFETY: the caller guarantees AVX512F + AVX512-BF16; the kernel checks x and w;
+                // the driver hands out `b.y` valid for the block's rows and panels, written by no
+                // one else.
+                unsafe { block_kernel!(kernel, [(1, 3)], b, kp, xs, kp, wg, ldw, lds, NR, next) };
+            });
+        })
     }
 
     /// See [`super::bf16_dot_chains`].
@@ -1442,6 +1467,51 @@ pub fn bf16_dot_chains(iters: usize) -> Option<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The branch-free bf16 rounding equals the `half` crate's on every class of value:
+    /// ties either way, denormals, the largest finite values (rounding to infinity),
+    /// infinities and NaNs (signalling ones quieted), and a sweep of bit patterns.
+    #[test]
+    fn bf16_bits_equals_half() {
+        let mut cases: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            1,
+            0x8000,
+            0x8001,
+            0x1_8000,
+            0x1_7fff,
+            0x007f_ffff,
+            0x0080_0000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_7fff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f7f_8000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f80_0001,
+            0x7fc0_0000,
+            0xffc0_1234,
+            0x7fbf_ffff,
+        ];
+        let mut s = 0x9e37_79b9u32;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            cases.push(s);
+        }
+        for b in cases {
+            let x = f32::from_bits(b);
+            assert_eq!(
+                bf16_bits(x),
+                u32::from(bf16::from_f32(x).to_bits()),
+                "{b:#010x}"
+            );
+        }
+    }
 
     fn data(n: usize, s: u32) -> Vec<f32> {
         (0..n)
