@@ -507,7 +507,8 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
         crate::bench::median(&mut projs),
     );
     let flops_token = 2.0 * mw as f64 * kvw as f64;
-    let peak = 0.5 * (peak_before + peak_after);
+    // The higher of the two: a peak measured while the machine was busy reads low.
+    let peak = peak_before.max(peak_after);
     let share = flops_token * tokens as f64 / pmed / (peak * 1e9);
     let row = serde_json::json!({
         "variant": "deepseek-v4.1", "layer": layer_id, "tokens": tokens, "runs": runs,
