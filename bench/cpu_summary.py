@@ -16,7 +16,7 @@ for (isa, dt), rs in pre.items():
     shares = [x["fma_peak_share"] for x in rs]
     tps = statistics.median(x["tokens_per_s"] for x in rs)
     print(f"| {isa} | {dt} | {rs[0]['kernel']} | {tps:,.0f} | "
-          + ", ".join(f"{s:.2f}" for s in shares) + f" | {statistics.median(shares):.2f} |")
+          + ", ".join(f"{s:.2f}" for s in shares) + f" | {statistics.median(shares):.3f} |")
 print()
 print("| ISA | dtype | B | step (ms) | tokens/s | % of prefill | floor (ms) | step / floor |")
 print("|---|---|---|---|---|---|---|---|")
