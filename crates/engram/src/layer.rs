@@ -305,7 +305,8 @@ impl Engram {
     /// caller keeps across calls (a serving loop's activations), instead of a fresh vector:
     /// no allocation, no page faults on first touch, no unmapping afterwards. The returned
     /// stages hold `hash_ids` and `gates`; their `output` is empty. Every element of
-    /// `output` is overwritten; its length must be B·L·HC·D.
+    /// `output` is overwritten; its length must be B·L·HC·D. After an error its contents
+    /// are unspecified (a prefill that meets a NaN may have written part of it).
     ///
     /// ```no_run
     /// # fn main() -> engram::Result<()> {
@@ -456,15 +457,14 @@ impl Engram {
                 ..Default::default()
             });
         }
-        // A prefill-shaped fused call checks its hidden states where the gate reads them
+        // Checked in this order on both paths: shapes, states, ids, then the hidden states'
+        // values. A prefill-shaped fused call checks those values where the gate reads them
         // (the scan here is another pass over them through memory) and puts the states back
-        // if it fails; a decode step, and the reference path, check them here, first.
+        // if it fails; a decode step, and the reference path, scan them here. (In the gate,
+        // a non-finite table row in the same or an earlier tile is reported first.)
         let check_in_gate = path == ForwardPath::Fused
             && total >= CHECK_IN_GATE_ROWS_PER_SEQUENCE * states.len().max(1);
         self.check_shapes(ids, hidden, 1, total)?;
-        if !check_in_gate {
-            check_finite(hidden)?;
-        }
         for st in states.iter() {
             self.check_state(st)?;
         }
@@ -478,6 +478,9 @@ impl Engram {
                     .compress(seq, seq.len().max(1))
                     .map_err(|e| relocate_id_error(e, s, st.position as usize))?,
             );
+        }
+        if !check_in_gate {
+            check_finite(hidden)?;
         }
         match path {
             ForwardPath::Reference => {

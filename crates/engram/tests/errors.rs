@@ -150,6 +150,8 @@ fn nan_found_in_the_gate_names_the_first_and_keeps_the_states() {
         (lens[0] + 40) * c + 17, // a row of the second sequence (the other range)
         (total - 1) * c + c - 1, // the last value of the last row
     ];
+    // One set of states through every failed call: each must leave it as it was.
+    let mut st = states.clone();
     for &at in &bad_at {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut h = hidden.clone();
@@ -157,7 +159,6 @@ fn nan_found_in_the_gate_names_the_first_and_keeps_the_states() {
             if at + 3 * c < h.len() {
                 h[at + 3 * c] = f32::NAN; // a later one is not reported
             }
-            let mut st = states.clone();
             let err = e
                 .forward_ragged(&mut st, &ids, &h, &offsets, ForwardPath::Fused)
                 .unwrap_err();
@@ -171,8 +172,7 @@ fn nan_found_in_the_gate_names_the_first_and_keeps_the_states() {
             }
         }
     }
-    // After errors, the states run on as if nothing had happened.
-    let mut st = states.clone();
+    // After the errors, those states run on as if nothing had happened.
     let after_errors = e
         .forward_ragged(&mut st, &ids, &hidden, &offsets, ForwardPath::Fused)
         .unwrap();
@@ -181,6 +181,21 @@ fn nan_found_in_the_gate_names_the_first_and_keeps_the_states() {
         .forward_ragged(&mut fresh, &ids, &hidden, &offsets, ForwardPath::Fused)
         .unwrap();
     assert!(after_errors.output == clean.output);
+    // A bad id and a NaN in one call: both paths report the id (ids are checked first).
+    let mut h = hidden.clone();
+    h[0] = f32::NAN;
+    let mut bad_ids = ids.clone();
+    bad_ids[5] = 1 << 40;
+    for path in [ForwardPath::Fused, ForwardPath::Reference] {
+        let mut st = states.clone();
+        let err = e
+            .forward_ragged(&mut st, &bad_ids, &h, &offsets, path)
+            .unwrap_err();
+        assert!(
+            matches!(err, EngramError::IdOutOfRange { .. }),
+            "{path:?}: {err}"
+        );
+    }
     // Finite values whose squares overflow f32: no error, on either path.
     let mut h = hidden.clone();
     h[(lens[0] + 2) * c + 5] = 3e38;

@@ -202,7 +202,8 @@ fn pack_pairs(k: usize, n: usize, nr: usize, w: &dyn Fn(usize, usize) -> f32) ->
 fn bf16_bits(x: f32) -> u32 {
     let b = x.to_bits();
     let nan = (b >> 16) | 0x40;
-    let rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
+    // Wrapping: a negative NaN's bits can overflow here; its result is discarded below.
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
     if b & 0x7fff_ffff > 0x7f80_0000 {
         nan
     } else {
