@@ -46,6 +46,24 @@ fn tile_rows(fw: &FusedWeights) -> usize {
 }
 /// Tokens ahead whose table rows are prefetched during the gather.
 const PREFETCH_AHEAD: usize = 4;
+/// Rows of the ring of normalised rows (the conv's inputs) a thread keeps: the rows of a
+/// group of [`Driver::conv_segment`] (3·N with the default taps) and the R rows before
+/// them, which its taps read. A ring this small stays in L2, where rows for a whole tile
+/// (1 MiB for the demo layer) were written back to memory and fetched again for the next
+/// tile's writes.
+fn normed_slots(cfg: &crate::config::EngramConfig) -> usize {
+    conv_group(cfg) + cfg.conv_history()
+}
+
+/// Rows per group of [`Driver::conv_segment`]: 3·N (N trios) with the default taps, else 1.
+fn conv_group(cfg: &crate::config::EngramConfig) -> usize {
+    if cfg.kernel_size == kernels::TRIO_TAPS {
+        3 * cfg.max_ngram_size
+    } else {
+        1
+    }
+}
+
 /// Fewest rows worth a thread of their own.
 /// (32, not a full tile: a decode step of B = 64 then runs as two ranges of 32 rows, each
 /// thread with its own projection and its own gate and conv, where one range left the
@@ -164,7 +182,7 @@ struct Scratch {
     x: Vec<f32>,
     /// Projections `[tile, (1+HC)·D]`.
     y: Vec<f32>,
-    /// Conv inputs `[tile, HC·D]`.
+    /// Conv inputs: a ring of [`normed_slots`] rows `[·, HC·D]`.
     normed: Vec<f32>,
 }
 
@@ -206,9 +224,9 @@ struct Piece {
     base: usize,
 }
 
-/// One segment's rows for [`Driver::conv_segment`]: normalised rows (written there),
-/// projections `[len, (1+HC)·D]`, hidden states `[len, HC·D]` and gates `[len, HC]`
-/// (written there).
+/// One segment's rows for [`Driver::conv_segment`]: a ring of normalised rows (written
+/// there, row u in slot u mod its rows), projections `[len, (1+HC)·D]`, hidden states
+/// `[len, HC·D]` and gates `[len, HC]` (written there).
 struct Segment<'a> {
     normed: &'a mut [f32],
     proj: &'a [f32],
@@ -219,7 +237,9 @@ struct Segment<'a> {
 /// Where a segment's rows find their conv taps' normalised rows: earlier rows of the
 /// segment, or the piece's history ring (rows of a neighbour's range may be unknown).
 struct History<'a> {
+    /// The segment's ring of normalised rows (row u in slot u mod `slots`).
     seg: &'a [f32],
+    slots: usize,
     ring: &'a [f32],
     /// The ring's oldest row.
     head: usize,
@@ -240,7 +260,8 @@ impl<'a> History<'a> {
         for (k, slot) in slots.iter_mut().enumerate() {
             let back = (taps - 1 - k) * n;
             *slot = if u >= back {
-                Some(&self.seg[(u - back) * c..(u - back + 1) * c])
+                let s = (u - back) % self.slots;
+                Some(&self.seg[s * c..(s + 1) * c])
             } else {
                 // Logical ring row (0 = oldest of R).
                 let j = r + u - back;
@@ -509,7 +530,7 @@ impl<'e> Driver<'e> {
         // first (gather, GEMM, gate).
         let tile = tile_rows(self.fw).min(total_rows).max(1);
         let mut scratch = Scratch::take();
-        scratch.ensure(tile * dm, tile * np, tile * c);
+        scratch.ensure(tile * dm, tile * np, normed_slots(cfg).min(tile) * c);
         let Scratch { x, y, normed } = &mut scratch;
         let mut hist = vec![0i64; n];
         let mut fixups = Vec::new();
@@ -659,7 +680,7 @@ impl<'e> Driver<'e> {
                     gate_ns += self.conv_segment(
                         rg,
                         Segment {
-                            normed: &mut normed[u0 * c..(u0 + len) * c],
+                            normed: &mut normed[..normed_slots(cfg).min(tile) * c],
                             proj: &y[u0 * np..(u0 + len) * np],
                             hidden: &seq.hidden[a * c..b * c],
                             gates: &mut gate_out[(lr0 + u0) * hc..(lr0 + u0 + len) * hc],
@@ -728,7 +749,10 @@ impl<'e> Driver<'e> {
             hidden,
             gates,
         } = sg;
-        let rows = seg.len() / c;
+        let rows = proj.len() / np;
+        // Rows live at once: a group's and the R before it (see `normed_slots`).
+        let slots = seg.len() / c;
+        let slot = |u: usize| (u % slots) * c;
         let unknown = ring.unknown;
         let (ring_data, head) = ring.parts();
         let params = GateParams {
@@ -746,7 +770,7 @@ impl<'e> Driver<'e> {
         // row at a time. The trio pays on AVX-512 (conv 0.0088 -> 0.0069 thread-s per
         // 4096-token prefill); on AVX2 it measured the same as row by row, and it runs on
         // every ISA so that one path is exercised everywhere.
-        let group = if taps == kernels::TRIO_TAPS { 3 * n } else { 1 };
+        let group = conv_group(cfg);
         let mut u0 = 0;
         while u0 < rows {
             let len = if rows - u0 >= group { group } else { 1 };
@@ -759,7 +783,7 @@ impl<'e> Driver<'e> {
                     &proj[u * np..(u + 1) * np],
                     query,
                     &mut gates[u * hc..(u + 1) * hc],
-                    &mut seg[u * c..(u + 1) * c],
+                    &mut seg[slot(u)..slot(u) + c],
                 );
                 if !finite && self.check_hidden {
                     if let Some(k) = crate::ops::first_non_finite(query) {
@@ -777,6 +801,7 @@ impl<'e> Driver<'e> {
             let (ring_rows, ring_head): (&[f32], usize) = (ring_data, *head);
             let history = History {
                 seg,
+                slots,
                 ring: ring_rows,
                 head: ring_head,
                 unknown,
@@ -852,7 +877,7 @@ impl<'e> Driver<'e> {
         if r > 0 {
             let keep = rows.min(r);
             for u in rows - keep..rows {
-                ring_data[*head * c..(*head + 1) * c].copy_from_slice(&seg[u * c..(u + 1) * c]);
+                ring_data[*head * c..(*head + 1) * c].copy_from_slice(&seg[slot(u)..slot(u) + c]);
                 *head = (*head + 1) % r;
             }
         }
