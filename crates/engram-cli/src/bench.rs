@@ -5,7 +5,7 @@ use clap::Args;
 use engram::fused::profile;
 use engram::layer::compression_for;
 use engram::rng::torch::TorchGenerator;
-use engram::{DType, Engram, ForwardPath, NgramHashMapping};
+use engram::{DType, Engram, ForwardPath, LineAligned, NgramHashMapping};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -442,43 +442,44 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.gather_only {
         return bench_gather(&a, &e, &m, cfg.layer_id, &ids, &table);
     }
-    let hidden = TorchGenerator::manual_seed(1).randn(b * l * hc * d);
-    // The output buffer reused across calls (unless --fresh-output).
+    // Hidden states and the output buffer reused across calls (unless --fresh-output)
+    // start on a cache line, as PyTorch allocates tensors (see `engram::LineAligned`).
+    let hidden = LineAligned::from_slice(&TorchGenerator::manual_seed(1).randn(b * l * hc * d));
+    let hidden = hidden.as_slice();
     let out_len = if a.decode { b } else { b * l } * hc * d;
-    let out_buf = std::sync::Mutex::new(if a.fresh_output {
-        Vec::new()
-    } else {
-        vec![0.0f32; out_len]
-    });
+    let out_buf = std::sync::Mutex::new(LineAligned::new(
+        if a.fresh_output { 0 } else { out_len },
+        0.0f32,
+    ));
+    let step_buf = std::sync::Mutex::new(LineAligned::new(
+        if a.decode { b * hc * d } else { 0 },
+        0.0f32,
+    ));
     let run_once = || -> Result<()> {
         let mut out = out_buf.lock().expect("the bench's output buffer");
+        let out = out.as_mut_slice();
         if a.decode {
+            let mut step_h = step_buf.lock().expect("the bench's step buffer");
+            let step_h = step_h.as_mut_slice();
             let mut states: Vec<_> = (0..b).map(|_| e.new_state()).collect();
             let offsets: Vec<usize> = (0..=b).collect();
+            let c = hc * d;
             for t in 0..l {
                 let step_ids: Vec<i64> = (0..b).map(|s| ids[s * l + t]).collect();
-                let mut step_h = Vec::with_capacity(b * hc * d);
                 for s in 0..b {
-                    step_h
-                        .extend_from_slice(&hidden[(s * l + t) * hc * d..(s * l + t + 1) * hc * d]);
+                    step_h[s * c..(s + 1) * c]
+                        .copy_from_slice(&hidden[(s * l + t) * c..(s * l + t + 1) * c]);
                 }
                 if a.fresh_output {
-                    e.forward_ragged(&mut states, &step_ids, &step_h, &offsets, path)?;
+                    e.forward_ragged(&mut states, &step_ids, step_h, &offsets, path)?;
                 } else {
-                    e.forward_ragged_into(
-                        &mut states,
-                        &step_ids,
-                        &step_h,
-                        &offsets,
-                        path,
-                        &mut out,
-                    )?;
+                    e.forward_ragged_into(&mut states, &step_ids, step_h, &offsets, path, out)?;
                 }
             }
         } else if a.fresh_output {
-            e.forward(&ids, &hidden, b, l, path)?;
+            e.forward(&ids, hidden, b, l, path)?;
         } else {
-            e.forward_into(&ids, &hidden, b, l, path, &mut out)?;
+            e.forward_into(&ids, hidden, b, l, path, out)?;
         }
         Ok(())
     };

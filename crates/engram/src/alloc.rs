@@ -82,6 +82,130 @@ fn advise_huge(addr: usize, len: usize) {
     }
 }
 
+/// A buffer whose first element sits on a 64-byte boundary (a cache line), so that no
+/// 64-byte vector load or store of it straddles two lines (each such access costs two):
+/// `Vec` gives no such alignment (a large allocation starts 16 bytes into its page), so the
+/// buffer holds a line of spare elements and the data starts at its first aligned one.
+///
+/// The fused path reads hidden states and writes outputs a row at a time; with rows a
+/// multiple of 16 floats (the demo layer's 4096) and the buffers in a `LineAligned`, as
+/// PyTorch allocates its tensors, no row straddles a line. In `engram bench` (AVX-512,
+/// demo layer, 4096 tokens) the gate took 0.0102 thread-s per run with `Vec` buffers and
+/// 0.0085 with these.
+///
+/// ```
+/// use engram::LineAligned;
+/// let mut out = LineAligned::new(8192, 0.0f32);
+/// assert_eq!(out.as_mut_slice().as_ptr() as usize % 64, 0);
+/// let hidden = LineAligned::from_slice(&[1.0f32, 2.0, 3.0]);
+/// assert_eq!(hidden.as_slice(), &[1.0, 2.0, 3.0]);
+/// ```
+pub struct LineAligned<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
+    huge: bool,
+}
+
+impl<T: Copy> LineAligned<T> {
+    /// `len` copies of `fill`.
+    pub fn new(len: usize, fill: T) -> Self {
+        Self::with(len, fill, false)
+    }
+
+    /// A copy of `v`.
+    pub fn from_slice(v: &[T]) -> Self
+    where
+        T: Default,
+    {
+        let mut a = Self::new(v.len(), T::default());
+        a.as_mut_slice().copy_from_slice(v);
+        a
+    }
+
+    /// `len` copies of `fill`, advised for huge pages (for large buffers filled once).
+    pub(crate) fn new_huge(len: usize, fill: T) -> Self {
+        Self::with(len, fill, true)
+    }
+
+    fn with(len: usize, fill: T, huge: bool) -> Self {
+        let size = std::mem::size_of::<T>().max(1);
+        let slack = 64usize.div_ceil(size);
+        let mut buf = if huge {
+            huge_capacity(len + slack)
+        } else {
+            Vec::with_capacity(len + slack)
+        };
+        buf.resize(len + slack, fill);
+        let misalign = buf.as_ptr() as usize % 64;
+        let off = if misalign == 0 {
+            0
+        } else {
+            (64 - misalign) / size
+        };
+        LineAligned {
+            buf,
+            off,
+            len,
+            huge,
+        }
+    }
+
+    /// At least `len` elements: a fresh buffer of copies of `fill` when it was shorter (the
+    /// old contents are not kept).
+    pub(crate) fn ensure(&mut self, len: usize, fill: T) {
+        if self.len < len {
+            *self = Self::with(len, fill, self.huge);
+        }
+    }
+
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    /// The elements, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<T: Copy> Default for LineAligned<T>
+where
+    T: Default,
+{
+    fn default() -> Self {
+        Self::new(0, T::default())
+    }
+}
+
+impl<T: Copy> Clone for LineAligned<T> {
+    /// A fresh aligned copy (a cloned `Vec` may sit at another offset from a line).
+    fn clone(&self) -> Self {
+        let src = self.as_slice();
+        // `buf` always holds the slack, so it has a first element to fill with.
+        let mut p = Self::with(src.len(), self.buf[0], self.huge);
+        p.as_mut_slice().copy_from_slice(src);
+        p
+    }
+}
+
+impl<T> std::fmt::Debug for LineAligned<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LineAligned({} elements)", self.len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -93,5 +217,24 @@ mod tests {
         let e = super::zeroed_u16(usize::MAX / 2, "a huge table", true).unwrap_err();
         assert!(e.to_string().contains("a huge table"), "{e}");
         assert!(super::zeroed_f32(0, "none", false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn line_aligned_buffers_start_on_a_line_after_growth_and_clone() {
+        use super::LineAligned;
+        let line = |p: *const u8| (p as usize).is_multiple_of(64);
+        for n in [0usize, 1, 15, 16, 1000, 1 << 20] {
+            let mut a = LineAligned::new(n, 7u16);
+            assert!(a.len() == n && a.as_slice().iter().all(|&x| x == 7));
+            assert!(line(a.as_mut_slice().as_ptr().cast()));
+            a.ensure(n + 100, 1);
+            assert!(a.len() >= n + 100 && line(a.as_slice().as_ptr().cast()));
+            let b = a.clone();
+            assert_eq!(a.as_slice(), b.as_slice());
+            assert!(line(b.as_slice().as_ptr().cast()));
+        }
+        let h = LineAligned::from_slice(&[1.5f32, -2.0, 3.25]);
+        assert_eq!(h.as_slice(), &[1.5, -2.0, 3.25]);
+        assert!(line(h.as_slice().as_ptr().cast()) && !h.is_empty());
     }
 }

@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod profile;
 pub mod proj;
 
+use crate::alloc::LineAligned;
 use crate::error::{EngramError, Result};
 use crate::model::DemoModel;
 use crate::state::EngramState;
@@ -179,11 +180,11 @@ pub(crate) struct FusedOut<'a> {
 #[derive(Default)]
 struct Scratch {
     /// Gathered embeddings `[tile, Dm]`.
-    x: Vec<f32>,
+    x: LineAligned<f32>,
     /// Projections `[tile, (1+HC)·D]`.
-    y: Vec<f32>,
+    y: LineAligned<f32>,
     /// Conv inputs: a ring of [`normed_slots`] rows `[·, HC·D]`.
-    normed: Vec<f32>,
+    normed: LineAligned<f32>,
 }
 
 thread_local! {
@@ -199,18 +200,14 @@ impl Scratch {
         SCRATCH.with(|c| c.set(Some(self)));
     }
 
-    /// Grows each buffer to at least the given length; only newly added elements are
-    /// initialised.
+    /// Grows each buffer to at least the given length (a buffer that grows starts afresh:
+    /// every row used is written before it is read). Each starts on a cache line, and with
+    /// rows a multiple of 16 floats long (the demo layer's) so does every row: no vector
+    /// access to them straddles two lines.
     fn ensure(&mut self, x: usize, y: usize, normed: usize) {
-        for (v, n) in [
-            (&mut self.x, x),
-            (&mut self.y, y),
-            (&mut self.normed, normed),
-        ] {
-            if v.len() < n {
-                v.resize(n, 0.0);
-            }
-        }
+        self.x.ensure(x, 0.0);
+        self.y.ensure(y, 0.0);
+        self.normed.ensure(normed, 0.0);
     }
 }
 
@@ -531,7 +528,11 @@ impl<'e> Driver<'e> {
         let tile = tile_rows(self.fw).min(total_rows).max(1);
         let mut scratch = Scratch::take();
         scratch.ensure(tile * dm, tile * np, normed_slots(cfg).min(tile) * c);
-        let Scratch { x, y, normed } = &mut scratch;
+        let (x, y, normed) = (
+            scratch.x.as_mut_slice(),
+            scratch.y.as_mut_slice(),
+            scratch.normed.as_mut_slice(),
+        );
         let mut hist = vec![0i64; n];
         let mut fixups = Vec::new();
         let mut tail = None;

@@ -67,61 +67,9 @@ impl PanelKernel {
     }
 }
 
-/// Packed weights whose first element sits on a 64-byte boundary (a cache line), so that no
-/// vector load of a panel row straddles two lines: `Vec` gives no such alignment (a large
-/// allocation starts 16 bytes into its page), so the buffer is a few elements longer and
-/// the panels start at the first aligned element.
-struct Panels<T> {
-    buf: Vec<T>,
-    off: usize,
-    len: usize,
-}
-
-impl<T: Copy> Panels<T> {
-    /// `len` copies of `fill`, 64-byte aligned, advised for huge pages.
-    fn new(len: usize, fill: T) -> Self {
-        let size = std::mem::size_of::<T>().max(1);
-        let slack = 64 / size;
-        let mut buf = crate::alloc::huge_capacity(len + slack);
-        buf.resize(len + slack, fill);
-        let misalign = buf.as_ptr() as usize % 64;
-        let off = if misalign == 0 {
-            0
-        } else {
-            (64 - misalign) / size
-        };
-        Panels { buf, off, len }
-    }
-
-    fn as_slice(&self) -> &[T] {
-        &self.buf[self.off..self.off + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [T] {
-        &mut self.buf[self.off..self.off + self.len]
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl<T: Copy> Clone for Panels<T> {
-    /// A fresh aligned copy (a cloned `Vec` may sit at another offset from a line).
-    fn clone(&self) -> Self {
-        let src = self.as_slice();
-        // `buf` always holds the slack, so it has a first element to fill with.
-        let mut p = Panels::new(src.len(), self.buf[0]);
-        p.as_mut_slice().copy_from_slice(src);
-        p
-    }
-}
-
-impl<T> std::fmt::Debug for Panels<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Panels({} elements)", self.len)
-    }
-}
+/// Packed weights start on a cache line (64 bytes), so that no vector load of a panel row
+/// straddles two lines; advised for huge pages.
+type Panels<T> = crate::alloc::LineAligned<T>;
 
 #[derive(Debug, Clone)]
 #[allow(dead_code)] // each target builds only its own kernels' variants
@@ -176,7 +124,7 @@ fn has_neon_bf16() -> bool {
 /// padding per panel; columns past N are zero.
 fn pack_pairs(k: usize, n: usize, nr: usize, w: &dyn Fn(usize, usize) -> f32) -> Panels<bf16> {
     let (kp, np) = (k.div_ceil(2), n.div_ceil(nr) * nr);
-    let mut pairs = Panels::new(np / nr * (kp + 1) * nr * 2, bf16::ZERO);
+    let mut pairs = Panels::new_huge(np / nr * (kp + 1) * nr * 2, bf16::ZERO);
     let v = pairs.as_mut_slice();
     for panel in 0..np / nr {
         for p in 0..kp {
@@ -252,7 +200,7 @@ fn pack_panels<T: Copy + Default>(
     get: impl Fn(usize, usize) -> T,
 ) -> Panels<T> {
     let np = n.div_ceil(nr) * nr;
-    let mut p = Panels::new(np * (k + 1), T::default());
+    let mut p = Panels::new_huge(np * (k + 1), T::default());
     let v = p.as_mut_slice();
     for panel in 0..np / nr {
         for kk in 0..k {
