@@ -257,6 +257,48 @@ impl DemoModel {
         Ok(())
     }
 
+    /// [`DemoModel::gather_from`] for the bf16 dot kernels: the rows' bf16 bits, as they
+    /// lie in the table (`bits`, see `EmbeddingTable::bf16_bits`), copied into `out` as
+    /// the kernels take x (`[T][Dm/2]` pairs, see `fused::proj::Projection::matmul_pairs`),
+    /// with no widening to f32 and back. The head dim must be even.
+    pub(crate) fn gather_pairs(
+        &self,
+        bits: &[u16],
+        hash_ids: &[i64],
+        out: &mut [u32],
+    ) -> Result<()> {
+        let (h, dh) = (self.cfg.num_heads(), self.cfg.head_dim());
+        debug_assert!(dh.is_multiple_of(2));
+        let out: &mut [u16] = bytemuck::cast_slice_mut(out);
+        for (t, hrow) in hash_ids.chunks_exact(h).enumerate() {
+            for (j, &hid) in hrow.iter().enumerate() {
+                let row = (hid + self.weights.offsets[j]) as usize;
+                let src = row
+                    .checked_mul(dh)
+                    .and_then(|a| bits.get(a..a.checked_add(dh)?))
+                    .ok_or_else(|| {
+                        EngramError::invalid(
+                            "row id",
+                            format!("below the table's {} rows", bits.len() / dh.max(1)),
+                            row,
+                        )
+                    })?;
+                out[(t * h + j) * dh..(t * h + j + 1) * dh].copy_from_slice(src);
+                // All exponent bits set: an infinity or a NaN.
+                let bad = |b: u16| b & 0x7f80 == 0x7f80;
+                if src.iter().fold(false, |a, &b| a | bad(b)) {
+                    let k = src.iter().position(|&b| bad(b)).unwrap_or(0);
+                    return Err(EngramError::NonFinite {
+                        name: TABLE.into(),
+                        index: row * dh + k,
+                        value: half::bf16::from_bits(src[k]).to_f32(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// [`DemoModel::gather`] from a given copy of the table (e.g. the fused path's bf16 one).
     pub(crate) fn gather_from(
         &self,

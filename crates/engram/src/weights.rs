@@ -201,6 +201,22 @@ impl EmbeddingTable {
         }
     }
 
+    /// The whole table as bf16 bits `[rows · dim]`, when it lies in memory as bf16 (owned, or
+    /// mapped from a file at an even offset): rows the fused path gathers without widening.
+    pub(crate) fn bf16_bits(&self) -> Option<&[u16]> {
+        let n = self.rows.checked_mul(self.dim)?;
+        match &self.data {
+            TableData::Bf16(v) => Some(bytemuck::cast_slice::<bf16, u16>(v.as_slice())),
+            TableData::Mapped { mmap, start, dtype } if *dtype == Dtype::BF16 => {
+                let bytes = mmap.get(*start..start.checked_add(n.checked_mul(2)?)?)?;
+                bytemuck::try_cast_slice::<u8, u16>(bytes)
+                    .ok()
+                    .filter(|_| cfg!(target_endian = "little"))
+            }
+            _ => None,
+        }
+    }
+
     /// The table copied into process memory (bf16 stays bf16, f32 and f16 become f32); an
     /// owned table is shared, not copied. The allocation is checked against free memory.
     pub fn to_ram(&self) -> Result<EmbeddingTable> {

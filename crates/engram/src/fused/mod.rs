@@ -563,6 +563,18 @@ impl<'e> Driver<'e> {
         // Tiles of a store that reads files are gathered ahead on a thread of their own when
         // there is more than one tile (a decode step's single tile is gathered in place).
         let pipelined = total_rows > tile && table.store().is_some_and(|s| !s.in_memory());
+        // With the bf16 dot kernels and a bf16 table in memory, rows are gathered as they
+        // lie, straight into the kernels' pairs (x holds `[tile][Dm/2]` u32 then): no
+        // widening to f32 and rounding back.
+        let kp = dm / 2;
+        let pairs_from = if self.fw.proj.takes_pairs()
+            && cfg.head_dim().is_multiple_of(2)
+            && !table.is_store()
+        {
+            table.bf16_bits()
+        } else {
+            None
+        };
         let (mut pi, mut t) = (0usize, pieces.first().map_or(0, |p| p.t0));
         let mut done = 0;
         std::thread::scope(|sc| -> Result<PartResult> {
@@ -619,11 +631,18 @@ impl<'e> Driver<'e> {
                                 let v = u + PREFETCH_AHEAD;
                                 self.e.prefetch_rows(table, &hashes[v * h..(v + 1) * h]);
                             }
-                            self.e.gather_from(
-                                table,
-                                &hashes[u * h..(u + 1) * h],
-                                &mut x[u * dm..(u + 1) * dm],
-                            )?;
+                            let hu = &hashes[u * h..(u + 1) * h];
+                            match pairs_from {
+                                Some(bits) => {
+                                    let xp: &mut [u32] = bytemuck::cast_slice_mut(&mut x[..]);
+                                    self.e
+                                        .gather_pairs(bits, hu, &mut xp[u * kp..(u + 1) * kp])?
+                                }
+                                None => {
+                                    self.e
+                                        .gather_from(table, hu, &mut x[u * dm..(u + 1) * dm])?
+                                }
+                            }
                         }
                         profile::add(Stage::HashGather, clock);
                         None
@@ -631,10 +650,26 @@ impl<'e> Driver<'e> {
                 };
                 // 3. projections: one GEMM for the whole tile.
                 let clock = Instant::now();
-                let xs: &[f32] = fed.as_deref().unwrap_or(&x[..]);
-                self.fw
-                    .proj
-                    .matmul(&xs[..rows * dm], rows, &mut y[..rows * np], inner_threads);
+                match (&fed, pairs_from) {
+                    (None, Some(_)) => {
+                        let xp: &[u32] = bytemuck::cast_slice(&x[..]);
+                        self.fw.proj.matmul_pairs(
+                            &xp[..rows * kp],
+                            rows,
+                            &mut y[..rows * np],
+                            inner_threads,
+                        )
+                    }
+                    _ => {
+                        let xs: &[f32] = fed.as_deref().unwrap_or(&x[..]);
+                        self.fw.proj.matmul(
+                            &xs[..rows * dm],
+                            rows,
+                            &mut y[..rows * np],
+                            inner_threads,
+                        )
+                    }
+                }
                 profile::add(Stage::Projection, clock);
                 if let (Some(f), Some(buf)) = (&feed, fed) {
                     f.give_back(buf);

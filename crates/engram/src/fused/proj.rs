@@ -358,6 +358,39 @@ impl Projection {
         }
     }
 
+    /// Whether [`Self::matmul_pairs`] applies: the bf16 dot kernels, which take x as bf16
+    /// pairs (AVX512-BF16, BFDOT).
+    pub fn takes_pairs(&self) -> bool {
+        matches!(self.packed, Packed::Bf16Pairs(_) | Packed::Bf16DotPairs(_))
+    }
+
+    /// [`Self::matmul`] from x already in bf16: `xp` `[rows][K/2]` u32, each the bf16 bits
+    /// of x[2p] in its low half and of x[2p+1] in its high half (an odd K padded with zero):
+    /// a bf16 table's rows as they lie in memory, gathered without widening. Only where
+    /// [`Self::takes_pairs`]; it panics elsewhere.
+    pub fn matmul_pairs(&self, xp: &[u32], rows: usize, y: &mut [f32], threads: usize) {
+        let (k, n) = (self.k, self.n);
+        assert_eq!(
+            xp.len(),
+            rows * k.div_ceil(2),
+            "x pairs must be [rows, K/2]"
+        );
+        assert_eq!(y.len(), rows * n, "y must be [rows, N]");
+        match &self.packed {
+            #[cfg(target_arch = "x86_64")]
+            Packed::Bf16Pairs(w) => {
+                // SAFETY: `Bf16Pairs` is only built when the CPU has AVX512F and AVX512-BF16.
+                unsafe { bf16_avx512::matmul_pairs(xp, w.as_slice(), y, rows, k, n, threads) }
+            }
+            #[cfg(target_arch = "aarch64")]
+            Packed::Bf16DotPairs(w) => {
+                // SAFETY: `Bf16DotPairs` is only built when the CPU reports BF16.
+                unsafe { neon_bf16::matmul_pairs(xp, w.as_slice(), y, rows, k, n, threads) }
+            }
+            _ => panic!("matmul_pairs needs the bf16 dot kernels (see takes_pairs)"),
+        }
+    }
+
     /// `y[rows, N] = x[rows, K] · W`, on `threads` threads.
     pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32], threads: usize) {
         let (k, n) = (self.k, self.n);
@@ -1054,29 +1087,52 @@ mod neon_bf16 {
             "w must hold every panel"
         );
         super::with_x_pairs(x, m, k, |xp| {
-            super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
-                let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
-                let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
-                let xs = &xp[b.r0 * kp..];
-                // SAFETY: the caller guarantees BF16; the kernel checks x and w; the driver hands
-                // out `b.y` valid for the block's rows and panels, written by no one else.
-                unsafe {
-                    block_kernel!(
-                        kernel,
-                        [(1, 3), (2, 2)],
-                        b,
-                        kp,
-                        xs,
-                        kp,
-                        wg,
-                        ldw,
-                        lds,
-                        NR,
-                        next
-                    )
-                };
-            });
+            // SAFETY: the caller's contract.
+            unsafe { matmul_pairs(xp, w, y, m, k, n, threads) }
         })
+    }
+
+    /// [`matmul`] from x already in bf16 pairs (`xp`: `[m][K/2]`, see `super::with_x_pairs`).
+    ///
+    /// # Safety
+    /// As [`matmul`].
+    pub unsafe fn matmul_pairs(
+        xp: &[u32],
+        w: &[bf16],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) {
+        let kp = k.div_ceil(2);
+        assert_eq!(xp.len(), m * kp, "x pairs must be [m, K/2]");
+        assert!(
+            w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
+            "w must hold every panel"
+        );
+        super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
+            let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
+            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
+            let xs = &xp[b.r0 * kp..];
+            // SAFETY: the caller guarantees BF16; the kernel checks x and w; the driver hands
+            // out `b.y` valid for the block's rows and panels, written by no one else.
+            unsafe {
+                block_kernel!(
+                    kernel,
+                    [(1, 3), (2, 2)],
+                    b,
+                    kp,
+                    xs,
+                    kp,
+                    wg,
+                    ldw,
+                    lds,
+                    NR,
+                    next
+                )
+            };
+        });
     }
 
     /// `y[R, P·16]` = the sum over kc k-pairs of BFDOT(w pairs, x pair) (x's row stride
@@ -1295,16 +1351,39 @@ mod bf16_avx512 {
             "w must hold every panel"
         );
         super::with_x_pairs(x, m, k, |xp| {
-            super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
-                let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
-                let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
-                let xs = &xp[b.r0 * kp..];
-                // SAFETY: the caller guarantees AVX512F + AVX512-BF16; the kernel checks x and w;
-                // the driver hands out `b.y` valid for the block's rows and panels, written by no
-                // one else.
-                unsafe { block_kernel!(kernel, [(1, 3)], b, kp, xs, kp, wg, ldw, lds, NR, next) };
-            });
+            // SAFETY: the caller's contract.
+            unsafe { matmul_pairs(xp, w, y, m, k, n, threads) }
         })
+    }
+
+    /// [`matmul`] from x already in bf16 pairs (`xp`: `[m][K/2]`, see `super::with_x_pairs`).
+    ///
+    /// # Safety
+    /// As [`matmul`].
+    pub unsafe fn matmul_pairs(
+        xp: &[u32],
+        w: &[bf16],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) {
+        let kp = k.div_ceil(2);
+        assert_eq!(xp.len(), m * kp, "x pairs must be [m, K/2]");
+        assert!(
+            w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
+            "w must hold every panel"
+        );
+        super::panel_driver(m, n, NR, GROUPS, y, threads, |b| {
+            let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
+            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
+            let xs = &xp[b.r0 * kp..];
+            // SAFETY: the caller guarantees AVX512F + AVX512-BF16; the kernel checks x and w;
+            // the driver hands out `b.y` valid for the block's rows and panels, written by no
+            // one else.
+            unsafe { block_kernel!(kernel, [(1, 3)], b, kp, xs, kp, wg, ldw, lds, NR, next) };
+        });
     }
 
     /// See [`super::bf16_dot_chains`].
