@@ -257,6 +257,23 @@ impl DemoModel {
         Ok(())
     }
 
+    /// [`DemoModel::gather_from`] from a table that lies in memory as f32 (`values`, see
+    /// `EmbeddingTable::f32_values`): each row copied in place, with no call per row.
+    pub(crate) fn gather_values(
+        &self,
+        values: &[f32],
+        hash_ids: &[i64],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.gather_rows(
+            values,
+            hash_ids,
+            out,
+            |v: f32| v.to_bits() & 0x7fff_ffff >= 0x7f80_0000,
+            |v| v,
+        )
+    }
+
     /// [`DemoModel::gather_from`] for the bf16 dot kernels: the rows' bf16 bits, as they
     /// lie in the table (`bits`, see `EmbeddingTable::bf16_bits`), copied into `out` as
     /// the kernels take x (`[T][Dm/2]` pairs, see `fused::proj::Projection::matmul_pairs`),
@@ -267,31 +284,55 @@ impl DemoModel {
         hash_ids: &[i64],
         out: &mut [u32],
     ) -> Result<()> {
+        debug_assert!(self.cfg.head_dim().is_multiple_of(2));
+        // All exponent bits set: an infinity or a NaN.
+        self.gather_rows(
+            bits,
+            hash_ids,
+            bytemuck::cast_slice_mut(out),
+            |b: u16| b & 0x7f80 == 0x7f80,
+            |b| half::bf16::from_bits(b).to_f32(),
+        )
+    }
+
+    /// Copies each token's rows of `table` (`[rows · dh]` values) into `out` (`[T][Dm]`),
+    /// refusing a row with a value that is `bad` (reported as `value`).
+    fn gather_rows<T: Copy>(
+        &self,
+        table: &[T],
+        hash_ids: &[i64],
+        out: &mut [T],
+        bad: impl Fn(T) -> bool,
+        value: impl Fn(T) -> f32,
+    ) -> Result<()> {
         let (h, dh) = (self.cfg.num_heads(), self.cfg.head_dim());
-        debug_assert!(dh.is_multiple_of(2));
-        let out: &mut [u16] = bytemuck::cast_slice_mut(out);
         for (t, hrow) in hash_ids.chunks_exact(h).enumerate() {
             for (j, &hid) in hrow.iter().enumerate() {
                 let row = (hid + self.weights.offsets[j]) as usize;
                 let src = row
                     .checked_mul(dh)
-                    .and_then(|a| bits.get(a..a.checked_add(dh)?))
+                    .and_then(|a| table.get(a..a.checked_add(dh)?))
                     .ok_or_else(|| {
                         EngramError::invalid(
                             "row id",
-                            format!("below the table's {} rows", bits.len() / dh.max(1)),
+                            format!("below the table's {} rows", table.len() / dh.max(1)),
                             row,
                         )
                     })?;
-                out[(t * h + j) * dh..(t * h + j + 1) * dh].copy_from_slice(src);
-                // All exponent bits set: an infinity or a NaN.
-                let bad = |b: u16| b & 0x7f80 == 0x7f80;
+                // In 16-value pieces (moves in place, where a slice copy calls memcpy).
+                let dst = &mut out[(t * h + j) * dh..(t * h + j + 1) * dh];
+                let (d16, d_rest) = dst.as_chunks_mut::<16>();
+                let (s16, s_rest) = src.as_chunks::<16>();
+                for (d, s) in d16.iter_mut().zip(s16) {
+                    *d = *s;
+                }
+                d_rest.copy_from_slice(s_rest);
                 if src.iter().fold(false, |a, &b| a | bad(b)) {
                     let k = src.iter().position(|&b| bad(b)).unwrap_or(0);
                     return Err(EngramError::NonFinite {
                         name: TABLE.into(),
                         index: row * dh + k,
-                        value: half::bf16::from_bits(src[k]).to_f32(),
+                        value: value(src[k]),
                     });
                 }
             }

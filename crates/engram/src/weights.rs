@@ -201,6 +201,22 @@ impl EmbeddingTable {
         }
     }
 
+    /// The whole table as f32 `[rows · dim]`, when it lies in memory as f32 (owned, or mapped
+    /// from a file at an offset that is a multiple of 4, on a little-endian host).
+    pub(crate) fn f32_values(&self) -> Option<&[f32]> {
+        let n = self.rows.checked_mul(self.dim)?;
+        match &self.data {
+            TableData::F32(v) => Some(v.as_slice()),
+            TableData::Mapped { mmap, start, dtype } if *dtype == Dtype::F32 => {
+                let bytes = mmap.get(*start..start.checked_add(n.checked_mul(4)?)?)?;
+                bytemuck::try_cast_slice::<u8, f32>(bytes)
+                    .ok()
+                    .filter(|_| cfg!(target_endian = "little"))
+            }
+            _ => None,
+        }
+    }
+
     /// The whole table as bf16 bits `[rows · dim]`, when it lies in memory as bf16 (owned, or
     /// mapped from a file at an even offset): rows the fused path gathers without widening.
     pub(crate) fn bf16_bits(&self) -> Option<&[u16]> {

@@ -446,34 +446,45 @@ fn f16_weights_are_widened() {
 }
 
 /// A NaN or an infinity in a table row the layer reads is an error naming the table and the
-/// element, the same one on every path and dtype: f32 rows (copied), bf16 rows widened to
-/// f32, and bf16 rows gathered as they lie into the bf16 dot kernels' pairs (AVX512-BF16 and
-/// BFDOT hosts).
+/// element, the same one on every path and dtype, from a bf16 or an f32 table: rows copied
+/// in place (f32), widened to f32 (bf16 table, f32 layer), rounded to bf16 (f32 table, bf16
+/// layer) and gathered as they lie into the bf16 dot kernels' pairs (AVX512-BF16 and BFDOT
+/// hosts).
 #[test]
 fn a_non_finite_table_row_is_the_same_error_on_every_path_and_dtype() {
     let cfg = small_config();
     let m = mapping(&cfg);
-    let (mut w, _) = engram::init::torch_default_weights(&cfg, &m, 3, &mut |_| {}).unwrap();
-    let (rows, dh) = (w.table.rows(), cfg.head_dim());
-    let mut bits: Vec<u16> = (0..rows * dh).map(|i| 0x3f80 + (i % 64) as u16).collect();
-    // Element 5 of every row is bad: the first row read decides the error.
-    for (r, row) in bits.chunks_exact_mut(dh).enumerate() {
-        row[5] = if r % 2 == 0 { 0x7fc0 } else { 0xff80 }; // NaN, -inf
-    }
-    w.table = engram::weights::EmbeddingTable::from_bf16_bits(bits, rows, dh).unwrap();
-    let e = Engram::new(cfg.clone(), m, w).unwrap();
     let (ids, hidden) = random_inputs(&cfg, 40, 9);
     let mut seen = Vec::new();
-    for dtype in [engram::DType::F32, engram::DType::Bf16] {
-        let e = e.clone().with_dtype(dtype);
-        for path in [ForwardPath::Fused, ForwardPath::Reference] {
-            let err = e.forward(&ids, &hidden, 1, 40, path).unwrap_err();
-            let EngramError::NonFinite { name, index, .. } = &err else {
-                panic!("{dtype:?} {path:?}: {err}")
-            };
-            assert!(name.contains("embedding"), "{err}");
-            assert_eq!(index % dh, 5, "{err}");
-            seen.push(err.to_string());
+    for f32_table in [false, true] {
+        let (mut w, _) = engram::init::torch_default_weights(&cfg, &m, 3, &mut |_| {}).unwrap();
+        let (rows, dh) = (w.table.rows(), cfg.head_dim());
+        let mut bits: Vec<u16> = (0..rows * dh).map(|i| 0x3f80 + (i % 64) as u16).collect();
+        // Element 5 of every row is bad: the first row read decides the error.
+        for (r, row) in bits.chunks_exact_mut(dh).enumerate() {
+            row[5] = if r % 2 == 0 { 0x7fc0 } else { 0xff80 }; // NaN, -inf
+        }
+        w.table = if f32_table {
+            let v = bits
+                .iter()
+                .map(|&b| f32::from_bits(u32::from(b) << 16))
+                .collect();
+            engram::weights::EmbeddingTable::from_f32(v, rows, dh).unwrap()
+        } else {
+            engram::weights::EmbeddingTable::from_bf16_bits(bits, rows, dh).unwrap()
+        };
+        let e = Engram::new(cfg.clone(), m.clone(), w).unwrap();
+        for dtype in [engram::DType::F32, engram::DType::Bf16] {
+            let e = e.clone().with_dtype(dtype);
+            for path in [ForwardPath::Fused, ForwardPath::Reference] {
+                let err = e.forward(&ids, &hidden, 1, 40, path).unwrap_err();
+                let EngramError::NonFinite { name, index, .. } = &err else {
+                    panic!("{f32_table} {dtype:?} {path:?}: {err}")
+                };
+                assert!(name.contains("embedding"), "{err}");
+                assert_eq!(index % dh, 5, "{err}");
+                seen.push(err.to_string());
+            }
         }
     }
     assert!(seen.windows(2).all(|p| p[0] == p[1]), "{seen:#?}");

@@ -575,6 +575,12 @@ impl<'e> Driver<'e> {
         } else {
             None
         };
+        // Otherwise rows of an f32 table in memory are copied in place.
+        let values_from = if table.is_store() {
+            None
+        } else {
+            table.f32_values()
+        };
         let (mut pi, mut t) = (0usize, pieces.first().map_or(0, |p| p.t0));
         let mut done = 0;
         std::thread::scope(|sc| -> Result<PartResult> {
@@ -632,16 +638,15 @@ impl<'e> Driver<'e> {
                                 self.e.prefetch_rows(table, &hashes[v * h..(v + 1) * h]);
                             }
                             let hu = &hashes[u * h..(u + 1) * h];
-                            match pairs_from {
-                                Some(bits) => {
+                            let xu = u * dm..(u + 1) * dm;
+                            match (pairs_from, values_from) {
+                                (Some(bits), _) => {
                                     let xp: &mut [u32] = bytemuck::cast_slice_mut(&mut x[..]);
                                     self.e
                                         .gather_pairs(bits, hu, &mut xp[u * kp..(u + 1) * kp])?
                                 }
-                                None => {
-                                    self.e
-                                        .gather_from(table, hu, &mut x[u * dm..(u + 1) * dm])?
-                                }
+                                (None, Some(v)) => self.e.gather_values(v, hu, &mut x[xu])?,
+                                (None, None) => self.e.gather_from(table, hu, &mut x[xu])?,
                             }
                         }
                         profile::add(Stage::HashGather, clock);
