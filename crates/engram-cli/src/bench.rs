@@ -73,6 +73,12 @@ pub struct BenchArgs {
     /// in a serving loop.
     #[arg(long)]
     fresh_output: bool,
+    /// Keep the hidden states and the output buffer (prefill) in plain `Vec`s, which start 16 bytes
+    /// into a page, so that every row straddles cache lines, instead of on cache lines (as
+    /// PyTorch allocates tensors; `engram::LineAligned`): what a caller without aligned
+    /// buffers gets
+    #[arg(long)]
+    vec_buffers: bool,
     /// Time the row store alone: gather every row the run would read (the layer's hashes of
     /// the ids, in token order) with no compute, and report rows/s and round trips/s: the
     /// store's own rate, to set beside `redis-benchmark` or `fio` (prefill only)
@@ -444,12 +450,19 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     // Hidden states and the output buffer reused across calls (unless --fresh-output)
     // start on a cache line, as PyTorch allocates tensors (see `engram::LineAligned`).
-    let hidden = LineAligned::from_slice(&TorchGenerator::manual_seed(1).randn(b * l * hc * d));
-    let hidden = hidden.as_slice();
+    let hidden_vec = TorchGenerator::manual_seed(1).randn(b * l * hc * d);
+    let hidden_lines = LineAligned::from_slice(if a.vec_buffers { &[] } else { &hidden_vec });
+    let hidden = if a.vec_buffers {
+        &hidden_vec[..]
+    } else {
+        hidden_lines.as_slice()
+    };
     let out_len = if a.decode { b } else { b * l } * hc * d;
-    let out_buf = std::sync::Mutex::new(LineAligned::new(
-        if a.fresh_output { 0 } else { out_len },
-        0.0f32,
+    let out_len = if a.fresh_output { 0 } else { out_len };
+    // Either buffer, as a `&mut [f32]` (the other one is empty).
+    let out_buf = std::sync::Mutex::new((
+        LineAligned::new(if a.vec_buffers { 0 } else { out_len }, 0.0f32),
+        vec![0.0f32; if a.vec_buffers { out_len } else { 0 }],
     ));
     let step_buf = std::sync::Mutex::new(LineAligned::new(
         if a.decode { b * hc * d } else { 0 },
@@ -457,7 +470,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     ));
     let run_once = || -> Result<()> {
         let mut out = out_buf.lock().expect("the bench's output buffer");
-        let out = out.as_mut_slice();
+        let (lines, vec) = &mut *out;
+        let out = if a.vec_buffers {
+            &mut vec[..]
+        } else {
+            lines.as_mut_slice()
+        };
         if a.decode {
             let mut step_h = step_buf.lock().expect("the bench's step buffer");
             let step_h = step_h.as_mut_slice();
@@ -552,7 +570,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "{}",
             serde_json::json!({
                 "tokens_per_s": tps, "median_s": med, "tokens": l, "batch": b, "dtype": a.dtype,
-                "path": a.path, "mode": mode, "chunk": a.chunk, "fresh_output": a.fresh_output, "threads": threads, "runs": a.runs,
+                "path": a.path, "mode": mode, "chunk": a.chunk, "fresh_output": a.fresh_output, "vec_buffers": a.vec_buffers, "threads": threads, "runs": a.runs,
                 "peak_rss_bytes": rss, "stage_thread_s_per_run": st,
                 "step_latency_ms": if a.decode { Some(med / l as f64 * 1e3) } else { None },
                 "kernel": proj.kernel_name(),
