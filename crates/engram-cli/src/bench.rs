@@ -73,10 +73,10 @@ pub struct BenchArgs {
     /// in a serving loop.
     #[arg(long)]
     fresh_output: bool,
-    /// Keep the hidden states and the output buffer (prefill) in plain `Vec`s, which start 16 bytes
+    /// Keep the hidden states and the output buffer in plain `Vec`s, which start 16 bytes
     /// into a page, so that every row straddles cache lines, instead of on cache lines (as
     /// PyTorch allocates tensors; `engram::LineAligned`): what a caller without aligned
-    /// buffers gets
+    /// buffers gets (prefill and decode; --chunk always streams through Vecs)
     #[arg(long)]
     vec_buffers: bool,
     /// Time the row store alone: gather every row the run would read (the layer's hashes of
@@ -449,33 +449,23 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         return bench_gather(&a, &e, &m, cfg.layer_id, &ids, &table);
     }
     // Hidden states and the output buffer reused across calls (unless --fresh-output)
-    // start on a cache line, as PyTorch allocates tensors (see `engram::LineAligned`).
-    let hidden_vec = TorchGenerator::manual_seed(1).randn(b * l * hc * d);
-    let hidden_lines = LineAligned::from_slice(if a.vec_buffers { &[] } else { &hidden_vec });
-    let hidden = if a.vec_buffers {
-        &hidden_vec[..]
-    } else {
-        hidden_lines.as_slice()
-    };
+    // start on a cache line, as PyTorch allocates tensors (see `engram::LineAligned`), or
+    // with --vec-buffers sit in plain Vecs.
+    let hidden = Buf::from_vec(
+        a.vec_buffers,
+        TorchGenerator::manual_seed(1).randn(b * l * hc * d),
+    );
+    let hidden = hidden.as_slice();
     let out_len = if a.decode { b } else { b * l } * hc * d;
     let out_len = if a.fresh_output { 0 } else { out_len };
-    // Either buffer, as a `&mut [f32]` (the other one is empty).
-    let out_buf = std::sync::Mutex::new((
-        LineAligned::new(if a.vec_buffers { 0 } else { out_len }, 0.0f32),
-        vec![0.0f32; if a.vec_buffers { out_len } else { 0 }],
-    ));
-    let step_buf = std::sync::Mutex::new(LineAligned::new(
+    let out_buf = std::sync::Mutex::new(Buf::zeros(a.vec_buffers, out_len));
+    let step_buf = std::sync::Mutex::new(Buf::zeros(
+        a.vec_buffers,
         if a.decode { b * hc * d } else { 0 },
-        0.0f32,
     ));
     let run_once = || -> Result<()> {
         let mut out = out_buf.lock().expect("the bench's output buffer");
-        let (lines, vec) = &mut *out;
-        let out = if a.vec_buffers {
-            &mut vec[..]
-        } else {
-            lines.as_mut_slice()
-        };
+        let out = out.as_mut_slice();
         if a.decode {
             let mut step_h = step_buf.lock().expect("the bench's step buffer");
             let step_h = step_h.as_mut_slice();
@@ -632,6 +622,45 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         println!("  peak RSS {:.1} MB", rss as f64 / 1e6);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A bench buffer of f32: on cache lines, or (`--vec-buffers`) a plain `Vec`.
+enum Buf {
+    Lines(LineAligned<f32>),
+    Vec(Vec<f32>),
+}
+
+impl Buf {
+    /// `v`'s values (moved, or copied onto cache lines and dropped).
+    fn from_vec(plain: bool, v: Vec<f32>) -> Buf {
+        if plain {
+            Buf::Vec(v)
+        } else {
+            Buf::Lines(LineAligned::from_slice(&v))
+        }
+    }
+
+    fn zeros(plain: bool, n: usize) -> Buf {
+        if plain {
+            Buf::Vec(vec![0.0; n])
+        } else {
+            Buf::Lines(LineAligned::new(n, 0.0))
+        }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Buf::Lines(b) => b.as_slice(),
+            Buf::Vec(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        match self {
+            Buf::Lines(b) => b.as_mut_slice(),
+            Buf::Vec(v) => v,
+        }
+    }
 }
 
 /// Chunked prefill that streams: each chunk's ids and hidden states are generated when it is

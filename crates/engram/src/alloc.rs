@@ -83,7 +83,8 @@ fn advise_huge(addr: usize, len: usize) {
 }
 
 /// A buffer whose first element sits on a 64-byte boundary (a cache line), so that no
-/// 64-byte vector load or store of it straddles two lines (each such access costs two):
+/// 64-byte vector load or store of it straddles two lines (each such access costs two),
+/// for elements whose size divides 64 (f32, u16, bf16, …; others panic at construction):
 /// `Vec` gives no such alignment (a large allocation starts 16 bytes into its page), so the
 /// buffer holds a line of spare elements and the data starts at its first aligned one.
 ///
@@ -130,6 +131,10 @@ impl<T: Copy> LineAligned<T> {
 
     fn with(len: usize, fill: T, huge: bool) -> Self {
         let size = std::mem::size_of::<T>().max(1);
+        assert!(
+            64 % size == 0,
+            "LineAligned takes elements whose size divides 64 bytes, not {size}"
+        );
         let slack = 64usize.div_ceil(size);
         let mut buf = if huge {
             huge_capacity(len + slack)
@@ -236,5 +241,7 @@ mod tests {
         let h = LineAligned::from_slice(&[1.5f32, -2.0, 3.25]);
         assert_eq!(h.as_slice(), &[1.5, -2.0, 3.25]);
         assert!(line(h.as_slice().as_ptr().cast()) && !h.is_empty());
+        // An element size that does not divide 64 could not be aligned: refused.
+        assert!(std::panic::catch_unwind(|| LineAligned::new(3, [0.0f32; 3])).is_err());
     }
 }

@@ -258,7 +258,8 @@ impl DemoModel {
     }
 
     /// [`DemoModel::gather_from`] from a table that lies in memory as f32 (`values`, see
-    /// `EmbeddingTable::f32_values`): each row copied in place, with no call per row.
+    /// `EmbeddingTable::f32_values`): each row copied in place in 16-value pieces (no call
+    /// per row where the head dim is a multiple of 16).
     pub(crate) fn gather_values(
         &self,
         values: &[f32],

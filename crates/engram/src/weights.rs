@@ -218,11 +218,16 @@ impl EmbeddingTable {
     }
 
     /// The whole table as bf16 bits `[rows · dim]`, when it lies in memory as bf16 (owned, or
-    /// mapped from a file at an even offset): rows the fused path gathers without widening.
+    /// mapped from a file at an even offset), on a little-endian host: rows the fused path
+    /// gathers without widening.
     pub(crate) fn bf16_bits(&self) -> Option<&[u16]> {
         let n = self.rows.checked_mul(self.dim)?;
         match &self.data {
-            TableData::Bf16(v) => Some(bytemuck::cast_slice::<bf16, u16>(v.as_slice())),
+            // The kernels' pairs put element 2p in the low half of a u32: bf16 rows as
+            // they lie only on a little-endian host.
+            TableData::Bf16(v) if cfg!(target_endian = "little") => {
+                Some(bytemuck::cast_slice::<bf16, u16>(v.as_slice()))
+            }
             TableData::Mapped { mmap, start, dtype } if *dtype == Dtype::BF16 => {
                 let bytes = mmap.get(*start..start.checked_add(n.checked_mul(2)?)?)?;
                 bytemuck::try_cast_slice::<u8, u16>(bytes)

@@ -449,21 +449,32 @@ fn f16_weights_are_widened() {
 /// element, the same one on every path and dtype, from a bf16 or an f32 table: rows copied
 /// in place (f32), widened to f32 (bf16 table, f32 layer), rounded to bf16 (f32 table, bf16
 /// layer) and gathered as they lie into the bf16 dot kernels' pairs (AVX512-BF16 and BFDOT
-/// hosts).
+/// hosts). The bad value sits deep in the call (token 20 of 40, head 3, element 37), so a
+/// check that looked at the first rows or the first values of a row only would miss it.
 #[test]
 fn a_non_finite_table_row_is_the_same_error_on_every_path_and_dtype() {
     let cfg = small_config();
     let m = mapping(&cfg);
     let (ids, hidden) = random_inputs(&cfg, 40, 9);
+    let (h, dh) = (cfg.num_heads(), cfg.head_dim());
+    let (w0, _) = engram::init::torch_default_weights(&cfg, &m, 3, &mut |_| {}).unwrap();
+    let rows = w0.table.rows();
+    // The row token 20 reads for head 3 (hashes are exact on every path).
+    let e0 = Engram::new(cfg.clone(), m.clone(), w0.clone()).unwrap();
+    let st = e0
+        .forward_detailed(&ids, &hidden, 1, 40, ForwardPath::Reference)
+        .unwrap();
+    let row = (st.hash_ids[20 * h + 3] + w0.offsets[3]) as usize;
+    // No earlier token reads that row (the first read decides the error).
+    assert!(
+        (0..20 * h + 3).all(|k| (st.hash_ids[k] + w0.offsets[k % h]) as usize != row),
+        "pick another token"
+    );
     let mut seen = Vec::new();
-    for f32_table in [false, true] {
-        let (mut w, _) = engram::init::torch_default_weights(&cfg, &m, 3, &mut |_| {}).unwrap();
-        let (rows, dh) = (w.table.rows(), cfg.head_dim());
+    for (f32_table, bad) in [(false, 0x7fc0u16), (true, 0xff80)] {
+        let mut w = w0.clone();
         let mut bits: Vec<u16> = (0..rows * dh).map(|i| 0x3f80 + (i % 64) as u16).collect();
-        // Element 5 of every row is bad: the first row read decides the error.
-        for (r, row) in bits.chunks_exact_mut(dh).enumerate() {
-            row[5] = if r % 2 == 0 { 0x7fc0 } else { 0xff80 }; // NaN, -inf
-        }
+        bits[row * dh + 37] = bad; // NaN in the bf16 table, -inf in the f32 one
         w.table = if f32_table {
             let v = bits
                 .iter()
@@ -474,6 +485,7 @@ fn a_non_finite_table_row_is_the_same_error_on_every_path_and_dtype() {
             engram::weights::EmbeddingTable::from_bf16_bits(bits, rows, dh).unwrap()
         };
         let e = Engram::new(cfg.clone(), m.clone(), w).unwrap();
+        let mut here = Vec::new();
         for dtype in [engram::DType::F32, engram::DType::Bf16] {
             let e = e.clone().with_dtype(dtype);
             for path in [ForwardPath::Fused, ForwardPath::Reference] {
@@ -482,10 +494,12 @@ fn a_non_finite_table_row_is_the_same_error_on_every_path_and_dtype() {
                     panic!("{f32_table} {dtype:?} {path:?}: {err}")
                 };
                 assert!(name.contains("embedding"), "{err}");
-                assert_eq!(index % dh, 5, "{err}");
-                seen.push(err.to_string());
+                assert_eq!(*index, row * dh + 37, "{dtype:?} {path:?}: {err}");
+                here.push(err.to_string());
             }
         }
+        assert!(here.windows(2).all(|p| p[0] == p[1]), "{here:#?}");
+        seen.push(here.remove(0));
     }
-    assert!(seen.windows(2).all(|p| p[0] == p[1]), "{seen:#?}");
+    assert_ne!(seen[0], seen[1], "the NaN and the infinity are told apart");
 }
