@@ -90,9 +90,10 @@ fn advise_huge(addr: usize, len: usize) {
 ///
 /// The fused path reads hidden states and writes outputs a row at a time; with rows a
 /// multiple of 16 floats (the demo layer's 4096) and the buffers in a `LineAligned`, as
-/// PyTorch allocates its tensors, no row straddles a line. In `engram bench` (AVX-512,
-/// demo layer, 4096 tokens) the gate took 0.0102 thread-s per run with `Vec` buffers and
-/// 0.0085 with these.
+/// PyTorch allocates its tensors, no row straddles a line. In three alternating pairs of
+/// `engram bench` runs (AVX-512, demo layer, 4096 tokens, `--vec-buffers` against the
+/// default), the gate and the conv took 0.0142-0.0171 thread-s per run with `Vec` buffers
+/// and 0.0138-0.0152 with these: about 1%, within that machine's noise.
 ///
 /// ```
 /// use engram::LineAligned;
