@@ -365,7 +365,7 @@ impl Projection {
     }
 
     /// [`Self::matmul`] from x already in bf16: `xp` `[rows][K/2]` u32, each the bf16 bits
-    /// of x[2p] in its low half and of x[2p+1] in its high half (an odd K padded with zero):
+    /// of `x[2p]` in its low half and of `x[2p+1]` in its high half (an odd K padded with zero):
     /// a bf16 table's rows as they lie in memory, gathered without widening. Only where
     /// [`Self::takes_pairs`]; it panics elsewhere.
     pub fn matmul_pairs(&self, xp: &[u32], rows: usize, y: &mut [f32], threads: usize) {
