@@ -415,21 +415,15 @@ impl Projection {
                 // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
                 unsafe { avx2::matmul(&round_bf16(x), w.as_slice(), y, rows, k, n, threads) }
             }
-            #[cfg(target_arch = "x86_64")]
-            Packed::Bf16Pairs(w) => {
-                // SAFETY: `Bf16Pairs` is only built when the CPU has AVX512F and AVX512-BF16.
-                unsafe { bf16_avx512::matmul(x, w.as_slice(), y, rows, k, n, threads) }
+            // The bf16 dot kernels: x rounded into bf16 pairs first.
+            Packed::Bf16Pairs(_) | Packed::Bf16DotPairs(_) => {
+                with_x_pairs(x, rows, k, |xp| self.matmul_pairs(xp, rows, y, threads))
             }
             #[cfg(target_arch = "aarch64")]
             Packed::F32Panels(_, w) => neon::matmul(x, w.as_slice(), y, rows, k, n, threads),
             #[cfg(target_arch = "aarch64")]
             Packed::Bf16Panels(_, w) => {
                 neon::matmul(&round_bf16(x), w.as_slice(), y, rows, k, n, threads)
-            }
-            #[cfg(target_arch = "aarch64")]
-            Packed::Bf16DotPairs(w) => {
-                // SAFETY: `Bf16DotPairs` is only built when the CPU reports BF16.
-                unsafe { neon_bf16::matmul(x, w.as_slice(), y, rows, k, n, threads) }
             }
             #[allow(unreachable_patterns)]
             _ => unreachable!("panels are only packed for kernels this target has"),
@@ -1067,35 +1061,11 @@ mod neon_bf16 {
     /// registers for the panels' weights.
     const GROUPS: [usize; 4] = [1, 3, 2, 1];
 
-    /// Converts x to bf16 pairs, then runs every (panel group, row block) through the
-    /// BFDOT kernels.
+    /// Every (panel group, row block) through the BFDOT kernels, x as bf16 pairs (`xp`:
+    /// `[m][K/2]`, see `super::with_x_pairs`).
     ///
     /// # Safety
     /// The CPU must support the BF16 extension (BFDOT).
-    pub unsafe fn matmul(
-        x: &[f32],
-        w: &[bf16],
-        y: &mut [f32],
-        m: usize,
-        k: usize,
-        n: usize,
-        threads: usize,
-    ) {
-        let kp = k.div_ceil(2);
-        assert!(
-            w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
-            "w must hold every panel"
-        );
-        super::with_x_pairs(x, m, k, |xp| {
-            // SAFETY: the caller's contract.
-            unsafe { matmul_pairs(xp, w, y, m, k, n, threads) }
-        })
-    }
-
-    /// [`matmul`] from x already in bf16 pairs (`xp`: `[m][K/2]`, see `super::with_x_pairs`).
-    ///
-    /// # Safety
-    /// As [`matmul`].
     pub unsafe fn matmul_pairs(
         xp: &[u32],
         w: &[bf16],
@@ -1331,35 +1301,11 @@ mod bf16_avx512 {
     /// kernel (here within the noise: 1.34-1.41 against 1.36-1.48 ms for 64 rows).
     const PREFETCH_ROWS: usize = 32;
 
-    /// Converts x to bf16 pairs, then runs every (panel group, row block) through the
-    /// 64-column kernels.
+    /// Every (panel group, row block) through the 64-column kernels, x as bf16 pairs (`xp`:
+    /// `[m][K/2]`, see `super::with_x_pairs`).
     ///
     /// # Safety
     /// The CPU must support AVX512F and AVX512-BF16.
-    pub unsafe fn matmul(
-        x: &[f32],
-        w: &[bf16],
-        y: &mut [f32],
-        m: usize,
-        k: usize,
-        n: usize,
-        threads: usize,
-    ) {
-        let kp = k.div_ceil(2);
-        assert!(
-            w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
-            "w must hold every panel"
-        );
-        super::with_x_pairs(x, m, k, |xp| {
-            // SAFETY: the caller's contract.
-            unsafe { matmul_pairs(xp, w, y, m, k, n, threads) }
-        })
-    }
-
-    /// [`matmul`] from x already in bf16 pairs (`xp`: `[m][K/2]`, see `super::with_x_pairs`).
-    ///
-    /// # Safety
-    /// As [`matmul`].
     pub unsafe fn matmul_pairs(
         xp: &[u32],
         w: &[bf16],
