@@ -287,7 +287,27 @@ fn bench_reports_limits_and_shares() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["fresh_output"], true, "{out}");
+    assert_eq!(v["vec_buffers"], false, "{out}");
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    // Hidden states and output in plain Vecs, prefill and decode: reported as such.
+    for mode in [&[][..], &["--decode", "--batch", "2"][..]] {
+        let mut args = vec![
+            "bench",
+            "--config",
+            s(&cfg),
+            "--tokens",
+            "24",
+            "--runs",
+            "1",
+        ];
+        args.extend_from_slice(mode);
+        args.extend_from_slice(&["--vec-buffers", "--json"]);
+        let (code, out, err) = engram(&args);
+        assert_eq!(code, 0, "{mode:?}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["vec_buffers"], true, "{out}");
+        assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    }
 }
 
 /// `bench --gather-only`: the run's rows through the row store and nothing else; one row per
