@@ -201,18 +201,27 @@ impl EmbeddingTable {
         }
     }
 
+    /// A mapped table's values as `T` `[rows · dim]`, when it is stored as `want`, starts
+    /// at an offset aligned for `T` and the host is little-endian (the file's order).
+    fn mapped_as<T: bytemuck::Pod>(&self, want: Dtype) -> Option<&[T]> {
+        let TableData::Mapped { mmap, start, dtype } = &self.data else {
+            return None;
+        };
+        if *dtype != want || !cfg!(target_endian = "little") {
+            return None;
+        }
+        let n = self.rows.checked_mul(self.dim)?;
+        let bytes = n.checked_mul(std::mem::size_of::<T>())?;
+        let raw = mmap.get(*start..start.checked_add(bytes)?)?;
+        bytemuck::try_cast_slice::<u8, T>(raw).ok()
+    }
+
     /// The whole table as f32 `[rows · dim]`, when it lies in memory as f32 (owned, or mapped
     /// from a file at an offset that is a multiple of 4, on a little-endian host).
     pub(crate) fn f32_values(&self) -> Option<&[f32]> {
-        let n = self.rows.checked_mul(self.dim)?;
         match &self.data {
             TableData::F32(v) => Some(v.as_slice()),
-            TableData::Mapped { mmap, start, dtype } if *dtype == Dtype::F32 => {
-                let bytes = mmap.get(*start..start.checked_add(n.checked_mul(4)?)?)?;
-                bytemuck::try_cast_slice::<u8, f32>(bytes)
-                    .ok()
-                    .filter(|_| cfg!(target_endian = "little"))
-            }
+            TableData::Mapped { .. } => self.mapped_as(Dtype::F32),
             _ => None,
         }
     }
@@ -221,19 +230,13 @@ impl EmbeddingTable {
     /// mapped from a file at an even offset), on a little-endian host: rows the fused path
     /// gathers without widening.
     pub(crate) fn bf16_bits(&self) -> Option<&[u16]> {
-        let n = self.rows.checked_mul(self.dim)?;
         match &self.data {
             // The kernels' pairs put element 2p in the low half of a u32: bf16 rows as
             // they lie only on a little-endian host.
             TableData::Bf16(v) if cfg!(target_endian = "little") => {
                 Some(bytemuck::cast_slice::<bf16, u16>(v.as_slice()))
             }
-            TableData::Mapped { mmap, start, dtype } if *dtype == Dtype::BF16 => {
-                let bytes = mmap.get(*start..start.checked_add(n.checked_mul(2)?)?)?;
-                bytemuck::try_cast_slice::<u8, u16>(bytes)
-                    .ok()
-                    .filter(|_| cfg!(target_endian = "little"))
-            }
+            TableData::Mapped { .. } => self.mapped_as(Dtype::BF16),
             _ => None,
         }
     }
