@@ -388,12 +388,6 @@ fn exp_poly<const FMA: bool>(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// SiLU with the vectorisable exp.
-#[inline(always)]
-fn silu_f32(y: f32) -> f32 {
-    silu_poly::<true>(y)
-}
-
 #[inline(always)]
 fn silu_poly<const FMA: bool>(y: f32) -> f32 {
     y / (1.0 + exp_poly::<FMA>(-y))
@@ -862,10 +856,30 @@ fn fma_rows<S: Simd16>(acc: &mut [f32], w: &[f32], x: &[f32]) {
     }
 }
 
-/// `out[c] = gated[c] + SiLU(y[c])` (scalar; used for the few boundary rows).
-pub fn finish_row(gated: &[f32], y: &[f32], out: &mut [f32]) {
-    for ((o, g), v) in out.iter_mut().zip(gated).zip(y) {
-        *o = g + silu_f32(*v);
+dispatch! {
+    /// The boundary fix-up of one output row: the taps that reach into the left neighbour's
+    /// rows (`rows[k]`, `None` for the taps already in `y`) are added to the row's partial
+    /// conv sum `y` in k order, then `out = out + SiLU(y)`, where `out` holds the gated
+    /// value on entry (see [`gated_row`], [`conv_row_pre`]).
+    pub fn conv_row_finish(w_tap_major: &[f32], rows: &[Option<&[f32]>], y: &mut [f32], out: &mut [f32]) {
+        let c = y.len();
+        for (k, row) in rows.iter().enumerate() {
+            if let Some(row) = row {
+                fma_rows::<S>(y, &w_tap_major[k * c..(k + 1) * c], row);
+            }
+        }
+        let body = c / LANES * LANES;
+        let (oc, _) = out[..body].as_chunks_mut::<LANES>();
+        let (yc, _) = y[..body].as_chunks::<LANES>();
+        for (o, yv) in oc.iter_mut().zip(yc) {
+            S::store(S::add(S::load(o), S::silu(S::load(yv))), o);
+        }
+        for j in body..c {
+            let (mut one, mut r) = ([0.0f32; LANES], [0.0f32; LANES]);
+            one[0] = y[j];
+            S::store(S::silu(S::load(&one)), &mut r);
+            out[j] += r[0];
+        }
     }
 }
 
@@ -1074,13 +1088,24 @@ mod tests {
                     let want = g + ops::silu(y[t * c + ch]);
                     assert!((out[ch] - want).abs() < 1e-6, "{isa:?} t {t} c {ch}");
                 }
-                // The boundary fix-up's split (pre-activation sum, then the scalar
-                // finish_row) agrees; its scalar SiLU may round the last bit differently
-                // from the portable lanes (seen on Generic), hence a tolerance.
+                // The boundary fix-up's split agrees: the sum of the later taps
+                // (conv_row_pre), then the earlier ones and the SiLU (conv_row_finish).
+                // The taps are summed in another order, hence a tolerance.
+                let cut = t.min(taps / 2);
+                let later: Vec<Option<&[f32]>> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(k, r)| r.filter(|_| k >= cut))
+                    .collect();
+                let earlier: Vec<Option<&[f32]>> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(k, r)| r.filter(|_| k < cut))
+                    .collect();
                 let mut pre = vec![0.0f32; c];
-                conv_row_pre(isa, &wt, &rows, &mut pre);
-                let mut fin = vec![0.0f32; c];
-                finish_row(&gated, &pre, &mut fin);
+                conv_row_pre(isa, &wt, &later, &mut pre);
+                let mut fin = gated.clone();
+                conv_row_finish(isa, &wt, &earlier, &mut pre, &mut fin);
                 for ch in 0..c {
                     assert!(
                         (fin[ch] - out[ch]).abs() < 1e-6,
