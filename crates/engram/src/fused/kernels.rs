@@ -868,17 +868,21 @@ dispatch! {
                 fma_rows::<S>(y, &w_tap_major[k * c..(k + 1) * c], row);
             }
         }
+        debug_assert_eq!(out.len(), c, "out and y must both be one row");
+        debug_assert!(w_tap_major.len() >= rows.len() * c, "a weight row per tap");
         let body = c / LANES * LANES;
         let (oc, _) = out[..body].as_chunks_mut::<LANES>();
         let (yc, _) = y[..body].as_chunks::<LANES>();
         for (o, yv) in oc.iter_mut().zip(yc) {
             S::store(S::add(S::load(o), S::silu(S::load(yv))), o);
         }
-        for j in body..c {
-            let (mut one, mut r) = ([0.0f32; LANES], [0.0f32; LANES]);
-            one[0] = y[j];
-            S::store(S::silu(S::load(&one)), &mut r);
-            out[j] += r[0];
+        // The tail (fewer than LANES values) through one vector SiLU: lanes are
+        // independent, so each value gets the body's bits.
+        let (mut part, mut r) = ([0.0f32; LANES], [0.0f32; LANES]);
+        part[..c - body].copy_from_slice(&y[body..]);
+        S::store(S::silu(S::load(&part)), &mut r);
+        for (o, v) in out[body..].iter_mut().zip(r) {
+            *o += v;
         }
     }
 }
@@ -1088,29 +1092,40 @@ mod tests {
                     let want = g + ops::silu(y[t * c + ch]);
                     assert!((out[ch] - want).abs() < 1e-6, "{isa:?} t {t} c {ch}");
                 }
-                // The boundary fix-up's split agrees: the sum of the later taps
-                // (conv_row_pre), then the earlier ones and the SiLU (conv_row_finish).
-                // The taps are summed in another order, hence a tolerance.
-                let cut = t.min(taps / 2);
-                let later: Vec<Option<&[f32]>> = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(k, r)| r.filter(|_| k >= cut))
-                    .collect();
-                let earlier: Vec<Option<&[f32]>> = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(k, r)| r.filter(|_| k < cut))
-                    .collect();
-                let mut pre = vec![0.0f32; c];
-                conv_row_pre(isa, &wt, &later, &mut pre);
-                let mut fin = gated.clone();
-                conv_row_finish(isa, &wt, &earlier, &mut pre, &mut fin);
-                for ch in 0..c {
-                    assert!(
-                        (fin[ch] - out[ch]).abs() < 1e-6,
-                        "{isa:?} t {t}: fix-up {ch}"
-                    );
+                // The boundary fix-up's split agrees for every cut the driver can make:
+                // the later taps summed first (conv_row_pre), then the earlier ones and
+                // the SiLU (conv_row_finish). With nothing on one side of the cut the
+                // operations are conv_row's, in its order, so the bits match; otherwise
+                // the taps are summed in another order, hence a relative tolerance.
+                for cut in 0..=taps {
+                    let later: Vec<Option<&[f32]>> = rows
+                        .iter()
+                        .enumerate()
+                        .map(|(k, r)| r.filter(|_| k >= cut))
+                        .collect();
+                    let earlier: Vec<Option<&[f32]>> = rows
+                        .iter()
+                        .enumerate()
+                        .map(|(k, r)| r.filter(|_| k < cut))
+                        .collect();
+                    let mut pre = vec![f32::NAN; c];
+                    conv_row_pre(isa, &wt, &later, &mut pre);
+                    let mut fin = gated.clone();
+                    conv_row_finish(isa, &wt, &earlier, &mut pre, &mut fin);
+                    for ch in 0..c {
+                        if cut == 0 || cut == taps {
+                            assert_eq!(
+                                fin[ch].to_bits(),
+                                out[ch].to_bits(),
+                                "{isa:?} t {t} cut {cut}: fix-up {ch}"
+                            );
+                        } else {
+                            assert!(
+                                (fin[ch] - out[ch]).abs() <= 1e-6 * out[ch].abs().max(1.0),
+                                "{isa:?} t {t} cut {cut}: fix-up {ch}"
+                            );
+                        }
+                    }
                 }
             }
         }

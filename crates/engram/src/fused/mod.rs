@@ -974,9 +974,9 @@ impl<'e> Driver<'e> {
                     .as_ref()
                     .expect("a range that starts inside a sequence has a left neighbour");
                 debug_assert_eq!(left.seq, f.seq);
-                let u = f.t - p[0].t0; // rows since the range start
-                                       // The taps into the neighbour's last R rows (oldest first); the others are
-                                       // in f.y already.
+                // Rows since the range start, and the taps into the neighbour's last R rows
+                // (oldest first); the others are in f.y already.
+                let u = f.t - p[0].t0;
                 let rows: Vec<Option<&[f32]>> = (0..taps)
                     .map(|k| {
                         let back = (taps - 1 - k) * n;
