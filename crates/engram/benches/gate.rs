@@ -1,4 +1,5 @@
-//! Fused gate kernel, per ISA: tokens/s for the default shape (D = 1024, HC = 4).
+//! Fused gate kernel, per ISA: tokens/s for the default shape (D = 1024, HC = 4), with its
+//! inputs in cache and with the hidden states streamed from memory as in a prefill.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use engram::fused::kernels::{gate_token, GateParams, Isa};
 
@@ -24,6 +25,32 @@ fn bench(c: &mut Criterion) {
             b.iter(|| gate_token(isa, &p, &proj, &query, &mut g, &mut normed))
         });
     }
+    // As in a 4096-token prefill: each call the next row of a tile's projections (64 rows,
+    // 1.3 MB) and of the hidden states (64 MiB, from memory), through the dispatched ISA.
+    let (tile, tokens) = (64, 4096);
+    let shifted = |v: &[f32], rows: usize| -> Vec<f32> {
+        (0..rows)
+            .flat_map(|r| v.iter().map(move |x| x + r as f32 * 1e-3))
+            .collect()
+    };
+    let (ys, qs) = (shifted(&proj, tile), shifted(&query, tokens));
+    let (ny, nq) = (proj.len(), query.len());
+    let isa = Isa::detect();
+    let mut t = 0usize;
+    grp.bench_function(format!("{isa:?}/hidden_from_memory"), |b| {
+        b.iter(|| {
+            t = (t + 1) % tokens;
+            let (y, q) = (t % tile, t);
+            gate_token(
+                isa,
+                &p,
+                &ys[y * ny..(y + 1) * ny],
+                &qs[q * nq..(q + 1) * nq],
+                &mut g,
+                &mut normed,
+            )
+        })
+    });
     grp.finish();
 }
 

@@ -437,6 +437,11 @@ dispatch! {
         let msv = (S::hsum(msv) + msv_tail) / d as f32;
         let inv_sqrt_d = 1.0 / (d as f32).sqrt();
         let mut query_finite = true;
+        // The next token's hidden states (the next row of the caller's [T, HC·D] buffer; a
+        // line past the end is prefetched harmlessly) a line per chunk, a row ahead: the
+        // hidden states come from memory, and a whole row in flight behind this one keeps
+        // them streaming while this row computes.
+        let next_row = query.len() / LANES;
         for i in 0..gates.len() {
             let k = &keys[i * d..(i + 1) * d];
             let q = &query[i * d..(i + 1) * d];
@@ -446,7 +451,9 @@ dispatch! {
                 let (bc, _) = p.key_bias[i][..body].as_chunks::<LANES>();
                 let (qc, _) = q[..body].as_chunks::<LANES>();
                 let (wc, _) = p.norm12[i][..body].as_chunks::<LANES>();
-                for (((kc, bc), qc), wc) in kc.iter().zip(bc).zip(qc).zip(wc) {
+                for (j, (((kv, bc), qv), wc)) in kc.iter().zip(bc).zip(qc).zip(wc).enumerate() {
+                    prefetch_chunk(qc, j + next_row);
+                    let (kc, qc) = (kv, qv);
                     let kk = S::add(S::load(kc), S::load(bc));
                     let qq = S::load(qc);
                     sk = S::fma(kk, kk, sk);
