@@ -726,6 +726,52 @@ fn conv_chunks<S: Simd16>(
     }
 }
 
+/// Copies `src` into `dst` (equal lengths) and returns whether every value is finite. A
+/// value times zero is zero when it is finite and NaN when it is an infinity or a NaN, so
+/// the lanes' sum of those products is zero exactly when all are finite.
+#[inline(always)]
+fn copy_finite_in<S: Simd16>(src: &[f32], dst: &mut [f32]) -> bool {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "copy_finite_in takes slices of one length"
+    );
+    let (s16, s_rest) = src.as_chunks::<LANES>();
+    let (d16, d_rest) = dst.as_chunks_mut::<LANES>();
+    let zero = S::splat(0.0);
+    let mut acc = zero;
+    for (d, s) in d16.iter_mut().zip(s16) {
+        let v = S::load(s);
+        S::store(v, d);
+        acc = S::add(acc, S::mul(v, zero));
+    }
+    let mut finite = S::hsum(acc) == 0.0;
+    for (d, &s) in d_rest.iter_mut().zip(s_rest) {
+        *d = s;
+        finite &= s.is_finite();
+    }
+    finite
+}
+
+dispatch! {
+    /// One token's table rows: row `hashes[j] + offsets[j]` of `table` (rows of `dst.len() /
+    /// hashes.len()` values) into the j-th part of `dst`, each copied and checked in one pass
+    /// ([`copy_finite_in`]). Returns false, with `dst` partly written, at the first row
+    /// that lies past the table or holds a non-finite value.
+    pub fn gather_finite(table: &[f32], hashes: &[i64], offsets: &[i64], dst: &mut [f32]) -> bool {
+        let dh = dst.len() / hashes.len().max(1);
+        for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
+            let row = (hid + off) as usize;
+            let src = row.checked_mul(dh).and_then(|a| table.get(a..a.checked_add(dh)?));
+            match src {
+                Some(src) if copy_finite_in::<S>(src, &mut dst[j * dh..(j + 1) * dh]) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
 dispatch! {
     /// The pre-activation conv sum of one row, `y[c] = sum_k w[k][c] · rows[k][c]`, for the
     /// boundary fix-up (which adds the taps that reach into a neighbour's rows later).
@@ -920,6 +966,70 @@ mod tests {
                 (s as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn gather_finite_copies_each_heads_row_and_refuses_bad_rows_on_every_isa() {
+        for isa in Isa::all_supported() {
+            // Rows of 64 (chunks only) and of 20 values (a tail); three heads.
+            for dh in [64usize, 20] {
+                let rows = 12;
+                let table: Vec<f32> = (0..rows * dh).map(|i| i as f32 * 0.5 - 7.0).collect();
+                let offsets = [0i64, 4, 8];
+                let hashes = [3i64, 0, 2];
+                let mut dst = vec![0.0f32; 3 * dh];
+                assert!(gather_finite(isa, &table, &hashes, &offsets, &mut dst));
+                for (j, (&hid, &off)) in hashes.iter().zip(&offsets).enumerate() {
+                    let r = (hid + off) as usize;
+                    assert_eq!(&dst[j * dh..(j + 1) * dh], &table[r * dh..(r + 1) * dh]);
+                }
+                // A row past the table, a negative row, a NaN or an infinity in a row read.
+                let mut d = dst.clone();
+                assert!(!gather_finite(isa, &table, &[3, 0, 4], &offsets, &mut d));
+                assert!(!gather_finite(isa, &table, &[3, -5, 2], &offsets, &mut d));
+                for bad in [f32::NAN, f32::INFINITY] {
+                    let mut t = table.clone();
+                    t[4 * dh + dh - 1] = bad;
+                    assert!(
+                        !gather_finite(isa, &t, &hashes, &offsets, &mut d),
+                        "{isa:?} {dh} {bad}"
+                    );
+                    // A bad value in a row no head reads is no error.
+                    let mut t = table.clone();
+                    t[dh + 3] = bad;
+                    assert!(
+                        gather_finite(isa, &t, &hashes, &offsets, &mut d),
+                        "{isa:?} {dh} {bad}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gather_finite_finds_a_non_finite_value_at_every_position_on_every_isa() {
+        for isa in Isa::all_supported() {
+            // One row: a body of 16-lane chunks and a tail, and a tail alone.
+            for len in [64usize, 37, 5] {
+                let src: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).sin() * 1e30).collect();
+                let mut dst = vec![0.0f32; len];
+                assert!(
+                    gather_finite(isa, &src, &[0], &[0], &mut dst),
+                    "{isa:?} len {len}"
+                );
+                assert_eq!(src, dst);
+                for at in 0..len {
+                    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        let mut s = src.clone();
+                        s[at] = bad;
+                        let mut d = vec![0.0f32; len];
+                        let ok = gather_finite(isa, &s, &[0], &[0], &mut d);
+                        assert!(!ok, "{isa:?} len {len}: {bad} at {at}");
+                        assert_eq!(d[at].to_bits(), bad.to_bits());
+                    }
+                }
+            }
+        }
     }
 
     #[test]
