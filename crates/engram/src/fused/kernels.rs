@@ -69,8 +69,9 @@ macro_rules! dispatch {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
+            // (A body of plain loops, vectorised by each ISA's build, needs no `S`.)
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
+            #[allow(clippy::too_many_arguments, clippy::extra_unused_type_parameters)]
             fn imp<S: Simd16>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma")]
@@ -773,6 +774,34 @@ dispatch! {
 }
 
 dispatch! {
+    /// One token's rows of a bf16 table as the bf16 dot kernels take them: row
+    /// `hashes[j] + offsets[j]` of `pairs` (the table's bits two values to a u32, rows of
+    /// `dst.len() / hashes.len()` pairs) into the j-th part of `dst`, each checked in the
+    /// same pass for a value with every exponent bit set (an infinity or a NaN). Returns
+    /// false, with `dst` partly written, at the first row that lies past the table or holds
+    /// such a value. Plain loops: each ISA's build of this function vectorises them.
+    pub fn gather_pairs_finite(pairs: &[u32], hashes: &[i64], offsets: &[i64], dst: &mut [u32]) -> bool {
+        let kh = dst.len() / hashes.len().max(1);
+        for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
+            let row = (hid + off) as usize;
+            let Some(src) = row.checked_mul(kh).and_then(|a| pairs.get(a..a.checked_add(kh)?)) else {
+                return false;
+            };
+            // Each half's exponent bits xor all ones: zero for a non-finite value.
+            let mut least = u32::MAX;
+            for (d, &w) in dst[j * kh..(j + 1) * kh].iter_mut().zip(src) {
+                *d = w;
+                least = least.min((w & 0x7f80_0000) ^ 0x7f80_0000).min((w & 0x7f80) ^ 0x7f80);
+            }
+            if least == 0 {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+dispatch! {
     /// The pre-activation conv sum of one row, `y[c] = sum_k w[k][c] · rows[k][c]`, for the
     /// boundary fix-up (which adds the taps that reach into a neighbour's rows later).
     pub fn conv_row_pre(w_tap_major: &[f32], rows: &[Option<&[f32]>], y: &mut [f32]) {
@@ -1001,6 +1030,59 @@ mod tests {
                         gather_finite(isa, &t, &hashes, &offsets, &mut d),
                         "{isa:?} {dh} {bad}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gather_pairs_finite_copies_rows_and_finds_every_non_finite_half_on_every_isa() {
+        let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+        for isa in Isa::all_supported() {
+            // Rows of 32 pairs (64 values) and of 5; three heads.
+            for kh in [32usize, 5] {
+                let rows = 10;
+                let pairs: Vec<u32> = (0..rows * kh)
+                    .map(|i| bits(i as f32 * 0.25 - 3.0) | bits(1.5 - i as f32) << 16)
+                    .collect();
+                let (hashes, offsets) = ([2i64, 0, 1], [0i64, 3, 6]);
+                let mut dst = vec![0u32; 3 * kh];
+                assert!(gather_pairs_finite(
+                    isa, &pairs, &hashes, &offsets, &mut dst
+                ));
+                for (j, (&hid, &off)) in hashes.iter().zip(&offsets).enumerate() {
+                    let r = (hid + off) as usize;
+                    assert_eq!(&dst[j * kh..(j + 1) * kh], &pairs[r * kh..(r + 1) * kh]);
+                }
+                let mut d = dst.clone();
+                assert!(!gather_pairs_finite(
+                    isa,
+                    &pairs,
+                    &[2, 0, 4],
+                    &offsets,
+                    &mut d
+                ));
+                assert!(!gather_pairs_finite(
+                    isa,
+                    &pairs,
+                    &[-3, 0, 1],
+                    &offsets,
+                    &mut d
+                ));
+                // Row 3 is read (head 1); row 4 is not.
+                for at in 0..kh {
+                    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        for high in [false, true] {
+                            let mut p = pairs.clone();
+                            let (shift, keep) = if high { (16, 0xffff) } else { (0, 0xffff_0000) };
+                            p[3 * kh + at] = p[3 * kh + at] & keep | bits(bad) << shift;
+                            let ok = gather_pairs_finite(isa, &p, &hashes, &offsets, &mut d);
+                            assert!(!ok, "{isa:?} kh {kh}: {bad} at {at} (high half {high})");
+                            let mut p = pairs.clone();
+                            p[4 * kh + at] = p[4 * kh + at] & keep | bits(bad) << shift;
+                            assert!(gather_pairs_finite(isa, &p, &hashes, &offsets, &mut d));
+                        }
+                    }
                 }
             }
         }

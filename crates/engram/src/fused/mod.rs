@@ -511,6 +511,26 @@ impl<'e> Driver<'e> {
         }
     }
 
+    /// [`Driver::gather_values`] for the bf16 dot kernels: one token's rows of a bf16
+    /// table (`bits`, and the same bits as u32 pairs where the table lies on a 4-byte
+    /// boundary) into `dst` (`[Dm/2]` pairs), copied and checked in one pass by the vector
+    /// kernels ([`kernels::gather_pairs_finite`]); errors, and a table off that boundary,
+    /// go through `DemoModel::gather_pairs`. (Demo layer, 4096 tokens, AVX-512 bf16: the
+    /// hash+gather stage took 4.0-4.1 thread-ms per prefill with the scalar check.)
+    fn gather_pairs(
+        &self,
+        bits: &[u16],
+        pairs: Option<&[u32]>,
+        hu: &[i64],
+        dst: &mut [u32],
+    ) -> Result<()> {
+        let offsets = &self.e.weights().offsets;
+        match pairs {
+            Some(p) if kernels::gather_pairs_finite(self.isa, p, hu, offsets, dst) => Ok(()),
+            _ => self.e.gather_pairs(bits, hu, dst),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run_part(
         &self,
@@ -590,6 +610,8 @@ impl<'e> Driver<'e> {
         } else {
             None
         };
+        // The same bits two values to a u32 (a table on a 4-byte boundary).
+        let pairs_u32: Option<&[u32]> = pairs_from.and_then(|b| bytemuck::try_cast_slice(b).ok());
         // Otherwise rows of an f32 table in memory are copied in place.
         let values_from = if table.is_store() {
             None
@@ -657,8 +679,8 @@ impl<'e> Driver<'e> {
                             match (pairs_from, values_from) {
                                 (Some(bits), _) => {
                                     let xp: &mut [u32] = bytemuck::cast_slice_mut(&mut x[..]);
-                                    self.e
-                                        .gather_pairs(bits, hu, &mut xp[u * kp..(u + 1) * kp])?
+                                    let dst = &mut xp[u * kp..(u + 1) * kp];
+                                    self.gather_pairs(bits, pairs_u32, hu, dst)?
                                 }
                                 (None, Some(v)) => self.gather_values(v, hu, &mut x[xu])?,
                                 (None, None) => self.e.gather_from(table, hu, &mut x[xu])?,
