@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
     grp.throughput(Throughput::Elements(1));
     for isa in Isa::all_supported() {
         grp.bench_function(format!("{isa:?}"), |b| {
-            b.iter(|| gate_token(isa, &p, &proj, &query, &mut g, &mut normed))
+            b.iter(|| gate_token(isa, &p, &proj, &query, &[], &mut g, &mut normed))
         });
     }
     // As in a 4096-token prefill: each call the next row of a tile's projections (64 rows,
@@ -46,6 +46,7 @@ fn bench(c: &mut Criterion) {
                 &p,
                 &ys[y * ny..(y + 1) * ny],
                 &qs[q * nq..(q + 1) * nq],
+                qs.get((q + 1) * nq..(q + 2) * nq).unwrap_or(&[]),
                 &mut g,
                 &mut normed,
             )

@@ -410,7 +410,8 @@ dispatch! {
     /// The gate of one token (§5) and the conv's RMSNorm (§6), in one pass per branch.
     ///
     /// `proj`: [(1+HC)·D] = [value | key_0 | … | key_{HC-1}] without bias; `query`: `[HC·D]`
-    /// hidden states; writes `gates` `[HC]` and `normed` `[HC·D]` = RMSNorm(g_i·value)·w.
+    /// hidden states; `next_query`: the next token's (prefetched here; empty for none);
+    /// writes `gates` `[HC]` and `normed` `[HC·D]` = RMSNorm(g_i·value)·w.
     /// Uses RMSNorm(g·v) = g·v / sqrt(g²·mean(v²) + eps) so that mean(v²) is computed once
     /// for all branches. g·value itself is formed where it is consumed ([`conv_row`],
     /// [`gated_row`]), so that the output is written once.
@@ -418,7 +419,7 @@ dispatch! {
     /// Returns whether every branch's sum of query squares is finite: false when `query`
     /// holds a NaN or an infinity (or values whose squares overflow), so that the caller
     /// can check the hidden states here, where they are read anyway.
-    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], gates: &mut [f32], normed: &mut [f32]) -> bool {
+    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], next_query: &[f32], gates: &mut [f32], normed: &mut [f32]) -> bool {
         let d = p.value_bias.len();
         let (value, keys) = proj.split_at(d);
         let body = d / LANES * LANES;
@@ -438,11 +439,10 @@ dispatch! {
         let msv = (S::hsum(msv) + msv_tail) / d as f32;
         let inv_sqrt_d = 1.0 / (d as f32).sqrt();
         let mut query_finite = true;
-        // The next token's hidden states (the next row of the caller's [T, HC·D] buffer; a
-        // line past the end is prefetched harmlessly) a line per chunk, a row ahead: the
-        // hidden states come from memory, and a whole row in flight behind this one keeps
-        // them streaming while this row computes.
-        let next_row = query.len() / LANES;
+        // The next token's hidden states (`next_query`, empty for none) a line per chunk, a
+        // row ahead: the hidden states come from memory, and a whole row in flight behind
+        // this one keeps them streaming while this row computes.
+        let prefetch_next = next_query.len() == query.len();
         for i in 0..gates.len() {
             let k = &keys[i * d..(i + 1) * d];
             let q = &query[i * d..(i + 1) * d];
@@ -452,9 +452,15 @@ dispatch! {
                 let (bc, _) = p.key_bias[i][..body].as_chunks::<LANES>();
                 let (qc, _) = q[..body].as_chunks::<LANES>();
                 let (wc, _) = p.norm12[i][..body].as_chunks::<LANES>();
-                for (j, (((kv, bc), qv), wc)) in kc.iter().zip(bc).zip(qc).zip(wc).enumerate() {
-                    prefetch_chunk(qc, j + next_row);
-                    let (kc, qc) = (kv, qv);
+                let nc = if prefetch_next {
+                    next_query[i * d..i * d + body].as_chunks::<LANES>().0
+                } else {
+                    &[]
+                };
+                for (j, (((kc, bc), qc), wc)) in kc.iter().zip(bc).zip(qc).zip(wc).enumerate() {
+                    if prefetch_next {
+                        prefetch_chunk(nc, j);
+                    }
                     let kk = S::add(S::load(kc), S::load(bc));
                     let qq = S::load(qc);
                     sk = S::fma(kk, kk, sk);
@@ -1137,7 +1143,7 @@ mod tests {
         for isa in Isa::all_supported() {
             let (mut g, mut gated, mut normed) =
                 (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
-            assert!(gate_token(isa, &p, &proj, &query, &mut g, &mut normed));
+            assert!(gate_token(isa, &p, &proj, &query, &[], &mut g, &mut normed));
             // A NaN or an infinity in a branch's query (body or tail) is reported; a
             // finite one is not.
             for (at, bad) in [
@@ -1149,12 +1155,12 @@ mod tests {
                 q[at] = bad;
                 let (mut g2, mut n2) = (vec![0.0; hc], vec![0.0; hc * d]);
                 assert!(
-                    !gate_token(isa, &p, &proj, &q, &mut g2, &mut n2),
+                    !gate_token(isa, &p, &proj, &q, &[], &mut g2, &mut n2),
                     "{isa:?} {at}"
                 );
                 q[at] = 1e3;
                 assert!(
-                    gate_token(isa, &p, &proj, &q, &mut g2, &mut n2),
+                    gate_token(isa, &p, &proj, &q, &[], &mut g2, &mut n2),
                     "{isa:?} {at}"
                 );
             }
