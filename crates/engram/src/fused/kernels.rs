@@ -762,9 +762,9 @@ fn copy_finite_in<S: Simd16>(src: &[f32], dst: &mut [f32]) -> bool {
 
 dispatch! {
     /// One token's table rows: row `hashes[j] + offsets[j]` of `table` (rows of `dst.len() /
-    /// hashes.len()` values) into the j-th part of `dst`, each copied and checked in one pass
-    /// ([`copy_finite_in`]). Returns false, with `dst` partly written, at the first row
-    /// that lies past the table or holds a non-finite value.
+    /// hashes.len()` values) into the j-th part of `dst`, each copied and checked for NaN
+    /// and infinity in the same pass. Returns false, with `dst` partly written, at the first
+    /// row that lies past the table or holds a non-finite value.
     pub fn gather_finite(table: &[f32], hashes: &[i64], offsets: &[i64], dst: &mut [f32]) -> bool {
         let dh = dst.len() / hashes.len().max(1);
         for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
