@@ -767,6 +767,7 @@ dispatch! {
     /// row that lies past the table or holds a non-finite value.
     pub fn gather_finite(table: &[f32], hashes: &[i64], offsets: &[i64], dst: &mut [f32]) -> bool {
         let dh = dst.len() / hashes.len().max(1);
+        assert!(offsets.len() >= hashes.len() && dh * hashes.len() == dst.len(), "a row per head");
         for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
             let row = (hid + off) as usize;
             let src = row.checked_mul(dh).and_then(|a| table.get(a..a.checked_add(dh)?));
@@ -788,6 +789,7 @@ dispatch! {
     /// such a value. Plain loops: each ISA's build of this function vectorises them.
     pub fn gather_pairs_finite(pairs: &[u32], hashes: &[i64], offsets: &[i64], dst: &mut [u32]) -> bool {
         let kh = dst.len() / hashes.len().max(1);
+        assert!(offsets.len() >= hashes.len() && kh * hashes.len() == dst.len(), "a row per head");
         for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
             let row = (hid + off) as usize;
             let Some(src) = row.checked_mul(kh).and_then(|a| pairs.get(a..a.checked_add(kh)?)) else {
@@ -1106,6 +1108,28 @@ mod tests {
                     "{isa:?} len {len}"
                 );
                 assert_eq!(src, dst);
+                // Finite edge values pass (their products with zero are ±0); every NaN,
+                // whatever its sign or payload, does not.
+                for (v, ok) in [
+                    (-0.0f32, true),
+                    (f32::MIN_POSITIVE / 8.0, true),
+                    (f32::MAX, true),
+                    (f32::MIN, true),
+                    (f32::from_bits(0xffc0_0000), false),
+                    (f32::from_bits(0x7f80_0001), false),
+                ] {
+                    let mut s = src.clone();
+                    s[len - 1] = v;
+                    s[0] = v;
+                    let mut d = vec![0.0f32; len];
+                    assert_eq!(
+                        gather_finite(isa, &s, &[0], &[0], &mut d),
+                        ok,
+                        "{isa:?} {v}"
+                    );
+                    let same = s.iter().zip(&d).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} len {len}: {v} copied bit for bit");
+                }
                 for at in 0..len {
                     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                         let mut s = src.clone();
@@ -1144,6 +1168,15 @@ mod tests {
             let (mut g, mut gated, mut normed) =
                 (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
             assert!(gate_token(isa, &p, &proj, &query, &[], &mut g, &mut normed));
+            // The next token's hidden states are only prefetched: with a next row (or one
+            // of the wrong length, which is ignored) the outputs are the same bits.
+            let next = pseudo(hc * d, 50);
+            for nq in [&next[..], &next[..d]] {
+                let (mut g3, mut n3) = (vec![0.0; hc], vec![0.0; hc * d]);
+                assert!(gate_token(isa, &p, &proj, &query, nq, &mut g3, &mut n3));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!((bits(&g3), bits(&n3)), (bits(&g), bits(&normed)), "{isa:?}");
+            }
             // A NaN or an infinity in a branch's query (body or tail) is reported; a
             // finite one is not.
             for (at, bad) in [
