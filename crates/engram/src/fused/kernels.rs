@@ -760,6 +760,15 @@ fn copy_finite_in<S: Simd16>(src: &[f32], dst: &mut [f32]) -> bool {
     finite
 }
 
+/// Row `hid + off` of `table` (rows of `width` values), as `DemoModel`'s gather computes it,
+/// or `None` where it lies outside the table.
+#[inline(always)]
+fn head_row<T>(table: &[T], hid: i64, off: i64, width: usize) -> Option<&[T]> {
+    let row = (hid + off) as usize;
+    row.checked_mul(width)
+        .and_then(|a| table.get(a..a.checked_add(width)?))
+}
+
 dispatch! {
     /// One token's table rows: row `hashes[j] + offsets[j]` of `table` (rows of `dst.len() /
     /// hashes.len()` values) into the j-th part of `dst`, each copied and checked for NaN
@@ -769,9 +778,7 @@ dispatch! {
         let dh = dst.len() / hashes.len().max(1);
         assert!(offsets.len() >= hashes.len() && dh * hashes.len() == dst.len(), "a row per head");
         for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
-            let row = (hid + off) as usize;
-            let src = row.checked_mul(dh).and_then(|a| table.get(a..a.checked_add(dh)?));
-            match src {
+            match head_row(table, hid, off, dh) {
                 Some(src) if copy_finite_in::<S>(src, &mut dst[j * dh..(j + 1) * dh]) => {}
                 _ => return false,
             }
@@ -791,8 +798,7 @@ dispatch! {
         let kh = dst.len() / hashes.len().max(1);
         assert!(offsets.len() >= hashes.len() && kh * hashes.len() == dst.len(), "a row per head");
         for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
-            let row = (hid + off) as usize;
-            let Some(src) = row.checked_mul(kh).and_then(|a| pairs.get(a..a.checked_add(kh)?)) else {
+            let Some(src) = head_row(pairs, hid, off, kh) else {
                 return false;
             };
             // Each half's exponent bits xor all ones: zero for a non-finite value.
