@@ -1,6 +1,7 @@
 //! The projection GEMM ([Dm] -> [(1+HC)·D], default shape) for f32 and bf16: tokens/s and
-//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token); then
-//! the same on every thread at once in a prefill's 64-row tiles.
+//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token), one
+//! row also on every thread (a decode step); then the same on every thread at once in a
+//! prefill's 64-row tiles.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use engram::fused::proj::{PanelKernel, Projection};
 use engram::DType;
@@ -31,6 +32,14 @@ fn bench(c: &mut Criterion) {
                 grp.bench_function(format!("{name}/rows{rows}/1thread"), |b| {
                     b.iter(|| p.matmul(&x, rows, &mut y, 1))
                 });
+                if rows == 1 {
+                    // A decode step's shape on every thread, called from outside the pool
+                    // (criterion's thread), as a serving loop calls it.
+                    let threads = rayon::current_num_threads();
+                    grp.bench_function(format!("{name}/rows1/{threads}threads"), |b| {
+                        b.iter(|| p.matmul(&x, rows, &mut y, threads))
+                    });
+                }
             }
         }
     }

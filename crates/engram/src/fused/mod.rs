@@ -16,6 +16,7 @@
 //! complete them (`Driver::fix_boundaries`). Memory beyond inputs and outputs is
 //! O(threads · TILE).
 
+mod fanout;
 pub mod kernels;
 pub mod profile;
 pub mod proj;

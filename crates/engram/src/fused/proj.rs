@@ -618,12 +618,7 @@ fn panel_driver(
         }
     };
     let units = panels.div_ceil(group);
-    if threads > 1 && units > 1 {
-        use rayon::prelude::*;
-        (0..units).into_par_iter().for_each(work);
-    } else {
-        (0..units).for_each(work);
-    }
+    super::fanout::for_each_unit(units, threads, &work);
 }
 
 /// x rounded to bf16 (kept as f32): the activations of the widening bf16 kernels, so that
@@ -1591,6 +1586,45 @@ mod tests {
                 dot,
                 "{kernel:?}: {name}"
             );
+        }
+    }
+
+    /// A call fans out inside rayon's pool (a parallel iterator) or from a thread outside
+    /// it (the caller and pool workers sharing the units): either way every output is
+    /// written (y starts as NaN) with the bits of the one-thread call.
+    #[test]
+    fn fan_out_inside_and_outside_the_pool_agree() {
+        let k = 67;
+        let a = data(250 * k, 11);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for kernel in PanelKernel::all_supported() {
+            for dtype in [DType::F32, DType::Bf16] {
+                let p = Projection::pack_for(&[&a], k, dtype, Some(kernel));
+                for rows in [1, 2, 3, 8] {
+                    let x = data(rows * k, 12);
+                    let call = |threads: usize| {
+                        let mut y = vec![f32::NAN; rows * 250];
+                        p.matmul(&x, rows, &mut y, threads);
+                        y
+                    };
+                    let one = call(1);
+                    assert!(one.iter().all(|v| v.is_finite()), "{kernel:?} {dtype:?}");
+                    for threads in [2, 3] {
+                        let outside = call(threads);
+                        let inside = pool.install(|| call(threads));
+                        for (how, y) in [("outside", &outside), ("inside", &inside)] {
+                            let same = y.iter().zip(&one).all(|(u, v)| u.to_bits() == v.to_bits());
+                            assert!(
+                                same,
+                                "{kernel:?} {dtype:?} rows {rows} threads {threads} {how} the pool"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
