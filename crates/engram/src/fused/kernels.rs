@@ -816,6 +816,35 @@ dispatch! {
 }
 
 dispatch! {
+    /// One token's rows of a bf16 table widened to f32, for the kernels that take f32 x
+    /// (AVX2, NEON without BF16, AVX-512 without AVX512-BF16): row `hashes[j] + offsets[j]`
+    /// of `bits` (rows of `dst.len() / hashes.len()` values) into the j-th part of `dst`,
+    /// each value's bits moved to the high half of an f32 (exact) and checked in the same
+    /// pass for an all-ones exponent (an infinity or a NaN). Returns false, with `dst` partly
+    /// written, at the first row that lies past the table or holds such a value. Plain
+    /// loops: each ISA's build of this function vectorises them.
+    pub fn gather_widen_finite(bits: &[u16], hashes: &[i64], offsets: &[i64], dst: &mut [f32]) -> bool {
+        let dh = dst.len() / hashes.len().max(1);
+        assert!(offsets.len() >= hashes.len() && dh * hashes.len() == dst.len(), "a row per head");
+        for (j, (&hid, &off)) in hashes.iter().zip(offsets).enumerate() {
+            let Some(src) = head_row(bits, hid, off, dh) else {
+                return false;
+            };
+            // The exponent bits xor all ones: zero for a non-finite value.
+            let mut least = u16::MAX;
+            for (d, &b) in dst[j * dh..(j + 1) * dh].iter_mut().zip(src) {
+                *d = f32::from_bits(u32::from(b) << 16);
+                least = least.min((b & 0x7f80) ^ 0x7f80);
+            }
+            if least == 0 {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+dispatch! {
     /// The pre-activation conv sum of one row, `y[c] = sum_k w[k][c] · rows[k][c]`, for the
     /// boundary fix-up (which adds the taps that reach into a neighbour's rows later).
     pub fn conv_row_pre(w_tap_major: &[f32], rows: &[Option<&[f32]>], y: &mut [f32]) {
@@ -1096,6 +1125,69 @@ mod tests {
                             p[4 * kh + at] = p[4 * kh + at] & keep | bits(bad) << shift;
                             assert!(gather_pairs_finite(isa, &p, &hashes, &offsets, &mut d));
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gather_widen_finite_widens_rows_exactly_and_finds_every_non_finite_value_on_every_isa() {
+        let bits = |v: f32| half::bf16::from_f32(v).to_bits();
+        for isa in Isa::all_supported() {
+            // Rows of 64 values and of 11; three heads.
+            for dh in [64usize, 11] {
+                let rows = 10;
+                // -0, a subnormal bf16 and the largest finite bf16 among ordinary values.
+                let mut table: Vec<u16> = (0..rows * dh)
+                    .map(|i| bits(i as f32 * 0.37 - 9.0))
+                    .collect();
+                table[3 * dh] = 0x8000;
+                table[3 * dh + 1] = 0x0001;
+                table[3 * dh + 2] = 0x7f7f;
+                let (hashes, offsets) = ([1i64, 0, 2], [0i64, 3, 6]);
+                let mut dst = vec![f32::NAN; 3 * dh];
+                assert!(gather_widen_finite(
+                    isa, &table, &hashes, &offsets, &mut dst
+                ));
+                for (j, (&hid, &off)) in hashes.iter().zip(&offsets).enumerate() {
+                    let r = (hid + off) as usize;
+                    for (&got, &b) in dst[j * dh..(j + 1) * dh]
+                        .iter()
+                        .zip(&table[r * dh..(r + 1) * dh])
+                    {
+                        assert_eq!(
+                            got.to_bits(),
+                            half::bf16::from_bits(b).to_f32().to_bits(),
+                            "{isa:?} {dh}"
+                        );
+                    }
+                }
+                let mut d = dst.clone();
+                assert!(!gather_widen_finite(
+                    isa,
+                    &table,
+                    &[1, 0, 4],
+                    &offsets,
+                    &mut d
+                ));
+                assert!(!gather_widen_finite(
+                    isa,
+                    &table,
+                    &[1, -4, 2],
+                    &offsets,
+                    &mut d
+                ));
+                // Row 3 is read (head 1); row 5 is not.
+                for at in 0..dh {
+                    for bad in [0x7fc0u16, 0xffc1, 0x7f80, 0xff80] {
+                        let mut t = table.clone();
+                        t[3 * dh + at] = bad;
+                        let ok = gather_widen_finite(isa, &t, &hashes, &offsets, &mut d);
+                        assert!(!ok, "{isa:?} {dh}: {bad:#x} at {at}");
+                        let mut t = table.clone();
+                        t[5 * dh + at] = bad;
+                        assert!(gather_widen_finite(isa, &t, &hashes, &offsets, &mut d));
                     }
                 }
             }
