@@ -67,13 +67,6 @@ impl crate::rows::RowStore for EmbeddingTable {
         self.dim
     }
     fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
-        if r >= self.rows {
-            return Err(EngramError::invalid(
-                "row id",
-                format!("below the table's {} rows", self.rows),
-                r,
-            ));
-        }
         self.try_row_into(r, out)
     }
     fn prefetch(&self, rows: &[usize]) {
@@ -189,11 +182,17 @@ impl EmbeddingTable {
     }
 
     /// [`EmbeddingTable::row_into`] that reports a row store's failure (I/O, a table file
-    /// changed while in use) instead of NaN values.
+    /// changed while in use) instead of NaN values, and a row past the table as an error
+    /// naming it (where `row_into` would panic).
     #[inline]
     pub fn try_row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
         match &self.data {
             TableData::Store(s) => s.row_into(r, out),
+            _ if r >= self.rows => Err(EngramError::invalid(
+                "row id",
+                format!("below the table's {} rows", self.rows),
+                r,
+            )),
             _ => {
                 self.row_into(r, out);
                 Ok(())

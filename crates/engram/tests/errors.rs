@@ -503,3 +503,29 @@ fn a_non_finite_table_row_is_the_same_error_on_every_path_and_dtype() {
     }
     assert_ne!(seen[0], seen[1], "the NaN and the infinity are told apart");
 }
+
+/// A row id past a table in memory (f32 or bf16) is an error naming the row id, not a
+/// panic: the fused gathers fall back to `try_row_into` for the error of a row they refuse.
+#[test]
+fn a_row_past_an_in_memory_table_is_an_error() {
+    let f32_table =
+        engram::weights::EmbeddingTable::from_f32((0..12).map(|i| i as f32).collect(), 3, 4)
+            .unwrap();
+    let bits = (0..12)
+        .map(|i| half::bf16::from_f32(i as f32).to_bits())
+        .collect();
+    let bf16_table = engram::weights::EmbeddingTable::from_bf16_bits(bits, 3, 4).unwrap();
+    for t in [&f32_table, &bf16_table] {
+        let mut out = [0.0f32; 4];
+        t.try_row_into(2, &mut out).unwrap();
+        assert_eq!(out, [8.0, 9.0, 10.0, 11.0]);
+        for r in [3, usize::MAX] {
+            let err = t.try_row_into(r, &mut out).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("row id") && msg.contains("3 rows") && msg.contains(&r.to_string()),
+                "{msg}"
+            );
+        }
+    }
+}

@@ -11,18 +11,22 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long a caller outside the pool spins for its helpers to finish their last units
-/// before it blocks on the scope (a pool busy with other work).
+/// How long a caller outside the pool spins for its running helpers to finish their last
+/// units before it blocks on the scope.
 const HELPER_SPIN: Duration = Duration::from_micros(200);
 
-/// Runs `work(u)` once for every `u < units`, on up to `threads` threads.
+/// Runs `work(u)` once for every `u < units`, in parallel when `threads > 1`.
 ///
-/// Inside rayon's pool this is a parallel iterator. Outside it, the calling thread works
-/// too: it and `threads - 1` jobs spawned into the pool each take the next unit from a
-/// shared counter until none are left, so the caller starts at once and the work evens
-/// out to within a unit; the caller then spins (at most [`HELPER_SPIN`]) until the
-/// helpers are done, so that it does not sleep and wait to be woken when they finish a
-/// moment after it. A panic in `work` reaches the caller (from the scope), on any thread.
+/// Inside rayon's pool this is a parallel iterator over the pool's threads (as every
+/// parallel iterator, it splits over all of them, whatever `threads` says). Outside it, the
+/// calling thread works too: it and up to `threads - 1` jobs spawned into the pool (no more
+/// than the pool has threads) each take the next unit from a shared counter until none are
+/// left, so the caller starts at once and the work evens out to within a unit. The caller
+/// then spins, at most [`HELPER_SPIN`], while a helper that has started is still on its
+/// last unit, so that it does not sleep and wait to be woken a moment later; helpers that
+/// have not started (a pool busy with other work) are left to the scope's blocking wait,
+/// and find nothing left to do. A panic in `work` reaches the caller (from the scope), on
+/// any thread.
 pub(crate) fn for_each_unit(units: usize, threads: usize, work: &(impl Fn(usize) + Sync)) {
     if threads <= 1 || units <= 1 {
         (0..units).for_each(work);
@@ -34,8 +38,12 @@ pub(crate) fn for_each_unit(units: usize, threads: usize, work: &(impl Fn(usize)
         return;
     }
     let next = AtomicUsize::new(0);
+    let started = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let helpers = (threads - 1).min(units - 1);
+    // Outside any pool, `current_num_threads` is the global pool's, where the jobs go.
+    let helpers = (threads - 1)
+        .min(units - 1)
+        .min(rayon::current_num_threads());
     let take_units = || loop {
         let u = next.fetch_add(1, Ordering::Relaxed);
         if u >= units {
@@ -46,13 +54,16 @@ pub(crate) fn for_each_unit(units: usize, threads: usize, work: &(impl Fn(usize)
     rayon::in_place_scope(|s| {
         for _ in 0..helpers {
             s.spawn(|_| {
+                started.fetch_add(1, Ordering::Relaxed);
                 take_units();
                 done.fetch_add(1, Ordering::Release);
             });
         }
         take_units();
         let t0 = Instant::now();
-        while done.load(Ordering::Acquire) < helpers && t0.elapsed() < HELPER_SPIN {
+        while done.load(Ordering::Acquire) < started.load(Ordering::Relaxed)
+            && t0.elapsed() < HELPER_SPIN
+        {
             std::hint::spin_loop();
         }
     });

@@ -816,8 +816,9 @@ dispatch! {
 }
 
 dispatch! {
-    /// One token's rows of a bf16 table widened to f32, for the kernels that take f32 x
-    /// (AVX2, NEON without BF16, AVX-512 without AVX512-BF16): row `hashes[j] + offsets[j]`
+    /// One token's rows of a bf16 table widened to f32, wherever the projection takes f32
+    /// x (a bf16 layer on AVX2, on NEON without BF16 or on AVX-512 without AVX512-BF16; an
+    /// odd head dim; an f32 layer over a bf16 table): row `hashes[j] + offsets[j]`
     /// of `bits` (rows of `dst.len() / hashes.len()` values) into the j-th part of `dst`,
     /// each value's bits moved to the high half of an f32 (exact) and checked in the same
     /// pass for an all-ones exponent (an infinity or a NaN). Returns false, with `dst` partly
