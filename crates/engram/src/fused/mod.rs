@@ -106,7 +106,9 @@ impl FusedWeights {
         let (d, hc, taps) = (cfg.hidden_size, cfg.hc_mult, cfg.kernel_size);
         let mut mats: Vec<&[f32]> = vec![&w.value_proj_weight];
         mats.extend(w.key_projs_weight.iter().map(|m| m.as_slice()));
-        let proj = Projection::pack(&mats, cfg.memory_width(), dtype);
+        // [value | keys]: the keys' panels run first and the value's last, so that the
+        // value columns of y, which the gate and the conv both read, are the freshest in L2.
+        let proj = Projection::pack(&mats, cfg.memory_width(), dtype).run_from_col(d);
         let c = hc * d;
         let mut conv_w = vec![0.0; taps * c];
         for ch in 0..c {
