@@ -186,13 +186,15 @@ impl EmbeddingTable {
     /// naming it (where `row_into` would panic).
     #[inline]
     pub fn try_row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
-        match &self.data {
-            TableData::Store(s) => s.row_into(r, out),
-            _ if r >= self.rows => Err(EngramError::invalid(
+        if r >= self.rows {
+            return Err(EngramError::invalid(
                 "row id",
                 format!("below the table's {} rows", self.rows),
                 r,
-            )),
+            ));
+        }
+        match &self.data {
+            TableData::Store(s) => s.row_into(r, out),
             _ => {
                 self.row_into(r, out);
                 Ok(())
