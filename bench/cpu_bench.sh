@@ -23,6 +23,8 @@ run() { # isa tag args...
     | python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); d['tag']='$tag'; d['isa']='$isa'; print(json.dumps(d))" >> "$OUT/runs.jsonl"
 }
 isas="avx512 avx2"
+# Only the ISAs this CPU has (ENGRAM_ISA=avx512 on an AVX2-only CPU runs AVX2 again).
+grep -qw avx512f /proc/cpuinfo 2>/dev/null || isas="avx2"
 case "$(uname -m)" in aarch64) isas="neon";; esac
 for isa in $isas; do
   for dt in f32 bf16; do

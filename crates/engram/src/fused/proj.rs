@@ -454,14 +454,9 @@ impl Projection {
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx2, w) => {
                 // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA.
-                unsafe { avx2::matmul(x, w.as_slice(), y, rows, k, n, threads, self.first_col) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Packed::Bf16Panels(_, w) => {
-                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
                 unsafe {
                     avx2::matmul(
-                        &round_bf16(x),
+                        x,
                         w.as_slice(),
                         y,
                         rows,
@@ -469,6 +464,25 @@ impl Projection {
                         n,
                         threads,
                         self.first_col,
+                        false,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Packed::Bf16Panels(_, w) => {
+                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
+                // x is rounded to bf16 as it is packed.
+                unsafe {
+                    avx2::matmul(
+                        x,
+                        w.as_slice(),
+                        y,
+                        rows,
+                        k,
+                        n,
+                        threads,
+                        self.first_col,
+                        true,
                     )
                 }
             }
@@ -699,10 +713,10 @@ fn round_bf16(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
 }
 
-/// Calls `$kernel::<R, P, _>(x, ldx, kc, w, ldw, lds, y, ldy)` for the block `$b` (a
+/// Calls `$kernel::<R, P, _>(x, ldx, kc, w, ldw, lds, y, ldy, next)` for the block `$b` (a
 /// [`Block`]) over `$kc` k steps: the decode shapes listed get one instance with R×P
-/// accumulators in registers; any other block runs panel by panel with P = 1 (`$nr`:
-/// columns per panel). `$x` starts at the block's first row, `$w` at its first panel; `lds`
+/// accumulators in registers (and no prefetches); any other block runs panel by panel with
+/// P = 1 (`$nr`: columns per panel). `$x` starts at the block's first row, `$w` at its first panel; `lds`
 /// is elements per panel of `w`.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
@@ -743,7 +757,9 @@ fn panel_slice<T>(w: &[T], j0: usize, k: usize, nr: usize, kw: usize) -> (&[T], 
 }
 
 /// Cache lines of the panel that follows a block's panel, to be prefetched into L2 while
-/// the block runs (`lines` lines from `at`, spread over its k steps).
+/// the block runs (`lines` lines from `at`, spread over its k steps), and, for kernels
+/// that take it, how many rows of its own panel ahead a block prefetches into L1
+/// (`l1_ahead`; 0: none).
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
@@ -752,6 +768,7 @@ fn panel_slice<T>(w: &[T], j0: usize, k: usize, nr: usize, kw: usize) -> (&[T], 
 struct NextPanel {
     at: *const i8,
     lines: usize,
+    l1_ahead: usize,
 }
 
 #[cfg_attr(
@@ -762,6 +779,7 @@ impl NextPanel {
     const NONE: NextPanel = NextPanel {
         at: std::ptr::null(),
         lines: 0,
+        l1_ahead: 0,
     };
 
     /// Row block `b`'s share of the next panel (the first panel after the last: the next
@@ -793,6 +811,7 @@ impl NextPanel {
                 .cast::<i8>()
                 .wrapping_add(first * 64),
             lines: per.min(lines.saturating_sub(first)).min(kc),
+            l1_ahead: 0,
         }
     }
 
@@ -827,11 +846,80 @@ mod avx2 {
     /// Blocks per work unit for 1, 2, 3 rows: 12 ymm accumulators in flight.
     const GROUPS: [usize; 4] = [1, 6, 3, 2];
     /// Panel rows ahead that a prefill block (one panel) prefetches into L1, one line per
-    /// k step (4 KiB ahead in f32). The row blocks of a panel read its weights from L2,
-    /// and the hardware prefetchers alone left the kernel waiting on them: on AVX-512
-    /// hardware running this kernel, 64 rows × 5120 × 1024 took 5.8-6.1 ms on one thread
-    /// without, 5.2-5.4 ms with (95% of the AVX2 FMA peak; 32 to 128 rows ahead all did).
-    const PREFETCH_ROWS: usize = 64;
+    /// k step (4 KiB ahead in f32), on CPUs with an L1 data cache of 48 KiB or more (or of
+    /// unknown size); none on smaller ones. The row blocks of a panel read its weights from
+    /// L2. On Zen 5 (48 KiB) the hardware prefetchers alone left the kernel waiting on
+    /// them: 64 rows × 5120 × 1024 took 5.8-6.1 ms on one thread without, 5.2-5.4 ms with
+    /// (95% of the AVX2 FMA peak; 32 to 128 rows ahead all did). On Zen 3 (32 KiB) the
+    /// prefetched lines crowd out the block's packed x and the current rows: two threads
+    /// on 64-row tiles of that shape ran 13% faster without (16 rows ahead: 1% slower).
+    fn prefetch_rows() -> usize {
+        static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *ROWS.get_or_init(|| match l1d_bytes() {
+            Some(b) if b < 48 << 10 => 0,
+            _ => 64,
+        })
+    }
+
+    /// The L1 data cache's size in bytes from CPUID (AMD's leaf 0x8000_0005, else the
+    /// deterministic cache parameters of leaf 4), or None where the CPU reports neither.
+    pub(super) fn l1d_bytes() -> Option<usize> {
+        let vendor = __cpuid(0);
+        // "AuthenticAMD" and "HygonGenuine" start "Auth" and "Hygo".
+        let amd_like = vendor.ebx == u32::from_le_bytes(*b"Auth")
+            || vendor.ebx == u32::from_le_bytes(*b"Hygo");
+        if amd_like && __cpuid(0x8000_0000).eax >= 0x8000_0005 {
+            let kib = __cpuid(0x8000_0005).ecx >> 24;
+            return (kib > 0).then_some(kib as usize * 1024);
+        }
+        if vendor.eax >= 4 {
+            for i in 0..16 {
+                let c = __cpuid_count(4, i);
+                let kind = c.eax & 0x1f;
+                if kind == 0 {
+                    break;
+                }
+                // Level 1, data cache (kind 1).
+                if (c.eax >> 5) & 0x7 == 1 && kind == 1 {
+                    let ways = ((c.ebx >> 22) & 0x3ff) as usize + 1;
+                    let partitions = ((c.ebx >> 12) & 0x3ff) as usize + 1;
+                    let line = (c.ebx & 0xfff) as usize + 1;
+                    let sets = c.ecx as usize + 1;
+                    return Some(ways * partitions * line * sets);
+                }
+            }
+        }
+        None
+    }
+
+    thread_local! {
+        /// The packed x of the calls on this thread ([`pack_x`]), reused across calls.
+        static XPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// x `[m, k]` as the kernels read it, into `out`: blocks of MR rows, the block of rows
+    /// `r0..r0+mr` at `r0·k` as `[k][mr]`, so that a k step's broadcasts read one run of
+    /// `mr` floats from one stream (row-major x is `mr` streams 4 KiB apart, which on a
+    /// 32 KiB L1 land in the same sets). With `round`, each value rounded to bf16 on the
+    /// way (the widening bf16 kernels' activations, as the AVX512-BF16 kernel and the
+    /// `gemm` fallback see them). Two threads on 64-row tiles of the demo layer's shape
+    /// (Zen 3): 15% faster than row-major x.
+    fn pack_x(x: &[f32], m: usize, k: usize, round: bool, out: &mut Vec<f32>) {
+        out.clear();
+        out.resize(m * k, 0.0);
+        let mut r0 = 0;
+        while r0 < m {
+            let mr = (m - r0).min(super::MR);
+            let dst = &mut out[r0 * k..(r0 + mr) * k];
+            for r in 0..mr {
+                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                for (kk, &v) in row.iter().enumerate() {
+                    dst[kk * mr + r] = if round { bf16::from_f32(v).to_f32() } else { v };
+                }
+            }
+            r0 += mr;
+        }
+    }
 
     /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
     pub trait Elem: Copy + Sync {
@@ -869,8 +957,8 @@ mod avx2 {
         }
     }
 
-    /// Every (panel group, row block) through the 16-column kernels. For bf16
-    /// panels, `x` must hold bf16-rounded values (the caller rounds once).
+    /// Every (panel group, row block) through the 16-column kernels, x packed first
+    /// ([`pack_x`]; rounded to bf16 on the way with `round`, as bf16 panels need).
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -884,15 +972,32 @@ mod avx2 {
         n: usize,
         threads: usize,
         first_col: usize,
+        round: bool,
     ) {
         assert!(
             w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
+        assert_eq!(x.len(), m * k, "x must be [m, k]");
+        // Taken out of the thread-local for the call (and put back after), so that a call
+        // that starts on this thread while this one waits on the pool gets its own.
+        let mut packed = XPACK.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        // One row packed is the row itself.
+        let xp: &[f32] = if m == 1 && !round {
+            x
+        } else {
+            pack_x(x, m, k, round, &mut packed);
+            &packed
+        };
+        let ahead = prefetch_rows();
         super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
-            let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
-            let xs = &x[b.r0 * k..];
+            let next = super::NextPanel {
+                l1_ahead: ahead,
+                ..super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k)
+            };
+            // The block's rows, packed `[k][mr]` from `r0·k` (see `pack_x`).
+            let xs = &xp[b.r0 * k..(b.r0 + b.mr) * k];
             // SAFETY: the caller guarantees AVX2 + FMA; the kernel checks x and w; the driver
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
             unsafe {
@@ -902,7 +1007,7 @@ mod avx2 {
                     b,
                     k,
                     xs,
-                    k,
+                    b.mr,
                     wg,
                     ldw,
                     lds,
@@ -911,10 +1016,13 @@ mod avx2 {
                 )
             };
         });
+        XPACK.with(|b| *b.borrow_mut() = packed);
     }
 
-    /// `y[R, P·16] = x[R, kc] · w[kc, P·16]` (x's row stride `ldx`, w's `ldw` per k step
-    /// and `lds` per panel, y's `ldy`): R×P×2 ymm accumulators, one FMA chain per output.
+    /// `y[R, P·16] = x[R, kc] · w[kc, P·16]`, x packed `[kc][ldk]` (row r of step kk at
+    /// `kk·ldk + r`, [`pack_x`]), w's `ldw` per k step and `lds` per panel, y's `ldy`:
+    /// R×P×2 ymm accumulators, one FMA chain per output. Single-panel blocks prefetch the
+    /// panel row `next.l1_ahead` steps on into L1 (none for 0, [`prefetch_rows`]).
     ///
     /// # Safety
     /// AVX2 + FMA; `y` valid for R rows of P·16 floats at stride `ldy`, touched by no one else
@@ -923,7 +1031,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn kernel<const R: usize, const P: usize, T: Elem>(
         x: &[f32],
-        ldx: usize,
+        ldk: usize,
         kc: usize,
         w: &[T],
         ldw: usize,
@@ -932,17 +1040,19 @@ mod avx2 {
         ldy: usize,
         next: super::NextPanel,
     ) {
-        assert!(x.len() >= (R - 1) * ldx + kc && kc >= 1);
+        assert!(kc >= 1 && ldk >= R && x.len() >= (kc - 1) * ldk + R);
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR);
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         for kk in 0..kc {
             if P == 1 {
                 next.prefetch_l2(kk);
-                // The line of the row PREFETCH_ROWS ahead into L1: see `PREFETCH_ROWS`.
-                _mm_prefetch::<_MM_HINT_T0>(
-                    wp.wrapping_add((kk + PREFETCH_ROWS) * ldw) as *const i8
-                );
+                if next.l1_ahead > 0 {
+                    // The line of the row `l1_ahead` steps on into L1: see `prefetch_rows`.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wp.wrapping_add((kk + next.l1_ahead) * ldw) as *const i8
+                    );
+                }
             }
             let mut b = [[_mm256_setzero_ps(); 2]; P];
             for (p, bp) in b.iter_mut().enumerate() {
@@ -951,8 +1061,8 @@ mod avx2 {
                 *bp = unsafe { T::load16(wp.add(at)) };
             }
             for (r, row) in acc.iter_mut().enumerate() {
-                // SAFETY: x holds R rows of kc floats at stride ldx (asserted); r < R, kk < kc.
-                let a = _mm256_set1_ps(unsafe { *xp.add(r * ldx + kk) });
+                // SAFETY: x holds kc steps of ldk ≥ R floats (asserted); r < R, kk < kc.
+                let a = _mm256_set1_ps(unsafe { *xp.add(kk * ldk + r) });
                 for (v, bp) in row.iter_mut().zip(&b) {
                     v[0] = _mm256_fmadd_ps(a, bp[0], v[0]);
                     v[1] = _mm256_fmadd_ps(a, bp[1], v[1]);
@@ -1597,6 +1707,17 @@ mod tests {
 
     /// Every kernel this CPU runs (and the `gemm` fallback) against the plain product, with
     /// tails in M (not a multiple of 6), N (not of 16 or 64) and K (odd).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn l1d_size_is_read_as_a_plausible_byte_count() {
+        // Every x86-64 CPU of the last two decades reports its L1d through one of the two
+        // leaves; a misread field (KiB taken for bytes, a wrong shift) lands far outside.
+        if let Some(b) = avx2::l1d_bytes() {
+            assert!((8 << 10..=1 << 20).contains(&b), "L1d of {b} bytes");
+            assert_eq!(b % 1024, 0, "L1d of {b} bytes");
+        }
+    }
+
     #[test]
     fn every_kernel_matches_plain_product() {
         let (k, rows) = (37, 13);
