@@ -10,7 +10,10 @@
 set -euo pipefail
 BEFORE=$1; AFTER=$2; OUT=$3; ROUNDS=${4:-5}
 : > "$OUT"
-for isa in avx512 avx2; do
+isas="avx512 avx2"
+# Only the ISAs this CPU has (ENGRAM_ISA=avx512 on an AVX2-only CPU runs AVX2 again).
+grep -qw avx512f /proc/cpuinfo 2>/dev/null || isas="avx2"
+for isa in $isas; do
   for dt in f32 bf16; do
     for r in $(seq "$ROUNDS"); do
       for v in before after; do

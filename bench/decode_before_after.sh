@@ -11,7 +11,10 @@
 set -euo pipefail
 BEFORE=$1; AFTER=$2; OUT=$3; ROUNDS=${4:-4}
 : > "$OUT"
-for isa in avx512 avx2; do
+isas="avx512 avx2"
+# Only the ISAs this CPU has (ENGRAM_ISA=avx512 on an AVX2-only CPU runs AVX2 again).
+grep -qw avx512f /proc/cpuinfo 2>/dev/null || isas="avx2"
+for isa in $isas; do
   for dt in f32 bf16; do
     for b in 1 8 64; do
       steps=128; [ "$b" -gt 8 ] && steps=16
