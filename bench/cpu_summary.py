@@ -1,5 +1,7 @@
 """Summary tables of bench/cpu_bench.sh's runs.jsonl: prefill fma_peak_share (median of the
-rounds) per ISA and dtype, decode step latency against its floor per B."""
+rounds) per ISA and dtype, with the share of the microkernel's own limit with its operands
+in L1 where the bench measured it (kernel_l1_share), and decode step latency against its
+floor per B."""
 import json
 import statistics
 import sys
@@ -10,13 +12,16 @@ pre = defaultdict(list)
 for r in runs:
     if r["mode"] == "prefill":
         pre[(r["isa"], r["dtype"])].append(r)
-print("| ISA | dtype | kernel | prefill tok/s (median) | fma_peak_share per round | median |")
-print("|---|---|---|---|---|---|")
+print("| ISA | dtype | kernel | prefill tok/s (median) | fma_peak_share per round | median "
+      "| kernel_l1_share per round | median |")
+print("|---|---|---|---|---|---|---|---|")
 for (isa, dt), rs in pre.items():
     shares = [x["fma_peak_share"] for x in rs]
+    l1 = [x["kernel_l1_share"] for x in rs if x.get("kernel_l1_share") is not None]
     tps = statistics.median(x["tokens_per_s"] for x in rs)
+    l1_cols = (", ".join(f"{s:.2f}" for s in l1) + f" | {statistics.median(l1):.3f}") if l1 else "- | -"
     print(f"| {isa} | {dt} | {rs[0]['kernel']} | {tps:,.0f} | "
-          + ", ".join(f"{s:.2f}" for s in shares) + f" | {statistics.median(shares):.3f} |")
+          + ", ".join(f"{s:.2f}" for s in shares) + f" | {statistics.median(shares):.3f} | {l1_cols} |")
 print()
 print("| ISA | dtype | B | step (ms) | tokens/s | % of prefill | floor (ms) | step / floor |")
 print("|---|---|---|---|---|---|---|---|")

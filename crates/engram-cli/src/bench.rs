@@ -199,6 +199,26 @@ pub fn peak_gflops(bf16_dot: bool) -> f64 {
     (0..3).map(|_| peak_once(bf16_dot)).fold(0.0, f64::max)
 }
 
+/// The projection's own microkernel with its operands in L1
+/// ([`engram::fused::proj::Projection::l1_microkernel`]) on all threads now, GFLOP/s: the
+/// best of three short measurements, as for [`peak_gflops`]; None for a projection without
+/// one. Beside the FMA peak it tells the core's share taken by the kernel's instruction mix
+/// from what the memory hierarchy costs: a kernel that falls short of the peak with its
+/// operands in L1 is held by the core (its loads, or another tenant on the same core).
+pub fn l1_kernel_gflops(proj: &engram::fused::proj::Projection) -> Option<f64> {
+    // Calls for about 4 GFLOP per thread (0.05 s at 90 GFLOP/s).
+    let per_call = proj.l1_microkernel(1)?;
+    let calls = (4e9 / per_call).ceil() as usize;
+    let threads = rayon::current_num_threads();
+    let once = || {
+        let t0 = Instant::now();
+        let r = rayon::broadcast(|_| proj.l1_microkernel(std::hint::black_box(calls)));
+        let flops = r[0].unwrap_or(0.0);
+        threads as f64 * flops / t0.elapsed().as_secs_f64() / 1e9
+    };
+    Some((0..3).map(|_| once()).fold(0.0, f64::max))
+}
+
 fn peak_once(bf16_dot: bool) -> f64 {
     use engram::fused::kernels::{fma_chains, Isa};
     let threads = rayon::current_num_threads();
@@ -238,6 +258,29 @@ fn fma_peak(json: bool) -> Result<ExitCode> {
             println!(
                 "{:<8} one core {one:>7.1} GFLOP/s   {threads} cores {all:>7.1} GFLOP/s",
                 format!("{isa:?}")
+            );
+        }
+    }
+    // Each f32 microkernel with its operands in L1 (see `l1_kernel_gflops`), on one core and
+    // on all.
+    for kernel in engram::fused::proj::PanelKernel::all_supported() {
+        let k = 64;
+        let w = vec![0.0f32; kernel.nr() * k];
+        let p =
+            engram::fused::proj::Projection::pack_for(&[&w], k, engram::DType::F32, Some(kernel));
+        let Some(per_call) = p.l1_microkernel(1) else {
+            continue;
+        };
+        let calls = (4e9 / per_call).ceil() as usize;
+        let t0 = Instant::now();
+        let flops = p.l1_microkernel(std::hint::black_box(calls)).unwrap_or(0.0);
+        let one = flops / t0.elapsed().as_secs_f64() / 1e9;
+        let all = l1_kernel_gflops(&p).unwrap_or(0.0);
+        let name = p.kernel_name();
+        rows.push(serde_json::json!({"kernel": name, "operands": "L1", "gflops_one_core": one, "gflops_all_cores": all, "threads": threads}));
+        if !json {
+            println!(
+                "{name}, operands in L1: one core {one:>7.1} GFLOP/s   {threads} cores {all:>7.1} GFLOP/s"
             );
         }
     }
@@ -498,6 +541,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     // step streams the projection weights), the FMA peak just before and after the runs.
     let bw = a.decode.then(measure_mem_bw);
     let peak_before = peak_gflops(bf16_dot);
+    let l1_before = l1_kernel_gflops(proj);
     profile::take();
     let store_before = e.weights().table.store_stats();
     let mut secs = Vec::with_capacity(a.runs);
@@ -517,6 +561,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         });
     let stages = profile::take();
     let peak_after = peak_gflops(bf16_dot);
+    let l1_after = l1_kernel_gflops(proj);
     // Bandwidth is noisy on a shared machine: the best of the measurements before and after.
     let bw = bw.map(|before| {
         let after = measure_mem_bw();
@@ -533,6 +578,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     // The higher of the two: a peak measured while the machine was busy reads low.
     let peak = peak_before.max(peak_after);
     let fma_share = flops_token * tps / (peak * 1e9);
+    // The same FLOPs over the microkernel's own limit with its operands in L1.
+    let l1_share = l1_before
+        .zip(l1_after)
+        .map(|(b0, b1)| flops_token * tps / (b0.max(b1) * 1e9));
     // Decode: the step's floor is the packed weights read once, from the last-level cache
     // when they fit there, else from memory; from a few rows on, the step's FLOPs at the
     // FMA peak take longer, and that is the floor.
@@ -566,6 +615,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 "kernel": proj.kernel_name(),
                 "fma_peak_gflops_before": peak_before, "fma_peak_gflops_after": peak_after,
                 "fma_peak_share": fma_share,
+                "kernel_l1_gflops_before": l1_before, "kernel_l1_gflops_after": l1_after,
+                "kernel_l1_share": l1_share,
                 "weight_bytes": proj.weight_bytes(),
                 "step_floor_ms": floor.map(|f| f.3 * 1e3),
                 "step_floor_from": floor.map(|f| f.2),
@@ -587,6 +638,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             peak_before,
             peak_after
         );
+        if let (Some(share), Some(b0), Some(b1)) = (l1_share, l1_before, l1_after) {
+            println!(
+                "  {:.1}% of the microkernel's own limit with its operands in L1 ({b0:.1} GFLOP/s before, {b1:.1} after)",
+                100.0 * share
+            );
+        }
         if a.decode {
             let step = med / l as f64;
             println!("  decode step latency {:.3} ms (batch {b})", step * 1e3);

@@ -435,6 +435,38 @@ impl Projection {
         }
     }
 
+    /// Runs this projection's microkernel (6 rows × one panel) `calls` times on operands
+    /// that stay in L1 and returns the FLOPs done (None where the projection has no such
+    /// kernel: the `gemm` fallback and the bf16 dot kernels): timed, the compute limit of the
+    /// kernel's own instruction mix, its broadcasts and loads beside the FMAs, on this core
+    /// at this moment. On a core whose other hardware thread runs someone else's loads,
+    /// this falls below the register-only FMA peak while that peak does not.
+    pub fn l1_microkernel(&self, calls: usize) -> Option<f64> {
+        match &self.packed {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F.
+            Packed::F32Panels(PanelKernel::Avx512, _) => {
+                Some(unsafe { f32_avx512::l1_calls(calls) })
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA.
+            Packed::F32Panels(PanelKernel::Avx2, _) => {
+                Some(unsafe { avx2::l1_calls::<f32>(calls) })
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
+            Packed::Bf16Panels(_, _) => Some(unsafe { avx2::l1_calls::<bf16>(calls) }),
+            #[cfg(target_arch = "aarch64")]
+            Packed::F32Panels(_, _) => Some(neon::l1_calls::<f32>(calls)),
+            #[cfg(target_arch = "aarch64")]
+            Packed::Bf16Panels(_, _) => Some(neon::l1_calls::<bf16>(calls)),
+            _ => {
+                let _ = calls;
+                None
+            }
+        }
+    }
+
     /// `y[rows, N] = x[rows, K] · W`, on `threads` threads.
     pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32], threads: usize) {
         let (k, n) = (self.k, self.n);
@@ -768,6 +800,8 @@ fn panel_slice<T>(w: &[T], j0: usize, k: usize, nr: usize, kw: usize) -> (&[T], 
 struct NextPanel {
     at: *const i8,
     lines: usize,
+    // Read by the AVX2 kernel only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     l1_ahead: usize,
 }
 
@@ -1019,6 +1053,39 @@ mod avx2 {
         XPACK.with(|b| *b.borrow_mut() = packed);
     }
 
+    /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 6 KiB,
+    /// the panel's 256 rows 16 KiB in f32); the FLOPs done. See
+    /// [`super::Projection::l1_microkernel`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    pub unsafe fn l1_calls<T: Elem + Default>(calls: usize) -> f64 {
+        const KC: usize = 256;
+        let mr = super::MR;
+        let x = vec![0.5f32; KC * mr];
+        let w = vec![T::default(); KC * NR];
+        let mut y = [0.0f32; super::MR * NR];
+        for _ in 0..calls {
+            // SAFETY: AVX2 + FMA (the caller); x holds KC steps of MR floats, w KC rows of NR
+            // elements, y MR rows of NR floats, written by this call alone.
+            unsafe {
+                kernel::<{ super::MR }, 1, T>(
+                    std::hint::black_box(&x),
+                    mr,
+                    KC,
+                    &w,
+                    NR,
+                    KC * NR,
+                    y.as_mut_ptr(),
+                    NR,
+                    super::NextPanel::NONE,
+                )
+            };
+            std::hint::black_box(&mut y);
+        }
+        (2 * mr * NR * KC * calls) as f64
+    }
+
     /// `y[R, P·16] = x[R, kc] · w[kc, P·16]`, x packed `[kc][ldk]` (row r of step kk at
     /// `kk·ldk + r`, [`pack_x`]), w's `ldw` per k step and `lds` per panel, y's `ldy`:
     /// R×P×2 ymm accumulators, one FMA chain per output. Single-panel blocks prefetch the
@@ -1176,6 +1243,36 @@ mod neon {
                 )
             };
         });
+    }
+
+    /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 6 KiB,
+    /// the panel's 256 rows 16 KiB in f32); the FLOPs done. See
+    /// [`super::Projection::l1_microkernel`].
+    pub fn l1_calls<T: Elem + Default>(calls: usize) -> f64 {
+        const KC: usize = 256;
+        let mr = super::MR;
+        let x = vec![0.5f32; KC * mr];
+        let w = vec![T::default(); KC * NR];
+        let mut y = [0.0f32; super::MR * NR];
+        for _ in 0..calls {
+            // SAFETY: NEON is part of the aarch64 baseline; x holds MR rows of KC floats, w KC
+            // rows of NR elements, y MR rows of NR floats, written by this call alone.
+            unsafe {
+                kernel::<{ super::MR }, 1, T>(
+                    std::hint::black_box(&x),
+                    KC,
+                    KC,
+                    &w,
+                    NR,
+                    KC * NR,
+                    y.as_mut_ptr(),
+                    NR,
+                    super::NextPanel::NONE,
+                )
+            };
+            std::hint::black_box(&mut y);
+        }
+        (2 * mr * NR * KC * calls) as f64
     }
 
     /// `y[R, P·16] = x[R, kc] · w[kc, P·16]` (x's row stride `ldx`, w's `ldw` per k step
@@ -1403,6 +1500,39 @@ mod f32_avx512 {
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
             unsafe { block_kernel!(kernel, [(1, 3)], b, k, xs, k, wg, ldw, lds, NR, next) };
         });
+    }
+
+    /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 3 KiB,
+    /// the panel's 128 rows 32 KiB); the FLOPs done. See
+    /// [`super::Projection::l1_microkernel`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    pub unsafe fn l1_calls(calls: usize) -> f64 {
+        const KC: usize = 128;
+        let mr = super::MR;
+        let x = vec![0.5f32; KC * mr];
+        let w = vec![0.0f32; KC * NR];
+        let mut y = [0.0f32; super::MR * NR];
+        for _ in 0..calls {
+            // SAFETY: AVX-512F (the caller); x holds MR rows of KC floats, w KC rows of NR
+            // floats, y MR rows of NR floats, written by this call alone.
+            unsafe {
+                kernel::<{ super::MR }, 1, f32>(
+                    std::hint::black_box(&x),
+                    KC,
+                    KC,
+                    &w,
+                    NR,
+                    KC * NR,
+                    y.as_mut_ptr(),
+                    NR,
+                    super::NextPanel::NONE,
+                )
+            };
+            std::hint::black_box(&mut y);
+        }
+        (2 * mr * NR * KC * calls) as f64
     }
 
     /// `y[R, P·64] = x[R, kc] · w[kc, P·64]` (x's row stride `ldx`, w's `ldw` per k step
@@ -1707,6 +1837,32 @@ mod tests {
 
     /// Every kernel this CPU runs (and the `gemm` fallback) against the plain product, with
     /// tails in M (not a multiple of 6), N (not of 16 or 64) and K (odd).
+    #[test]
+    fn l1_microkernel_runs_each_own_kernel_and_counts_its_flops() {
+        let k = 64;
+        for kernel in PanelKernel::all_supported() {
+            let w = vec![0.0f32; kernel.nr() * k];
+            for dtype in [DType::F32, DType::Bf16] {
+                let p = Projection::pack_for(&[&w], k, dtype, Some(kernel));
+                // The bf16 dot kernels (pairs) have no f32 microkernel to time.
+                if p.takes_pairs() {
+                    assert_eq!(p.l1_microkernel(1), None);
+                    continue;
+                }
+                let one = p.l1_microkernel(1).expect("an own kernel");
+                // 2 FLOPs per FMA, MR rows × one panel per k step.
+                assert_eq!(
+                    one % (2 * MR * kernel.nr()) as f64,
+                    0.0,
+                    "{kernel:?} {dtype:?}"
+                );
+                assert_eq!(p.l1_microkernel(3), Some(3.0 * one), "{kernel:?} {dtype:?}");
+            }
+        }
+        let fallback = Projection::pack_for(&[&vec![0.0f32; 16 * k]], k, DType::F32, None);
+        assert_eq!(fallback.l1_microkernel(1), None);
+    }
+
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn l1d_size_is_read_as_a_plausible_byte_count() {
