@@ -45,7 +45,8 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Measure the FMA peak instead (GFLOP/s of independent FMA chains, per ISA, on one
-    /// core and on all): the yardstick for GEMM efficiency.
+    /// core and on all): the yardstick for GEMM efficiency. Then each f32 microkernel with
+    /// its operands in L1, the limit of its own loads and FMAs on this core now.
     #[arg(long)]
     fma_peak: bool,
     /// Measure the read bandwidth instead: from memory and from the last-level cache, all
