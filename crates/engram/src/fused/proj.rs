@@ -745,11 +745,45 @@ fn round_bf16(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
 }
 
+/// The body of each kernel module's `l1_calls`: `$calls` calls of `$kernel::<MR, 1, $t>`
+/// over `$kc` k steps on buffers that stay in L1 (x `MR·$kc` floats read at stride `$ldx`
+/// as the kernel takes it, w `$kc` rows of `$nr` elements `$zero`, y `MR` rows of `$nr`);
+/// evaluates to the FLOPs done. Expands to unsafe calls: the caller's CPU must run the
+/// kernel.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(unused_macros)
+)]
+macro_rules! l1_calls {
+    ($kernel:ident, $t:ty, $zero:expr, $nr:expr, $kc:expr, $ldx:expr, $calls:expr) => {{
+        let (kc, mr, calls): (usize, usize, usize) = ($kc, super::MR, $calls);
+        let x = vec![0.5f32; kc * mr];
+        let w: Vec<$t> = vec![$zero; kc * $nr];
+        let mut y = [0.0f32; super::MR * $nr];
+        for _ in 0..calls {
+            $kernel::<{ super::MR }, 1, $t>(
+                std::hint::black_box(&x),
+                $ldx,
+                kc,
+                &w,
+                $nr,
+                kc * $nr,
+                y.as_mut_ptr(),
+                $nr,
+                super::NextPanel::NONE,
+            );
+            std::hint::black_box(&mut y);
+        }
+        (2 * mr * $nr * kc * calls) as f64
+    }};
+}
+
 /// Calls `$kernel::<R, P, _>(x, ldx, kc, w, ldw, lds, y, ldy, next)` for the block `$b` (a
 /// [`Block`]) over `$kc` k steps: the decode shapes listed get one instance with R×P
 /// accumulators in registers (and no prefetches); any other block runs panel by panel with
-/// P = 1 (`$nr`: columns per panel). `$x` starts at the block's first row, `$w` at its first panel; `lds`
-/// is elements per panel of `w`.
+/// P = 1 (`$nr`: columns per panel). `$x` is the block's rows in the layout its kernel
+/// reads (row-major at stride `$ldx`, or for AVX2 packed `[k][mr]` with `$ldx` = mr), `$w`
+/// starts at its first panel; `lds` is elements per panel of `w`.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(unused_macros)
@@ -888,9 +922,10 @@ mod avx2 {
     /// prefetched lines crowd out the block's packed x and the current rows: two threads
     /// on 64-row tiles of that shape ran 13% faster without (16 rows ahead: 1% slower).
     ///
-    /// A panel's first row block, which streams it from L3 or memory (a decode step's rows,
-    /// the first panel of a prefill tile), prefetches [`PREFETCH_FIRST`] rows ahead on
-    /// every CPU. B = 8 f32 decode steps on Zen 3, alternating processes: 1.35-1.90 ms
+    /// A panel's first row block, which streams it from L3 or memory (a call of 4 or more
+    /// rows, such as a B = 8 decode step, or the first panel of a prefill tile), prefetches
+    /// [`PREFETCH_FIRST`] rows ahead on every CPU. (Calls of 1-3 rows run their full panel
+    /// groups through the multi-panel shapes, which prefetch nothing.) B = 8 f32 decode steps on Zen 3, alternating processes: 1.35-1.90 ms
     /// (median 1.61) so, 1.56-2.36 ms (median of four 2.16) with no L1 prefetch at all, and
     /// 1.51-2.05 ms (1.78) before x was packed.
     fn prefetch_rows() -> usize {
@@ -904,17 +939,22 @@ mod avx2 {
     /// The L1 data cache's size in bytes from CPUID (AMD's leaf 0x8000_0005, else the
     /// deterministic cache parameters of leaf 4), or None where the CPU reports neither.
     pub(super) fn l1d_bytes() -> Option<usize> {
-        let vendor = __cpuid(0);
+        // `__cpuid` is a safe fn from Rust 1.89 on and an unsafe one before (rust-version
+        // is 1.88).
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU; it only reads identification registers.
+        let leaf = |l: u32, sub: u32| unsafe { __cpuid_count(l, sub) };
+        let vendor = leaf(0, 0);
         // "AuthenticAMD" and "HygonGenuine" start "Auth" and "Hygo".
         let amd_like = vendor.ebx == u32::from_le_bytes(*b"Auth")
             || vendor.ebx == u32::from_le_bytes(*b"Hygo");
-        if amd_like && __cpuid(0x8000_0000).eax >= 0x8000_0005 {
-            let kib = __cpuid(0x8000_0005).ecx >> 24;
+        if amd_like && leaf(0x8000_0000, 0).eax >= 0x8000_0005 {
+            let kib = leaf(0x8000_0005, 0).ecx >> 24;
             return (kib > 0).then_some(kib as usize * 1024);
         }
         if vendor.eax >= 4 {
             for i in 0..16 {
-                let c = __cpuid_count(4, i);
+                let c = leaf(4, i);
                 let kind = c.eax & 0x1f;
                 if kind == 0 {
                     break;
@@ -925,7 +965,8 @@ mod avx2 {
                     let partitions = ((c.ebx >> 12) & 0x3ff) as usize + 1;
                     let line = (c.ebx & 0xfff) as usize + 1;
                     let sets = c.ecx as usize + 1;
-                    return Some(ways * partitions * line * sets);
+                    // A hypervisor that zeroes the fields reports nothing usable.
+                    return (line >= 32).then_some(ways * partitions * line * sets);
                 }
             }
         }
@@ -949,7 +990,7 @@ mod avx2 {
     /// `gemm` fallback see them). Two threads on 64-row tiles of the demo layer's shape
     /// (Zen 3): 15% faster than row-major x.
     fn pack_x(x: &[f32], m: usize, k: usize, round: bool, out: &mut Vec<f32>) {
-        out.clear();
+        // Every element is written below: only growth is zero-filled.
         out.resize(m * k, 0.0);
         let mut r0 = 0;
         while r0 < m {
@@ -1072,30 +1113,9 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     pub unsafe fn l1_calls<T: Elem + Default>(calls: usize) -> f64 {
-        const KC: usize = 256;
-        let mr = super::MR;
-        let x = vec![0.5f32; KC * mr];
-        let w = vec![T::default(); KC * NR];
-        let mut y = [0.0f32; super::MR * NR];
-        for _ in 0..calls {
-            // SAFETY: AVX2 + FMA (the caller); x holds KC steps of MR floats, w KC rows of NR
-            // elements, y MR rows of NR floats, written by this call alone.
-            unsafe {
-                kernel::<{ super::MR }, 1, T>(
-                    std::hint::black_box(&x),
-                    mr,
-                    KC,
-                    &w,
-                    NR,
-                    KC * NR,
-                    y.as_mut_ptr(),
-                    NR,
-                    super::NextPanel::NONE,
-                )
-            };
-            std::hint::black_box(&mut y);
-        }
-        (2 * mr * NR * KC * calls) as f64
+        // x packed `[KC][MR]` (row stride MR in the kernel's terms).
+        // SAFETY: AVX2 + FMA (the caller); the macro's buffers hold what the kernel reads.
+        unsafe { l1_calls!(kernel, T, T::default(), NR, 256, super::MR, calls) }
     }
 
     /// `y[R, P·16] = x[R, kc] · w[kc, P·16]`, x packed `[kc][ldk]` (row r of step kk at
@@ -1261,30 +1281,10 @@ mod neon {
     /// the panel's 256 rows 16 KiB in f32); the FLOPs done. See
     /// [`super::Projection::l1_microkernel`].
     pub fn l1_calls<T: Elem + Default>(calls: usize) -> f64 {
-        const KC: usize = 256;
-        let mr = super::MR;
-        let x = vec![0.5f32; KC * mr];
-        let w = vec![T::default(); KC * NR];
-        let mut y = [0.0f32; super::MR * NR];
-        for _ in 0..calls {
-            // SAFETY: NEON is part of the aarch64 baseline; x holds MR rows of KC floats, w KC
-            // rows of NR elements, y MR rows of NR floats, written by this call alone.
-            unsafe {
-                kernel::<{ super::MR }, 1, T>(
-                    std::hint::black_box(&x),
-                    KC,
-                    KC,
-                    &w,
-                    NR,
-                    KC * NR,
-                    y.as_mut_ptr(),
-                    NR,
-                    super::NextPanel::NONE,
-                )
-            };
-            std::hint::black_box(&mut y);
-        }
-        (2 * mr * NR * KC * calls) as f64
+        // x row-major `[MR][KC]`.
+        // SAFETY: NEON is part of the aarch64 baseline; the macro's buffers hold what the
+        // kernel reads.
+        unsafe { l1_calls!(kernel, T, T::default(), NR, 256, 256, calls) }
     }
 
     /// `y[R, P·16] = x[R, kc] · w[kc, P·16]` (x's row stride `ldx`, w's `ldw` per k step
@@ -1514,37 +1514,16 @@ mod f32_avx512 {
         });
     }
 
-    /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 3 KiB,
-    /// the panel's 128 rows 32 KiB); the FLOPs done. See
+    /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 1.5 KiB,
+    /// the panel's 64 rows 16 KiB: within a 32 KiB L1 as well); the FLOPs done. See
     /// [`super::Projection::l1_microkernel`].
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
     pub unsafe fn l1_calls(calls: usize) -> f64 {
-        const KC: usize = 128;
-        let mr = super::MR;
-        let x = vec![0.5f32; KC * mr];
-        let w = vec![0.0f32; KC * NR];
-        let mut y = [0.0f32; super::MR * NR];
-        for _ in 0..calls {
-            // SAFETY: AVX-512F (the caller); x holds MR rows of KC floats, w KC rows of NR
-            // floats, y MR rows of NR floats, written by this call alone.
-            unsafe {
-                kernel::<{ super::MR }, 1, f32>(
-                    std::hint::black_box(&x),
-                    KC,
-                    KC,
-                    &w,
-                    NR,
-                    KC * NR,
-                    y.as_mut_ptr(),
-                    NR,
-                    super::NextPanel::NONE,
-                )
-            };
-            std::hint::black_box(&mut y);
-        }
-        (2 * mr * NR * KC * calls) as f64
+        // x row-major `[MR][KC]`.
+        // SAFETY: AVX-512F (the caller); the macro's buffers hold what the kernel reads.
+        unsafe { l1_calls!(kernel, f32, 0.0f32, NR, 64, 64, calls) }
     }
 
     /// `y[R, P·64] = x[R, kc] · w[kc, P·64]` (x's row stride `ldx`, w's `ldw` per k step
@@ -1847,8 +1826,6 @@ mod tests {
             .fold(0.0f32, f32::max)
     }
 
-    /// Every kernel this CPU runs (and the `gemm` fallback) against the plain product, with
-    /// tails in M (not a multiple of 6), N (not of 16 or 64) and K (odd).
     #[test]
     fn l1_microkernel_runs_each_own_kernel_and_counts_its_flops() {
         let k = 64;
@@ -1886,6 +1863,8 @@ mod tests {
         }
     }
 
+    /// Every kernel this CPU runs (and the `gemm` fallback) against the plain product, with
+    /// tails in M (not a multiple of 6), N (not of 16 or 64) and K (odd).
     #[test]
     fn every_kernel_matches_plain_product() {
         let (k, rows) = (37, 13);
@@ -2044,7 +2023,7 @@ mod tests {
                 let p = Projection::pack_for(&[&a], k, dtype, Some(kernel));
                 let mut whole = vec![0.0; rows * 250];
                 p.matmul(&x, rows, &mut whole, 2);
-                for split in [1, 2, 3, 5, 6, 7] {
+                for split in [1, 2, 3, 4, 5, 6, 7] {
                     let mut r0 = 0;
                     while r0 < rows {
                         let m = split.min(rows - r0);
