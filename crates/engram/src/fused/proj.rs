@@ -1085,6 +1085,17 @@ mod avx2 {
             };
             // The block's rows, packed `[k][mr]` from `r0·k` (see `pack_x`).
             let xs = &xp[b.r0 * k..(b.r0 + b.mr) * k];
+            // The block's lines of y, owned by the time the kernel stores to them.
+            for r in 0..b.mr {
+                for p in 0..b.np {
+                    let at = b.y.wrapping_add(r * b.ldy + p * NR);
+                    // SAFETY: PREFETCHW is a hint: it changes no register or memory and
+                    // never faults (a NOP on x86-64 CPUs without it).
+                    unsafe {
+                        std::arch::asm!("prefetchw [{0}]", in(reg) at, options(nostack, preserves_flags, readonly))
+                    };
+                }
+            }
             // SAFETY: the caller guarantees AVX2 + FMA; the kernel checks x and w; the driver
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
             unsafe {
@@ -1139,34 +1150,92 @@ mod avx2 {
         ldy: usize,
         next: super::NextPanel,
     ) {
-        assert!(kc >= 1 && ldk >= R && x.len() >= (kc - 1) * ldk + R);
+        // x packed `[kc][R]` and panel rows of NR elements, as `matmul` and `l1_calls` hand
+        // them: the strides are constants, so that every load of an unrolled trip is a
+        // fixed offset from two pointers (no address arithmetic in the loop).
+        assert!(ldk == R && ldw == NR, "x packed [kc][R], panel rows of NR");
+        let (ldk, ldw) = (R, NR);
+        assert!(kc >= 1 && x.len() >= (kc - 1) * ldk + R);
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR);
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        for kk in 0..kc {
+        // One k step: P panel rows loaded (widened), R broadcasts, R×P×2 FMAs.
+        macro_rules! step {
+            ($kk:expr) => {{
+                let kk: usize = $kk;
+                let mut b = [[_mm256_setzero_ps(); 2]; P];
+                for (p, bp) in b.iter_mut().enumerate() {
+                    // SAFETY: w holds block p's kc rows (asserted); kk < kc.
+                    *bp = unsafe { T::load16(wp.add(kk * ldw + p * lds)) };
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: x holds kc steps of ldk ≥ R floats (asserted); r < R, kk < kc.
+                    let a = _mm256_set1_ps(unsafe { *xp.add(kk * ldk + r) });
+                    for (v, bp) in row.iter_mut().zip(&b) {
+                        v[0] = _mm256_fmadd_ps(a, bp[0], v[0]);
+                        v[1] = _mm256_fmadd_ps(a, bp[1], v[1]);
+                    }
+                }
+            }};
+        }
+        // Single-panel blocks (prefill) run four k steps per trip, their prefetches
+        // decided once: the loop's compares, branches and pointer updates are a quarter of
+        // what one step per trip costs, so the 12 FMAs of a step share the front end with
+        // fewer other instructions. The L2 share may run up to 3 lines past `next.lines`;
+        // the L1 prefetch covers the 4 rows `l1_ahead` steps on (one line per f32 row, one
+        // per two bf16 rows). The multi-panel decode shapes, bound by memory, keep one
+        // step per trip (unrolled, the compiler spills their accumulators); so do the
+        // last kc mod 4 steps.
+        let ku: usize = if P == 1 { 4 } else { 1 };
+        let row_bytes = NR * std::mem::size_of::<T>();
+        let mut kk = 0;
+        // Trips of `ku` steps while they fit before `end`, with (`$l2`) or without the L2
+        // prefetch of the next panel's share and the L1 prefetch ahead (`$l1`): constants
+        // in each copy, so that a trip branches only to loop.
+        macro_rules! trips {
+            ($end:expr, $l2:expr, $l1:expr) => {{
+                let end: usize = $end;
+                while kk + ku <= end {
+                    if $l2 {
+                        for j in 0..ku {
+                            _mm_prefetch::<_MM_HINT_T1>(next.at.wrapping_add(64 * (kk + j)));
+                        }
+                    }
+                    if $l1 {
+                        let at = wp.wrapping_add((kk + next.l1_ahead) * ldw) as *const i8;
+                        for j in 0..(ku * row_bytes).div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * j));
+                        }
+                    }
+                    for j in 0..ku {
+                        step!(kk + j);
+                    }
+                    kk += ku;
+                }
+            }};
+        }
+        if ku > 1 {
+            // The trips that start before `next.lines` carry the L2 share, the rest not.
+            let l2_end = kc.min(next.lines + ku - 1);
+            if next.l1_ahead > 0 {
+                trips!(l2_end, true, true);
+                trips!(kc, false, true);
+            } else {
+                trips!(l2_end, true, false);
+                trips!(kc, false, false);
+            }
+        }
+        while kk < kc {
             if P == 1 {
                 next.prefetch_l2(kk);
                 if next.l1_ahead > 0 {
-                    // The line of the row `l1_ahead` steps on into L1: see `prefetch_rows`.
                     _mm_prefetch::<_MM_HINT_T0>(
                         wp.wrapping_add((kk + next.l1_ahead) * ldw) as *const i8
                     );
                 }
             }
-            let mut b = [[_mm256_setzero_ps(); 2]; P];
-            for (p, bp) in b.iter_mut().enumerate() {
-                let at = kk * ldw + p * lds;
-                // SAFETY: w holds block p's kc rows (asserted); kk < kc.
-                *bp = unsafe { T::load16(wp.add(at)) };
-            }
-            for (r, row) in acc.iter_mut().enumerate() {
-                // SAFETY: x holds kc steps of ldk ≥ R floats (asserted); r < R, kk < kc.
-                let a = _mm256_set1_ps(unsafe { *xp.add(kk * ldk + r) });
-                for (v, bp) in row.iter_mut().zip(&b) {
-                    v[0] = _mm256_fmadd_ps(a, bp[0], v[0]);
-                    v[1] = _mm256_fmadd_ps(a, bp[1], v[1]);
-                }
-            }
+            step!(kk);
+            kk += 1;
         }
         for (r, row) in acc.iter().enumerate() {
             for (p, v) in row.iter().enumerate() {
