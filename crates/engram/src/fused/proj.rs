@@ -1161,16 +1161,18 @@ mod avx2 {
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         // One k step: P panel rows loaded (widened), R broadcasts, R×P×2 FMAs.
         macro_rules! step {
-            ($kk:expr) => {{
-                let kk: usize = $kk;
+            ($wq:expr, $xq:expr, $j:expr) => {{
+                let (wq, xq, j): (*const T, *const f32, usize) = ($wq, $xq, $j);
                 let mut b = [[_mm256_setzero_ps(); 2]; P];
                 for (p, bp) in b.iter_mut().enumerate() {
-                    // SAFETY: w holds block p's kc rows (asserted); kk < kc.
-                    *bp = unsafe { T::load16(wp.add(kk * ldw + p * lds)) };
+                    // SAFETY: wq is step kk's row and kk + j < kc; w holds block p's kc rows
+                    // (asserted).
+                    *bp = unsafe { T::load16(wq.add(j * ldw + p * lds)) };
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
-                    // SAFETY: x holds kc steps of ldk ≥ R floats (asserted); r < R, kk < kc.
-                    let a = _mm256_set1_ps(unsafe { *xp.add(kk * ldk + r) });
+                    // SAFETY: xq is step kk's x and kk + j < kc; x holds kc steps of ldk ≥ R
+                    // floats (asserted); r < R.
+                    let a = _mm256_set1_ps(unsafe { *xq.add(j * ldk + r) });
                     for (v, bp) in row.iter_mut().zip(&b) {
                         v[0] = _mm256_fmadd_ps(a, bp[0], v[0]);
                         v[1] = _mm256_fmadd_ps(a, bp[1], v[1]);
@@ -1194,24 +1196,37 @@ mod avx2 {
         // in each copy, so that a trip branches only to loop.
         macro_rules! trips {
             ($end:expr, $l2:expr, $l1:expr) => {{
-                let end: usize = $end;
-                while kk + ku <= end {
+                let trips = $end.saturating_sub(kk) / ku;
+                // SAFETY (both): kk ≤ kc, and x and w hold kc steps (asserted): at most one
+                // past their ends.
+                let (mut wq, mut xq) = unsafe { (wp.add(kk * ldw), xp.add(kk * ldk)) };
+                // Only ever prefetched.
+                let mut l2q = next.at.wrapping_add(64 * kk);
+                // One pointer per operand and a trip count: the loop's own work is three
+                // adds and a count down.
+                for _ in 0..trips {
                     if $l2 {
                         for j in 0..ku {
-                            _mm_prefetch::<_MM_HINT_T1>(next.at.wrapping_add(64 * (kk + j)));
+                            _mm_prefetch::<_MM_HINT_T1>(l2q.wrapping_add(64 * j));
                         }
                     }
                     if $l1 {
-                        let at = wp.wrapping_add((kk + next.l1_ahead) * ldw) as *const i8;
+                        let at = wq.wrapping_add(next.l1_ahead * ldw) as *const i8;
                         for j in 0..(ku * row_bytes).div_ceil(64) {
                             _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * j));
                         }
                     }
                     for j in 0..ku {
-                        step!(kk + j);
+                        step!(wq, xq, j);
                     }
-                    kk += ku;
+                    // SAFETY: this trip's steps were below kc: at most one past the ends.
+                    unsafe {
+                        wq = wq.add(ku * ldw);
+                        xq = xq.add(ku * ldk);
+                    }
+                    l2q = l2q.wrapping_add(64 * ku);
                 }
+                kk += trips * ku;
             }};
         }
         if ku > 1 {
@@ -1234,7 +1249,8 @@ mod avx2 {
                     );
                 }
             }
-            step!(kk);
+            // SAFETY: kk < kc: within x and w (asserted).
+            step!(unsafe { wp.add(kk * ldw) }, unsafe { xp.add(kk * ldk) }, 0);
             kk += 1;
         }
         for (r, row) in acc.iter().enumerate() {
