@@ -860,7 +860,7 @@ impl NextPanel {
     /// run went from 0.180 to 0.166 s.
     ///
     /// One line per k step at most (`kc` steps), so that the kernels' inner loop gains a
-    /// compare and a prefetch only; a share larger than that (calls of 7 to 12 rows, two
+    /// compare and a prefetch only (the AVX2 prefill kernel decides once per call); a share larger than that (calls of 7 to 12 rows, two
     /// row blocks) is cut short, which costs nothing but the prefetch.
     fn share<T>(w: &[T], b: &Block, m: usize, panels: usize, lds: usize, kc: usize) -> NextPanel {
         let blocks = m.div_ceil(MR);
@@ -913,8 +913,8 @@ mod avx2 {
     const NR: usize = 16;
     /// Blocks per work unit for 1, 2, 3 rows: 12 ymm accumulators in flight.
     const GROUPS: [usize; 4] = [1, 6, 3, 2];
-    /// Panel rows ahead that a prefill block (one panel) prefetches into L1, one line per
-    /// k step (4 KiB ahead in f32), on CPUs with an L1 data cache of 48 KiB or more (or of
+    /// Panel rows ahead that a prefill block (one panel) prefetches into L1 (a line per f32
+    /// row, one per two bf16 rows; 4 KiB ahead in f32), on CPUs with an L1 data cache of 48 KiB or more (or of
     /// unknown size); none on smaller ones. The row blocks of a panel read its weights from
     /// L2. On Zen 5 (48 KiB) the hardware prefetchers alone left the kernel waiting on
     /// them: 64 rows × 5120 × 1024 took 5.8-6.1 ms on one thread without, 5.2-5.4 ms with
@@ -925,9 +925,10 @@ mod avx2 {
     /// A panel's first row block, which streams it from L3 or memory (a call of 4 or more
     /// rows, such as a B = 8 decode step, or the first panel of a prefill tile), prefetches
     /// [`PREFETCH_FIRST`] rows ahead on every CPU. (Calls of 1-3 rows run their full panel
-    /// groups through the multi-panel shapes, which prefetch nothing.) B = 8 f32 decode steps on Zen 3, alternating processes: 1.35-1.90 ms
-    /// (median 1.61) so, 1.56-2.36 ms (median of four 2.16) with no L1 prefetch at all, and
-    /// 1.51-2.05 ms (1.78) before x was packed.
+    /// groups through the multi-panel shapes, which prefetch nothing.) B = 8 f32 decode
+    /// steps on Zen 3, alternating processes: 1.35-1.90 ms (median 1.61) so, 1.56-2.36 ms
+    /// (median of four 2.16) with no L1 prefetch at all, and 1.51-2.05 ms (1.78) before x
+    /// was packed.
     fn prefetch_rows() -> usize {
         static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         *ROWS.get_or_init(|| match l1d_bytes() {
@@ -971,6 +972,21 @@ mod avx2 {
             }
         }
         None
+    }
+
+    /// Whether the CPU has PREFETCHW (CPUID 0x8000_0001, ECX bit 8: AMD since K8, Intel
+    /// since Broadwell).
+    fn has_prefetchw() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            // `__cpuid` is a safe fn from Rust 1.89 on and an unsafe one before (rust-version
+            // is 1.88).
+            #[allow(unused_unsafe)]
+            // SAFETY: CPUID exists on every x86-64 CPU; it only reads identification
+            // registers (a leaf past the maximum returns other data, checked first).
+            let leaf = |l: u32| unsafe { __cpuid(l) };
+            leaf(0x8000_0000).eax >= 0x8000_0001 && leaf(0x8000_0001).ecx & (1 << 8) != 0
+        })
     }
 
     /// Panel rows ahead that a panel's first row block prefetches into L1 (see
@@ -1085,15 +1101,22 @@ mod avx2 {
             };
             // The block's rows, packed `[k][mr]` from `r0·k` (see `pack_x`).
             let xs = &xp[b.r0 * k..(b.r0 + b.mr) * k];
-            // The block's lines of y, owned by the time the kernel stores to them.
-            for r in 0..b.mr {
-                for p in 0..b.np {
-                    let at = b.y.wrapping_add(r * b.ldy + p * NR);
-                    // SAFETY: PREFETCHW is a hint: it changes no register or memory and
-                    // never faults (a NOP on x86-64 CPUs without it).
-                    unsafe {
-                        std::arch::asm!("prefetchw [{0}]", in(reg) at, options(nostack, preserves_flags, readonly))
-                    };
+            // The block's lines of y, owned by the time the kernel stores to them (its 12
+            // stores at the end had missed L1, and the next call's stack pushes waited on
+            // them: in `perf` on Zen 3, the closure went from 5.3% to 1.5% of the samples).
+            if has_prefetchw() {
+                for r in 0..b.mr {
+                    let row = b.y.wrapping_add(r * b.ldy);
+                    // Every line of the row's np·64 bytes (a row off a line spans one
+                    // more): each 16 floats, and the last one.
+                    let last = NR * b.np - 1;
+                    for at in (0..last).step_by(NR).chain([last]) {
+                        // SAFETY: PREFETCHW (present: checked above) is a hint: it changes
+                        // no register or memory and never faults.
+                        unsafe {
+                            std::arch::asm!("prefetchw [{0}]", in(reg) row.wrapping_add(at), options(nostack, preserves_flags, readonly))
+                        };
+                    }
                 }
             }
             // SAFETY: the caller guarantees AVX2 + FMA; the kernel checks x and w; the driver
@@ -1129,10 +1152,12 @@ mod avx2 {
         unsafe { l1_calls!(kernel, T, T::default(), NR, 256, super::MR, calls) }
     }
 
-    /// `y[R, P·16] = x[R, kc] · w[kc, P·16]`, x packed `[kc][ldk]` (row r of step kk at
-    /// `kk·ldk + r`, [`pack_x`]), w's `ldw` per k step and `lds` per panel, y's `ldy`:
-    /// R×P×2 ymm accumulators, one FMA chain per output. Single-panel blocks prefetch the
-    /// panel row `next.l1_ahead` steps on into L1 (none for 0, [`prefetch_rows`]).
+    /// `y[R, P·16] = x[R, kc] · w[kc, P·16]`, x packed `[kc][R]` (row r of step kk at
+    /// `kk·R + r`, [`pack_x`]; `ldk` must be R), panel rows of NR elements (`ldw` must be NR;
+    /// panics otherwise), `lds` per panel, y's `ldy`: R×P×2 ymm accumulators, one FMA chain
+    /// per output over k in order. Single-panel blocks run four k steps per trip and
+    /// prefetch the panel rows `next.l1_ahead` steps on into L1 (none for 0,
+    /// [`prefetch_rows`]).
     ///
     /// # Safety
     /// AVX2 + FMA; `y` valid for R rows of P·16 floats at stride `ldy`, touched by no one else
@@ -1155,7 +1180,7 @@ mod avx2 {
         // fixed offset from two pointers (no address arithmetic in the loop).
         assert!(ldk == R && ldw == NR, "x packed [kc][R], panel rows of NR");
         let (ldk, ldw) = (R, NR);
-        assert!(kc >= 1 && x.len() >= (kc - 1) * ldk + R);
+        assert!(kc >= 1 && x.len() >= kc * R);
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR);
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
@@ -1165,12 +1190,12 @@ mod avx2 {
                 let (wq, xq, j): (*const T, *const f32, usize) = ($wq, $xq, $j);
                 let mut b = [[_mm256_setzero_ps(); 2]; P];
                 for (p, bp) in b.iter_mut().enumerate() {
-                    // SAFETY: wq is step kk's row and kk + j < kc; w holds block p's kc rows
-                    // (asserted).
+                    // SAFETY: wq points at step s's row and s + j < kc; w holds block p's kc
+                    // rows (asserted).
                     *bp = unsafe { T::load16(wq.add(j * ldw + p * lds)) };
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
-                    // SAFETY: xq is step kk's x and kk + j < kc; x holds kc steps of ldk ≥ R
+                    // SAFETY: xq points at step s's x and s + j < kc; x holds kc steps of R
                     // floats (asserted); r < R.
                     let a = _mm256_set1_ps(unsafe { *xq.add(j * ldk + r) });
                     for (v, bp) in row.iter_mut().zip(&b) {
@@ -1196,15 +1221,15 @@ mod avx2 {
         // in each copy, so that a trip branches only to loop.
         macro_rules! trips {
             ($end:expr, $l2:expr, $l1:expr) => {{
-                let trips = $end.saturating_sub(kk) / ku;
-                // SAFETY (both): kk ≤ kc, and x and w hold kc steps (asserted): at most one
-                // past their ends.
+                let n = $end.saturating_sub(kk) / ku;
+                // SAFETY: kk ≤ kc, and x and w hold kc steps (asserted): both at most one past
+                // their ends.
                 let (mut wq, mut xq) = unsafe { (wp.add(kk * ldw), xp.add(kk * ldk)) };
                 // Only ever prefetched.
                 let mut l2q = next.at.wrapping_add(64 * kk);
-                // One pointer per operand and a trip count: the loop's own work is three
-                // adds and a count down.
-                for _ in 0..trips {
+                // One pointer per operand and a trip count: the loop's own work is two adds
+                // (three with the L2 share) and a count down.
+                for _ in 0..n {
                     if $l2 {
                         for j in 0..ku {
                             _mm_prefetch::<_MM_HINT_T1>(l2q.wrapping_add(64 * j));
@@ -1226,7 +1251,7 @@ mod avx2 {
                     }
                     l2q = l2q.wrapping_add(64 * ku);
                 }
-                kk += trips * ku;
+                kk += n * ku;
             }};
         }
         if ku > 1 {
@@ -1250,7 +1275,8 @@ mod avx2 {
                 }
             }
             // SAFETY: kk < kc: within x and w (asserted).
-            step!(unsafe { wp.add(kk * ldw) }, unsafe { xp.add(kk * ldk) }, 0);
+            let (wq, xq) = unsafe { (wp.add(kk * ldw), xp.add(kk * ldk)) };
+            step!(wq, xq, 0);
             kk += 1;
         }
         for (r, row) in acc.iter().enumerate() {
@@ -1952,7 +1978,14 @@ mod tests {
     /// tails in M (not a multiple of 6), N (not of 16 or 64) and K (odd).
     #[test]
     fn every_kernel_matches_plain_product() {
-        let (k, rows) = (37, 13);
+        // k below, at and past the AVX2 prefill trip of 4 steps (and 2 mod 4).
+        for k in [1, 2, 4, 6, 37] {
+            matches_plain_product(k);
+        }
+    }
+
+    fn matches_plain_product(k: usize) {
+        let rows = 13;
         let a = data(40 * k, 1);
         let b = data(50 * k, 2);
         let x = data(rows * k, 3);
@@ -1969,7 +2002,10 @@ mod tests {
                     let mut y = vec![0.0; rows * 90];
                     p.matmul(&x, rows, &mut y, threads);
                     let err = max_diff(&y, want);
-                    assert!(err < tol, "{kernel:?} {dtype:?} threads {threads}: {err}");
+                    assert!(
+                        err < tol,
+                        "{kernel:?} {dtype:?} k {k} threads {threads}: {err}"
+                    );
                 }
             }
         }
