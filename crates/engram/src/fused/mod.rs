@@ -1,7 +1,8 @@
 //! The fused CPU path: the layer streamed tile by tile over the sequence, on every core.
 //!
 //! Per tile of rows (tokens of one or several sequences; 64 rows on our own microkernels,
-//! [`TILE`] on the `gemm` crate path, `ENGRAM_TILE` overrides the former):
+//! 256 on the AVX2 ones, [`TILE`] on the `gemm` crate path, `ENGRAM_TILE` overrides the
+//! former):
 //! 1. hash and gather the rows into `x` `[T, Dm]`;
 //! 2. one GEMM `y = x · W_allᵀ` with `W_all` = [value_proj; key_projs.0; …] packed once at
 //!    load ([`proj::Projection`]);
@@ -34,14 +35,15 @@ use std::time::Instant;
 /// tiles are large enough to amortise that.
 pub const TILE: usize = 256;
 
-/// Rows per tile: with weights packed once (our kernels), a tile small enough that its
-/// projections stay in L2 for the gate kernel.
+/// Rows per tile with weights packed once (our kernels): the kernel's default
+/// ([`Projection::default_tile_rows`]: 64, a tile small enough that its projections stay
+/// in L2 for the gate kernel on a 1 MiB L2; 256 for the AVX2 kernels) or `ENGRAM_TILE`.
 fn tile_rows(fw: &FusedWeights) -> usize {
     if fw.proj.uses_own_kernel() {
         std::env::var("ENGRAM_TILE")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(64)
+            .unwrap_or_else(|| fw.proj.default_tile_rows())
     } else {
         TILE
     }
