@@ -1,7 +1,7 @@
 //! Fused gate kernel, per ISA: tokens/s for the default shape (D = 1024, HC = 4), with its
 //! inputs in cache and with the hidden states streamed from memory as in a prefill.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use engram::fused::kernels::{gate_token, GateParams, Isa};
+use engram::fused::kernels::{gate_token, Ahead, GateParams, Isa};
 
 fn bench(c: &mut Criterion) {
     let (d, hc) = (1024, 4);
@@ -22,7 +22,17 @@ fn bench(c: &mut Criterion) {
     grp.throughput(Throughput::Elements(1));
     for isa in Isa::all_supported() {
         grp.bench_function(format!("{isa:?}"), |b| {
-            b.iter(|| gate_token(isa, &p, &proj, &query, &[], &mut g, &mut normed))
+            b.iter(|| {
+                gate_token(
+                    isa,
+                    &p,
+                    &proj,
+                    &query,
+                    Ahead::default(),
+                    &mut g,
+                    &mut normed,
+                )
+            })
         });
     }
     // As in a 4096-token prefill: each call the next row of a tile's projections (64 rows,
@@ -46,7 +56,10 @@ fn bench(c: &mut Criterion) {
                 &p,
                 &ys[y * ny..(y + 1) * ny],
                 &qs[q * nq..(q + 1) * nq],
-                qs.get((q + 1) * nq..(q + 2) * nq).unwrap_or(&[]),
+                Ahead {
+                    query: qs.get((q + 1) * nq..(q + 2) * nq).unwrap_or(&[]),
+                    proj: ys.get((y + 1) * ny..(y + 2) * ny).unwrap_or(&[]),
+                },
                 &mut g,
                 &mut normed,
             )

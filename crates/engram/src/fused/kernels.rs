@@ -230,43 +230,58 @@ mod x86 {
         }
         #[inline(always)]
         fn silu(y: Self::V) -> Self::V {
-            (silu8(y.0), silu8(y.1))
+            let [a, b] = silu8x([y.0, y.1]);
+            (a, b)
         }
+
         #[inline(always)]
         fn madd(a: f32, b: f32, c: f32) -> f32 {
             a.mul_add(b, c)
         }
     }
 
-    /// SiLU of 8 lanes: the `exp_f32` polynomial, 2^n through the exponent bits.
+    /// SiLU of `N` vectors of 8 lanes: the `exp_f32` polynomial, 2^n through the exponent
+    /// bits; each operation applied to all `N` before the next, so that the `N` dependent
+    /// chains (~65 cycles each) interleave in program order. The compiler keeps the source
+    /// order: written one vector after the other, Zen 3's out-of-order window held about
+    /// two chains, and SiLU took 2.3 cycles per element.
     #[inline(always)]
-    fn silu8(y: __m256) -> __m256 {
+    pub(super) fn silu8x<const N: usize>(y: [__m256; N]) -> [__m256; N] {
+        // `each!(i => e)`: `[e for i in 0..N]`, unrolled.
+        macro_rules! each {
+            ($i:ident => $e:expr) => {{
+                let mut out = [_mm256_setzero_ps(); N];
+                for $i in 0..N {
+                    out[$i] = $e;
+                }
+                out
+            }};
+        }
         // SAFETY: AVX2 + FMA are enabled in every caller.
         unsafe {
-            let x = _mm256_sub_ps(_mm256_setzero_ps(), y);
-            let x = _mm256_min_ps(
-                _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
-                _mm256_set1_ps(EXP_HI),
-            );
-            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            );
-            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-            let mut p = _mm256_set1_ps(EXP_POLY[0]);
+            let x = each!(i => _mm256_sub_ps(_mm256_setzero_ps(), y[i]));
+            let x = each!(i => _mm256_max_ps(x[i], _mm256_set1_ps(EXP_LO)));
+            let x = each!(i => _mm256_min_ps(x[i], _mm256_set1_ps(EXP_HI)));
+            let n = each!(i => _mm256_mul_ps(x[i], _mm256_set1_ps(std::f32::consts::LOG2_E)));
+            let n = each!(i => _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(n[i]));
+            let r = each!(i => _mm256_fmadd_ps(n[i], _mm256_set1_ps(-LN2_HI), x[i]));
+            let r = each!(i => _mm256_fmadd_ps(n[i], _mm256_set1_ps(-LN2_LO), r[i]));
+            let mut p = [_mm256_set1_ps(EXP_POLY[0]); N];
             for c in &EXP_POLY[1..] {
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+                p = each!(i => _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(*c)));
             }
-            p = _mm256_add_ps(
-                _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-                _mm256_set1_ps(1.0),
-            );
-            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(n),
-                _mm256_set1_epi32(127),
+            let r2 = each!(i => _mm256_mul_ps(r[i], r[i]));
+            let p = each!(i => _mm256_fmadd_ps(p[i], r2[i], r[i]));
+            let p = each!(i => _mm256_add_ps(p[i], _mm256_set1_ps(1.0)));
+            let e = each!(i => _mm256_mul_ps(
+                p[i],
+                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                    _mm256_cvtps_epi32(n[i]),
+                    _mm256_set1_epi32(127),
+                ))),
             ));
-            let e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-            _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.0), e))
+            let d = each!(i => _mm256_add_ps(_mm256_set1_ps(1.0), e[i]));
+            each!(i => _mm256_div_ps(y[i], d[i]))
         }
     }
 
@@ -394,6 +409,16 @@ fn silu_poly<const FMA: bool>(y: f32) -> f32 {
     y / (1.0 + exp_poly::<FMA>(-y))
 }
 
+/// The next token's rows, which [`gate_token`] prefetches while it computes this one's
+/// (each empty for none).
+#[derive(Clone, Copy, Default)]
+pub struct Ahead<'a> {
+    /// Its hidden states `[HC·D]`.
+    pub query: &'a [f32],
+    /// Its projection `[(1+HC)·D]`.
+    pub proj: &'a [f32],
+}
+
 /// Per-branch constants of the gate kernel.
 pub struct GateParams<'a> {
     /// `value_proj.bias` `[D]`.
@@ -410,7 +435,7 @@ dispatch! {
     /// The gate of one token (§5) and the conv's RMSNorm (§6), in one pass per branch.
     ///
     /// `proj`: [(1+HC)·D] = [value | key_0 | … | key_{HC-1}] without bias; `query`: `[HC·D]`
-    /// hidden states; `next_query`: the next token's (prefetched here; empty for none);
+    /// hidden states; `next`: the next token's hidden states and projection (prefetched here; empty for none);
     /// writes `gates` `[HC]` and `normed` `[HC·D]` = RMSNorm(g_i·value)·w.
     /// Uses RMSNorm(g·v) = g·v / sqrt(g²·mean(v²) + eps) so that mean(v²) is computed once
     /// for all branches. g·value itself is formed where it is consumed ([`conv_row`],
@@ -419,15 +444,21 @@ dispatch! {
     /// Returns whether every branch's sum of query squares is finite: false when `query`
     /// holds a NaN or an infinity (or values whose squares overflow), so that the caller
     /// can check the hidden states here, where they are read anyway.
-    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], next_query: &[f32], gates: &mut [f32], normed: &mut [f32]) -> bool {
+    pub fn gate_token(p: &GateParams<'_>, proj: &[f32], query: &[f32], next: Ahead<'_>, gates: &mut [f32], normed: &mut [f32]) -> bool {
         let d = p.value_bias.len();
         let (value, keys) = proj.split_at(d);
         let body = d / LANES * LANES;
         let (vc, _) = value[..body].as_chunks::<LANES>();
         let (vbc, _) = p.value_bias[..body].as_chunks::<LANES>();
         // mean((value + bias)²).
+        // The next token's rows a line per chunk, a row ahead (see below).
+        let prefetch_proj = next.proj.len() == proj.len();
+        let npc = if prefetch_proj { next.proj[..body].as_chunks::<LANES>().0 } else { &[] };
         let mut msv = S::splat(0.0);
-        for (x, b) in vc.iter().zip(vbc) {
+        for (j, (x, b)) in vc.iter().zip(vbc).enumerate() {
+            if prefetch_proj {
+                prefetch_chunk(npc, j);
+            }
             let v = S::add(S::load(x), S::load(b));
             msv = S::fma(v, v, msv);
         }
@@ -439,10 +470,11 @@ dispatch! {
         let msv = (S::hsum(msv) + msv_tail) / d as f32;
         let inv_sqrt_d = 1.0 / (d as f32).sqrt();
         let mut query_finite = true;
-        // The next token's hidden states (`next_query`, empty for none) a line per chunk, a
-        // row ahead: the hidden states come from memory, and a whole row in flight behind
-        // this one keeps them streaming while this row computes.
-        let prefetch_next = next_query.len() == query.len();
+        // The next token's hidden states and projection (`next`, empty for none) a line
+        // per chunk, a row ahead: the hidden states come from memory and the projection
+        // from L3 or memory (a tile's is 5 MiB), and a whole row in flight behind this one
+        // keeps them streaming while this row computes.
+        let prefetch_next = next.query.len() == query.len();
         for i in 0..gates.len() {
             let k = &keys[i * d..(i + 1) * d];
             let q = &query[i * d..(i + 1) * d];
@@ -453,13 +485,21 @@ dispatch! {
                 let (qc, _) = q[..body].as_chunks::<LANES>();
                 let (wc, _) = p.norm12[i][..body].as_chunks::<LANES>();
                 let nc = if prefetch_next {
-                    next_query[i * d..i * d + body].as_chunks::<LANES>().0
+                    next.query[i * d..i * d + body].as_chunks::<LANES>().0
+                } else {
+                    &[]
+                };
+                let nk = if prefetch_proj {
+                    next.proj[(i + 1) * d..(i + 1) * d + body].as_chunks::<LANES>().0
                 } else {
                     &[]
                 };
                 for (j, (((kc, bc), qc), wc)) in kc.iter().zip(bc).zip(qc).zip(wc).enumerate() {
                     if prefetch_next {
                         prefetch_chunk(nc, j);
+                    }
+                    if prefetch_proj {
+                        prefetch_chunk(nk, j);
                     }
                     let kk = S::add(S::load(kc), S::load(bc));
                     let qq = S::load(qc);
@@ -640,6 +680,9 @@ fn prefetch_chunk(v: &[[f32; LANES]], j: usize) {
     let _ = (v, j);
 }
 
+/// Chunks per block of [`conv_rows3`]'s two passes (three rows' sums: 3 KiB on the stack).
+const CONV_BLOCK: usize = 16;
+
 /// Taps of the rows [`conv_rows3`] takes.
 pub const TRIO_TAPS: usize = 4;
 
@@ -672,29 +715,45 @@ dispatch! {
             let (oc0, _) = o0[base..base + body].as_chunks_mut::<LANES>();
             let (oc1, _) = o1[base..base + body].as_chunks_mut::<LANES>();
             let (oc2, _) = o2[base..base + body].as_chunks_mut::<LANES>();
-            for (j, ((a0, a1), a2)) in oc0.iter_mut().zip(oc1.iter_mut()).zip(oc2.iter_mut()).enumerate() {
-                // Every input stream's line CONV_AHEAD chunks on into L1: seventeen
-                // streams are more than the hardware prefetchers follow.
-                let ahead = j + CONV_AHEAD;
-                for k in 0..TRIO_TAPS {
-                    prefetch_chunk(w[k], ahead);
-                    for xg in &x {
-                        prefetch_chunk(xg[k], ahead);
-                    }
-                }
-                for v in &vc {
-                    prefetch_chunk(v, ahead);
-                }
-                let wj: [S::V; TRIO_TAPS] = std::array::from_fn(|k| S::load(&w[k][j]));
-                let b = S::load(&bc[j]);
-                for (g, o) in [a0, a1, a2].into_iter().enumerate() {
-                    let mut acc = S::splat(0.0);
+            // Blocks of CONV_BLOCK chunks in two passes: the three rows' tap sums into a
+            // buffer on the stack, then gated value + SiLU of them. In one pass each
+            // chunk's work was one dependent chain of ~80 cycles (four FMAs, then the exp
+            // polynomial and a divide), and the out-of-order window held too few of them.
+            let mut pre = [[[0.0f32; LANES]; CONV_BLOCK]; 3];
+            let mut jb = 0;
+            while jb < oc0.len() {
+                let len = (oc0.len() - jb).min(CONV_BLOCK);
+                for jj in 0..len {
+                    let j = jb + jj;
+                    // Every input stream's line CONV_AHEAD chunks on into L1: seventeen
+                    // streams are more than the hardware prefetchers follow.
+                    let ahead = j + CONV_AHEAD;
                     for k in 0..TRIO_TAPS {
-                        acc = S::fma(wj[k], S::load(&x[g][k][j]), acc);
+                        prefetch_chunk(w[k], ahead);
+                        for xg in &x {
+                            prefetch_chunk(xg[k], ahead);
+                        }
                     }
-                    let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), b));
-                    S::store(S::add(gated, S::silu(acc)), o);
+                    for v in &vc {
+                        prefetch_chunk(v, ahead);
+                    }
+                    let wj: [S::V; TRIO_TAPS] = std::array::from_fn(|k| S::load(&w[k][j]));
+                    for (g, pg) in pre.iter_mut().enumerate() {
+                        let mut acc = S::splat(0.0);
+                        for k in 0..TRIO_TAPS {
+                            acc = S::fma(wj[k], S::load(&x[g][k][j]), acc);
+                        }
+                        S::store(acc, &mut pg[jj]);
+                    }
                 }
+                for (g, oc) in [&mut *oc0, &mut *oc1, &mut *oc2].into_iter().enumerate() {
+                    for (jj, sum) in pre[g][..len].iter().enumerate() {
+                        let j = jb + jj;
+                        let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), S::load(&bc[j])));
+                        S::store(S::add(gated, S::silu(S::load(sum))), &mut oc[j]);
+                    }
+                }
+                jb += len;
             }
             for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
                 conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], base, body, &mut o[base..base + d]);
@@ -1266,13 +1325,29 @@ mod tests {
         for isa in Isa::all_supported() {
             let (mut g, mut gated, mut normed) =
                 (vec![0.0; hc], vec![0.0; hc * d], vec![0.0; hc * d]);
-            assert!(gate_token(isa, &p, &proj, &query, &[], &mut g, &mut normed));
-            // The next token's hidden states are only prefetched: with a next row (or one
-            // of the wrong length, which is ignored) the outputs are the same bits.
-            let next = pseudo(hc * d, 50);
-            for nq in [&next[..], &next[..d]] {
+            assert!(gate_token(
+                isa,
+                &p,
+                &proj,
+                &query,
+                Ahead::default(),
+                &mut g,
+                &mut normed
+            ));
+            // The next token's rows are only prefetched: with next rows (or ones of the
+            // wrong length, which are ignored) the outputs are the same bits.
+            let (next_q, next_p) = (pseudo(hc * d, 50), pseudo((1 + hc) * d, 51));
+            for (nq, np) in [
+                (&next_q[..], &next_p[..]),
+                (&next_q[..d], &next_p[..d]),
+                (&next_q[..], &[][..]),
+            ] {
                 let (mut g3, mut n3) = (vec![0.0; hc], vec![0.0; hc * d]);
-                assert!(gate_token(isa, &p, &proj, &query, nq, &mut g3, &mut n3));
+                let next = Ahead {
+                    query: nq,
+                    proj: np,
+                };
+                assert!(gate_token(isa, &p, &proj, &query, next, &mut g3, &mut n3));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!((bits(&g3), bits(&n3)), (bits(&g), bits(&normed)), "{isa:?}");
             }
@@ -1287,12 +1362,12 @@ mod tests {
                 q[at] = bad;
                 let (mut g2, mut n2) = (vec![0.0; hc], vec![0.0; hc * d]);
                 assert!(
-                    !gate_token(isa, &p, &proj, &q, &[], &mut g2, &mut n2),
+                    !gate_token(isa, &p, &proj, &q, Ahead::default(), &mut g2, &mut n2),
                     "{isa:?} {at}"
                 );
                 q[at] = 1e3;
                 assert!(
-                    gate_token(isa, &p, &proj, &q, &[], &mut g2, &mut n2),
+                    gate_token(isa, &p, &proj, &q, Ahead::default(), &mut g2, &mut n2),
                     "{isa:?} {at}"
                 );
             }

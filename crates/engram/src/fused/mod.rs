@@ -893,7 +893,10 @@ impl<'e> Driver<'e> {
                     &params,
                     &proj[u * np..(u + 1) * np],
                     query,
-                    hidden.get((u + 1) * c..(u + 2) * c).unwrap_or(&[]),
+                    kernels::Ahead {
+                        query: hidden.get((u + 1) * c..(u + 2) * c).unwrap_or(&[]),
+                        proj: proj.get((u + 1) * np..(u + 2) * np).unwrap_or(&[]),
+                    },
                     &mut gates[u * hc..(u + 1) * hc],
                     &mut seg[slot(u)..slot(u) + c],
                 );
