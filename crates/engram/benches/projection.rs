@@ -1,7 +1,8 @@
 //! The projection GEMM ([Dm] -> [(1+HC)·D], default shape) for f32 and bf16: tokens/s and
 //! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token), one
 //! row also on every thread (a decode step); then the same on every thread at once in a
-//! prefill's 64-row tiles.
+//! prefill's tiles (the layer's default tile for the kernel: 256 rows for AVX2, 64 for the
+//! others).
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use engram::fused::proj::{PanelKernel, Projection};
 use engram::DType;
@@ -45,11 +46,11 @@ fn bench(c: &mut Criterion) {
     }
     grp.finish();
 
-    // As a prefill runs it: every thread on rows of its own, in tiles of 64 rows, each tile
-    // one call on one thread (so that each tile streams the weights from L3 once and the
-    // next-panel prefetch is what keeps the kernel fed).
+    // As a prefill runs it: every thread on rows of its own, in the layer's tiles
+    // (`Projection::default_tile_rows`), each tile one call on one thread (so that each
+    // tile streams the weights from L3 once).
     let threads = rayon::current_num_threads();
-    let (tile, per_thread) = (64usize, 2048usize);
+    let per_thread = 2048usize;
     let mut grp = c.benchmark_group("projection_layer_tiles");
     grp.sample_size(10);
     grp.throughput(Throughput::Elements((threads * per_thread) as u64));
@@ -57,6 +58,7 @@ fn bench(c: &mut Criterion) {
         for dtype in [DType::F32, DType::Bf16] {
             let p = Projection::pack_for(&refs, k, dtype, Some(kernel));
             let name = p.kernel_name().replace(' ', "_");
+            let tile = p.default_tile_rows();
             let xs: Vec<Vec<f32>> = (0..threads)
                 .map(|t| {
                     (0..per_thread * k)

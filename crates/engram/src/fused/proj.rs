@@ -1981,6 +1981,25 @@ mod tests {
     }
 
     #[test]
+    fn default_tile_is_256_rows_for_avx2_panels_and_64_elsewhere() {
+        let k = 64;
+        for kernel in PanelKernel::all_supported() {
+            let w = vec![0.0f32; kernel.nr() * k];
+            for dtype in [DType::F32, DType::Bf16] {
+                let p = Projection::pack_for(&[&w], k, dtype, Some(kernel));
+                let want = if matches!(kernel, PanelKernel::Avx2) {
+                    256
+                } else {
+                    64
+                };
+                assert_eq!(p.default_tile_rows(), want, "{kernel:?} {dtype:?}");
+            }
+        }
+        let fallback = Projection::pack_for(&[&vec![0.0f32; 16 * k]], k, DType::F32, None);
+        assert_eq!(fallback.default_tile_rows(), 64);
+    }
+
+    #[test]
     #[cfg(target_arch = "x86_64")]
     fn l1d_size_is_read_as_a_plausible_byte_count() {
         // Every x86-64 CPU of the last two decades reports its L1d through one of the two
