@@ -246,7 +246,7 @@ mod x86 {
     /// order: written one vector after the other, Zen 3's out-of-order window held about
     /// two chains, and SiLU took 2.3 cycles per element.
     #[inline(always)]
-    pub(super) fn silu8x<const N: usize>(y: [__m256; N]) -> [__m256; N] {
+    fn silu8x<const N: usize>(y: [__m256; N]) -> [__m256; N] {
         // `each!(i => e)`: `[e for i in 0..N]`, unrolled.
         macro_rules! each {
             ($i:ident => $e:expr) => {{
@@ -435,7 +435,8 @@ dispatch! {
     /// The gate of one token (§5) and the conv's RMSNorm (§6), in one pass per branch.
     ///
     /// `proj`: [(1+HC)·D] = [value | key_0 | … | key_{HC-1}] without bias; `query`: `[HC·D]`
-    /// hidden states; `next`: the next token's hidden states and projection (prefetched here; empty for none);
+    /// hidden states; `next`: the next token's hidden states and projection (prefetched
+    /// here; empty for none);
     /// writes `gates` `[HC]` and `normed` `[HC·D]` = RMSNorm(g_i·value)·w.
     /// Uses RMSNorm(g·v) = g·v / sqrt(g²·mean(v²) + eps) so that mean(v²) is computed once
     /// for all branches. g·value itself is formed where it is consumed ([`conv_row`],
@@ -472,7 +473,7 @@ dispatch! {
         let mut query_finite = true;
         // The next token's hidden states and projection (`next`, empty for none) a line
         // per chunk, a row ahead: the hidden states come from memory and the projection
-        // from L3 or memory (a tile's is 5 MiB), and a whole row in flight behind this one
+        // from L3 or memory (an AVX2 tile's is 5 MiB), and a whole row in flight behind this one
         // keeps them streaming while this row computes.
         let prefetch_next = next.query.len() == query.len();
         for i in 0..gates.len() {
@@ -704,6 +705,8 @@ dispatch! {
         };
         let (bc, _) = gv[0].bias[..body].as_chunks::<LANES>();
         let vc: [&[[f32; LANES]]; 3] = std::array::from_fn(|g| gv[g].value[..body].as_chunks::<LANES>().0);
+        // The tap sums of a block (see below); every element read is written first.
+        let mut pre = [[[0.0f32; LANES]; CONV_BLOCK]; 3];
         for i in 0..gv[0].gates.len() {
             let base = i * d;
             let gs: [S::V; 3] = std::array::from_fn(|g| S::splat(gv[g].gates[i]));
@@ -719,7 +722,6 @@ dispatch! {
             // buffer on the stack, then gated value + SiLU of them. In one pass each
             // chunk's work was one dependent chain of ~80 cycles (four FMAs, then the exp
             // polynomial and a divide), and the out-of-order window held too few of them.
-            let mut pre = [[[0.0f32; LANES]; CONV_BLOCK]; 3];
             let mut jb = 0;
             while jb < oc0.len() {
                 let len = (oc0.len() - jb).min(CONV_BLOCK);
@@ -1413,7 +1415,15 @@ mod tests {
     /// by row, on every ISA, with a 16-lane body and a tail per branch (D = 20).
     #[test]
     fn conv_rows3_equals_conv_row_bit_for_bit() {
-        let (d, hc, dil, len) = (20, 2, 3, 30);
+        // 20: one chunk and a tail; 16·17 + 4: a full block of CONV_BLOCK chunks, a
+        // partial one and a tail.
+        for d in [20, LANES * (CONV_BLOCK + 1) + 4] {
+            conv_rows3_case(d);
+        }
+    }
+
+    fn conv_rows3_case(d: usize) {
+        let (hc, dil, len) = (2, 3, 30);
         let (c, taps) = (hc * d, TRIO_TAPS);
         let x = pseudo(len * c, 15);
         let wt = pseudo(taps * c, 16);
@@ -1459,7 +1469,7 @@ mod tests {
                         .iter()
                         .zip(&want[g])
                         .all(|(p, q)| p.to_bits() == q.to_bits());
-                    assert!(same, "{isa:?} t0 {t0} row {g}");
+                    assert!(same, "{isa:?} d {d} t0 {t0} row {g}");
                 }
             }
         }

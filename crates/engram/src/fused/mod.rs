@@ -878,10 +878,11 @@ impl<'e> Driver<'e> {
         // Rows go in groups of 3·N with the default taps: their gates first, then their
         // outputs as N trios of rows a dilation apart ([`kernels::conv_rows3`]), which share
         // three of their four taps' rows; otherwise (and for the last rows of a segment) one
-        // row at a time. The trio pays on AVX-512 (conv 0.0088 -> 0.0069 thread-s per
-        // 4096-token prefill) and, since it runs in two passes, on AVX2 (Zen 3: 16-17 µs per
-        // trio in criterion against 20-24 for three rows); it runs on every ISA so that one
-        // path is exercised everywhere.
+        // row at a time. The trio paid on AVX-512 (Zen 5: conv 0.0088 -> 0.0069 thread-s
+        // per 4096-token prefill, measured when it ran in one pass) and, since it runs in
+        // two passes, pays on AVX2 (Zen 3: 15-17 µs per trio in criterion against 20-24 for
+        // three rows; AVX-512 not timed since); it runs on every ISA so that one path is
+        // exercised everywhere.
         let group = conv_group(cfg);
         let mut u0 = 0;
         while u0 < rows {
