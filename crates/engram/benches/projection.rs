@@ -1,6 +1,6 @@
 //! The projection GEMM ([Dm] -> [(1+HC)·D], default shape) for f32 and bf16: tokens/s and
-//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token), one
-//! row also on every thread (a decode step); then the same on every thread at once in a
+//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token), 1-8
+//! rows also on every thread (decode steps of B = 1-8); then the same on every thread at once in a
 //! prefill's tiles (the layer's default tile for the kernel: 256 rows for AVX2, 64 for the
 //! others).
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -26,18 +26,18 @@ fn bench(c: &mut Criterion) {
         for dtype in [DType::F32, DType::Bf16] {
             let p = Projection::pack_for(&refs, k, dtype, kernel);
             let name = p.kernel_name().replace(' ', "_");
-            for rows in [1usize, 64, 256] {
+            for rows in [1usize, 2, 3, 4, 8, 64, 256] {
                 let x: Vec<f32> = (0..rows * k).map(|i| (i % 97) as f32 / 97.0).collect();
                 let mut y = vec![0.0f32; rows * p.n()];
                 grp.throughput(Throughput::Elements(rows as u64));
                 grp.bench_function(format!("{name}/rows{rows}/1thread"), |b| {
                     b.iter(|| p.matmul(&x, rows, &mut y, 1))
                 });
-                if rows == 1 {
-                    // A decode step's shape on every thread, called from outside the pool
-                    // (criterion's thread), as a serving loop calls it.
+                if rows <= 8 {
+                    // A decode step's shape (B = rows) on every thread, called from outside
+                    // the pool (criterion's thread), as a serving loop calls it.
                     let threads = rayon::current_num_threads();
-                    grp.bench_function(format!("{name}/rows1/{threads}threads"), |b| {
+                    grp.bench_function(format!("{name}/rows{rows}/{threads}threads"), |b| {
                         b.iter(|| p.matmul(&x, rows, &mut y, threads))
                     });
                 }

@@ -662,9 +662,12 @@ thread_local! {
 }
 
 /// The shared driver of our microkernels. The columns are cut into panels of `nr`; a work
-/// unit is a group of `groups[m]` consecutive panels (more than one only for calls of at most
-/// three rows, i.e. decode steps, so that enough independent FMA chains are in flight while
-/// the weights stream by) over all m rows, in blocks of at most MR rows. A panel's weights
+/// unit is a group of consecutive panels over all m rows, in blocks of at most MR rows:
+/// `groups[m]` panels for calls of at most three rows (decode steps: the multi-panel
+/// shapes, so that enough independent FMA chains are in flight while the weights stream
+/// by), `groups[4]` for 4 to 2·MR rows (decode steps of one or two row blocks: each panel's
+/// first block prefetches the unit's next panel into L2, see `block_kernel!`) and one
+/// otherwise. A panel's weights
 /// are read from memory once per call and stay in cache for its later row blocks. The
 /// kernels see only `[mr ≤ MR, np·nr]` blocks, written straight into y; the driver handles
 /// the row tail (smaller `mr`), the column tail (a block into a buffer, then its valid
@@ -686,18 +689,21 @@ fn panel_driver(
     m: usize,
     n: usize,
     nr: usize,
-    groups: [usize; 4],
+    groups: [usize; 5],
     y: &mut [f32],
     threads: usize,
     first_col: usize,
     block: impl Fn(Block) + Sync,
 ) {
     assert_eq!(y.len(), m * n, "y must be [m, n]");
-    let group = if m < groups.len() {
-        groups[m].max(1)
+    let group = if m < 4 {
+        groups[m]
+    } else if m <= 2 * MR {
+        groups[4]
     } else {
         1
-    };
+    }
+    .max(1);
     let panels = n.div_ceil(nr);
     let yaddr = y.as_mut_ptr() as usize;
     let work = |g: usize| {
@@ -815,6 +821,18 @@ macro_rules! block_kernel {
             _ => {
                 for p in 0..b.np {
                     let (wp, yp) = (&w[p * lds..], y.add(p * $nr));
+                    // A unit of several panels one at a time (`groups[4]`): the first row
+                    // block of each, which reads it from L3 or memory, prefetches the next
+                    // one of the unit into L2, a line per k step.
+                    let next = if p + 1 < b.np && b.r0 == 0 {
+                        super::NextPanel {
+                            at: w[(p + 1) * lds..].as_ptr().cast(),
+                            lines: (lds * std::mem::size_of_val(&w[0])).div_ceil(64).min(kc),
+                            l1_ahead: next.l1_ahead,
+                        }
+                    } else {
+                        next
+                    };
                     match b.mr {
                         1 => $kernel::<1, 1, _>(x, ldx, kc, wp, ldw, lds, yp, ldy, next),
                         2 => $kernel::<2, 1, _>(x, ldx, kc, wp, ldw, lds, yp, ldy, next),
@@ -928,8 +946,22 @@ mod avx2 {
 
     /// Columns per panel: two ymm.
     const NR: usize = 16;
-    /// Blocks per work unit for 1, 2, 3 rows: 12 ymm accumulators in flight.
-    const GROUPS: [usize; 4] = [1, 6, 3, 2];
+    /// Blocks per work unit for 1, 2, 3 rows (12 ymm accumulators in flight), and panels per
+    /// unit for 4 to 12 rows. Those calls (decode steps of B = 4 to 12 in one range) read
+    /// each panel from L3 or memory in their first row block, and a unit of four lets that
+    /// block prefetch the next panel into L2 on its own thread (the units are handed out to
+    /// the threads one at a time, so the next unit is usually another thread's). Criterion,
+    /// f32 on two threads of the Zen 3 VM, medians of 4-5 alternating rounds of
+    /// `projection/avx2_6x16_(f32)/rows{4,8}/2threads`: 4 rows 677 µs with one panel per
+    /// unit, 566 µs with four (three: 772, eight: 699); 8 rows 1,733 against 990 µs.
+    const GROUPS: [usize; 5] = [1, 6, 3, 2, 4];
+    /// Panel rows ahead that the multi-panel decode shapes (1 to 3 rows) prefetch into L1,
+    /// each panel every k step. The hardware prefetchers alone kept too few lines in flight
+    /// for three or two panels streaming from L3 or memory. Criterion, f32 on two threads
+    /// of the Zen 3 VM, medians of 4 alternating rounds: 2 rows 642 µs without, 414 µs at
+    /// 32 rows ahead and 386 µs at 64; 3 rows 825, 677 and 529 µs; 1 row and bf16 panels
+    /// unchanged within the noise (bf16 2 rows: 322 against 302 µs).
+    const DECODE_AHEAD: usize = 64;
     /// Panel rows ahead that a prefill block (one panel) prefetches into L1 (a line per f32
     /// row, one per two bf16 rows; 4 KiB ahead in f32), on CPUs with an L1 data cache of 48 KiB or more (or of
     /// unknown size); none on smaller ones. The row blocks of a panel read its weights from
@@ -942,7 +974,7 @@ mod avx2 {
     /// A panel's first row block, which streams it from L3 or memory (a call of 4 or more
     /// rows, such as a B = 8 decode step, or the first panel of a prefill tile), prefetches
     /// [`PREFETCH_FIRST`] rows ahead on every CPU. (Calls of 1-3 rows run their full panel
-    /// groups through the multi-panel shapes, which prefetch nothing.) B = 8 f32 decode
+    /// groups through the multi-panel shapes, which prefetch [`DECODE_AHEAD`] rows ahead.) B = 8 f32 decode
     /// steps on Zen 3, alternating processes: 1.35-1.90 ms (median 1.61) so, 1.56-2.36 ms
     /// (median of four 2.16) with no L1 prefetch at all, and 1.51-2.05 ms (1.78) before x
     /// was packed.
@@ -1229,7 +1261,7 @@ mod avx2 {
         // the L1 prefetch covers the 4 rows `l1_ahead` steps on (one line per f32 row, one
         // per two bf16 rows). The multi-panel decode shapes, bound by memory, keep one
         // step per trip (unrolled, the compiler spills their accumulators); so do the
-        // last kc mod 4 steps.
+        // last kc mod 4 steps; they prefetch each panel `DECODE_AHEAD` rows on.
         let ku: usize = if P == 1 { 4 } else { 1 };
         let row_bytes = NR * std::mem::size_of::<T>();
         let mut kk = 0;
@@ -1283,6 +1315,15 @@ mod avx2 {
             }
         }
         while kk < kc {
+            if P > 1 {
+                // The multi-panel decode shapes: each panel's row `DECODE_AHEAD` steps on
+                // into L1 (see `DECODE_AHEAD`).
+                for p in 0..P {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wp.wrapping_add((kk + DECODE_AHEAD) * ldw + p * lds) as *const i8,
+                    );
+                }
+            }
             if P == 1 {
                 next.prefetch_l2(kk);
                 if next.l1_ahead > 0 {
@@ -1316,8 +1357,9 @@ mod neon {
 
     /// Columns per panel: four q registers.
     const NR: usize = 16;
-    /// Blocks per work unit for 1, 2, 3 rows: up to 24 q accumulators in flight.
-    const GROUPS: [usize; 4] = [1, 6, 3, 2];
+    /// Blocks per work unit for 1, 2, 3 rows: up to 24 q accumulators in flight (one panel
+    /// per unit for more rows).
+    const GROUPS: [usize; 5] = [1, 6, 3, 2, 1];
 
     /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
     pub trait Elem: Copy + Sync {
@@ -1477,7 +1519,7 @@ mod neon_bf16 {
     const NR: usize = 16;
     /// Blocks per work unit for 1, 2, 3 rows: 12-16 accumulators, the rest of the 32
     /// registers for the panels' weights.
-    const GROUPS: [usize; 4] = [1, 3, 2, 1];
+    const GROUPS: [usize; 5] = [1, 3, 2, 1, 1];
 
     /// Every (panel group, row block) through the BFDOT kernels, x as bf16 pairs (`xp`:
     /// `[m][K/2]`, see `super::with_x_pairs`).
@@ -1605,7 +1647,7 @@ mod f32_avx512 {
     /// Columns per panel: four zmm.
     const NR: usize = super::NR_MAX;
     /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
-    const GROUPS: [usize; 4] = [1, 3, 1, 1];
+    const GROUPS: [usize; 5] = [1, 3, 1, 1, 1];
     /// Panel rows (256 B each) ahead that a prefill block (one panel) prefetches into L1.
     /// Reading the weights from L2 is what kept this kernel off the peak: with the panel
     /// in L1 (a test with wrong sums) 64 rows × 5120 × 1024 took 2.54 ms on one thread, the
@@ -1730,7 +1772,7 @@ mod bf16_avx512 {
     /// Columns per panel: four zmm of bf16 pairs.
     const NR: usize = super::NR_MAX;
     /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
-    const GROUPS: [usize; 4] = [1, 3, 1, 1];
+    const GROUPS: [usize; 5] = [1, 3, 1, 1, 1];
     /// Pair rows (256 B each) ahead that a prefill block prefetches into L1, as in the f32
     /// kernel (here within the noise: 1.34-1.41 against 1.36-1.48 ms for 64 rows).
     const PREFETCH_ROWS: usize = 32;
@@ -2023,7 +2065,14 @@ mod tests {
     }
 
     fn matches_plain_product(k: usize) {
-        let rows = 13;
+        // 13 rows: full and partial row blocks; 8: two blocks in units of several panels
+        // (AVX2's `groups[4]`), the last unit partial in columns.
+        for rows in [13, 8] {
+            matches_plain_product_rows(k, rows);
+        }
+    }
+
+    fn matches_plain_product_rows(k: usize, rows: usize) {
         let a = data(40 * k, 1);
         let b = data(50 * k, 2);
         let x = data(rows * k, 3);
@@ -2042,7 +2091,7 @@ mod tests {
                     let err = max_diff(&y, want);
                     assert!(
                         err < tol,
-                        "{kernel:?} {dtype:?} k {k} threads {threads}: {err}"
+                        "{kernel:?} {dtype:?} k {k} rows {rows} threads {threads}: {err}"
                     );
                 }
             }
@@ -2182,7 +2231,9 @@ mod tests {
                 let p = Projection::pack_for(&[&a], k, dtype, Some(kernel));
                 let mut whole = vec![0.0; rows * 250];
                 p.matmul(&x, rows, &mut whole, 2);
-                for split in [1, 2, 3, 4, 5, 6, 7] {
+                // 1-3 rows: the multi-panel shapes; 4-12: units of several panels on
+                // AVX2; 13 and more: one panel per unit.
+                for split in [1, 2, 3, 4, 5, 6, 7, 8, 12, 13] {
                     let mut r0 = 0;
                     while r0 < rows {
                         let m = split.min(rows - r0);
