@@ -1,7 +1,7 @@
 //! The projection GEMM ([Dm] -> [(1+HC)·D], default shape) for f32 and bf16: tokens/s and
-//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token), 1-8
-//! rows also on every thread (decode steps of B = 1-8); then the same on every thread at once in a
-//! prefill's tiles (the layer's default tile for the kernel: 256 rows for AVX2, 64 for the
+//! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token), 1, 2,
+//! 3, 4 and 8 rows also on every thread (decode steps of those B); then the same on every
+//! thread at once in a prefill's tiles (the layer's default tile for the kernel: 256 rows for AVX2, 64 for the
 //! others).
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use engram::fused::proj::{PanelKernel, Projection};

@@ -803,8 +803,10 @@ macro_rules! l1_calls {
 
 /// Calls `$kernel::<R, P, _>(x, ldx, kc, w, ldw, lds, y, ldy, next)` for the block `$b` (a
 /// [`Block`]) over `$kc` k steps: the decode shapes listed get one instance with R×P
-/// accumulators in registers (and no prefetches); any other block runs panel by panel with
-/// P = 1 (`$nr`: columns per panel). `$x` is the block's rows in the layout its kernel
+/// accumulators in registers (no next-panel prefetch; AVX2's f32 shapes of 2 and 3 rows
+/// prefetch their own panels ahead); any other block runs panel by panel with P = 1
+/// (`$nr`: columns per panel). In a unit of several panels of 4 or more rows (AVX2's
+/// `groups[4]`), each panel's first row block prefetches the unit's next panel into L2. `$x` is the block's rows in the layout its kernel
 /// reads (row-major at stride `$ldx`, or for AVX2 packed `[k][mr]` with `$ldx` = mr), `$w`
 /// starts at its first panel; `lds` is elements per panel of `w`.
 #[cfg_attr(
@@ -821,10 +823,12 @@ macro_rules! block_kernel {
             _ => {
                 for p in 0..b.np {
                     let (wp, yp) = (&w[p * lds..], y.add(p * $nr));
-                    // A unit of several panels one at a time (`groups[4]`): the first row
-                    // block of each, which reads it from L3 or memory, prefetches the next
-                    // one of the unit into L2, a line per k step.
-                    let next = if p + 1 < b.np && b.r0 == 0 {
+                    // A unit of several panels of 4 or more rows one at a time (`groups[4]`):
+                    // the first row block of each, which reads it from L3 or memory,
+                    // prefetches the next one of the unit into L2, a line per k step (the
+                    // 64-column kernels: its first `kc` lines). Column-tail units of the
+                    // decode shapes (1-3 rows) keep `next` as it is.
+                    let next = if p + 1 < b.np && b.r0 == 0 && b.mr > 3 {
                         super::NextPanel {
                             at: w[(p + 1) * lds..].as_ptr().cast(),
                             lines: (lds * std::mem::size_of_val(&w[0])).div_ceil(64).min(kc),
@@ -895,8 +899,11 @@ impl NextPanel {
     /// run went from 0.180 to 0.166 s.
     ///
     /// One line per k step at most (`kc` steps), so that the kernels' inner loop gains a
-    /// compare and a prefetch only (the AVX2 prefill kernel decides once per call); a share larger than that (calls of 7 to 12 rows, two
-    /// row blocks) is cut short, which costs nothing but the prefetch.
+    /// compare and a prefetch only (the AVX2 prefill kernel decides once per call); a share
+    /// larger than that (calls of 7 to 12 rows, two row blocks, on the kernels with one
+    /// panel per unit there) is cut short, which costs nothing but the prefetch. Units of
+    /// several panels (AVX2's `groups[4]`) get none: `block_kernel!` prefetches within the
+    /// unit instead.
     fn share<T>(w: &[T], b: &Block, m: usize, panels: usize, lds: usize, kc: usize) -> NextPanel {
         let blocks = m.div_ceil(MR);
         if b.np != 1 || blocks < 2 || b.r0 == 0 {
@@ -947,20 +954,37 @@ mod avx2 {
     /// Columns per panel: two ymm.
     const NR: usize = 16;
     /// Blocks per work unit for 1, 2, 3 rows (12 ymm accumulators in flight), and panels per
-    /// unit for 4 to 12 rows. Those calls (decode steps of B = 4 to 12 in one range) read
-    /// each panel from L3 or memory in their first row block, and a unit of four lets that
-    /// block prefetch the next panel into L2 on its own thread (the units are handed out to
-    /// the threads one at a time, so the next unit is usually another thread's). Criterion,
-    /// f32 on two threads of the Zen 3 VM, medians of 4-5 alternating rounds of
+    /// unit for 4 to 12 rows on f32 panels ([`groups`]). Those calls (decode steps of B = 4
+    /// to 12 in one range) read each panel from L3 or memory in their first row block, and
+    /// a unit of four lets that block prefetch the next panel into L2 on its own thread
+    /// (called from outside the pool, as a decode step is, the units go to the threads one
+    /// at a time, so the next unit is usually another thread's). Criterion, two threads of
+    /// the Zen 3 VM, medians of 4 alternating rounds of
     /// `projection/avx2_6x16_(f32)/rows{4,8}/2threads`: 4 rows 677 µs with one panel per
-    /// unit, 566 µs with four (three: 772, eight: 699); 8 rows 1,733 against 990 µs.
+    /// unit, 566 µs with four (three: 772, eight: 699); 8 rows 1,733 against 990 µs. bf16
+    /// panels keep one: 8 rows read 752 µs with one and 906 with four (4 rows: 409 and
+    /// 340), and B = 8 bf16 decode steps 0.934 → 1.147 ms in alternating processes.
     const GROUPS: [usize; 5] = [1, 6, 3, 2, 4];
-    /// Panel rows ahead that the multi-panel decode shapes (1 to 3 rows) prefetch into L1,
-    /// each panel every k step. The hardware prefetchers alone kept too few lines in flight
-    /// for three or two panels streaming from L3 or memory. Criterion, f32 on two threads
-    /// of the Zen 3 VM, medians of 4 alternating rounds: 2 rows 642 µs without, 414 µs at
-    /// 32 rows ahead and 386 µs at 64; 3 rows 825, 677 and 529 µs; 1 row and bf16 panels
-    /// unchanged within the noise (bf16 2 rows: 322 against 302 µs).
+    /// The groups of a call on panels of `T` with `k` steps: four f32 panels per unit for
+    /// 4 to 12 rows while they fit in 384 KiB (the later row block reads them from L2;
+    /// k ≤ 1535), one otherwise.
+    fn groups<T>(k: usize) -> [usize; 5] {
+        let four = 4 * (k + 1) * NR * std::mem::size_of::<T>();
+        if std::mem::size_of::<T>() == 4 && four <= 384 << 10 {
+            GROUPS
+        } else {
+            [GROUPS[0], GROUPS[1], GROUPS[2], GROUPS[3], 1]
+        }
+    }
+    /// Panel rows ahead that the multi-panel decode shapes of 2 and 3 rows prefetch into L1
+    /// on f32 panels, each panel every k step. The hardware prefetchers alone kept too few
+    /// lines in flight for three or two panels streaming from L3 or memory. Criterion, f32
+    /// on two threads of the Zen 3 VM, medians of 4 alternating rounds: 2 rows 642 µs
+    /// without, 414 µs at 32 rows ahead and 386 µs at 64; 3 rows 825, 677 and 529 µs. One
+    /// row (six panels, six streams) and bf16 panels (half the bytes) showed no gain and do
+    /// not prefetch: in criterion, one row read 361 against 324 µs (f32) and bf16 two rows
+    /// 322 against 302, within the noise; in the layer, bf16 B = 1 steps read 0.164 →
+    /// 0.198 ms in one alternating run (medians of 3) and 0.167 → 0.157 in another (of 5).
     const DECODE_AHEAD: usize = 64;
     /// Panel rows ahead that a prefill block (one panel) prefetches into L1 (a line per f32
     /// row, one per two bf16 rows; 4 KiB ahead in f32), on CPUs with an L1 data cache of 48 KiB or more (or of
@@ -974,8 +998,9 @@ mod avx2 {
     /// A panel's first row block, which streams it from L3 or memory (a call of 4 or more
     /// rows, such as a B = 8 decode step, or the first panel of a prefill tile), prefetches
     /// [`PREFETCH_FIRST`] rows ahead on every CPU. (Calls of 1-3 rows run their full panel
-    /// groups through the multi-panel shapes, which prefetch [`DECODE_AHEAD`] rows ahead.) B = 8 f32 decode
-    /// steps on Zen 3, alternating processes: 1.35-1.90 ms (median 1.61) so, 1.56-2.36 ms
+    /// groups through the multi-panel shapes; those of 2 and 3 rows prefetch
+    /// [`DECODE_AHEAD`] rows ahead on f32 panels.) B = 8 f32 decode
+    /// steps on Zen 3 (before units of four panels), alternating processes: 1.35-1.90 ms (median 1.61) so, 1.56-2.36 ms
     /// (median of four 2.16) with no L1 prefetch at all, and 1.51-2.05 ms (1.78) before x
     /// was packed.
     fn prefetch_rows() -> usize {
@@ -1140,7 +1165,7 @@ mod avx2 {
             &packed
         };
         let ahead = prefetch_rows();
-        super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, groups::<T>(k), y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             // A panel's first row block streams it from L3 or memory: that one prefetches
             // into L1 on every CPU (see `prefetch_rows`).
@@ -1261,7 +1286,8 @@ mod avx2 {
         // the L1 prefetch covers the 4 rows `l1_ahead` steps on (one line per f32 row, one
         // per two bf16 rows). The multi-panel decode shapes, bound by memory, keep one
         // step per trip (unrolled, the compiler spills their accumulators); so do the
-        // last kc mod 4 steps; they prefetch each panel `DECODE_AHEAD` rows on.
+        // last kc mod 4 steps; those of 2 and 3 rows prefetch each f32 panel
+        // `DECODE_AHEAD` rows on.
         let ku: usize = if P == 1 { 4 } else { 1 };
         let row_bytes = NR * std::mem::size_of::<T>();
         let mut kk = 0;
@@ -1315,9 +1341,10 @@ mod avx2 {
             }
         }
         while kk < kc {
-            if P > 1 {
-                // The multi-panel decode shapes: each panel's row `DECODE_AHEAD` steps on
-                // into L1 (see `DECODE_AHEAD`).
+            if (P == 2 || P == 3) && std::mem::size_of::<T>() == 4 {
+                // The multi-panel decode shapes of 2 and 3 rows on f32 panels: each panel's
+                // row `DECODE_AHEAD` steps on into L1 (see `DECODE_AHEAD`).
+                // Only ever prefetched (it may point past w): `wrapping_add` keeps it defined.
                 for p in 0..P {
                     _mm_prefetch::<_MM_HINT_T0>(
                         wp.wrapping_add((kk + DECODE_AHEAD) * ldw + p * lds) as *const i8,
@@ -2198,7 +2225,7 @@ mod tests {
         for kernel in kernels {
             for dtype in [DType::F32, DType::Bf16] {
                 let p = Projection::pack_for(&[&a], k, dtype, kernel);
-                for rows in [1, 3, 13] {
+                for rows in [1, 3, 8, 13] {
                     let x = data(rows * k, 14);
                     let mut want = vec![f32::NAN; rows * 250];
                     p.matmul(&x, rows, &mut want, 1);
@@ -2222,7 +2249,8 @@ mod tests {
     #[test]
     fn kernels_are_split_invariant_and_agree_bit_for_bit() {
         let (k, rows) = (301, 17);
-        // 250 columns: full and partial groups of panels for the decode shapes (1-3 rows).
+        // 250 columns: full and partial groups of panels for the decode shapes (1-3 rows),
+        // and for 4-12 rows on AVX2 four units of four panels, the last panel partial.
         let a = data(250 * k, 5);
         let x = data(rows * k, 6);
         let mut f32_results: Vec<(PanelKernel, Vec<f32>)> = Vec::new();
