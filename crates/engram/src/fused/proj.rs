@@ -829,11 +829,7 @@ macro_rules! block_kernel {
                     // 64-column kernels: its first `kc` lines). Column-tail units of the
                     // decode shapes (1-3 rows) keep `next` as it is.
                     let next = if p + 1 < b.np && b.r0 == 0 && b.mr > 3 {
-                        super::NextPanel {
-                            at: w[(p + 1) * lds..].as_ptr().cast(),
-                            lines: (lds * std::mem::size_of_val(&w[0])).div_ceil(64).min(kc),
-                            l1_ahead: next.l1_ahead,
-                        }
+                        super::NextPanel::whole(&w[(p + 1) * lds..], lds, kc, next.l1_ahead)
                     } else {
                         next
                     };
@@ -889,6 +885,21 @@ impl NextPanel {
         l1_ahead: 0,
     };
 
+    /// Cache lines of a panel of `lds` elements of `T`.
+    fn panel_lines<T>(lds: usize) -> usize {
+        (lds * std::mem::size_of::<T>()).div_ceil(64)
+    }
+
+    /// All of the panel starting at `w` (its first `kc` lines: one per k step), with
+    /// `l1_ahead` kept: a unit's next panel (`block_kernel!`).
+    fn whole<T>(w: &[T], lds: usize, kc: usize, l1_ahead: usize) -> NextPanel {
+        NextPanel {
+            at: w.as_ptr().cast(),
+            lines: Self::panel_lines::<T>(lds).min(kc),
+            l1_ahead,
+        }
+    }
+
     /// Row block `b`'s share of the next panel (the first panel after the last: the next
     /// tile starts there). A prefill tile reads every panel from L3 in its first row block
     /// and from L2 in the later ones; the later blocks (all but the first) split the next
@@ -909,7 +920,7 @@ impl NextPanel {
         if b.np != 1 || blocks < 2 || b.r0 == 0 {
             return NextPanel::NONE;
         }
-        let lines = (lds * std::mem::size_of::<T>()).div_ceil(64);
+        let lines = Self::panel_lines::<T>(lds);
         let per = lines.div_ceil(blocks - 1);
         let first = (b.r0 / MR - 1) * per;
         let next = (b.panel0 + 1) % panels;
