@@ -272,6 +272,15 @@ fn bench_reports_limits_and_shares() {
     assert!(v["fma_peak_gflops_before"].as_f64().unwrap() > 0.0, "{out}");
     assert!(!v["kernel"].as_str().unwrap().is_empty(), "{out}");
     assert_eq!(v["fresh_output"], false, "{out}");
+    // The bandwidth measurement's buffer (64 × the last-level cache and at least a quarter
+    // of the available memory up to 1 GiB: 2 GiB on a 32 MiB cache) is left out of the small
+    // layer's peak RSS.
+    #[cfg(target_os = "linux")]
+    {
+        assert_eq!(v["peak_rss_includes_bw_buffer"], false, "{out}");
+        let rss = v["peak_rss_bytes"].as_u64().unwrap();
+        assert!(rss > 0 && rss < 256 << 20, "{out}");
+    }
     // Prefill with a fresh output vector per call, as `forward` gives.
     let (code, out, err) = engram(&[
         "bench",
