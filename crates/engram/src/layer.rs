@@ -270,7 +270,9 @@ impl Engram {
                 format!("[{batch}, {len}]"),
             ));
         }
-        if input_ids.len() != batch * len {
+        // Checked products: a huge B or L must not wrap around to a length that matches.
+        let tokens = batch.checked_mul(len);
+        if tokens != Some(input_ids.len()) {
             return Err(EngramError::Shape {
                 name: "input_ids".into(),
                 expected: vec![batch, len],
@@ -278,7 +280,7 @@ impl Engram {
             });
         }
         let (hc, d) = (self.cfg.hc_mult, self.cfg.hidden_size);
-        if hidden.len() != batch * len * hc * d {
+        if tokens.and_then(|t| t.checked_mul(hc * d)) != Some(hidden.len()) {
             return Err(EngramError::Shape {
                 name: "hidden_states".into(),
                 expected: vec![batch, len, hc, d],

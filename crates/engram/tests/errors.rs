@@ -111,6 +111,15 @@ fn hidden_states_shape_and_nan() {
     );
     let err = e.forward(&ids, &h, 0, 3, ForwardPath::Fused).unwrap_err();
     assert!(err.to_string().contains("input_ids"), "{err}");
+    // B·L past usize (2^62 · 4 wraps to 0, the length of the empty arrays given): a shape
+    // error, not a wrapped check followed by 2^62 states.
+    for path in [ForwardPath::Fused, ForwardPath::Reference] {
+        let err = e.forward(&[], &[], 1 << 62, 4, path).unwrap_err();
+        assert!(
+            matches!(&err, EngramError::Shape { name, .. } if name == "input_ids"),
+            "{err}"
+        );
+    }
 }
 
 /// A prefill-shaped fused call checks its hidden states in the gate, not in a pass of its

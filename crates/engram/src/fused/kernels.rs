@@ -32,6 +32,20 @@ impl Isa {
         })
     }
 
+    /// Whether this CPU runs `self` (whatever `ENGRAM_ISA` says). The kernels check it on
+    /// every call, so that an `Isa` a caller names for a CPU without it runs the portable
+    /// build instead of instructions the CPU lacks.
+    #[inline]
+    pub fn runs_here(self) -> bool {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        let best = *BEST.get_or_init(Self::best_supported);
+        match self {
+            Isa::Generic => true,
+            Isa::Avx2 => best != Isa::Generic,
+            Isa::Avx512 => best == Isa::Avx512,
+        }
+    }
+
     fn best_supported() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
@@ -63,7 +77,8 @@ impl Isa {
 }
 
 /// Defines `$name(isa, args...)` that runs `$body` compiled for the chosen ISA, with `S`
-/// bound to that ISA's 16-lane vector ops ([`Simd16`]).
+/// bound to that ISA's 16-lane vector ops ([`Simd16`]); an ISA this CPU lacks
+/// ([`Isa::runs_here`]) runs the portable build.
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -83,11 +98,11 @@ macro_rules! dispatch {
             unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp::<x86::Avx2>($($arg),*) }
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx512` is only produced when the CPU reports these features.
-                Isa::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: the guard checked that the CPU has AVX-512F, AVX2 and FMA.
+                Isa::Avx512 if isa.runs_here() => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
-                Isa::Avx2 => unsafe { avx2($($arg),*) },
+                // SAFETY: the guard checked that the CPU has AVX2 and FMA.
+                Isa::Avx2 if isa.runs_here() => unsafe { avx2($($arg),*) },
                 _ => imp::<Arr<{ HAS_BASELINE_FMA }>>($($arg),*),
             }
         }
@@ -1078,6 +1093,30 @@ dispatch! {
 mod tests {
     use super::*;
     use crate::ops;
+
+    #[test]
+    fn an_isa_this_cpu_lacks_runs_the_portable_build() {
+        let a = pseudo(100, 1);
+        let b = pseudo(100, 2);
+        let want = dot(Isa::Generic, &a, &b);
+        // Every ISA, whether or not this CPU has it (an AVX-512 body on an AVX2-only CPU
+        // would stop on an illegal instruction): the ones it lacks run the portable build.
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Generic] {
+            let got = dot(isa, &a, &b);
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{isa:?}: {got} {want}"
+            );
+            assert_eq!(
+                isa.runs_here(),
+                Isa::all_supported().contains(&isa),
+                "{isa:?}"
+            );
+            if !isa.runs_here() {
+                assert_eq!(got.to_bits(), want.to_bits(), "{isa:?}");
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_libm() {

@@ -65,6 +65,11 @@ impl PanelKernel {
             .filter_map(Self::for_isa)
             .collect()
     }
+
+    /// Whether this CPU runs the kernel ([`Self::all_supported`] lists it).
+    pub fn runs_here(self) -> bool {
+        Self::all_supported().contains(&self)
+    }
 }
 
 /// Packed weights start on a cache line (64 bytes), so that no vector load of a panel row
@@ -233,9 +238,12 @@ impl Projection {
         Self::pack_for(mats, k, dtype, kernel)
     }
 
-    /// Packs for a given microkernel (`None`: the `gemm` crate). The kernel must be one
-    /// [`PanelKernel::all_supported`] lists.
+    /// Packs for a given microkernel (`None`: the `gemm` crate).
+    ///
+    /// # Panics
+    /// If `k` is 0, or the kernel is not one this CPU runs ([`PanelKernel::runs_here`]).
     pub fn pack_for(mats: &[&[f32]], k: usize, dtype: DType, kernel: Option<PanelKernel>) -> Self {
+        assert!(k >= 1, "a projection needs K >= 1");
         // Row `o` of the stacked matrices, without stacking them.
         let mut starts = Vec::with_capacity(mats.len());
         let mut n = 0;
@@ -252,6 +260,10 @@ impl Projection {
 
     /// Packs the `[n, k]` matrix whose element (o, i) is `w(o, i)` (PyTorch layout: output o,
     /// input i), never holding it whole in f32 except for the `gemm`-crate fallback.
+    ///
+    /// # Panics
+    /// If `k` is 0, or the kernel is not one this CPU runs ([`PanelKernel::runs_here`]): the
+    /// kernels' instructions would be undefined there, and `matmul` relies on this check.
     pub fn pack_fn(
         n: usize,
         k: usize,
@@ -259,6 +271,13 @@ impl Projection {
         kernel: Option<PanelKernel>,
         w: &dyn Fn(usize, usize) -> f32,
     ) -> Self {
+        assert!(k >= 1, "a projection needs K >= 1");
+        if let Some(kr) = kernel {
+            assert!(
+                kr.runs_here(),
+                "the {kr:?} projection kernel does not run on this CPU (see PanelKernel::all_supported)"
+            );
+        }
         let kn = || {
             let mut kn = vec![0.0f32; k * n];
             for o in 0..n {
@@ -409,12 +428,16 @@ impl Projection {
     /// [`Self::takes_pairs`]; it panics elsewhere.
     pub fn matmul_pairs(&self, xp: &[u32], rows: usize, y: &mut [f32], threads: usize) {
         let (k, n) = (self.k, self.n);
+        // Checked products: a huge `rows` must not wrap around to a length that matches.
         assert_eq!(
-            xp.len(),
-            rows * k.div_ceil(2),
+            Some(xp.len()),
+            rows.checked_mul(k.div_ceil(2)),
             "x pairs must be [rows, K/2]"
         );
-        assert_eq!(y.len(), rows * n, "y must be [rows, N]");
+        assert_eq!(Some(y.len()), rows.checked_mul(n), "y must be [rows, N]");
+        if rows == 0 {
+            return;
+        }
         match &self.packed {
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Pairs(w) => {
@@ -461,17 +484,18 @@ impl Projection {
     pub fn l1_microkernel(&self, calls: usize) -> Option<f64> {
         match &self.packed {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F.
+            // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn` checks).
             Packed::F32Panels(PanelKernel::Avx512, _) => {
                 Some(unsafe { f32_avx512::l1_calls(calls) })
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA.
+            // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn` checks).
             Packed::F32Panels(PanelKernel::Avx2, _) => {
                 Some(unsafe { avx2::l1_calls::<f32>(calls) })
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
+            // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA (`pack_fn`
+            // checks).
             Packed::Bf16Panels(_, _) => Some(unsafe { avx2::l1_calls::<bf16>(calls) }),
             #[cfg(target_arch = "aarch64")]
             Packed::F32Panels(_, _) => Some(neon::l1_calls::<f32>(calls)),
@@ -487,22 +511,27 @@ impl Projection {
     /// `y[rows, N] = x[rows, K] · W`, on `threads` threads.
     pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32], threads: usize) {
         let (k, n) = (self.k, self.n);
-        assert_eq!(x.len(), rows * k, "x must be [rows, K]");
-        assert_eq!(y.len(), rows * n, "y must be [rows, N]");
+        // Checked products: a huge `rows` must not wrap around to a length that matches (the
+        // `gemm` crate would then write past y).
+        assert_eq!(Some(x.len()), rows.checked_mul(k), "x must be [rows, K]");
+        assert_eq!(Some(y.len()), rows.checked_mul(n), "y must be [rows, N]");
+        if rows == 0 {
+            return;
+        }
         match &self.packed {
             Packed::F32(_, nk) if rows <= SMALL_M => small_m_f32(x, nk, y, rows, k, n, threads),
             Packed::F32(kn, _) => gemm_f32(x, kn, y, rows, k, n, threads),
             Packed::Bf16AsF32(w) => gemm_f32(&round_bf16(x), w, y, rows, k, n, threads),
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx512, w) => {
-                // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F.
+                // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn` checks).
                 unsafe {
                     f32_avx512::matmul(x, w.as_slice(), y, rows, k, n, threads, self.first_col)
                 }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx2, w) => {
-                // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA.
+                // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn` checks).
                 unsafe {
                     avx2::matmul(
                         x,
@@ -519,7 +548,8 @@ impl Projection {
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Panels(_, w) => {
-                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA.
+                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA (`pack_fn`
+                // checks).
                 // x is rounded to bf16 as it is packed.
                 unsafe {
                     avx2::matmul(
@@ -2094,6 +2124,63 @@ mod tests {
 
     /// Every kernel this CPU runs (and the `gemm` fallback) against the plain product, with
     /// tails in M (not a multiple of 6), N (not of 16 or 64) and K (odd).
+    #[test]
+    fn a_kernel_this_cpu_lacks_is_refused_when_packed() {
+        // One kernel that never runs here: NEON on x86-64, AVX2 elsewhere.
+        let foreign = if cfg!(target_arch = "x86_64") {
+            PanelKernel::Neon
+        } else {
+            PanelKernel::Avx2
+        };
+        assert!(!foreign.runs_here());
+        let w = data(16 * 8, 1);
+        for dtype in [DType::F32, DType::Bf16] {
+            let packed =
+                std::panic::catch_unwind(|| Projection::pack_for(&[&w], 8, dtype, Some(foreign)));
+            assert!(packed.is_err(), "{foreign:?} {dtype:?} was packed");
+        }
+        for kernel in PanelKernel::all_supported() {
+            assert!(kernel.runs_here(), "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn matmul_checks_its_lengths_without_wrapping_and_takes_zero_rows() {
+        let (k, n) = (8, 40);
+        let w = data(n * k, 2);
+        let mut kernels: Vec<Option<PanelKernel>> = vec![None];
+        kernels.extend(PanelKernel::all_supported().into_iter().map(Some));
+        for kernel in kernels {
+            for dtype in [DType::F32, DType::Bf16] {
+                let p = Projection::pack_for(&[&w], k, dtype, kernel);
+                // Zero rows: nothing to do (the `gemm` fallback's row chunks were 0 long).
+                p.matmul(&[], 0, &mut [], 2);
+                // 2^61 rows: rows·K and rows·N wrap to 0, the lengths of the empty slices. The
+                // length check itself refuses them (not something deeper that happens to).
+                let message = |r: std::thread::Result<()>| -> String {
+                    let e = r.expect_err("huge rows accepted");
+                    e.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                };
+                let huge = std::panic::catch_unwind(|| p.matmul(&[], 1 << 61, &mut [], 1));
+                let m = message(huge);
+                assert!(
+                    m.contains("x must be [rows, K]"),
+                    "{kernel:?} {dtype:?}: {m}"
+                );
+                if p.takes_pairs() {
+                    p.matmul_pairs(&[], 0, &mut [], 2);
+                    let huge =
+                        std::panic::catch_unwind(|| p.matmul_pairs(&[], 1 << 62, &mut [], 1));
+                    let m = message(huge);
+                    assert!(m.contains("x pairs must be"), "{kernel:?} {dtype:?}: {m}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_kernel_matches_plain_product() {
         // k below, at and past the AVX2 prefill trip of 4 steps (and 2 mod 4).
