@@ -558,6 +558,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let rss_before_bw = peak_rss();
     let bw = a.decode.then(measure_mem_bw);
     let rss_reset = bw.is_some() && reset_peak_rss();
+    let rss_with_buffer = bw.is_some() && !rss_reset;
     let peak_before = peak_gflops(bf16_dot);
     let l1_before = l1_kernel_gflops(proj);
     profile::take();
@@ -633,7 +634,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             serde_json::json!({
                 "tokens_per_s": tps, "median_s": med, "tokens": l, "batch": b, "dtype": a.dtype,
                 "path": a.path, "mode": mode, "chunk": a.chunk, "fresh_output": a.fresh_output, "vec_buffers": a.vec_buffers, "threads": threads, "runs": a.runs,
-                "peak_rss_bytes": rss, "peak_rss_includes_bw_buffer": bw.is_some() && !rss_reset,
+                "peak_rss_bytes": rss, "peak_rss_includes_bw_buffer": rss_with_buffer,
                 "stage_thread_s_per_run": st,
                 "step_latency_ms": if a.decode { Some(med / l as f64 * 1e3) } else { None },
                 "kernel": proj.kernel_name(),
@@ -703,7 +704,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         println!(
             "  peak RSS {:.1} MB{}",
             rss as f64 / 1e6,
-            if bw.is_some() && !rss_reset {
+            if rss_with_buffer {
                 " (with the bandwidth measurement's buffer)"
             } else {
                 ""

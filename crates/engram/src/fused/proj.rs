@@ -489,13 +489,14 @@ impl Projection {
                 Some(unsafe { f32_avx512::l1_calls(calls) })
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn` checks).
+            // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn`
+            // checks).
             Packed::F32Panels(PanelKernel::Avx2, _) => {
                 Some(unsafe { avx2::l1_calls::<f32>(calls) })
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA (`pack_fn`
-            // checks).
+            // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA
+            // (`pack_fn` checks).
             Packed::Bf16Panels(_, _) => Some(unsafe { avx2::l1_calls::<bf16>(calls) }),
             #[cfg(target_arch = "aarch64")]
             Packed::F32Panels(_, _) => Some(neon::l1_calls::<f32>(calls)),
@@ -524,14 +525,16 @@ impl Projection {
             Packed::Bf16AsF32(w) => gemm_f32(&round_bf16(x), w, y, rows, k, n, threads),
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx512, w) => {
-                // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn` checks).
+                // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn`
+                // checks).
                 unsafe {
                     f32_avx512::matmul(x, w.as_slice(), y, rows, k, n, threads, self.first_col)
                 }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx2, w) => {
-                // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn` checks).
+                // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn`
+                // checks).
                 unsafe {
                     avx2::matmul(
                         x,
@@ -548,8 +551,8 @@ impl Projection {
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Panels(_, w) => {
-                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA (`pack_fn`
-                // checks).
+                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA
+                // (`pack_fn` checks).
                 // x is rounded to bf16 as it is packed.
                 unsafe {
                     avx2::matmul(
