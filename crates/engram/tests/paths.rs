@@ -114,9 +114,66 @@ proptest! {
             let packed = with_threads(threads, || e.forward_ragged(&mut states, &ids, &hidden, &offsets, path).unwrap());
             for (s, w) in offsets.windows(2).enumerate() {
                 if w[0] == w[1] { continue; }
-                let alone = e.forward(&ids[w[0]..w[1]], &hidden[w[0] * c..w[1] * c], 1, w[1] - w[0], path).unwrap();
+                let mut st = e.new_state();
+                let alone = e.forward_chunk(&mut st, &ids[w[0]..w[1]], &hidden[w[0] * c..w[1] * c], path).unwrap();
                 prop_assert!(max_err(&packed.output[w[0] * c..w[1] * c], &alone.output) <= split_tol(&e, path), "{:?} seq {}", path, s);
                 prop_assert_eq!(states[s].position(), (w[1] - w[0]) as u64);
+                prop_assert!(max_err(&states[s].conv_history(), &st.conv_history()) <= split_tol(&e, path), "{:?} seq {} history", path, s);
+            }
+        }
+    }
+}
+
+/// A range of a ragged call can hold the end of one sequence (started in the range
+/// before) and the start of the next (continued in the range after); both sequences'
+/// histories are kept. Two sequences of 100 rows on three or four threads cut each of them
+/// inside; the next decode step then reads the right conv taps.
+#[test]
+fn ragged_ranges_keep_every_sequence_history() {
+    let cfg = small_cfg(3, 2, 8, 32, 2, 4);
+    let e = random_engram(&cfg, 11);
+    let c = cfg.hc_mult * cfg.hidden_size;
+    for lens in [vec![100usize, 100], vec![100, 100, 100]] {
+        let total: usize = lens.iter().sum();
+        let (ids, hidden) = random_inputs(&cfg, total + lens.len(), 12);
+        let mut offsets = vec![0];
+        for l in &lens {
+            offsets.push(offsets.last().unwrap() + l);
+        }
+        for threads in [3, 4] {
+            for path in [ForwardPath::Reference, ForwardPath::Fused] {
+                let mut states: Vec<EngramState> = lens.iter().map(|_| e.new_state()).collect();
+                with_threads(threads, || {
+                    e.forward_ragged(
+                        &mut states,
+                        &ids[..total],
+                        &hidden[..total * c],
+                        &offsets,
+                        path,
+                    )
+                    .unwrap()
+                });
+                for (s, w) in offsets.windows(2).enumerate() {
+                    let mut st = e.new_state();
+                    e.forward_chunk(&mut st, &ids[w[0]..w[1]], &hidden[w[0] * c..w[1] * c], path)
+                        .unwrap();
+                    let tol = split_tol(&e, path);
+                    let at = format!("{path:?} {lens:?} {threads} threads, sequence {s}");
+                    assert!(
+                        max_err(&states[s].conv_history(), &st.conv_history()) <= tol,
+                        "{at}: conv history"
+                    );
+                    // One more token on each: the step reads the history's taps.
+                    let (t, h) = (total + s, &hidden[(total + s) * c..(total + s + 1) * c]);
+                    let next = e
+                        .forward_chunk(&mut states[s], &ids[t..t + 1], h, path)
+                        .unwrap();
+                    let want = e.forward_chunk(&mut st, &ids[t..t + 1], h, path).unwrap();
+                    assert!(
+                        max_err(&next.output, &want.output) <= tol,
+                        "{at}: next step"
+                    );
+                }
             }
         }
     }

@@ -306,9 +306,10 @@ struct Fixup {
 /// What a range hands to the driver after its rows are done.
 struct PartResult {
     fixups: Vec<Fixup>,
-    /// The last R normalised rows of the range's last piece, when the next range needs them
-    /// or the piece's state was not updated in place.
-    tail: Option<Tail>,
+    /// The last R normalised rows of each of the range's pieces whose state was not updated
+    /// in place (a first piece that started in the range before) or that the next range
+    /// needs (a last piece that continues there), in piece order: a range can hold both.
+    tails: Vec<Tail>,
 }
 
 struct Tail {
@@ -596,7 +597,7 @@ impl<'e> Driver<'e> {
         );
         let mut hist = vec![0i64; n];
         let mut fixups = Vec::new();
-        let mut tail = None;
+        let mut tails = Vec::new();
         // The ring of the piece being convolved, created when its first rows are reached.
         let mut ring: Option<(usize, Ring<'_>)> = None;
         let mut states_left: &mut [EngramState] = states;
@@ -760,7 +761,7 @@ impl<'e> Driver<'e> {
                     if ring.as_ref().is_none_or(|(rp, _)| *rp != si) {
                         if let Some((rp, old)) = ring.take() {
                             if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
-                                tail = Some(tl);
+                                tails.push(tl);
                             }
                         }
                         let rg = if p.t0 == 0 {
@@ -823,10 +824,10 @@ impl<'e> Driver<'e> {
             }
             if let Some((rp, old)) = ring.take() {
                 if let Some(tl) = self.finish_piece(&pieces[rp], old, seqs, r, c) {
-                    tail = Some(tl);
+                    tails.push(tl);
                 }
             }
-            Ok(PartResult { fixups, tail })
+            Ok(PartResult { fixups, tails })
         })
         .inspect(|_| scratch.put_back())
     }
@@ -1062,7 +1063,9 @@ impl<'e> Driver<'e> {
                 let o = &mut out[f.row * c..(f.row + 1) * c];
                 kernels::conv_row_finish(self.isa, &self.fw.conv_w, &rows, &mut f.y, o);
             }
-            if let Some(tail) = res.tail {
+            // Every piece's tail in order: the sequences they end get their history, and
+            // the last one is what the next range's first rows complete from.
+            for tail in res.tails {
                 if tail.ends {
                     let st = &mut states[tail.seq];
                     st.conv_ring.copy_from_slice(&tail.rows);
