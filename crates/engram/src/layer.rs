@@ -540,23 +540,36 @@ impl Engram {
                     out: &mut *output,
                     gated: keep.then_some(gated.as_mut_slice()),
                 };
-                // The conv histories the run updates in place, to put back if it fails
-                // there (non-finite hidden states or table rows, a row store's error): kept
-                // for prefill-shaped calls, where the copy is small beside the call's rows.
-                let saved: Vec<(Vec<f32>, usize)> = if check_in_gate {
-                    states
-                        .iter()
-                        .map(|st| (st.conv_ring.clone(), st.conv_head))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                // The conv-history rows the run overwrites in place, to put back if it fails
+                // part-way (non-finite hidden states or table rows, a row store's error, in
+                // one range after another range's rows are pushed): each sequence's head and
+                // the min(n, R) slots from it that its n new rows replace. A decode step
+                // saves one row per sequence (16 KB for the demo layer).
+                let r = self.cfg.conv_history();
+                let saved: Vec<(usize, Vec<f32>)> = states
+                    .iter()
+                    .enumerate()
+                    .map(|(s, st)| {
+                        let n = (offsets[s + 1] - offsets[s]).min(r);
+                        let rows = (0..n)
+                            .flat_map(|j| {
+                                let slot = (st.conv_head + j) % r;
+                                &st.conv_ring[slot * c..(slot + 1) * c]
+                            })
+                            .copied()
+                            .collect();
+                        (st.conv_head, rows)
+                    })
+                    .collect();
                 let run = Driver::new(&self.model, fw)
                     .check_hidden(check_in_gate)
                     .run(&seqs, states, out);
                 if let Err(e) = run {
-                    for (st, (ring, head)) in states.iter_mut().zip(saved) {
-                        st.conv_ring = ring;
+                    for (st, (head, rows)) in states.iter_mut().zip(saved) {
+                        for (j, row) in rows.chunks_exact(c).enumerate() {
+                            let slot = (head + j) % r;
+                            st.conv_ring[slot * c..(slot + 1) * c].copy_from_slice(row);
+                        }
                         st.conv_head = head;
                     }
                     return Err(e);

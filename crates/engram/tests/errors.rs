@@ -513,6 +513,71 @@ fn a_non_finite_table_row_is_the_same_error_on_every_path_and_dtype() {
     assert_ne!(seen[0], seen[1], "the NaN and the infinity are told apart");
 }
 
+/// A decode step (one token for each of 128 sequences, two ranges on two threads) whose
+/// second range reads a NaN table row fails after the first range has pushed its rows into
+/// its sequences' conv histories: every state is put back as it was, and runs on as if the
+/// step had never been tried.
+#[test]
+fn a_failed_decode_step_keeps_every_state() {
+    let cfg = small_config();
+    let m = mapping(&cfg);
+    let (h, dh) = (cfg.num_heads(), cfg.head_dim());
+    let (w0, _) = engram::init::torch_default_weights(&cfg, &m, 3, &mut |_| {}).unwrap();
+    let rows = w0.table.rows();
+    let values: Vec<f32> = (0..rows * dh)
+        .map(|i| (i % 64) as f32 / 64.0 - 0.5)
+        .collect();
+    let mut w = w0.clone();
+    w.table = engram::weights::EmbeddingTable::from_f32(values.clone(), rows, dh).unwrap();
+    let good = Engram::new(cfg.clone(), m.clone(), w.clone()).unwrap();
+    let nseq = 128;
+    // Warm states: a few tokens each, so that every conv history holds rows.
+    let (warm_ids, warm_h) = random_inputs(&cfg, nseq * 5, 21);
+    let warm_off: Vec<usize> = (0..=nseq).map(|s| 5 * s).collect();
+    let mut states: Vec<_> = (0..nseq).map(|_| good.new_state()).collect();
+    good.forward_ragged(
+        &mut states,
+        &warm_ids,
+        &warm_h,
+        &warm_off,
+        ForwardPath::Fused,
+    )
+    .unwrap();
+    // The step, and the row the last sequence's token reads for head 0.
+    let (ids, hidden) = random_inputs(&cfg, nseq, 22);
+    let off: Vec<usize> = (0..=nseq).collect();
+    let step = good
+        .forward_ragged(
+            &mut states.clone(),
+            &ids,
+            &hidden,
+            &off,
+            ForwardPath::Reference,
+        )
+        .unwrap();
+    let row = (step.hash_ids[(nseq - 1) * h] + w.offsets[0]) as usize;
+    let mut bad_values = values;
+    bad_values[row * dh + 5] = f32::NAN;
+    w.table = engram::weights::EmbeddingTable::from_f32(bad_values, rows, dh).unwrap();
+    let bad = Engram::new(cfg.clone(), m, w).unwrap();
+    let mut st = states.clone();
+    let err = with_threads(2, || {
+        bad.forward_ragged(&mut st, &ids, &hidden, &off, ForwardPath::Fused)
+            .unwrap_err()
+    });
+    assert!(matches!(err, EngramError::NonFinite { .. }), "{err}");
+    for (s, (a, b)) in st.iter().zip(&states).enumerate() {
+        assert!(a == b, "sequence {s}: the state changed");
+    }
+    let again = good
+        .forward_ragged(&mut st, &ids, &hidden, &off, ForwardPath::Fused)
+        .unwrap();
+    let want = good
+        .forward_ragged(&mut states, &ids, &hidden, &off, ForwardPath::Fused)
+        .unwrap();
+    assert!(again.output == want.output);
+}
+
 /// A row id past a table in memory (f32 or bf16) is an error naming the row id, not a
 /// panic: the fused gathers fall back to `try_row_into` for the error of a row they refuse.
 #[test]
