@@ -643,24 +643,22 @@ dispatch! {
                     conv_chunks::<S>(&all, gs, vc, bc, oc)
                 }
             }
-            conv_tail::<S>(w_tap_major, rows, gv, g, base, body, o);
+            conv_tail::<S>(w_tap_major, rows, gv, g, (c, base, body), o);
         }
     }
 }
 
 /// The elements of one branch of a [`conv_row`] past its 16-lane body (`o[body..]`, the
-/// branch starting at channel `base`), one at a time.
+/// branch starting at channel `base` of a row of `c` channels), one at a time.
 #[inline(always)]
 fn conv_tail<S: Simd16>(
     w_tap_major: &[f32],
     rows: &[Option<&[f32]>],
     gv: &GatedValue<'_>,
     g: f32,
-    base: usize,
-    body: usize,
+    (c, base, body): (usize, usize, usize),
     o: &mut [f32],
 ) {
-    let c = w_tap_major.len() / rows.len().max(1);
     for (j, oj) in o.iter_mut().enumerate().skip(body) {
         let at = base + j;
         let mut acc = 0.0f32;
@@ -773,7 +771,7 @@ dispatch! {
                 jb += len;
             }
             for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
-                conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], base, body, &mut o[base..base + d]);
+                conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], (c, base, body), &mut o[base..base + d]);
             }
         }
     }
@@ -840,7 +838,8 @@ fn copy_finite_in<S: Simd16>(src: &[f32], dst: &mut [f32]) -> bool {
 /// or `None` where it lies outside the table.
 #[inline(always)]
 fn head_row<T>(table: &[T], hid: i64, off: i64, width: usize) -> Option<&[T]> {
-    let row = (hid + off) as usize;
+    // A sum past i64 or below zero is no row (a plain add panicked in debug builds).
+    let row = usize::try_from(hid.checked_add(off)?).ok()?;
     row.checked_mul(width)
         .and_then(|a| table.get(a..a.checked_add(width)?))
 }
@@ -1065,13 +1064,12 @@ dispatch! {
     /// value on entry (see [`gated_row`], [`conv_row_pre`]).
     pub fn conv_row_finish(w_tap_major: &[f32], rows: &[Option<&[f32]>], y: &mut [f32], out: &mut [f32]) {
         let c = y.len();
+        assert_eq!(out.len(), c, "out and y must both be one row");
         for (k, row) in rows.iter().enumerate() {
             if let Some(row) = row {
                 fma_rows::<S>(y, &w_tap_major[k * c..(k + 1) * c], row);
             }
         }
-        debug_assert_eq!(out.len(), c, "out and y must both be one row");
-        debug_assert!(w_tap_major.len() >= rows.len() * c, "a weight row per tap");
         let body = c / LANES * LANES;
         let (oc, _) = out[..body].as_chunks_mut::<LANES>();
         let (yc, _) = y[..body].as_chunks::<LANES>();
@@ -1160,6 +1158,8 @@ mod tests {
                 let mut d = dst.clone();
                 assert!(!gather_finite(isa, &table, &[3, 0, 4], &offsets, &mut d));
                 assert!(!gather_finite(isa, &table, &[3, -5, 2], &offsets, &mut d));
+                // An id whose sum with its offset passes i64 (no panic in debug builds).
+                assert!(!gather_finite(isa, &table, &[3, i64::MAX, 2], &offsets, &mut d));
                 for bad in [f32::NAN, f32::INFINITY] {
                     let mut t = table.clone();
                     t[4 * dh + dh - 1] = bad;
