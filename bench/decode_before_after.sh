@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Decode steps of two builds, interleaved, in one run: for each ISA (AVX-512, AVX2 through
-# ENGRAM_ISA), dtype and batch (B = 1, 8, 64, or BATCHES), ROUNDS pairs of bench processes (128 steps
+# ENGRAM_ISA), dtype (f32 and bf16, or DTYPES) and batch (B = 1, 8, 64, or BATCHES), ROUNDS pairs of bench processes (128 steps
 # for B <= 8, 16 otherwise; median of 3 runs each), the two builds alternating so that
 # both see the same moments of a shared machine. Each process measures its own floor
 # (the packed weights at the read bandwidth measured in that process, or the step's FLOPs
 # at its FMA peak). Writes one JSON line per process (tagged build=before|after) and
 # prints the medians of the step latency and of step/floor.
 #
-#   [BATCHES="1 2 3 4 8"] bash bench/decode_before_after.sh BEFORE_BIN AFTER_BIN OUT.jsonl [ROUNDS]
+#   [BATCHES="1 2 3 4 8"] [DTYPES=f32] bash bench/decode_before_after.sh BEFORE_BIN AFTER_BIN OUT.jsonl [ROUNDS]
 set -euo pipefail
 BEFORE=$1; AFTER=$2; OUT=$3; ROUNDS=${4:-4}
 : > "$OUT"
@@ -15,7 +15,7 @@ isas="avx512 avx2"
 # Only the ISAs this CPU has (ENGRAM_ISA=avx512 on an AVX2-only CPU runs AVX2 again).
 grep -qw avx512f /proc/cpuinfo 2>/dev/null || isas="avx2"
 for isa in $isas; do
-  for dt in f32 bf16; do
+  for dt in ${DTYPES:-f32 bf16}; do
     for b in ${BATCHES:-1 8 64}; do
       steps=128; [ "$b" -gt 8 ] && steps=16
       for r in $(seq "$ROUNDS"); do
