@@ -160,7 +160,7 @@ impl DemoModel {
                 found: vec![state.ngram_history.len()],
             });
         }
-        if state.conv_ring.len() != ring || state.conv_head >= ring.max(1) {
+        if state.conv_ring.len() != ring || state.conv_head >= self.cfg.conv_history().max(1) {
             return Err(EngramError::Shape {
                 name: "state.conv_history".into(),
                 expected: vec![
@@ -365,5 +365,41 @@ impl DemoModel {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{CompressedTokenizer, EngramConfig, NgramHashMapping, Tokenizer};
+    use std::sync::Arc;
+
+    /// The conv ring's head names one of its R rows: R is refused (an index past the ring's
+    /// rows, which `conv_segment` would have sliced out of bounds) and R - 1 is not. The
+    /// check had let any head below R·C through.
+    #[test]
+    fn a_conv_head_past_the_rings_rows_is_refused() {
+        let cfg = EngramConfig {
+            engram_vocab_size: vec![97, 137],
+            n_head_per_ngram: 2,
+            n_embed_per_ngram: 16,
+            hidden_size: 16,
+            hc_mult: 2,
+            layer_ids: vec![3],
+            layer_id: 3,
+            ..EngramConfig::default()
+        };
+        let tok = Tokenizer::bundled().unwrap();
+        let comp = Arc::new(CompressedTokenizer::build(&tok).unwrap());
+        let hashing = Arc::new(NgramHashMapping::new(&cfg, comp).unwrap());
+        let (w, _) = crate::init::torch_default_weights(&cfg, &hashing, 1, &mut |_| {}).unwrap();
+        let m = super::DemoModel::new(cfg.clone(), hashing, w).unwrap();
+        let r = cfg.conv_history();
+        assert!(r > 1);
+        let mut st = m.new_state();
+        st.conv_head = r - 1;
+        assert!(m.check_state(&st).is_ok());
+        st.conv_head = r;
+        let err = m.check_state(&st).unwrap_err().to_string();
+        assert!(err.contains("state.conv_history"), "{err}");
     }
 }

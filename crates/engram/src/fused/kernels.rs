@@ -49,7 +49,11 @@ impl Isa {
     fn best_supported() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            // The AVX-512 builds are compiled with AVX2 and FMA enabled as well.
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+            {
                 return Isa::Avx512;
             }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -68,7 +72,11 @@ impl Isa {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 v.push(Isa::Avx2);
             }
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            // The AVX-512 builds are compiled with AVX2 and FMA enabled as well.
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+            {
                 v.push(Isa::Avx512);
             }
         }
@@ -1159,7 +1167,13 @@ mod tests {
                 assert!(!gather_finite(isa, &table, &[3, 0, 4], &offsets, &mut d));
                 assert!(!gather_finite(isa, &table, &[3, -5, 2], &offsets, &mut d));
                 // An id whose sum with its offset passes i64 (no panic in debug builds).
-                assert!(!gather_finite(isa, &table, &[3, i64::MAX, 2], &offsets, &mut d));
+                assert!(!gather_finite(
+                    isa,
+                    &table,
+                    &[3, i64::MAX, 2],
+                    &offsets,
+                    &mut d
+                ));
                 for bad in [f32::NAN, f32::INFINITY] {
                     let mut t = table.clone();
                     t[4 * dh + dh - 1] = bad;
