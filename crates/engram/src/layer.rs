@@ -487,13 +487,18 @@ impl Engram {
         match path {
             ForwardPath::Reference => {
                 let mut all = Stages::default();
-                for (s, st) in states.iter_mut().enumerate() {
+                // On copies, written back once every sequence has run: a sequence that
+                // fails (a NaN table row) leaves every state as it was, the ones before it
+                // and its own n-gram history (hashed before the gather) included.
+                let mut next = states.to_vec();
+                for (s, st) in next.iter_mut().enumerate() {
                     if canon[s].is_empty() {
                         continue;
                     }
                     let h = &hidden[offsets[s] * c..offsets[s + 1] * c];
                     all.append_time(self.reference_chunk(st, &canon[s], h)?);
                 }
+                states.clone_from_slice(&next);
                 all.batch = 1;
                 if let Some(o) = into {
                     o.copy_from_slice(&all.output);

@@ -516,7 +516,8 @@ fn a_non_finite_table_row_is_the_same_error_on_every_path_and_dtype() {
 /// A decode step (one token for each of 128 sequences, two ranges on two threads) whose
 /// second range reads a NaN table row fails after the first range has pushed its rows into
 /// its sequences' conv histories: every state is put back as it was, and runs on as if the
-/// step had never been tried.
+/// step had never been tried. The reference path, which runs the sequences one after
+/// another, leaves them as they were as well.
 #[test]
 fn a_failed_decode_step_keeps_every_state() {
     let cfg = small_config();
@@ -560,15 +561,25 @@ fn a_failed_decode_step_keeps_every_state() {
     bad_values[row * dh + 5] = f32::NAN;
     w.table = engram::weights::EmbeddingTable::from_f32(bad_values, rows, dh).unwrap();
     let bad = Engram::new(cfg.clone(), m, w).unwrap();
-    let mut st = states.clone();
-    let err = with_threads(2, || {
-        bad.forward_ragged(&mut st, &ids, &hidden, &off, ForwardPath::Fused)
-            .unwrap_err()
-    });
-    assert!(matches!(err, EngramError::NonFinite { .. }), "{err}");
-    for (s, (a, b)) in st.iter().zip(&states).enumerate() {
-        assert!(a == b, "sequence {s}: the state changed");
+    // The reference path too: it runs sequence after sequence, the last one failing.
+    for path in [ForwardPath::Fused, ForwardPath::Reference] {
+        let mut st = states.clone();
+        let err = with_threads(2, || {
+            bad.forward_ragged(&mut st, &ids, &hidden, &off, path)
+                .unwrap_err()
+        });
+        assert!(
+            matches!(err, EngramError::NonFinite { .. }),
+            "{path:?}: {err}"
+        );
+        for (s, (a, b)) in st.iter().zip(&states).enumerate() {
+            assert!(a == b, "{path:?}, sequence {s}: the state changed");
+        }
     }
+    let mut st = states.clone();
+    let _ = with_threads(2, || {
+        bad.forward_ragged(&mut st, &ids, &hidden, &off, ForwardPath::Fused)
+    });
     let again = good
         .forward_ragged(&mut st, &ids, &hidden, &off, ForwardPath::Fused)
         .unwrap();

@@ -839,9 +839,11 @@ macro_rules! l1_calls {
 /// accumulators in registers (no next-panel prefetch; AVX2's f32 shapes of 2 and 3 rows
 /// prefetch their own panels ahead); any other block runs panel by panel with P = 1
 /// (`$nr`: columns per panel). In a unit of several panels of 4 or more rows (AVX2's
-/// `groups[4]`), each panel's first row block prefetches the unit's next panel into L2. `$x` is the block's rows in the layout its kernel
-/// reads (row-major at stride `$ldx`, or for AVX2 packed `[k][mr]` with `$ldx` = mr), `$w`
-/// starts at its first panel; `lds` is elements per panel of `w`.
+/// `groups[4]`), each panel's first row block prefetches the unit's next panel into L2,
+/// and a later row block of one or two rows runs four or two panels per call (P = 4, 2).
+/// `$x` is the block's rows in the layout its kernel reads (row-major at stride `$ldx`, or
+/// for AVX2 packed `[k][mr]` with `$ldx` = mr), `$w` starts at its first panel; `lds` is
+/// elements per panel of `w`.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(unused_macros)
