@@ -556,13 +556,12 @@ impl Engram {
                     .enumerate()
                     .map(|(s, st)| {
                         let n = (offsets[s + 1] - offsets[s]).min(r);
-                        let rows = (0..n)
-                            .flat_map(|j| {
-                                let slot = (st.conv_head + j) % r;
-                                &st.conv_ring[slot * c..(slot + 1) * c]
-                            })
-                            .copied()
-                            .collect();
+                        // Row by row (a copy each), not value by value.
+                        let mut rows = Vec::with_capacity(n * c);
+                        for j in 0..n {
+                            let slot = (st.conv_head + j) % r;
+                            rows.extend_from_slice(&st.conv_ring[slot * c..(slot + 1) * c]);
+                        }
                         (st.conv_head, rows)
                     })
                     .collect();

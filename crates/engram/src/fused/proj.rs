@@ -861,9 +861,10 @@ macro_rules! block_kernel {
                 // them four (one row) or two (two rows) at a time, so that 8 FMA chains
                 // hide the FMA latency where one panel gave it 2 or 4. Two threads of the
                 // Zen 3 VM, 40 interleaved calls per build, two runs: 7 rows 885-898 µs →
-                // 767-825 (median), 8 rows 890-936 → 822-850; 9 and 10 rows unchanged, and
-                // 9 rows, whose three-row block as (3, 2) was slower (978 → 1,106 µs) than one panel's 6
-                // chains, so they stay as they were.
+                // 767-825 (median), 8 rows 890-936 → 822-850; 9 and 10 rows unchanged.
+                // Running the three-row block of 9 rows as (3, 2) as well was slower
+                // (1,421 → 1,499 and 978 → 1,106 µs) than one panel's 6 chains, so three
+                // rows stay as they were.
                 let several = b.r0 > 0 && b.mr <= 2;
                 let mut p = 0;
                 while p < b.np {
