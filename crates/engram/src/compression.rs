@@ -131,6 +131,25 @@ impl CompressedTokenizer {
         self.num_compressed
     }
 
+    /// A short fingerprint of the table (V' and the first 8 bytes of the SHA-256 of the
+    /// lookup as little-endian int64): saved states carry it, so that ids compressed by
+    /// another tokenizer are refused on restore.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for id in &self.lookup {
+            h.update(id.to_le_bytes());
+        }
+        let d = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        format!(
+            "{} canonical ids, sha256 {:016x}",
+            self.num_compressed,
+            u64::from_be_bytes(first)
+        )
+    }
+
     /// Canonical id of one raw id; negative ids pass through (as the reference does).
     #[inline]
     pub fn compress_id(&self, id: i64) -> Option<i64> {

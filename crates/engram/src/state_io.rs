@@ -1,9 +1,11 @@
 //! Saving and restoring the streaming states of a batch (safetensors).
 //!
 //! Layout for S sequences: `ngram_history` int64 `[S, N-1]`, `conv_history` f32 `[S, R, HC·D]`
-//! (oldest row first), `position` int64 `[S]`; metadata `engram_config` holds the config JSON.
-//! A restore requires that metadata and checks that the layer it is restored into agrees on
-//! every field that shapes a state or its ids; the error names each field that differs.
+//! (oldest row first), `position` int64 `[S]`; metadata `engram_config` holds the config JSON
+//! and `engram_compression` the tokenizer compression's fingerprint. A restore requires the
+//! config and checks that the layer it is restored into agrees on every field that shapes a
+//! state or its ids, and on the fingerprint where the file has one; the error names each
+//! field that differs.
 
 use crate::config::EngramConfig;
 use crate::error::{EngramError, Result};
@@ -11,6 +13,10 @@ use crate::layer::Engram;
 use crate::state::EngramState;
 use crate::tensors::{TensorFile, TensorWriter};
 use std::path::Path;
+
+/// Metadata key of the compression table's fingerprint (files written before it existed
+/// restore without that check).
+const COMPRESSION_KEY: &str = "engram_compression";
 
 /// Writes the states of a batch.
 pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -> Result<()> {
@@ -23,7 +29,20 @@ pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -
     let mut hist = Vec::with_capacity(states.len() * n1);
     let mut conv = Vec::with_capacity(states.len() * r * c);
     let mut pos = Vec::with_capacity(states.len());
-    for s in states {
+    for (i, s) in states.iter().enumerate() {
+        // A state of another shape would misalign every state after it in the file.
+        e.check_state(s).map_err(|err| match err {
+            EngramError::Shape {
+                name,
+                expected,
+                found,
+            } => EngramError::Shape {
+                name: format!("states[{i}]: {name}"),
+                expected,
+                found,
+            },
+            err => err,
+        })?;
         hist.extend_from_slice(s.ngram_history());
         conv.extend(s.conv_history());
         pos.push(s.position() as i64);
@@ -33,6 +52,7 @@ pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -
     w.f32("conv_history", &[states.len(), r, c], &conv);
     w.i64("position", &[states.len()], &pos);
     w.meta("engram_config", cfg.to_json_string());
+    w.meta(COMPRESSION_KEY, e.hashing().compressed().fingerprint());
     w.write(path)
 }
 
@@ -57,7 +77,7 @@ pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> 
             source,
         })?;
     // Every field that shapes a state or the ids in it must agree.
-    let fields: [(&str, String, String); 7] = [
+    let fields: [(&str, String, String); 8] = [
         (
             "layer_id",
             saved.layer_id.to_string(),
@@ -84,6 +104,8 @@ pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> 
             cfg.hc_mult.to_string(),
         ),
         ("seed", saved.seed.to_string(), cfg.seed.to_string()),
+        // A fresh history holds the pad's canonical id.
+        ("pad_id", saved.pad_id.to_string(), cfg.pad_id.to_string()),
         (
             "engram_vocab_size",
             format!("{:?}", saved.engram_vocab_size),
@@ -94,6 +116,17 @@ pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> 
         .iter()
         .filter(|(_, a, b)| a != b)
         .map(|(name, a, b)| format!("{name} {a} (this layer: {b})"))
+        .collect();
+    // Canonical ids come from the tokenizer: the saved ids must mean the same tokens.
+    let here = e.hashing().compressed().fingerprint();
+    let differ: Vec<String> = differ
+        .into_iter()
+        .chain(
+            f.metadata()
+                .get(COMPRESSION_KEY)
+                .filter(|saved| **saved != here)
+                .map(|saved| format!("a tokenizer of {saved} (this layer: {here})")),
+        )
         .collect();
     if !differ.is_empty() {
         return Err(EngramError::invalid(

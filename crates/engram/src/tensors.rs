@@ -446,9 +446,9 @@ impl<'a> TensorWriter<'a> {
         Self::default()
     }
 
-    /// Adds an f32 tensor.
+    /// Adds an f32 tensor ([`TensorWriter::write`] refuses a shape that disagrees with the
+    /// data's length).
     pub fn f32(&mut self, name: &str, shape: &[usize], data: &'a [f32]) -> &mut Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         self.tensors
             .push((name.into(), shape.to_vec(), Data::F32(data)));
         self
@@ -456,7 +456,6 @@ impl<'a> TensorWriter<'a> {
 
     /// Adds a tensor stored as bf16 (rounded to nearest even).
     pub fn bf16(&mut self, name: &str, shape: &[usize], data: &'a [f32]) -> &mut Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         self.tensors
             .push((name.into(), shape.to_vec(), Data::F32AsBf16(data)));
         self
@@ -464,7 +463,6 @@ impl<'a> TensorWriter<'a> {
 
     /// Adds an int64 tensor.
     pub fn i64(&mut self, name: &str, shape: &[usize], data: &'a [i64]) -> &mut Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         self.tensors
             .push((name.into(), shape.to_vec(), Data::I64(data)));
         self
@@ -494,6 +492,23 @@ impl<'a> TensorWriter<'a> {
         let mut header = serde_json::Map::new();
         if !self.metadata.is_empty() {
             header.insert("__metadata__".into(), serde_json::json!(self.metadata));
+        }
+        // A shape that disagrees with its data would make a file no reader accepts (and
+        // the atomic rename would put it in place of a good one): refuse before writing.
+        for (name, shape, data) in &self.tensors {
+            let elems = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let elem_bytes = match data.dtype() {
+                Dtype::BF16 => 2,
+                Dtype::I64 => 8,
+                _ => 4,
+            };
+            if elems.and_then(|n| n.checked_mul(elem_bytes)) != Some(data.byte_len()) {
+                return Err(EngramError::Shape {
+                    name: format!("{name} (writing {})", path.display()),
+                    expected: shape.clone(),
+                    found: vec![data.byte_len() / elem_bytes],
+                });
+            }
         }
         let mut off = 0usize;
         for (name, shape, data) in &self.tensors {

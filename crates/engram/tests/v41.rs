@@ -551,3 +551,178 @@ proptest::proptest! {
         }
     }
 }
+
+/// A chunked call checks the whole call before its first chunk and works on copies of the
+/// states: bad offsets, short inputs or a bad id in a later chunk give an error and leave
+/// every state as it was; any chunk length, up to usize::MAX, gives the one-shot outputs.
+#[test]
+fn chunked_calls_fail_whole_and_take_any_chunk() {
+    let (_, c) = case();
+    let l = layer(1);
+    let w = 4 * 256;
+    let run = |st: &mut [engram::v41::V41State], ids: &[i64], offs: &[usize], chunk: usize| {
+        let h = vec![0.25f32; ids.len() * w];
+        l.forward_chunked(st, ids, &h, None, offs, chunk, true, V41Path::Fused, false)
+    };
+    // A bad id in the second chunk: the first chunk must not stay applied.
+    let mut st = vec![l.new_state()];
+    let e = run(&mut st, &[5, -1], &[0, 2], 1).unwrap_err().to_string();
+    assert!(e.contains("input_ids"), "{e}");
+    assert_eq!(st, vec![l.new_state()]);
+    // Offsets not from 0, or decreasing: errors, not a silent empty output or a panic.
+    for offs in [&[2usize, 2][..], &[0, 3, 2]] {
+        let mut st = vec![l.new_state(); offs.len() - 1];
+        let e = run(&mut st, &[5, 6], offs, 1).unwrap_err().to_string();
+        assert!(e.contains("offsets"), "{offs:?}: {e}");
+    }
+    // Hidden states shorter than the ids.
+    let mut st = vec![l.new_state()];
+    let e = l
+        .forward_chunked(
+            &mut st,
+            &[5, 6],
+            &vec![0.25f32; w],
+            None,
+            &[0, 2],
+            1,
+            true,
+            V41Path::Fused,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hidden_states"), "{e}");
+    // Any chunk length, the largest included, equals the one-shot call.
+    let whole = l
+        .forward(
+            &c.ids,
+            &c.hidden,
+            Some(&c.mask),
+            2,
+            30,
+            true,
+            V41Path::Fused,
+            false,
+        )
+        .unwrap();
+    for chunk in [7, 30, usize::MAX] {
+        let mut st = vec![l.new_state(); 2];
+        let got = l
+            .forward_chunked(
+                &mut st,
+                &c.ids,
+                &c.hidden,
+                Some(&c.mask),
+                &[0, 30, 60],
+                chunk,
+                true,
+                V41Path::Fused,
+                false,
+            )
+            .unwrap();
+        assert_eq!(bits(&got.output), bits(&whole.output), "chunk {chunk}");
+        assert!(st.iter().all(|s| s.position == 30));
+    }
+}
+
+/// States are checked where they enter: a history entry that is neither DEAD nor a
+/// canonical id, a history of the wrong length (which would write a file no reader takes
+/// over a good one), a file of another tokenizer's ids.
+#[test]
+fn states_are_checked_on_call_save_and_load() {
+    let l = layer(1);
+    let dir = tmp_dir("v41-states");
+    let h = vec![0.25f32; 1024];
+    let mut bad = vec![l.new_state()];
+    bad[0].history[1] = 1_000_000_000_000_000;
+    let e = l
+        .forward_ragged(
+            &mut bad,
+            &[5],
+            &h,
+            None,
+            &[0, 1],
+            true,
+            V41Path::Fused,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("states[0].history[1]"), "{e}");
+    // Saving: a good file first, then a bad state must leave it intact.
+    let file = dir.join("s.safetensors");
+    let mut good = vec![l.new_state(); 2];
+    l.forward_ragged(
+        &mut good,
+        &[5, 6],
+        &vec![0.25f32; 2 * 1024],
+        None,
+        &[0, 1, 2],
+        true,
+        V41Path::Fused,
+        false,
+    )
+    .unwrap();
+    l.save_states(&file, &good).unwrap();
+    let saved = std::fs::read(&file).unwrap();
+    let mut short = good.clone();
+    short[0].history.pop();
+    short[1].history.push(7);
+    let e = l.save_states(&file, &short).unwrap_err().to_string();
+    assert!(e.contains("states[0].history"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), saved);
+    assert_eq!(l.load_states(&file).unwrap(), good);
+    // Loading: an out-of-range history value, and another tokenizer's fingerprint.
+    let f = TensorFile::open(&file).unwrap();
+    let hist = f.i64("history", None).unwrap().data;
+    let pos = f.i64("position", None).unwrap().data;
+    let meta = f.metadata().clone();
+    let write = |hist: &[i64], key: &str, value: &str| {
+        let mut w = engram::tensors::TensorWriter::new();
+        w.i64("history", &[2, 3], hist).i64("position", &[2], &pos);
+        for (k, v) in &meta {
+            w.meta(k, if k == key { value } else { v.as_str() });
+        }
+        let p = dir.join("edited.safetensors");
+        w.write(&p).unwrap();
+        l.load_states(&p).map(|_| ()).unwrap_err().to_string()
+    };
+    let mut wild = hist.clone();
+    wild[4] = -5;
+    let e = write(&wild, "", "");
+    assert!(e.contains("states[1].history[1]"), "{e}");
+    let e = write(&hist, "engram_compression", "99092 canonical ids, sha256 0");
+    assert!(e.contains("engram_compression"), "{e}");
+}
+
+/// A dead token's output is formed as `h + 0·value`, as in the reference: -0.0 comes out
+/// as +0.0.
+#[test]
+fn dead_tokens_add_a_zero_gated_value() {
+    let l = layer(1);
+    let mut h = vec![0.25f32; 2 * 1024];
+    h[1024..].iter_mut().for_each(|x| *x = -0.0);
+    for path in [V41Path::Reference, V41Path::Fused] {
+        let out = l
+            .forward(&[5, 6], &h, Some(&[true, false]), 1, 2, true, path, false)
+            .unwrap();
+        assert_eq!(out.gates[4..], [0.0; 4]);
+        // +0.0 wherever the value is not negative (a negative value keeps -0.0: -0 + -0).
+        assert!(out.output[1024..].iter().any(|x| x.to_bits() == 0));
+        assert!(out.output[1024..].iter().all(|x| *x == 0.0));
+    }
+}
+
+/// Primes that would sum past an int64 row id are a config error naming the base.
+#[test]
+fn a_base_too_large_for_int64_row_ids_is_refused() {
+    let text = std::fs::read_to_string(v41("v41_small.config.json"))
+        .unwrap()
+        .replace(
+            "\"engram_vocab_size\": 1000",
+            "\"engram_vocab_size\": 4611686018427387903",
+        );
+    let c = V41Config::from_json_str(&text).unwrap();
+    let e = layer_params(&c).unwrap_err().to_string();
+    assert!(e.contains("engram_vocab_size") && e.contains("2^63"), "{e}");
+}

@@ -47,7 +47,23 @@ pub fn layer_params(cfg: &V41Config) -> Result<Vec<V41LayerParams>> {
         .into_iter()
         .enumerate()
         .map(|(i, params)| {
-            let rows = params.table_rows();
+            // Checked: a config may take bases up to i64::MAX / 2, whose primes can sum
+            // past what a row id (int64) holds.
+            let rows = params
+                .head_sizes()
+                .iter()
+                .try_fold(0u64, |a, &p| a.checked_add(p))
+                .filter(|&r| r <= i64::MAX as u64)
+                .ok_or_else(|| {
+                    EngramError::config(
+                        "engram_vocab_size",
+                        format!(
+                            "a base whose {} primes per layer sum to fewer than 2^63 rows",
+                            params.head_sizes().len()
+                        ),
+                        cfg.vocab_size,
+                    )
+                })?;
             if rows != cfg.num_embeddings[i] {
                 return Err(EngramError::config(
                     format!("engram_num_embeddings[{i}]"),

@@ -17,6 +17,9 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use std::sync::{Arc, OnceLock};
 
+/// Metadata key of the tokenizer compression's fingerprint in a states file.
+const COMPRESSION_KEY: &str = "engram_compression";
+
 /// Gate clamp: `sqrt(max(|dot|, 1e-6))`.
 const GATE_CLAMP: f32 = 1e-6;
 
@@ -352,55 +355,9 @@ impl V41Layer {
         path: V41Path,
         keep: bool,
     ) -> Result<V41Stages> {
+        self.check_call(states, ids, hidden, mask, offsets)?;
         let (hc, dim) = (self.cfg.hc_mult, self.cfg.dim);
         let total = ids.len();
-        if offsets.len() != states.len() + 1
-            || offsets.first() != Some(&0)
-            || offsets.last() != Some(&total)
-            || offsets.windows(2).any(|w| w[0] > w[1])
-        {
-            return Err(EngramError::invalid(
-                "offsets",
-                format!(
-                    "{} non-decreasing offsets from 0 to {total}",
-                    states.len() + 1
-                ),
-                format!("{offsets:?}"),
-            ));
-        }
-        if hidden.len() != total * hc * dim {
-            return Err(EngramError::Shape {
-                name: "hidden_states".into(),
-                expected: vec![total, hc, dim],
-                found: vec![hidden.len()],
-            });
-        }
-        if let Some(m) = mask {
-            if m.len() != total {
-                return Err(EngramError::Shape {
-                    name: "token_mask".into(),
-                    expected: vec![total],
-                    found: vec![m.len()],
-                });
-            }
-        }
-        if let Some(index) = hidden.iter().position(|x| !x.is_finite()) {
-            return Err(EngramError::NonFinite {
-                name: "hidden_states".into(),
-                index,
-                value: hidden[index],
-            });
-        }
-        let n1 = self.hashing.history_len();
-        for st in states.iter() {
-            if st.history.len() != n1 {
-                return Err(EngramError::Shape {
-                    name: "state.history".into(),
-                    expected: vec![n1],
-                    found: vec![st.history.len()],
-                });
-            }
-        }
         // Canonical ids (DEAD where masked) and row ids, sequence by sequence, on copies of
         // the states: they change only when the whole call has succeeded.
         let cols = self.hashing.columns();
@@ -532,6 +489,87 @@ impl V41Layer {
         })
     }
 
+    /// Everything a call checks before it hashes: offsets, lengths, finite hidden values,
+    /// every state.
+    fn check_call(
+        &self,
+        states: &[V41State],
+        ids: &[i64],
+        hidden: &[f32],
+        mask: Option<&[bool]>,
+        offsets: &[usize],
+    ) -> Result<()> {
+        let (hc, dim) = (self.cfg.hc_mult, self.cfg.dim);
+        let total = ids.len();
+        if offsets.len() != states.len() + 1
+            || offsets.first() != Some(&0)
+            || offsets.last() != Some(&total)
+            || offsets.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err(EngramError::invalid(
+                "offsets",
+                format!(
+                    "{} non-decreasing offsets from 0 to {total}",
+                    states.len() + 1
+                ),
+                format!("{offsets:?}"),
+            ));
+        }
+        if hidden.len() != total * hc * dim {
+            return Err(EngramError::Shape {
+                name: "hidden_states".into(),
+                expected: vec![total, hc, dim],
+                found: vec![hidden.len()],
+            });
+        }
+        if let Some(m) = mask {
+            if m.len() != total {
+                return Err(EngramError::Shape {
+                    name: "token_mask".into(),
+                    expected: vec![total],
+                    found: vec![m.len()],
+                });
+            }
+        }
+        if let Some(index) = hidden.iter().position(|x| !x.is_finite()) {
+            return Err(EngramError::NonFinite {
+                name: "hidden_states".into(),
+                index,
+                value: hidden[index],
+            });
+        }
+        for (s, st) in states.iter().enumerate() {
+            self.check_state(s, st)?;
+        }
+        Ok(())
+    }
+
+    /// A state this layer can continue: N-1 history entries, each [`DEAD`] or a canonical
+    /// id below V' (anything else would hash to rows of no n-gram).
+    fn check_state(&self, s: usize, st: &V41State) -> Result<()> {
+        let n1 = self.hashing.history_len();
+        if st.history.len() != n1 {
+            return Err(EngramError::Shape {
+                name: format!("states[{s}].history"),
+                expected: vec![n1],
+                found: vec![st.history.len()],
+            });
+        }
+        let vprime = self.hashing.compressed().num_compressed() as i64;
+        if let Some(k) = st
+            .history
+            .iter()
+            .position(|&h| h != DEAD && !(0..vprime).contains(&h))
+        {
+            return Err(EngramError::invalid(
+                format!("states[{s}].history[{k}]"),
+                format!("a canonical id below {vprime} or DEAD (i64::MIN)"),
+                st.history[k],
+            ));
+        }
+        Ok(())
+    }
+
     /// The reference's fp8 GEMM, plainly: each token's rows re-quantised per 32 values
     /// (scale 2^ceil(log2(amax/448))), then for every output, per 32-wide k block an f32 sum
     /// of code products times both block scales, blocks accumulated in f32, rounded to bf16.
@@ -595,17 +633,21 @@ impl V41Layer {
                 let rstd =
                     (1.0 / (hh / dim as f32 + eps).sqrt()) * (1.0 / (kk / dim as f32 + eps).sqrt());
                 let d = dot * rstd / (dim as f32).sqrt();
-                let s = d.abs().max(GATE_CLAMP).sqrt().copysign(d);
+                // `f32::max` would turn a NaN (from an fp8 NaN code in a row) into the clamp;
+                // the reference's max keeps it.
+                let s = if d.is_nan() {
+                    d
+                } else {
+                    d.abs().max(GATE_CLAMP).sqrt().copysign(d)
+                };
                 1.0 / (1.0 + (-s).exp())
             } else {
                 0.0
             };
             g[b] = gate;
             let ob = &mut o[b * dim..(b + 1) * dim];
-            if !alive {
-                ob.copy_from_slice(hb); // a dead token's stream passes through untouched
-                continue;
-            }
+            // A dead token's gate is 0 and the sum is still formed, as in the reference:
+            // h + 0·value turns -0.0 into +0.0 and passes a NaN value through.
             for j in 0..dim {
                 let y = hb[j] + gate * value[j];
                 ob[j] = if bf16_out { round_bf16(y) } else { y };
@@ -642,10 +684,10 @@ impl V41Layer {
             self.cfg.memory_width(),
             self.cfg.kv_width(),
         );
-        if offsets.len() != states.len() + 1 || offsets.last() != Some(&total) {
-            // forward_ragged names the problem in full.
-            return self.forward_ragged(states, ids, hidden, mask, offsets, bf16_out, path, keep);
-        }
+        // Every chunk's call is checked again, but a later chunk's failure must not leave
+        // the earlier chunks applied: check the whole call first and work on copies.
+        self.check_call(states, ids, hidden, mask, offsets)?;
+        let mut work = states.to_vec();
         let mut out = V41Stages {
             batch: 1,
             len: total,
@@ -666,9 +708,11 @@ impl V41Layer {
             let mut rows: Vec<(usize, usize)> = Vec::new();
             let (mut cid, mut chid, mut cmask) = (Vec::new(), Vec::new(), Vec::new());
             let mut coff = vec![0usize];
-            for s in 0..states.len() {
+            for s in 0..work.len() {
                 let (a, b) = (offsets[s], offsets[s + 1]);
-                let (lo, hi) = ((a + start).min(b), (a + start + chunk).min(b));
+                // Saturating: `chunk` may be anything up to usize::MAX.
+                let lo = a.saturating_add(start).min(b);
+                let hi = lo.saturating_add(chunk).min(b);
                 rows.push((lo, hi));
                 cid.extend_from_slice(&ids[lo..hi]);
                 chid.extend_from_slice(&hidden[lo * w..hi * w]);
@@ -678,7 +722,7 @@ impl V41Layer {
                 coff.push(cid.len());
             }
             let part = self.forward_ragged(
-                states,
+                &mut work,
                 &cid,
                 &chid,
                 mask.map(|_| cmask.as_slice()),
@@ -701,8 +745,9 @@ impl V41Layer {
                     o[lo * kvw..hi * kvw].copy_from_slice(&e[p * kvw..(p + n) * kvw]);
                 }
             }
-            start += chunk;
+            start = start.saturating_add(chunk);
         }
+        states.clone_from_slice(&work);
         Ok(out)
     }
 
@@ -713,6 +758,9 @@ impl V41Layer {
         path: impl AsRef<std::path::Path>,
         states: &[V41State],
     ) -> Result<()> {
+        for (s, st) in states.iter().enumerate() {
+            self.check_state(s, st)?;
+        }
         let n1 = self.hashing.history_len();
         let hist: Vec<i64> = states
             .iter()
@@ -725,6 +773,7 @@ impl V41Layer {
         w.meta("engram_variant", "deepseek-v4.1");
         w.meta("engram_layer", self.layer_id.to_string());
         w.meta("engram_max_ngram_size", self.cfg.max_ngram_size.to_string());
+        w.meta(COMPRESSION_KEY, self.hashing.compressed().fingerprint());
         w.write(path)
     }
 
@@ -747,6 +796,20 @@ impl V41Layer {
                 format!("layer {}", meta("engram_layer")),
             ));
         }
+        let here = self.hashing.compressed().fingerprint();
+        for (key, want) in [
+            ("engram_max_ngram_size", self.cfg.max_ngram_size.to_string()),
+            (COMPRESSION_KEY, here),
+        ] {
+            // Files from before a key existed have no entry for it.
+            if let Some(saved) = f.metadata().get(key).filter(|v| **v != want) {
+                return Err(EngramError::invalid(
+                    format!("{where_}: metadata {key}"),
+                    want,
+                    saved,
+                ));
+            }
+        }
         let n1 = self.hashing.history_len();
         let pos = f.i64("position", None)?;
         if pos.shape.len() != 1 {
@@ -761,14 +824,21 @@ impl V41Layer {
         hist.data
             .chunks_exact(n1.max(1))
             .zip(&pos.data)
-            .map(|(h, &p)| {
+            .enumerate()
+            .map(|(s, (h, &p))| {
                 if p < 0 {
-                    return Err(EngramError::invalid("position", "a count >= 0", p));
+                    return Err(EngramError::invalid(
+                        format!("position[{s}]"),
+                        "a count >= 0",
+                        p,
+                    ));
                 }
-                Ok(V41State {
+                let st = V41State {
                     history: h.to_vec(),
                     position: p as u64,
-                })
+                };
+                self.check_state(s, &st)?;
+                Ok(st)
             })
             .collect()
     }
