@@ -11,6 +11,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Most timed runs one bench takes (each run's time is kept for the median).
+const MAX_RUNS: usize = 1_000_000;
+
 /// `engram bench`.
 #[derive(Args)]
 pub struct BenchArgs {
@@ -23,7 +26,7 @@ pub struct BenchArgs {
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Timed runs (after one warm-up run).
+    /// Timed runs (after one warm-up run), at most 1,000,000.
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Weights file; PyTorch-default random weights (seed 0) of the config when omitted.
@@ -346,6 +349,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             a.runs
         );
     }
+    if a.runs > MAX_RUNS {
+        bail!("--runs: expected at most {MAX_RUNS}, found {}", a.runs);
+    }
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
         let table = a.table.options()?;
         if a.weights.is_none() && table != engram::rows::TableOptions::default() {
@@ -390,7 +396,11 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let plan = engram::budget::forward_plan(
         &cfg,
         &engram::budget::RunShape {
-            tokens: if a.chunk.is_some() { 0 } else { tokens },
+            // Streaming holds one chunk of one sequence at a time.
+            tokens: match a.chunk {
+                Some(n) => n.min(a.tokens) as u64,
+                None => tokens,
+            },
             sequences: a.batch as u64,
             all_stages: path == ForwardPath::Reference,
             bf16_table_copy: a.weights.is_some() && dtype == DType::Bf16,
@@ -563,7 +573,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let l1_before = l1_kernel_gflops(proj);
     profile::take();
     let store_before = e.weights().table.store_stats();
-    let mut secs = Vec::with_capacity(a.runs);
+    let mut secs = Vec::new();
     for _ in 0..a.runs {
         if !a.warm {
             e.weights().table.clear_cache();
@@ -795,7 +805,7 @@ fn bench_gather(
     };
     gather_all(&mut out)?; // warm-up: connections, the slot map
     let before = e.weights().table.store_stats();
-    let mut secs = Vec::with_capacity(a.runs);
+    let mut secs = Vec::new();
     for _ in 0..a.runs {
         if !a.warm {
             e.weights().table.clear_cache();
@@ -859,6 +869,7 @@ fn bench_streaming(
 ) -> Result<ExitCode> {
     let cfg = e.config();
     let (b, l, c) = (a.batch, a.tokens, cfg.hc_mult * cfg.hidden_size);
+    let n = n.min(l); // a chunk longer than the sequence is the whole sequence
     let v = e.hashing().compressed().num_raw() as u64;
     let mut x = 0x9E3779B97F4A7C15u64;
     let mut next_id = move || {

@@ -443,6 +443,7 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
         Files::new()
             .input("--config", a.config.as_deref())
             .input("--inputs", a.src.inputs.as_deref())
+            .tokenizer(crate::v41::tokenizer_override())
             .output("--out", Some(&a.out))
             .check()?;
         check_id_source(&a.src)?;
@@ -463,18 +464,9 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
             (None, None) => bail!("give --inputs (with `input_ids`) or --text"),
         };
         let mask = match &inputs {
-            Some(f) if f.contains("token_mask") => {
-                let raw = f.raw("token_mask")?;
-                if raw.shape.iter().product::<usize>() != b * l {
-                    bail!(
-                        "tensor `token_mask` in {}: expected [{b}, {l}] like input_ids, found {:?}",
-                        f.path().display(),
-                        raw.shape
-                    );
-                }
-                Some(raw.data().iter().map(|&m| m != 0).collect::<Vec<bool>>())
-            }
-            _ => None,
+            // --inputs holds input_ids [B, L]; --text gives one sequence and no mask.
+            Some(f) => crate::v41::read_mask(f, &[b, l])?,
+            None => None,
         };
         return crate::v41::hash(v, &ids, mask.as_deref(), b, l, &a.out);
     }

@@ -295,7 +295,7 @@ pub fn bench(e: &Engram, dtype: DType, shapes: &[Shape], runs: usize, json: bool
             let gemm = cuda.gemm_ms(&ws, runs)?;
             let (med, gmed) = (median(&ms), median(&gemm));
             // Where the time goes: events between the stages (median per stage).
-            let mut per_stage: Vec<[f64; 5]> = Vec::with_capacity(runs);
+            let mut per_stage: Vec<[f64; 5]> = Vec::new();
             for _ in 0..runs.min(10) {
                 per_stage.push(cuda.enqueue_profiled(&mut ws, &mut st)?);
             }

@@ -292,7 +292,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         (None, _) if topts.cache_bytes.is_some() => {
             let mut w = weights;
             let t = std::sync::Arc::new(w.table.clone());
-            w.table = engram::weights::EmbeddingTable::from_store(topts.cached(t));
+            w.table = engram::weights::EmbeddingTable::from_store(topts.cached(t)?);
             w
         }
         (None, _) => weights,

@@ -80,6 +80,17 @@ impl Files {
         self
     }
 
+    /// The files of a `--tokenizer` (a tokenizer.json, or a folder holding one; skipped
+    /// when `None`).
+    pub fn tokenizer(mut self, p: Option<&Path>) -> Self {
+        if let Some(p) = p {
+            for t in tokenizer_files(&p.to_string_lossy()) {
+                self.inputs.push(("--tokenizer".to_string(), t));
+            }
+        }
+        self
+    }
+
     /// An output file (skipped when `None`).
     pub fn output(mut self, flag: &str, p: Option<&Path>) -> Self {
         if let Some(p) = p {

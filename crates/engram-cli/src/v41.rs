@@ -86,7 +86,7 @@ fn pick_layer(cfg: &V41Config, layer: Option<u64>) -> Result<u64> {
 }
 
 /// `token_mask` (u8 or bool, 1 = text; the shape of `input_ids`) from an inputs file.
-fn read_mask(f: &TensorFile, ids_shape: &[usize]) -> Result<Option<Vec<bool>>> {
+pub(crate) fn read_mask(f: &TensorFile, ids_shape: &[usize]) -> Result<Option<Vec<bool>>> {
     if !f.contains("token_mask") {
         return Ok(None);
     }
@@ -127,6 +127,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
         .checkpoint("--weights", a.weights)
         .input("--inputs", a.inputs)
         .input("--state-in", a.state_in)
+        .tokenizer(tokenizer_override())
         .output("--out", Some(a.out))
         .output("--state-out", a.state_out)
         .check()?;
@@ -410,6 +411,16 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
     };
     let (c, layer, pack_s) = match a.weights {
         Some(w) => {
+            // The ids, hidden states and outputs of --tokens tokens (the layer's own
+            // weights are checked where they are loaded).
+            let (hc, dim, mw, kvw) = (cfg.hc_mult, cfg.dim, cfg.memory_width(), cfg.kv_width());
+            let mut plan = engram::budget::MemoryPlan::new();
+            plan.add_dims(
+                "activations",
+                &[tokens as u64, (hc * dim * 3 + mw + kvw + 2) as u64],
+                4,
+            )?;
+            plan.check()?;
             let ck = Checkpoint::open(w)?;
             eprintln!("loading layer {layer_id} of {} ...", w.display());
             let layer = V41Layer::load_with(&cfg, comp.clone(), &ck, layer_id, a.table.clone())?;
@@ -464,7 +475,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
     let peak_before = crate::bench::peak_gflops(bf16_dot);
     let table = &layer.weights().table;
     let store_before = table.stats();
-    let mut total = Vec::with_capacity(runs);
+    let mut total = Vec::new();
     for _ in 0..runs {
         if !a.warm {
             table.clear();
@@ -485,7 +496,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
         requantize_block(b);
     }
     let mut y = vec![0f32; 256.min(tokens) * kvw];
-    let mut projs = Vec::with_capacity(runs);
+    let mut projs = Vec::new();
     for _ in 0..runs {
         let t = std::time::Instant::now();
         let mut left = tokens;

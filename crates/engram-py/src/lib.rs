@@ -8,7 +8,10 @@ use engram::{
     CompressedTokenizer, DType, Engram, EngramConfig, EngramError, EngramState, ForwardPath,
     NgramHashMapping, Stages, Tokenizer,
 };
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -88,7 +91,7 @@ fn busy() -> PyErr {
 }
 
 impl State {
-    fn to_bytes(&self) -> Vec<u8> {
+    fn to_bytes(&self) -> PyResult<Vec<u8>> {
         let mut b = Vec::new();
         match &self.inner {
             StateInner::Demo(s) => {
@@ -109,9 +112,10 @@ impl State {
                 b.extend((s.history.len() as u64).to_le_bytes());
                 s.history.iter().for_each(|x| b.extend(x.to_le_bytes()));
             }
-            StateInner::Busy => b.push(0u8),
+            // Lent to a call in another thread: there is nothing consistent to write.
+            StateInner::Busy => return Err(busy()),
         }
-        b
+        Ok(b)
     }
 
     fn from_bytes(b: &[u8]) -> PyResult<State> {
@@ -142,6 +146,12 @@ impl State {
                         Ok(f32::from_le_bytes(v.try_into().unwrap()))
                     })
                     .collect::<PyResult<_>>()?;
+                if let Some(i) = conv.iter().position(|x| !x.is_finite()) {
+                    return Err(verr(format!(
+                        "state: conv history value {i}: expected a finite number, found {}",
+                        conv[i]
+                    )));
+                }
                 Ok(State {
                     inner: StateInner::Demo(EngramState::from_parts(hist, conv, rw, pos)),
                 })
@@ -175,8 +185,8 @@ impl State {
         }
     }
 
-    fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.to_bytes())
+    fn __getstate__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &self.to_bytes()?))
     }
 
     fn __setstate__(&mut self, b: &[u8]) -> PyResult<()> {
@@ -203,9 +213,9 @@ impl State {
     }
 
     /// Writes the state to `path` (atomically).
-    fn save(&self, path: &str) -> PyResult<()> {
-        let bytes = self.to_bytes();
-        engram::atomic::write_atomic(std::path::Path::new(path), |w| {
+    fn save(&self, path: std::path::PathBuf) -> PyResult<()> {
+        let bytes = self.to_bytes()?;
+        engram::atomic::write_atomic(&path, |w| {
             use std::io::Write;
             w.write_all(&bytes)
         })
@@ -214,9 +224,8 @@ impl State {
 
     /// Reads a state written by `save`.
     #[staticmethod]
-    fn load(path: &str) -> PyResult<State> {
-        let b = engram::files::read_limited(std::path::Path::new(path), 1 << 30, "state")
-            .map_err(err)?;
+    fn load(path: std::path::PathBuf) -> PyResult<State> {
+        let b = engram::files::read_limited(&path, 1 << 30, "state").map_err(err)?;
         State::from_bytes(&b)
     }
 
@@ -229,23 +238,31 @@ impl State {
     }
 }
 
-/// `[B, L]` or `[T]` int64 ids.
-fn ids_of(a: &PyReadonlyArrayDyn<'_, i64>) -> PyResult<(Vec<i64>, Vec<usize>)> {
+/// The array's values, copied before the engine runs: the engine reads them with the GIL
+/// released, when another Python thread could write to, resize or free the array. An
+/// array whose data is not aligned for `T` is refused (no Rust view of it would be sound).
+fn values_of<T: numpy::Element + Copy>(
+    a: &PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+) -> PyResult<(Vec<T>, Vec<usize>)> {
+    let align = std::mem::align_of::<T>();
+    if !(a.data() as usize).is_multiple_of(align) {
+        return Err(verr(format!(
+            "{name}: expected an array aligned to {align} bytes, found one at a misaligned \
+             address (pass np.require(a, requirements=\"CA\"))"
+        )));
+    }
     let shape = a.shape().to_vec();
-    let v = a.as_array().iter().copied().collect();
+    let v = match a.as_slice() {
+        Ok(s) => s.to_vec(),
+        Err(_) => a.as_array().iter().copied().collect(),
+    };
     Ok((v, shape))
 }
 
-/// The array's values: borrowed in place when C-contiguous (the engine reads them with the
-/// GIL released; callers must not mutate an array while a call reads it), else one copy in
-/// logical order.
-fn floats_of<'a>(a: &'a PyReadonlyArrayDyn<'_, f32>) -> (std::borrow::Cow<'a, [f32]>, Vec<usize>) {
-    let shape = a.shape().to_vec();
-    let v = match a.as_slice() {
-        Ok(s) => std::borrow::Cow::Borrowed(s),
-        Err(_) => std::borrow::Cow::Owned(a.as_array().iter().copied().collect()),
-    };
-    (v, shape)
+/// `[B, L]` or `[T]` int64 ids.
+fn ids_of(a: &PyReadonlyArrayDyn<'_, i64>) -> PyResult<(Vec<i64>, Vec<usize>)> {
+    values_of(a, "input_ids")
 }
 
 fn mask_of(
@@ -296,15 +313,36 @@ fn put_i64<'py>(
 }
 
 impl Layer {
-    fn run<T: Send>(&self, py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    /// Runs `f` on the layer's pool with the GIL released. A panic (a bug: the engine
+    /// returns errors for every bad input) comes back as a RuntimeError, so that callers
+    /// still put lent states back.
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce() -> engram::Result<T> + Send,
+    ) -> PyResult<T> {
         py.allow_threads(|| {
             let t0 = Instant::now();
-            let r = match &self.pool {
+            // Unwind-safe enough: after a panic the caller only puts states back and
+            // raises; nothing reads what the panicking call was writing.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &self.pool {
                 Some(p) => p.install(f),
                 None => f(),
-            };
+            }));
             *self.last.lock().unwrap_or_else(|p| p.into_inner()) = t0.elapsed().as_secs_f64();
-            r
+            match r {
+                Ok(r) => r.map_err(err),
+                Err(p) => {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                        "engram: internal error (please report it): {what}"
+                    )))
+                }
+            }
         })
     }
 
@@ -453,7 +491,7 @@ impl Layer {
             )));
         };
         let (hc, d) = self.widths();
-        let (hidden, hshape) = floats_of(&hidden_states);
+        let (hidden, hshape) = values_of(&hidden_states, "hidden_states")?;
         if hshape != [b, l, hc, d] {
             return Err(verr(format!(
                 "hidden_states: expected shape {:?}, found {hshape:?}",
@@ -466,32 +504,28 @@ impl Layer {
                 if mask.is_some() {
                     return Err(verr("token_mask: the demo layer has no dead tokens (a DeepSeek-V4.1 layer does)"));
                 }
-                let s = self
-                    .run(py, || {
-                        if all_stages {
-                            e.forward_detailed(&ids, &hidden, b, l, *path)
-                        } else {
-                            e.forward(&ids, &hidden, b, l, *path)
-                        }
-                    })
-                    .map_err(err)?;
+                let s = self.run(py, || {
+                    if all_stages {
+                        e.forward_detailed(&ids, &hidden, b, l, *path)
+                    } else {
+                        e.forward(&ids, &hidden, b, l, *path)
+                    }
+                })?;
                 self.demo_dict(py, e, s, &[b, l])
             }
             Inner::V41(layer, path) => {
-                let s = self
-                    .run(py, || {
-                        layer.forward(
-                            &ids,
-                            &hidden,
-                            mask.as_deref(),
-                            b,
-                            l,
-                            bf16_output,
-                            *path,
-                            all_stages,
-                        )
-                    })
-                    .map_err(err)?;
+                let s = self.run(py, || {
+                    layer.forward(
+                        &ids,
+                        &hidden,
+                        mask.as_deref(),
+                        b,
+                        l,
+                        bf16_output,
+                        *path,
+                        all_stages,
+                    )
+                })?;
                 self.v41_dict(py, layer, s, &[b, l])
             }
         }
@@ -532,12 +566,17 @@ impl Layer {
         }
         let t = ids.len();
         let (hc, d) = self.widths();
-        let (hidden, hshape) = floats_of(&hidden_states);
+        let (hidden, hshape) = values_of(&hidden_states, "hidden_states")?;
         if hshape != [t, hc, d] {
             return Err(verr(format!(
                 "hidden_states: expected shape {:?}, found {hshape:?}",
                 [t, hc, d]
             )));
+        }
+        if !(offsets.data() as usize).is_multiple_of(std::mem::align_of::<i64>()) {
+            return Err(verr(
+                "offsets: expected an array aligned to 8 bytes, found one at a misaligned address",
+            ));
         }
         let off: Vec<usize> = offsets
             .as_array()
@@ -582,7 +621,7 @@ impl Layer {
                 for (o, n) in states.iter().zip(st) {
                     o.borrow_mut().inner = StateInner::Demo(n);
                 }
-                self.demo_dict(py, e, r.map_err(err)?, &[t])
+                self.demo_dict(py, e, r?, &[t])
             }
             Inner::V41(layer, path) => {
                 for s in &states {
@@ -620,7 +659,7 @@ impl Layer {
                 for (o, n) in states.iter().zip(st) {
                     o.borrow_mut().inner = StateInner::V41(n);
                 }
-                self.v41_dict(py, layer, r.map_err(err)?, &[t])
+                self.v41_dict(py, layer, r?, &[t])
             }
         }
     }
@@ -827,7 +866,7 @@ fn from_state_dict(
         let a: PyReadonlyArrayDyn<'_, f32> = a
             .extract()
             .map_err(|_| verr(format!("`{name}`: expected a float32 array")))?;
-        Ok(floats_of(&a).0.into_owned())
+        Ok(values_of(&a, name)?.0)
     };
     let comp = engram::layer::compression_for(&cfg).map_err(err)?;
     let m = Arc::new(NgramHashMapping::new(&cfg, comp).map_err(err)?);
@@ -840,7 +879,7 @@ fn from_state_dict(
             let a: PyReadonlyArrayDyn<'_, i64> = a
                 .extract()
                 .map_err(|_| verr(format!("`{offsets_name}`: expected an int64 array")))?;
-            a.as_array().iter().copied().collect()
+            values_of(&a, offsets_name)?.0
         }
         None => layer.offsets().iter().map(|&o| o as i64).collect(),
     };
@@ -885,9 +924,14 @@ fn state_dict<'py>(py: Python<'py>, layer: &Layer) -> PyResult<Bound<'py, PyDict
     let (cfg, d) = (e.config(), PyDict::new(py));
     let (rows, dim) = (w.table.rows(), w.table.dim());
     let mut table = vec![0f32; rows * dim];
-    for (r, row) in table.chunks_exact_mut(dim).enumerate() {
-        w.table.row_into(r, row);
-    }
+    // Rows from a store can fail (a file, a remote store): an error, never NaN rows.
+    py.allow_threads(|| {
+        table
+            .chunks_exact_mut(dim)
+            .enumerate()
+            .try_for_each(|(r, row)| w.table.try_row_into(r, row))
+    })
+    .map_err(err)?;
     put_f32(
         py,
         &d,
@@ -935,14 +979,16 @@ fn compression_table<'py>(
     Ok(PyArray1::from_slice(py, c.lookup()))
 }
 
-/// n-gram hashes of `[B, L]` ids for every layer of a demo config: {layer_id: [B, L, H]}.
+/// n-gram hashes of `[B, L]` ids for every layer of a config: {layer_id: [B, L, H]};
+/// `tokenizer` overrides the config's (demo) or the bundled one (V4.1).
 #[pyfunction]
-#[pyo3(signature = (config, is_path, input_ids))]
+#[pyo3(signature = (config, is_path, input_ids, tokenizer=None))]
 fn hash<'py>(
     py: Python<'py>,
     config: &str,
     is_path: bool,
     input_ids: PyReadonlyArrayDyn<'py, i64>,
+    tokenizer: Option<&str>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let v = config_json(config, is_path)?;
     let (ids, shape) = ids_of(&input_ids)?;
@@ -954,8 +1000,11 @@ fn hash<'py>(
     let d = PyDict::new(py);
     if engram::v41::config::is_v41(&v) {
         let cfg = V41Config::from_value(&v).map_err(err)?;
-        let comp =
-            Arc::new(CompressedTokenizer::build(&Tokenizer::bundled().map_err(err)?).map_err(err)?);
+        let t = self::tokenizer(tokenizer)?;
+        let comp = Arc::new(
+            py.allow_threads(|| CompressedTokenizer::build(&t))
+                .map_err(err)?,
+        );
         for &layer in &cfg.layer_ids {
             let h = engram::v41::V41Hashing::new(&cfg, comp.clone(), layer).map_err(err)?;
             let mut rows = Vec::with_capacity(ids.len() * h.columns());
@@ -968,9 +1017,14 @@ fn hash<'py>(
         }
         return Ok(d);
     }
-    let cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
-    let m = NgramHashMapping::new(&cfg, engram::layer::compression_for(&cfg).map_err(err)?)
+    let mut cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
+    if let Some(t) = tokenizer {
+        cfg.tokenizer_name_or_path = t.to_string();
+    }
+    let comp = py
+        .allow_threads(|| engram::layer::compression_for(&cfg))
         .map_err(err)?;
+    let m = NgramHashMapping::new(&cfg, comp).map_err(err)?;
     for layer in m.layers() {
         let h = m.hash(layer.layer_id, &ids, l).map_err(err)?;
         put_i64(

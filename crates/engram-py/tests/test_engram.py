@@ -38,6 +38,15 @@ def test_non_contiguous_and_other_dtypes_are_converted(small, stages):
     # A Fortran-ordered copy (non-contiguous view of the same values) and int32 ids / float64 hidden.
     got = small.forward(ids.astype(np.int32), np.asfortranarray(h.astype(np.float64)))["output"]
     np.testing.assert_allclose(got, want, atol=1e-6)
+    # A misaligned float32 view (offset 1 byte into a buffer): the wrapper copies it to an
+    # aligned array; the binding itself refuses it rather than reading it unaligned.
+    raw = np.zeros(h.nbytes + 1, np.uint8)
+    raw[1:] = h.reshape(-1).view(np.uint8)
+    odd = np.frombuffer(raw.data, np.float32, count=h.size, offset=1).reshape(h.shape)
+    assert not odd.flags.aligned
+    np.testing.assert_array_equal(small.forward(ids, odd)["output"], want)
+    with pytest.raises(ValueError, match="aligned"):
+        small._layer.forward(ids, odd, None, False, False)
 
 
 def test_streaming_equals_one_shot(small, stages):
@@ -67,7 +76,7 @@ def test_ragged_batch_and_state_files(small, stages, tmp_path):
     states = [small.new_state(), small.new_state()]
     out = small.forward_ragged(states, ids.reshape(-1), h.reshape(-1, 4, 1024), [0, 12, 24])["output"]
     np.testing.assert_allclose(out.reshape(want.shape), want, atol=1e-5)
-    states[0].save(str(tmp_path / "s.bin"))
+    states[0].save(tmp_path / "s.bin")  # a pathlib.Path or a str
     back = engram.State.load(str(tmp_path / "s.bin"))
     assert back.position == 12 and pickle.dumps(back) == pickle.dumps(states[0])
 
@@ -84,9 +93,22 @@ def test_tokenize_compression_and_hash(golden):
     assert engram.tokenize("hi", bos=False)[0] != 0
 
 
-def test_v41_layer_through_numpy(golden):
+def test_v41_layer_through_numpy(golden, tmp_path):
     v = golden / "v41"
     cases = read_safetensors(v / "v41_small.cases.safetensors")
+    # Hashes with a tokenizer given as a file (here the bundled one, unpacked): the same ids.
+    import gzip
+    from pathlib import Path
+
+    tok = tmp_path / "tokenizer.json"
+    tok.write_bytes(gzip.decompress((Path(__file__).parents[2] / "engram/assets/deepseek-v3-tokenizer.json.gz").read_bytes()))
+    bundled = engram.hash(v / "v41_small.config.json", cases["input_ids"])
+    given = engram.hash(v / "v41_small.config.json", cases["input_ids"], tokenizer=tok)
+    assert sorted(given) == [1, 14]
+    for layer in [1, 14]:
+        np.testing.assert_array_equal(given[layer], bundled[layer])
+    with pytest.raises(ValueError):
+        engram.hash(v / "v41_small.config.json", cases["input_ids"], tokenizer=tmp_path / "missing.json")
     mask = cases["token_mask"].astype(bool)
     for layer in [1, 14]:
         l = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=layer)
@@ -153,14 +175,38 @@ def test_the_gil_is_released_while_the_engine_computes(small):
         done.set()
 
     t = threading.Thread(target=work)
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
+    gap = 0.0
     t.start()
     while not done.is_set():
         spins += 1  # runs only while the worker does not hold the GIL
+        now = time.perf_counter()
+        gap, last = max(gap, now - last), now
     t.join()
     elapsed = time.perf_counter() - t0
     assert elapsed > 0.05, "the work must take a while for this test to mean anything"
     assert spins > 10_000, f"the main thread ran {spins} iterations in {elapsed:.2f}s: the GIL was held"
+    # Were the GIL held through a call, the main thread would stop for the whole call; a
+    # released GIL leaves it only the OS scheduler's pauses (milliseconds).
+    assert gap < 0.5 * elapsed / 3, f"the main thread stopped for {gap:.3f}s of calls taking {elapsed / 3:.3f}s each"
+
+
+def test_a_state_in_use_cannot_be_saved(small):
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 128000, size=3000, dtype=np.int64)
+    h = rng.standard_normal((3000, 4, 1024), dtype=np.float32)
+    st = small.new_state()
+    t = threading.Thread(target=lambda: small.forward_ragged([st], ids, h, [0, 3000]))
+    t.start()
+    seen = False
+    while t.is_alive() and not seen:
+        seen = "in use" in repr(st)
+    assert seen, "the call (3000 tokens) ended before the main thread saw its state lent"
+    with pytest.raises(ValueError, match="in use"):
+        pickle.dumps(st)
+    t.join()
+    assert st.position == 3000
+    pickle.loads(pickle.dumps(st))  # after the call it pickles again
 
 
 def test_no_leak_over_many_calls(small, stages):

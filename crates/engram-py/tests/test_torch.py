@@ -43,3 +43,26 @@ def test_engram_module_is_a_drop_in_for_the_reference(golden, stages):
         m(h.clone().requires_grad_(True), ids)
     with pytest.raises(ValueError, match="integer"):
         m(h, ids.float() + 0.7)
+
+
+def test_engram_module_in_other_dtypes_reads_its_weights_as_f32(golden, stages):
+    cfg = {"engram_vocab_size": [1999, 2503], "tokenizer_name_or_path": "deepseek-v3"}
+    m = engram.torch.EngramModule(cfg, layer_id=15)
+    sd = engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors").state_dict()
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    h = torch.from_numpy(stages["seed_text.hidden_states"].copy())
+    ids = torch.from_numpy(stages["seed_text.input_ids"].copy())
+    want = m(h, ids)
+    # bf16 weights: the module's weights change (rounded), the call must run and return bf16.
+    mb = engram.torch.EngramModule(cfg, layer_id=15)
+    mb.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    mb = mb.to(torch.bfloat16)
+    out = mb(h.to(torch.bfloat16), ids)
+    assert out.dtype == torch.bfloat16 and out.shape == want.shape
+    # float64 weights hold the same values: the same output, in float64.
+    md = engram.torch.EngramModule(cfg, layer_id=15)
+    md.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    md = md.double()
+    out = md(h.double(), ids)
+    assert out.dtype == torch.float64
+    np.testing.assert_array_equal(out.float().numpy(), want.numpy())

@@ -467,8 +467,16 @@ impl Engram {
         let check_in_gate = path == ForwardPath::Fused
             && total >= CHECK_IN_GATE_ROWS_PER_SEQUENCE * states.len().max(1);
         self.check_shapes(ids, hidden, 1, total)?;
-        for st in states.iter() {
+        for (s, st) in states.iter().enumerate() {
             self.check_state(st)?;
+            let len = (offsets[s + 1] - offsets[s]) as u64;
+            if st.position.checked_add(len).is_none() {
+                return Err(EngramError::invalid(
+                    format!("sequence {s}: state position"),
+                    format!("below 2^64 - {len} (the tokens of this call)"),
+                    st.position,
+                ));
+            }
         }
         // Compress every sequence; errors name the sequence and its own position.
         let mut canon = Vec::with_capacity(states.len());

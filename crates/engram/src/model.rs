@@ -160,6 +160,15 @@ impl DemoModel {
                 found: vec![state.ngram_history.len()],
             });
         }
+        // Canonical ids below V' (negative ids pass through, as the reference's do).
+        let vprime = self.hashing.compressed().num_compressed() as i64;
+        if let Some(k) = state.ngram_history.iter().position(|&h| h >= vprime) {
+            return Err(EngramError::invalid(
+                format!("state.ngram_history[{k}]"),
+                format!("a canonical id below {vprime} (or a negative pass-through id)"),
+                state.ngram_history[k],
+            ));
+        }
         if state.conv_ring.len() != ring || state.conv_head >= self.cfg.conv_history().max(1) {
             return Err(EngramError::Shape {
                 name: "state.conv_history".into(),

@@ -592,7 +592,7 @@ impl EngramWeights {
             let id =
                 crate::rows::redis::TableId::new("demo", cfg.layer_id, &cfg.to_json_string(), &raw);
             let store = crate::rows::redis::RedisRows::open(url, &id, opts.store_options)?;
-            w.table = EmbeddingTable::from_store(opts.cached(Arc::new(store)));
+            w.table = EmbeddingTable::from_store(opts.cached(Arc::new(store))?);
             return Ok(w);
         }
         let store: Arc<dyn RowStore> = match opts.io {
@@ -612,7 +612,7 @@ impl EngramWeights {
                 })
             }
         };
-        w.table = EmbeddingTable::from_store(opts.cached(store));
+        w.table = EmbeddingTable::from_store(opts.cached(store)?);
         Ok(w)
     }
 

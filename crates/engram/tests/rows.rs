@@ -155,11 +155,17 @@ fn a_cache_never_holds_more_than_its_budget() {
             s.hits + s.misses,
             (inner.rows() + inner.rows().div_ceil(7)) as u64
         );
+        assert!(
+            c.row_into(inner.rows(), &mut [0f32; 32]).is_err(),
+            "a row past the end is an error, through the cache too"
+        );
     }
-    assert!(
-        inner.row_into(inner.rows(), &mut [0f32; 32]).is_err(),
-        "a row past the end is an error"
-    );
+    // A budget far beyond the table buys at most every row (it would otherwise size the
+    // cache's index for rows that do not exist, or abort).
+    for budget in [1u64 << 40, u64::MAX] {
+        let c = CachedRows::new(inner.clone(), budget);
+        assert!(c.capacity_rows() <= inner.rows(), "{}", c.capacity_rows());
+    }
 }
 
 #[test]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -52,10 +53,20 @@ def _count(x: Any, name: str, low: int) -> Optional[int]:
     return int(x)
 
 
+def _threads(x: Any) -> Optional[int]:
+    """``threads``: an integer >= 1, capped (with a warning) at 4 x the cores, as the CLI does."""
+    n = _count(x, "threads", 1)
+    cores = os.cpu_count() or 1
+    if n is not None and n > 4 * cores:
+        warnings.warn(f"threads={n} capped at {4 * cores} (4 x the {cores} cores)", stacklevel=3)
+        n = 4 * cores
+    return n
+
+
 def _array(x: Any, name: str, dtype: Any) -> Tuple[np.ndarray, bool]:
     """A contiguous array of `dtype` (no copy when it already is one); whether it was bf16."""
-    if type(x) is np.ndarray and x.dtype == dtype and x.flags.c_contiguous:
-        return x, False  # the common case, at no cost
+    if type(x) is np.ndarray and x.dtype == dtype and x.flags.c_contiguous and x.flags.aligned:
+        return x, False  # the common case (the engine copies it before it releases the GIL)
     bf16 = False
     if _is_torch(x):
         import torch
@@ -80,7 +91,7 @@ def _array(x: Any, name: str, dtype: Any) -> Tuple[np.ndarray, bool]:
         if a.dtype.kind == "u" and a.size and a.max() >= 2**63:
             raise ValueError(f"{name}: expected values below 2^63, found {a.max()}")
         a = a.astype(dtype)
-    return np.ascontiguousarray(a), bf16
+    return np.require(a, requirements="CA"), bf16
 
 
 def _out(d: Dict[str, np.ndarray], torch_in: bool, bf16: bool) -> Dict[str, Any]:
@@ -131,7 +142,7 @@ class Engram:
         the rows live. ``table_store``: ``"redis://HOST:PORT"`` of a Redis Cluster holding
         the table (written by ``engram table push``)."""
         c, is_path = _config(config)
-        layer, threads = _count(layer, "layer", 0), _count(threads, "threads", 1)
+        layer, threads = _count(layer, "layer", 0), _threads(threads)
         cache = None if table_cache is None else str(table_cache)
         io_depth = _count(io_depth, "io_depth", 1)
         return cls(_engram.load(c, is_path, os.fspath(weights), layer, dtype, path, tokenizer, threads, table_io, cache, table_cache_policy, io_depth, table_store))
@@ -140,7 +151,7 @@ class Engram:
     def torch_default(cls, config: Config, seed: int, *, dtype: str = "f32", path: str = "fused", threads: Optional[int] = None) -> "Engram":
         """The demo layer with the weights PyTorch creates after ``torch.manual_seed(seed)``."""
         c, is_path = _config(config)
-        seed, threads = _count(seed, "seed", 0), _count(threads, "threads", 1)
+        seed, threads = _count(seed, "seed", 0), _threads(threads)
         return cls(_engram.torch_default(c, is_path, seed, dtype, path, threads))
 
     @property
@@ -181,6 +192,8 @@ class Engram:
         ids, _ = _array(input_ids, "input_ids", np.int64)
         h, bf16 = _array(hidden_states, "hidden_states", np.float32)
         off, _ = _array(offsets, "offsets", np.int64)
+        if off.ndim != 1:
+            raise ValueError(f"offsets: expected shape [S+1], found {list(off.shape)}")
         m = None if token_mask is None else _array(token_mask, "token_mask", np.bool_)[0]
         return _out(self._layer.forward_ragged(list(states), ids, h, off, m, bf16), torch_in, bf16)
 
@@ -202,9 +215,12 @@ def compression_table(*, tokenizer: Optional[str] = None) -> np.ndarray:
     return _engram.compression_table(tokenizer)
 
 
-def hash(config: Config, input_ids: Any) -> Dict[int, np.ndarray]:  # noqa: A001 (the reference's name)
+def hash(config: Config, input_ids: Any, *, tokenizer: Optional[str] = None) -> Dict[int, np.ndarray]:  # noqa: A001 (the reference's name)
     """n-gram hashes of ``input_ids`` [B, L] for every layer of the config: {layer_id: array}.
-    Demo configs give hashes before table offsets [B, L, H]; V4.1 configs table row ids."""
+    Demo configs give hashes before table offsets [B, L, H]; V4.1 configs table row ids.
+    ``tokenizer`` (a tokenizer.json or folder) overrides the config's tokenizer (demo) or the
+    bundled DeepSeek-V3 one (V4.1: the checkpoint's own tokenizer, for real configs)."""
     c, is_path = _config(config)
     ids, _ = _array(input_ids, "input_ids", np.int64)
-    return {int(k): v for k, v in _engram.hash(c, is_path, ids).items()}
+    tok = None if tokenizer is None else os.fspath(tokenizer)
+    return {int(k): v for k, v in _engram.hash(c, is_path, ids, tok).items()}

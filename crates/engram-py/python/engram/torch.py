@@ -63,14 +63,20 @@ class EngramModule(torch.nn.Module):
     def _layer(self) -> "_engram.Layer":
         key = self._signature()
         if key != self._key:
-            tensors = {n: t.detach().cpu().contiguous().numpy() for n, t in self.state_dict().items()}
+            # The engine computes in f32: weights held in bf16/f16/f64 (after .to(dtype),
+            # .half(), .double()) are read as f32 (exact for bf16 and f16).
+            tensors = {
+                n: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous().numpy()
+                for n, t in self.state_dict().items()
+            }
             self._engine = _engram.from_state_dict(self._config_json, tensors, self._path, None)
             self._key = key
         return self._engine
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """``hidden_states`` [B, L, HC, D], ``input_ids`` [B, L] -> output [B, L, HC, D] (the
-        module's return value, before the block's residual), in the hidden states' dtype."""
+        module's return value, before the block's residual), in the hidden states' dtype and
+        on their device (the engine itself runs on the CPU)."""
         for name, t in (("hidden_states", hidden_states), ("input_ids", input_ids)):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{name}: expected a torch.Tensor, found {type(t).__name__}")
@@ -82,4 +88,4 @@ class EngramModule(torch.nn.Module):
         h = hidden_states.detach().to("cpu", torch.float32).contiguous().numpy()
         ids = input_ids.detach().to("cpu", torch.int64).contiguous().numpy()
         out = self._layer().forward(ids, h, None, False, False)["output"]
-        return torch.from_numpy(out).to(dtype)
+        return torch.from_numpy(out).to(hidden_states.device, dtype)

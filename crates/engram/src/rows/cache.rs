@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 /// sized once for its rows, so they do not grow past this.
 pub const SLOT_OVERHEAD: u64 = 128;
 
+/// Shards of the cache (each behind its own lock).
+const MAX_SHARDS: usize = 64;
+
 /// Share of a shard's slots for S3-FIFO's small (probation) queue, as in the paper (10%).
 const S3_SMALL_SHARE: f64 = 0.1;
 
@@ -449,13 +452,23 @@ impl CachedRows {
         Self::with_policy(inner, budget, CachePolicy::default())
     }
 
+    /// Rows a cache of `budget` bytes in front of `inner` holds, and the bytes charged per
+    /// row: never more rows than the table has (a budget beyond it buys nothing and would
+    /// still size the index), nor more than a shard's u32 slots.
+    pub fn capacity_for(inner: &dyn RowStore, budget: u64) -> (usize, u64) {
+        let value_bytes = if inner.bf16_exact() { 2 } else { 4 };
+        let slot_bytes = (inner.dim() as u64 * value_bytes).max(1) + SLOT_OVERHEAD;
+        let rows = (budget / slot_bytes)
+            .min(inner.rows() as u64)
+            .min(MAX_SHARDS as u64 * (NIL as u64 - 1));
+        (rows as usize, slot_bytes)
+    }
+
     /// A cache of at most `budget` bytes in front of `inner`, evicting by `policy`.
     pub fn with_policy(inner: Arc<dyn RowStore>, budget: u64, policy: CachePolicy) -> Self {
         let bf16 = inner.bf16_exact();
-        let value_bytes = if bf16 { 2 } else { 4 };
-        let slot_bytes = (inner.dim() as u64 * value_bytes).max(1) + SLOT_OVERHEAD;
-        let capacity = (budget / slot_bytes) as usize;
-        let nshards = capacity.clamp(1, 64);
+        let (capacity, slot_bytes) = Self::capacity_for(inner.as_ref(), budget);
+        let nshards = capacity.clamp(1, MAX_SHARDS);
         let per_shard = capacity / nshards;
         CachedRows {
             per_shard,

@@ -201,6 +201,17 @@ impl DirectRows {
                 ))
             }
         };
+        // The reads go by `rows` and `dim`: they must be the tensor's own, or rows would
+        // come from the bytes of neighbouring tensors.
+        let elem = if format == RowFormat::F32 { 4 } else { 2 };
+        let bytes = rows.checked_mul(dim).and_then(|n| n.checked_mul(elem));
+        if t.shape != [rows, dim] || bytes != Some(t.data().len()) {
+            return Err(EngramError::Shape {
+                name: "table-io direct: the table".into(),
+                expected: vec![rows, dim],
+                found: t.shape.clone(),
+            });
+        }
         let Some((path, at)) = t.location() else {
             return Err(EngramError::invalid(
                 "table-io direct",

@@ -126,6 +126,14 @@ impl Fp8Table {
         dim: usize,
     ) -> Result<Self> {
         let scale_name = name.replace(".weight", ".scale");
+        if dim == 0 || !dim.is_multiple_of(BLOCK) {
+            // One scale per BLOCK values: a partial block would leave values undecoded.
+            return Err(EngramError::invalid(
+                format!("{name}: row width"),
+                format!("a positive multiple of {BLOCK}"),
+                dim,
+            ));
+        }
         for (n, t, want) in [
             (name.to_string(), &codes, Dtype::F8_E4M3),
             (scale_name.clone(), &scales, Dtype::F8_E8M0),
@@ -256,6 +264,24 @@ pub(crate) fn check_row(r: usize, rows: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row width that is not a whole number of scale blocks is refused (its last values
+    /// would have no scale and stay undecoded).
+    #[test]
+    fn a_row_width_of_partial_blocks_is_refused() {
+        let header = r#"{"t.weight":{"dtype":"F8_E4M3","shape":[2,40],"data_offsets":[0,80]},"t.scale":{"dtype":"F8_E8M0","shape":[2,1],"data_offsets":[80,82]}}"#;
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0x38u8, 80)); // 1.0 in e4m3
+        b.extend([127u8, 127]);
+        let f = crate::tensors::TensorFile::from_bytes("t.safetensors", b).unwrap();
+        let (codes, scales) = (f.raw("t.weight").unwrap(), f.raw("t.scale").unwrap());
+        let e = Fp8Table::new("t.weight", codes, scales, 2, 40)
+            .err()
+            .expect("dim 40 refused")
+            .to_string();
+        assert!(e.contains("multiple of 32") && e.contains("40"), "{e}");
+    }
 
     /// The table against the format's definition, computed plainly.
     #[test]

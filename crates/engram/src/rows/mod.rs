@@ -79,6 +79,7 @@ pub trait RowStore: Send + Sync + std::fmt::Debug {
     /// the global rayon pool waits for it, so it must not need that pool.
     fn gather(&self, rows: &[usize], out: &mut [f32]) -> Result<()> {
         let d = self.dim();
+        check_gather_len(rows.len(), d, out.len())?;
         for (r, o) in rows.iter().zip(out.chunks_exact_mut(d)) {
             self.row_into(*r, o)?;
         }
@@ -245,14 +246,26 @@ pub struct TableOptions {
 }
 
 impl TableOptions {
-    /// `store` behind the cache these options ask for (or `store` itself).
-    pub fn cached(&self, store: std::sync::Arc<dyn RowStore>) -> std::sync::Arc<dyn RowStore> {
-        match self.cache_bytes {
+    /// `store` behind the cache these options ask for (or `store` itself). A cache holds
+    /// at most every row of the table, and must fit in the memory available now.
+    pub fn cached(
+        &self,
+        store: std::sync::Arc<dyn RowStore>,
+    ) -> Result<std::sync::Arc<dyn RowStore>> {
+        Ok(match self.cache_bytes {
             Some(b) => {
+                let (rows, slot_bytes) = cache::CachedRows::capacity_for(store.as_ref(), b);
+                let mut plan = crate::budget::MemoryPlan::new();
+                plan.add(
+                    "the row cache (--table-cache / table_cache)",
+                    rows as u64,
+                    slot_bytes,
+                )?;
+                plan.check()?;
                 std::sync::Arc::new(cache::CachedRows::with_policy(store, b, self.cache_policy))
             }
             None => store,
-        }
+        })
     }
 }
 

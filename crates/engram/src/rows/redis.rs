@@ -644,7 +644,7 @@ impl Wire {
             },
             map: Mutex::new(Arc::new(SlotMap::empty())),
         };
-        wire.refresh(o.timeout, Instant::now() + o.deadline)
+        wire.refresh(o.timeout, deadline_after(Instant::now(), o.deadline))
             .map_err(|e| store_err(url, format!("no slot map: {e}")))?;
         Ok(wire)
     }
@@ -675,6 +675,7 @@ impl Wire {
             let got = (|| -> std::result::Result<SlotMap, String> {
                 let mut c =
                     resp::Conn::connect(&addr, &self.auth, limit).map_err(|e| e.to_string())?;
+                c.set_deadline(Some(end));
                 let mut cmd = Vec::new();
                 resp::push_command(&mut cmd, &[b"CLUSTER", b"SLOTS"]);
                 c.send(&cmd).map_err(|e| e.to_string())?;
@@ -702,6 +703,13 @@ impl Wire {
 
 /// The longest one socket wait may last: `timeout`, cut to what is left before `end`; `None`
 /// once `end` has passed.
+/// `t0 + d`, or a century from `t0` where `d` is past what an `Instant` holds
+/// (`Duration::MAX` means no deadline).
+fn deadline_after(t0: Instant, d: Duration) -> Instant {
+    t0.checked_add(d)
+        .unwrap_or_else(|| t0 + Duration::from_secs(100 * 365 * 86_400))
+}
+
 fn wait_limit(timeout: Duration, end: Instant) -> Option<Duration> {
     let left = end.checked_duration_since(Instant::now())?;
     (!left.is_zero()).then(|| timeout.min(left))
@@ -738,6 +746,7 @@ impl Lane {
         }
         let c = self.conns.get_mut(addr).expect("inserted above");
         c.set_timeout(limit)?;
+        c.set_deadline(Some(end));
         Ok(c)
     }
 
@@ -828,7 +837,7 @@ fn get_rows(
     sink: &mut dyn FnMut(usize, Got<'_>) -> Result<()>,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let end = t0 + o.deadline;
+    let end = deadline_after(t0, o.deadline);
     let mut wait = Duration::from_millis(50);
     let mut tries = 0u32;
     let mut pending: Vec<usize> = (0..rows.len()).collect();
@@ -1002,7 +1011,7 @@ impl Try {
     ) -> std::result::Result<Option<String>, ()> {
         match resp::redirect(e) {
             resp::Redirect::Moved(_) => self.refresh = true,
-            resp::Redirect::Ask(to) => return Ok(Some(to)),
+            resp::Redirect::Ask(to) => return Ok(Some(resp::redirect_target(&to, node))),
             resp::Redirect::Retry => self.only_moved = false,
             resp::Redirect::Fatal => return Err(()),
         }

@@ -13,7 +13,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Hash slots of a Redis Cluster.
 pub const SLOTS: usize = 16384;
@@ -113,8 +113,29 @@ pub struct Auth {
 /// requests: the caller drops it.
 pub struct Conn {
     stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Deadlined>,
     line: Vec<u8>,
+}
+
+/// The socket's read half with a deadline: a read that would start after it fails with
+/// `TimedOut`. The socket's own timeout bounds each read; this bounds how long a reply that
+/// trickles in (one byte per read, each within the timeout) can hold a call. Checked once
+/// per buffer fill, not per reply.
+struct Deadlined {
+    stream: TcpStream,
+    end: Option<Instant>,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.end.is_some_and(|end| Instant::now() >= end) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the call's deadline passed while a reply was arriving",
+            ));
+        }
+        self.stream.read(buf)
+    }
 }
 
 impl Conn {
@@ -161,12 +182,23 @@ impl Conn {
     /// RESP over an open stream (either end: a node reads its clients' commands the same way).
     pub fn over(stream: TcpStream) -> io::Result<Conn> {
         stream.set_nodelay(true)?;
-        let reader = BufReader::with_capacity(1 << 16, stream.try_clone()?);
+        let reader = BufReader::with_capacity(
+            1 << 16,
+            Deadlined {
+                stream: stream.try_clone()?,
+                end: None,
+            },
+        );
         Ok(Conn {
             stream,
             reader,
             line: Vec::with_capacity(64),
         })
+    }
+
+    /// No read starts after `end` (`None`: no deadline).
+    pub fn set_deadline(&mut self, end: Option<Instant>) {
+        self.reader.get_mut().end = end;
     }
 
     /// The longest any one read or write may wait.
@@ -251,7 +283,8 @@ impl Conn {
     }
 
     /// A whole reply, nested arrays included (at most `depth` deep, bulk strings at most
-    /// `max_bulk` bytes, at most `budget` values in all): for control commands only.
+    /// `max_bulk` bytes, at most `budget` values in all, a bulk string of n bytes counting as
+    /// 1 + n/16 values, so that the bytes too are bounded): for control commands only.
     pub fn value(
         &mut self,
         depth: usize,
@@ -263,7 +296,8 @@ impl Conn {
         }
         *budget -= 1;
         Ok(match self.head()? {
-            Head::Bulk(n) if n <= max_bulk => {
+            Head::Bulk(n) if n <= max_bulk && n / 16 <= *budget => {
+                *budget -= n / 16;
                 let mut b = vec![0u8; n];
                 self.payload(&mut b)?;
                 Value::Bulk(b)
@@ -344,6 +378,13 @@ impl SlotMap {
             };
             let i = match nodes.iter().position(|n| *n == addr) {
                 Some(i) => i,
+                None if nodes.len() >= u16::MAX as usize - 1 => {
+                    // u16::MAX marks an unserved slot.
+                    return Err(format!(
+                        "a CLUSTER SLOTS reply of over {} nodes",
+                        nodes.len()
+                    ));
+                }
                 None => {
                     nodes.push(addr);
                     nodes.len() - 1
@@ -380,6 +421,19 @@ pub enum Redirect {
     Retry,
     /// Anything else: the request itself is wrong.
     Fatal,
+}
+
+/// A redirect's `host:port` with the host filled in from `replier` (the `host:port` of the
+/// node that sent it) where it is empty or `?` (Redis 7 `unknown-endpoint`), as in
+/// `CLUSTER SLOTS`.
+pub fn redirect_target(to: &str, replier: &str) -> String {
+    match to.rsplit_once(':') {
+        Some(("" | "?", port)) => {
+            let host = replier.rsplit_once(':').map_or(replier, |(h, _)| h);
+            format!("{host}:{port}")
+        }
+        _ => to.to_string(),
+    }
 }
 
 /// Reads an error reply's text.
@@ -557,5 +611,65 @@ mod tests {
         );
         done.send(()).unwrap();
         hold.join().unwrap();
+    }
+
+    /// A reply that trickles in, each byte within the read timeout, still ends at the
+    /// deadline (here 300 ms, where the whole reply would take 6 s).
+    #[test]
+    fn a_trickling_reply_ends_at_the_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut b = [0u8; 64];
+                let _ = s.read(&mut b);
+                let _ = s.write_all(b"$120\r\n");
+                for _ in 0..122 {
+                    if s.write_all(b"x").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        let mut c = Conn::connect(&addr, &Auth::default(), Duration::from_millis(200)).unwrap();
+        c.set_deadline(Some(Instant::now() + Duration::from_millis(300)));
+        let t0 = Instant::now();
+        c.send(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        assert_eq!(c.head().unwrap(), Head::Bulk(120));
+        let mut b = [0u8; 120];
+        let e = c.payload(&mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn control_replies_are_bounded_in_bytes_too() {
+        // 64 bulk strings of 1 KiB: 64 values, but 64 · (1 + 64) budget units.
+        let mut reply = b"*64\r\n".to_vec();
+        for _ in 0..64 {
+            reply.extend_from_slice(b"$1024\r\n");
+            reply.extend(std::iter::repeat_n(b'a', 1024));
+            reply.extend_from_slice(b"\r\n");
+        }
+        let reply: &'static [u8] = Box::leak(reply.into_boxed_slice());
+        for (budget, ok) in [(1000, false), (5000, true)] {
+            let addr = fake(reply);
+            let mut c = Conn::connect(&addr, &Auth::default(), Duration::from_secs(5)).unwrap();
+            c.send(b"*1\r\n$4\r\nPING\r\n").unwrap();
+            assert_eq!(
+                c.value(2, 1024, &mut { budget }).is_ok(),
+                ok,
+                "budget {budget}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_redirect_without_a_host_goes_to_the_node_that_sent_it() {
+        assert_eq!(redirect_target(":6381", "10.0.0.5:6379"), "10.0.0.5:6381");
+        assert_eq!(redirect_target("?:6381", "[::1]:6379"), "[::1]:6381");
+        assert_eq!(redirect_target("h:6381", "10.0.0.5:6379"), "h:6381");
+        assert_eq!(redirect_target("[::2]:7000", "h:1"), "[::2]:7000");
     }
 }

@@ -130,7 +130,7 @@ impl V41Weights {
                 })
             }
         };
-        let table = opts.cached(store);
+        let table = opts.cached(store)?;
         let wkv = ck.raw(&format!("{p}.wkv.weight"))?;
         expect(&format!("{p}.wkv.weight"), &wkv, Dtype::F8_E4M3, &[kvw, mw])?;
         let wkv_scale = ck.raw(&format!("{p}.wkv.scale"))?;
