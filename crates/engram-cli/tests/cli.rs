@@ -319,6 +319,30 @@ fn bench_reports_limits_and_shares() {
     }
 }
 
+/// A --chunk past the sequence streams the whole sequence as one chunk (it once sized its
+/// buffer by the chunk: 16 TB here), and --runs has a ceiling.
+#[test]
+fn bench_chunk_and_runs_are_bounded() {
+    let cfg = golden("small.config.json");
+    let (code, out, err) = engram(&[
+        "bench",
+        "--config",
+        s(&cfg),
+        "--tokens",
+        "8",
+        "--chunk",
+        "1000000000000",
+        "--runs",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("chunks of 8"), "{out}");
+    expect_error(
+        &["bench", "--config", s(&cfg), "--runs", "1000001"],
+        "--runs",
+    );
+}
+
 /// `bench --gather-only`: the run's rows through the row store and nothing else; one row per
 /// token and head, counted by the store. Without a store it is one error line.
 #[test]

@@ -198,6 +198,66 @@ fn v41_errors_are_one_line() {
     let mut a = base.to_vec();
     a.extend(["--layer", "1", "--dtype", "bf16"]);
     expect_error(&a, "--dtype");
+    // --out may not be the --tokenizer file either.
+    let tok = tmp("v41-tok-as-out.json");
+    std::fs::write(&tok, "{}").unwrap();
+    let mut a = base.to_vec();
+    a[8] = s(&tok);
+    a.extend(["--layer", "1", "--tokenizer", s(&tok)]);
+    expect_error(&a, "same file as --tokenizer");
+    assert_eq!(std::fs::read(&tok).unwrap(), b"{}");
+    // A token_mask of another dtype is refused by `hash` as by `forward` (read byte by byte,
+    // int64 ones would be a mask of 8 entries per token).
+    let m64: Vec<i64> = vec![1; 60];
+    let bad_mask = tmp("v41-mask-i64.safetensors");
+    let mut wr = engram::tensors::TensorWriter::new();
+    wr.i64("input_ids", &[2, 30], &ids);
+    wr.i64("token_mask", &[2, 30], &m64);
+    wr.write(&bad_mask).unwrap();
+    expect_error(
+        &[
+            "hash",
+            "--config",
+            s(&cfg),
+            "--inputs",
+            s(&bad_mask),
+            "--out",
+            s(&tmp("v41-hash-bad.safetensors")),
+        ],
+        "token_mask",
+    );
+    // Any --chunk, the largest included, is one-shot output.
+    let mut a = base.to_vec();
+    a.extend(["--layer", "1"]);
+    let (code, _, err) = engram(&a);
+    assert_eq!(code, 0, "{err}");
+    let whole = TensorFile::open(&out)
+        .unwrap()
+        .f32("output", None)
+        .unwrap()
+        .data;
+    a.extend(["--chunk", "18446744073709551615"]);
+    let (code, _, err) = engram(&a);
+    assert_eq!(code, 0, "{err}");
+    let chunked = TensorFile::open(&out)
+        .unwrap()
+        .f32("output", None)
+        .unwrap()
+        .data;
+    assert_eq!(bits(&chunked), bits(&whole));
+    // --runs has a ceiling (each run's time is kept).
+    expect_error(
+        &[
+            "bench",
+            "--config",
+            s(&cfg),
+            "--layer",
+            "1",
+            "--runs",
+            "4611686018427387904",
+        ],
+        "--runs",
+    );
     // The global --tokenizer reaches demo-layer commands too.
     expect_error(
         &["tokenize", "hi", "--tokenizer", "/nonexistent/tok.json"],

@@ -614,3 +614,89 @@ fn a_row_past_an_in_memory_table_is_an_error() {
         }
     }
 }
+
+/// States are checked where they enter a call and a file: history ids past the tokenizer's
+/// canonical ids, a position that would pass 2^64, a state of the wrong shape (which would
+/// misalign every state after it in the file), and a file of another pad or tokenizer.
+#[test]
+fn states_are_checked_on_call_save_and_restore() {
+    let e = small_engram();
+    let ids = vec![5i64; 4];
+    let h = vec![0.25f32; 4 * 4096];
+    let vprime = e.hashing().compressed().num_compressed() as i64;
+    let fresh = e.new_state();
+    let conv = fresh.conv_history();
+    let mut wild = engram::EngramState::from_parts(vec![1, vprime], conv.clone(), 4096, 0);
+    let err = e
+        .forward_chunk(&mut wild, &ids, &h, ForwardPath::Fused)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("state.ngram_history[1]"), "{err}");
+    let mut late = engram::EngramState::from_parts(
+        fresh.ngram_history().to_vec(),
+        conv.clone(),
+        4096,
+        u64::MAX - 2,
+    );
+    for path in [ForwardPath::Fused, ForwardPath::Reference] {
+        let err = e
+            .forward_chunk(&mut late, &ids, &h, path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("state position"), "{err}");
+    }
+    // Saving over a good file: a bad state leaves it as it was.
+    let file = tmp("states-checked.safetensors");
+    let mut good = vec![e.new_state(), e.new_state()];
+    e.forward_ragged(&mut good, &ids, &h, &[0, 2, 4], ForwardPath::Fused)
+        .unwrap();
+    engram::state_io::save_states(&file, &e, &good).unwrap();
+    let saved = std::fs::read(&file).unwrap();
+    let short = vec![
+        good[0].clone(),
+        engram::EngramState::from_parts(vec![1], conv.clone(), 4096, 2),
+    ];
+    let err = engram::state_io::save_states(&file, &e, &short)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("states[1]"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), saved);
+    // A writer whose shape disagrees with its data refuses before it writes.
+    let err = TensorWriter::new()
+        .i64("x", &[3], &[1, 2])
+        .write(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("x"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), saved);
+    // Restoring: the file's config and tokenizer fingerprint must be this layer's.
+    let f = engram::tensors::TensorFile::open(&file).unwrap();
+    let meta = f.metadata().clone();
+    let (hist, conv, pos) = (
+        f.i64("ngram_history", None).unwrap(),
+        f.f32("conv_history", None).unwrap(),
+        f.i64("position", None).unwrap(),
+    );
+    let edited = |key: &str, value: String| {
+        let p = tmp("states-edited.safetensors");
+        let mut w = TensorWriter::new();
+        w.i64("ngram_history", &hist.shape, &hist.data)
+            .f32("conv_history", &conv.shape, &conv.data)
+            .i64("position", &pos.shape, &pos.data);
+        for (k, v) in &meta {
+            w.meta(k, if k == key { value.clone() } else { v.clone() });
+        }
+        w.write(&p).unwrap();
+        engram::state_io::load_states(&p, &e)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let cfg = meta["engram_config"].replace("\"pad_id\": 2", "\"pad_id\": 0");
+    assert_ne!(cfg, meta["engram_config"]);
+    let err = edited("engram_config", cfg);
+    assert!(err.contains("pad_id 0"), "{err}");
+    let err = edited("engram_compression", "5 canonical ids, sha256 00".into());
+    assert!(err.contains("a tokenizer of 5 canonical ids"), "{err}");
+    assert_eq!(engram::state_io::load_states(&file, &e).unwrap().len(), 2);
+}
