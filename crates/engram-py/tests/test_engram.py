@@ -253,13 +253,21 @@ def test_v41_inputs_whose_shapes_only_add_up_are_refused(golden):
 def test_row_stores_give_the_same_outputs(small, stages, golden):
     ids, h = stages["long.input_ids"], stages["long.hidden_states"]
     want = small.forward(ids, h)["output"]
-    for io, cache, policy in [("direct", None, "s3fifo"), ("direct", "4k", "lru"), ("mmap", 1024, "clock"), ("ram", "1k", "s3fifo")]:
+    for io, cache, policy in [("direct", None, None), ("direct", "4k", "lru"), ("mmap", 1024, "clock"), ("ram", "1k", "s3fifo")]:
         l = engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", table_io=io, table_cache=cache, table_cache_policy=policy)
         np.testing.assert_array_equal(l.forward(ids, h)["output"], want)
     with pytest.raises(ValueError, match="table-cache-policy"):
         engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", table_cache="1k", table_cache_policy="fifo")
     with pytest.raises(ValueError, match="table-io"):
         engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", table_io="disk")
+    # Options that do nothing without another are refused, as the CLI refuses its flags.
+    for kw, what in [
+        (dict(table_cache_policy="lru"), "table_cache_policy"),
+        (dict(io_depth=8), "io_depth"),
+        (dict(table_store="redis://127.0.0.1:1", table_io="ram"), "table_store"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", **kw)
     v = golden / "v41"
     cases = read_safetensors(v / "v41_small.cases.safetensors")
     a = engram.Engram.load(v / "v41_small.config.json", v / "v41_small.weights.safetensors", layer=14)

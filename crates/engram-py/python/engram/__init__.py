@@ -126,7 +126,7 @@ class Engram:
         threads: Optional[int] = None,
         table_io: str = "mmap",
         table_cache: Optional[Union[int, str]] = None,
-        table_cache_policy: str = "s3fifo",
+        table_cache_policy: Optional[str] = None,
         io_depth: Optional[int] = None,
         table_store: Optional[str] = None,
     ) -> "Engram":
@@ -138,13 +138,20 @@ class Engram:
         ``table_io``: "mmap", "ram" (copied into memory) or "direct" (rows read on demand
         with O_DIRECT, ``io_depth`` reads in flight, 64 by default); ``table_cache``: a
         hot-row cache in front of the table, in bytes or like "512M", evicting by
-        ``table_cache_policy`` ("s3fifo", "clock" or "lru"). Outputs do not depend on where
+        ``table_cache_policy`` ("s3fifo", the default, "clock" or "lru"). Outputs do not depend on where
         the rows live. ``table_store``: ``"redis://HOST:PORT"`` of a Redis Cluster holding
         the table (written by ``engram table push``)."""
         c, is_path = _config(config)
         layer, threads = _count(layer, "layer", 0), _threads(threads)
         cache = None if table_cache is None else str(table_cache)
         io_depth = _count(io_depth, "io_depth", 1)
+        # The CLI's rules for its --table-* flags.
+        if table_store is not None and table_io not in (None, "mmap"):
+            raise ValueError(f"table_store: rows come from the store; expected no table_io with it, found {table_io!r}")
+        if table_cache_policy is not None and cache is None:
+            raise ValueError("table_cache_policy: expected table_cache=SIZE with it, found none")
+        if io_depth is not None and table_io != "direct":
+            raise ValueError(f"io_depth: expected table_io='direct' with it, found {table_io!r}")
         return cls(_engram.load(c, is_path, os.fspath(weights), layer, dtype, path, tokenizer, threads, table_io, cache, table_cache_policy, io_depth, table_store))
 
     @classmethod
