@@ -191,6 +191,29 @@ def test_the_gil_is_released_while_the_engine_computes(small):
     assert gap < 0.5 * elapsed / 3, f"the main thread stopped for {gap:.3f}s of calls taking {elapsed / 3:.3f}s each"
 
 
+def test_concurrent_calls_on_one_layer_keep_their_inputs_apart(small, stages):
+    # One call holds the layer's input buffer; a concurrent call copies into its own.
+    ids = stages["long.input_ids"]
+    h = stages["long.hidden_states"]
+    h2 = (h * 0.5).astype(np.float32)
+    want = [small.forward(ids, x)["output"] for x in (h, h2)]
+    got = [[], []]
+
+    def work(k, x):
+        for _ in range(6):
+            got[k].append(small.forward(ids, x)["output"])
+
+    ts = [threading.Thread(target=work, args=(k, x)) for k, x in enumerate((h, h2))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for k in range(2):
+        assert len(got[k]) == 6
+        for g in got[k]:
+            np.testing.assert_array_equal(g, want[k])
+
+
 def test_a_state_in_use_cannot_be_saved(small):
     rng = np.random.default_rng(2)
     ids = rng.integers(0, 128000, size=3000, dtype=np.int64)
