@@ -148,7 +148,11 @@ impl Files {
 fn tokenizer_files(name_or_path: &str) -> Vec<PathBuf> {
     let p = Path::new(name_or_path);
     if p.is_file() {
-        vec![p.to_path_buf()]
+        // The tokenizer reads its sibling config too, where there is one.
+        let sibling = p.with_file_name("tokenizer_config.json");
+        std::iter::once(p.to_path_buf())
+            .chain(sibling.is_file().then_some(sibling))
+            .collect()
     } else if p.is_dir() {
         ["tokenizer.json", "tokenizer_config.json"]
             .iter()

@@ -206,6 +206,19 @@ fn v41_errors_are_one_line() {
     a.extend(["--layer", "1", "--tokenizer", s(&tok)]);
     expect_error(&a, "same file as --tokenizer");
     assert_eq!(std::fs::read(&tok).unwrap(), b"{}");
+    // ... nor the tokenizer_config.json the tokenizer reads beside its file.
+    let dir = tmp_dir("v41-tok-dir");
+    let (tj, tc) = (
+        dir.join("tokenizer.json"),
+        dir.join("tokenizer_config.json"),
+    );
+    std::fs::write(&tj, "{}").unwrap();
+    std::fs::write(&tc, "{}").unwrap();
+    let mut a = base.to_vec();
+    a[8] = s(&tc);
+    a.extend(["--layer", "1", "--tokenizer", s(&tj)]);
+    expect_error(&a, "same file as --tokenizer");
+    assert_eq!(std::fs::read(&tc).unwrap(), b"{}");
     // A token_mask of another dtype is refused by `hash` as by `forward` (read byte by byte,
     // int64 ones would be a mask of 8 entries per token).
     let m64: Vec<i64> = vec![1; 60];

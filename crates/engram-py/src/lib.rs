@@ -271,6 +271,23 @@ fn values_of<T: numpy::Element + Copy>(
     Ok((v, shape))
 }
 
+/// Most floats a layer keeps in its input buffer between calls (256 MB): a larger call's
+/// buffer is freed after it, so one long prefill does not pin its copy for good.
+const KEEP_INPUT_FLOATS: usize = 1 << 26;
+
+/// The layer's input buffer while a call uses it (trimmed when the call ends).
+struct HeldInput<'a>(Option<std::sync::MutexGuard<'a, Vec<f32>>>);
+
+impl Drop for HeldInput<'_> {
+    fn drop(&mut self) {
+        if let Some(v) = self.0.as_mut() {
+            if v.capacity() > KEEP_INPUT_FLOATS {
+                **v = Vec::new();
+            }
+        }
+    }
+}
+
 /// The float array's values copied into `out` (its capacity reused); its shape.
 fn floats_into(
     a: &PyReadonlyArrayDyn<'_, f32>,
@@ -517,9 +534,9 @@ impl Layer {
             )));
         };
         let (hc, d) = self.widths();
-        let mut held = self.hidden.try_lock().ok();
+        let mut held = HeldInput(self.hidden.try_lock().ok());
         let mut own = Vec::new();
-        let hidden: &mut Vec<f32> = held.as_deref_mut().unwrap_or(&mut own);
+        let hidden: &mut Vec<f32> = held.0.as_deref_mut().unwrap_or(&mut own);
         let hshape = floats_into(&hidden_states, "hidden_states", hidden)?;
         let hidden: &[f32] = hidden;
         if hshape != [b, l, hc, d] {
@@ -596,9 +613,9 @@ impl Layer {
         }
         let t = ids.len();
         let (hc, d) = self.widths();
-        let mut held = self.hidden.try_lock().ok();
+        let mut held = HeldInput(self.hidden.try_lock().ok());
         let mut own = Vec::new();
-        let hidden: &mut Vec<f32> = held.as_deref_mut().unwrap_or(&mut own);
+        let hidden: &mut Vec<f32> = held.0.as_deref_mut().unwrap_or(&mut own);
         let hshape = floats_into(&hidden_states, "hidden_states", hidden)?;
         let hidden: &[f32] = hidden;
         if hshape != [t, hc, d] {

@@ -188,7 +188,7 @@ def test_the_gil_is_released_while_the_engine_computes(small):
     assert spins > 10_000, f"the main thread ran {spins} iterations in {elapsed:.2f}s: the GIL was held"
     # Were the GIL held through a call, the main thread would stop for the whole call; a
     # released GIL leaves it only the OS scheduler's pauses (milliseconds).
-    assert gap < 0.5 * elapsed / 3, f"the main thread stopped for {gap:.3f}s of calls taking {elapsed / 3:.3f}s each"
+    assert gap < 0.75 * elapsed / 3, f"the main thread stopped for {gap:.3f}s of calls taking {elapsed / 3:.3f}s each"
 
 
 def test_concurrent_calls_on_one_layer_keep_their_inputs_apart(small, stages):

@@ -160,11 +160,23 @@ fn a_cache_never_holds_more_than_its_budget() {
             "a row past the end is an error, through the cache too"
         );
     }
-    // A budget far beyond the table buys at most every row (it would otherwise size the
-    // cache's index for rows that do not exist, or abort).
+    // A budget far beyond the table buys at most every row, rounded up to a multiple of the
+    // 64 shards (it would otherwise size the cache's index for rows that do not exist, or
+    // abort), and holds the whole table: a second pass over every row only hits.
     for budget in [1u64 << 40, u64::MAX] {
         let c = CachedRows::new(inner.clone(), budget);
-        assert!(c.capacity_rows() <= inner.rows(), "{}", c.capacity_rows());
+        assert!(
+            c.capacity_rows() <= inner.rows().div_ceil(64) * 64,
+            "{}",
+            c.capacity_rows()
+        );
+        let mut out = vec![0f32; 32];
+        for _ in 0..2 {
+            for r in 0..inner.rows() {
+                c.row_into(r, &mut out).unwrap();
+            }
+        }
+        assert_eq!(c.stats().misses, inner.rows() as u64, "budget {budget}");
     }
 }
 

@@ -453,13 +453,17 @@ impl CachedRows {
     }
 
     /// Rows a cache of `budget` bytes in front of `inner` holds, and the bytes charged per
-    /// row: never more rows than the table has (a budget beyond it buys nothing and would
-    /// still size the index), nor more than a shard's u32 slots.
+    /// row: never more rows than the table's rows rounded up to a multiple of the shards (a
+    /// budget beyond that buys nothing and would still size the index), nor more than a
+    /// shard's u32 slots.
     pub fn capacity_for(inner: &dyn RowStore, budget: u64) -> (usize, u64) {
         let value_bytes = if inner.bf16_exact() { 2 } else { 4 };
         let slot_bytes = (inner.dim() as u64 * value_bytes).max(1) + SLOT_OVERHEAD;
+        // Rows go to shard `r % shards`: a whole number of table rows per shard, so that a
+        // budget as large as the table holds all of it.
+        let table = (inner.rows() as u64).div_ceil(MAX_SHARDS as u64) * MAX_SHARDS as u64;
         let rows = (budget / slot_bytes)
-            .min(inner.rows() as u64)
+            .min(table)
             .min(MAX_SHARDS as u64 * (NIL as u64 - 1));
         (rows as usize, slot_bytes)
     }

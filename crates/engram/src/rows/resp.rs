@@ -614,7 +614,8 @@ mod tests {
     }
 
     /// A reply that trickles in, each byte within the read timeout, still ends at the
-    /// deadline (here 300 ms, where the whole reply would take 6 s).
+    /// deadline (here 300 ms, where the whole reply would take 6 s and each read may wait
+    /// 5 s).
     #[test]
     fn a_trickling_reply_ends_at_the_deadline() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -632,7 +633,8 @@ mod tests {
                 }
             }
         });
-        let mut c = Conn::connect(&addr, &Auth::default(), Duration::from_millis(200)).unwrap();
+        // A long read timeout: only the deadline can end the reply early.
+        let mut c = Conn::connect(&addr, &Auth::default(), Duration::from_secs(5)).unwrap();
         c.set_deadline(Some(Instant::now() + Duration::from_millis(300)));
         let t0 = Instant::now();
         c.send(b"*1\r\n$4\r\nPING\r\n").unwrap();

@@ -1,7 +1,7 @@
 //! The DeepSeek-V4.1 Engram layer: fp8 table rows gathered by row id, one block-scaled fp8
 //! `wkv` projection to every branch's key and one shared value, an RMS-normalised gate per
-//! branch, and `out = h + gate · value` (no ShortConv, no biases). Dead tokens keep their
-//! hidden state bit for bit.
+//! branch, and `out = h + gate · value` (no ShortConv, no biases). Dead tokens get gate 0 and
+//! `h + 0 · value`, as in the reference (their hidden state, with -0.0 turned into +0.0).
 
 use super::checkpoint::Checkpoint;
 use super::config::V41Config;
