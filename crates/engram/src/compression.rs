@@ -77,10 +77,18 @@ impl CompressedTokenizer {
     pub fn build(tok: &Tokenizer) -> Result<Self> {
         let norm = key_normalizer();
         let v = tok.len() as u32;
-        let keys: Vec<String> = (0..v)
-            .into_par_iter()
-            .map(|id| token_key(tok, &norm, id))
-            .collect::<Result<_>>()?;
+        // Decoding runs the file's own decoders, which can panic on a loadable but odd file
+        // (the `tokenizers` crate's Strip with cuts past a token): an error, not a crash.
+        let keys: Vec<String> = crate::tokenizer::quietly(|| {
+            (0..v)
+                .into_par_iter()
+                .map(|id| token_key(tok, &norm, id))
+                .collect::<Result<_>>()
+        })
+        .map_err(|p| EngramError::Tokenizer {
+            source_name: tok.name().to_string(),
+            message: format!("decoding the vocabulary panicked: {p}"),
+        })??;
         let mut first: HashMap<&str, i64> = HashMap::with_capacity(keys.len());
         let lookup = keys
             .iter()
@@ -173,5 +181,29 @@ impl CompressedTokenizer {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that loads but whose Strip decoder cuts past a token: the `tokenizers` crate
+    /// panics while decoding (slice start past its end); building the table gives an error
+    /// naming the file instead.
+    #[test]
+    fn a_decoder_that_panics_is_an_error() {
+        let odd = r#"{"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null,
+            "decoder": {"type": "Strip", "content": "a", "start": 1, "stop": 1},
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "[UNK]": 2},
+                      "unk_token": "[UNK]"}}"#;
+        let t = Tokenizer::from_bytes("odd", odd.as_bytes(), None).unwrap();
+        let e = CompressedTokenizer::build(&t)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("odd") && e.contains("panicked"), "{e}");
     }
 }

@@ -288,7 +288,16 @@ impl EngramConfig {
         let mul = |field: &str, what: &str, a: u64, b: u64| {
             a.checked_mul(b).ok_or_else(|| too_big(field, what))
         };
-        let n1 = self.max_ngram_size as u64 - 1;
+        // Public: a config that was never validated may hold zeros here.
+        let n1 = (self.max_ngram_size as u64)
+            .checked_sub(1)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                EngramError::config("max_ngram_size", "an integer >= 2", self.max_ngram_size)
+            })?;
+        let taps = (self.kernel_size as u64).checked_sub(1).ok_or_else(|| {
+            EngramError::config("kernel_size", "an integer >= 1", self.kernel_size)
+        })?;
         let heads = mul(
             "n_head_per_ngram",
             "heads (max_ngram_size - 1) x n_head_per_ngram",
@@ -332,7 +341,7 @@ impl EngramConfig {
         let conv_history = mul(
             "kernel_size",
             "the conv history (kernel_size - 1) x max_ngram_size",
-            self.kernel_size as u64 - 1,
+            taps,
             self.max_ngram_size as u64,
         )?;
         let state_floats = mul(

@@ -55,10 +55,11 @@ pub fn is_prime(n: u64) -> bool {
     true
 }
 
-/// Smallest prime > `start` not in `seen` (`find_next_prime`).
+/// Smallest prime > `start` not in `seen` (`find_next_prime`). `seen` is asked first: it
+/// is the cheaper test, and later searches walk over every prime found before them.
 fn next_unseen_prime(start: u64, seen: &HashSet<u64>) -> u64 {
     let mut c = start + 1;
-    while !is_prime(c) || seen.contains(&c) {
+    while seen.contains(&c) || !is_prime(c) {
         c += 1;
     }
     c
@@ -116,6 +117,7 @@ pub fn draw_layer_params(
     let vprime = compressed_vocab.max(1) as i64;
     let half_bound = (i64::MAX / vprime / 2).max(1);
     let mut seen = HashSet::new();
+    let mut resume: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     let mut layers = Vec::with_capacity(layer_ids.len());
     for &layer_id in layer_ids {
         let s = seed as u128 + LAYER_SEED_STRIDE as u128 * layer_id as u128;
@@ -127,7 +129,11 @@ pub fn draw_layer_params(
             .collect();
         let mut primes = Vec::with_capacity(max_ngram_size - 1);
         for &base in bases {
-            let mut start = base - 1;
+            // The reference restarts at base - 1 every time; every prime between there and
+            // the last one found from this base is in `seen` (each search returns the
+            // smallest unseen prime), so resuming from that last one finds the same prime
+            // without walking over all the earlier ones again.
+            let mut start = resume.get(&base).copied().unwrap_or(base - 1);
             let mut hs = Vec::with_capacity(heads);
             for _ in 0..heads {
                 let p = next_unseen_prime(start, &seen);
@@ -135,6 +141,7 @@ pub fn draw_layer_params(
                 hs.push(p);
                 start = p;
             }
+            resume.insert(base, start);
             primes.push(hs);
         }
         layers.push(LayerHashParams {
@@ -279,6 +286,58 @@ impl NgramHashMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prime draw resumed per base equals the reference's plain draw (every search from
+    /// base - 1), over many layers and repeated bases.
+    #[test]
+    fn resumed_prime_search_equals_the_plain_one() {
+        let plain = |layers: &[u64], bases: &[u64], heads: usize| -> Vec<Vec<Vec<u64>>> {
+            let mut seen = HashSet::new();
+            layers
+                .iter()
+                .map(|_| {
+                    bases
+                        .iter()
+                        .map(|&b| {
+                            let mut start = b - 1;
+                            (0..heads)
+                                .map(|_| {
+                                    let p = next_unseen_prime(start, &seen);
+                                    seen.insert(p);
+                                    start = p;
+                                    p
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let layers: Vec<u64> = (0..24).collect();
+        for bases in [vec![1000, 1000, 1200], vec![5000, 4990], vec![7, 7, 7, 7]] {
+            let got: Vec<Vec<Vec<u64>>> =
+                draw_layer_params(&layers, &bases, 8, bases.len() + 1, 0, 100)
+                    .into_iter()
+                    .map(|l| l.primes)
+                    .collect();
+            assert_eq!(got, plain(&layers, &bases, 8), "{bases:?}");
+        }
+        // A config must be whole before it is sized: zeros are errors, not underflows.
+        let c = EngramConfig {
+            kernel_size: 0,
+            ..Default::default()
+        };
+        assert!(c.sizes().unwrap_err().to_string().contains("kernel_size"));
+        let c = EngramConfig {
+            max_ngram_size: 1,
+            ..Default::default()
+        };
+        assert!(c
+            .sizes()
+            .unwrap_err()
+            .to_string()
+            .contains("max_ngram_size"));
+    }
 
     #[test]
     fn miller_rabin_matches_trial_division() {

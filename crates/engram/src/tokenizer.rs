@@ -45,7 +45,7 @@ fn tok_err(name: &str, message: impl std::fmt::Display) -> EngramError {
 /// `tokenizer_json` fuzz target: an `expect` in its decoder deserialiser), and a file a user
 /// names must give an error, not a crash. The panic hook is process-wide, so it is swapped
 /// under a lock for the duration of `f` only.
-fn quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+pub(crate) fn quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = HOOK.lock().unwrap_or_else(|e| e.into_inner());
     let previous = std::panic::take_hook();
@@ -172,9 +172,10 @@ impl Tokenizer {
     /// `tokenizer(text).input_ids` as transformers 4.x gives it: BOS first when
     /// `add_bos_token` is set and `add_bos` is true.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode(text, false)
+        // The `tokenizers` crate can panic on a loadable but odd file (e.g. its Strip
+        // decoder/normaliser with cuts past a token): an error, not a crash.
+        let enc = quietly(|| self.inner.encode(text, false))
+            .map_err(|p| tok_err(&self.name, format!("encoding panicked: {p}")))?
             .map_err(|e| tok_err(&self.name, e))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos && self.add_bos {
