@@ -220,7 +220,6 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     }
     let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
     let (tokens, sequences) = count_tokens(inputs.as_ref(), &a.src)?;
-    let sizes = cfg.sizes()?;
     let all_stages = a.all_stages || path == ForwardPath::Reference;
     check_memory(
         &cfg,
@@ -230,7 +229,11 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             sequences,
             all_stages,
             bf16_table_copy: dtype == DType::Bf16 && path == ForwardPath::Fused,
-            table_rows: sizes.table_rows_estimate,
+            table_rows: if dtype == DType::Bf16 && path == ForwardPath::Fused {
+                engram::hashing::table_rows(&cfg)?
+            } else {
+                0
+            },
             threads: rayon::current_num_threads() as u64,
             table_in_ram: false,
             table_elem_bytes: 4,
@@ -511,11 +514,17 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
         );
     }
     w.write(&a.out)?;
-    eprintln!(
-        "hashed B={b} L={l} for layers {:?}; wrote {}",
-        cfg.layer_ids,
-        a.out.display()
-    );
+    // Many-layer configs (up to 4096 ids) get a count, not a screen of ids.
+    let layers = match cfg.layer_ids.as_slice() {
+        ids if ids.len() <= 16 => format!("layers {ids:?}"),
+        ids => format!(
+            "{} layers ({} ... {})",
+            ids.len(),
+            ids[0],
+            ids[ids.len() - 1]
+        ),
+    };
+    eprintln!("hashed B={b} L={l} for {layers}; wrote {}", a.out.display());
     Ok(ExitCode::SUCCESS)
 }
 

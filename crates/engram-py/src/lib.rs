@@ -69,6 +69,9 @@ struct Layer {
     /// does not fault in fresh pages every call. A call that finds it taken (another
     /// thread's call on this layer) copies into a buffer of its own.
     hidden: std::sync::Mutex<Vec<f32>>,
+    /// What a state must match to run on this layer ([`identity_of`]), computed once (the
+    /// tokenizer fingerprint hashes the whole compression table).
+    identity: String,
 }
 
 /// A sequence's streaming state.
@@ -76,6 +79,10 @@ struct Layer {
 #[derive(Clone)]
 struct State {
     inner: StateInner,
+    /// The layer the state belongs to ([`Layer::identity`]): set by `new_state` and by the
+    /// first call, kept through pickling, compared on every call. `None` for a state made
+    /// by `State()` or unpickled from bytes written before the field existed.
+    owner: Option<String>,
 }
 
 #[derive(Clone)]
@@ -120,36 +127,40 @@ impl State {
             // Lent to a call in another thread: there is nothing consistent to write.
             StateInner::Busy => return Err(busy()),
         }
+        // Appended, so that bytes written before the owner existed still read (as `None`).
+        if let Some(o) = &self.owner {
+            b.extend((o.len() as u64).to_le_bytes());
+            b.extend(o.as_bytes());
+        }
         Ok(b)
     }
 
     fn from_bytes(b: &[u8]) -> PyResult<State> {
         let bad = || verr("state: not a state written by engram (truncated or foreign bytes)");
+        // Reads `n` bytes at the cursor, or fails on truncated input.
         let mut at = 1usize;
-        let mut u64_at = |b: &[u8]| -> PyResult<u64> {
-            let v = b.get(at..at + 8).ok_or_else(bad)?;
-            at += 8;
-            Ok(u64::from_le_bytes(v.try_into().unwrap()))
+        let mut take = |n: usize| -> PyResult<&[u8]> {
+            let end = at.checked_add(n).ok_or_else(bad)?;
+            let v = b.get(at..end).ok_or_else(bad)?;
+            at = end;
+            Ok(v)
         };
+        let u64_of = |v: &[u8]| u64::from_le_bytes(v.try_into().expect("8 bytes taken"));
         let tag = *b.first().ok_or_else(bad)?;
-        let pos = u64_at(b)?;
-        match tag {
+        let pos = u64_of(take(8)?);
+        let inner = match tag {
             1 => {
-                let rw = u64_at(b)? as usize;
-                let n = u64_at(b)? as usize;
+                let rw = u64_of(take(8)?) as usize;
+                let n = u64_of(take(8)?) as usize;
                 let hist: Vec<i64> = (0..n.min(1 << 20))
-                    .map(|_| u64_at(b).map(|x| x as i64))
+                    .map(|_| take(8).map(|v| u64_of(v) as i64))
                     .collect::<PyResult<_>>()?;
-                let m = u64_at(b)? as usize;
+                let m = u64_of(take(8)?) as usize;
                 if m > b.len() {
                     return Err(bad());
                 }
                 let conv: Vec<f32> = (0..m)
-                    .map(|_| {
-                        let v = b.get(at..at + 4).ok_or_else(bad)?;
-                        at += 4;
-                        Ok(f32::from_le_bytes(v.try_into().unwrap()))
-                    })
+                    .map(|_| take(4).map(|v| f32::from_le_bytes(v.try_into().expect("4 bytes"))))
                     .collect::<PyResult<_>>()?;
                 if let Some(i) = conv.iter().position(|x| !x.is_finite()) {
                     return Err(verr(format!(
@@ -157,24 +168,35 @@ impl State {
                         conv[i]
                     )));
                 }
-                Ok(State {
-                    inner: StateInner::Demo(EngramState::from_parts(hist, conv, rw, pos)),
-                })
+                StateInner::Demo(EngramState::from_parts(hist, conv, rw, pos))
             }
             2 => {
-                let n = u64_at(b)? as usize;
+                let n = u64_of(take(8)?) as usize;
                 let history: Vec<i64> = (0..n.min(1 << 20))
-                    .map(|_| u64_at(b).map(|x| x as i64))
+                    .map(|_| take(8).map(|v| u64_of(v) as i64))
                     .collect::<PyResult<_>>()?;
-                Ok(State {
-                    inner: StateInner::V41(V41State {
-                        history,
-                        position: pos,
-                    }),
+                StateInner::V41(V41State {
+                    history,
+                    position: pos,
                 })
             }
-            _ => Err(bad()),
-        }
+            _ => return Err(bad()),
+        };
+        // Bytes written before the owner existed end here; later ones append it.
+        let owner = match take(8) {
+            // The end, or a few stray bytes (foreign).
+            Err(_) if take(1).is_ok() => return Err(bad()),
+            Err(_) => None,
+            Ok(v) => {
+                let n = usize::try_from(u64_of(v)).map_err(|_| bad())?;
+                let o = take(n)?.to_vec();
+                if take(1).is_ok() {
+                    return Err(bad());
+                }
+                Some(String::from_utf8(o).map_err(|_| bad())?)
+            }
+        };
+        Ok(State { inner, owner })
     }
 }
 
@@ -213,6 +235,7 @@ impl State {
                     history: Vec::new(),
                     position: 0,
                 }),
+                owner: None,
             }),
         }
     }
@@ -452,6 +475,36 @@ impl Layer {
     }
 }
 
+/// What a state must match to continue on this layer: for the demo layer, the config
+/// fields its state depends on (those `engram forward --state-in` compares) and the
+/// tokenizer's compression; for a DeepSeek-V4.1 layer, whose state is canonical ids
+/// only, N and the compression.
+fn identity_of(inner: &Inner) -> String {
+    match inner {
+        Inner::Demo(e, _) => {
+            let c = e.config();
+            format!(
+                "demo layer {} (max_ngram_size {}, kernel_size {}, hc_mult {}, hidden_size {}, seed {}, pad_id {}, engram_vocab_size {:?}; tokenizer {})",
+                c.layer_id,
+                c.max_ngram_size,
+                c.kernel_size,
+                c.hc_mult,
+                c.hidden_size,
+                c.seed,
+                c.pad_id,
+                c.engram_vocab_size,
+                e.hashing().compressed().fingerprint()
+            )
+        }
+        Inner::V41(l, _) => format!(
+            "DeepSeek-V4.1 layers (max_ngram_size {}, pad_id {}; tokenizer {})",
+            l.config().max_ngram_size,
+            l.config().pad_id,
+            l.hashing().compressed().fingerprint()
+        ),
+    }
+}
+
 fn pool(threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
     threads
         .map(|n| {
@@ -468,7 +521,6 @@ fn pool(threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
 
 /// Refuses to build `copies` copies of a demo layer's weights that do not fit in memory now.
 fn check_memory(cfg: &EngramConfig, copies: u64) -> PyResult<()> {
-    let sizes = cfg.sizes().map_err(err)?;
     let mut plan = engram::budget::MemoryPlan::new();
     let (d, w) = (
         cfg.hidden_size as u64,
@@ -476,7 +528,11 @@ fn check_memory(cfg: &EngramConfig, copies: u64) -> PyResult<()> {
     );
     plan.add_dims(
         "the table",
-        &[sizes.table_rows_estimate, cfg.head_dim() as u64, copies],
+        &[
+            engram::hashing::table_rows(cfg).map_err(err)?,
+            cfg.head_dim() as u64,
+            copies,
+        ],
         4,
     )
     .map_err(err)?;
@@ -580,13 +636,13 @@ impl Layer {
 
     /// A sequence that has not started.
     fn new_state(&self) -> State {
-        match &self.inner {
-            Inner::Demo(e, _) => State {
-                inner: StateInner::Demo(e.new_state()),
-            },
-            Inner::V41(l, _) => State {
-                inner: StateInner::V41(l.new_state()),
-            },
+        let inner = match &self.inner {
+            Inner::Demo(e, _) => StateInner::Demo(e.new_state()),
+            Inner::V41(l, _) => StateInner::V41(l.new_state()),
+        };
+        State {
+            inner,
+            owner: Some(self.identity.clone()),
         }
     }
 
@@ -643,6 +699,19 @@ impl Layer {
             return Err(verr(
                 "states: the same State object appears twice; each sequence needs its own",
             ));
+        }
+        // A state of another layer would continue that layer's sequence with this one's
+        // weights (the shapes can agree): refused by its owner, then adopted when unowned.
+        let identity = self.identity.clone();
+        for (i, s) in states.iter().enumerate() {
+            if let Some(o) = s.borrow().owner.as_deref().filter(|o| *o != identity) {
+                return Err(verr(format!(
+                    "states[{i}]: expected a state of this layer ({identity}), found one of {o}"
+                )));
+            }
+        }
+        for s in &states {
+            s.borrow_mut().owner.get_or_insert_with(|| identity.clone());
         }
         match &self.inner {
             Inner::Demo(e, path) => {
@@ -855,6 +924,7 @@ fn load(
         Inner::Demo(e, p)
     };
     Ok(Layer {
+        identity: identity_of(&inner),
         inner,
         pool,
         last: std::sync::Mutex::new(0.0),
@@ -893,8 +963,10 @@ fn torch_default(
         })
         .map_err(err)?
         .with_dtype(dt);
+    let inner = Inner::Demo(e, p);
     Ok(Layer {
-        inner: Inner::Demo(e, p),
+        identity: identity_of(&inner),
+        inner,
         pool: pool(threads)?,
         last: std::sync::Mutex::new(0.0),
         hidden: Default::default(),
@@ -959,8 +1031,10 @@ fn from_state_dict(
         conv_norms: per("short_conv.norms", "weight")?,
     };
     let e = Engram::new(cfg, m, w).map_err(err)?;
+    let inner = Inner::Demo(e, demo_path(path)?);
     Ok(Layer {
-        inner: Inner::Demo(e, demo_path(path)?),
+        identity: identity_of(&inner),
+        inner,
         pool: pool(threads)?,
         last: std::sync::Mutex::new(0.0),
         hidden: Default::default(),

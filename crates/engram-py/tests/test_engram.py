@@ -81,6 +81,34 @@ def test_ragged_batch_and_state_files(small, stages, tmp_path):
     assert back.position == 12 and pickle.dumps(back) == pickle.dumps(states[0])
 
 
+def test_a_state_runs_only_on_its_own_layer(small, stages, golden):
+    import json
+
+    cfg = json.loads((golden / "small.config.json").read_text())
+    cfg["layer_id"] = 1  # same shapes as `small` (layer 15), another layer
+    other = engram.Engram.torch_default(cfg, 0)
+    ids, h = stages["long.input_ids"][0][:10], stages["long.hidden_states"][0][:10]
+    st = small.new_state()
+    small.forward_chunk(st, ids, h)
+    for s in [st, pickle.loads(pickle.dumps(st))]:
+        with pytest.raises(ValueError, match=r"states\[0\]: expected a state of this layer \(demo layer 1 .*found one of demo layer 15"):
+            other.forward_chunk(s, ids, h)
+    assert st.position == 10  # untouched by the refused call
+    # Bytes pickled before states carried their layer end after the conv history: such a
+    # state runs on any layer of its shape, which then owns it.
+    b = st.__getstate__()
+    k = next(k for k in range(1, 4096) if int.from_bytes(b[-k - 8 : -k], "little") == k)
+    assert b[-k:].startswith(b"demo layer 15")
+    old = engram.State(b[: -k - 8])
+    other.forward_chunk(old, ids, h)
+    assert old.position == 20
+    with pytest.raises(ValueError, match="found one of demo layer 1 "):
+        small.forward_chunk(old, ids, h)
+    for junk in [b + b"x", b[:-1], b[: -k - 3]]:
+        with pytest.raises(ValueError, match="not a state written by engram"):
+            engram.State(junk)
+
+
 def test_tokenize_compression_and_hash(golden):
     comp = read_safetensors(golden / "compression_deepseek_v3.safetensors")["lookup"]
     np.testing.assert_array_equal(engram.compression_table(), comp)

@@ -137,12 +137,17 @@ impl<T: Copy> LineAligned<T> {
             "LineAligned takes elements whose size divides 64 bytes, not {size}"
         );
         let slack = 64usize.div_ceil(size);
+        // As `Vec::with_capacity` does for a length past the address space: a panic, never a
+        // wrapped (short) buffer.
+        let total = len
+            .checked_add(slack)
+            .expect("LineAligned length overflows usize");
         let mut buf = if huge {
-            huge_capacity(len + slack)
+            huge_capacity(total)
         } else {
-            Vec::with_capacity(len + slack)
+            Vec::with_capacity(total)
         };
-        buf.resize(len + slack, fill);
+        buf.resize(total, fill);
         let misalign = buf.as_ptr() as usize % 64;
         let off = if misalign == 0 {
             0

@@ -49,27 +49,53 @@ fn tmp_path(dest: &Path) -> Result<PathBuf> {
     Ok(dest.with_file_name(tmp))
 }
 
+/// The path a write to `dest` replaces: `dest` itself, or the file a symbolic link at `dest`
+/// points to (the write goes through the link, which stays a link). Anything that exists
+/// and is not a regular file (a directory, a device such as `/dev/null`, a FIFO, a socket)
+/// is refused: renaming a file over it would replace it.
+pub fn resolve_output(dest: &Path) -> Result<PathBuf> {
+    let refuse = |found: &str| {
+        EngramError::invalid(
+            format!("output {}", dest.display()),
+            "a regular file or a new path",
+            found,
+        )
+    };
+    let dest = match std::fs::symlink_metadata(dest) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(dest)
+            .map_err(|_| refuse("a symbolic link to nothing (a dangling link)"))?,
+        _ => dest.to_path_buf(),
+    };
+    match std::fs::metadata(&dest) {
+        Ok(m) if m.is_dir() => Err(refuse("a directory")),
+        Ok(m) if !m.is_file() => Err(refuse("a device, FIFO or socket")),
+        _ => Ok(dest),
+    }
+}
+
 /// Writes `dest` atomically: `body` writes the content into a buffered temporary file in the
-/// same folder, which is then synced and renamed over `dest`. A directory as `dest` is
-/// refused; an existing file keeps its permissions.
+/// same folder, which is then synced and renamed over `dest`. What is not a regular file or
+/// a new path is refused ([`resolve_output`]); a symbolic link is written through; an
+/// existing file keeps its permissions.
 pub fn write_atomic(
     dest: &Path,
     body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    if dest.is_dir() {
-        return Err(EngramError::invalid(
-            format!("output {}", dest.display()),
-            "a file path",
-            "a directory",
-        ));
-    }
-    let tmp = tmp_path(dest)?;
+    let dest = &resolve_output(dest)?;
     let io = |e| EngramError::io(dest, e);
-    let file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io)?;
+    // A temporary name left by a killed process (same pid, e.g. PID 1 in a container) is
+    // skipped, not fatal: the next call's counter gives another name.
+    let mut attempts = 0;
+    let (tmp, file) = loop {
+        let tmp = tmp_path(dest)?;
+        match File::options().write(true).create_new(true).open(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 64 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(EngramError::io(&tmp, e)),
+        }
+    };
     let mut guard = TmpGuard {
         path: tmp.clone(),
         committed: false,
@@ -164,6 +190,64 @@ mod tests {
             write_atomic(&p, |w| w.write_all(b"new")).unwrap();
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o640);
+        }
+    }
+
+    /// A link is written through (it stays a link, its target gets the bytes); devices,
+    /// FIFOs and dangling links are refused and left as they were; a temporary name left
+    /// behind by an earlier process with this pid does not block the write.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn writes_through_links_refuses_special_files_and_skips_stale_temporaries() {
+        let d = dir().join("c");
+        std::fs::create_dir_all(&d).unwrap();
+        let target = d.join("target.bin");
+        std::fs::write(&target, b"old").unwrap();
+        let link = d.join("link.bin");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_atomic(&link, |w| w.write_all(b"through")).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"through");
+
+        let dangling = d.join("dangling.bin");
+        let _ = std::fs::remove_file(&dangling);
+        std::os::unix::fs::symlink(d.join("nowhere"), &dangling).unwrap();
+        let e = write_atomic(&dangling, |w| w.write_all(b"x")).unwrap_err();
+        assert!(e.to_string().contains("dangling"), "{e}");
+
+        let fifo = d.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = write_atomic(&fifo, |w| w.write_all(b"x")).unwrap_err();
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        let ft = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+        assert!(!ft.is_file(), "the FIFO was replaced");
+        let e = write_atomic(Path::new("/dev/null"), |w| w.write_all(b"x")).unwrap_err();
+        assert!(e.to_string().contains("/dev/null"), "{e}");
+        assert!(strays(&d).is_empty(), "{:?}", strays(&d));
+
+        // The next temporary names this process would try, taken by a "killed" writer.
+        let p = d.join("busy.bin");
+        let n = tmp_path(&p).unwrap();
+        let base = n.to_string_lossy().into_owned();
+        let (stem, k) = base.rsplit_once('-').unwrap();
+        let k: u64 = k.parse().unwrap();
+        let stale: Vec<PathBuf> = (k + 1..k + 40)
+            .map(|i| PathBuf::from(format!("{stem}-{i}")))
+            .collect();
+        for s in &stale {
+            std::fs::write(s, b"stale").unwrap();
+        }
+        write_atomic(&p, |w| w.write_all(b"fresh")).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"fresh");
+        for s in &stale {
+            std::fs::remove_file(s).unwrap();
         }
     }
 }

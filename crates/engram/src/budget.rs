@@ -212,6 +212,14 @@ pub fn forward_plan(cfg: &EngramConfig, run: &RunShape) -> Result<MemoryPlan> {
     }
     // Decoded f32 projections plus their packed copy.
     p.add("the projection weights", s.proj_weights, 8)?;
+    // Conv weight [HC·D, K]; norm1, norm2 and the conv norms [HC, D] each; the biases.
+    let (d, hc) = (cfg.hidden_size as u64, cfg.hc_mult as u64);
+    let small = s
+        .row_width
+        .saturating_mul(cfg.kernel_size as u64)
+        .saturating_add(3 * s.row_width)
+        .saturating_add(d.saturating_mul(1 + hc));
+    p.add("the conv weight, norms and biases", small, 4)?;
     p.add_dims("the input hidden_states", &[run.tokens, s.row_width], 4)?;
     p.add("the input ids", run.tokens, 16)?;
     p.add_dims("the output hash_ids", &[run.tokens, s.heads], 8)?;

@@ -39,9 +39,12 @@ pub struct LayerSizes {
     pub conv_history: u64,
     /// R·HC·D floats of conv history per sequence state.
     pub state_floats: u64,
-    /// An upper estimate of the table rows (the exact count needs the primes).
+    /// An estimate of the table rows, each head's prime taken within 1024 of its base: an
+    /// upper bound for configs with few layers, short of the truth for many (each layer's
+    /// primes lie above the earlier layers'). Used for overflow checks; memory plans use
+    /// the exact count, [`crate::hashing::table_rows`].
     pub table_rows_estimate: u64,
-    /// An upper estimate of the table's elements.
+    /// `table_rows_estimate` × head_dim.
     pub table_elems_estimate: u64,
 }
 

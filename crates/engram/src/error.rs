@@ -136,6 +136,15 @@ pub enum EngramError {
         /// What went wrong.
         message: String,
     },
+    /// A tensor error ([`EngramError::Shape`], [`EngramError::DType`],
+    /// [`EngramError::NonFinite`]) found in a file, which it names.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The file.
+        path: String,
+        /// The tensor's error.
+        source: Box<EngramError>,
+    },
     /// An argument of an API call is invalid.
     #[error("{name}: expected {expected}, found {found}")]
     Invalid {
@@ -183,6 +192,40 @@ impl EngramError {
             found: format!("{found:?}"),
         }
     }
+}
+
+/// `[a, b, c]` for short lists, `[a, b, c, ... z] (N values)` for long ones.
+pub(crate) fn short_list<T: std::fmt::Debug>(v: &[T]) -> String {
+    if v.len() <= 16 {
+        return format!("{v:?}");
+    }
+    let head: Vec<String> = v[..8].iter().map(|x| format!("{x:?}")).collect();
+    format!(
+        "[{}, ... {:?}] ({} values)",
+        head.join(", "),
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+/// The packed-batch `offsets` of `nseq` sequences over `total` rows: `nseq + 1`
+/// non-decreasing entries from 0 to `total` (both layers' batched calls).
+pub(crate) fn check_offsets(offsets: &[usize], nseq: usize, total: usize) -> Result<()> {
+    if offsets.len() != nseq.saturating_add(1)
+        || offsets.first() != Some(&0)
+        || offsets.last() != Some(&total)
+        || offsets.windows(2).any(|w| w[0] > w[1])
+    {
+        return Err(EngramError::invalid(
+            "offsets",
+            format!(
+                "{} non-decreasing offsets from 0 to {total} (one more than the {nseq} states)",
+                nseq.saturating_add(1)
+            ),
+            short_list(offsets),
+        ));
+    }
+    Ok(())
 }
 
 /// `n` bytes as a short human-readable size.

@@ -116,41 +116,89 @@ pub fn draw_layer_params(
 ) -> Vec<LayerHashParams> {
     let vprime = compressed_vocab.max(1) as i64;
     let half_bound = (i64::MAX / vprime / 2).max(1);
+    let primes = draw_primes(layer_ids.len(), bases, heads);
+    layer_ids
+        .iter()
+        .zip(primes)
+        .map(|(&layer_id, primes)| {
+            let s = seed as u128 + LAYER_SEED_STRIDE as u128 * layer_id as u128;
+            let mut g = Pcg64::from_seed(s);
+            let multipliers = g
+                .integers(0, half_bound, max_ngram_size)
+                .into_iter()
+                .map(|r| 2 * r + 1)
+                .collect();
+            LayerHashParams {
+                layer_id,
+                multipliers,
+                primes,
+            }
+        })
+        .collect()
+}
+
+/// The primes of the first `layers` layers (`[layer][order][head]`): one `seen` set over all
+/// layers, the search restarting at `bases[n-2] - 1` for every order n of every layer. A
+/// layer's primes depend only on the layers before it, not on the multipliers.
+fn draw_primes(layers: usize, bases: &[u64], heads: usize) -> Vec<Vec<Vec<u64>>> {
     let mut seen = HashSet::new();
     let mut resume: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    let mut layers = Vec::with_capacity(layer_ids.len());
-    for &layer_id in layer_ids {
-        let s = seed as u128 + LAYER_SEED_STRIDE as u128 * layer_id as u128;
-        let mut g = Pcg64::from_seed(s);
-        let multipliers = g
-            .integers(0, half_bound, max_ngram_size)
-            .into_iter()
-            .map(|r| 2 * r + 1)
-            .collect();
-        let mut primes = Vec::with_capacity(max_ngram_size - 1);
-        for &base in bases {
-            // The reference restarts at base - 1 every time; every prime between there and
-            // the last one found from this base is in `seen` (each search returns the
-            // smallest unseen prime), so resuming from that last one finds the same prime
-            // without walking over all the earlier ones again.
-            let mut start = resume.get(&base).copied().unwrap_or(base - 1);
-            let mut hs = Vec::with_capacity(heads);
-            for _ in 0..heads {
-                let p = next_unseen_prime(start, &seen);
-                seen.insert(p);
-                hs.push(p);
-                start = p;
-            }
-            resume.insert(base, start);
-            primes.push(hs);
-        }
-        layers.push(LayerHashParams {
-            layer_id,
-            multipliers,
-            primes,
-        });
-    }
-    layers
+    (0..layers)
+        .map(|_| {
+            bases
+                .iter()
+                .map(|&base| {
+                    // The reference restarts at base - 1 every time; every prime between
+                    // there and the last one found from this base is in `seen` (each search
+                    // returns the smallest unseen prime), so resuming from that last one
+                    // finds the same prime without walking over all the earlier ones again.
+                    let mut start = resume.get(&base).copied().unwrap_or(base - 1);
+                    let hs: Vec<u64> = (0..heads)
+                        .map(|_| {
+                            let p = next_unseen_prime(start, &seen);
+                            seen.insert(p);
+                            start = p;
+                            p
+                        })
+                        .collect();
+                    resume.insert(base, start);
+                    hs
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The exact number of rows of layer `cfg.layer_id`'s table (the sum of its heads' primes),
+/// from the config alone: no tokenizer is needed, since the primes do not depend on the
+/// compressed vocabulary. [`crate::LayerSizes::table_rows_estimate`] assumes each prime lies
+/// within 1024 of its base, which holds for a few layers but not for configs with many
+/// (each layer's primes lie above the earlier layers'); memory plans use this count.
+pub fn table_rows(cfg: &EngramConfig) -> Result<u64> {
+    cfg.validate()?;
+    let index = cfg
+        .layer_ids
+        .iter()
+        .position(|&l| l == cfg.layer_id)
+        .ok_or_else(|| {
+            EngramError::config(
+                "layer_id",
+                format!("one of layer_ids {:?}", cfg.layer_ids),
+                cfg.layer_id,
+            )
+        })?;
+    let primes = draw_primes(index + 1, &cfg.engram_vocab_size, cfg.n_head_per_ngram);
+    primes[index]
+        .iter()
+        .flatten()
+        .try_fold(0u64, |a, &p| a.checked_add(p))
+        .ok_or_else(|| {
+            EngramError::config(
+                "engram_vocab_size",
+                "a table whose rows fit in 64 bits",
+                format!("{:?}", cfg.engram_vocab_size),
+            )
+        })
 }
 
 /// The reference's `NgramHashMapping`: compression plus per-layer hash parameters.
@@ -337,6 +385,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("max_ngram_size"));
+    }
+
+    /// `table_rows` (primes only, no tokenizer) is the sum of the layer's primes as the full
+    /// draw finds them, for a layer late in a long `layer_ids`, where the 1024-per-head
+    /// estimate falls short.
+    #[test]
+    fn exact_table_rows_match_the_full_draw_and_can_exceed_the_estimate() {
+        let cfg = EngramConfig {
+            engram_vocab_size: vec![1000, 1200],
+            max_ngram_size: 3,
+            layer_ids: (0..200).collect(),
+            layer_id: 150,
+            ..Default::default()
+        };
+        let full = draw_layer_params(&cfg.layer_ids, &cfg.engram_vocab_size, 8, 3, 0, 100);
+        let want: u64 = full[150].primes.iter().flatten().sum();
+        assert_eq!(table_rows(&cfg).unwrap(), want);
+        assert!(want > cfg.sizes().unwrap().table_rows_estimate, "{want}");
+        let first = EngramConfig {
+            layer_id: 0,
+            ..cfg.clone()
+        };
+        assert_eq!(
+            table_rows(&first).unwrap(),
+            full[0].primes.iter().flatten().sum::<u64>()
+        );
+        // An invalid config is refused, not drawn.
+        let bad = EngramConfig {
+            layer_id: 999,
+            ..cfg
+        };
+        assert!(table_rows(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("layer_id"));
     }
 
     #[test]

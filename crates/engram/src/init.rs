@@ -76,18 +76,23 @@ pub fn torch_default_weights_as(
             EmbeddingTable::from_bf16_bits(table, rows, cfg.head_dim())?
         }
     };
-    // Depthwise Conv1d weight [HC·D, 1, K]: fan_in = 1·K.
-    let mut conv_weight = vec![0.0f32; hc * d * taps];
+    // Depthwise Conv1d weight [HC·D, 1, K]: fan_in = 1·K. These buffers are allocated
+    // fallibly too: a library caller may not have planned memory first.
+    let mut conv_weight = crate::alloc::zeroed_f32(hc * d * taps, "the conv weight", false)?;
     g.kaiming_uniform_f32(&mut conv_weight, taps);
-    let linear = |g: &mut TorchGenerator| {
-        let mut w = vec![0.0f32; d * dm];
-        let mut b = vec![0.0f32; d];
+    let linear = |g: &mut TorchGenerator, what: &str| -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut w = crate::alloc::zeroed_f32(d * dm, what, false)?;
+        let mut b = crate::alloc::zeroed_f32(d, what, false)?;
         g.kaiming_uniform_f32(&mut w, dm);
         g.linear_bias_f32(&mut b, dm);
-        (w, b)
+        Ok((w, b))
     };
-    let (value_proj_weight, value_proj_bias) = linear(&mut g);
-    let (key_projs_weight, key_projs_bias) = (0..hc).map(|_| linear(&mut g)).unzip();
+    let (value_proj_weight, value_proj_bias) = linear(&mut g, "value_proj")?;
+    let (key_projs_weight, key_projs_bias) = (0..hc)
+        .map(|_| linear(&mut g, "key_projs"))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     let ones = vec![vec![1.0f32; d]; hc];
     let weights = EngramWeights {
         table,

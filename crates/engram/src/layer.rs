@@ -137,20 +137,6 @@ pub struct Engram {
     fused: OnceLock<Arc<FusedWeights>>,
 }
 
-/// `[a, b, c]` for short lists, `[a, b, c, ... z] (N values)` for long ones.
-pub(crate) fn short_list<T: std::fmt::Debug>(v: &[T]) -> String {
-    if v.len() <= 16 {
-        return format!("{v:?}");
-    }
-    let head: Vec<String> = v[..8].iter().map(|x| format!("{x:?}")).collect();
-    format!(
-        "[{}, ... {:?}] ({} values)",
-        head.join(", "),
-        v[v.len() - 1],
-        v.len()
-    )
-}
-
 /// Loads the tokenizer named by the config and builds its compression table.
 pub fn compression_for(cfg: &EngramConfig) -> Result<Arc<CompressedTokenizer>> {
     let tok = Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
@@ -426,7 +412,7 @@ impl Engram {
         into: Option<&mut [f32]>,
     ) -> Result<Stages> {
         let total = ids.len();
-        self.check_offsets(offsets, states.len(), total)?;
+        crate::error::check_offsets(offsets, states.len(), total)?;
         let c = self.cfg.hc_mult * self.cfg.hidden_size;
         if let Some(o) = &into {
             if o.len() != total * c {
@@ -609,24 +595,6 @@ impl Engram {
                 })
             }
         }
-    }
-
-    fn check_offsets(&self, offsets: &[usize], nseq: usize, total: usize) -> Result<()> {
-        if offsets.len() != nseq + 1
-            || offsets.first() != Some(&0)
-            || offsets.last() != Some(&total)
-            || offsets.windows(2).any(|w| w[0] > w[1])
-        {
-            return Err(EngramError::invalid(
-                "offsets",
-                format!(
-                    "{} non-decreasing offsets from 0 to {total} (one more than the {nseq} states)",
-                    nseq + 1
-                ),
-                short_list(offsets),
-            ));
-        }
-        Ok(())
     }
 
     fn reference_chunk(

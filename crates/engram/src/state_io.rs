@@ -45,7 +45,14 @@ pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -
         })?;
         hist.extend_from_slice(s.ngram_history());
         conv.extend(s.conv_history());
-        pos.push(s.position() as i64);
+        // The file holds int64 positions: one past that is refused, not wrapped negative.
+        pos.push(i64::try_from(s.position()).map_err(|_| {
+            EngramError::invalid(
+                format!("states[{i}].position"),
+                "a position below 2^63 (the file's int64)",
+                s.position(),
+            )
+        })?);
     }
     let mut w = TensorWriter::new();
     w.i64("ngram_history", &[states.len(), n1], &hist);
@@ -63,6 +70,10 @@ pub fn load_states(path: impl AsRef<Path>, e: &Engram) -> Result<Vec<EngramState
 
 /// Reads the states of a batch for layer `e` from an opened file.
 pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
+    load_checked(f, e).map_err(|err| f.in_file(err))
+}
+
+fn load_checked(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
     let cfg = e.config();
     let j = f.metadata().get("engram_config").ok_or_else(|| {
         EngramError::invalid(

@@ -141,6 +141,50 @@ pub(crate) fn dtype_name(d: Dtype) -> String {
     format!("{d:?}").to_lowercase()
 }
 
+/// Every tensor's `data_offsets` end within the file, checked before `safetensors` reads the
+/// header: its own check adds the offsets' end to the header length unchecked, which a
+/// crafted header makes overflow (a panic in builds with overflow checks, as the fuzz
+/// targets and tests are). Headers that are not JSON or not as expected are left to
+/// `safetensors`, whose errors describe them.
+fn check_data_offsets(path: &Path, bytes: &[u8]) -> Result<()> {
+    const MAX_HEADER: u64 = 100_000_000; // safetensors' own limit
+    let Some(n) = bytes.get(..8) else {
+        return Ok(());
+    };
+    let n = u64::from_le_bytes(n.try_into().expect("8 bytes"));
+    let Some(data_len) = (bytes.len() as u64)
+        .checked_sub(8)
+        .and_then(|l| l.checked_sub(n))
+    else {
+        return Ok(());
+    };
+    if n > MAX_HEADER {
+        return Ok(());
+    }
+    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice(&bytes[8..8 + n as usize])
+    else {
+        return Ok(());
+    };
+    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let Some(end) = info
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|e| e.as_u64())
+        else {
+            continue;
+        };
+        if end > data_len {
+            return Err(EngramError::SafeTensors {
+                path: path.display().to_string(),
+                message: format!(
+                    "tensor `{name}`: expected data_offsets within the {data_len} bytes after the header, found an end at {end}"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl TensorFile {
     /// Maps the file and parses its header (bounds and offsets are checked by `safetensors`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -178,6 +222,7 @@ impl TensorFile {
     }
 
     fn parse(path: PathBuf, mmap: FileBytes) -> Result<Self> {
+        check_data_offsets(&path, &mmap[..])?;
         let (_, meta) =
             SafeTensors::read_metadata(&mmap[..]).map_err(|e| EngramError::SafeTensors {
                 path: path.display().to_string(),
@@ -259,12 +304,25 @@ impl TensorFile {
         })
     }
 
+    /// `e` with this file's path, where it is a tensor error that does not name it.
+    pub fn in_file(&self, e: EngramError) -> EngramError {
+        match e {
+            EngramError::Shape { .. }
+            | EngramError::DType { .. }
+            | EngramError::NonFinite { .. } => EngramError::InFile {
+                path: self.path.display().to_string(),
+                source: Box::new(e),
+            },
+            e => e,
+        }
+    }
+
     /// A float tensor (f32, or bf16/f16 widened) whose shape must equal `expected` when given.
     pub fn f32(&self, name: &str, expected: Option<&[usize]>) -> Result<F32Tensor> {
         let st = self.st();
         let v = self.view(&st, name)?;
-        check_shape(name, v.shape(), expected)?;
-        let data = decode_f32(name, v.dtype(), v.data())?;
+        check_shape(name, v.shape(), expected).map_err(|e| self.in_file(e))?;
+        let data = decode_f32(name, v.dtype(), v.data()).map_err(|e| self.in_file(e))?;
         Ok(F32Tensor {
             shape: v.shape().to_vec(),
             data,
@@ -275,7 +333,7 @@ impl TensorFile {
     pub fn i64(&self, name: &str, expected: Option<&[usize]>) -> Result<I64Tensor> {
         let st = self.st();
         let v = self.view(&st, name)?;
-        check_shape(name, v.shape(), expected)?;
+        check_shape(name, v.shape(), expected).map_err(|e| self.in_file(e))?;
         let data = match v.dtype() {
             Dtype::I64 => v
                 .data()
@@ -288,11 +346,11 @@ impl TensorFile {
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
                 .collect(),
             d => {
-                return Err(EngramError::DType {
+                return Err(self.in_file(EngramError::DType {
                     name: name.into(),
                     expected: "int64 (or int32)".into(),
                     found: dtype_name(d),
-                })
+                }))
             }
         };
         Ok(I64Tensor {
@@ -495,7 +553,16 @@ impl<'a> TensorWriter<'a> {
         }
         // A shape that disagrees with its data would make a file no reader accepts (and
         // the atomic rename would put it in place of a good one): refuse before writing.
+        let mut names = std::collections::HashSet::new();
         for (name, shape, data) in &self.tensors {
+            // A repeated name (or the metadata key) would leave bytes no header entry covers.
+            if name == "__metadata__" || !names.insert(name.as_str()) {
+                return Err(EngramError::invalid(
+                    format!("tensor `{name}` (writing {})", path.display()),
+                    "a name used once, other than __metadata__",
+                    "a name already taken",
+                ));
+            }
             let elems = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
             let elem_bytes = match data.dtype() {
                 Dtype::BF16 => 2,

@@ -90,7 +90,7 @@ impl crate::rows::RowStore for EmbeddingTable {
 impl EmbeddingTable {
     /// An owned f32 table.
     pub fn from_f32(data: Vec<f32>, rows: usize, dim: usize) -> Result<Self> {
-        if data.len() != rows * dim {
+        if rows.checked_mul(dim) != Some(data.len()) {
             return Err(EngramError::Shape {
                 name: TABLE.into(),
                 expected: vec![rows, dim],
@@ -106,7 +106,7 @@ impl EmbeddingTable {
 
     /// An owned bf16 table from raw bf16 bit patterns.
     pub fn from_bf16_bits(bits: Vec<u16>, rows: usize, dim: usize) -> Result<Self> {
-        if bits.len() != rows * dim {
+        if rows.checked_mul(dim) != Some(bits.len()) {
             return Err(EngramError::Shape {
                 name: TABLE.into(),
                 expected: vec![rows, dim],
@@ -495,13 +495,23 @@ impl EngramWeights {
         Self::load_from(&TensorFile::open(path)?, cfg, offsets, rows)
     }
 
-    /// [`EngramWeights::load`] from an opened file.
+    /// [`EngramWeights::load`] from an opened file; errors name the file.
     pub fn load_from(
         file: &TensorFile,
         cfg: &EngramConfig,
         offsets: &[i64],
         rows: usize,
     ) -> Result<Self> {
+        Self::load_checked(file, cfg, offsets, rows).map_err(|e| file.in_file(e))
+    }
+
+    fn load_checked(
+        file: &TensorFile,
+        cfg: &EngramConfig,
+        offsets: &[i64],
+        rows: usize,
+    ) -> Result<Self> {
+        cfg.validate()?;
         let ctx = format!(" in {}", file.path().display());
         let expected = expected_tensors(cfg, rows);
         for name in file.names() {

@@ -301,7 +301,10 @@ fn weights_file_errors_name_the_tensor() {
     write(&p, &t, None);
     let e = load(&p);
     assert!(
-        e.contains("value_proj.bias") && e.contains("[1024]") && e.contains("[1023]"),
+        e.contains("value_proj.bias")
+            && e.contains("[1024]")
+            && e.contains("[1023]")
+            && e.contains("shape.safetensors"),
         "{e}"
     );
     // Wrong dtype: an int64 tensor where floats belong.
@@ -310,7 +313,10 @@ fn weights_file_errors_name_the_tensor() {
     let p = tmp("dtype.safetensors");
     write(&p, &t, None);
     let e = load(&p);
-    assert!(e.contains("norm1.0.weight") && e.contains("i64"), "{e}");
+    assert!(
+        e.contains("norm1.0.weight") && e.contains("i64") && e.contains("dtype.safetensors"),
+        "{e}"
+    );
     // NaN in a projection.
     let mut t = load_all(Some("key_projs.1.bias"));
     let mut b = vec![0.0f32; 1024];
@@ -320,7 +326,7 @@ fn weights_file_errors_name_the_tensor() {
     write(&p, &t, None);
     let e = load(&p);
     assert!(
-        e.contains("key_projs.1.bias") && e.contains("index 7"),
+        e.contains("key_projs.1.bias") && e.contains("index 7") && e.contains("nan.safetensors"),
         "{e}"
     );
     // Unreadable and malformed files.
@@ -661,6 +667,18 @@ fn states_are_checked_on_call_save_and_restore() {
         .to_string();
     assert!(err.contains("states[1]"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), saved);
+    // A position past the file's int64 is refused, not written as a negative one.
+    let far = vec![engram::EngramState::from_parts(
+        fresh.ngram_history().to_vec(),
+        conv.clone(),
+        4096,
+        1 << 63,
+    )];
+    let err = engram::state_io::save_states(&file, &e, &far)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("states[0].position"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), saved);
     // A writer whose shape disagrees with its data refuses before it writes.
     let err = TensorWriter::new()
         .i64("x", &[3], &[1, 2])
@@ -669,6 +687,16 @@ fn states_are_checked_on_call_save_and_restore() {
         .to_string();
     assert!(err.contains("x"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), saved);
+    for name in ["x", "__metadata__"] {
+        let err = TensorWriter::new()
+            .i64("x", &[1], &[1])
+            .i64(name, &[1], &[2])
+            .write(&file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already taken"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), saved);
+    }
     // Restoring: the file's config and tokenizer fingerprint must be this layer's.
     let f = engram::tensors::TensorFile::open(&file).unwrap();
     let meta = f.metadata().clone();
@@ -699,4 +727,31 @@ fn states_are_checked_on_call_save_and_restore() {
     let err = edited("engram_compression", "5 canonical ids, sha256 00".into());
     assert!(err.contains("a tokenizer of 5 canonical ids"), "{err}");
     assert_eq!(engram::state_io::load_states(&file, &e).unwrap().len(), 2);
+}
+
+/// A header whose tensors each pass `safetensors`' checked per-tensor validation, but whose
+/// offsets end near 2^64: the crate's own end check would overflow (a panic in this test
+/// profile, which has overflow checks). Refused with the tensor named instead.
+#[test]
+fn data_offsets_past_the_file_are_refused_before_they_overflow() {
+    let step: u64 = (1 << 61) - 1;
+    let mut header = serde_json::Map::new();
+    for k in 0..8u64 {
+        header.insert(
+            format!("t{k}"),
+            serde_json::json!({"dtype": "U8", "shape": [step], "data_offsets": [k * step, (k + 1) * step]}),
+        );
+    }
+    let json = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(&json);
+    bytes.extend([0u8; 16]);
+    let Err(e) = engram::tensors::TensorFile::from_bytes("crafted.safetensors", bytes) else {
+        panic!("a header past the file was accepted");
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("crafted.safetensors") && msg.contains("data_offsets") && msg.contains("`t"),
+        "{msg}"
+    );
 }

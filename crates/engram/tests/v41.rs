@@ -671,6 +671,11 @@ fn states_are_checked_on_call_save_and_load() {
     let e = l.save_states(&file, &short).unwrap_err().to_string();
     assert!(e.contains("states[0].history"), "{e}");
     assert_eq!(std::fs::read(&file).unwrap(), saved);
+    let mut far = good.clone();
+    far[1].position = 1 << 63;
+    let e = l.save_states(&file, &far).unwrap_err().to_string();
+    assert!(e.contains("states[1].position"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), saved);
     assert_eq!(l.load_states(&file).unwrap(), good);
     // Loading: an out-of-range history value, and another tokenizer's fingerprint.
     let f = TensorFile::open(&file).unwrap();

@@ -501,20 +501,7 @@ impl V41Layer {
     ) -> Result<()> {
         let (hc, dim) = (self.cfg.hc_mult, self.cfg.dim);
         let total = ids.len();
-        if offsets.len() != states.len() + 1
-            || offsets.first() != Some(&0)
-            || offsets.last() != Some(&total)
-            || offsets.windows(2).any(|w| w[0] > w[1])
-        {
-            return Err(EngramError::invalid(
-                "offsets",
-                format!(
-                    "{} non-decreasing offsets from 0 to {total}",
-                    states.len() + 1
-                ),
-                format!("{offsets:?}"),
-            ));
-        }
+        crate::error::check_offsets(offsets, states.len(), total)?;
         if hidden.len() != total * hc * dim {
             return Err(EngramError::Shape {
                 name: "hidden_states".into(),
@@ -766,7 +753,20 @@ impl V41Layer {
             .iter()
             .flat_map(|s| s.history.iter().copied())
             .collect();
-        let pos: Vec<i64> = states.iter().map(|s| s.position as i64).collect();
+        // The file holds int64 positions: one past that is refused, not wrapped negative.
+        let pos: Vec<i64> = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                i64::try_from(s.position).map_err(|_| {
+                    EngramError::invalid(
+                        format!("states[{i}].position"),
+                        "a position below 2^63 (the file's int64)",
+                        s.position,
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
         let mut w = crate::tensors::TensorWriter::new();
         w.i64("history", &[states.len(), n1], &hist);
         w.i64("position", &[states.len()], &pos);
