@@ -306,7 +306,16 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     let nseq = offsets.len() - 1;
     let mut states = match &a.state_in {
         Some(p) => {
-            let s = engram::state_io::load_states(p, &e)?;
+            // The count first: a file of many states is refused before it is decoded.
+            let f = TensorFile::open(p)?;
+            let (_, shape) = f.info("position")?;
+            if shape != [nseq] {
+                bail!(
+                    "--state-in {}: expected {nseq} states (one per sequence, `position` [{nseq}]), found `position` {shape:?}",
+                    p.display()
+                );
+            }
+            let s = engram::state_io::load_states_from(&f, &e)?;
             if s.len() != nseq {
                 bail!(
                     "--state-in {}: expected {nseq} states (one per sequence), found {}",

@@ -100,8 +100,8 @@ impl Files {
     }
 
     /// Refuses an output that is (the same file as) an input or another output, an output
-    /// that names a directory, a device, a FIFO or a dangling link, and one whose folder
-    /// does not exist.
+    /// that names a directory, a device, a FIFO or a socket, and one whose folder does not
+    /// exist.
     pub fn check(&self) -> Result<()> {
         for (i, (flag, out)) in self.outputs.iter().enumerate() {
             if out.is_dir() {
@@ -110,9 +110,8 @@ impl Files {
                     out.display()
                 );
             }
-            // Devices, FIFOs and dangling links; a link to a file is written through.
-            let out =
-                &engram::atomic::resolve_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+            // Devices, FIFOs and sockets (a link is replaced, not followed).
+            engram::atomic::check_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
             let dir = match out.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),

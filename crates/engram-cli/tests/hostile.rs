@@ -151,6 +151,12 @@ fn outputs_never_overwrite_inputs_or_each_other() {
     fails_leaving(&strs(&args), "found a directory", &keep);
     let args = t.forward(inp, &["--out", s(&t.path("no/such/out.st"))]);
     fails_leaving(&strs(&args), "found no folder", &keep);
+    // A device or a FIFO would be replaced by the rename: refused before any work.
+    #[cfg(unix)]
+    {
+        let args = t.forward(inp, &["--out", "/dev/null"]);
+        fails_leaving(&strs(&args), "a device, FIFO or socket", &keep);
+    }
 }
 
 #[test]
@@ -392,6 +398,25 @@ fn state_files_are_checked() {
         .collect();
     let line = fails_leaving(&strs(&args), "seed 0 (this layer: 1)", &[&st]);
     assert!(!line.contains("layer 15"), "{line}");
+    // A file of another number of states is refused by its count, before it is decoded.
+    let two = t.path("two.st");
+    let mut w = TensorWriter::new();
+    let (h2, c2) = (
+        [hist.data.clone(), hist.data.clone()].concat(),
+        [conv.data.clone(), conv.data.clone()].concat(),
+    );
+    let mut hs = hist.shape.clone();
+    hs[0] = 2;
+    let mut cs = conv.shape.clone();
+    cs[0] = 2;
+    w.i64("ngram_history", &hs, &h2)
+        .f32("conv_history", &cs, &c2)
+        .i64("position", &[2], &[14, 14])
+        .meta("engram_config", meta.clone());
+    w.write(&two).unwrap();
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--state-in", s(&two)]);
+    let line = fails_leaving(&strs(&args), "expected 1 states", &[&two]);
+    assert!(line.contains("`position` [2]"), "{line}");
 }
 
 #[test]

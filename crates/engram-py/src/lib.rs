@@ -69,9 +69,11 @@ struct Layer {
     /// does not fault in fresh pages every call. A call that finds it taken (another
     /// thread's call on this layer) copies into a buffer of its own.
     hidden: std::sync::Mutex<Vec<f32>>,
-    /// What a state must match to run on this layer ([`identity_of`]), computed once (the
-    /// tokenizer fingerprint hashes the whole compression table).
+    /// What a state must match to run on this layer, in words ([`identity_of`]), computed
+    /// once (the tokenizer fingerprint hashes the whole compression table).
     identity: String,
+    /// The key of `identity` that states carry ([`owner_key`]).
+    key: Arc<str>,
 }
 
 /// A sequence's streaming state.
@@ -79,10 +81,11 @@ struct Layer {
 #[derive(Clone)]
 struct State {
     inner: StateInner,
-    /// The layer the state belongs to ([`Layer::identity`]): set by `new_state` and by the
-    /// first call, kept through pickling, compared on every call. `None` for a state made
-    /// by `State()` or unpickled from bytes written before the field existed.
-    owner: Option<String>,
+    /// The key of the layer the state belongs to ([`owner_key`]): set by `new_state` and by
+    /// the first call that succeeds, kept through pickling, compared on every call. `None`
+    /// for a state made by `State()` or unpickled from bytes written before the field
+    /// existed, or with a key version this build does not know.
+    owner: Option<Arc<str>>,
 }
 
 #[derive(Clone)]
@@ -193,7 +196,9 @@ impl State {
                 if take(1).is_ok() {
                     return Err(bad());
                 }
-                Some(String::from_utf8(o).map_err(|_| bad())?)
+                let o = String::from_utf8(o).map_err(|_| bad())?;
+                // A key of another version cannot be compared: the state counts as unowned.
+                o.starts_with(OWNER_KEY_VERSION).then(|| Arc::from(o))
             }
         };
         Ok(State { inner, owner })
@@ -467,6 +472,27 @@ impl Layer {
         Ok(d)
     }
 
+    /// A state of another layer would continue that layer's sequence with this one's weights
+    /// (the shapes can agree): refused, naming this layer.
+    fn check_owners(&self, states: &[Bound<'_, State>]) -> PyResult<()> {
+        for (i, s) in states.iter().enumerate() {
+            if s.borrow().owner.as_ref().is_some_and(|o| *o != self.key) {
+                return Err(verr(format!(
+                    "states[{i}]: expected a state of this layer ({}), found a state of another layer (its sequence started on another layer or another config)",
+                    self.identity
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Unowned states become this layer's after a call on them succeeded.
+    fn adopt(&self, states: &[Bound<'_, State>]) {
+        for s in states {
+            s.borrow_mut().owner.get_or_insert_with(|| self.key.clone());
+        }
+    }
+
     fn widths(&self) -> (usize, usize) {
         match &self.inner {
             Inner::Demo(e, _) => (e.config().hc_mult, e.config().hidden_size),
@@ -497,12 +523,50 @@ fn identity_of(inner: &Inner) -> String {
             )
         }
         Inner::V41(l, _) => format!(
-            "DeepSeek-V4.1 layers (max_ngram_size {}, pad_id {}; tokenizer {})",
+            "DeepSeek-V4.1 layer {} (max_ngram_size {}, pad_id {}; tokenizer {})",
+            l.layer_id(),
             l.config().max_ngram_size,
             l.config().pad_id,
             l.hashing().compressed().fingerprint()
         ),
     }
+}
+
+/// The version prefix of owner keys: a build that changes what a key hashes changes it, and
+/// keys of other versions count as no owner (never as a mismatch).
+const OWNER_KEY_VERSION: &str = "engram-state-owner/1:";
+
+/// The key states carry: a hash of [`identity_of`]'s fields (not of its wording, which may
+/// change), under [`OWNER_KEY_VERSION`].
+fn owner_key(inner: &Inner) -> Arc<str> {
+    use sha2::{Digest, Sha256};
+    let fields = match inner {
+        Inner::Demo(e, _) => {
+            let c = e.config();
+            format!(
+                "demo|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
+                c.layer_id,
+                c.max_ngram_size,
+                c.kernel_size,
+                c.hc_mult,
+                c.hidden_size,
+                c.seed,
+                c.pad_id,
+                c.engram_vocab_size,
+                e.hashing().compressed().fingerprint()
+            )
+        }
+        Inner::V41(l, _) => format!(
+            "v41|{}|{}|{}|{}",
+            l.layer_id(),
+            l.config().max_ngram_size,
+            l.config().pad_id,
+            l.hashing().compressed().fingerprint()
+        ),
+    };
+    let d = Sha256::digest(fields.as_bytes());
+    let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Arc::from(format!("{OWNER_KEY_VERSION}{hex}"))
 }
 
 fn pool(threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
@@ -519,23 +583,16 @@ fn pool(threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
         .transpose()
 }
 
-/// Refuses to build `copies` copies of a demo layer's weights that do not fit in memory now.
-fn check_memory(cfg: &EngramConfig, copies: u64) -> PyResult<()> {
+/// Refuses to build `copies` copies of a demo layer's weights (a table of `table_rows` rows)
+/// that do not fit in memory now.
+fn check_memory(cfg: &EngramConfig, table_rows: u64, copies: u64) -> PyResult<()> {
     let mut plan = engram::budget::MemoryPlan::new();
     let (d, w) = (
         cfg.hidden_size as u64,
         ((cfg.hc_mult + 1) * cfg.hidden_size) as u64,
     );
-    plan.add_dims(
-        "the table",
-        &[
-            engram::hashing::table_rows(cfg).map_err(err)?,
-            cfg.head_dim() as u64,
-            copies,
-        ],
-        4,
-    )
-    .map_err(err)?;
+    plan.add_dims("the table", &[table_rows, cfg.head_dim() as u64, copies], 4)
+        .map_err(err)?;
     plan.add_dims(
         "the projections",
         &[w, cfg.memory_width() as u64, copies],
@@ -642,7 +699,7 @@ impl Layer {
         };
         State {
             inner,
-            owner: Some(self.identity.clone()),
+            owner: Some(self.key.clone()),
         }
     }
 
@@ -700,19 +757,6 @@ impl Layer {
                 "states: the same State object appears twice; each sequence needs its own",
             ));
         }
-        // A state of another layer would continue that layer's sequence with this one's
-        // weights (the shapes can agree): refused by its owner, then adopted when unowned.
-        let identity = self.identity.clone();
-        for (i, s) in states.iter().enumerate() {
-            if let Some(o) = s.borrow().owner.as_deref().filter(|o| *o != identity) {
-                return Err(verr(format!(
-                    "states[{i}]: expected a state of this layer ({identity}), found one of {o}"
-                )));
-            }
-        }
-        for s in &states {
-            s.borrow_mut().owner.get_or_insert_with(|| identity.clone());
-        }
         match &self.inner {
             Inner::Demo(e, path) => {
                 if mask.is_some() {
@@ -727,6 +771,7 @@ impl Layer {
                         }
                     }
                 }
+                self.check_owners(&states)?;
                 // Moved out of the Python objects for the call and back after it (no copy).
                 let mut st: Vec<EngramState> = states
                     .iter()
@@ -741,7 +786,9 @@ impl Layer {
                 for (o, n) in states.iter().zip(st) {
                     o.borrow_mut().inner = StateInner::Demo(n);
                 }
-                self.demo_dict(py, e, r?, &[t])
+                let r = r?;
+                self.adopt(&states);
+                self.demo_dict(py, e, r, &[t])
             }
             Inner::V41(layer, path) => {
                 for s in &states {
@@ -755,6 +802,7 @@ impl Layer {
                         }
                     }
                 }
+                self.check_owners(&states)?;
                 let mut st: Vec<V41State> = states
                     .iter()
                     .map(
@@ -779,7 +827,9 @@ impl Layer {
                 for (o, n) in states.iter().zip(st) {
                     o.borrow_mut().inner = StateInner::V41(n);
                 }
-                self.v41_dict(py, layer, r?, &[t])
+                let r = r?;
+                self.adopt(&states);
+                self.v41_dict(py, layer, r, &[t])
             }
         }
     }
@@ -925,6 +975,7 @@ fn load(
     };
     Ok(Layer {
         identity: identity_of(&inner),
+        key: owner_key(&inner),
         inner,
         pool,
         last: std::sync::Mutex::new(0.0),
@@ -953,11 +1004,15 @@ fn torch_default(
     let cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
     let dt: DType = dtype.parse().map_err(err)?;
     let p = demo_path(path)?;
-    check_memory(&cfg, 1)?;
+    let m = py
+        .allow_threads(|| -> engram::Result<_> {
+            let comp = engram::layer::compression_for(&cfg)?;
+            Ok(Arc::new(NgramHashMapping::new(&cfg, comp)?))
+        })
+        .map_err(err)?;
+    check_memory(&cfg, m.layer(cfg.layer_id).map_err(err)?.table_rows(), 1)?;
     let e = py
         .allow_threads(move || -> engram::Result<Engram> {
-            let comp = engram::layer::compression_for(&cfg)?;
-            let m = Arc::new(NgramHashMapping::new(&cfg, comp)?);
             let (w, _) = engram::init::torch_default_weights(&cfg, &m, seed, &mut |_| {})?;
             Engram::new(cfg, m, w)
         })
@@ -966,6 +1021,7 @@ fn torch_default(
     let inner = Inner::Demo(e, p);
     Ok(Layer {
         identity: identity_of(&inner),
+        key: owner_key(&inner),
         inner,
         pool: pool(threads)?,
         last: std::sync::Mutex::new(0.0),
@@ -1034,6 +1090,7 @@ fn from_state_dict(
     let inner = Inner::Demo(e, demo_path(path)?);
     Ok(Layer {
         identity: identity_of(&inner),
+        key: owner_key(&inner),
         inner,
         pool: pool(threads)?,
         last: std::sync::Mutex::new(0.0),
@@ -1047,8 +1104,8 @@ fn state_dict<'py>(py: Python<'py>, layer: &Layer) -> PyResult<Bound<'py, PyDict
     let Inner::Demo(e, _) = &layer.inner else {
         return Err(verr("state_dict: only for the demo layer"));
     };
-    check_memory(e.config(), 1)?; // the arrays are a copy of the weights
     let w = e.weights();
+    check_memory(e.config(), w.table.rows() as u64, 1)?; // the arrays are a copy of the weights
     let (cfg, d) = (e.config(), PyDict::new(py));
     let (rows, dim) = (w.table.rows(), w.table.dim());
     let mut table = vec![0f32; rows * dim];

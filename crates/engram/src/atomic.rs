@@ -12,7 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The marker in the names of temporary files (`.NAME.engram-tmp-PID-N`).
+/// The marker in the names of temporary files (`.NAME.engram-tmp-PID-N-NANOS`).
 pub const TMP_MARKER: &str = ".engram-tmp-";
 
 /// Removes the temporary file unless the write was committed (also on panic).
@@ -41,50 +41,53 @@ fn tmp_path(dest: &Path) -> Result<PathBuf> {
         )
     })?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let tmp = format!(
-        ".{}{TMP_MARKER}{}-{n}",
+        ".{}{TMP_MARKER}{}-{n}-{nanos}",
         name.to_string_lossy(),
         std::process::id()
     );
     Ok(dest.with_file_name(tmp))
 }
 
-/// The path a write to `dest` replaces: `dest` itself, or the file a symbolic link at `dest`
-/// points to (the write goes through the link, which stays a link). Anything that exists
-/// and is not a regular file (a directory, a device such as `/dev/null`, a FIFO, a socket)
-/// is refused: renaming a file over it would replace it.
-pub fn resolve_output(dest: &Path) -> Result<PathBuf> {
+/// Refuses a destination that exists and is neither a regular file nor a symbolic link: a
+/// directory (also through a link), a device such as `/dev/null`, a FIFO, a socket. Renaming
+/// a file over one would replace it. A symbolic link is replaced by the new file and its
+/// target left as it was: following it would let whoever planted the link in a shared
+/// folder choose which file gets overwritten.
+pub fn check_output(dest: &Path) -> Result<()> {
     let refuse = |found: &str| {
         EngramError::invalid(
             format!("output {}", dest.display()),
-            "a regular file or a new path",
+            "a regular file, a symbolic link or a new path",
             found,
         )
     };
-    let dest = match std::fs::symlink_metadata(dest) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(dest)
-            .map_err(|_| refuse("a symbolic link to nothing (a dangling link)"))?,
-        _ => dest.to_path_buf(),
-    };
-    match std::fs::metadata(&dest) {
-        Ok(m) if m.is_dir() => Err(refuse("a directory")),
-        Ok(m) if !m.is_file() => Err(refuse("a device, FIFO or socket")),
-        _ => Ok(dest),
+    if dest.is_dir() {
+        return Err(refuse("a directory"));
+    }
+    match std::fs::symlink_metadata(dest) {
+        Ok(m) if !m.is_file() && !m.file_type().is_symlink() => {
+            Err(refuse("a device, FIFO or socket"))
+        }
+        _ => Ok(()),
     }
 }
 
 /// Writes `dest` atomically: `body` writes the content into a buffered temporary file in the
-/// same folder, which is then synced and renamed over `dest`. What is not a regular file or
-/// a new path is refused ([`resolve_output`]); a symbolic link is written through; an
+/// same folder, which is then synced and renamed over `dest`. Directories, devices, FIFOs
+/// and sockets are refused ([`check_output`]); a symbolic link is replaced, not followed; an
 /// existing file keeps its permissions.
 pub fn write_atomic(
     dest: &Path,
     body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let dest = &resolve_output(dest)?;
+    check_output(dest)?;
     let io = |e| EngramError::io(dest, e);
     // A temporary name left by a killed process (same pid, e.g. PID 1 in a container) is
-    // skipped, not fatal: the next call's counter gives another name.
+    // skipped, not fatal: names also carry the clock, so such leftovers do not line up.
     let mut attempts = 0;
     let (tmp, file) = loop {
         let tmp = tmp_path(dest)?;
@@ -193,31 +196,28 @@ mod tests {
         }
     }
 
-    /// A link is written through (it stays a link, its target gets the bytes); devices,
-    /// FIFOs and dangling links are refused and left as they were; a temporary name left
-    /// behind by an earlier process with this pid does not block the write.
+    /// A link is replaced, its target left alone (also a dangling one); devices and FIFOs
+    /// are refused and left as they were.
     #[cfg(target_os = "linux")]
     #[test]
-    fn writes_through_links_refuses_special_files_and_skips_stale_temporaries() {
+    fn replaces_links_and_refuses_special_files() {
         let d = dir().join("c");
         std::fs::create_dir_all(&d).unwrap();
         let target = d.join("target.bin");
         std::fs::write(&target, b"old").unwrap();
-        let link = d.join("link.bin");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&target, &link).unwrap();
-        write_atomic(&link, |w| w.write_all(b"through")).unwrap();
-        assert!(std::fs::symlink_metadata(&link)
-            .unwrap()
-            .file_type()
-            .is_symlink());
-        assert_eq!(std::fs::read(&target).unwrap(), b"through");
-
-        let dangling = d.join("dangling.bin");
-        let _ = std::fs::remove_file(&dangling);
-        std::os::unix::fs::symlink(d.join("nowhere"), &dangling).unwrap();
-        let e = write_atomic(&dangling, |w| w.write_all(b"x")).unwrap_err();
-        assert!(e.to_string().contains("dangling"), "{e}");
+        for (name, to) in [
+            ("link.bin", target.clone()),
+            ("dangling.bin", d.join("nowhere")),
+        ] {
+            let link = d.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&to, &link).unwrap();
+            write_atomic(&link, |w| w.write_all(b"new")).unwrap();
+            assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+            assert_eq!(std::fs::read(&link).unwrap(), b"new");
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+        assert!(!d.join("nowhere").exists());
 
         let fifo = d.join("fifo");
         let _ = std::fs::remove_file(&fifo);
@@ -232,22 +232,8 @@ mod tests {
         assert!(e.to_string().contains("/dev/null"), "{e}");
         assert!(strays(&d).is_empty(), "{:?}", strays(&d));
 
-        // The next temporary names this process would try, taken by a "killed" writer.
+        // Names carry the clock: a leftover of the same pid and counter is not taken again.
         let p = d.join("busy.bin");
-        let n = tmp_path(&p).unwrap();
-        let base = n.to_string_lossy().into_owned();
-        let (stem, k) = base.rsplit_once('-').unwrap();
-        let k: u64 = k.parse().unwrap();
-        let stale: Vec<PathBuf> = (k + 1..k + 40)
-            .map(|i| PathBuf::from(format!("{stem}-{i}")))
-            .collect();
-        for s in &stale {
-            std::fs::write(s, b"stale").unwrap();
-        }
-        write_atomic(&p, |w| w.write_all(b"fresh")).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"fresh");
-        for s in &stale {
-            std::fs::remove_file(s).unwrap();
-        }
+        assert_ne!(tmp_path(&p).unwrap(), tmp_path(&p).unwrap());
     }
 }

@@ -5,8 +5,10 @@
 
 use std::path::PathBuf;
 
-/// Errors of the `engram` library.
+/// Errors of the `engram` library. New variants may be added (`non_exhaustive`): a match
+/// outside the crate keeps a catch-all arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngramError {
     /// A configuration field holds an invalid value.
     #[error("config field `{field}`: expected {expected}, found {found}")]

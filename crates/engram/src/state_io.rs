@@ -172,7 +172,12 @@ fn load_checked(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
     let vprime = e.hashing().compressed().num_compressed() as i64;
     if let Some(i) = hist.iter().position(|&h| h >= vprime) {
         return Err(EngramError::invalid(
-            format!("ngram_history[{}, {}]", i / n1.max(1), i % n1.max(1)),
+            format!(
+                "ngram_history[{}, {}] in {}",
+                i / n1.max(1),
+                i % n1.max(1),
+                f.path().display()
+            ),
             format!("a canonical id below {vprime} (or a negative pass-through id)"),
             hist[i],
         ));

@@ -560,7 +560,11 @@ impl<'a> TensorWriter<'a> {
                 return Err(EngramError::invalid(
                     format!("tensor `{name}` (writing {})", path.display()),
                     "a name used once, other than __metadata__",
-                    "a name already taken",
+                    if name == "__metadata__" {
+                        "the name reserved for the metadata"
+                    } else {
+                        "a name already taken"
+                    },
                 ));
             }
             let elems = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));

@@ -695,7 +695,10 @@ fn states_are_checked_on_call_save_and_load() {
     let mut wild = hist.clone();
     wild[4] = -5;
     let e = write(&wild, "", "");
-    assert!(e.contains("states[1].history[1]"), "{e}");
+    assert!(
+        e.contains("states[1].history[1]") && e.contains("edited.safetensors"),
+        "{e}"
+    );
     let e = write(&hist, "engram_compression", "99092 canonical ids, sha256 0");
     assert!(e.contains("engram_compression"), "{e}");
 }

@@ -811,13 +811,18 @@ impl V41Layer {
             }
         }
         let n1 = self.hashing.history_len();
+        // Errors of the file's contents name the file.
+        let in_file = |e: EngramError| EngramError::InFile {
+            path: f.path().display().to_string(),
+            source: Box::new(e),
+        };
         let pos = f.i64("position", None)?;
         if pos.shape.len() != 1 {
-            return Err(EngramError::Shape {
+            return Err(in_file(EngramError::Shape {
                 name: "position".into(),
-                expected: vec![0],
+                expected: vec![pos.data.len()],
                 found: pos.shape,
-            });
+            }));
         }
         let s = pos.shape[0];
         let hist = f.i64("history", Some(&[s, n1]))?;
@@ -827,17 +832,17 @@ impl V41Layer {
             .enumerate()
             .map(|(s, (h, &p))| {
                 if p < 0 {
-                    return Err(EngramError::invalid(
+                    return Err(in_file(EngramError::invalid(
                         format!("position[{s}]"),
                         "a count >= 0",
                         p,
-                    ));
+                    )));
                 }
                 let st = V41State {
                     history: h.to_vec(),
                     position: p as u64,
                 };
-                self.check_state(s, &st)?;
+                self.check_state(s, &st).map_err(in_file)?;
                 Ok(st)
             })
             .collect()
