@@ -356,9 +356,16 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         s.batch = b;
         s.len = l;
     }
-    write_stages(&a.out, &cfg, &s)?;
-    if let Some(p) = &a.state_out {
-        engram::state_io::save_states(p, &e, &states)?;
+    // Both outputs are written before either replaces its file: a failure leaves both.
+    let out = stage_stages(&a.out, &cfg, &s)?;
+    let state_out = a
+        .state_out
+        .as_ref()
+        .map(|p| engram::state_io::stage_states(p, &e, &states))
+        .transpose()?;
+    out.commit()?;
+    if let Some(st) = state_out {
+        st.commit()?;
     }
     eprintln!(
         "forward ({path:?}, {dtype:?}): {} sequence{}, {} tokens; load {:.2}s, run {:.3}s; wrote {}",
@@ -427,14 +434,15 @@ fn run_chunked(
     Ok(out)
 }
 
-pub fn write_stages(out: &Path, cfg: &EngramConfig, s: &Stages) -> Result<()> {
+/// The stages file of a demo-layer run, written and synced beside `out` (committed by the
+/// caller once every output of the command is written).
+pub fn stage_stages(out: &Path, cfg: &EngramConfig, s: &Stages) -> Result<engram::atomic::Staged> {
     let mut w = TensorWriter::new();
     w.i64("hash_ids", &[s.batch, s.len, cfg.num_heads()], &s.hash_ids);
     for (name, shape, data) in s.float_stages(cfg) {
         w.f32(name, &shape, data);
     }
-    w.write(out)?;
-    Ok(())
+    Ok(w.stage(out)?)
 }
 
 /// `engram hash`.

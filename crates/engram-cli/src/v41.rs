@@ -260,9 +260,15 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     }
     wr.meta("engram_variant", "deepseek-v4.1");
     wr.meta("engram_layer", layer_id.to_string());
-    wr.write(a.out)?;
-    if let Some(p) = a.state_out {
-        layer.save_states(p, &states)?;
+    // Both outputs are written before either replaces its file: a failure leaves both.
+    let out = wr.stage(a.out)?;
+    let state_out = a
+        .state_out
+        .map(|p| layer.stage_states(p, &states))
+        .transpose()?;
+    out.commit()?;
+    if let Some(st) = state_out {
+        st.commit()?;
     }
     let st = layer.weights().table.stats();
     eprintln!(

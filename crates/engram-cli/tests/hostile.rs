@@ -386,6 +386,23 @@ fn state_files_are_checked() {
         line.contains("non-negative") && line.contains("-3"),
         "{line}"
     );
+    // A run whose state cannot be saved (its position passes the file's int64) leaves
+    // --out as it was: both outputs are written before either is put in place.
+    let far = rewrite("far.st", i64::MAX, Some(&meta));
+    let st2 = t.path("state2.st");
+    let args = t.forward(
+        &t.inputs,
+        &[
+            "--out",
+            s(&out),
+            "--state-in",
+            s(&far),
+            "--state-out",
+            s(&st2),
+        ],
+    );
+    fails_leaving(&strs(&args), "states[0].position", &[&far, &out]);
+    assert!(!st2.exists());
     let bare = rewrite("bare.st", 14, None);
     let args = t.forward(&t.inputs, &["--out", s(&out), "--state-in", s(&bare)]);
     fails_leaving(&strs(&args), "`engram_config` metadata", &[&bare]);
@@ -539,4 +556,24 @@ fn named_files_that_are_not_what_they_claim() {
         &["tokenize", "a", "--config", s(&t.dir)],
         "expected a regular file, found a directory",
     );
+}
+
+/// The memory check counts the address-space limit (`ulimit -v`, as containers and batch
+/// schedulers set), not only the machine's free memory: a run that needs more than the
+/// limit is refused with one line instead of aborting in the allocator.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_address_space_limit_counts_as_memory() {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 3000000 && exec {} bench --tokens 100000",
+            env!("CARGO_BIN_EXE_engram")
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not enough memory"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -52,16 +52,16 @@ fn tmp_path(dest: &Path) -> Result<PathBuf> {
     Ok(dest.with_file_name(tmp))
 }
 
-/// Refuses a destination that exists and is neither a regular file nor a symbolic link: a
-/// directory (also through a link), a device such as `/dev/null`, a FIFO, a socket. Renaming
-/// a file over one would replace it. A symbolic link is replaced by the new file and its
-/// target left as it was: following it would let whoever planted the link in a shared
-/// folder choose which file gets overwritten.
+/// Refuses a destination that a rename must not replace: a directory, a device such as
+/// `/dev/null`, a FIFO or a socket, a symbolic link to one of those (`/dev/stdout`), and any
+/// path in `/dev`, `/proc` or `/sys`. A symbolic link to a regular file (or to nothing) is
+/// replaced by the new file and its target left as it was: following it would let whoever
+/// planted the link in a shared folder choose which file gets overwritten.
 pub fn check_output(dest: &Path) -> Result<()> {
     let refuse = |found: &str| {
         EngramError::invalid(
             format!("output {}", dest.display()),
-            "a regular file, a symbolic link or a new path",
+            "a regular file, a link to one, or a new path",
             found,
         )
     };
@@ -69,11 +69,28 @@ pub fn check_output(dest: &Path) -> Result<()> {
         return Err(refuse("a directory"));
     }
     match std::fs::symlink_metadata(dest) {
-        Ok(m) if !m.is_file() && !m.file_type().is_symlink() => {
-            Err(refuse("a device, FIFO or socket"))
-        }
-        _ => Ok(()),
+        Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(dest) {
+            Ok(t) if !t.is_file() => {
+                return Err(refuse("a symbolic link to a device, FIFO or socket"))
+            }
+            _ => {}
+        },
+        Ok(m) if !m.is_file() => return Err(refuse("a device, FIFO or socket")),
+        _ => {}
     }
+    #[cfg(unix)]
+    {
+        let parent = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(dir) = std::fs::canonicalize(parent) {
+            if ["/dev", "/proc", "/sys"].iter().any(|s| dir.starts_with(s)) {
+                return Err(refuse(&format!("a path in {}", dir.display())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `dest` atomically: `body` writes the content into a buffered temporary file in the
@@ -84,6 +101,24 @@ pub fn write_atomic(
     dest: &Path,
     body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
+    stage(dest, body)?.commit()
+}
+
+/// A file written and synced beside its destination, not yet in place: [`Staged::commit`]
+/// renames it over the destination; dropping it removes it. Staging every output of a
+/// command before committing any lets a command that fails half way leave all its outputs
+/// as they were.
+pub struct Staged {
+    dest: PathBuf,
+    guard: TmpGuard,
+}
+
+/// The first half of [`write_atomic`]: `body` writes the temporary file, which is synced;
+/// `dest` is not touched until [`Staged::commit`].
+pub fn stage(
+    dest: &Path,
+    body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> Result<Staged> {
     check_output(dest)?;
     let io = |e| EngramError::io(dest, e);
     // A temporary name left by a killed process (same pid, e.g. PID 1 in a container) is
@@ -99,7 +134,7 @@ pub fn write_atomic(
             Err(e) => return Err(EngramError::io(&tmp, e)),
         }
     };
-    let mut guard = TmpGuard {
+    let guard = TmpGuard {
         path: tmp.clone(),
         committed: false,
     };
@@ -112,22 +147,32 @@ pub fn write_atomic(
     w.flush().map_err(io)?;
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, dest).map_err(io)?;
-    guard.committed = true;
-    // Make the rename itself durable (a no-op where folders cannot be opened).
-    #[cfg(unix)]
-    if let Some(dir) = dest.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
+    Ok(Staged {
+        dest: dest.to_path_buf(),
+        guard,
+    })
+}
+
+impl Staged {
+    /// Renames the staged file over its destination and syncs the folder.
+    pub fn commit(mut self) -> Result<()> {
+        let dest = &self.dest;
+        std::fs::rename(&self.guard.path, dest).map_err(|e| EngramError::io(dest, e))?;
+        self.guard.committed = true;
+        // Make the rename itself durable (a no-op where folders cannot be opened).
+        #[cfg(unix)]
+        if let Some(dir) = dest.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -230,6 +275,24 @@ mod tests {
         assert!(!ft.is_file(), "the FIFO was replaced");
         let e = write_atomic(Path::new("/dev/null"), |w| w.write_all(b"x")).unwrap_err();
         assert!(e.to_string().contains("/dev/null"), "{e}");
+        // /dev/stdout is a link into /proc; a link of ours to a FIFO or a device likewise.
+        let e = write_atomic(Path::new("/dev/stdout"), |w| w.write_all(b"x")).unwrap_err();
+        assert!(e.to_string().contains("/dev/stdout"), "{e}");
+        assert!(std::fs::symlink_metadata("/dev/stdout")
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        for (name, to) in [("to-fifo", fifo.clone()), ("to-null", "/dev/null".into())] {
+            let link = d.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&to, &link).unwrap();
+            let e = write_atomic(&link, |w| w.write_all(b"x")).unwrap_err();
+            assert!(e.to_string().contains("symbolic link to a device"), "{e}");
+            assert!(std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
         assert!(strays(&d).is_empty(), "{:?}", strays(&d));
 
         // Names carry the clock: a leftover of the same pid and counter is not taken again.

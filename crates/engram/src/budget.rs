@@ -100,8 +100,10 @@ impl MemoryPlan {
     }
 }
 
-/// Bytes of memory available to a new allocation now: `MemAvailable + SwapFree` from
-/// `/proc/meminfo` (Linux); `None` where unknown.
+/// Bytes of memory available to a new allocation now (Linux): `MemAvailable + SwapFree` from
+/// `/proc/meminfo`, lowered to what this process's cgroup (v2 `memory.max` less
+/// `memory.current`, as in a container) and its address-space limit (`ulimit -v`, less the
+/// address space already mapped) leave; `None` where unknown.
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<u64> {
@@ -110,7 +112,81 @@ pub fn available_memory() -> Option<u64> {
         kb.checked_mul(1024)
     };
     let avail = field("MemAvailable:")?;
-    Some(avail.saturating_add(field("SwapFree:").unwrap_or(0)))
+    let system = avail.saturating_add(field("SwapFree:").unwrap_or(0));
+    Some(
+        [Some(system), cgroup_headroom(), address_space_headroom()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(system),
+    )
+}
+
+/// What this process's cgroup lets it allocate more, where it has a memory limit: v2
+/// `memory.max - memory.current`, or v1 `memory.limit_in_bytes - memory.usage_in_bytes`
+/// (whose "no limit" is a value near 2^63, which never wins the minimum).
+fn cgroup_headroom() -> Option<u64> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let headroom = |dir: std::path::PathBuf, max: &str, current: &str| -> Option<u64> {
+        let read = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(dir.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        // v2's "max" (no limit) does not parse: no headroom to apply.
+        Some(read(max)?.saturating_sub(read(current)?))
+    };
+    let v1 = cg.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then(|| Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')))
+    });
+    let v2 = cg
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|rel| Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')));
+    [
+        v1.and_then(|d| headroom(d, "memory.limit_in_bytes", "memory.usage_in_bytes")),
+        v2.and_then(|d| headroom(d, "memory.max", "memory.current")),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+/// The address-space limit (`RLIMIT_AS`) less the address space mapped now (`VmSize`).
+fn address_space_headroom() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid, writable rlimit; getrlimit writes only into it.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
+            || lim.rlim_cur == libc::RLIM_INFINITY
+        {
+            return None;
+        }
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every Linux target
+        let limit = lim.rlim_cur as u64;
+        Some(limit.saturating_sub(kb.saturating_mul(1024)))
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `dir`; `None` where

@@ -132,7 +132,7 @@ impl EngramConfig {
     /// Parses and validates a JSON config.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        let cfg: EngramConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let cfg: EngramConfig = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
             // Truncated or malformed JSON has no field to name: report the parser's position.
@@ -152,6 +152,11 @@ impl EngramConfig {
                     found: inner.to_string(),
                 }
             }
+        })?;
+        // Text after the object (`{...} garbage`, a second object) is an error, not ignored.
+        de.end().map_err(|source| EngramError::ConfigJson {
+            path: "<string>".into(),
+            source,
         })?;
         cfg.validate()?;
         Ok(cfg)

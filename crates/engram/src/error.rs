@@ -179,7 +179,7 @@ impl EngramError {
         EngramError::Invalid {
             name: name.into(),
             expected: expected.into(),
-            found: found.to_string(),
+            found: clipped(found.to_string()),
         }
     }
 
@@ -191,9 +191,23 @@ impl EngramError {
         EngramError::Config {
             field: field.into(),
             expected: expected.into(),
-            found: format!("{found:?}"),
+            found: clipped(format!("{found:?}")),
         }
     }
+}
+
+/// A found value as an error shows it: whole up to 300 characters, else its start and its
+/// length (a config with a million-entry list must not make a 6 MB error line).
+fn clipped(s: String) -> String {
+    const MAX: usize = 300;
+    if s.len() <= MAX {
+        return s;
+    }
+    let cut = (0..=200)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{} ... ({} characters)", &s[..cut], s.chars().count())
 }
 
 /// `[a, b, c]` for short lists, `[a, b, c, ... z] (N values)` for long ones.
@@ -243,5 +257,24 @@ pub fn human(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_found_values_are_clipped_on_a_char_boundary() {
+        let v: Vec<u64> = (0..100_000).collect();
+        let e = EngramError::config("engram_vocab_size", "at most 2^20 entries", &v).to_string();
+        assert!(e.len() < 400 && e.contains("characters)"), "{}", e.len());
+        let wide = "é".repeat(1000);
+        let e = EngramError::invalid("x", "short", &wide).to_string();
+        assert!(e.contains("(1000 characters)"), "{e}");
+        assert_eq!(
+            EngramError::invalid("x", "y", 5).to_string(),
+            "x: expected y, found 5"
+        );
     }
 }

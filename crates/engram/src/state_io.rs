@@ -20,6 +20,16 @@ const COMPRESSION_KEY: &str = "engram_compression";
 
 /// Writes the states of a batch.
 pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -> Result<()> {
+    stage_states(path, e, states)?.commit()
+}
+
+/// [`save_states`] up to the rename ([`crate::atomic::Staged`]): for a command that
+/// commits several outputs only once all of them are written.
+pub fn stage_states(
+    path: impl AsRef<Path>,
+    e: &Engram,
+    states: &[EngramState],
+) -> Result<crate::atomic::Staged> {
     let cfg = e.config();
     let (n1, r, c) = (
         cfg.max_ngram_size - 1,
@@ -60,7 +70,7 @@ pub fn save_states(path: impl AsRef<Path>, e: &Engram, states: &[EngramState]) -
     w.i64("position", &[states.len()], &pos);
     w.meta("engram_config", cfg.to_json_string());
     w.meta(COMPRESSION_KEY, e.hashing().compressed().fingerprint());
-    w.write(path)
+    w.stage(path)
 }
 
 /// Reads the states of a batch for layer `e`.

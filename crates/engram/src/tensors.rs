@@ -125,6 +125,11 @@ pub struct TensorFile {
     path: PathBuf,
     mmap: FileBytes,
     metadata: HashMap<String, String>,
+    /// The header, parsed and validated once in `open` (a lookup per tensor afterwards: a
+    /// checkpoint shard has thousands of tensors).
+    header: safetensors::tensor::Metadata,
+    /// Where the data buffer starts (8 + the header's length).
+    data_start: usize,
     /// (device, inode) of the mapped file, to tell it from a file put at its path later.
     identity: Option<(u64, u64)>,
 }
@@ -223,12 +228,12 @@ impl TensorFile {
 
     fn parse(path: PathBuf, mmap: FileBytes) -> Result<Self> {
         check_data_offsets(&path, &mmap[..])?;
-        let (_, meta) =
+        let (n, header) =
             SafeTensors::read_metadata(&mmap[..]).map_err(|e| EngramError::SafeTensors {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
-        let metadata = meta.metadata().clone().unwrap_or_default();
+        let metadata = header.metadata().clone().unwrap_or_default();
         // Full validation (offsets, lengths, overlaps) happens in deserialize.
         SafeTensors::deserialize(&mmap[..]).map_err(|e| EngramError::SafeTensors {
             path: path.display().to_string(),
@@ -238,6 +243,9 @@ impl TensorFile {
             path,
             mmap,
             metadata,
+            header,
+            // `read_metadata` checked 8 + n against the buffer's length.
+            data_start: 8 + n,
             identity: None,
         })
     }
@@ -252,31 +260,26 @@ impl TensorFile {
         &self.metadata
     }
 
-    pub(crate) fn st(&self) -> SafeTensors<'_> {
-        SafeTensors::deserialize(&self.mmap[..]).expect("validated in open")
-    }
-
     pub(crate) fn bytes(&self) -> &FileBytes {
         &self.mmap
     }
 
     /// Tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.st().names().into_iter().map(String::from).collect();
+        let mut v: Vec<String> = self.header.tensors().into_keys().collect();
         v.sort();
         v
     }
 
     /// Whether a tensor is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.st().tensor(name).is_ok()
+        self.header.info(name).is_some()
     }
 
     /// A tensor's bytes where they lie in the file (no copy, no decoding): for formats the
     /// caller decodes itself, such as fp8 tables read a row at a time.
     pub fn raw(&self, name: &str) -> Result<RawTensor> {
-        let st = self.st();
-        let v = self.view(&st, name)?;
+        let v = self.view(name)?;
         let data = v.data();
         let start = data.as_ptr() as usize - self.mmap.as_ptr() as usize;
         Ok(RawTensor {
@@ -292,15 +295,28 @@ impl TensorFile {
 
     /// (dtype, shape) of a tensor.
     pub fn info(&self, name: &str) -> Result<(Dtype, Vec<usize>)> {
-        let st = self.st();
-        let v = self.view(&st, name)?;
+        let v = self.view(name)?;
         Ok((v.dtype(), v.shape().to_vec()))
     }
 
-    pub(crate) fn view<'a>(&self, st: &'a SafeTensors<'a>, name: &str) -> Result<TensorView<'a>> {
-        st.tensor(name).map_err(|_| EngramError::MissingTensor {
+    /// A tensor's view, from the header parsed in `open` (its offsets were validated there
+    /// against the data buffer).
+    pub(crate) fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        let missing = || EngramError::MissingTensor {
             name: name.to_string(),
             context: format!(" in {}", self.path.display()),
+        };
+        let info = self.header.info(name).ok_or_else(missing)?;
+        let (s, e) = info.data_offsets;
+        let bytes = self
+            .mmap
+            .get(self.data_start + s..self.data_start + e)
+            .ok_or_else(missing)?;
+        TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(|err| {
+            EngramError::SafeTensors {
+                path: self.path.display().to_string(),
+                message: format!("tensor `{name}`: {err}"),
+            }
         })
     }
 
@@ -319,8 +335,7 @@ impl TensorFile {
 
     /// A float tensor (f32, or bf16/f16 widened) whose shape must equal `expected` when given.
     pub fn f32(&self, name: &str, expected: Option<&[usize]>) -> Result<F32Tensor> {
-        let st = self.st();
-        let v = self.view(&st, name)?;
+        let v = self.view(name)?;
         check_shape(name, v.shape(), expected).map_err(|e| self.in_file(e))?;
         let data = decode_f32(name, v.dtype(), v.data()).map_err(|e| self.in_file(e))?;
         Ok(F32Tensor {
@@ -331,8 +346,7 @@ impl TensorFile {
 
     /// An int64 tensor (int32 widened) whose shape must equal `expected` when given.
     pub fn i64(&self, name: &str, expected: Option<&[usize]>) -> Result<I64Tensor> {
-        let st = self.st();
-        let v = self.view(&st, name)?;
+        let v = self.view(name)?;
         check_shape(name, v.shape(), expected).map_err(|e| self.in_file(e))?;
         let data = match v.dtype() {
             Dtype::I64 => v
@@ -546,6 +560,12 @@ impl<'a> TensorWriter<'a> {
     /// of every tensor in the order added. The write is atomic ([`crate::atomic`]): the
     /// file appears complete or not at all, and an existing file survives a failed write.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.stage(path)?.commit()
+    }
+
+    /// [`TensorWriter::write`] up to the rename: the file is written and synced beside
+    /// `path`, which [`crate::atomic::Staged::commit`] replaces.
+    pub fn stage(&self, path: impl AsRef<Path>) -> Result<crate::atomic::Staged> {
         let path = path.as_ref();
         let mut header = serde_json::Map::new();
         if !self.metadata.is_empty() {
@@ -598,7 +618,7 @@ impl<'a> TensorWriter<'a> {
         while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
-        crate::atomic::write_atomic(path, |w| {
+        crate::atomic::stage(path, |w| {
             use std::io::Write;
             w.write_all(&(h.len() as u64).to_le_bytes())?;
             w.write_all(&h)?;
@@ -606,7 +626,6 @@ impl<'a> TensorWriter<'a> {
                 data.write(w)?;
             }
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 }

@@ -538,8 +538,7 @@ impl EngramWeights {
             ));
         }
         let table = {
-            let st = file.st();
-            let view = file.view(&st, TABLE)?;
+            let view = file.view(TABLE)?;
             let dtype = view.dtype();
             if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
                 return Err(EngramError::DType {

@@ -57,6 +57,12 @@ fn config_json_round_trip() {
         EngramConfig::from_json_str("{}").unwrap(),
         EngramConfig::default()
     );
+    // Whitespace may follow the object; anything else is an error.
+    EngramConfig::from_json_str("{}\n  ").unwrap();
+    for bad in ["{} garbage", "{}{}", "{\"seed\": 1} 2"] {
+        let e = EngramConfig::from_json_str(bad).unwrap_err().to_string();
+        assert!(e.contains("trailing"), "{bad}: {e}");
+    }
 }
 
 #[test]

@@ -745,6 +745,15 @@ impl V41Layer {
         path: impl AsRef<std::path::Path>,
         states: &[V41State],
     ) -> Result<()> {
+        self.stage_states(path, states)?.commit()
+    }
+
+    /// [`V41Layer::save_states`] up to the rename ([`crate::atomic::Staged`]).
+    pub fn stage_states(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        states: &[V41State],
+    ) -> Result<crate::atomic::Staged> {
         for (s, st) in states.iter().enumerate() {
             self.check_state(s, st)?;
         }
@@ -774,7 +783,7 @@ impl V41Layer {
         w.meta("engram_layer", self.layer_id.to_string());
         w.meta("engram_max_ngram_size", self.cfg.max_ngram_size.to_string());
         w.meta(COMPRESSION_KEY, self.hashing.compressed().fingerprint());
-        w.write(path)
+        w.stage(path)
     }
 
     /// Reads states written by [`V41Layer::save_states`] for this layer.
