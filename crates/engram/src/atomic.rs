@@ -54,7 +54,7 @@ fn tmp_path(dest: &Path) -> Result<PathBuf> {
 
 /// Refuses a destination that a rename must not replace: a directory, a device such as
 /// `/dev/null`, a FIFO or a socket, a symbolic link to one of those (`/dev/stdout`), and any
-/// path in `/dev`, `/proc` or `/sys`. A symbolic link to a regular file (or to nothing) is
+/// path directly in `/dev` or anywhere in `/proc` or `/sys` (`/dev/shm` is fine). A symbolic link to a regular file (or to nothing) is
 /// replaced by the new file and its target left as it was: following it would let whoever
 /// planted the link in a shared folder choose which file gets overwritten.
 pub fn check_output(dest: &Path) -> Result<()> {
@@ -84,8 +84,10 @@ pub fn check_output(dest: &Path) -> Result<()> {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
+        // Entries of /dev itself are devices or links to them (`/dev/fd` resolves into
+        // /proc); folders below it such as /dev/shm (a tmpfs) hold ordinary files.
         if let Ok(dir) = std::fs::canonicalize(parent) {
-            if ["/dev", "/proc", "/sys"].iter().any(|s| dir.starts_with(s)) {
+            if dir == Path::new("/dev") || dir.starts_with("/proc") || dir.starts_with("/sys") {
                 return Err(refuse(&format!("a path in {}", dir.display())));
             }
         }
@@ -278,6 +280,10 @@ mod tests {
         // /dev/stdout is a link into /proc; a link of ours to a FIFO or a device likewise.
         let e = write_atomic(Path::new("/dev/stdout"), |w| w.write_all(b"x")).unwrap_err();
         assert!(e.to_string().contains("/dev/stdout"), "{e}");
+        assert!(check_output(Path::new("/dev/fd/1")).is_err());
+        if Path::new("/dev/shm").is_dir() {
+            check_output(Path::new("/dev/shm/engram-out.safetensors")).unwrap();
+        }
         assert!(std::fs::symlink_metadata("/dev/stdout")
             .unwrap()
             .file_type()
