@@ -356,7 +356,8 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         s.batch = b;
         s.len = l;
     }
-    // Both outputs are written before either replaces its file: a failure leaves both.
+    // Both outputs are written before either replaces its file: a failure while writing
+    // leaves both as they were.
     let out = stage_stages(&a.out, &cfg, &s)?;
     let state_out = a
         .state_out

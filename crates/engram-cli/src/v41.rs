@@ -260,7 +260,8 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     }
     wr.meta("engram_variant", "deepseek-v4.1");
     wr.meta("engram_layer", layer_id.to_string());
-    // Both outputs are written before either replaces its file: a failure leaves both.
+    // Both outputs are written before either replaces its file: a failure while writing
+    // leaves both as they were.
     let out = wr.stage(a.out)?;
     let state_out = a
         .state_out

@@ -108,8 +108,10 @@ pub fn write_atomic(
 
 /// A file written and synced beside its destination, not yet in place: [`Staged::commit`]
 /// renames it over the destination; dropping it removes it. Staging every output of a
-/// command before committing any lets a command that fails half way leave all its outputs
-/// as they were.
+/// command before committing any lets a command that fails while writing leave all its
+/// outputs as they were (only a rename failing after another has succeeded, e.g. for lack
+/// of permission in the folder, leaves them mixed).
+#[must_use = "a staged file is removed unless committed"]
 pub struct Staged {
     dest: PathBuf,
     guard: TmpGuard,

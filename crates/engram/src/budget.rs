@@ -123,40 +123,67 @@ pub fn available_memory() -> Option<u64> {
 }
 
 /// What this process's cgroup lets it allocate more, where it has a memory limit: v2
-/// `memory.max - memory.current`, or v1 `memory.limit_in_bytes - memory.usage_in_bytes`
-/// (whose "no limit" is a value near 2^63, which never wins the minimum).
+/// `memory.max`, or v1 `memory.limit_in_bytes` (whose "no limit" is a value near 2^63, which
+/// never wins the minimum), less the usage without its inactive file pages: page cache
+/// charged to the cgroup (the weights just read) is reclaimed on demand, as `MemAvailable`
+/// counts it. A container without its own cgroup namespace sees its cgroup at the mount's
+/// root, tried when the listed path is not there.
 fn cgroup_headroom() -> Option<u64> {
     let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let headroom = |dir: std::path::PathBuf, max: &str, current: &str| -> Option<u64> {
-        let read = |f: &str| -> Option<u64> {
-            std::fs::read_to_string(dir.join(f))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        };
-        // v2's "max" (no limit) does not parse: no headroom to apply.
-        Some(read(max)?.saturating_sub(read(current)?))
+    let at = |root: &str, rel: &str| -> Option<std::path::PathBuf> {
+        let listed = Path::new(root).join(rel.trim_start_matches('/'));
+        [listed, Path::new(root).to_path_buf()]
+            .into_iter()
+            .find(|d| d.is_dir())
     };
-    let v1 = cg.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        controllers
-            .split(',')
-            .any(|c| c == "memory")
-            .then(|| Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')))
-    });
+    let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).ok();
+    let v1 = cg
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then_some(path)
+        })
+        .and_then(|rel| at("/sys/fs/cgroup/memory", rel))
+        .and_then(|d| {
+            headroom_of(
+                &read(&d, "memory.limit_in_bytes")?,
+                &read(&d, "memory.usage_in_bytes")?,
+                &read(&d, "memory.stat").unwrap_or_default(),
+                "total_inactive_file",
+            )
+        });
     let v2 = cg
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .map(|rel| Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')));
-    [
-        v1.and_then(|d| headroom(d, "memory.limit_in_bytes", "memory.usage_in_bytes")),
-        v2.and_then(|d| headroom(d, "memory.max", "memory.current")),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
+        .and_then(|rel| at("/sys/fs/cgroup", rel))
+        .and_then(|d| {
+            headroom_of(
+                &read(&d, "memory.max")?,
+                &read(&d, "memory.current")?,
+                &read(&d, "memory.stat").unwrap_or_default(),
+                "inactive_file",
+            )
+        });
+    [v1, v2].into_iter().flatten().min()
+}
+
+/// `limit - (usage - inactive file pages)` from a cgroup's files' text; `None` without a
+/// limit (v2's `max` does not parse) or with unreadable values.
+fn headroom_of(limit: &str, usage: &str, stat: &str, inactive_key: &str) -> Option<u64> {
+    let limit: u64 = limit.trim().parse().ok()?;
+    let usage: u64 = usage.trim().parse().ok()?;
+    let inactive: u64 = stat
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == inactive_key).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0);
+    Some(limit.saturating_sub(usage.saturating_sub(inactive)))
 }
 
 /// The address-space limit (`RLIMIT_AS`) less the address space mapped now (`VmSize`).
@@ -363,6 +390,29 @@ mod tests {
         assert!(e.contains("memory") && e.contains("table"), "{e}");
         assert!(p.add("x", u64::MAX, 2).is_err());
         assert!(p.add_dims("y", &[u64::MAX, 2], 1).is_err());
+    }
+
+    #[test]
+    fn cgroup_headroom_leaves_out_reclaimable_page_cache() {
+        let stat = "anon 100\nfile 900\ninactive_file 700\nactive_file 200\n";
+        assert_eq!(
+            headroom_of("1000\n", "950\n", stat, "inactive_file"),
+            Some(750)
+        );
+        // No limit (v2 "max"), unreadable text: no headroom to apply.
+        assert_eq!(headroom_of("max\n", "950", stat, "inactive_file"), None);
+        assert_eq!(headroom_of("1000", "", stat, "inactive_file"), None);
+        // v1 names the hierarchy's total; a missing key counts as no cache.
+        let v1 = "cache 5\ntotal_inactive_file 300\n";
+        assert_eq!(
+            headroom_of("1000", "900", v1, "total_inactive_file"),
+            Some(400)
+        );
+        assert_eq!(
+            headroom_of("1000", "900", "", "total_inactive_file"),
+            Some(100)
+        );
+        assert_eq!(headroom_of("100", "900", "", "inactive_file"), Some(0));
     }
 
     #[test]
