@@ -501,69 +501,62 @@ impl Layer {
     }
 }
 
-/// What a state must match to continue on this layer: for the demo layer, the config
-/// fields its state depends on (those `engram forward --state-in` compares) and the
-/// tokenizer's compression; for a DeepSeek-V4.1 layer, whose state is canonical ids
-/// only, N and the compression.
-fn identity_of(inner: &Inner) -> String {
+/// What a state must match to continue on this layer, as (name, value) pairs: for the demo
+/// layer, the config fields its state depends on (those `engram forward --state-in`
+/// compares); for a DeepSeek-V4.1 layer, whose state is canonical ids only, the layer, N
+/// and `pad_id`; for both, the tokenizer's compression.
+fn state_fields(inner: &Inner) -> (&'static str, Vec<(&'static str, String)>) {
     match inner {
         Inner::Demo(e, _) => {
             let c = e.config();
-            format!(
-                "demo layer {} (max_ngram_size {}, kernel_size {}, hc_mult {}, hidden_size {}, seed {}, pad_id {}, engram_vocab_size {:?}; tokenizer {})",
-                c.layer_id,
-                c.max_ngram_size,
-                c.kernel_size,
-                c.hc_mult,
-                c.hidden_size,
-                c.seed,
-                c.pad_id,
-                c.engram_vocab_size,
-                e.hashing().compressed().fingerprint()
+            (
+                "demo",
+                vec![
+                    ("layer", c.layer_id.to_string()),
+                    ("max_ngram_size", c.max_ngram_size.to_string()),
+                    ("kernel_size", c.kernel_size.to_string()),
+                    ("hc_mult", c.hc_mult.to_string()),
+                    ("hidden_size", c.hidden_size.to_string()),
+                    ("seed", c.seed.to_string()),
+                    ("pad_id", c.pad_id.to_string()),
+                    ("engram_vocab_size", format!("{:?}", c.engram_vocab_size)),
+                    ("tokenizer", e.hashing().compressed().fingerprint()),
+                ],
             )
         }
-        Inner::V41(l, _) => format!(
-            "DeepSeek-V4.1 layer {} (max_ngram_size {}, pad_id {}; tokenizer {})",
-            l.layer_id(),
-            l.config().max_ngram_size,
-            l.config().pad_id,
-            l.hashing().compressed().fingerprint()
+        Inner::V41(l, _) => (
+            "DeepSeek-V4.1",
+            vec![
+                ("layer", l.layer_id().to_string()),
+                ("max_ngram_size", l.config().max_ngram_size.to_string()),
+                ("pad_id", l.config().pad_id.to_string()),
+                ("tokenizer", l.hashing().compressed().fingerprint()),
+            ],
         ),
     }
+}
+
+/// [`state_fields`] in words, for error messages: `demo layer 15 (max_ngram_size 3, ...)`.
+fn identity_of(inner: &Inner) -> String {
+    let (variant, fields) = state_fields(inner);
+    let rest: Vec<String> = fields[1..]
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    format!("{variant} layer {} ({})", fields[0].1, rest.join(", "))
 }
 
 /// The version prefix of owner keys: a build that changes what a key hashes changes it, and
 /// keys of other versions count as no owner (never as a mismatch).
 const OWNER_KEY_VERSION: &str = "engram-state-owner/1:";
 
-/// The key states carry: a hash of [`identity_of`]'s fields (not of its wording, which may
-/// change), under [`OWNER_KEY_VERSION`].
+/// The key states carry: a hash of [`state_fields`]' values (not of the wording of
+/// [`identity_of`], which may change), under [`OWNER_KEY_VERSION`].
 fn owner_key(inner: &Inner) -> Arc<str> {
     use sha2::{Digest, Sha256};
-    let fields = match inner {
-        Inner::Demo(e, _) => {
-            let c = e.config();
-            format!(
-                "demo|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
-                c.layer_id,
-                c.max_ngram_size,
-                c.kernel_size,
-                c.hc_mult,
-                c.hidden_size,
-                c.seed,
-                c.pad_id,
-                c.engram_vocab_size,
-                e.hashing().compressed().fingerprint()
-            )
-        }
-        Inner::V41(l, _) => format!(
-            "v41|{}|{}|{}|{}",
-            l.layer_id(),
-            l.config().max_ngram_size,
-            l.config().pad_id,
-            l.hashing().compressed().fingerprint()
-        ),
-    };
+    let (variant, fields) = state_fields(inner);
+    let values: Vec<&str> = fields.iter().map(|(_, v)| v.as_str()).collect();
+    let fields = format!("{variant}|{}", values.join("|"));
     let d = Sha256::digest(fields.as_bytes());
     let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
     Arc::from(format!("{OWNER_KEY_VERSION}{hex}"))
