@@ -4,7 +4,7 @@
 //!
 //! | CPU | f32 | bf16 |
 //! |---|---|---|
-//! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` (else the AVX2 bf16 kernel) |
+//! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]`, else the 6×64 microkernel on bf16 panels (columns c, c+16 of each 32 interleaved), widened to f32 in registers by an AND and a shift |
 //! | AVX2 + FMA | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels (columns c, c+8 interleaved), widened to f32 in registers by an AND and a shift |
 //! | aarch64 (NEON) | 6×16 microkernel on `[N/16][K][16]` panels | BFDOT on bf16 pairs `[N/16][K/2][16][2]` where the CPU has BF16, else the 6×16 kernel on bf16 panels widened in registers |
 //! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
@@ -196,6 +196,19 @@ fn with_x_pairs<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&[u32]) -> R) -
     r
 }
 
+/// The column of a widening kernel's bf16 panel in slot `c` of a panel row. The x86-64
+/// kernels widen a 32-bit lane's two bf16 with one AND and one shift, so each vector's
+/// worth of bf16 (16 on AVX2, 32 on AVX-512) interleaves its first and second half of
+/// columns (slot 2i: column i, 2i+1: column i + half); NEON widens in order.
+fn widen_order(kr: PanelKernel, c: usize) -> usize {
+    let group = match kr {
+        PanelKernel::Neon => return c,
+        PanelKernel::Avx2 => 16,
+        PanelKernel::Avx512 => 32,
+    };
+    c / group * group + (c % group) / 2 + (c % 2) * (group / 2)
+}
+
 /// `[N/nr][K+1][nr]` panels of `W_allᵀ` (`get(kk, col)` is W_all[col][kk]): K rows and one
 /// zero row of padding per panel (see `panel_slice`); columns past N are zero. Slot `c` of a
 /// panel row holds column `order(c)` of the panel.
@@ -243,6 +256,17 @@ impl Projection {
     /// # Panics
     /// If `k` is 0, or the kernel is not one this CPU runs ([`PanelKernel::runs_here`]).
     pub fn pack_for(mats: &[&[f32]], k: usize, dtype: DType, kernel: Option<PanelKernel>) -> Self {
+        Self::pack_for_via(mats, k, dtype, kernel, true)
+    }
+
+    /// [`Projection::pack_for`], bf16 dot kernels allowed or not ([`Self::pack_fn_via`]).
+    fn pack_for_via(
+        mats: &[&[f32]],
+        k: usize,
+        dtype: DType,
+        kernel: Option<PanelKernel>,
+        bf16_dot: bool,
+    ) -> Self {
         assert!(k >= 1, "a projection needs K >= 1");
         // Row `o` of the stacked matrices, without stacking them.
         let mut starts = Vec::with_capacity(mats.len());
@@ -255,7 +279,7 @@ impl Projection {
             let j = starts.partition_point(|&s| s <= o) - 1;
             mats[j][(o - starts[j]) * k + i]
         };
-        Self::pack_fn(n, k, dtype, kernel, &w)
+        Self::pack_fn_via(n, k, dtype, kernel, bf16_dot, &w)
     }
 
     /// Packs the `[n, k]` matrix whose element (o, i) is `w(o, i)` (PyTorch layout: output o,
@@ -269,6 +293,19 @@ impl Projection {
         k: usize,
         dtype: DType,
         kernel: Option<PanelKernel>,
+        w: &dyn Fn(usize, usize) -> f32,
+    ) -> Self {
+        Self::pack_fn_via(n, k, dtype, kernel, true, w)
+    }
+
+    /// [`Projection::pack_fn`]; `bf16_dot = false` packs bf16 for the widening kernels even
+    /// where the CPU has a bf16 dot instruction (so that tests reach them on every CPU).
+    fn pack_fn_via(
+        n: usize,
+        k: usize,
+        dtype: DType,
+        kernel: Option<PanelKernel>,
+        bf16_dot: bool,
         w: &dyn Fn(usize, usize) -> f32,
     ) -> Self {
         assert!(k >= 1, "a projection needs K >= 1");
@@ -295,31 +332,22 @@ impl Projection {
                 let nk = (0..n * k).map(|j| w(j / k, j % k)).collect();
                 Packed::F32(kn(), nk)
             }
-            (DType::Bf16, Some(PanelKernel::Avx512)) if has_avx512bf16() => {
+            (DType::Bf16, Some(PanelKernel::Avx512)) if bf16_dot && has_avx512bf16() => {
                 Packed::Bf16Pairs(pack_pairs(k, n, NR_MAX, w))
             }
-            (DType::Bf16, Some(PanelKernel::Neon)) if has_neon_bf16() => {
+            (DType::Bf16, Some(PanelKernel::Neon)) if bf16_dot && has_neon_bf16() => {
                 Packed::Bf16DotPairs(pack_pairs(k, n, 16, w))
             }
-            (DType::Bf16, Some(kr)) => {
-                // AVX-512 CPUs without AVX512-BF16 run the AVX2 widening kernel.
-                let kr = if kr == PanelKernel::Avx512 {
-                    PanelKernel::Avx2
-                } else {
-                    kr
-                };
-                // AVX2 widens a 32-bit lane's two bf16 with one AND and one shift, so its
-                // panels interleave columns c and c+8 (slot 2c: column c, 2c+1: c+8); NEON
-                // widens in order.
-                let order = move |c: usize| match kr {
-                    PanelKernel::Neon => c,
-                    _ => c / 2 + (c % 2) * 8,
-                };
-                Packed::Bf16Panels(
-                    kr,
-                    pack_panels(k, n, kr.nr(), order, |kk, col| bf16::from_f32(w(col, kk))),
-                )
-            }
+            (DType::Bf16, Some(kr)) => Packed::Bf16Panels(
+                kr,
+                pack_panels(
+                    k,
+                    n,
+                    kr.nr(),
+                    |c| widen_order(kr, c),
+                    |kk, col| bf16::from_f32(w(col, kk)),
+                ),
+            ),
             (DType::Bf16, None) => {
                 Packed::Bf16AsF32(kn().iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
             }
@@ -399,7 +427,8 @@ impl Projection {
             Packed::Bf16Pairs(_) => "avx512-bf16 6x64 (vdpbf16ps)",
             Packed::Bf16Panels(PanelKernel::Neon, _) => "neon 6x16 (bf16 widened)",
             Packed::Bf16DotPairs(_) => "neon-bf16 6x16 (bfdot)",
-            Packed::Bf16Panels(..) => "avx2 6x16 (bf16 widened)",
+            Packed::Bf16Panels(PanelKernel::Avx512, _) => "avx512 6x64 (bf16 widened)",
+            Packed::Bf16Panels(PanelKernel::Avx2, _) => "avx2 6x16 (bf16 widened)",
             Packed::Bf16AsF32(_) => "gemm crate (bf16 widened)",
         }
     }
@@ -486,7 +515,12 @@ impl Projection {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn` checks).
             Packed::F32Panels(PanelKernel::Avx512, _) => {
-                Some(unsafe { f32_avx512::l1_calls(calls) })
+                Some(unsafe { avx512::l1_calls::<f32>(calls) })
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Packed::Bf16Panels(PanelKernel::Avx512, _) => {
+                Some(unsafe { avx512::l1_calls::<bf16>(calls) })
             }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn`
@@ -495,7 +529,7 @@ impl Projection {
                 Some(unsafe { avx2::l1_calls::<f32>(calls) })
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA
+            // SAFETY: `Avx2` bf16 panels are only packed when the CPU has AVX2 and FMA
             // (`pack_fn` checks).
             Packed::Bf16Panels(_, _) => Some(unsafe { avx2::l1_calls::<bf16>(calls) }),
             #[cfg(target_arch = "aarch64")]
@@ -528,7 +562,35 @@ impl Projection {
                 // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn`
                 // checks).
                 unsafe {
-                    f32_avx512::matmul(x, w.as_slice(), y, rows, k, n, threads, self.first_col)
+                    avx512::matmul(
+                        x,
+                        w.as_slice(),
+                        y,
+                        rows,
+                        k,
+                        n,
+                        threads,
+                        self.first_col,
+                        false,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Packed::Bf16Panels(PanelKernel::Avx512, w) => {
+                // SAFETY: `Avx512` bf16 panels are only packed when the CPU has AVX-512F
+                // (`pack_fn` checks). x is rounded to bf16 in the call.
+                unsafe {
+                    avx512::matmul(
+                        x,
+                        w.as_slice(),
+                        y,
+                        rows,
+                        k,
+                        n,
+                        threads,
+                        self.first_col,
+                        true,
+                    )
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -551,8 +613,8 @@ impl Projection {
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Panels(_, w) => {
-                // SAFETY: bf16 panels on x86-64 are only packed when the CPU has AVX2 and FMA
-                // (`pack_fn` checks).
+                // SAFETY: the other bf16 panels on x86-64 are `Avx2` ones, only packed when
+                // the CPU has AVX2 and FMA (`pack_fn` checks).
                 // x is rounded to bf16 as it is packed.
                 unsafe {
                     avx2::matmul(
@@ -1737,70 +1799,141 @@ mod neon_bf16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod f32_avx512 {
+mod avx512 {
+    use half::bf16;
     use std::arch::x86_64::*;
     /// Columns per panel: four zmm.
     const NR: usize = super::NR_MAX;
     /// Blocks per work unit for 1, 2, 3 rows (12 zmm accumulators for one row).
     const GROUPS: [usize; 5] = [1, 3, 1, 1, 1];
-    /// Panel rows (256 B each) ahead that a prefill block (one panel) prefetches into L1.
+    /// Panel rows ahead that a prefill block (one panel) prefetches into L1.
     /// Reading the weights from L2 is what kept this kernel off the peak: with the panel
     /// in L1 (a test with wrong sums) 64 rows × 5120 × 1024 took 2.54 ms on one thread, the
     /// FMA peak; from L2 2.82-2.94 ms; with this prefetch 2.69-2.75 ms (16-48 rows ahead
-    /// measured alike; 94% of the peak).
+    /// measured alike; 94% of the peak; f32 on Zen 5).
     const PREFETCH_ROWS: usize = 32;
 
-    /// Every (panel group, row block) through the 64-column kernels.
+    /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
+    pub trait Elem: Copy + Sync {
+        /// Loads a panel row (64 elements at `p`) as columns 0..16, 16..32, 32..48 and
+        /// 48..64 in f32.
+        ///
+        /// # Safety
+        /// `p` must point to 64 readable elements; the CPU must have AVX-512F.
+        unsafe fn load64(p: *const Self) -> [__m512; 4];
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load64(p: *const f32) -> [__m512; 4] {
+            // SAFETY: per the trait contract.
+            unsafe {
+                [
+                    _mm512_loadu_ps(p),
+                    _mm512_loadu_ps(p.add(16)),
+                    _mm512_loadu_ps(p.add(32)),
+                    _mm512_loadu_ps(p.add(48)),
+                ]
+            }
+        }
+    }
+
+    impl Elem for bf16 {
+        /// The row is packed as two zmm of 32 columns each, columns c and c+16 of a zmm in
+        /// one 32-bit lane (low and high half; `super::widen_order`): bf16 → f32 is the bits
+        /// moved to the high half, so the first 16 columns of a zmm are its lanes shifted
+        /// left by 16 and the next 16 its lanes with the low half cleared: two integer ops
+        /// per 16 columns, no shuffle.
+        #[inline(always)]
+        unsafe fn load64(p: *const bf16) -> [__m512; 4] {
+            // SAFETY: per the trait contract (64 bf16: two zmm).
+            unsafe {
+                let lo = _mm512_loadu_si512(p as *const __m512i);
+                let hi = _mm512_loadu_si512(p.add(32) as *const __m512i);
+                let high_half = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+                [
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(lo)),
+                    _mm512_castsi512_ps(_mm512_and_si512(lo, high_half)),
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi)),
+                    _mm512_castsi512_ps(_mm512_and_si512(hi, high_half)),
+                ]
+            }
+        }
+    }
+
+    thread_local! {
+        /// x rounded to bf16 for the widening kernel ([`matmul`] with `round`), reused
+        /// across calls.
+        static XROUND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Every (panel group, row block) through the 64-column kernels; with `round` (bf16
+    /// panels), x rounded to bf16 first (the activations the AVX512-BF16 kernel and the
+    /// `gemm` fallback see), into a buffer kept per thread.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn matmul(
+    pub unsafe fn matmul<T: Elem>(
         x: &[f32],
-        w: &[f32],
+        w: &[T],
         y: &mut [f32],
         m: usize,
         k: usize,
         n: usize,
         threads: usize,
         first_col: usize,
+        round: bool,
     ) {
         assert!(
             w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
+        assert_eq!(x.len(), m * k, "x must be [m, k]");
+        // Taken out of the thread-local for the call (and put back after), so that a call
+        // that starts on this thread while this one waits on the pool gets its own.
+        let mut rounded = XROUND.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let xs: &[f32] = if round {
+            rounded.clear();
+            rounded.extend(x.iter().map(|&v| f32::from_bits(super::bf16_bits(v) << 16)));
+            &rounded
+        } else {
+            x
+        };
         super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
-            let xs = &x[b.r0 * k..];
+            let xb = &xs[b.r0 * k..];
             // SAFETY: the caller guarantees AVX-512F; the kernel checks x and w; the driver
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
-            unsafe { block_kernel!(kernel, [(1, 3)], b, k, xs, k, wg, ldw, lds, NR, next) };
+            unsafe { block_kernel!(kernel, [(1, 3)], b, k, xb, k, wg, ldw, lds, NR, next) };
         });
+        XROUND.with(|b| *b.borrow_mut() = rounded);
     }
 
     /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 1.5 KiB,
-    /// the panel's 64 rows 16 KiB: within a 32 KiB L1 as well); the FLOPs done. See
+    /// the panel's 64 rows 16 KiB in f32: within a 32 KiB L1 as well); the FLOPs done. See
     /// [`super::Projection::l1_microkernel`].
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
-    pub unsafe fn l1_calls(calls: usize) -> f64 {
+    pub unsafe fn l1_calls<T: Elem + Default>(calls: usize) -> f64 {
         // x row-major `[MR][KC]`.
         // SAFETY: AVX-512F (the caller); the macro's buffers hold what the kernel reads.
-        unsafe { l1_calls!(kernel, f32, 0.0f32, NR, 64, 64, calls) }
+        unsafe { l1_calls!(kernel, T, T::default(), NR, 64, 64, calls) }
     }
 
-    /// `y[R, P·64] = x[R, kc] · w[kc, P·64]` (x's row stride `ldx`, w's `ldw` per k step
-    /// and `lds` per panel, y's `ldy`): R×P×4 zmm accumulators, one broadcast of x and 4·P
-    /// loads of w per k.
+    /// `y[R, P·64] = x[R, kc] · w[kc, P·64]` (x's row stride `ldx`, w's `ldw` elements per
+    /// k step and `lds` per panel, y's `ldy`): R×P×4 zmm accumulators, one broadcast of x
+    /// and P panel rows loaded ([`Elem::load64`]) per k, one FMA chain per output over k
+    /// in order.
     ///
     /// # Safety
     /// AVX-512F; `y` valid for R rows of P·64 floats at stride `ldy`, touched by no one else
     /// during the call.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel<const R: usize, const P: usize, T: Copy>(
+    unsafe fn kernel<const R: usize, const P: usize, T: Elem>(
         x: &[f32],
         ldx: usize,
         kc: usize,
@@ -1811,33 +1944,25 @@ mod f32_avx512 {
         ldy: usize,
         next: super::NextPanel,
     ) {
-        // T is f32 (generic only so that `block_kernel!` can infer it).
-        assert!(std::mem::size_of::<T>() == 4);
         assert!(x.len() >= (R - 1) * ldx + kc && kc >= 1);
         assert!(w.len() >= (P - 1) * lds + (kc - 1) * ldw + NR);
+        // Cache lines per panel row: 4 in f32, 2 in bf16.
+        let lines = NR * std::mem::size_of::<T>() / 64;
         let mut acc = [[[_mm512_setzero_ps(); 4]; P]; R];
-        let (wp, xp) = (w.as_ptr() as *const f32, x.as_ptr());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
         for kk in 0..kc {
             if P == 1 {
                 next.prefetch_l2(kk);
-                // The row PREFETCH_ROWS ahead (4 lines) into L1: see `PREFETCH_ROWS`.
+                // The row PREFETCH_ROWS ahead into L1: see `PREFETCH_ROWS`.
                 let at = wp.wrapping_add((kk + PREFETCH_ROWS) * ldw) as *const i8;
-                for line in 0..4 {
+                for line in 0..lines {
                     _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
                 }
             }
             let mut b = [[_mm512_setzero_ps(); 4]; P];
             for (p, bp) in b.iter_mut().enumerate() {
-                let at = kk * ldw + p * lds;
-                // SAFETY: w holds block p's kc rows (asserted); kk < kc.
-                *bp = unsafe {
-                    [
-                        _mm512_loadu_ps(wp.add(at)),
-                        _mm512_loadu_ps(wp.add(at + 16)),
-                        _mm512_loadu_ps(wp.add(at + 32)),
-                        _mm512_loadu_ps(wp.add(at + 48)),
-                    ]
-                };
+                // SAFETY: w holds block p's kc rows of NR elements (asserted); kk < kc.
+                *bp = unsafe { T::load64(wp.add(kk * ldw + p * lds)) };
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 // SAFETY: x holds R rows of kc floats at stride ldx (asserted); r < R, kk < kc.
@@ -2091,6 +2216,38 @@ mod tests {
             .fold(0.0f32, f32::max)
     }
 
+    /// Every packing of `mats` in `dtype` that this CPU runs, named by its kernel: each of
+    /// our kernels, the `gemm` fallback with `fallback`, and in bf16 the widening kernels
+    /// also where the CPU's bf16 dot instruction is what `pack` picks (so that they are
+    /// tested on CPUs with AVX512-BF16 or Arm BF16 as well).
+    fn packings(
+        mats: &[&[f32]],
+        k: usize,
+        dtype: DType,
+        fallback: bool,
+    ) -> Vec<(String, Projection)> {
+        let mut v = Vec::new();
+        if fallback {
+            v.push(Projection::pack_for(mats, k, dtype, None));
+        }
+        for kernel in PanelKernel::all_supported() {
+            let p = Projection::pack_for(mats, k, dtype, Some(kernel));
+            if p.takes_pairs() {
+                v.push(Projection::pack_for_via(
+                    mats,
+                    k,
+                    dtype,
+                    Some(kernel),
+                    false,
+                ));
+            }
+            v.push(p);
+        }
+        v.into_iter()
+            .map(|p| (p.kernel_name().to_string(), p))
+            .collect()
+    }
+
     #[test]
     fn l1_microkernel_runs_each_own_kernel_and_counts_its_flops() {
         let k = 64;
@@ -2124,8 +2281,7 @@ mod tests {
             let w = vec![0.0f32; kernel.nr() * k];
             for dtype in [DType::F32, DType::Bf16] {
                 let p = Projection::pack_for(&[&w], k, dtype, Some(kernel));
-                // By the kernel packed: bf16 on an AVX-512 CPU without AVX512-BF16 gets the
-                // AVX2 widening panels.
+                // By the kernel packed (the AVX2 panels, f32 or bf16 widened).
                 let want = if p.kernel_name().starts_with("avx2") {
                     256
                 } else {
@@ -2232,19 +2388,16 @@ mod tests {
         let want = plain(&x, &[&a, &b], k);
         let r = |v: &[f32]| -> Vec<f32> { v.iter().map(|&t| bf16::from_f32(t).to_f32()).collect() };
         let want_bf16 = plain(&r(&x), &[&r(&a), &r(&b)], k);
-        let mut kernels: Vec<Option<PanelKernel>> = vec![None];
-        kernels.extend(PanelKernel::all_supported().into_iter().map(Some));
-        for kernel in kernels {
-            for (dtype, want, tol) in [(DType::F32, &want, 1e-5), (DType::Bf16, &want_bf16, 1e-4)] {
-                let p = Projection::pack_for(&[&a, &b], k, dtype, kernel);
-                assert_eq!(p.uses_own_kernel(), kernel.is_some());
+        for (dtype, want, tol) in [(DType::F32, &want, 1e-5), (DType::Bf16, &want_bf16, 1e-4)] {
+            for (kernel, p) in packings(&[&a, &b], k, dtype, true) {
+                assert_eq!(p.uses_own_kernel(), !kernel.starts_with("gemm"));
                 for threads in [1, 2, 3] {
                     let mut y = vec![0.0; rows * 90];
                     p.matmul(&x, rows, &mut y, threads);
                     let err = max_diff(&y, want);
                     assert!(
                         err < tol,
-                        "{kernel:?} {dtype:?} k {k} rows {rows} threads {threads}: {err}"
+                        "{kernel} k {k} rows {rows} threads {threads}: {err}"
                     );
                 }
             }
@@ -2256,9 +2409,8 @@ mod tests {
     #[test]
     fn panels_are_line_aligned_after_clone() {
         let a = data(40 * 37, 9);
-        for kernel in PanelKernel::all_supported() {
-            for dtype in [DType::F32, DType::Bf16] {
-                let p = Projection::pack_for(&[&a], 37, dtype, Some(kernel));
+        for dtype in [DType::F32, DType::Bf16] {
+            for (kernel, p) in packings(&[&a], 37, dtype, false) {
                 for q in [&p, &p.clone()] {
                     let addr = match &q.packed {
                         Packed::F32Panels(_, v) => v.as_slice().as_ptr() as usize,
@@ -2267,14 +2419,14 @@ mod tests {
                         | Packed::Bf16DotPairs(v) => v.as_slice().as_ptr() as usize,
                         _ => unreachable!("own kernels pack panels"),
                     };
-                    assert_eq!(addr % 64, 0, "{kernel:?} {dtype:?}");
+                    assert_eq!(addr % 64, 0, "{kernel}");
                 }
                 let c = p.clone();
                 let (mut y1, mut y2) = (vec![0.0; 3 * 40], vec![0.0; 3 * 40]);
                 let x = data(3 * 37, 10);
                 p.matmul(&x, 3, &mut y1, 1);
                 c.matmul(&x, 3, &mut y2, 1);
-                assert!(y1 == y2, "{kernel:?} {dtype:?}: clone differs");
+                assert!(y1 == y2, "{kernel}: clone differs");
             }
         }
     }
@@ -2311,9 +2463,8 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        for kernel in PanelKernel::all_supported() {
-            for dtype in [DType::F32, DType::Bf16] {
-                let p = Projection::pack_for(&[&a], k, dtype, Some(kernel));
+        for dtype in [DType::F32, DType::Bf16] {
+            for (kernel, p) in packings(&[&a], k, dtype, false) {
                 for rows in [1, 2, 3, 8] {
                     let x = data(rows * k, 12);
                     let call = |threads: usize| {
@@ -2322,7 +2473,7 @@ mod tests {
                         y
                     };
                     let one = call(1);
-                    assert!(one.iter().all(|v| v.is_finite()), "{kernel:?} {dtype:?}");
+                    assert!(one.iter().all(|v| v.is_finite()), "{kernel}");
                     for threads in [2, 3] {
                         let outside = call(threads);
                         let inside = pool.install(|| call(threads));
@@ -2330,7 +2481,7 @@ mod tests {
                             let same = y.iter().zip(&one).all(|(u, v)| u.to_bits() == v.to_bits());
                             assert!(
                                 same,
-                                "{kernel:?} {dtype:?} rows {rows} threads {threads} {how} the pool"
+                                "{kernel} rows {rows} threads {threads} {how} the pool"
                             );
                         }
                     }
@@ -2346,11 +2497,8 @@ mod tests {
     fn any_first_column_gives_the_same_bits() {
         let k = 45;
         let a = data(250 * k, 13);
-        let mut kernels: Vec<Option<PanelKernel>> = vec![None];
-        kernels.extend(PanelKernel::all_supported().into_iter().map(Some));
-        for kernel in kernels {
-            for dtype in [DType::F32, DType::Bf16] {
-                let p = Projection::pack_for(&[&a], k, dtype, kernel);
+        for dtype in [DType::F32, DType::Bf16] {
+            for (kernel, p) in packings(&[&a], k, dtype, true) {
                 for rows in [1, 3, 8, 13] {
                     let x = data(rows * k, 14);
                     let mut want = vec![f32::NAN; rows * 250];
@@ -2362,7 +2510,10 @@ mod tests {
                             let mut y = vec![f32::NAN; rows * 250];
                             q.matmul(&x, rows, &mut y, threads);
                             let same = y.iter().zip(&want).all(|(u, v)| u.to_bits() == v.to_bits());
-                            assert!(same, "{kernel:?} {dtype:?} rows {rows} from column {col}, {threads} threads");
+                            assert!(
+                                same,
+                                "{kernel} rows {rows} from column {col}, {threads} threads"
+                            );
                         }
                     }
                 }
@@ -2371,7 +2522,8 @@ mod tests {
     }
 
     /// Our kernels sum each output in one FMA chain over k: any row split gives the same
-    /// bits, and f32 panels give the same bits on every ISA.
+    /// bits; f32 panels give the same bits on every ISA, and so do the widening bf16
+    /// kernels, which give the bits of the f32 kernels on bf16-rounded x and weights.
     #[test]
     fn kernels_are_split_invariant_and_agree_bit_for_bit() {
         let (k, rows) = (301, 17);
@@ -2379,10 +2531,23 @@ mod tests {
         // and for 4-12 rows on AVX2 four units of four panels, the last panel partial.
         let a = data(250 * k, 5);
         let x = data(rows * k, 6);
-        let mut f32_results: Vec<(PanelKernel, Vec<f32>)> = Vec::new();
-        for kernel in PanelKernel::all_supported() {
-            for dtype in [DType::F32, DType::Bf16] {
-                let p = Projection::pack_for(&[&a], k, dtype, Some(kernel));
+        let round =
+            |v: &[f32]| -> Vec<f32> { v.iter().map(|&t| bf16::from_f32(t).to_f32()).collect() };
+        let (ar, xr) = (round(&a), round(&x));
+        // The f32 results, then those of the widening bf16 kernels with the f32 kernels on
+        // rounded operands.
+        let mut f32_results: Vec<(String, Vec<f32>)> = Vec::new();
+        let mut widened: Vec<(String, Vec<f32>)> = Vec::new();
+        for p in PanelKernel::all_supported()
+            .into_iter()
+            .map(|kr| Projection::pack_for(&[&ar], k, DType::F32, Some(kr)))
+        {
+            let mut y = vec![0.0; rows * 250];
+            p.matmul(&xr, rows, &mut y, 2);
+            widened.push((format!("{} on rounded operands", p.kernel_name()), y));
+        }
+        for dtype in [DType::F32, DType::Bf16] {
+            for (kernel, p) in packings(&[&a], k, dtype, false) {
                 let mut whole = vec![0.0; rows * 250];
                 p.matmul(&x, rows, &mut whole, 2);
                 // 1-3 rows: the multi-panel shapes; 4-12: units of several panels on
@@ -2395,7 +2560,7 @@ mod tests {
                         p.matmul(&x[r0 * k..(r0 + m) * k], m, &mut part, 1);
                         assert!(
                             part == whole[r0 * 250..(r0 + m) * 250],
-                            "{kernel:?} {dtype:?}: rows {r0}..{} differ from one shot",
+                            "{kernel}: rows {r0}..{} differ from one shot",
                             r0 + m
                         );
                         r0 += m;
@@ -2403,11 +2568,19 @@ mod tests {
                 }
                 if dtype == DType::F32 {
                     f32_results.push((kernel, whole));
+                } else if kernel.contains("widened") {
+                    widened.push((kernel, whole));
                 }
             }
         }
-        for w in f32_results.windows(2) {
-            assert!(w[0].1 == w[1].1, "{:?} and {:?} differ", w[0].0, w[1].0);
+        assert!(
+            widened.len() > f32_results.len(),
+            "no widening bf16 kernel ran"
+        );
+        for group in [&f32_results, &widened] {
+            for w in group.windows(2) {
+                assert!(w[0].1 == w[1].1, "{} and {} differ", w[0].0, w[1].0);
+            }
         }
     }
 }
