@@ -154,12 +154,21 @@ fn read_bw(buf: &[f32], reps: usize, tries: usize) -> f64 {
     best
 }
 
-/// Measures [`MemBw`]: 1 GiB (or less when memory is short) from memory, half the LLC from
-/// cache.
+/// The buffer [`measure_mem_bw`] reads from memory: 8 × the last-level cache, at least
+/// 1 GiB and at most 4 GiB, and never more than a quarter of the free memory. (It was
+/// 64 × the cache, above any cap: 16.6 GB on a VM that reports the host's 260 MiB L3 and
+/// has 23 GB of RAM.)
+fn dram_buffer_bytes(llc: usize, avail: u64) -> usize {
+    let quarter = usize::try_from(avail / 4).unwrap_or(usize::MAX);
+    llc.saturating_mul(8).clamp(1 << 30, 4 << 30).min(quarter)
+}
+
+/// Measures [`MemBw`]: a buffer well past the LLC from memory ([`dram_buffer_bytes`]), half
+/// the LLC from cache.
 pub fn measure_mem_bw() -> MemBw {
     let llc = llc_bytes().unwrap_or(8 << 20);
     let avail = engram::budget::available_memory().unwrap_or(u64::MAX);
-    let big = (1usize << 30).min((avail / 4) as usize).max(64 * llc);
+    let big = dram_buffer_bytes(llc, avail);
     let buf: Vec<f32> = vec![1.0; big / 4];
     let dram = read_bw(&buf, 1, 3);
     drop(buf);
@@ -562,7 +571,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let bf16_dot = proj.kernel_name().starts_with("avx512-bf16");
     // The machine's limits, measured in this process: the read bandwidth for decode (every
     // step streams the projection weights), the FMA peak just before and after the runs.
-    // Its buffer (64 × the last-level cache, freed before the runs) is not the layer's
+    // Its buffer (8 × the last-level cache, 1-4 GiB, freed before the runs) is not the layer's
     // memory: the peak RSS reported is the larger of the peak before the measurement and the
     // peak from just after it to the end of the runs, where the peak can be reset.
     let rss_before_bw = peak_rss();
@@ -926,4 +935,23 @@ fn bench_streaming(
         println!("  peak RSS {:.1} MB", rss as f64 / 1e6);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dram_buffer_bytes;
+
+    #[test]
+    fn the_bandwidth_buffer_is_capped_by_size_and_by_free_memory() {
+        const MIB: usize = 1 << 20;
+        let plenty = u64::MAX;
+        // A 32 MiB L3: the 1 GiB floor; the Emerald Rapids guest's 260 MiB: 8 × it, where
+        // 64 × it (16.6 GB) used to be allocated on a 23 GB machine.
+        assert_eq!(dram_buffer_bytes(32 * MIB, plenty), 1024 * MIB);
+        assert_eq!(dram_buffer_bytes(260 * MIB, 23_000_000_000), 2080 * MIB);
+        // Never past 4 GiB, nor past a quarter of the free memory.
+        assert_eq!(dram_buffer_bytes(1024 * MIB, plenty), 4096 * MIB);
+        assert_eq!(dram_buffer_bytes(260 * MIB, 2_000_000_000), 500_000_000);
+        assert_eq!(dram_buffer_bytes(usize::MAX, 0), 0);
+    }
 }

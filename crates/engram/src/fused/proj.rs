@@ -407,7 +407,8 @@ impl Projection {
     /// of L2, where a 64-row tile's y of 1.3 MiB does not stay in L2 anyway), three rounds of
     /// alternating processes: f32 0.736-0.742 of the FMA peak with 256 rows against
     /// 0.652-0.704 with 64, bf16 12,541-12,962 against 9,451-10,942 tok/s. The AVX-512
-    /// kernels keep the 64 rows measured on Zen 5.
+    /// kernels keep the 64 rows measured on Zen 5 (the widening bf16 one on Emerald Rapids:
+    /// 24,148-24,968 tok/s with 64 rows, 23,029-25,093 with 128, three processes each).
     pub fn default_tile_rows(&self) -> usize {
         match &self.packed {
             Packed::F32Panels(PanelKernel::Avx2, _) | Packed::Bf16Panels(PanelKernel::Avx2, _) => {
@@ -513,7 +514,7 @@ impl Projection {
     pub fn l1_microkernel(&self, calls: usize) -> Option<f64> {
         match &self.packed {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn` checks).
+            // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn_via` checks).
             Packed::F32Panels(PanelKernel::Avx512, _) => {
                 Some(unsafe { avx512::l1_calls::<f32>(calls) })
             }
@@ -523,14 +524,14 @@ impl Projection {
                 Some(unsafe { avx512::l1_calls::<bf16>(calls) })
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn`
+            // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn_via`
             // checks).
             Packed::F32Panels(PanelKernel::Avx2, _) => {
                 Some(unsafe { avx2::l1_calls::<f32>(calls) })
             }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2` bf16 panels are only packed when the CPU has AVX2 and FMA
-            // (`pack_fn` checks).
+            // (`pack_fn_via` checks).
             Packed::Bf16Panels(_, _) => Some(unsafe { avx2::l1_calls::<bf16>(calls) }),
             #[cfg(target_arch = "aarch64")]
             Packed::F32Panels(_, _) => Some(neon::l1_calls::<f32>(calls)),
@@ -559,7 +560,7 @@ impl Projection {
             Packed::Bf16AsF32(w) => gemm_f32(&round_bf16(x), w, y, rows, k, n, threads),
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx512, w) => {
-                // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn`
+                // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn_via`
                 // checks).
                 unsafe {
                     avx512::matmul(
@@ -578,7 +579,7 @@ impl Projection {
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Panels(PanelKernel::Avx512, w) => {
                 // SAFETY: `Avx512` bf16 panels are only packed when the CPU has AVX-512F
-                // (`pack_fn` checks). x is rounded to bf16 in the call.
+                // (`pack_fn_via` checks). x is rounded to bf16 in the call.
                 unsafe {
                     avx512::matmul(
                         x,
@@ -595,7 +596,7 @@ impl Projection {
             }
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx2, w) => {
-                // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn`
+                // SAFETY: `Avx2` panels are only packed when the CPU has AVX2 and FMA (`pack_fn_via`
                 // checks).
                 unsafe {
                     avx2::matmul(
@@ -614,7 +615,7 @@ impl Projection {
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Panels(_, w) => {
                 // SAFETY: the other bf16 panels on x86-64 are `Avx2` ones, only packed when
-                // the CPU has AVX2 and FMA (`pack_fn` checks).
+                // the CPU has AVX2 and FMA (`pack_fn_via` checks).
                 // x is rounded to bf16 as it is packed.
                 unsafe {
                     avx2::matmul(
@@ -1144,8 +1145,8 @@ mod avx2 {
     /// The L1 data cache's size in bytes from CPUID (AMD's leaf 0x8000_0005, else the
     /// deterministic cache parameters of leaf 4), or None where the CPU reports neither.
     pub(super) fn l1d_bytes() -> Option<usize> {
-        // `__cpuid` is a safe fn from Rust 1.89 on and an unsafe one before (rust-version
-        // is 1.88).
+        // `__cpuid_count` is a safe fn in newer Rust and an unsafe one in 1.89, our
+        // rust-version.
         #[allow(unused_unsafe)]
         // SAFETY: CPUID exists on every x86-64 CPU; it only reads identification registers.
         let leaf = |l: u32, sub: u32| unsafe { __cpuid_count(l, sub) };
@@ -1183,8 +1184,8 @@ mod avx2 {
     fn has_prefetchw() -> bool {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            // `__cpuid` is a safe fn from Rust 1.89 on and an unsafe one before (rust-version
-            // is 1.88).
+            // `__cpuid` is a safe fn in newer Rust and an unsafe one in 1.89, our
+            // rust-version.
             #[allow(unused_unsafe)]
             // SAFETY: CPUID exists on every x86-64 CPU; it only reads identification
             // registers (a leaf past the maximum returns other data, checked first).
@@ -1810,7 +1811,8 @@ mod avx512 {
     /// Reading the weights from L2 is what kept this kernel off the peak: with the panel
     /// in L1 (a test with wrong sums) 64 rows × 5120 × 1024 took 2.54 ms on one thread, the
     /// FMA peak; from L2 2.82-2.94 ms; with this prefetch 2.69-2.75 ms (16-48 rows ahead
-    /// measured alike; 94% of the peak; f32 on Zen 5).
+    /// measured alike; 94% of the peak; f32 on Zen 5). In bf16 the same rows are half
+    /// the bytes ahead (4 KiB).
     const PREFETCH_ROWS: usize = 32;
 
     /// A panel element: f32 as it is, or bf16 widened to f32 in registers.
@@ -1892,8 +1894,9 @@ mod avx512 {
         assert_eq!(x.len(), m * k, "x must be [m, k]");
         // Taken out of the thread-local for the call (and put back after), so that a call
         // that starts on this thread while this one waits on the pool gets its own.
-        let mut rounded = XROUND.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let mut rounded = Vec::new();
         let xs: &[f32] = if round {
+            rounded = XROUND.with(|b| std::mem::take(&mut *b.borrow_mut()));
             rounded.clear();
             rounded.extend(x.iter().map(|&v| f32::from_bits(super::bf16_bits(v) << 16)));
             &rounded
@@ -1908,7 +1911,9 @@ mod avx512 {
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
             unsafe { block_kernel!(kernel, [(1, 3)], b, k, xb, k, wg, ldw, lds, NR, next) };
         });
-        XROUND.with(|b| *b.borrow_mut() = rounded);
+        if round {
+            XROUND.with(|b| *b.borrow_mut() = rounded);
+        }
     }
 
     /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 1.5 KiB,
@@ -2253,8 +2258,13 @@ mod tests {
         let k = 64;
         for kernel in PanelKernel::all_supported() {
             let w = vec![0.0f32; kernel.nr() * k];
-            for dtype in [DType::F32, DType::Bf16] {
-                let p = Projection::pack_for(&[&w], k, dtype, Some(kernel));
+            // bf16 twice: the dot kernel where the CPU has one, and the widening kernel.
+            for (dtype, dot) in [
+                (DType::F32, true),
+                (DType::Bf16, true),
+                (DType::Bf16, false),
+            ] {
+                let p = Projection::pack_for_via(&[&w], k, dtype, Some(kernel), dot);
                 // The bf16 dot kernels (pairs) have no f32 microkernel to time.
                 if p.takes_pairs() {
                     assert_eq!(p.l1_microkernel(1), None);
@@ -2279,8 +2289,12 @@ mod tests {
         let k = 64;
         for kernel in PanelKernel::all_supported() {
             let w = vec![0.0f32; kernel.nr() * k];
-            for dtype in [DType::F32, DType::Bf16] {
-                let p = Projection::pack_for(&[&w], k, dtype, Some(kernel));
+            for (dtype, dot) in [
+                (DType::F32, true),
+                (DType::Bf16, true),
+                (DType::Bf16, false),
+            ] {
+                let p = Projection::pack_for_via(&[&w], k, dtype, Some(kernel), dot);
                 // By the kernel packed (the AVX2 panels, f32 or bf16 widened).
                 let want = if p.kernel_name().starts_with("avx2") {
                     256
@@ -2573,9 +2587,11 @@ mod tests {
                 }
             }
         }
-        assert!(
-            widened.len() > f32_results.len(),
-            "no widening bf16 kernel ran"
+        // One widening bf16 kernel per f32 kernel (none where this CPU runs none of ours).
+        assert_eq!(
+            widened.len(),
+            2 * f32_results.len(),
+            "a widening kernel did not run"
         );
         for group in [&f32_results, &widened] {
             for w in group.windows(2) {
