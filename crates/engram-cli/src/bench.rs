@@ -156,7 +156,7 @@ fn read_bw(buf: &[f32], reps: usize, tries: usize) -> f64 {
 
 /// The buffer [`measure_mem_bw`] reads from memory: 8 × the last-level cache, at least
 /// 1 GiB and at most 4 GiB, and never more than a quarter of the free memory. (It was
-/// 64 × the cache, above any cap: 16.6 GB on a VM that reports the host's 260 MiB L3 and
+/// 64 × the cache, above any cap: 16.25 GiB on a VM that reports the host's 260 MiB L3 and
 /// has 23 GB of RAM.)
 fn dram_buffer_bytes(llc: usize, avail: u64) -> usize {
     let quarter = usize::try_from(avail / 4).unwrap_or(usize::MAX);
@@ -946,7 +946,7 @@ mod tests {
         const MIB: usize = 1 << 20;
         let plenty = u64::MAX;
         // A 32 MiB L3: the 1 GiB floor; the Emerald Rapids guest's 260 MiB: 8 × it, where
-        // 64 × it (16.6 GB) used to be allocated on a 23 GB machine.
+        // 64 × it (16.25 GiB) used to be allocated on a 23 GB machine.
         assert_eq!(dram_buffer_bytes(32 * MIB, plenty), 1024 * MIB);
         assert_eq!(dram_buffer_bytes(260 * MIB, 23_000_000_000), 2080 * MIB);
         // Never past 4 GiB, nor past a quarter of the free memory.
