@@ -196,6 +196,29 @@ fn with_x_pairs<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&[u32]) -> R) -
     r
 }
 
+thread_local! {
+    /// x rounded to bf16, kept between calls like [`X_PAIRS`].
+    static X_ROUNDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on x rounded to bf16 and kept as f32 ([`bf16_rounded`]): the activations of
+/// the kernels that widen bf16 panels (AVX-512, NEON) and of the `gemm` fallback, so that
+/// they multiply what the bf16 dot kernels multiply. The buffer is kept per thread.
+fn with_x_rounded<R>(x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+    let mut xr = X_ROUNDED.with(|c| c.take());
+    xr.clear();
+    xr.extend(x.iter().map(|&v| bf16_rounded(v)));
+    let r = f(&xr);
+    X_ROUNDED.with(|c| c.set(xr));
+    r
+}
+
+/// `x` rounded to bf16 and widened back: [`bf16_bits`] in the high half of an f32.
+#[inline(always)]
+fn bf16_rounded(x: f32) -> f32 {
+    f32::from_bits(bf16_bits(x) << 16)
+}
+
 /// The column of a widening kernel's bf16 panel in slot `c` of a panel row. The x86-64
 /// kernels widen a 32-bit lane's two bf16 with one AND and one shift, so each vector's
 /// worth of bf16 (16 on AVX2, 32 on AVX-512) interleaves its first and second half of
@@ -557,42 +580,23 @@ impl Projection {
         match &self.packed {
             Packed::F32(_, nk) if rows <= SMALL_M => small_m_f32(x, nk, y, rows, k, n, threads),
             Packed::F32(kn, _) => gemm_f32(x, kn, y, rows, k, n, threads),
-            Packed::Bf16AsF32(w) => gemm_f32(&round_bf16(x), w, y, rows, k, n, threads),
+            Packed::Bf16AsF32(w) => with_x_rounded(x, |xr| gemm_f32(xr, w, y, rows, k, n, threads)),
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx512, w) => {
                 // SAFETY: `Avx512` panels are only packed when the CPU has AVX-512F (`pack_fn_via`
                 // checks).
-                unsafe {
-                    avx512::matmul(
-                        x,
-                        w.as_slice(),
-                        y,
-                        rows,
-                        k,
-                        n,
-                        threads,
-                        self.first_col,
-                        false,
-                    )
-                }
+                unsafe { avx512::matmul(x, w.as_slice(), y, rows, k, n, threads, self.first_col) }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Bf16Panels(PanelKernel::Avx512, w) => {
-                // SAFETY: `Avx512` bf16 panels are only packed when the CPU has AVX-512F
-                // (`pack_fn_via` checks). x is rounded to bf16 in the call.
-                unsafe {
-                    avx512::matmul(
-                        x,
-                        w.as_slice(),
-                        y,
-                        rows,
-                        k,
-                        n,
-                        threads,
-                        self.first_col,
-                        true,
-                    )
-                }
+                // x rounded to bf16 first, as the bf16 dot kernels see it.
+                with_x_rounded(x, |xr| {
+                    // SAFETY: `Avx512` bf16 panels are only packed when the CPU has AVX-512F
+                    // (`pack_fn_via` checks).
+                    unsafe {
+                        avx512::matmul(xr, w.as_slice(), y, rows, k, n, threads, self.first_col)
+                    }
+                })
             }
             #[cfg(target_arch = "x86_64")]
             Packed::F32Panels(PanelKernel::Avx2, w) => {
@@ -640,16 +644,9 @@ impl Projection {
                 neon::matmul(x, w.as_slice(), y, rows, k, n, threads, self.first_col)
             }
             #[cfg(target_arch = "aarch64")]
-            Packed::Bf16Panels(_, w) => neon::matmul(
-                &round_bf16(x),
-                w.as_slice(),
-                y,
-                rows,
-                k,
-                n,
-                threads,
-                self.first_col,
-            ),
+            Packed::Bf16Panels(_, w) => with_x_rounded(x, |xr| {
+                neon::matmul(xr, w.as_slice(), y, rows, k, n, threads, self.first_col)
+            }),
             #[allow(unreachable_patterns)]
             _ => unreachable!("panels are only packed for kernels this target has"),
         }
@@ -856,12 +853,6 @@ fn panel_driver(
     // The unit holding column `first_col` first (`Projection::run_from_col`).
     let start = (first_col / nr / group).min(units.saturating_sub(1));
     super::fanout::for_each_unit(units, threads, &|u| work((u + start) % units));
-}
-
-/// x rounded to bf16 (kept as f32): the activations of the widening bf16 kernels, so that
-/// they compute the same products as the AVX512-BF16 kernel and the `gemm` fallback.
-fn round_bf16(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
 }
 
 /// The body of each kernel module's `l1_calls`: `$calls` calls of `$kernel::<MR, 1, $t>`
@@ -1220,7 +1211,7 @@ mod avx2 {
             for r in 0..mr {
                 let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
                 for (kk, &v) in row.iter().enumerate() {
-                    dst[kk * mr + r] = if round { bf16::from_f32(v).to_f32() } else { v };
+                    dst[kk * mr + r] = if round { super::bf16_rounded(v) } else { v };
                 }
             }
             r0 += mr;
@@ -1863,15 +1854,8 @@ mod avx512 {
         }
     }
 
-    thread_local! {
-        /// x rounded to bf16 for the widening kernel ([`matmul`] with `round`), reused
-        /// across calls.
-        static XROUND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-
-    /// Every (panel group, row block) through the 64-column kernels; with `round` (bf16
-    /// panels), x rounded to bf16 first (the activations the AVX512-BF16 kernel and the
-    /// `gemm` fallback see), into a buffer kept per thread.
+    /// Every (panel group, row block) through the 64-column kernels. For bf16 panels the
+    /// caller passes x rounded to bf16 ([`super::with_x_rounded`]).
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
@@ -1885,35 +1869,20 @@ mod avx512 {
         n: usize,
         threads: usize,
         first_col: usize,
-        round: bool,
     ) {
         assert!(
             w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
         assert_eq!(x.len(), m * k, "x must be [m, k]");
-        // Taken out of the thread-local for the call (and put back after), so that a call
-        // that starts on this thread while this one waits on the pool gets its own.
-        let mut rounded = Vec::new();
-        let xs: &[f32] = if round {
-            rounded = XROUND.with(|b| std::mem::take(&mut *b.borrow_mut()));
-            rounded.clear();
-            rounded.extend(x.iter().map(|&v| f32::from_bits(super::bf16_bits(v) << 16)));
-            &rounded
-        } else {
-            x
-        };
         super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
-            let xb = &xs[b.r0 * k..];
+            let xb = &x[b.r0 * k..];
             // SAFETY: the caller guarantees AVX-512F; the kernel checks x and w; the driver
             // hands out `b.y` valid for the block's rows and panels, written by no one else.
             unsafe { block_kernel!(kernel, [(1, 3)], b, k, xb, k, wg, ldw, lds, NR, next) };
         });
-        if round {
-            XROUND.with(|b| *b.borrow_mut() = rounded);
-        }
     }
 
     /// `calls` calls of the 6-row, one-panel kernel on operands that stay in L1 (x 1.5 KiB,
