@@ -384,11 +384,31 @@ pub fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
-    if a.fma_peak {
-        return fma_peak(a.json);
+    if a.fma_peak || a.mem_bw {
+        let flag = if a.fma_peak { "--fma-peak" } else { "--mem-bw" };
+        // They measure the machine, not a layer: a flag of the layer's bench would be
+        // silently dropped.
+        let given = [
+            (a.fma_peak && a.mem_bw, "--mem-bw (run it on its own)"),
+            (a.decode, "--decode"),
+            (a.chunk.is_some(), "--chunk"),
+            (a.weights.is_some(), "--weights"),
+            (a.config.is_some(), "--config"),
+            (a.layer.is_some(), "--layer"),
+            (a.gather_only, "--gather-only"),
+            (a.device != crate::cuda::Device::Cpu, "--device cuda"),
+        ];
+        if let Some((_, what)) = given.iter().find(|(g, _)| *g) {
+            bail!("{flag} measures this machine's limits; expected no {what} with it");
+        }
+        return if a.fma_peak {
+            fma_peak(a.json)
+        } else {
+            mem_bw(a.json)
+        };
     }
-    if a.mem_bw {
-        return mem_bw(a.json);
+    if a.decode && a.chunk.is_some() {
+        bail!("--chunk: a chunked prefill; expected no --decode with it (decode steps are one token each)");
     }
     if a.tokens == 0 || a.batch == 0 || a.runs == 0 {
         bail!(
@@ -430,6 +450,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         );
     }
     let cfg = crate::commands::load_config(&a.config)?;
+    if let Some(layer) = a.layer {
+        bail!(
+            "--layer {layer}: picks a layer of a DeepSeek-V4.1 config; expected none with the demo layer's config (its layer is the config's layer_id, {})",
+            cfg.layer_id
+        );
+    }
     let table = a.table.options()?;
     if a.weights.is_none() && table != engram::rows::TableOptions::default() {
         bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");

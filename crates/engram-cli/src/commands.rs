@@ -18,7 +18,17 @@ use std::time::Instant;
 /// The demo-layer config (default when omitted), with the global `--tokenizer` applied.
 pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
     let mut cfg = match path {
-        Some(p) => EngramConfig::from_json_file(p)?,
+        Some(p) => EngramConfig::from_json_file(p).map_err(|e| {
+            // A V4.1 config here fails on its first unknown field (`dim`): say what it is.
+            if matches!(crate::v41::detect(Some(p)), Ok(Some(_))) {
+                anyhow::anyhow!(
+                    "config {}: expected a demo-layer config, found a DeepSeek-V4.1 config (those go to `forward`, `hash`, `bench`, `hash-params` and `table push`)",
+                    p.display()
+                )
+            } else {
+                anyhow::Error::from(e)
+            }
+        })?,
         None => EngramConfig::default(),
     };
     if let Some(t) = crate::v41::tokenizer_override() {
@@ -704,15 +714,39 @@ pub struct CompareArgs {
     a: PathBuf,
     /// Second file.
     b: PathBuf,
-    /// Fail (exit 1) when a float tensor differs by more than this, or an int tensor at all.
-    #[arg(long, default_value_t = 1e-4)]
-    tol: f32,
+    /// Fail (exit 1) when a float tensor differs by more than this (a finite number, 0 or
+    /// more); other tensors (ints, bytes, bool, fp8) fail on any differing element.
+    #[arg(long, default_value_t = 1e-4, value_parser = parse_tol)]
+    tol: f64,
     /// Prefix of the tensor names in the first file (e.g. `seed_text.`).
     #[arg(long, default_value = "")]
     prefix: String,
 }
 
+/// `--tol`: a finite number, 0 or more.
+fn parse_tol(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!(
+            "expected a finite tolerance of 0 or more, found {}",
+            s.chars().take(40).collect::<String>()
+        )),
+    }
+}
+
+/// The absolute difference of two values of float tensors, in f64 (two finite f32 values
+/// apart by more than f32's range stay finite): 0 for equal values (infinities included)
+/// and for NaN against NaN; NaN when only one of them is NaN.
+fn float_diff(p: f32, q: f32) -> f64 {
+    if p == q || (p.is_nan() && q.is_nan()) {
+        0.0
+    } else {
+        (p as f64 - q as f64).abs()
+    }
+}
+
 pub fn compare(a: CompareArgs) -> Result<ExitCode> {
+    use safetensors::Dtype;
     let fa = TensorFile::open(&a.a)?;
     let fb = TensorFile::open(&a.b)?;
     let mut ok = true;
@@ -724,29 +758,22 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
         }
         n += 1;
         let (da, sa) = fa.info(&key)?;
-        let (_, sb) = fb.info(&name)?;
+        let (db, sb) = fb.info(&name)?;
         if sa != sb {
             println!("{name:<14} shape {sa:?} vs {sb:?}  FAIL");
             ok = false;
             continue;
         }
-        if matches!(da, safetensors::Dtype::I64 | safetensors::Dtype::I32) {
-            let x = fa.i64(&key, None)?.data;
-            let y = fb.i64(&name, None)?.data;
-            let diff = x.iter().zip(&y).filter(|(p, q)| p != q).count();
-            println!(
-                "{name:<14} {sa:?} int: {diff} differing  {}",
-                if diff == 0 { "ok" } else { "FAIL" }
-            );
-            ok &= diff == 0;
-        } else {
+        let float = |d: Dtype| matches!(d, Dtype::F32 | Dtype::BF16 | Dtype::F16);
+        let int = |d: Dtype| matches!(d, Dtype::I64 | Dtype::I32);
+        if float(da) && float(db) {
             let x = fa.f32(&key, None)?.data;
             let y = fb.f32(&name, None)?.data;
-            let (mut max, mut sum) = (0f32, 0f64);
-            for (p, q) in x.iter().zip(&y) {
-                let d = (p - q).abs();
+            let (mut max, mut sum) = (0f64, 0f64);
+            for (&p, &q) in x.iter().zip(&y) {
+                let d = float_diff(p, q);
                 max = if d.is_nan() || d > max { d } else { max };
-                sum += d as f64;
+                sum += d;
             }
             let pass = max <= a.tol;
             println!(
@@ -755,6 +782,33 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
                 if pass { "ok" } else { "FAIL" }
             );
             ok &= pass;
+        } else if int(da) && int(db) {
+            let x = fa.i64(&key, None)?.data;
+            let y = fb.i64(&name, None)?.data;
+            let diff = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+            println!(
+                "{name:<14} {sa:?} int: {diff} differing  {}",
+                if diff == 0 { "ok" } else { "FAIL" }
+            );
+            ok &= diff == 0;
+        } else if da != db {
+            println!("{name:<14} dtype {da:?} vs {db:?}  FAIL");
+            ok = false;
+        } else {
+            // Bytes, bool, fp8 and the rest: element by element, bit for bit.
+            let (x, y) = (fa.raw(&key)?, fb.raw(&name)?);
+            let width = (da.bitsize() / 8).max(1);
+            let diff = x
+                .data()
+                .chunks(width)
+                .zip(y.data().chunks(width))
+                .filter(|(p, q)| p != q)
+                .count();
+            println!(
+                "{name:<14} {sa:?} {da:?}: {diff} differing  {}",
+                if diff == 0 { "ok" } else { "FAIL" }
+            );
+            ok &= diff == 0;
         }
     }
     if n == 0 {

@@ -148,9 +148,10 @@ pub struct DemoArgs {
     /// `torch.manual_seed` before the layer is built (and the hidden states drawn).
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Which layer of layer_ids to build.
-    #[arg(long, default_value_t = 1)]
-    layer: u64,
+    /// Which layer of layer_ids to build (default: the config's `layer_id`, 1 in the
+    /// default config).
+    #[arg(long)]
+    layer: Option<u64>,
     /// Storage of the fused path: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -192,7 +193,9 @@ fn max_mean(a: &[f32], b: &[f32]) -> (f32, f64) {
 pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let topts = a.table.options()?;
     let mut cfg = crate::commands::load_config(&a.config)?;
-    cfg.layer_id = a.layer;
+    if let Some(l) = a.layer {
+        cfg.layer_id = l;
+    }
     cfg.validate()?;
     let dtype: DType = a.dtype.parse()?;
     let tol: f32 = if dtype == DType::Bf16 { 0.03 } else { 1e-4 };

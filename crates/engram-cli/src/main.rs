@@ -64,7 +64,10 @@ enum Command {
 
 fn main() -> ExitCode {
     guard::default_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     v41::set_tokenizer(cli.tokenizer.clone());
     // --threads, else RAYON_NUM_THREADS, else all cores; capped at a multiple of the cores.
     let requested = cli.threads.or_else(|| {
@@ -118,4 +121,29 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A command line clap refuses: help and version as clap prints them; any other error as one
+/// line (clap's first, with its tip if it has one), exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut line = lines
+        .next()
+        .unwrap_or("error: invalid command line")
+        .to_string();
+    for tip in lines.filter(|l| l.starts_with("tip:")) {
+        line = format!("{line} ({tip})");
+    }
+    eprintln!("{line}");
+    ExitCode::from(2)
 }

@@ -54,8 +54,8 @@ impl StoreArgs {
     pub fn options(&self) -> Result<engram::rows::redis::RedisOptions> {
         let mut o = engram::rows::redis::RedisOptions::default();
         let secs = |v: f64, flag: &str| -> Result<std::time::Duration> {
-            if !(v.is_finite() && (0.001..1e6).contains(&v)) {
-                anyhow::bail!("{flag}: expected seconds from 0.001 to 1e6, found {v}");
+            if !(v.is_finite() && (0.001..=1e6).contains(&v)) {
+                anyhow::bail!("{flag}: expected seconds from 0.001 to 1e6, found {v:?}");
             }
             Ok(std::time::Duration::from_secs_f64(v))
         };
@@ -108,20 +108,23 @@ impl TableArgs {
         };
         if o.store.is_some() && o.io != engram::rows::TableIo::Mmap {
             anyhow::bail!(
-                "--table-store: rows come from the store; expected no --table-io with it, found {:?}",
-                o.io
+                "--table-store: rows come from the store; expected no --table-io with it, found --table-io {}",
+                o.io.name()
             );
         }
-        if o.io_depth == Some(0) {
-            anyhow::bail!("--io-depth: expected at least 1 read in flight, found 0");
+        if let Some(n) = o.io_depth {
+            let max = engram::rows::MAX_IO_DEPTH;
+            if n == 0 || n > max {
+                anyhow::bail!("--io-depth: expected 1 to {max} reads in flight, found {n}");
+            }
         }
         if self.table_cache_policy.is_some() && o.cache_bytes.is_none() {
             anyhow::bail!("--table-cache-policy: expected --table-cache SIZE with it, found none");
         }
         if self.io_depth.is_some() && o.io != engram::rows::TableIo::Direct {
             anyhow::bail!(
-                "--io-depth: expected --table-io direct with it, found {:?}",
-                o.io
+                "--io-depth: expected --table-io direct with it, found --table-io {}",
+                o.io.name()
             );
         }
         Ok(o)
@@ -411,6 +414,30 @@ fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {
     let table_rows = layer.table_rows() as usize;
     let dim = cfg.head_dim();
     let table_bytes = (table_rows * dim * 2) as u64;
+    // Every budget parsed before the first line is printed.
+    let budgets = a
+        .budgets
+        .iter()
+        .map(|b| {
+            let bytes = match b.trim().strip_suffix('%') {
+                Some(p) => {
+                    let p: f64 = p
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|p: &f64| (0.0..=100.0).contains(p))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--budgets: expected a share like 10% (0-100), found {b}"
+                            )
+                        })?;
+                    (table_bytes as f64 * p / 100.0) as u64
+                }
+                None => parse_size(b).context("--budgets")?,
+            };
+            Ok((b.clone(), bytes))
+        })
+        .collect::<Result<Vec<(String, u64)>>>()?;
     let distinct = {
         let mut v = rows.clone();
         v.sort_unstable();
@@ -438,21 +465,8 @@ fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {
         dim,
     });
     let mut out = vec![0f32; dim];
-    for b in &a.budgets {
-        let bytes = match b.trim().strip_suffix('%') {
-            Some(p) => {
-                let p: f64 = p
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|p: &f64| (0.0..=100.0).contains(p))
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("--budgets: expected a share like 10% (0-100), found {b}")
-                    })?;
-                (table_bytes as f64 * p / 100.0) as u64
-            }
-            None => parse_size(b).context("--budgets")?,
-        };
+    for (b, bytes) in &budgets {
+        let (b, bytes) = (b.as_str(), *bytes);
         let mut line = Vec::new();
         for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
             let c = CachedRows::with_policy(store.clone(), bytes, policy);

@@ -41,7 +41,8 @@ fn compression() -> Result<Arc<CompressedTokenizer>> {
 pub fn detect(path: Option<&Path>) -> Result<Option<V41Config>> {
     let Some(p) = path else { return Ok(None) };
     let text = engram::files::read_limited_string(p, engram::files::MAX_CONFIG_BYTES, "config")?;
-    let v: serde_json::Value = match serde_json::from_str(&text) {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let v: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(_) => return Ok(None), // the demo loader names the JSON error
     };

@@ -272,9 +272,17 @@ fn bench_reports_limits_and_shares() {
     assert!(v["fma_peak_gflops_before"].as_f64().unwrap() > 0.0, "{out}");
     assert!(!v["kernel"].as_str().unwrap().is_empty(), "{out}");
     assert_eq!(v["fresh_output"], false, "{out}");
-    // The bandwidth measurement's buffer (64 × the last-level cache and at least a quarter
-    // of the available memory up to 1 GiB: 2 GiB on a 32 MiB cache) is left out of the small
-    // layer's peak RSS.
+    // The floor's bandwidth: the weights' own size read warm (they fit the cache here).
+    assert!(
+        v["step_floor_from"].as_str().unwrap().contains("cache")
+            || v["step_floor_from"].as_str().unwrap().contains("FLOPs"),
+        "{out}"
+    );
+    for key in ["floor_bandwidth_gb_s", "dram_read_gb_s", "llc_read_gb_s"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {out}");
+    }
+    // The bandwidth measurement's buffer (8 × the last-level cache, 1 to 4 GiB and at most a
+    // quarter of the free memory) is left out of the small layer's peak RSS.
     #[cfg(target_os = "linux")]
     {
         assert_eq!(v["peak_rss_includes_bw_buffer"], false, "{out}");

@@ -578,3 +578,143 @@ fn the_address_space_limit_counts_as_memory() {
     assert!(err.contains("not enough memory: this needs"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn flags_that_would_be_dropped_are_refused() {
+    let d = tmp_dir("dropped-flags");
+    let cfg = golden("small.config.json");
+    let v41 = golden("v41/v41_small.config.json");
+    let array = d.join("array.json");
+    std::fs::write(&array, "[]").unwrap();
+    let out = d.join("o.safetensors");
+    let small_w = golden("small.weights.safetensors");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // The limits' measurements take no layer flags (each used to run alone, silently).
+        (vec!["bench", "--fma-peak", "--mem-bw"], "--mem-bw"),
+        (vec!["bench", "--mem-bw", "--decode"], "--decode"),
+        (vec!["bench", "--decode", "--chunk", "4"], "--chunk"),
+        // --layer picks a V4.1 layer; with a demo config it was ignored.
+        (
+            vec!["bench", "--config", s(&cfg), "--layer", "99"],
+            "--layer 99",
+        ),
+        // A JSON array parsed as the default config.
+        (
+            vec![
+                "hash",
+                "--config",
+                s(&array),
+                "--text",
+                "hi",
+                "--out",
+                s(&out),
+            ],
+            "a JSON object",
+        ),
+        // A V4.1 config where a demo-layer one is needed: named as such, not `dim`.
+        (
+            vec!["tokenize", "--config", s(&v41), "hi"],
+            "found a DeepSeek-V4.1 config",
+        ),
+        (
+            vec!["compare", "--tol", "NaN", s(&small_w), s(&small_w)],
+            "tolerance",
+        ),
+    ];
+    for (args, needle) in cases {
+        expect_error(&args, needle);
+    }
+    assert!(!out.exists());
+    // A --io-depth past the cap (it started that many reader threads, ~60x slower).
+    let (inputs, _) = case_inputs("seed_text");
+    expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&small_w),
+            "--inputs",
+            s(&inputs),
+            "--out",
+            s(&out),
+            "--table-io",
+            "direct",
+            "--io-depth",
+            "100000000",
+        ],
+        "1 to 1024",
+    );
+    assert!(!out.exists());
+    // Every budget is parsed before the table's first line is printed.
+    let text = d.join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat and the dog sat too").unwrap();
+    let (code, stdout, err) = engram(&[
+        "table",
+        "cache-sim",
+        "--config",
+        s(&cfg),
+        "--text-file",
+        s(&text),
+        "--budgets=1%,abc",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(stdout.is_empty(), "printed before the error: {stdout}");
+    assert!(err.contains("abc"), "{err}");
+}
+
+#[test]
+fn compare_takes_every_dtype_and_non_finite_values() {
+    let d = tmp_dir("compare-dtypes");
+    let write = |name: &str, v: &[f32]| {
+        let p = d.join(name);
+        let mut w = TensorWriter::new();
+        w.f32("x", &[v.len()], v);
+        w.write(&p).unwrap();
+        p
+    };
+    let (inf, nan) = (f32::INFINITY, f32::NAN);
+    let a = write("a.st", &[1.0, inf, -inf, nan, 3e38]);
+    let same = write("same.st", &[1.0, inf, -inf, nan, 3e38]);
+    let (code, out, err) = engram(&["compare", s(&a), s(&same)]);
+    // Equal infinities and NaN against NaN are no difference (they gave NaN and FAIL).
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("max 0.000e0"), "{out}");
+    // Finite values apart by more than f32's range: the difference stays finite (was inf).
+    let far = write("far.st", &[1.0, inf, -inf, nan, -3e38]);
+    let (code, out, _) = engram(&["compare", s(&a), s(&far)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("max 6.000e38"), "{out}");
+    // An infinity against a number, or NaN against a number, fails.
+    for other in [[1.0, 0.0, -inf, nan, 3e38], [1.0, inf, -inf, 0.0, 3e38]] {
+        let p = write("other.st", &other);
+        let (code, out, _) = engram(&["compare", s(&a), s(&p)]);
+        assert_eq!(code, 1, "{other:?}: {out}");
+        assert!(out.contains("FAIL"), "{out}");
+    }
+    // u8 and fp8 tensors (the V4.1 goldens) are compared bit for bit; they were an error.
+    let cases = golden("v41/v41_small.cases.safetensors");
+    let (code, out, err) = engram(&["compare", s(&cases), s(&cases)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("token_mask") && out.ends_with("PASS\n"),
+        "{out}"
+    );
+    let f = TensorFile::open(&cases).unwrap();
+    let mask = f.raw("token_mask").unwrap();
+    let (_, offset) = mask.location().unwrap();
+    let mut bytes = std::fs::read(&cases).unwrap();
+    bytes[offset as usize] ^= 1;
+    let flipped = d.join("flipped.st");
+    std::fs::write(&flipped, &bytes).unwrap();
+    let (code, out, _) = engram(&["compare", s(&cases), s(&flipped)]);
+    assert_eq!(code, 1, "{out}");
+    let line = out.lines().find(|l| l.starts_with("token_mask")).unwrap();
+    assert!(
+        line.contains("1 differing") && line.ends_with("FAIL"),
+        "{line}"
+    );
+    let w = golden("v41/v41_small.weights.safetensors");
+    let (code, out, err) = engram(&["compare", s(&w), s(&w)]);
+    assert_eq!(code, 0, "{out}{err}");
+}

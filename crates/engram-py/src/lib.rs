@@ -874,10 +874,13 @@ fn table_options(
     io_depth: Option<usize>,
     store: Option<&str>,
 ) -> PyResult<engram::rows::TableOptions> {
-    if io_depth == Some(0) {
-        return Err(verr(
-            "io_depth: expected at least 1 read in flight, found 0",
-        ));
+    if let Some(n) = io_depth {
+        let max = engram::rows::MAX_IO_DEPTH;
+        if n == 0 || n > max {
+            return Err(verr(format!(
+                "io_depth: expected 1 to {max} reads in flight, found {n}"
+            )));
+        }
     }
     Ok(engram::rows::TableOptions {
         io: io.unwrap_or("mmap").parse().map_err(err)?,

@@ -131,6 +131,18 @@ impl EngramConfig {
 
     /// Parses and validates a JSON config.
     pub fn from_json_str(text: &str) -> Result<Self> {
+        // A byte-order mark (some editors on Windows write one) is not the config's.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // serde reads a struct from a JSON array too (`[]` would be the default config).
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+            if !v.is_object() {
+                return Err(EngramError::config(
+                    "config",
+                    "a JSON object",
+                    v.to_string(),
+                ));
+            }
+        }
         let de = &mut serde_json::Deserializer::from_str(text);
         let cfg: EngramConfig = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let field = e.path().to_string();

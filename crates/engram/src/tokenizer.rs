@@ -111,6 +111,12 @@ impl Tokenizer {
         let inner = quietly(|| tokenizers::Tokenizer::from_bytes(json))
             .map_err(|panic| tok_err(name, format!("malformed tokenizer.json ({panic})")))?
             .map_err(|e| tok_err(name, e))?;
+        if inner.get_vocab_size(true) == 0 {
+            return Err(tok_err(
+                name,
+                "expected a vocabulary of at least one token, found none",
+            ));
+        }
         let (mut add_bos, mut bos_id) = (false, None);
         if let Some(cfg) = config_json {
             let v: serde_json::Value = serde_json::from_str(cfg)
@@ -226,5 +232,15 @@ mod tests {
         assert!(e.to_string().contains("malformed tokenizer.json"), "{e}");
         // The panic hook is restored afterwards.
         assert!(std::panic::catch_unwind(|| panic!("still reported")).is_err());
+    }
+
+    #[test]
+    fn an_empty_vocabulary_is_an_error() {
+        let empty = WORDLEVEL
+            .replace("DECODER", "null")
+            .replace(r#"{"a": 0, "b": 1, "[UNK]": 2}"#, "{}");
+        let e = Tokenizer::from_bytes("empty", empty.as_bytes(), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("empty") && msg.contains("found none"), "{msg}");
     }
 }

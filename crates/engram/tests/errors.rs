@@ -63,6 +63,16 @@ fn config_json_round_trip() {
         let e = EngramConfig::from_json_str(bad).unwrap_err().to_string();
         assert!(e.contains("trailing"), "{bad}: {e}");
     }
+    // serde reads a struct from an array too: `[]` was the default config.
+    for bad in ["[]", "[[1999, 2503], 3]", "3", "\"x\""] {
+        let e = EngramConfig::from_json_str(bad).unwrap_err().to_string();
+        assert!(e.contains("a JSON object"), "{bad}: {e}");
+    }
+    // A byte-order mark before the object is not an error.
+    assert_eq!(
+        EngramConfig::from_json_str("\u{feff}{\"seed\": 0}").unwrap(),
+        EngramConfig::default()
+    );
 }
 
 #[test]

@@ -261,9 +261,10 @@ impl DirectRows {
         self.direct
     }
 
-    /// Keeps up to `n` reads in flight (at least 1, at most 1024 reader threads).
+    /// Keeps up to `n` reads in flight (at least 1, at most [`super::MAX_IO_DEPTH`] reader
+    /// threads).
     pub fn with_io_depth(mut self, n: usize) -> Self {
-        self.io_depth = n.clamp(1, 1024);
+        self.io_depth = n.clamp(1, super::MAX_IO_DEPTH);
         self
     }
 

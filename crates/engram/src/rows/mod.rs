@@ -177,6 +177,17 @@ pub enum TableIo {
     Direct,
 }
 
+impl TableIo {
+    /// The name `--table-io` takes for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TableIo::Mmap => "mmap",
+            TableIo::Ram => "ram",
+            TableIo::Direct => "direct",
+        }
+    }
+}
+
 impl std::str::FromStr for TableIo {
     type Err = crate::EngramError;
     fn from_str(s: &str) -> Result<Self> {
@@ -226,6 +237,9 @@ impl std::str::FromStr for CachePolicy {
 /// Reads a direct store keeps in flight unless told otherwise (the queue depth at which
 /// `fio` measures a disk's random-read limit).
 pub const DEFAULT_IO_DEPTH: usize = 64;
+
+/// The most reads a direct store keeps in flight (one reader thread each).
+pub const MAX_IO_DEPTH: usize = 1024;
 
 /// Where a layer's table rows come from (chosen at load time; the outputs are the same).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -96,6 +96,7 @@ fn uint_list(v: &Value, names: &[&'static str], min: u64) -> Result<Vec<u64>> {
 impl V41Config {
     /// Reads the Engram fields of a model config (JSON text).
     pub fn from_json_str(text: &str) -> Result<Self> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let v: Value = serde_json::from_str(text).map_err(|e| {
             EngramError::config("config", "a JSON object", format!("invalid JSON ({e})"))
         })?;
