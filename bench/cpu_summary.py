@@ -32,8 +32,11 @@ for r in runs:
     share = ""
     if p:
         share = f"{100 * r['tokens_per_s'] / statistics.median(x['tokens_per_s'] for x in p):.0f}%"
-    src = "cache" if "cache" in r["step_floor_from"] else (
-        "memory" if "memory" in r["step_floor_from"] else "FLOPs")
+    f = r["step_floor_from"]
+    # "warm": the weights at the rate of a buffer of their size read warm (from d5eb8b3 on;
+    # that build still said "from cache (a buffer of their size read warm)").
+    src = "warm" if "read warm" in f else "cache" if "cache" in f else (
+        "memory" if "memory" in f else "FLOPs")
     print(f"| {r['isa']} | {r['dtype']} | {r['batch']} | {r['step_latency_ms']:.3f} | "
           f"{r['tokens_per_s']:,.0f} | {share} | {r['step_floor_ms']:.3f} ({src}) | "
           f"{r['step_over_floor']:.2f} |")

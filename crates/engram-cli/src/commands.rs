@@ -20,7 +20,7 @@ pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
     let mut cfg = match path {
         Some(p) => EngramConfig::from_json_file(p).map_err(|e| {
             // A V4.1 config here fails on its first unknown field (`dim`): say what it is.
-            if matches!(crate::v41::detect(Some(p)), Ok(Some(_))) {
+            if crate::v41::looks_like_v41(p) {
                 anyhow::anyhow!(
                     "config {}: expected a demo-layer config, found a DeepSeek-V4.1 config (those go to `forward`, `hash`, `bench`, `hash-params` and `table push`)",
                     p.display()
@@ -737,11 +737,52 @@ fn parse_tol(s: &str) -> std::result::Result<f64, String> {
 /// The absolute difference of two values of float tensors, in f64 (two finite f32 values
 /// apart by more than f32's range stay finite): 0 for equal values (infinities included)
 /// and for NaN against NaN; NaN when only one of them is NaN.
-fn float_diff(p: f32, q: f32) -> f64 {
+fn float_diff(p: f64, q: f64) -> f64 {
     if p == q || (p.is_nan() && q.is_nan()) {
         0.0
     } else {
-        (p as f64 - q as f64).abs()
+        (p - q).abs()
+    }
+}
+
+/// A float tensor's values: f64 as they are, f32, bf16 and f16 as f32 (half the memory of
+/// f64 for a table-sized tensor).
+enum Floats {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Floats {
+    fn read(f: &TensorFile, name: &str, dtype: safetensors::Dtype) -> Result<Floats> {
+        Ok(if dtype == safetensors::Dtype::F64 {
+            let raw = f.raw(name)?;
+            Floats::F64(
+                raw.data()
+                    .chunks_exact(8)
+                    .map(|c| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(c);
+                        f64::from_le_bytes(b)
+                    })
+                    .collect(),
+            )
+        } else {
+            Floats::F32(f.f32(name, None)?.data)
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Floats::F32(v) => v.len(),
+            Floats::F64(v) => v.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> f64 {
+        match self {
+            Floats::F32(v) => f64::from(v[i]),
+            Floats::F64(v) => v[i],
+        }
     }
 }
 
@@ -764,14 +805,14 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
             ok = false;
             continue;
         }
-        let float = |d: Dtype| matches!(d, Dtype::F32 | Dtype::BF16 | Dtype::F16);
+        let float = |d: Dtype| matches!(d, Dtype::F64 | Dtype::F32 | Dtype::BF16 | Dtype::F16);
         let int = |d: Dtype| matches!(d, Dtype::I64 | Dtype::I32);
         if float(da) && float(db) {
-            let x = fa.f32(&key, None)?.data;
-            let y = fb.f32(&name, None)?.data;
+            let x = Floats::read(&fa, &key, da)?;
+            let y = Floats::read(&fb, &name, db)?;
             let (mut max, mut sum) = (0f64, 0f64);
-            for (&p, &q) in x.iter().zip(&y) {
-                let d = float_diff(p, q);
+            for i in 0..x.len().min(y.len()) {
+                let d = float_diff(x.get(i), y.get(i));
                 max = if d.is_nan() || d > max { d } else { max };
                 sum += d;
             }
@@ -795,9 +836,13 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
             println!("{name:<14} dtype {da:?} vs {db:?}  FAIL");
             ok = false;
         } else {
-            // Bytes, bool, fp8 and the rest: element by element, bit for bit.
+            // Bytes, bool, fp8 and the rest: element by element, bit for bit (byte by byte
+            // for the types of fewer than 8 bits, packed several to a byte).
             let (x, y) = (fa.raw(&key)?, fb.raw(&name)?);
-            let width = (da.bitsize() / 8).max(1);
+            let (width, unit) = match da.bitsize() {
+                b if b % 8 == 0 => (b / 8, "elements"),
+                _ => (1, "bytes"),
+            };
             let diff = x
                 .data()
                 .chunks(width)
@@ -805,7 +850,7 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
                 .filter(|(p, q)| p != q)
                 .count();
             println!(
-                "{name:<14} {sa:?} {da:?}: {diff} differing  {}",
+                "{name:<14} {sa:?} {da:?}: {unit} differing: {diff}  {}",
                 if diff == 0 { "ok" } else { "FAIL" }
             );
             ok &= diff == 0;

@@ -124,7 +124,8 @@ fn main() -> ExitCode {
 }
 
 /// A command line clap refuses: help and version as clap prints them; any other error as one
-/// line (clap's first, with its tip if it has one), exit 2.
+/// line (clap's first, with the lines it lists under it, such as missing arguments, possible
+/// values or a tip, before its usage), exit 2.
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(
@@ -136,13 +137,19 @@ fn usage_error(e: clap::Error) -> ExitCode {
         e.exit();
     }
     let text = e.render().to_string();
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut lines = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty());
     let mut line = lines
         .next()
         .unwrap_or("error: invalid command line")
         .to_string();
-    for tip in lines.filter(|l| l.starts_with("tip:")) {
-        line = format!("{line} ({tip})");
+    let rest: Vec<&str> = lines.collect();
+    if !rest.is_empty() {
+        let sep = if line.ends_with(':') { " " } else { "; " };
+        line = format!("{line}{sep}{}", rest.join(", "));
     }
     eprintln!("{line}");
     ExitCode::from(2)

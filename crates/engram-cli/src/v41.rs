@@ -54,6 +54,17 @@ pub fn detect(path: Option<&Path>) -> Result<Option<V41Config>> {
     ))
 }
 
+/// Whether the file is a DeepSeek-V4.1 model config, valid or not (for error messages).
+pub fn looks_like_v41(p: &Path) -> bool {
+    engram::files::read_limited_string(p, engram::files::MAX_CONFIG_BYTES, "config")
+        .ok()
+        .and_then(|text| {
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+            serde_json::from_str::<serde_json::Value>(text).ok()
+        })
+        .is_some_and(|v| engram::v41::config::is_v41(&v))
+}
+
 /// What `forward` gives a V4.1 run.
 pub struct Forward<'a> {
     pub config_path: &'a Path,

@@ -586,6 +586,8 @@ fn flags_that_would_be_dropped_are_refused() {
     let v41 = golden("v41/v41_small.config.json");
     let array = d.join("array.json");
     std::fs::write(&array, "[]").unwrap();
+    let broken_v41 = d.join("broken_v41.json");
+    std::fs::write(&broken_v41, r#"{"engram_layer_ids": [2], "dim": "wide"}"#).unwrap();
     let out = d.join("o.safetensors");
     let small_w = golden("small.weights.safetensors");
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -616,6 +618,12 @@ fn flags_that_would_be_dropped_are_refused() {
             vec!["tokenize", "--config", s(&v41), "hi"],
             "found a DeepSeek-V4.1 config",
         ),
+        (
+            vec!["compression", "--config", s(&broken_v41)],
+            "found a DeepSeek-V4.1 config",
+        ),
+        // clap's errors in one line, with what they list (the missing arguments).
+        (vec!["compare"], "not provided: <A>, <B>"),
         (
             vec!["compare", "--tol", "NaN", s(&small_w), s(&small_w)],
             "tolerance",
@@ -711,10 +719,36 @@ fn compare_takes_every_dtype_and_non_finite_values() {
     assert_eq!(code, 1, "{out}");
     let line = out.lines().find(|l| l.starts_with("token_mask")).unwrap();
     assert!(
-        line.contains("1 differing") && line.ends_with("FAIL"),
+        line.contains("elements differing: 1 ") && line.ends_with("FAIL"),
         "{line}"
     );
     let w = golden("v41/v41_small.weights.safetensors");
     let (code, out, err) = engram(&["compare", s(&w), s(&w)]);
     assert_eq!(code, 0, "{out}{err}");
+    // f64 takes the tolerance (it was compared bit for bit), against f32 as well; an int
+    // tensor against a float one is a dtype mismatch.
+    let raw = |name: &str, dtype: safetensors::Dtype, bytes: Vec<u8>| {
+        let p = d.join(name);
+        let n = bytes.len() / (dtype.bitsize() / 8);
+        let view = safetensors::tensor::TensorView::new(dtype, vec![n], &bytes).unwrap();
+        std::fs::write(&p, safetensors::serialize([("x", view)], None).unwrap()).unwrap();
+        p
+    };
+    let f64s = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let a64 = raw("a64.st", safetensors::Dtype::F64, f64s(&[1.0, 2.0]));
+    let b64 = raw("b64.st", safetensors::Dtype::F64, f64s(&[1.0, 2.0 + 1e-9]));
+    let (code, out, err) = engram(&["compare", s(&a64), s(&b64)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("max 1.000e-9"), "{out}");
+    let f32s = write("f32.st", &[1.0, 2.0]);
+    let (code, out, err) = engram(&["compare", s(&a64), s(&f32s)]);
+    assert_eq!(code, 0, "{out}{err}");
+    let i32s = raw(
+        "i32.st",
+        safetensors::Dtype::I32,
+        [1i32, 2].iter().flat_map(|x| x.to_le_bytes()).collect(),
+    );
+    let (code, out, _) = engram(&["compare", s(&f32s), s(&i32s)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("dtype F32 vs I32"), "{out}");
 }

@@ -124,6 +124,15 @@ impl EngramConfig {
                 path: path.display().to_string(),
                 source,
             },
+            EngramError::Invalid {
+                name,
+                expected,
+                found,
+            } if name == "config" => EngramError::Invalid {
+                name: format!("config {}", path.display()),
+                expected,
+                found,
+            },
             other => other,
         })?;
         Ok(cfg)
@@ -135,12 +144,16 @@ impl EngramConfig {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // serde reads a struct from a JSON array too (`[]` would be the default config).
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-            if !v.is_object() {
-                return Err(EngramError::config(
-                    "config",
-                    "a JSON object",
-                    v.to_string(),
-                ));
+            let kind = match v {
+                serde_json::Value::Object(_) => None,
+                serde_json::Value::Array(_) => Some("an array"),
+                serde_json::Value::Number(_) => Some("a number"),
+                serde_json::Value::String(_) => Some("a string"),
+                serde_json::Value::Bool(_) => Some("true or false"),
+                serde_json::Value::Null => Some("null"),
+            };
+            if let Some(kind) = kind {
+                return Err(EngramError::invalid("config", "a JSON object", kind));
             }
         }
         let de = &mut serde_json::Deserializer::from_str(text);
