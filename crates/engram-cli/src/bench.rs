@@ -417,6 +417,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             mem_bw(a.json)
         };
     }
+    if a.warm && a.table.options()?.cache_bytes.is_none() {
+        bail!("--warm: keeps the row cache warm; expected --table-cache SIZE with it, found none");
+    }
     if a.decode && a.chunk.is_some() {
         bail!("--chunk: a chunked prefill; expected no --decode with it (decode steps are one token each)");
     }

@@ -61,6 +61,9 @@ fn check_id_source(src: &IdSource) -> Result<()> {
             p.display()
         );
     }
+    if src.no_bos && src.text.is_none() {
+        bail!("--no-bos: applies to --text (an inputs file's ids are taken as they are); expected --text with it");
+    }
     Ok(())
 }
 

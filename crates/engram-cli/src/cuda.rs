@@ -43,8 +43,9 @@ pub struct KernelArgs {
 }
 
 pub fn kernels(a: KernelArgs) -> Result<ExitCode> {
-    let (maj, min) = engram_cuda::kernels::nvrtc_version()?;
+    // Compiling first names a malformed --arch before NVRTC is looked for.
     let c = engram_cuda::kernels::compile(&a.arch)?;
+    let (maj, min) = engram_cuda::kernels::nvrtc_version()?;
     println!(
         "NVRTC {maj}.{min}: engram.cu -> {} CUBIN, {} bytes",
         c.arch,

@@ -118,6 +118,11 @@ impl TableArgs {
                 anyhow::bail!("--io-depth: expected 1 to {max} reads in flight, found {n}");
             }
         }
+        if o.cache_bytes == Some(0) {
+            anyhow::bail!(
+                "--table-cache: expected a size above 0 (leave it out for no cache), found 0"
+            );
+        }
         if self.table_cache_policy.is_some() && o.cache_bytes.is_none() {
             anyhow::bail!("--table-cache-policy: expected --table-cache SIZE with it, found none");
         }
@@ -298,6 +303,7 @@ fn raw_table(
 
 fn push(a: PushArgs) -> Result<std::process::ExitCode> {
     let o = a.opts.options()?;
+    engram::rows::redis::check_url(&a.store, &o)?;
     let (raw, id) = raw_table(&a.weights, &a.config, a.layer)?;
     let tid = id.tid();
     eprintln!(

@@ -622,6 +622,35 @@ fn flags_that_would_be_dropped_are_refused() {
             vec!["compression", "--config", s(&broken_v41)],
             "found a DeepSeek-V4.1 config",
         ),
+        (vec!["bench", "--warm"], "--warm"),
+        (
+            vec![
+                "bench",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&small_w),
+                "--table-cache",
+                "0",
+            ],
+            "--table-cache",
+        ),
+        // The URL is checked before the table's line is printed (one line in all).
+        (
+            vec![
+                "table",
+                "push",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&small_w),
+                "--store",
+                "notaurl",
+            ],
+            "notaurl",
+        ),
+        // Named without NVRTC too (it said NVRTC was missing).
+        (vec!["cuda-kernels", "--arch", "foo"], "compute capability"),
         // clap's errors in one line, with what they list (the missing arguments).
         (vec!["compare"], "not provided: <A>, <B>"),
         (
@@ -652,6 +681,22 @@ fn flags_that_would_be_dropped_are_refused() {
             "100000000",
         ],
         "1 to 1024",
+    );
+    // --no-bos applies to --text; with an inputs file it did nothing.
+    expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&small_w),
+            "--inputs",
+            s(&inputs),
+            "--out",
+            s(&out),
+            "--no-bos",
+        ],
+        "--no-bos",
     );
     assert!(!out.exists());
     // Every budget is parsed before the table's first line is printed.

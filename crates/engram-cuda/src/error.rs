@@ -43,6 +43,14 @@ pub enum CudaError {
         /// cuBLAS's status.
         detail: String,
     },
+    /// A target architecture that is not one (`compile`'s `arch`).
+    #[error("target architecture: expected {expected}, found {found}")]
+    BadArch {
+        /// The forms accepted.
+        expected: &'static str,
+        /// What was given (at most 40 characters).
+        found: String,
+    },
     /// The layer's shape is outside what the CUDA kernels handle.
     #[error("not supported on the CUDA path: {field} must be {expected}, found {found}")]
     Unsupported {

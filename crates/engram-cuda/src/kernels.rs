@@ -84,17 +84,23 @@ fn require_nvrtc() -> Result<()> {
 /// Compiles [`ENGRAM_CU`] for `arch` (`sm_90`, `sm_80`, ...) with NVRTC, to a CUBIN.
 /// Needs only libnvrtc, no GPU.
 pub fn compile(arch: &str) -> Result<Compiled> {
-    require_nvrtc()?;
     let fail = |log: String| CudaError::Compile {
         kernel: "engram.cu",
         arch: arch.to_string(),
         log,
     };
-    if !arch.starts_with("sm_") || !arch[3..].chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(fail(format!(
-            "expected an architecture like sm_90, found {arch:?}"
-        )));
+    // sm_ and a compute capability of two or more digits, maybe a feature suffix (sm_90a):
+    // checked before NVRTC is looked for, so a typo is named on machines without CUDA too.
+    let cc = arch.strip_prefix("sm_").unwrap_or("");
+    let digits = cc.bytes().take_while(u8::is_ascii_digit).count();
+    if digits < 2 || !cc[digits..].bytes().all(|b| b.is_ascii_lowercase()) || cc.len() > digits + 1
+    {
+        return Err(CudaError::BadArch {
+            expected: "sm_ and a compute capability (sm_80, sm_90, sm_90a)",
+            found: format!("{:?}", arch.chars().take(40).collect::<String>()),
+        });
     }
+    require_nvrtc()?;
     let src = CString::new(ENGRAM_CU).map_err(|_| fail("NUL byte in the source".into()))?;
     let name = CString::new("engram.cu").expect("no NUL");
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
@@ -239,5 +245,22 @@ ptxas info    : Used 30 registers, used 1 barriers, 440 bytes cmem[0]\n";
             assert_eq!(r.spill_bytes, 0, "{} spills", r.name);
         }
         assert!(compile("sm_9x!").is_err());
+    }
+
+    /// A malformed architecture is named whether or not NVRTC is installed.
+    #[test]
+    fn malformed_architectures_are_refused_before_nvrtc_is_looked_for() {
+        for bad in [
+            "foo",
+            "sm_",
+            "sm_9",
+            "sm_9x!",
+            "sm_90ab",
+            "sm_90A",
+            "compute_90",
+        ] {
+            let e = compile(bad).unwrap_err().to_string();
+            assert!(e.contains("compute capability"), "{bad}: {e}");
+        }
     }
 }

@@ -882,12 +882,18 @@ fn table_options(
             )));
         }
     }
+    let cache_bytes = cache
+        .map(engram::rows::parse_size)
+        .transpose()
+        .map_err(err)?;
+    if cache_bytes == Some(0) {
+        return Err(verr(
+            "table_cache: expected a size above 0 (None for no cache), found 0",
+        ));
+    }
     Ok(engram::rows::TableOptions {
         io: io.unwrap_or("mmap").parse().map_err(err)?,
-        cache_bytes: cache
-            .map(engram::rows::parse_size)
-            .transpose()
-            .map_err(err)?,
+        cache_bytes,
         cache_policy: policy.unwrap_or("s3fifo").parse().map_err(err)?,
         io_depth,
         store: store.map(str::to_string),

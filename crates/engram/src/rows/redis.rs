@@ -253,6 +253,12 @@ fn client(url: &str, o: &RedisOptions) -> Result<ClusterClient> {
         .map_err(|e| store_err(url, format!("not a Redis Cluster URL: {e}")))
 }
 
+/// Checks that `url` names a Redis Cluster node (`redis://HOST:PORT`) without connecting:
+/// the error a command gives before it prints or reads anything.
+pub fn check_url(url: &str, o: &RedisOptions) -> Result<()> {
+    client(url, o).map(|_| ())
+}
+
 type Request<T> = Arc<dyn Fn(&mut ClusterConnection) -> redis::RedisResult<T> + Send + Sync>;
 
 /// One try: `f` on `con` (or on a new connection) on a thread of its own, waited for at most
