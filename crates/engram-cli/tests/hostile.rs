@@ -662,10 +662,10 @@ fn flags_that_would_be_dropped_are_refused() {
         expect_error(&args, needle);
     }
     assert!(!out.exists());
-    // A --io-depth past the cap (it started that many reader threads, ~60x slower).
+    // `forward` on the small layer with `extra` added.
     let (inputs, _) = case_inputs("seed_text");
-    expect_error(
-        &[
+    let forward = |extra: &[&str], needle: &str| {
+        let mut args = vec![
             "forward",
             "--config",
             s(&cfg),
@@ -675,29 +675,17 @@ fn flags_that_would_be_dropped_are_refused() {
             s(&inputs),
             "--out",
             s(&out),
-            "--table-io",
-            "direct",
-            "--io-depth",
-            "100000000",
-        ],
+        ];
+        args.extend(extra);
+        expect_error(&args, needle);
+    };
+    // A --io-depth past the cap (it started that many reader threads, ~60x slower).
+    forward(
+        &["--table-io", "direct", "--io-depth", "100000000"],
         "1 to 1024",
     );
     // --no-bos applies to --text; with an inputs file it did nothing.
-    expect_error(
-        &[
-            "forward",
-            "--config",
-            s(&cfg),
-            "--weights",
-            s(&small_w),
-            "--inputs",
-            s(&inputs),
-            "--out",
-            s(&out),
-            "--no-bos",
-        ],
-        "--no-bos",
-    );
+    forward(&["--no-bos"], "--no-bos");
     assert!(!out.exists());
     // Every budget is parsed before the table's first line is printed.
     let text = d.join("t.txt");
