@@ -391,6 +391,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         // silently dropped.
         let given = [
             (a.fma_peak && a.mem_bw, "--mem-bw (run it on its own)"),
+            // Flags with defaults: given when they differ from them.
+            (a.tokens != 4096, "--tokens"),
+            (a.batch != 1, "--batch"),
+            (a.runs != 5, "--runs"),
+            (a.dtype != "f32", "--dtype"),
+            (a.path != "fused", "--path"),
             (a.decode, "--decode"),
             (a.chunk.is_some(), "--chunk"),
             (a.weights.is_some(), "--weights"),
@@ -475,6 +481,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     let dtype: DType = a.dtype.parse()?;
     let path: ForwardPath = a.path.parse()?;
+    if path == ForwardPath::Reference && dtype != DType::F32 {
+        bail!("--dtype {}: the fused path's storage; expected --path fused with it (the reference runs in f32)", a.dtype);
+    }
     if a.device == crate::cuda::Device::Cuda {
         crate::cuda::open()?; // one line, before building weights, where there is no GPU
     }

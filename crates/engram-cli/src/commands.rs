@@ -207,6 +207,9 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     }
     let path: ForwardPath = a.path.parse()?;
     let dtype: DType = a.dtype.parse()?;
+    if path == ForwardPath::Reference && dtype != DType::F32 {
+        bail!("--dtype {}: the fused path's storage; expected --path fused with it (the reference runs in f32)", a.dtype);
+    }
     if a.chunk == Some(0) {
         bail!("--chunk: expected a chunk length >= 1, found 0");
     }
@@ -679,11 +682,10 @@ pub struct WeightsArgs {
 }
 
 pub fn weights(a: WeightsArgs) -> Result<ExitCode> {
-    let cfg = a
-        .config
-        .as_ref()
-        .map(EngramConfig::from_json_file)
-        .transpose()?;
+    let cfg = match &a.config {
+        Some(_) => Some(load_config(&a.config)?),
+        None => None,
+    };
     let f = TensorFile::open(&a.weights)?;
     let mut total = 0usize;
     println!("{:<44} {:>6} shape", "tensor", "dtype");
@@ -748,49 +750,52 @@ fn float_diff(p: f64, q: f64) -> f64 {
     }
 }
 
-/// A float tensor's values: f64 as they are, f32, bf16 and f16 as f32 (half the memory of
-/// f64 for a table-sized tensor).
-enum Floats {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
+/// How `compare` reads a dtype: floats by value in f64, ints (any width, signed or not) by
+/// value in i128, anything else (bool, fp8, ...) element by element as bits.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Float,
+    Int,
+    Bits,
 }
 
-impl Floats {
-    fn read(f: &TensorFile, name: &str, dtype: safetensors::Dtype) -> Result<Floats> {
-        Ok(if dtype == safetensors::Dtype::F64 {
-            let raw = f.raw(name)?;
-            Floats::F64(
-                raw.data()
-                    .chunks_exact(8)
-                    .map(|c| {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(c);
-                        f64::from_le_bytes(b)
-                    })
-                    .collect(),
-            )
-        } else {
-            Floats::F32(f.f32(name, None)?.data)
-        })
+fn kind(d: safetensors::Dtype) -> Kind {
+    use safetensors::Dtype::*;
+    match d {
+        F64 | F32 | BF16 | F16 => Kind::Float,
+        I8 | I16 | I32 | I64 | U8 | U16 | U32 | U64 => Kind::Int,
+        _ => Kind::Bits,
     }
+}
 
-    fn len(&self) -> usize {
-        match self {
-            Floats::F32(v) => v.len(),
-            Floats::F64(v) => v.len(),
-        }
+/// Element `i` of a float tensor's little-endian bytes.
+fn float_at(d: safetensors::Dtype, b: &[u8], i: usize) -> f64 {
+    use safetensors::Dtype::*;
+    let at = |w: usize| &b[i * w..(i + 1) * w];
+    match d {
+        F64 => f64::from_le_bytes(at(8).try_into().expect("8 bytes")),
+        F32 => f64::from(f32::from_le_bytes(at(4).try_into().expect("4 bytes"))),
+        BF16 => f64::from(half::bf16::from_le_bytes(at(2).try_into().expect("2 bytes")).to_f32()),
+        F16 => f64::from(half::f16::from_le_bytes(at(2).try_into().expect("2 bytes")).to_f32()),
+        _ => unreachable!("float dtypes only"),
     }
+}
 
-    fn get(&self, i: usize) -> f64 {
-        match self {
-            Floats::F32(v) => f64::from(v[i]),
-            Floats::F64(v) => v[i],
-        }
+/// Element `i` of an int tensor's little-endian bytes.
+fn int_at(d: safetensors::Dtype, b: &[u8], i: usize) -> i128 {
+    use safetensors::Dtype::*;
+    let w = d.bitsize() / 8;
+    let x = &b[i * w..(i + 1) * w];
+    let mut le = [0u8; 16];
+    le[..w].copy_from_slice(x);
+    let signed = matches!(d, I8 | I16 | I32 | I64);
+    if signed && x[w - 1] & 0x80 != 0 {
+        le[w..].fill(0xff);
     }
+    i128::from_le_bytes(le)
 }
 
 pub fn compare(a: CompareArgs) -> Result<ExitCode> {
-    use safetensors::Dtype;
     let fa = TensorFile::open(&a.a)?;
     let fb = TensorFile::open(&a.b)?;
     let mut ok = true;
@@ -808,55 +813,70 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
             ok = false;
             continue;
         }
-        let float = |d: Dtype| matches!(d, Dtype::F64 | Dtype::F32 | Dtype::BF16 | Dtype::F16);
-        let int = |d: Dtype| matches!(d, Dtype::I64 | Dtype::I32);
-        if float(da) && float(db) {
-            let x = Floats::read(&fa, &key, da)?;
-            let y = Floats::read(&fb, &name, db)?;
-            let (mut max, mut sum) = (0f64, 0f64);
-            for i in 0..x.len().min(y.len()) {
-                let d = float_diff(x.get(i), y.get(i));
-                max = if d.is_nan() || d > max { d } else { max };
-                sum += d;
+        // Read from the mapped files element by element: no copy of either tensor (a
+        // table is gigabytes).
+        let (x, y) = (fa.raw(&key)?, fb.raw(&name)?);
+        let (x, y) = (x.data(), y.data());
+        let count: usize = sa.iter().product();
+        for (d, bytes, file) in [(da, x, &a.a), (db, y, &a.b)] {
+            let want = count.checked_mul(d.bitsize()).map(|b| b.div_ceil(8));
+            if d.bitsize() % 8 == 0 && want != Some(bytes.len()) {
+                bail!(
+                    "tensor `{name}` in {}: expected {} bytes for shape {sa:?} of {d:?}, found {}",
+                    file.display(),
+                    want.map_or_else(|| "more than usize::MAX".to_string(), |w| w.to_string()),
+                    bytes.len()
+                );
             }
-            let pass = max <= a.tol;
-            println!(
-                "{name:<14} {sa:?} max {max:.3e} mean {:.3e}  {}",
-                sum / x.len().max(1) as f64,
-                if pass { "ok" } else { "FAIL" }
-            );
-            ok &= pass;
-        } else if int(da) && int(db) {
-            let x = fa.i64(&key, None)?.data;
-            let y = fb.i64(&name, None)?.data;
-            let diff = x.iter().zip(&y).filter(|(p, q)| p != q).count();
-            println!(
-                "{name:<14} {sa:?} int: {diff} differing  {}",
-                if diff == 0 { "ok" } else { "FAIL" }
-            );
-            ok &= diff == 0;
-        } else if da != db {
-            println!("{name:<14} dtype {da:?} vs {db:?}  FAIL");
-            ok = false;
-        } else {
-            // Bytes, bool, fp8 and the rest: element by element, bit for bit (byte by byte
-            // for the types of fewer than 8 bits, packed several to a byte).
-            let (x, y) = (fa.raw(&key)?, fb.raw(&name)?);
-            let (width, unit) = match da.bitsize() {
-                b if b % 8 == 0 => (b / 8, "elements"),
-                _ => (1, "bytes"),
-            };
-            let diff = x
-                .data()
-                .chunks(width)
-                .zip(y.data().chunks(width))
-                .filter(|(p, q)| p != q)
-                .count();
-            println!(
-                "{name:<14} {sa:?} {da:?}: {unit} differing: {diff}  {}",
-                if diff == 0 { "ok" } else { "FAIL" }
-            );
-            ok &= diff == 0;
+        }
+        match (kind(da), kind(db)) {
+            (Kind::Float, Kind::Float) => {
+                let (mut max, mut sum) = (0f64, 0f64);
+                for i in 0..count {
+                    let d = float_diff(float_at(da, x, i), float_at(db, y, i));
+                    max = if d.is_nan() || d > max { d } else { max };
+                    sum += d;
+                }
+                let pass = max <= a.tol;
+                println!(
+                    "{name:<14} {sa:?} max {max:.3e} mean {:.3e}  {}",
+                    sum / count.max(1) as f64,
+                    if pass { "ok" } else { "FAIL" }
+                );
+                ok &= pass;
+            }
+            (Kind::Int, Kind::Int) => {
+                let diff = (0..count)
+                    .filter(|&i| int_at(da, x, i) != int_at(db, y, i))
+                    .count();
+                println!(
+                    "{name:<14} {sa:?} int: {diff} differing  {}",
+                    if diff == 0 { "ok" } else { "FAIL" }
+                );
+                ok &= diff == 0;
+            }
+            (Kind::Bits, Kind::Bits) if da == db => {
+                // Element by element (byte by byte for the types of fewer than 8 bits,
+                // packed several to a byte).
+                let (width, unit) = match da.bitsize() {
+                    b if b % 8 == 0 => (b / 8, "elements"),
+                    _ => (1, "bytes"),
+                };
+                let diff = x
+                    .chunks(width)
+                    .zip(y.chunks(width))
+                    .filter(|(p, q)| p != q)
+                    .count();
+                println!(
+                    "{name:<14} {sa:?} {da:?}: {unit} differing: {diff}  {}",
+                    if diff == 0 { "ok" } else { "FAIL" }
+                );
+                ok &= diff == 0;
+            }
+            _ => {
+                println!("{name:<14} dtype {da:?} vs {db:?}  FAIL");
+                ok = false;
+            }
         }
     }
     if n == 0 {

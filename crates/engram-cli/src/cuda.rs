@@ -23,7 +23,7 @@ impl std::str::FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda),
-            _ => bail!("--device: expected cpu or cuda, found {s:?}"),
+            _ => bail!("expected cpu or cuda, found {s:?}"),
         }
     }
 }

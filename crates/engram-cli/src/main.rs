@@ -117,6 +117,8 @@ fn main() -> ExitCode {
                     msg = format!("{msg}: {c}");
                 }
             }
+            // One line: causes from other crates (a Redis parse error) can hold newlines.
+            let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
             eprintln!("error: {msg}");
             ExitCode::from(2)
         }

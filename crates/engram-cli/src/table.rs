@@ -89,7 +89,8 @@ impl TableArgs {
     pub fn options(&self) -> Result<TableOptions> {
         let o = TableOptions {
             io: match &self.table_io {
-                Some(s) => s.parse().context("--table-io")?,
+                // The library's error names table-io.
+                Some(s) => s.parse()?,
                 None => Default::default(),
             },
             cache_bytes: self
@@ -106,6 +107,17 @@ impl TableArgs {
             store: self.table_store.clone(),
             store_options: self.store.options()?,
         };
+        let st = &self.store;
+        if o.store.is_none()
+            && (st.store_timeout.is_some()
+                || st.store_deadline.is_some()
+                || st.store_batch.is_some()
+                || st.store_connections.is_some())
+        {
+            anyhow::bail!(
+                "--store-timeout / --store-deadline / --store-batch / --store-connections: expected --table-store URL with them, found none"
+            );
+        }
         if o.store.is_some() && o.io != engram::rows::TableIo::Mmap {
             anyhow::bail!(
                 "--table-store: rows come from the store; expected no --table-io with it, found --table-io {}",

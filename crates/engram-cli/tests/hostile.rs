@@ -649,6 +649,23 @@ fn flags_that_would_be_dropped_are_refused() {
             ],
             "notaurl",
         ),
+        (vec!["bench", "--fma-peak", "--tokens", "0"], "--tokens"),
+        (
+            vec![
+                "bench",
+                "--config",
+                s(&cfg),
+                "--path",
+                "reference",
+                "--dtype",
+                "bf16",
+            ],
+            "--path fused",
+        ),
+        (
+            vec!["weights", s(&small_w), "--config", s(&v41)],
+            "found a DeepSeek-V4.1 config",
+        ),
         // Named without NVRTC too (it said NVRTC was missing).
         (vec!["cuda-kernels", "--arch", "foo"], "compute capability"),
         // clap's errors in one line, with what they list (the missing arguments).
@@ -686,6 +703,23 @@ fn flags_that_would_be_dropped_are_refused() {
     );
     // --no-bos applies to --text; with an inputs file it did nothing.
     forward(&["--no-bos"], "--no-bos");
+    // Store options without a store did nothing.
+    forward(&["--store-batch", "3"], "--table-store");
+    // A server that answers garbage: the Redis client's error holds newlines, the line
+    // does not.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n!!\nmore\n");
+        }
+    });
+    let url = format!("redis://127.0.0.1:{port}");
+    expect_error(
+        &["table", "info", "--store", &url, "--store-deadline", "1"],
+        &url,
+    );
     assert!(!out.exists());
     // Every budget is parsed before the table's first line is printed.
     let text = d.join("t.txt");
@@ -733,31 +767,41 @@ fn compare_takes_every_dtype_and_non_finite_values() {
         assert_eq!(code, 1, "{other:?}: {out}");
         assert!(out.contains("FAIL"), "{out}");
     }
-    // u8 and fp8 tensors (the V4.1 goldens) are compared bit for bit; they were an error.
-    let cases = golden("v41/v41_small.cases.safetensors");
-    let (code, out, err) = engram(&["compare", s(&cases), s(&cases)]);
-    assert_eq!(code, 0, "{out}{err}");
+    // u8 (an int, by value) and fp8 tensors (bit for bit) of the V4.1 goldens: they were
+    // an error. One byte flipped in a copy is one differing element.
+    let flip = |file: &Path, tensor: &str| -> (i32, String) {
+        let (code, out, err) = engram(&["compare", s(file), s(file)]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(tensor) && out.ends_with("PASS\n"), "{out}");
+        let (_, offset) = TensorFile::open(file)
+            .unwrap()
+            .raw(tensor)
+            .unwrap()
+            .location()
+            .unwrap();
+        let mut bytes = std::fs::read(file).unwrap();
+        bytes[offset as usize] ^= 1;
+        let flipped = d.join("flipped.st");
+        std::fs::write(&flipped, &bytes).unwrap();
+        let (code, out, _) = engram(&["compare", s(file), s(&flipped)]);
+        let line = out.lines().find(|l| l.starts_with(tensor)).unwrap();
+        (code, line.to_string())
+    };
+    let (code, line) = flip(&golden("v41/v41_small.cases.safetensors"), "token_mask");
+    assert_eq!(code, 1, "{line}");
     assert!(
-        out.contains("token_mask") && out.ends_with("PASS\n"),
-        "{out}"
-    );
-    let f = TensorFile::open(&cases).unwrap();
-    let mask = f.raw("token_mask").unwrap();
-    let (_, offset) = mask.location().unwrap();
-    let mut bytes = std::fs::read(&cases).unwrap();
-    bytes[offset as usize] ^= 1;
-    let flipped = d.join("flipped.st");
-    std::fs::write(&flipped, &bytes).unwrap();
-    let (code, out, _) = engram(&["compare", s(&cases), s(&flipped)]);
-    assert_eq!(code, 1, "{out}");
-    let line = out.lines().find(|l| l.starts_with("token_mask")).unwrap();
-    assert!(
-        line.contains("elements differing: 1 ") && line.ends_with("FAIL"),
+        line.contains("int: 1 differing") && line.ends_with("FAIL"),
         "{line}"
     );
-    let w = golden("v41/v41_small.weights.safetensors");
-    let (code, out, err) = engram(&["compare", s(&w), s(&w)]);
-    assert_eq!(code, 0, "{out}{err}");
+    let (code, line) = flip(
+        &golden("v41/v41_small.weights.safetensors"),
+        "layers.1.engram.wkv.weight",
+    );
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("F8_E4M3: elements differing: 1 ") && line.ends_with("FAIL"),
+        "{line}"
+    );
     // f64 takes the tolerance (it was compared bit for bit), against f32 as well; an int
     // tensor against a float one is a dtype mismatch.
     let raw = |name: &str, dtype: safetensors::Dtype, bytes: Vec<u8>| {
@@ -784,4 +828,16 @@ fn compare_takes_every_dtype_and_non_finite_values() {
     let (code, out, _) = engram(&["compare", s(&f32s), s(&i32s)]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("dtype F32 vs I32"), "{out}");
+    // Ints of any width by value: i32 [1, 2] against i16 [1, 2] and u8 [1, 3].
+    let i16s = raw(
+        "i16.st",
+        safetensors::Dtype::I16,
+        [1i16, 2].iter().flat_map(|x| x.to_le_bytes()).collect(),
+    );
+    let (code, out, err) = engram(&["compare", s(&i32s), s(&i16s)]);
+    assert_eq!(code, 0, "{out}{err}");
+    let u8s = raw("u8.st", safetensors::Dtype::U8, vec![1, 3]);
+    let (code, out, _) = engram(&["compare", s(&i32s), s(&u8s)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("int: 1 differing"), "{out}");
 }

@@ -142,19 +142,10 @@ impl EngramConfig {
     pub fn from_json_str(text: &str) -> Result<Self> {
         // A byte-order mark (some editors on Windows write one) is not the config's.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        // serde reads a struct from a JSON array too (`[]` would be the default config).
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-            let kind = match v {
-                serde_json::Value::Object(_) => None,
-                serde_json::Value::Array(_) => Some("an array"),
-                serde_json::Value::Number(_) => Some("a number"),
-                serde_json::Value::String(_) => Some("a string"),
-                serde_json::Value::Bool(_) => Some("true or false"),
-                serde_json::Value::Null => Some("null"),
-            };
-            if let Some(kind) = kind {
-                return Err(EngramError::invalid("config", "a JSON object", kind));
-            }
+        // serde reads a struct from a JSON array too (`[]` would be the default config);
+        // other kinds of document fail in the parser below.
+        if text.trim_start().starts_with('[') {
+            return Err(EngramError::invalid("config", "a JSON object", "an array"));
         }
         let de = &mut serde_json::Deserializer::from_str(text);
         let cfg: EngramConfig = serde_path_to_error::deserialize(&mut *de).map_err(|e| {

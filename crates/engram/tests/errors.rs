@@ -64,9 +64,12 @@ fn config_json_round_trip() {
         assert!(e.contains("trailing"), "{bad}: {e}");
     }
     // serde reads a struct from an array too: `[]` was the default config.
-    for bad in ["[]", "[[1999, 2503], 3]", "3", "\"x\""] {
+    for bad in ["[]", "[[1999, 2503], 3]", &"[".repeat(200)] {
         let e = EngramConfig::from_json_str(bad).unwrap_err().to_string();
-        assert!(e.contains("a JSON object"), "{bad}: {e}");
+        assert!(e.contains("a JSON object, found an array"), "{bad}: {e}");
+    }
+    for bad in ["3", "\"x\"", "true", "null"] {
+        assert!(EngramConfig::from_json_str(bad).is_err(), "{bad}");
     }
     // A byte-order mark before the object is not an error.
     assert_eq!(
