@@ -395,7 +395,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             (a.tokens != 4096, "--tokens"),
             (a.batch != 1, "--batch"),
             (a.runs != 5, "--runs"),
-            (a.dtype != "f32", "--dtype"),
+            (a.dtype.parse::<DType>().ok() != Some(DType::F32), "--dtype"),
             (a.path != "fused", "--path"),
             (a.decode, "--decode"),
             (a.chunk.is_some(), "--chunk"),

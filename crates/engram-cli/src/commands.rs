@@ -177,6 +177,7 @@ pub struct ForwardArgs {
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
+    check_id_source(&a.src)?;
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
         if a.device == crate::cuda::Device::Cuda {
             bail!("--device cuda: the CUDA backend runs the demo layer; DeepSeek-V4.1 layers run on the CPU");

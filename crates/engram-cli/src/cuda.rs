@@ -1,7 +1,7 @@
 //! `--device cuda`: the CUDA backend behind the CLI's commands (a thin front: the work is in
 //! the `engram-cuda` crate).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use engram::{DType, Engram, EngramConfig, EngramState, Stages};
 use engram_cuda::{median, ConvKernel, CudaEngram, Gpu};
 use std::process::ExitCode;
@@ -44,7 +44,7 @@ pub struct KernelArgs {
 
 pub fn kernels(a: KernelArgs) -> Result<ExitCode> {
     // Compiling first names a malformed --arch before NVRTC is looked for.
-    let c = engram_cuda::kernels::compile(&a.arch)?;
+    let c = engram_cuda::kernels::compile(&a.arch).context("--arch")?;
     let (maj, min) = engram_cuda::kernels::nvrtc_version()?;
     println!(
         "NVRTC {maj}.{min}: engram.cu -> {} CUBIN, {} bytes",

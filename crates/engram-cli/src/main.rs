@@ -118,7 +118,12 @@ fn main() -> ExitCode {
                 }
             }
             // One line: causes from other crates (a Redis parse error) can hold newlines.
-            let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+            let msg = msg
+                .lines()
+                .map(str::trim_end)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
             eprintln!("error: {msg}");
             ExitCode::from(2)
         }

@@ -703,6 +703,24 @@ fn flags_that_would_be_dropped_are_refused() {
     );
     // --no-bos applies to --text; with an inputs file it did nothing.
     forward(&["--no-bos"], "--no-bos");
+    // The same for a V4.1 layer (checked before its own path).
+    expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&v41),
+            "--weights",
+            s(&golden("v41/v41_small.weights.safetensors")),
+            "--layer",
+            "14",
+            "--inputs",
+            s(&inputs),
+            "--out",
+            s(&out),
+            "--no-bos",
+        ],
+        "--no-bos",
+    );
     // Store options without a store did nothing.
     forward(&["--store-batch", "3"], "--table-store");
     // A server that answers garbage: the Redis client's error holds newlines, the line
@@ -840,4 +858,24 @@ fn compare_takes_every_dtype_and_non_finite_values() {
     let (code, out, _) = engram(&["compare", s(&i32s), s(&u8s)]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("int: 1 differing"), "{out}");
+    // Signs extend: i8 [-1, -128] equals i64 [-1, -128]; u64 max is not i64 -1.
+    let i8s = raw("i8.st", safetensors::Dtype::I8, vec![0xff, 0x80]);
+    let i64s = raw(
+        "i64.st",
+        safetensors::Dtype::I64,
+        [-1i64, -128].iter().flat_map(|x| x.to_le_bytes()).collect(),
+    );
+    let (code, out, err) = engram(&["compare", s(&i8s), s(&i64s)]);
+    assert_eq!(code, 0, "{out}{err}");
+    let u64s = raw(
+        "u64.st",
+        safetensors::Dtype::U64,
+        [u64::MAX, 128u64.wrapping_neg()]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+    );
+    let (code, out, _) = engram(&["compare", s(&i64s), s(&u64s)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("int: 2 differing"), "{out}");
 }

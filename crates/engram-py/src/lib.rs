@@ -968,6 +968,11 @@ fn load(
         }
         let dt: DType = dtype.parse().map_err(err)?;
         let p = demo_path(path)?;
+        if p == ForwardPath::Reference && dt != DType::F32 {
+            return Err(verr(format!(
+                "dtype {dtype:?}: the fused path's storage; expected path=\"fused\" with it (the reference runs in f32)"
+            )));
+        }
         let weights = weights.to_string();
         let e = py
             .allow_threads(move || Engram::load_with_table(cfg, &weights, table))

@@ -325,6 +325,7 @@ def test_row_stores_give_the_same_outputs(small, stages, golden):
         (dict(io_depth=8), "io_depth"),
         (dict(table_io="direct", io_depth=100_000), "1 to 1024"),
         (dict(table_cache=0), "above 0"),
+        (dict(path="reference", dtype="bf16"), "fused path"),
         (dict(table_store="redis://127.0.0.1:1", table_io="ram"), "table_store"),
     ]:
         with pytest.raises(ValueError, match=what):
