@@ -453,10 +453,7 @@ fn cuda_kernels_lists_every_kernel_or_names_the_missing_library() {
                 "{line}"
             );
         }
-        expect_error(
-            &["cuda-kernels", "--arch", "sm_9x!"],
-            "compute capability",
-        );
+        expect_error(&["cuda-kernels", "--arch", "sm_9x!"], "compute capability");
     } else {
         assert_ne!(code, 0);
         assert!(err.contains("libnvrtc"), "{err}");
