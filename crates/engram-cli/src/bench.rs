@@ -17,6 +17,11 @@ const MAX_RUNS: usize = 1_000_000;
 /// `engram bench`.
 #[derive(Args)]
 pub struct BenchArgs {
+    /// The ids of the options given on the command line (not by their defaults): filled in
+    /// by `main` from clap's value sources, so that `--fma-peak --tokens 4096` is refused
+    /// like `--fma-peak --tokens 8`.
+    #[arg(skip)]
+    pub given: Vec<String>,
     /// Tokens per sequence (L).
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
@@ -389,21 +394,29 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         let flag = if a.fma_peak { "--fma-peak" } else { "--mem-bw" };
         // They measure the machine, not a layer: a flag of the layer's bench would be
         // silently dropped.
+        let on = |id: &str| a.given.iter().any(|g| g == id);
         let given = [
             (a.fma_peak && a.mem_bw, "--mem-bw (run it on its own)"),
-            // Flags with defaults: given when they differ from them.
-            (a.tokens != 4096, "--tokens"),
-            (a.batch != 1, "--batch"),
-            (a.runs != 5, "--runs"),
-            (a.dtype.parse::<DType>().ok() != Some(DType::F32), "--dtype"),
-            (a.path != "fused", "--path"),
+            // Flags with defaults: given on the command line, or (for a caller that fills
+            // no `given`) different from their defaults.
+            (on("tokens") || a.tokens != 4096, "--tokens"),
+            (on("batch") || a.batch != 1, "--batch"),
+            (on("runs") || a.runs != 5, "--runs"),
+            (
+                on("dtype") || a.dtype.parse::<DType>().ok() != Some(DType::F32),
+                "--dtype",
+            ),
+            (on("path") || a.path != "fused", "--path"),
+            (
+                on("device") || a.device != crate::cuda::Device::Cpu,
+                "--device",
+            ),
             (a.decode, "--decode"),
             (a.chunk.is_some(), "--chunk"),
             (a.weights.is_some(), "--weights"),
             (a.config.is_some(), "--config"),
             (a.layer.is_some(), "--layer"),
             (a.gather_only, "--gather-only"),
-            (a.device != crate::cuda::Device::Cpu, "--device cuda"),
             (a.suite, "--suite"),
             (a.text_file.is_some(), "--text-file"),
             (a.warm, "--warm"),
@@ -449,7 +462,6 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             (a.dtype != "f32", "--dtype (a V4.1 layer keeps fp8 weights)"),
             (a.batch != 1, "--batch (one sequence of --tokens tokens)"),
             (a.decode || a.chunk.is_some(), "--decode / --chunk"),
-            (a.device != crate::cuda::Device::Cpu, "--device cuda"),
         ];
         if let Some((_, what)) = ignored.iter().find(|(given, _)| *given) {
             bail!("a DeepSeek-V4.1 bench does not take {what}");

@@ -8,7 +8,7 @@ mod guard;
 mod table;
 mod v41;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Exact, fast implementation of DeepSeek's Engram layer (CPU; CUDA with --device cuda).
@@ -64,10 +64,25 @@ enum Command {
 
 fn main() -> ExitCode {
     guard::default_sigpipe();
-    let cli = match Cli::try_parse() {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return usage_error(e),
+    };
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    // Which of bench's options were typed (its refusals of layer options with --fma-peak
+    // and --mem-bw cannot tell a typed default from an omitted one otherwise).
+    if let (Command::Bench(a), Some(("bench", m))) = (&mut cli.command, matches.subcommand()) {
+        a.given = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.as_str().to_string())
+            .collect();
+    }
     v41::set_tokenizer(cli.tokenizer.clone());
     // --threads, else RAYON_NUM_THREADS, else all cores; capped at a multiple of the cores.
     let requested = cli.threads.or_else(|| {

@@ -650,6 +650,10 @@ fn flags_that_would_be_dropped_are_refused() {
             "notaurl",
         ),
         (vec!["bench", "--fma-peak", "--tokens", "0"], "--tokens"),
+        // A typed default is a flag given too (it was compared with the default and passed).
+        (vec!["bench", "--fma-peak", "--tokens", "4096"], "--tokens"),
+        (vec!["bench", "--mem-bw", "--dtype", "f32"], "--dtype"),
+        (vec!["bench", "--fma-peak", "--device", "cpu"], "--device"),
         (
             vec![
                 "bench",

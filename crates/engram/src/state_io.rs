@@ -199,6 +199,37 @@ fn load_checked(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
             pos.data[i],
         ));
     }
+    // A state p < N-1 tokens in still holds the pad in its first N-1-p history slots, and one
+    // p < R tokens in holds zeros in its first R-p conv rows (the sequence's implicit left
+    // padding): anything else was not written by a run from the sequence's start.
+    let pad = e.hashing().pad_canonical();
+    for (i, &p) in pos.data.iter().enumerate() {
+        let p = p as u64;
+        let pads = (n1 as u64).saturating_sub(p) as usize;
+        if let Some(j) = hist[i * n1..i * n1 + pads].iter().position(|&h| h != pad) {
+            return Err(EngramError::invalid(
+                format!("ngram_history[{i}, {j}] in {}", f.path().display()),
+                format!(
+                    "the pad's canonical id {pad} at position {p} (fewer than {n1} tokens read)"
+                ),
+                hist[i * n1 + j],
+            ));
+        }
+        let zeros = (r as u64).saturating_sub(p) as usize * c;
+        let rows = &conv[i * r * c..i * r * c + zeros];
+        if let Some(k) = rows.iter().position(|&x| x != 0.0) {
+            return Err(EngramError::invalid(
+                format!(
+                    "conv_history[{i}, {}, {}] in {}",
+                    k / c,
+                    k % c,
+                    f.path().display()
+                ),
+                format!("0 at position {p} (fewer than {r} tokens read)"),
+                rows[k],
+            ));
+        }
+    }
     Ok((0..s)
         .map(|i| {
             EngramState::from_parts(

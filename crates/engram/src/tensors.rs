@@ -146,12 +146,43 @@ pub(crate) fn dtype_name(d: Dtype) -> String {
     format!("{d:?}").to_lowercase()
 }
 
-/// Every tensor's `data_offsets` end within the file, checked before `safetensors` reads the
-/// header: its own check adds the offsets' end to the header length unchecked, which a
-/// crafted header makes overflow (a panic in builds with overflow checks, as the fuzz
-/// targets and tests are). Headers that are not JSON or not as expected are left to
-/// `safetensors`, whose errors describe them.
-fn check_data_offsets(path: &Path, bytes: &[u8]) -> Result<()> {
+/// The header's entries in file order, duplicates kept (`serde_json::Value`'s map keeps
+/// only the last of two equal keys, and so does `safetensors`, which then reports a gap in
+/// the offsets under another tensor's name).
+struct HeaderEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<HeaderEntries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                    out.push(entry);
+                }
+                Ok(HeaderEntries(out))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
+/// Checks each tensor of the header before `safetensors` reads it, so that an error names the
+/// tensor with what was expected and what was found: a name given twice, an unknown dtype,
+/// `data_offsets` that run backwards, span other than shape × dtype size, leave a gap or
+/// overlap the previous tensor's, or end past the file. (The crate reports the size case
+/// without a name, a duplicate as another tensor's offset, and adds the offsets' end to the
+/// header length unchecked, which a crafted header makes overflow: a panic in builds with
+/// overflow checks, as the fuzz targets and tests are.) Headers that are not JSON objects
+/// or whose entries lack these fields are left to `safetensors`, whose errors describe them.
+fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
     const MAX_HEADER: u64 = 100_000_000; // safetensors' own limit
     let Some(n) = bytes.get(..8) else {
         return Ok(());
@@ -166,25 +197,136 @@ fn check_data_offsets(path: &Path, bytes: &[u8]) -> Result<()> {
     if n > MAX_HEADER {
         return Ok(());
     }
-    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice(&bytes[8..8 + n as usize])
-    else {
+    let Ok(HeaderEntries(entries)) = serde_json::from_slice(&bytes[8..8 + n as usize]) else {
         return Ok(());
     };
-    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
-        let Some(end) = info
+    let bad = |name: &str, message: String| EngramError::SafeTensors {
+        path: path.display().to_string(),
+        message: format!("tensor `{name}`: {message}"),
+    };
+    let mut seen = std::collections::HashSet::new();
+    // (begin, end, name) of every tensor whose offsets could be read.
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
+    let mut all_spans = true;
+    for (name, info) in entries.iter().filter(|(k, _)| k != "__metadata__") {
+        if !seen.insert(name.as_str()) {
+            return Err(bad(
+                name,
+                "expected each tensor name once in the header, found it twice".into(),
+            ));
+        }
+        let offsets = info
             .get("data_offsets")
-            .and_then(|o| o.get(1))
-            .and_then(|e| e.as_u64())
-        else {
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)));
+        let Some((begin, end)) = offsets else {
+            all_spans = false;
             continue;
         };
         if end > data_len {
-            return Err(EngramError::SafeTensors {
-                path: path.display().to_string(),
-                message: format!(
-                    "tensor `{name}`: expected data_offsets within the {data_len} bytes after the header, found an end at {end}"
+            return Err(bad(
+                name,
+                format!(
+                    "expected data_offsets within the {data_len} bytes after the header, found an end at {end}"
                 ),
+            ));
+        }
+        if end < begin {
+            return Err(bad(
+                name,
+                format!(
+                    "expected data_offsets [begin, end] with begin <= end, found [{begin}, {end}]"
+                ),
+            ));
+        }
+        let dtype = info
+            .get("dtype")
+            .map(|d| serde_json::from_value::<Dtype>(d.clone()));
+        if let Some(Err(_)) = dtype {
+            return Err(bad(
+                name,
+                format!(
+                    "expected a safetensors dtype (F32, BF16, I64, ...), found {}",
+                    info["dtype"]
+                ),
+            ));
+        }
+        let shape = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>());
+        if let (Some(Ok(dtype)), Some(shape)) = (dtype, shape) {
+            // Bits, checked: a shape whose product overflows cannot match any span.
+            let bits = shape
+                .iter()
+                .try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d));
+            let found = end - begin;
+            let shape_text = format!("{shape:?} of {}", dtype_name(dtype));
+            match bits {
+                Some(bits) if bits % 8 == 0 && bits / 8 == found => {}
+                Some(bits) if bits % 8 != 0 => {
+                    return Err(bad(
+                        name,
+                        format!("expected a whole number of bytes, found {bits} bits ({shape_text})"),
+                    ))
+                }
+                Some(bits) => {
+                    return Err(bad(
+                        name,
+                        format!(
+                            "expected data_offsets spanning {} bytes ({shape_text}), found {found} ([{begin}, {end}])",
+                            bits / 8
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(bad(
+                        name,
+                        format!(
+                            "expected a shape whose size fits in 64 bits, found {shape_text} for {found} bytes"
+                        ),
+                    ))
+                }
+            }
+        }
+        spans.push((begin, end, name.as_str()));
+    }
+    // The data is the tensors back to back from byte 0, in offset order, to the file's end
+    // (checked when every entry's offsets could be read).
+    if !all_spans {
+        return Ok(());
+    }
+    spans.sort_unstable();
+    let mut at = (0u64, None::<&str>);
+    for &(begin, end, name) in &spans {
+        if begin != at.0 {
+            let after = at.1.map_or("at the start of the data".to_string(), |p| {
+                format!("right after `{p}`")
             });
+            let what = if begin < at.0 {
+                "overlapping"
+            } else {
+                "leaving a gap"
+            };
+            return Err(bad(
+                name,
+                format!(
+                    "expected its data to start at byte {} ({after}), found {begin} ({what})",
+                    at.0
+                ),
+            ));
+        }
+        at = (end, Some(name));
+    }
+    if let (end, Some(last)) = at {
+        if end != data_len {
+            return Err(bad(
+                last,
+                format!(
+                    "expected the last tensor's data to end at the file's end ({data_len} bytes after the header), found an end at {end}"
+                ),
+            ));
         }
     }
     Ok(())
@@ -227,7 +369,7 @@ impl TensorFile {
     }
 
     fn parse(path: PathBuf, mmap: FileBytes) -> Result<Self> {
-        check_data_offsets(&path, &mmap[..])?;
+        check_header(&path, &mmap[..])?;
         let (n, header) =
             SafeTensors::read_metadata(&mmap[..]).map_err(|e| EngramError::SafeTensors {
                 path: path.display().to_string(),

@@ -749,6 +749,45 @@ fn states_are_checked_on_call_save_and_restore() {
     let err = edited("engram_compression", "5 canonical ids, sha256 00".into());
     assert!(err.contains("a tokenizer of 5 canonical ids"), "{err}");
     assert_eq!(engram::state_io::load_states(&file, &e).unwrap().len(), 2);
+    // A position that its history contradicts: fewer tokens read than the history holds
+    // leaves pads and zero conv rows at its start.
+    let pad = fresh.ngram_history()[0];
+    let ring = fresh.conv_history();
+    let width = 4096; // HC·D of the default layer, whose R = (kernel_size - 1)·N = 9 rows
+    assert_eq!(ring.len(), 9 * width);
+    let with = |hist: Vec<i64>, conv: Vec<f32>, position: u64| {
+        let p = tmp("states-position.safetensors");
+        let st = vec![
+            e.new_state(),
+            engram::EngramState::from_parts(hist, conv, width, position),
+        ];
+        engram::state_io::save_states(&p, &e, &st).unwrap();
+        engram::state_io::load_states(&p, &e).map(|s| s.len())
+    };
+    let zeros = vec![0.0f32; ring.len()];
+    assert_eq!(with(vec![pad, pad], zeros.clone(), 0).unwrap(), 2);
+    let err = with(vec![pad, 5], zeros.clone(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ngram_history[1, 1]") && err.contains("position 0"),
+        "{err}"
+    );
+    assert_eq!(with(vec![pad, 5], zeros.clone(), 1).unwrap(), 2);
+    let mut late_row = zeros.clone();
+    late_row[8 * width + 3] = 0.5;
+    let err = with(vec![pad, 5], late_row.clone(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ngram_history[1, 1]"), "{err}");
+    let err = with(vec![pad, pad], late_row.clone(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("conv_history[1, 8, 3]") && err.contains("0.5"),
+        "{err}"
+    );
+    assert_eq!(with(vec![pad, 5], late_row, 1).unwrap(), 2);
 }
 
 /// A header whose tensors each pass `safetensors`' checked per-tensor validation, but whose
@@ -776,4 +815,86 @@ fn data_offsets_past_the_file_are_refused_before_they_overflow() {
         msg.contains("crafted.safetensors") && msg.contains("data_offsets") && msg.contains("`t"),
         "{msg}"
     );
+}
+
+/// A safetensors file from a header written as JSON text (so that a name can appear twice)
+/// and `data` zero bytes after it, opened from bytes; the error's text.
+fn crafted_header_error(header: &str, data: usize) -> String {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(vec![0u8; data]);
+    match engram::tensors::TensorFile::from_bytes("crafted.safetensors", bytes) {
+        Ok(_) => panic!("accepted: {header}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Each malformed entry of a header is named with what was expected and what was found
+/// (the `safetensors` crate says "invalid shape, data type, or offset for tensor" without a
+/// name, and reports a duplicate name as another tensor's offset).
+#[test]
+fn malformed_header_entries_name_the_tensor_expected_and_found() {
+    let cases: [(&str, usize, &[&str]); 7] = [
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+            16,
+            &["`a`", "once", "twice"],
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            8,
+            &["`a`", "spanning 12 bytes", "[3] of f32", "found 8"],
+        ),
+        (
+            r#"{"a":{"dtype":"F99","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+            &["`a`", "dtype", "F99"],
+        ),
+        (
+            r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[8,0]}}"#,
+            8,
+            &["`a`", "begin <= end", "[8, 0]"],
+        ),
+        (
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+            6,
+            &[
+                "`b`",
+                "start at byte 4",
+                "right after `a`",
+                "found 2",
+                "overlapping",
+            ],
+        ),
+        (
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+            6,
+            &["`a`", "start at byte 0", "found 2", "gap"],
+        ),
+        (
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+            6,
+            &["`a`", "file's end", "6 bytes", "end at 4"],
+        ),
+    ];
+    for (header, data, wanted) in cases {
+        let msg = crafted_header_error(header, data);
+        assert!(msg.starts_with("crafted.safetensors: "), "{msg}");
+        for w in wanted {
+            assert!(msg.contains(w), "{header}: `{w}` missing from: {msg}");
+        }
+    }
+    // A shape whose byte count overflows 64 bits.
+    let msg = crafted_header_error(
+        r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
+        8,
+    );
+    assert!(msg.contains("`a`") && msg.contains("64 bits"), "{msg}");
+    // Zero-sized tensors and a well-formed pair still open.
+    let ok = r#"{"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[2],"data_offsets":[8,12]}}"#;
+    let mut bytes = (ok.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(ok.as_bytes());
+    bytes.extend([0u8; 12]);
+    let f = engram::tensors::TensorFile::from_bytes("ok.safetensors", bytes).unwrap();
+    assert_eq!(f.names().len(), 3);
 }

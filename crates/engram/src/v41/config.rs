@@ -93,6 +93,28 @@ fn uint_list(v: &Value, names: &[&'static str], min: u64) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The model's own fields that the Engram layers depend on, checked where the config has
+/// them (an Engram-only config may leave them out): the model's vocabulary (`vocab_size`,
+/// the ids a layer can be given) is not empty, and every Engram layer id names one of its
+/// `n_layers` / `num_hidden_layers` layers.
+fn check_model_fields(v: &Value, layer_ids: &[u64]) -> Result<()> {
+    if v.get("vocab_size").is_some() {
+        uint(v, &["vocab_size"], 1, i64::MAX as u64)?;
+    }
+    if v.get("n_layers").is_some() || v.get("num_hidden_layers").is_some() {
+        let (name, _) = field(v, &["n_layers", "num_hidden_layers"])?;
+        let layers = uint(v, &["n_layers", "num_hidden_layers"], 1, u32::MAX as u64)?;
+        if let Some(&l) = layer_ids.iter().find(|&&l| l >= layers) {
+            return Err(EngramError::config(
+                "engram_layer_ids",
+                format!("layer ids below {name} ({layers})"),
+                l,
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl V41Config {
     /// Reads the Engram fields of a model config (JSON text).
     pub fn from_json_str(text: &str) -> Result<Self> {
@@ -174,6 +196,7 @@ impl V41Config {
             head_dim: uint(v, &["engram_head_dim"], 1, w)? as usize,
         };
         cfg.validate()?;
+        check_model_fields(v, &cfg.layer_ids)?;
         Ok(cfg)
     }
 
@@ -309,6 +332,18 @@ mod tests {
                 "dim / hidden_size",
             ),
             ("\"norm_eps\": 1e-20", "\"norm_eps\": 0", "norm_eps"),
+            ("\"vocab_size\": 129280", "\"vocab_size\": 0", "vocab_size"),
+            ("\"n_layers\": 61", "\"n_layers\": 0", "n_layers"),
+            (
+                "\"n_layers\": 61",
+                "\"n_layers\": 14",
+                "below n_layers (14)",
+            ),
+            (
+                "\"n_layers\": 61",
+                "\"num_hidden_layers\": 10",
+                "below num_hidden_layers (10)",
+            ),
         ] {
             let e = V41Config::from_json_str(&INFERENCE.replace(from, to)).unwrap_err();
             assert!(e.to_string().contains(field), "{field}: {e}");

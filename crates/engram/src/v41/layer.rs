@@ -554,6 +554,18 @@ impl V41Layer {
                 st.history[k],
             ));
         }
+        // Fewer than N-1 tokens read leave DEAD in the slots before the sequence's start.
+        let before = (n1 as u64).saturating_sub(st.position) as usize;
+        if let Some(k) = st.history[..before].iter().position(|&h| h != DEAD) {
+            return Err(EngramError::invalid(
+                format!("states[{s}].history[{k}]"),
+                format!(
+                    "DEAD (i64::MIN) at position {} (fewer than {n1} tokens read)",
+                    st.position
+                ),
+                st.history[k],
+            ));
+        }
         Ok(())
     }
 
