@@ -453,6 +453,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.runs > MAX_RUNS {
         bail!("--runs: expected at most {MAX_RUNS}, found {}", a.runs);
     }
+    let path: ForwardPath = a.path.parse()?;
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
         let table = a.table.options()?;
         if a.weights.is_none() && table != engram::rows::TableOptions::default() {
@@ -462,6 +463,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             (a.dtype != "f32", "--dtype (a V4.1 layer keeps fp8 weights)"),
             (a.batch != 1, "--batch (one sequence of --tokens tokens)"),
             (a.decode || a.chunk.is_some(), "--decode / --chunk"),
+            (
+                a.path != "fused",
+                "--path reference (it times the fused path)",
+            ),
+            (a.device != crate::cuda::Device::Cpu, "--device cuda"),
+            (a.suite, "--suite"),
+            (a.gather_only, "--gather-only"),
+            (a.fresh_output, "--fresh-output"),
+            (a.vec_buffers, "--vec-buffers"),
         ];
         if let Some((_, what)) = ignored.iter().find(|(given, _)| *given) {
             bail!("a DeepSeek-V4.1 bench does not take {what}");
@@ -492,7 +502,6 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
     }
     let dtype: DType = a.dtype.parse()?;
-    let path: ForwardPath = a.path.parse()?;
     if path == ForwardPath::Reference && dtype != DType::F32 {
         bail!("--dtype {}: the fused path's storage; expected --path fused with it (the reference runs in f32)", a.dtype);
     }

@@ -16,6 +16,21 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 /// The demo-layer config (default when omitted), with the global `--tokenizer` applied.
+/// `--layer`, where given, picks the demo layer's `layer_id`: one of the config's
+/// `layer_ids`, refused as the option otherwise (the config check would name `layer_id`).
+pub fn set_layer(cfg: &mut EngramConfig, layer: Option<u64>) -> Result<()> {
+    if let Some(l) = layer {
+        if !cfg.layer_ids.contains(&l) {
+            bail!(
+                "--layer {l}: expected one of the config's layer_ids {:?}",
+                cfg.layer_ids
+            );
+        }
+        cfg.layer_id = l;
+    }
+    Ok(())
+}
+
 pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
     let mut cfg = match path {
         Some(p) => EngramConfig::from_json_file(p).map_err(|e| {
@@ -203,9 +218,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     }
     let table = a.table.options()?;
     let mut cfg = load_config(&a.config)?;
-    if let Some(l) = a.layer {
-        cfg.layer_id = l;
-    }
+    set_layer(&mut cfg, a.layer)?;
     let path: ForwardPath = a.path.parse()?;
     let dtype: DType = a.dtype.parse()?;
     if path == ForwardPath::Reference && dtype != DType::F32 {

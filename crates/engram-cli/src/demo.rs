@@ -193,9 +193,7 @@ fn max_mean(a: &[f32], b: &[f32]) -> (f32, f64) {
 pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let topts = a.table.options()?;
     let mut cfg = crate::commands::load_config(&a.config)?;
-    if let Some(l) = a.layer {
-        cfg.layer_id = l;
-    }
+    crate::commands::set_layer(&mut cfg, a.layer)?;
     cfg.validate()?;
     let dtype: DType = a.dtype.parse()?;
     let tol: f32 = if dtype == DType::Bf16 { 0.03 } else { 1e-4 };

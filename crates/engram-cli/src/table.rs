@@ -401,6 +401,9 @@ fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {
     let tok = engram::Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
     let mut ids = tok.encode(&text, false)?;
     if let Some(n) = a.tokens {
+        if n == 0 {
+            anyhow::bail!("--tokens: expected at least 1 token, found 0");
+        }
         if n > ids.len() {
             anyhow::bail!(
                 "--tokens: expected at most the text's {} tokens, found {n}",

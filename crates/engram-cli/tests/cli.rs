@@ -223,7 +223,10 @@ fn errors_exit_non_zero_with_one_message() {
             ]),
             "/nope/c.json",
         ),
-        (owned(&["demo", "--layer", "4"]), "layer_id"),
+        (
+            owned(&["demo", "--layer", "4"]),
+            "--layer 4: expected one of the config's layer_ids",
+        ),
         (owned(&["bench", "--tokens", "0"]), "--tokens"),
     ];
     for (args, needle) in cases {

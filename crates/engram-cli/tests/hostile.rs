@@ -654,6 +654,15 @@ fn flags_that_would_be_dropped_are_refused() {
         (vec!["bench", "--fma-peak", "--tokens", "4096"], "--tokens"),
         (vec!["bench", "--mem-bw", "--dtype", "f32"], "--dtype"),
         (vec!["bench", "--fma-peak", "--device", "cpu"], "--device"),
+        // Options the V4.1 bench does not run were dropped silently.
+        (
+            vec!["bench", "--config", s(&v41), "--path", "reference"],
+            "--path reference",
+        ),
+        (
+            vec!["bench", "--config", s(&v41), "--vec-buffers"],
+            "--vec-buffers",
+        ),
         (
             vec![
                 "bench",
@@ -758,6 +767,20 @@ fn flags_that_would_be_dropped_are_refused() {
     assert_eq!(code, 2, "{err}");
     assert!(stdout.is_empty(), "printed before the error: {stdout}");
     assert!(err.contains("abc"), "{err}");
+    // --tokens 0 is named as the option, not as a text without tokens.
+    expect_error(
+        &[
+            "table",
+            "cache-sim",
+            "--config",
+            s(&cfg),
+            "--text-file",
+            s(&text),
+            "--tokens",
+            "0",
+        ],
+        "--tokens: expected at least 1",
+    );
 }
 
 #[test]
