@@ -961,6 +961,12 @@ fn load(
     } else {
         let mut cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
         if let Some(l) = layer {
+            if !cfg.layer_ids.contains(&l) {
+                return Err(verr(format!(
+                    "layer={l}: expected one of the config's layer_ids {:?}",
+                    cfg.layer_ids
+                )));
+            }
             cfg.layer_id = l;
         }
         if let Some(t) = tokenizer {

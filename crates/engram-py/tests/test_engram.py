@@ -186,6 +186,9 @@ def test_errors_are_python_exceptions(small, stages, golden, tmp_path):
         engram.Engram.load(golden / "v41" / "v41_small.config.json", golden / "v41" / "v41_small.weights.safetensors")
     with pytest.raises(ValueError, match="threads"):
         engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", threads=0)
+    # A demo layer's `layer` is one of its config's layer_ids, named as the argument.
+    with pytest.raises(ValueError, match="layer=7: expected one of the config's layer_ids"):
+        engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", layer=7)
     with pytest.raises(ValueError, match="config"):
         engram.Engram.load(42, golden / "small.weights.safetensors")
     with pytest.raises(ValueError, match="state"):
