@@ -422,6 +422,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             (a.warm, "--warm"),
             (a.fresh_output, "--fresh-output"),
             (a.vec_buffers, "--vec-buffers"),
+            (on("tokenizer"), "--tokenizer"),
             (
                 a.table.options()? != engram::rows::TableOptions::default(),
                 "--table-* / --store-* options",

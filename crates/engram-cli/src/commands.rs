@@ -695,6 +695,13 @@ pub struct WeightsArgs {
     config: Option<PathBuf>,
 }
 
+impl WeightsArgs {
+    /// Whether the file is checked against a config (which reads its tokenizer).
+    pub fn has_config(&self) -> bool {
+        self.config.is_some()
+    }
+}
+
 pub fn weights(a: WeightsArgs) -> Result<ExitCode> {
     let cfg = match &a.config {
         Some(_) => Some(load_config(&a.config)?),

@@ -83,6 +83,24 @@ fn main() -> ExitCode {
             .map(|id| id.as_str().to_string())
             .collect();
     }
+    // A tokenizer given to a command that reads none would be dropped silently.
+    if cli.tokenizer.is_some() {
+        let none = match &mut cli.command {
+            Command::Compare(_) => Some("compare"),
+            Command::CudaKernels(_) => Some("cuda-kernels"),
+            Command::HashParams(_) => Some("hash-params"),
+            Command::Weights(a) if !a.has_config() => Some("weights without --config"),
+            Command::Bench(a) => {
+                a.given.push("tokenizer".into());
+                None
+            }
+            _ => None,
+        };
+        if let Some(cmd) = none {
+            eprintln!("error: --tokenizer: {cmd} reads no tokenizer; expected none");
+            return ExitCode::from(2);
+        }
+    }
     v41::set_tokenizer(cli.tokenizer.clone());
     // --threads, else RAYON_NUM_THREADS, else all cores; capped at a multiple of the cores.
     let requested = cli.threads.or_else(|| {

@@ -654,6 +654,19 @@ fn flags_that_would_be_dropped_are_refused() {
         (vec!["bench", "--fma-peak", "--tokens", "4096"], "--tokens"),
         (vec!["bench", "--mem-bw", "--dtype", "f32"], "--dtype"),
         (vec!["bench", "--fma-peak", "--device", "cpu"], "--device"),
+        (
+            vec!["bench", "--fma-peak", "--tokenizer", "/nope.json"],
+            "--tokenizer",
+        ),
+        // Commands that read no tokenizer refuse one (it was dropped silently).
+        (
+            vec!["compare", "--tokenizer", "t.json", s(&small_w), s(&small_w)],
+            "--tokenizer: compare reads no tokenizer",
+        ),
+        (
+            vec!["weights", s(&small_w), "--tokenizer", "t.json"],
+            "--tokenizer: weights without --config",
+        ),
         // Options the V4.1 bench does not run were dropped silently.
         (
             vec!["bench", "--config", s(&v41), "--path", "reference"],
