@@ -248,6 +248,12 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             );
         }
     }
+    if let Some(f) = inputs.as_ref().filter(|f| f.contains("token_mask")) {
+        bail!(
+            "tensor `token_mask` in {}: the demo layer has no token mask (a DeepSeek-V4.1 layer's input); expected none",
+            f.path().display()
+        );
+    }
     let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
     let (tokens, sequences) = count_tokens(inputs.as_ref(), &a.src)?;
     let all_stages = a.all_stages || path == ForwardPath::Reference;

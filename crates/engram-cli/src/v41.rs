@@ -117,6 +117,13 @@ pub(crate) fn read_mask(f: &TensorFile, ids_shape: &[usize]) -> Result<Option<Ve
             raw.shape
         );
     }
+    if let Some(i) = raw.data().iter().position(|&m| m > 1) {
+        bail!(
+            "tensor `token_mask` in {}: expected 0 or 1 (1 = text), found {} at flat index {i}",
+            f.path().display(),
+            raw.data()[i]
+        );
+    }
     Ok(Some(raw.data().iter().map(|&m| m != 0).collect()))
 }
 
@@ -168,6 +175,12 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
             (ids, h, false, None, vec![0, l], Some((1, l)))
         }
         (Some(f), None) => {
+            if a.random_hidden.is_some() {
+                bail!(
+                    "--random-hidden: a DeepSeek-V4.1 layer reads tensor `hidden_states` from --inputs {}; expected no --random-hidden with it",
+                    f.path().display()
+                );
+            }
             let (_, shape) = f.info("input_ids")?;
             let ragged = f.contains("offsets");
             let (_t, offsets, bl) = match (&shape[..], ragged) {

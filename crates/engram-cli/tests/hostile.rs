@@ -845,6 +845,60 @@ fn compare_takes_every_dtype_and_non_finite_values() {
         let line = out.lines().find(|l| l.starts_with(tensor)).unwrap();
         (code, line.to_string())
     };
+    // The demo layer has no token mask: one in its inputs was ignored.
+    let (inputs, _) = case_inputs("seed_text");
+    let f = TensorFile::open(&inputs).unwrap();
+    let (ids, h) = (
+        f.i64("input_ids", None).unwrap(),
+        f.f32("hidden_states", None).unwrap(),
+    );
+    let n = ids.data.len();
+    let ids_bytes: Vec<u8> = ids.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let h_bytes: Vec<u8> = h.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mask = vec![1u8; n];
+    let views = [
+        (
+            "input_ids",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::I64,
+                ids.shape.clone(),
+                &ids_bytes,
+            )
+            .unwrap(),
+        ),
+        (
+            "hidden_states",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                h.shape.clone(),
+                &h_bytes,
+            )
+            .unwrap(),
+        ),
+        (
+            "token_mask",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, ids.shape.clone(), &mask)
+                .unwrap(),
+        ),
+    ];
+    let masked = d.join("masked.st");
+    std::fs::write(&masked, safetensors::serialize(views, None).unwrap()).unwrap();
+    let demo_out = d.join("demo-out.st");
+    expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&golden("small.config.json")),
+            "--weights",
+            s(&golden("small.weights.safetensors")),
+            "--inputs",
+            s(&masked),
+            "--out",
+            s(&demo_out),
+        ],
+        "tensor `token_mask` in",
+    );
+    assert!(!demo_out.exists());
     let (code, line) = flip(&golden("v41/v41_small.cases.safetensors"), "token_mask");
     assert_eq!(code, 1, "{line}");
     assert!(

@@ -239,6 +239,25 @@ fn v41_errors_are_one_line() {
         ],
         "token_mask",
     );
+    // A mask value other than 0 or 1 (read as text before), and --random-hidden beside the
+    // inputs' hidden states (ignored before).
+    let (_, at) = TensorFile::open(&cases)
+        .unwrap()
+        .raw("token_mask")
+        .unwrap()
+        .location()
+        .unwrap();
+    let mut bytes = std::fs::read(&cases).unwrap();
+    bytes[at as usize + 3] = 2;
+    let mask2 = tmp("v41-mask-2.safetensors");
+    std::fs::write(&mask2, &bytes).unwrap();
+    let mut a = base.to_vec();
+    a[6] = s(&mask2);
+    a.extend(["--layer", "1"]);
+    expect_error(&a, "expected 0 or 1 (1 = text), found 2 at flat index 3");
+    let mut a = base.to_vec();
+    a.extend(["--layer", "1", "--random-hidden", "3"]);
+    expect_error(&a, "--random-hidden");
     // Any --chunk, the largest included, is one-shot output.
     let mut a = base.to_vec();
     a.extend(["--layer", "1"]);

@@ -766,3 +766,73 @@ fn a_base_too_large_for_int64_row_ids_is_refused() {
     let e = layer_params(&c).unwrap_err().to_string();
     assert!(e.contains("engram_vocab_size") && e.contains("2^63"), "{e}");
 }
+
+/// NaN in a layer's weights is named where it is met, as in the demo layer: `q_weight`
+/// (bf16), `wkv` codes (e4m3fn 0x7F) and scales (e8m0 0xFF) when the layer loads, a table
+/// row's code when a token gathers it (the table stays unread until then: 100 GB in the
+/// real model). They gave NaN outputs.
+#[test]
+fn nan_weights_are_named() {
+    let dir = tmp_dir("v41-nan");
+    let src = v41("v41_small.weights.safetensors");
+    let f = TensorFile::open(&src).unwrap();
+    // A copy of the checkpoint with `bytes` written over tensor `name`'s first bytes.
+    let poisoned = |name: &str, bytes: &[u8]| {
+        let (_, at) = f
+            .raw(name)
+            .unwrap()
+            .location()
+            .map(|(p, o)| (p.to_path_buf(), o))
+            .unwrap();
+        let mut all = std::fs::read(&src).unwrap();
+        all[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        let p = dir.join(format!("{name}.safetensors"));
+        std::fs::write(&p, all).unwrap();
+        p
+    };
+    let bf16_nan = half::bf16::NAN.to_le_bytes();
+    for (name, bytes) in [
+        ("layers.1.engram.q_weight", &bf16_nan[..]),
+        ("layers.1.engram.wkv.weight", &[0x7F][..]),
+        ("layers.1.engram.wkv.scale", &[0xFF][..]),
+    ] {
+        let p = poisoned(name, bytes);
+        let ck = Checkpoint::open(&p).unwrap();
+        let Err(e) = V41Layer::load(&cfg(), compression(), &ck, 1) else {
+            panic!("{name}: NaN accepted");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(name) && e.contains("NaN") && e.contains("index 0"),
+            "{e}"
+        );
+        // The other layer's tensors are untouched: it loads.
+        V41Layer::load(&cfg(), compression(), &ck, 14).unwrap();
+    }
+    // Every code of layer 1's table NaN: the first row gathered is named.
+    let table = "layers.1.engram.embed.weight";
+    let codes = f.raw(table).unwrap().data().len();
+    let p = poisoned(table, &vec![0xFF; codes]);
+    let l = V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
+    let mut st = vec![l.new_state()];
+    for path in [V41Path::Fused, V41Path::Reference] {
+        let e = l
+            .forward_ragged(
+                &mut st,
+                &[5, 6],
+                &vec![0.25f32; 2 * 1024],
+                None,
+                &[0, 2],
+                true,
+                path,
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(table) && e.contains("NaN"), "{path:?}: {e}");
+    }
+    assert_eq!(
+        st[0].position, 0,
+        "a failed call leaves the state as it was"
+    );
+}

@@ -68,10 +68,38 @@ fn expect(name: &str, t: &RawTensor, dtype: Dtype, shape: &[usize]) -> Result<()
 
 fn bf16_vec(name: &str, t: &RawTensor, shape: &[usize]) -> Result<Vec<f32>> {
     expect(name, t, Dtype::BF16, shape)?;
-    Ok(t.data()
+    let v: Vec<f32> = t
+        .data()
         .chunks_exact(2)
         .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect())
+        .collect();
+    if let Some(index) = crate::ops::first_non_finite(&v) {
+        return Err(EngramError::NonFinite {
+            name: name.into(),
+            index,
+            value: v[index],
+        });
+    }
+    Ok(v)
+}
+
+/// The first NaN among fp8 bytes (`nan(b)`: the format's NaN test), as the tensor's error.
+fn fp8_finite(name: &str, t: &RawTensor, nan: impl Fn(u8) -> bool + Sync) -> Result<()> {
+    use rayon::prelude::*;
+    let data = t.data();
+    // In chunks on every core: `wkv` is 157 MB in the real model.
+    let first = data
+        .par_chunks(1 << 20)
+        .enumerate()
+        .find_map_first(|(i, c)| c.iter().position(|&b| nan(b)).map(|k| (i << 20) + k));
+    match first {
+        Some(index) => Err(EngramError::NonFinite {
+            name: name.into(),
+            index,
+            value: f32::NAN,
+        }),
+        None => Ok(()),
+    }
 }
 
 pub use crate::rows::TableOptions;
@@ -140,6 +168,8 @@ impl V41Weights {
             Dtype::F8_E8M0,
             &[kvw / BLOCK, mw / BLOCK],
         )?;
+        fp8_finite(&format!("{p}.wkv.weight"), &wkv, |b| b & 0x7F == 0x7F)?;
+        fp8_finite(&format!("{p}.wkv.scale"), &wkv_scale, |b| b == 0xFF)?;
         let q_weight = bf16_vec(
             &format!("{p}.q_weight"),
             &ck.raw(&format!("{p}.q_weight"))?,
@@ -441,6 +471,17 @@ impl V41Layer {
                     Some(b) => &mut b[..rows * mw],
                     None => &mut x[..rows * mw],
                 };
+                // A NaN code or scale in a row read (e4m3fn 0x7F / 0xFF, e8m0 0xFF) is named,
+                // as the demo layer's table values are, rather than carried to the output.
+                if let Some(k) = crate::ops::first_non_finite(x) {
+                    let (dh, col) = (self.cfg.head_dim, (k % mw) / self.cfg.head_dim);
+                    let row = hash_ids[(t0 + k / mw) * cols + col] as usize;
+                    return Err(EngramError::NonFinite {
+                        name: format!("layers.{}.engram.embed.weight", self.layer_id),
+                        index: row * dh + k % dh,
+                        value: x[k],
+                    });
+                }
                 let kv = &mut kv[..rows * kvw];
                 if let Some(e) = emb_keep.as_mut() {
                     e[t0 * mw..(t0 + rows) * mw].copy_from_slice(x);
