@@ -205,6 +205,9 @@ impl EngramConfig {
         positive("kernel_size", self.kernel_size)?;
         positive("hidden_size", self.hidden_size)?;
         positive("hc_mult", self.hc_mult)?;
+        // The backbone's fields, unused by the layer, still describe a model.
+        positive("vocab_size", self.vocab_size)?;
+        positive("num_layers", self.num_layers)?;
         if !self.n_embed_per_ngram.is_multiple_of(self.n_head_per_ngram) {
             return Err(EngramError::config(
                 "n_embed_per_ngram",

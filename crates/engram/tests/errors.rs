@@ -30,6 +30,8 @@ fn config_errors_name_the_field() {
         (r#"{"hidden_size": 0}"#, "hidden_size"),
         (r#"{"hc_mult": 0}"#, "hc_mult"),
         (r#"{"layer_ids": [1, 1]}"#, "layer_ids"),
+        (r#"{"vocab_size": 0}"#, "vocab_size"),
+        (r#"{"num_layers": 0}"#, "num_layers"),
         (r#"{"pad_id": -1}"#, "pad_id"),
         (r#"{"kernel_size": 0}"#, "kernel_size"),
         (r#"{"engram_vocab_size": [1, 5]}"#, "engram_vocab_size"),

@@ -196,6 +196,20 @@ impl V41Config {
             head_dim: uint(v, &["engram_head_dim"], 1, w)? as usize,
         };
         cfg.validate()?;
+        if let Value::Array(a) = vocab {
+            // A list gives one base per n-gram order 2..=N.
+            if a.len() != cfg.max_ngram_size - 1 {
+                return Err(EngramError::config(
+                    vname,
+                    format!(
+                        "one size per n-gram order 2..={} ({} entries) or a single integer",
+                        cfg.max_ngram_size,
+                        cfg.max_ngram_size - 1
+                    ),
+                    vocab.to_string(),
+                ));
+            }
+        }
         check_model_fields(v, &cfg.layer_ids)?;
         Ok(cfg)
     }
@@ -304,6 +318,12 @@ mod tests {
         );
         assert_eq!(a.norm_eps, 1e-20);
         assert!(is_v41(&serde_json::from_str(INFERENCE).unwrap()));
+        // A list of one base per order 2..=N is the same config.
+        let listed = INFERENCE.replace(
+            "\"engram_vocab_size\": 16000000",
+            "\"engram_vocab_size\": [16000000, 16000000, 16000000]",
+        );
+        assert_eq!(V41Config::from_json_str(&listed).unwrap(), a);
     }
 
     #[test]
@@ -333,6 +353,11 @@ mod tests {
             ),
             ("\"norm_eps\": 1e-20", "\"norm_eps\": 0", "norm_eps"),
             ("\"vocab_size\": 129280", "\"vocab_size\": 0", "vocab_size"),
+            (
+                "\"engram_vocab_size\": 16000000",
+                "\"engram_vocab_size\": [16000000]",
+                "one size per n-gram order 2..=4 (3 entries)",
+            ),
             ("\"n_layers\": 61", "\"n_layers\": 0", "n_layers"),
             (
                 "\"n_layers\": 61",
