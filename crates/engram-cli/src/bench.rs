@@ -390,11 +390,11 @@ pub fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let on = |id: &str| a.given.iter().any(|g| g == id);
     if a.fma_peak || a.mem_bw {
         let flag = if a.fma_peak { "--fma-peak" } else { "--mem-bw" };
         // They measure the machine, not a layer: a flag of the layer's bench would be
         // silently dropped.
-        let on = |id: &str| a.given.iter().any(|g| g == id);
         let given = [
             (a.fma_peak && a.mem_bw, "--mem-bw (run it on its own)"),
             // Flags with defaults: given on the command line, or (for a caller that fills
@@ -431,6 +431,17 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         if let Some((_, what)) = given.iter().find(|(g, _)| *g) {
             bail!("{flag} measures this machine's limits; expected no {what} with it");
         }
+        // Any other option typed out, at its default value too.
+        if let Some(id) = a
+            .given
+            .iter()
+            .find(|g| !["fma_peak", "mem_bw", "json", "threads"].contains(&g.as_str()))
+        {
+            bail!(
+                "{flag} measures this machine's limits; expected no --{} with it",
+                id.replace('_', "-")
+            );
+        }
         return if a.fma_peak {
             fma_peak(a.json)
         } else {
@@ -455,13 +466,24 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         bail!("--runs: expected at most {MAX_RUNS}, found {}", a.runs);
     }
     let path: ForwardPath = a.path.parse()?;
+    // Row-store options typed out (at their defaults too).
+    let table_given = a
+        .given
+        .iter()
+        .any(|g| g.starts_with("table_") || g.starts_with("store_") || g == "io_depth");
+    if a.vec_buffers && a.chunk.is_some() {
+        bail!("--vec-buffers: a chunked prefill always streams through Vecs; expected no --chunk with it");
+    }
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
         let table = a.table.options()?;
-        if a.weights.is_none() && table != engram::rows::TableOptions::default() {
+        if a.weights.is_none() && (table_given || table != engram::rows::TableOptions::default()) {
             bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
         }
         let ignored = [
-            (a.dtype != "f32", "--dtype (a V4.1 layer keeps fp8 weights)"),
+            (
+                a.dtype != "f32" || on("dtype"),
+                "--dtype (a V4.1 layer keeps fp8 weights)",
+            ),
             (a.batch != 1, "--batch (one sequence of --tokens tokens)"),
             (a.decode || a.chunk.is_some(), "--decode / --chunk"),
             (
@@ -499,7 +521,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         );
     }
     let table = a.table.options()?;
-    if a.weights.is_none() && table != engram::rows::TableOptions::default() {
+    if a.weights.is_none() && (table_given || table != engram::rows::TableOptions::default()) {
         bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
     }
     let dtype: DType = a.dtype.parse()?;

@@ -658,6 +658,38 @@ fn flags_that_would_be_dropped_are_refused() {
             vec!["bench", "--fma-peak", "--tokenizer", "/nope.json"],
             "--tokenizer",
         ),
+        (
+            vec!["bench", "--fma-peak", "--table-io", "mmap"],
+            "--table-io",
+        ),
+        (
+            vec!["bench", "--vec-buffers", "--chunk", "8"],
+            "--vec-buffers",
+        ),
+        (
+            vec![
+                "bench",
+                "--config",
+                s(&v41),
+                "--layer",
+                "1",
+                "--dtype",
+                "f32",
+            ],
+            "--dtype",
+        ),
+        (
+            vec![
+                "bench",
+                "--config",
+                s(&v41),
+                "--layer",
+                "1",
+                "--table-io",
+                "mmap",
+            ],
+            "give --weights",
+        ),
         // Commands that read no tokenizer refuse one (it was dropped silently).
         (
             vec!["compare", "--tokenizer", "t.json", s(&small_w), s(&small_w)],
