@@ -180,30 +180,48 @@ impl<'de> serde::Deserialize<'de> for HeaderEntries {
 /// overlap the previous tensor's, or end past the file. (The crate reports the size case
 /// without a name, a duplicate as another tensor's offset, and adds the offsets' end to the
 /// header length unchecked, which a crafted header makes overflow: a panic in builds with
-/// overflow checks, as the fuzz targets and tests are.) Headers that are not JSON objects
-/// or whose entries lack these fields are left to `safetensors`, whose errors describe them.
+/// overflow checks, as the fuzz targets and tests are.) The file's frame is checked first:
+/// its 8-byte header length, within the file and `safetensors`' limit, then a JSON object,
+/// then each entry's three fields. Fields of another type than expected (a string shape,
+/// say) are left to `safetensors`, whose errors describe them.
 fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
     const MAX_HEADER: u64 = 100_000_000; // safetensors' own limit
+    let file = |message: String| EngramError::SafeTensors {
+        path: path.display().to_string(),
+        message,
+    };
     let Some(n) = bytes.get(..8) else {
-        return Ok(());
+        return Err(file(format!(
+            "expected at least 8 bytes (the header's length), found {}",
+            bytes.len()
+        )));
     };
     let n = u64::from_le_bytes(n.try_into().expect("8 bytes"));
-    let Some(data_len) = (bytes.len() as u64)
-        .checked_sub(8)
-        .and_then(|l| l.checked_sub(n))
-    else {
-        return Ok(());
-    };
     if n > MAX_HEADER {
-        return Ok(());
+        return Err(file(format!(
+            "expected a header length of at most {MAX_HEADER} bytes, found {n}"
+        )));
     }
-    let Ok(HeaderEntries(entries)) = serde_json::from_slice(&bytes[8..8 + n as usize]) else {
-        return Ok(());
+    let Some(data_len) = (bytes.len() as u64 - 8).checked_sub(n) else {
+        return Err(file(format!(
+            "expected a header length of at most the {} bytes after it, found {n}",
+            bytes.len() - 8
+        )));
     };
-    let bad = |name: &str, message: String| EngramError::SafeTensors {
-        path: path.display().to_string(),
-        message: format!("tensor `{name}`: {message}"),
+    let entries = match serde_json::from_slice(&bytes[8..8 + n as usize]) {
+        Ok(HeaderEntries(entries)) => entries,
+        Err(e) => {
+            return Err(file(format!(
+                "expected a JSON object of tensors as the header, found {e}"
+            )))
+        }
     };
+    let bad = |name: &str, message: String| file(format!("tensor `{name}`: {message}"));
+    if entries.iter().all(|(k, _)| k == "__metadata__") && data_len > 0 {
+        return Err(file(format!(
+            "expected no data after a header without tensors, found {data_len} bytes"
+        )));
+    }
     let mut seen = std::collections::HashSet::new();
     // (begin, end, name) of every tensor whose offsets could be read.
     let mut spans: Vec<(u64, u64, &str)> = Vec::new();
@@ -213,6 +231,15 @@ fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
             return Err(bad(
                 name,
                 "expected each tensor name once in the header, found it twice".into(),
+            ));
+        }
+        if let Some(field) = ["dtype", "shape", "data_offsets"]
+            .into_iter()
+            .find(|f| info.get(f).is_none())
+        {
+            return Err(bad(
+                name,
+                format!("expected fields dtype, shape and data_offsets, found no `{field}`"),
             ));
         }
         let offsets = info

@@ -886,6 +886,52 @@ fn malformed_header_entries_name_the_tensor_expected_and_found() {
             assert!(msg.contains(w), "{header}: `{w}` missing from: {msg}");
         }
     }
+    // The frame: missing fields, no tensors but data, a header that is not a JSON object.
+    for (header, data, wanted) in [
+        (
+            r#"{"a":{"shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+            "tensor `a`: expected fields dtype, shape and data_offsets, found no `dtype`",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2]}}"#,
+            8,
+            "found no `data_offsets`",
+        ),
+        (r#"{"a":5}"#, 0, "found no `dtype`"),
+        (
+            r#"{}"#,
+            4,
+            "expected no data after a header without tensors, found 4 bytes",
+        ),
+        (r#"[1, 2]"#, 0, "expected a JSON object of tensors"),
+        (r#"{"a":"#, 0, "expected a JSON object of tensors"),
+    ] {
+        let msg = crafted_header_error(header, data);
+        assert!(msg.contains(wanted), "{header}: {msg}");
+    }
+    let raw_error = |bytes: Vec<u8>| match engram::tensors::TensorFile::from_bytes("raw.st", bytes)
+    {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    let msg = raw_error(vec![1, 2, 3]);
+    assert!(
+        msg.contains("raw.st") && msg.contains("at least 8 bytes") && msg.contains("found 3"),
+        "{msg}"
+    );
+    let mut long = 1_000_000u64.to_le_bytes().to_vec();
+    long.extend(b"{}");
+    let msg = raw_error(long);
+    assert!(
+        msg.contains("at most the 2 bytes after it, found 1000000"),
+        "{msg}"
+    );
+    let msg = raw_error((1u64 << 63).to_le_bytes().to_vec());
+    assert!(
+        msg.contains("at most 100000000 bytes, found 9223372036854775808"),
+        "{msg}"
+    );
     // A shape whose byte count overflows 64 bits.
     let msg = crafted_header_error(
         r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
