@@ -78,6 +78,21 @@ pub fn load_states(path: impl AsRef<Path>, e: &Engram) -> Result<Vec<EngramState
     load_states_from(&TensorFile::open(path)?, e)
 }
 
+/// A tensor of a state file other than `names` (a state file holds those alone): an error
+/// naming it.
+pub(crate) fn extra_tensor(f: &TensorFile, names: &[&str]) -> Result<()> {
+    let mut all = f.names();
+    all.sort();
+    match all.into_iter().find(|n| !names.contains(&n.as_str())) {
+        Some(n) => Err(EngramError::invalid(
+            format!("tensor `{n}` in states {}", f.path().display()),
+            format!("only {} in a state file", names.join(", ")),
+            "an extra tensor",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Reads the states of a batch for layer `e` from an opened file.
 pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
     load_checked(f, e).map_err(|err| f.in_file(err))
@@ -85,6 +100,7 @@ pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> 
 
 fn load_checked(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
     let cfg = e.config();
+    extra_tensor(f, &["ngram_history", "conv_history", "position"])?;
     let j = f.metadata().get("engram_config").ok_or_else(|| {
         EngramError::invalid(
             format!("states in {}", f.path().display()),

@@ -751,6 +751,24 @@ fn states_are_checked_on_call_save_and_restore() {
     let err = edited("engram_compression", "5 canonical ids, sha256 00".into());
     assert!(err.contains("a tokenizer of 5 canonical ids"), "{err}");
     assert_eq!(engram::state_io::load_states(&file, &e).unwrap().len(), 2);
+    // A tensor a state file does not hold (it was ignored).
+    let extra = tmp("states-extra.safetensors");
+    let mut w = TensorWriter::new();
+    w.i64("ngram_history", &hist.shape, &hist.data)
+        .f32("conv_history", &conv.shape, &conv.data)
+        .i64("position", &pos.shape, &pos.data)
+        .i64("foo", &[1], &[7]);
+    for (k, v) in &meta {
+        w.meta(k, v.clone());
+    }
+    w.write(&extra).unwrap();
+    let err = engram::state_io::load_states(&extra, &e)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor `foo`") && err.contains("extra"),
+        "{err}"
+    );
     // A position that its history contradicts: fewer tokens read than the history holds
     // leaves pads and zero conv rows at its start.
     let pad = fresh.ngram_history()[0];

@@ -733,6 +733,21 @@ fn states_are_checked_on_call_save_and_load() {
     );
     let e = write(&hist, "engram_compression", "99092 canonical ids, sha256 0");
     assert!(e.contains("engram_compression"), "{e}");
+    // A tensor a state file does not hold (it was ignored).
+    let mut w = engram::tensors::TensorWriter::new();
+    w.i64("history", &[2, 3], &hist)
+        .i64("position", &[2], &pos)
+        .i64("extra", &[1], &[1]);
+    for (k, v) in &meta {
+        w.meta(k, v.as_str());
+    }
+    let p = dir.join("extra.safetensors");
+    w.write(&p).unwrap();
+    let e = l.load_states(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor `extra`") && e.contains("extra tensor"),
+        "{e}"
+    );
 }
 
 /// A dead token's output is formed as `h + 0·value`, as in the reference: -0.0 comes out

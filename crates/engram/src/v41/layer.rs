@@ -872,6 +872,7 @@ impl V41Layer {
                 ));
             }
         }
+        crate::state_io::extra_tensor(&f, &["history", "position"])?;
         let n1 = self.hashing.history_len();
         // Errors of the file's contents name the file.
         let in_file = |e: EngramError| EngramError::InFile {
