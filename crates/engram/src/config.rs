@@ -133,6 +133,11 @@ impl EngramConfig {
                 expected,
                 found,
             },
+            // A field's error names the file too.
+            field @ EngramError::Config { .. } => EngramError::InFile {
+                path: format!("config {}", path.display()),
+                source: Box::new(field),
+            },
             other => other,
         })?;
         Ok(cfg)
@@ -147,6 +152,14 @@ impl EngramConfig {
         if text.trim_start().starts_with('[') {
             return Err(EngramError::invalid("config", "a JSON object", "an array"));
         }
+        // Syntax first: a trailing comma or a NaN after an unknown field (a V4.1 config's
+        // `dim`) was reported as that field.
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|source| {
+            EngramError::ConfigJson {
+                path: "<string>".into(),
+                source,
+            }
+        })?;
         let de = &mut serde_json::Deserializer::from_str(text);
         let cfg: EngramConfig = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let field = e.path().to_string();

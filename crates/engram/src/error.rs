@@ -21,7 +21,7 @@ pub enum EngramError {
         found: String,
     },
     /// A config file could not be parsed as JSON.
-    #[error("config {path}: {source}")]
+    #[error("config {path}: expected a JSON object, found invalid JSON ({source})")]
     ConfigJson {
         /// The file.
         path: String,

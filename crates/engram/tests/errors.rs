@@ -42,6 +42,28 @@ fn config_errors_name_the_field() {
         let e = EngramConfig::from_json_str(json).unwrap_err();
         assert!(e.to_string().contains(field), "{json}: {e}");
     }
+    // A syntax error after an unknown field is the syntax error (it was the field), and a
+    // file's errors name the file.
+    for (json, wanted) in [
+        (
+            r#"{"dim": 256, "hc_mult": 4,}"#,
+            "invalid JSON (key must be a string at line 1",
+        ),
+        (
+            r#"{"dim": 256, "norm_eps": NaN}"#,
+            "invalid JSON (expected value at line 1",
+        ),
+        (r#"{"hidden_size": "1024"}"#, "config field `hidden_size`"),
+        (r#"{"hidden_size": 0}"#, "config field `hidden_size`"),
+    ] {
+        let p = tmp("config-syntax.json");
+        std::fs::write(&p, json).unwrap();
+        let e = EngramConfig::from_json_file(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(wanted) && e.contains(&*p.to_string_lossy()),
+            "{json}: {e}"
+        );
+    }
 }
 
 #[test]
