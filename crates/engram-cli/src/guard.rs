@@ -104,6 +104,14 @@ impl Files {
     /// exist.
     pub fn check(&self) -> Result<()> {
         for (i, (flag, out)) in self.outputs.iter().enumerate() {
+            // `o.st/` names a folder the OS will not find in a file `o.st`; the write
+            // failed only after the run.
+            if out.as_os_str().as_encoded_bytes().ends_with(b"/") {
+                bail!(
+                    "{flag} {}: expected a file path to write, found a path ending in /",
+                    out.display()
+                );
+            }
             if out.is_dir() {
                 bail!(
                     "{flag} {}: expected a file path to write, found a directory",

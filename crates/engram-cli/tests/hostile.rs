@@ -931,6 +931,25 @@ fn compare_takes_every_dtype_and_non_finite_values() {
         "tensor `token_mask` in",
     );
     assert!(!demo_out.exists());
+    // An output path ending in / (a file of that name exists): refused before the run.
+    std::fs::write(&demo_out, b"keep").unwrap();
+    let slash = format!("{}/", demo_out.display());
+    let (inputs2, _) = case_inputs("seed_text");
+    expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&golden("small.config.json")),
+            "--weights",
+            s(&golden("small.weights.safetensors")),
+            "--inputs",
+            s(&inputs2),
+            "--out",
+            &slash,
+        ],
+        "found a path ending in /",
+    );
+    assert_eq!(std::fs::read(&demo_out).unwrap(), b"keep");
     let (code, line) = flip(&golden("v41/v41_small.cases.safetensors"), "token_mask");
     assert_eq!(code, 1, "{line}");
     assert!(
