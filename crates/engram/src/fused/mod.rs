@@ -747,22 +747,6 @@ impl<'e> Driver<'e> {
                     }
                 }
                 profile::add(Stage::Projection, clock);
-                if std::env::var_os("ENGRAM_TOUCH").is_some() {
-                    // DIAGNOSTIC: read y and the tile's hidden rows once, timed as io_wait.
-                    let clock = Instant::now();
-                    let mut acc = 0.0f32;
-                    for v in y[..rows * np].iter().step_by(16) {
-                        acc += *v;
-                    }
-                    for &(si, a, b, _) in &segs {
-                        let seq = &seqs[pieces[si].seq];
-                        for v in seq.hidden[a * c..b * c].iter().step_by(16) {
-                            acc += *v;
-                        }
-                    }
-                    std::hint::black_box(acc);
-                    profile::add(Stage::IoWait, clock);
-                }
                 if let (Some(f), Some(buf)) = (&feed, fed) {
                     f.give_back(buf);
                 }
