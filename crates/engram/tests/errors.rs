@@ -940,6 +940,11 @@ fn malformed_header_entries_name_the_tensor_expected_and_found() {
         ),
         (r#"{"a":5}"#, 0, "found no `dtype`"),
         (
+            r#"{"a":{"dtype":"F32","data_offsets":[0,8]}}"#,
+            8,
+            "found no `shape`",
+        ),
+        (
             r#"{}"#,
             4,
             "expected no data after a header without tensors, found 4 bytes",

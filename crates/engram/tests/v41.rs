@@ -808,7 +808,9 @@ fn nan_weights_are_named() {
     let bf16_nan = half::bf16::NAN.to_le_bytes();
     for (name, bytes) in [
         ("layers.1.engram.q_weight", &bf16_nan[..]),
+        ("layers.1.engram.k_weight", &bf16_nan[..]),
         ("layers.1.engram.wkv.weight", &[0x7F][..]),
+        ("layers.1.engram.wkv.weight", &[0xFF][..]),
         ("layers.1.engram.wkv.scale", &[0xFF][..]),
     ] {
         let p = poisoned(name, bytes);
