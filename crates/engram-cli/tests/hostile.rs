@@ -888,29 +888,21 @@ fn compare_takes_every_dtype_and_non_finite_values() {
     let ids_bytes: Vec<u8> = ids.data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let h_bytes: Vec<u8> = h.data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mask = vec![1u8; n];
+    let view = |dtype, shape: &[usize], bytes| {
+        safetensors::tensor::TensorView::new(dtype, shape.to_vec(), bytes).unwrap()
+    };
     let views = [
         (
             "input_ids",
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::I64,
-                ids.shape.clone(),
-                &ids_bytes,
-            )
-            .unwrap(),
+            view(safetensors::Dtype::I64, &ids.shape, &ids_bytes),
         ),
         (
             "hidden_states",
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                h.shape.clone(),
-                &h_bytes,
-            )
-            .unwrap(),
+            view(safetensors::Dtype::F32, &h.shape, &h_bytes),
         ),
         (
             "token_mask",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, ids.shape.clone(), &mask)
-                .unwrap(),
+            view(safetensors::Dtype::U8, &ids.shape, &mask),
         ),
     ];
     let masked = d.join("masked.st");

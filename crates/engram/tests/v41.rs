@@ -633,54 +633,24 @@ fn states_are_checked_on_call_save_and_load() {
     let l = layer(1);
     let dir = tmp_dir("v41-states");
     let h = vec![0.25f32; 1024];
+    // One token (id 5) on the fused path from `states`.
+    let step = |states: &mut Vec<engram::v41::V41State>| {
+        l.forward_ragged(states, &[5], &h, None, &[0, 1], true, V41Path::Fused, false)
+    };
     let mut bad = vec![l.new_state()];
     bad[0].history[1] = 1_000_000_000_000_000;
-    let e = l
-        .forward_ragged(
-            &mut bad,
-            &[5],
-            &h,
-            None,
-            &[0, 1],
-            true,
-            V41Path::Fused,
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+    let e = step(&mut bad).unwrap_err().to_string();
     assert!(e.contains("states[0].history[1]"), "{e}");
     // A canonical id where a state at position 0 can only hold DEAD.
     let mut early = vec![l.new_state()];
     early[0].history[2] = 5;
-    let e = l
-        .forward_ragged(
-            &mut early,
-            &[5],
-            &h,
-            None,
-            &[0, 1],
-            true,
-            V41Path::Fused,
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+    let e = step(&mut early).unwrap_err().to_string();
     assert!(
         e.contains("states[0].history[2]") && e.contains("DEAD") && e.contains("position 0"),
         "{e}"
     );
     early[0].position = 1;
-    l.forward_ragged(
-        &mut early,
-        &[5],
-        &h,
-        None,
-        &[0, 1],
-        true,
-        V41Path::Fused,
-        false,
-    )
-    .unwrap();
+    step(&mut early).unwrap();
     // Saving: a good file first, then a bad state must leave it intact.
     let file = dir.join("s.safetensors");
     let mut good = vec![l.new_state(); 2];
