@@ -908,39 +908,29 @@ fn compare_takes_every_dtype_and_non_finite_values() {
     let masked = d.join("masked.st");
     std::fs::write(&masked, safetensors::serialize(views, None).unwrap()).unwrap();
     let demo_out = d.join("demo-out.st");
-    expect_error(
-        &[
-            "forward",
-            "--config",
-            s(&golden("small.config.json")),
-            "--weights",
-            s(&golden("small.weights.safetensors")),
-            "--inputs",
-            s(&masked),
-            "--out",
-            s(&demo_out),
-        ],
-        "tensor `token_mask` in",
-    );
+    // `forward` on the small demo layer.
+    let demo_forward = |inputs: &Path, out: &str, needle: &str| {
+        expect_error(
+            &[
+                "forward",
+                "--config",
+                s(&golden("small.config.json")),
+                "--weights",
+                s(&golden("small.weights.safetensors")),
+                "--inputs",
+                s(inputs),
+                "--out",
+                out,
+            ],
+            needle,
+        );
+    };
+    demo_forward(&masked, s(&demo_out), "tensor `token_mask` in");
     assert!(!demo_out.exists());
     // An output path ending in / (a file of that name exists): refused before the run.
     std::fs::write(&demo_out, b"keep").unwrap();
     let slash = format!("{}/", demo_out.display());
-    let (inputs2, _) = case_inputs("seed_text");
-    expect_error(
-        &[
-            "forward",
-            "--config",
-            s(&golden("small.config.json")),
-            "--weights",
-            s(&golden("small.weights.safetensors")),
-            "--inputs",
-            s(&inputs2),
-            "--out",
-            &slash,
-        ],
-        "found a path ending in /",
-    );
+    demo_forward(&inputs, &slash, "found a path ending in /");
     assert_eq!(std::fs::read(&demo_out).unwrap(), b"keep");
     let (code, line) = flip(&golden("v41/v41_small.cases.safetensors"), "token_mask");
     assert_eq!(code, 1, "{line}");
