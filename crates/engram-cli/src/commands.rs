@@ -22,7 +22,7 @@ pub fn set_layer(cfg: &mut EngramConfig, layer: Option<u64>) -> Result<()> {
     if let Some(l) = layer {
         if !cfg.layer_ids.contains(&l) {
             bail!(
-                "--layer {l}: expected one of the config's layer_ids {:?}",
+                "--layer: expected one of the config's layer_ids {:?}, found {l}",
                 cfg.layer_ids
             );
         }

@@ -225,7 +225,7 @@ fn errors_exit_non_zero_with_one_message() {
         ),
         (
             owned(&["demo", "--layer", "4"]),
-            "--layer 4: expected one of the config's layer_ids",
+            "--layer: expected one of the config's layer_ids [1, 15], found 4",
         ),
         (owned(&["bench", "--tokens", "0"]), "--tokens"),
     ];

@@ -963,7 +963,7 @@ fn load(
         if let Some(l) = layer {
             if !cfg.layer_ids.contains(&l) {
                 return Err(verr(format!(
-                    "layer={l}: expected one of the config's layer_ids {:?}",
+                    "layer: expected one of the config's layer_ids {:?}, found {l}",
                     cfg.layer_ids
                 )));
             }

@@ -187,7 +187,7 @@ def test_errors_are_python_exceptions(small, stages, golden, tmp_path):
     with pytest.raises(ValueError, match="threads"):
         engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", threads=0)
     # A demo layer's `layer` is one of its config's layer_ids, named as the argument.
-    with pytest.raises(ValueError, match="layer=7: expected one of the config's layer_ids"):
+    with pytest.raises(ValueError, match=r"layer: expected one of the config's layer_ids \[1, 15\], found 7"):
         engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors", layer=7)
     with pytest.raises(ValueError, match="config"):
         engram.Engram.load(42, golden / "small.weights.safetensors")

@@ -169,11 +169,14 @@ impl EngramConfig {
                 inner.classify(),
                 serde_json::error::Category::Syntax | serde_json::error::Category::Eof
             );
-            if syntax || field.is_empty() || field == "." || field == "?" {
+            if syntax {
                 EngramError::ConfigJson {
                     path: "<string>".into(),
                     source: inner,
                 }
+            } else if field.is_empty() || field == "." || field == "?" {
+                // Valid JSON of another kind than an object (`42`, `null`).
+                EngramError::invalid("config", "a JSON object", inner.to_string())
             } else {
                 EngramError::Config {
                     field,

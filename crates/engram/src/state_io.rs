@@ -108,11 +108,13 @@ fn load_checked(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
             "no such metadata",
         )
     })?;
-    let saved: EngramConfig =
-        serde_json::from_str(j).map_err(|source| EngramError::ConfigJson {
-            path: format!("{} (engram_config metadata)", f.path().display()),
-            source,
-        })?;
+    let saved: EngramConfig = serde_json::from_str(j).map_err(|e| {
+        EngramError::invalid(
+            format!("states in {}: metadata engram_config", f.path().display()),
+            "a demo layer's config",
+            e.to_string(),
+        )
+    })?;
     // Every field that shapes a state or the ids in it must agree.
     let fields: [(&str, String, String); 8] = [
         (

@@ -55,6 +55,7 @@ fn config_errors_name_the_field() {
         ),
         (r#"{"hidden_size": "1024"}"#, "config field `hidden_size`"),
         (r#"{"hidden_size": 0}"#, "config field `hidden_size`"),
+        ("42", "expected a JSON object, found invalid type: integer"),
     ] {
         let p = tmp("config-syntax.json");
         std::fs::write(&p, json).unwrap();

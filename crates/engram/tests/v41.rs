@@ -796,30 +796,35 @@ fn nan_weights_are_named() {
         // The other layer's tensors are untouched: it loads.
         V41Layer::load(&cfg(), compression(), &ck, 14).unwrap();
     }
-    // Every code of layer 1's table NaN: the first row gathered is named.
+    // Every code (or scale) of layer 1's table NaN: the first row gathered is named.
     let table = "layers.1.engram.embed.weight";
-    let codes = f.raw(table).unwrap().data().len();
-    let p = poisoned(table, &vec![0xFF; codes]);
-    let l = V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
-    let mut st = vec![l.new_state()];
-    for path in [V41Path::Fused, V41Path::Reference] {
-        let e = l
-            .forward_ragged(
-                &mut st,
-                &[5, 6],
-                &vec![0.25f32; 2 * 1024],
-                None,
-                &[0, 2],
-                true,
-                path,
-                false,
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(table) && e.contains("NaN"), "{path:?}: {e}");
+    for tensor in [table, "layers.1.engram.embed.scale"] {
+        let bytes = f.raw(tensor).unwrap().data().len();
+        let p = poisoned(tensor, &vec![0xFF; bytes]);
+        let l = V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
+        let mut st = vec![l.new_state()];
+        for path in [V41Path::Fused, V41Path::Reference] {
+            let e = l
+                .forward_ragged(
+                    &mut st,
+                    &[5, 6],
+                    &vec![0.25f32; 2 * 1024],
+                    None,
+                    &[0, 2],
+                    true,
+                    path,
+                    false,
+                )
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(table) && e.contains("embed.scale") && e.contains("NaN"),
+                "{tensor} {path:?}: {e}"
+            );
+        }
+        assert_eq!(
+            st[0].position, 0,
+            "a failed call leaves the state as it was"
+        );
     }
-    assert_eq!(
-        st[0].position, 0,
-        "a failed call leaves the state as it was"
-    );
 }

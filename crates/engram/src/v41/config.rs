@@ -93,24 +93,17 @@ fn uint_list(v: &Value, names: &[&'static str], min: u64) -> Result<Vec<u64>> {
         .collect()
 }
 
-/// The model's own fields that the Engram layers depend on, checked where the config has
-/// them (an Engram-only config may leave them out): the model's vocabulary (`vocab_size`,
-/// the ids a layer can be given) is not empty, and every Engram layer id names one of its
-/// `n_layers` / `num_hidden_layers` layers.
-fn check_model_fields(v: &Value, layer_ids: &[u64]) -> Result<()> {
+/// The model's own fields, checked where the config has them (an Engram-only config may
+/// leave them out): its vocabulary (`vocab_size`) and its depth (`n_layers` /
+/// `num_hidden_layers`) are not zero. The Engram layer ids are not checked against the
+/// depth: the hashing does not depend on it, and a block past it (a multi-token
+/// prediction layer) could carry an Engram.
+fn check_model_fields(v: &Value) -> Result<()> {
     if v.get("vocab_size").is_some() {
         uint(v, &["vocab_size"], 1, i64::MAX as u64)?;
     }
     if v.get("n_layers").is_some() || v.get("num_hidden_layers").is_some() {
-        let (name, _) = field(v, &["n_layers", "num_hidden_layers"])?;
-        let layers = uint(v, &["n_layers", "num_hidden_layers"], 1, u32::MAX as u64)?;
-        if let Some(&l) = layer_ids.iter().find(|&&l| l >= layers) {
-            return Err(EngramError::config(
-                "engram_layer_ids",
-                format!("layer ids below {name} ({layers})"),
-                l,
-            ));
-        }
+        uint(v, &["n_layers", "num_hidden_layers"], 1, u32::MAX as u64)?;
     }
     Ok(())
 }
@@ -210,7 +203,7 @@ impl V41Config {
                 ));
             }
         }
-        check_model_fields(v, &cfg.layer_ids)?;
+        check_model_fields(v)?;
         Ok(cfg)
     }
 
@@ -361,13 +354,8 @@ mod tests {
             ("\"n_layers\": 61", "\"n_layers\": 0", "n_layers"),
             (
                 "\"n_layers\": 61",
-                "\"n_layers\": 14",
-                "below n_layers (14)",
-            ),
-            (
-                "\"n_layers\": 61",
-                "\"num_hidden_layers\": 10",
-                "below num_hidden_layers (10)",
+                "\"num_hidden_layers\": 0",
+                "num_hidden_layers",
             ),
         ] {
             let e = V41Config::from_json_str(&INFERENCE.replace(from, to)).unwrap_err();

@@ -471,13 +471,17 @@ impl V41Layer {
                     Some(b) => &mut b[..rows * mw],
                     None => &mut x[..rows * mw],
                 };
-                // A NaN code or scale in a row read (e4m3fn 0x7F / 0xFF, e8m0 0xFF) is named,
+                // A row read that dequantises to a non-finite value (a NaN code, e4m3fn
+                // 0x7F / 0xFF; a NaN scale, e8m0 0xFF; or a scale that overflows) is named,
                 // as the demo layer's table values are, rather than carried to the output.
                 if let Some(k) = crate::ops::first_non_finite(x) {
                     let (dh, col) = (self.cfg.head_dim, (k % mw) / self.cfg.head_dim);
                     let row = hash_ids[(t0 + k / mw) * cols + col] as usize;
                     return Err(EngramError::NonFinite {
-                        name: format!("layers.{}.engram.embed.weight", self.layer_id),
+                        name: format!(
+                            "layers.{}.engram.embed.weight (dequantised with embed.scale)",
+                            self.layer_id
+                        ),
                         index: row * dh + k % dh,
                         value: x[k],
                     });
