@@ -19,7 +19,8 @@ const MAX_RUNS: usize = 1_000_000;
 pub struct BenchArgs {
     /// The ids of the options given on the command line (not by their defaults): filled in
     /// by `main` from clap's value sources, so that `--fma-peak --tokens 4096` is refused
-    /// like `--fma-peak --tokens 8`.
+    /// like `--fma-peak --tokens 8`. `main` adds `tokenizer` when the global `--tokenizer`
+    /// is given.
     #[arg(skip)]
     pub given: Vec<String>,
     /// Tokens per sequence (L).
@@ -394,44 +395,11 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.fma_peak || a.mem_bw {
         let flag = if a.fma_peak { "--fma-peak" } else { "--mem-bw" };
         // They measure the machine, not a layer: a flag of the layer's bench would be
-        // silently dropped.
-        let given = [
-            (a.fma_peak && a.mem_bw, "--mem-bw (run it on its own)"),
-            // Flags with defaults: given on the command line, or (for a caller that fills
-            // no `given`) different from their defaults.
-            (on("tokens") || a.tokens != 4096, "--tokens"),
-            (on("batch") || a.batch != 1, "--batch"),
-            (on("runs") || a.runs != 5, "--runs"),
-            (
-                on("dtype") || a.dtype.parse::<DType>().ok() != Some(DType::F32),
-                "--dtype",
-            ),
-            (on("path") || a.path != "fused", "--path"),
-            (
-                on("device") || a.device != crate::cuda::Device::Cpu,
-                "--device",
-            ),
-            (a.decode, "--decode"),
-            (a.chunk.is_some(), "--chunk"),
-            (a.weights.is_some(), "--weights"),
-            (a.config.is_some(), "--config"),
-            (a.layer.is_some(), "--layer"),
-            (a.gather_only, "--gather-only"),
-            (a.suite, "--suite"),
-            (a.text_file.is_some(), "--text-file"),
-            (a.warm, "--warm"),
-            (a.fresh_output, "--fresh-output"),
-            (a.vec_buffers, "--vec-buffers"),
-            (on("tokenizer"), "--tokenizer"),
-            (
-                a.table.options()? != engram::rows::TableOptions::default(),
-                "--table-* / --store-* options",
-            ),
-        ];
-        if let Some((_, what)) = given.iter().find(|(g, _)| *g) {
-            bail!("{flag} measures this machine's limits; expected no {what} with it");
+        // silently dropped. Any option typed out (`given`, filled by `main` from clap's
+        // value sources) is refused, at its default value too.
+        if a.fma_peak && a.mem_bw {
+            bail!("{flag} measures this machine's limits; expected no --mem-bw with it (run it on its own)");
         }
-        // Any other option typed out, at its default value too.
         if let Some(id) = a
             .given
             .iter()

@@ -168,8 +168,12 @@ impl V41Weights {
             Dtype::F8_E8M0,
             &[kvw / BLOCK, mw / BLOCK],
         )?;
-        fp8_finite(&format!("{p}.wkv.weight"), &wkv, |b| b & 0x7F == 0x7F)?;
-        fp8_finite(&format!("{p}.wkv.scale"), &wkv_scale, |b| b == 0xFF)?;
+        fp8_finite(&format!("{p}.wkv.weight"), &wkv, |b| {
+            crate::rows::fp8::e4m3_to_f32(b).is_nan()
+        })?;
+        fp8_finite(&format!("{p}.wkv.scale"), &wkv_scale, |b| {
+            crate::rows::fp8::e8m0_to_f32(b).is_nan()
+        })?;
         let q_weight = bf16_vec(
             &format!("{p}.q_weight"),
             &ck.raw(&format!("{p}.q_weight"))?,
