@@ -748,7 +748,8 @@ pub struct CompareArgs {
     b: PathBuf,
     /// Fail (exit 1) when a float tensor differs by more than this (a finite number, 0 or
     /// more); other tensors (ints, bytes, bool, fp8) fail on any differing element.
-    #[arg(long, default_value_t = 1e-4, value_parser = parse_tol)]
+    /// (`--tol -1` reaches that check: clap would otherwise take `-1` for an option.)
+    #[arg(long, default_value_t = 1e-4, value_parser = parse_tol, allow_negative_numbers = true)]
     tol: f64,
     /// Prefix of the tensor names in the first file (e.g. `seed_text.`).
     #[arg(long, default_value = "")]

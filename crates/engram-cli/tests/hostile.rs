@@ -732,6 +732,12 @@ fn flags_that_would_be_dropped_are_refused() {
             vec!["compare", "--tol", "NaN", s(&small_w), s(&small_w)],
             "tolerance",
         ),
+        // A negative tolerance as a separate argument: named as the tolerance, not as an
+        // unexpected option.
+        (
+            vec!["compare", "--tol", "-1", s(&small_w), s(&small_w)],
+            "expected a finite tolerance of 0 or more, found -1",
+        ),
     ];
     for (args, needle) in cases {
         expect_error(&args, needle);
