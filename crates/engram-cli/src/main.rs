@@ -64,6 +64,43 @@ enum Command {
 
 fn main() -> ExitCode {
     guard::default_sigpipe();
+    quiet_stdio_panics();
+    // `println!` / `eprintln!` panic when their stream cannot be written (stdout on a full
+    // disk, a closed stderr): that is one error line (where stderr takes it) and exit 2,
+    // after the panic has unwound (so that staged output files are removed), not a
+    // backtrace and exit 101.
+    match std::panic::catch_unwind(run) {
+        Ok(code) => code,
+        Err(p) if stdio_failure(&*p).is_some() => ExitCode::from(2),
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// The message of a panic raised by `print!`-family macros that failed to write, if that is
+/// what `payload` is.
+fn stdio_failure(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())?;
+    msg.starts_with("failed printing to std").then_some(msg)
+}
+
+/// A panic hook that reports a failed write to stdout or stderr as one `error:` line (best
+/// effort: stderr may be the stream that failed) and leaves every other panic to the
+/// default hook.
+fn quiet_stdio_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| match stdio_failure(info.payload()) {
+        Some(msg) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
+        }
+        None => default(info),
+    }));
+}
+
+fn run() -> ExitCode {
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => return usage_error(e),

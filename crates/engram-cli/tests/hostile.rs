@@ -257,6 +257,39 @@ fn closed_stdout_ends_quietly() {
     }
 }
 
+/// stdout or stderr on a full disk: one error line (where stderr takes it) and exit 2, not a
+/// panic's backtrace and exit 101.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_on_stdout_or_stderr_is_an_error_not_a_panic() {
+    let full = || std::fs::File::create("/dev/full").unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args(["tokenize", "hello"])
+        .stdout(full())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "error: failed printing to stdout: No space left on device (os error 28)"
+    );
+    // An error that cannot be printed still exits 2.
+    let res = Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args([
+            "tokenize",
+            "--tokenizer",
+            "/nonexistent/tokenizer.json",
+            "x",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(full())
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+}
+
 #[test]
 fn thread_counts_are_capped_with_one_warning() {
     let (code, out, err) = engram(&["--threads", "5000", "tokenize", "--json", "hi"]);
