@@ -598,9 +598,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let mut x = 0x9E3779B97F4A7C15u64;
     let ids: Vec<i64> = match &a.text_file {
         Some(p) => {
-            let text = engram::files::read_limited_string(p, 1 << 30, "--text-file")?;
             let tok = engram::Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
-            let all = tok.encode(&text, false)?;
+            let all = crate::commands::text_file_ids(&tok, p, "--text-file", Some(b * l))?;
             if all.len() < b * l {
                 bail!(
                     "--text-file {}: expected at least {} tokens (B·L), found {}",
@@ -609,7 +608,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     all.len()
                 );
             }
-            all[..b * l].to_vec()
+            all
         }
         None => (0..b * l)
             .map(|_| {

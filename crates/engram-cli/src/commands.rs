@@ -52,6 +52,55 @@ pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
     Ok(cfg)
 }
 
+/// The raw ids of a `--text-file` (`what` names the option), at most `want` of them: the
+/// text (at most 1 GiB) is tokenized in pieces of about 1 MiB, each cut after a newline
+/// (else at a character boundary), and no further pieces once `want` ids are in hand.
+/// The tokenizer takes about 140 bytes of memory per byte of text it encodes at once, so a
+/// corpus in one call could exhaust the machine; a text under 1 MiB is one piece, as
+/// before. The ids themselves (at most one per byte of text) are checked against the free
+/// memory first.
+pub fn text_file_ids(
+    tok: &Tokenizer,
+    path: &Path,
+    what: &str,
+    want: Option<usize>,
+) -> Result<Vec<i64>> {
+    const PIECE: usize = 1 << 20;
+    let text = engram::files::read_limited_string(path, 1 << 30, what)?;
+    let most = want.map_or(text.len(), |w| w.min(text.len()));
+    let mut plan = engram::budget::MemoryPlan::new();
+    plan.add(
+        format!(
+            "the token ids of {what} {} (at most one per byte)",
+            path.display()
+        ),
+        most as u64,
+        8,
+    )?;
+    plan.check()?;
+    let mut ids = Vec::new();
+    let mut rest = text.as_str();
+    while !rest.is_empty() && want.is_none_or(|w| ids.len() < w) {
+        let mut cut = rest.len().min(PIECE);
+        while !rest.is_char_boundary(cut) {
+            cut += 1;
+        }
+        if cut < rest.len() {
+            // After the next newline within 64 KiB, so that a piece ends where a line does.
+            if let Some(i) = rest[cut..].find('\n').filter(|&i| i < 1 << 16) {
+                cut += i + 1;
+            }
+        }
+        let (piece, tail) = rest.split_at(cut);
+        ids.extend(tok.encode(piece, false)?);
+        rest = tail;
+    }
+    if let Some(w) = want {
+        ids.truncate(w);
+    }
+    Ok(ids)
+}
+
 /// Where the input ids come from: an inputs file or a text.
 #[derive(Args)]
 pub struct IdSource {
@@ -921,4 +970,41 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text over 1 MiB is tokenized in pieces cut after newlines: with single newlines
+    /// between plain lines the ids are the whole text's, and `want` keeps their prefix.
+    #[test]
+    fn text_files_are_tokenized_in_pieces_with_the_whole_texts_ids() {
+        let tok = Tokenizer::bundled().unwrap();
+        let words = [
+            "memory", "of", "the", "engram", "layer", "hashes", "rows", "42",
+        ];
+        let mut text = String::new();
+        let mut i = 0usize;
+        while text.len() < (5 << 20) / 2 {
+            for j in 0..11 {
+                text.push_str(words[(i * 7 + j * 3) % words.len()]);
+                text.push(' ');
+            }
+            text.push_str("é.\n");
+            i += 1;
+        }
+        let p = std::env::temp_dir().join(format!("engram-text-{}.txt", std::process::id()));
+        std::fs::write(&p, &text).unwrap();
+        let whole = tok.encode(&text, false).unwrap();
+        let pieces = text_file_ids(&tok, &p, "--text-file", None).unwrap();
+        assert_eq!(pieces.len(), whole.len());
+        assert!(
+            pieces == whole,
+            "piecewise ids differ from the whole text's"
+        );
+        let first = text_file_ids(&tok, &p, "--text-file", Some(1000)).unwrap();
+        assert_eq!(first, whole[..1000]);
+        std::fs::remove_file(&p).unwrap();
+    }
 }

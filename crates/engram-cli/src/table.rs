@@ -397,13 +397,12 @@ fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {
         cfg.layer_id = l;
     }
     cfg.validate()?;
-    let text = engram::files::read_limited_string(&a.text_file, 1 << 30, "--text-file")?;
+    if a.tokens == Some(0) {
+        anyhow::bail!("--tokens: expected at least 1 token, found 0");
+    }
     let tok = engram::Tokenizer::from_name_or_path(&cfg.tokenizer_name_or_path)?;
-    let mut ids = tok.encode(&text, false)?;
+    let mut ids = crate::commands::text_file_ids(&tok, &a.text_file, "--text-file", a.tokens)?;
     if let Some(n) = a.tokens {
-        if n == 0 {
-            anyhow::bail!("--tokens: expected at least 1 token, found 0");
-        }
         if n > ids.len() {
             anyhow::bail!(
                 "--tokens: expected at most the text's {} tokens, found {n}",
@@ -422,8 +421,16 @@ fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {
     let m = engram::NgramHashMapping::new(&cfg, comp)?;
     let layer = m.layer(cfg.layer_id)?;
     let offsets = layer.offsets();
-    let hashes = m.hash(cfg.layer_id, &ids, ids.len())?;
     let h = m.num_heads();
+    // Per token: its hash ids, its table rows and their sorted copy, 8 bytes a head each.
+    let mut plan = engram::budget::MemoryPlan::new();
+    plan.add_dims(
+        "the text's row lookups",
+        &[ids.len() as u64, h as u64, 3],
+        8,
+    )?;
+    plan.check()?;
+    let hashes = m.hash(cfg.layer_id, &ids, ids.len())?;
     let rows: Vec<usize> = hashes
         .chunks_exact(h)
         .flat_map(|hr| {

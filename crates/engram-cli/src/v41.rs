@@ -467,8 +467,8 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
     let proj = layer.projection();
     let ids: Vec<i64> = match a.text_file {
         Some(p) => {
-            let text = engram::files::read_limited_string(p, 1 << 30, "--text-file")?;
-            let all = tokenizer()?.encode(&text, false)?;
+            let all =
+                crate::commands::text_file_ids(&tokenizer()?, p, "--text-file", Some(tokens))?;
             if all.len() < tokens {
                 bail!(
                     "--text-file {}: expected at least {tokens} tokens (--tokens), found {}",
@@ -476,7 +476,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
                     all.len()
                 );
             }
-            all[..tokens].to_vec()
+            all
         }
         None => (0..tokens)
             .map(|_| (rnd() % comp.num_raw() as u64) as i64)
