@@ -433,8 +433,20 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             let (b, l) = batch_shape.unwrap_or((1, ids.len()));
             e.forward_detailed(&ids, &hidden, b, l, path)?
         }
+        None if a.all_stages => {
+            e.forward_ragged_detailed(&mut states, &ids, &hidden, &offsets, path)?
+        }
         None => e.forward_ragged(&mut states, &ids, &hidden, &offsets, path)?,
-        Some(n) => run_chunked(&e, &mut states, &ids, &hidden, &offsets, n, path)?,
+        Some(n) => run_chunked(
+            &e,
+            &mut states,
+            &ids,
+            &hidden,
+            &offsets,
+            n,
+            path,
+            a.all_stages,
+        )?,
     };
     let run = t0.elapsed();
     if let Some((b, l)) = batch_shape {
@@ -466,7 +478,10 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
 }
 
 /// Runs every sequence in chunks of `n` tokens, all sequences' i-th chunks as one ragged
-/// call, and reassembles the packed outputs in the original order.
+/// call, and reassembles the packed outputs in the original order: every stage the calls
+/// return (the reference path's intermediate stages; with `all_stages`, the fused path's
+/// `gated_value` and `short_conv`).
+#[allow(clippy::too_many_arguments)]
 fn run_chunked(
     e: &Engram,
     states: &mut [engram::EngramState],
@@ -475,9 +490,20 @@ fn run_chunked(
     offsets: &[usize],
     n: usize,
     path: ForwardPath,
+    all_stages: bool,
 ) -> Result<Stages> {
     let cfg = e.config();
     let (h, hc, c) = (cfg.num_heads(), cfg.hc_mult, cfg.hc_mult * cfg.hidden_size);
+    // The optional stages' row widths: embeddings [Dm], value [D], keys, gated_value and
+    // short_conv [HC·D].
+    type Field = fn(&mut Stages) -> &mut Option<Vec<f32>>;
+    let optional: [(usize, Field); 5] = [
+        (cfg.memory_width(), |s| &mut s.embeddings),
+        (cfg.hidden_size, |s| &mut s.value),
+        (c, |s| &mut s.keys),
+        (c, |s| &mut s.gated_value),
+        (c, |s| &mut s.short_conv),
+    ];
     let total = ids.len();
     let mut out = Stages {
         batch: 1,
@@ -504,7 +530,21 @@ fn run_chunked(
             rows.push(lo..hi);
             coff.push(cids.len());
         }
-        let s = e.forward_ragged(states, &cids, &chid, &coff, path)?;
+        let mut s = if all_stages {
+            e.forward_ragged_detailed(states, &cids, &chid, &coff, path)?
+        } else {
+            e.forward_ragged(states, &cids, &chid, &coff, path)?
+        };
+        for (w, field) in optional {
+            if let Some(src) = field(&mut s).take() {
+                let dst = field(&mut out).get_or_insert_with(|| vec![0.0; total * w]);
+                let mut k = 0;
+                for row in rows.iter().flat_map(|r| r.clone()) {
+                    dst[row * w..(row + 1) * w].copy_from_slice(&src[k * w..(k + 1) * w]);
+                    k += 1;
+                }
+            }
+        }
         let mut k = 0;
         for r in rows {
             for row in r {

@@ -10,11 +10,23 @@ use engram::tensors::{TensorFile, TensorWriter};
 fn forward_both_paths_and_chunked_match_golden() {
     for case in ["batch2", "long"] {
         let (inp, g) = case_inputs(case);
+        // Stages the golden file lacks for a case (`long` has gates and output only) are
+        // checked against an unchunked reference run.
+        let whole = tmp(&format!("{case}.whole.out.safetensors"));
+        let (code, _, err) = forward_small(&inp, &whole, &["--path", "reference"]);
+        assert_eq!(code, 0, "{err}");
+        let whole = TensorFile::open(&whole).unwrap();
+        let want_stage = |stage: &str| {
+            g.f32(&format!("{case}.{stage}"), None)
+                .or_else(|_| whole.f32(stage, None))
+                .unwrap()
+        };
         for args in [
             vec!["--path", "reference"],
             vec!["--path", "fused"],
             vec!["--chunk", "5"],
             vec!["--path", "reference", "--chunk", "11"],
+            vec!["--chunk", "5", "--all-stages"],
         ] {
             let out = tmp(&format!("{case}.out.safetensors"));
             let (code, _, err) = forward_small(&inp, &out, &args);
@@ -33,10 +45,22 @@ fn forward_both_paths_and_chunked_match_golden() {
                     "{case} {args:?} {stage}"
                 );
             }
-            if args == ["--path", "reference"] {
+            // The reference path writes every stage, chunked or not; the fused path with
+            // --all-stages adds gated_value and short_conv, chunked too.
+            let extra: &[&str] = if args.contains(&"reference") {
+                &["embeddings", "value", "keys", "gated_value", "short_conv"]
+            } else if args.contains(&"--all-stages") {
+                &["gated_value", "short_conv"]
+            } else {
+                &[]
+            };
+            for stage in extra {
+                let got = o.f32(stage, None).unwrap();
+                let want = want_stage(stage);
+                assert_eq!(got.shape, want.shape, "{case} {args:?} {stage} shape");
                 assert!(
-                    o.contains("keys") && o.contains("short_conv"),
-                    "the reference path writes every stage"
+                    max_err(&got.data, &want.data) <= 1e-4,
+                    "{case} {args:?} {stage}"
                 );
             }
         }
@@ -65,7 +89,7 @@ fn ragged_inputs_and_state_files() {
         .i64("offsets", &[3], &offsets);
     tw.write(&inp).unwrap();
     let out = tmp("ragged.out.safetensors");
-    let (code, _, err) = forward_small(&inp, &out, &[]);
+    let (code, _, err) = forward_small(&inp, &out, &["--all-stages"]);
     assert_eq!(code, 0, "{err}");
     let o = TensorFile::open(&out)
         .unwrap()
@@ -80,6 +104,20 @@ fn ragged_inputs_and_state_files() {
         .chain(g.f32("long.output", None).unwrap().data)
         .collect();
     assert!(max_err(&o, &want) <= 1e-4);
+    // --all-stages keeps gated_value and short_conv from a ragged input too: as the
+    // reference path computes them on the same input.
+    let ref_out = tmp("ragged.ref.out.safetensors");
+    let (code, _, err) = forward_small(&inp, &ref_out, &["--path", "reference"]);
+    assert_eq!(code, 0, "{err}");
+    for stage in ["gated_value", "short_conv"] {
+        let got = TensorFile::open(&out).unwrap().f32(stage, None).unwrap();
+        let want = TensorFile::open(&ref_out)
+            .unwrap()
+            .f32(stage, None)
+            .unwrap();
+        assert_eq!(got.shape, [1, 151, 4, 1024], "{stage}");
+        assert!(max_err(&got.data, &want.data) <= 1e-4, "{stage}");
+    }
     // Stop after the first 60 tokens of `long`, save the state, resume from the file.
     let c = 4096;
     let part = |lo: usize, hi: usize, name: &str| {
@@ -104,8 +142,23 @@ fn ragged_inputs_and_state_files() {
     );
     let (code, _, err) = forward_small(&p1, &o1, &["--state-out", s(&st)]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = forward_small(&p2, &o2, &["--state-in", s(&st)]);
+    let (code, _, err) = forward_small(&p2, &o2, &["--state-in", s(&st), "--all-stages"]);
     assert_eq!(code, 0, "{err}");
+    // --all-stages after a state file: the resumed rows' short_conv, as the reference path
+    // computes it from the same state.
+    let o2r = tmp("o2.ref.safetensors");
+    let (code, _, err) = forward_small(&p2, &o2r, &["--state-in", s(&st), "--path", "reference"]);
+    assert_eq!(code, 0, "{err}");
+    let sc = TensorFile::open(&o2)
+        .unwrap()
+        .f32("short_conv", None)
+        .unwrap();
+    let want_sc = TensorFile::open(&o2r)
+        .unwrap()
+        .f32("short_conv", None)
+        .unwrap();
+    assert_eq!(sc.shape, [1, 77, 4, 1024]);
+    assert!(max_err(&sc.data, &want_sc.data) <= 1e-4);
     let mut got = TensorFile::open(&o1)
         .unwrap()
         .f32("output", None)

@@ -386,6 +386,19 @@ impl Engram {
         self.forward_ragged_with(states, ids, hidden, offsets, path, false, None)
     }
 
+    /// [`Engram::forward_ragged`] that also keeps `gated_value` and `short_conv` on the fused
+    /// path (as [`Engram::forward_detailed`] does for fresh `[B, L]` batches).
+    pub fn forward_ragged_detailed(
+        &self,
+        states: &mut [EngramState],
+        ids: &[i64],
+        hidden: &[f32],
+        offsets: &[usize],
+        path: ForwardPath,
+    ) -> Result<Stages> {
+        self.forward_ragged_with(states, ids, hidden, offsets, path, true, None)
+    }
+
     /// [`Engram::forward_ragged`] writing the output `[T, HC, D]` into `output` (see
     /// [`Engram::forward_into`]); the returned stages' `output` is empty.
     pub fn forward_ragged_into(
