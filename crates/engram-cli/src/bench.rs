@@ -481,6 +481,31 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             },
         );
     }
+    // Options the chunked prefill and the row-store timing would drop.
+    if a.chunk.is_some() {
+        if a.fresh_output {
+            bail!("--fresh-output: a chunked prefill already gives each chunk's output a fresh buffer; expected no --chunk with it");
+        }
+        if let Some(p) = &a.text_file {
+            bail!(
+                "--text-file {}: a chunked prefill runs random ids; expected no --chunk with it",
+                p.display()
+            );
+        }
+    }
+    if a.gather_only {
+        let dropped = [
+            (a.dtype != "f32" || on("dtype"), "--dtype"),
+            (a.path != "fused" || on("path"), "--path"),
+            (a.fresh_output, "--fresh-output"),
+            (a.vec_buffers, "--vec-buffers"),
+            (a.device != crate::cuda::Device::Cpu, "--device"),
+            (a.suite, "--suite"),
+        ];
+        if let Some((_, what)) = dropped.iter().find(|(given, _)| *given) {
+            bail!("{what}: --gather-only times the row store alone (no layer math); expected no {what} with it");
+        }
+    }
     let cfg = crate::commands::load_config(&a.config)?;
     if let Some(layer) = a.layer {
         bail!(

@@ -699,6 +699,40 @@ fn flags_that_would_be_dropped_are_refused() {
             vec!["bench", "--vec-buffers", "--chunk", "8"],
             "--vec-buffers",
         ),
+        // A chunked prefill gives every chunk a fresh output and runs random ids: both
+        // options were dropped.
+        (
+            vec!["bench", "--fresh-output", "--chunk", "8"],
+            "--fresh-output: a chunked prefill",
+        ),
+        (
+            vec!["bench", "--text-file", s(&cfg), "--chunk", "8"],
+            "a chunked prefill runs random ids",
+        ),
+        // The row-store timing does no layer math: these were dropped (a typed default too).
+        (
+            vec![
+                "bench",
+                "--config",
+                s(&cfg),
+                "--weights",
+                s(&small_w),
+                "--table-cache",
+                "1M",
+                "--gather-only",
+                "--dtype",
+                "f32",
+            ],
+            "--dtype: --gather-only times the row store alone",
+        ),
+        (
+            vec!["bench", "--gather-only", "--path", "reference"],
+            "--path: --gather-only",
+        ),
+        (
+            vec!["bench", "--gather-only", "--fresh-output"],
+            "--fresh-output: --gather-only",
+        ),
         (
             vec![
                 "bench",
