@@ -126,10 +126,32 @@ impl Files {
             };
             if !dir.is_dir() {
                 bail!(
-                    "{flag} {}: expected an existing folder to write into, found no folder {}",
+                    "{flag} {}: expected an existing folder to write into, found {} {}",
                     out.display(),
+                    if dir.exists() {
+                        "a file, not a folder,"
+                    } else {
+                        "no folder"
+                    },
                     dir.display()
                 );
+            }
+            // A folder the run cannot write into fails now, naming the option, not after
+            // the run, naming the temporary file the output is staged in.
+            let probe = dir.join(format!(".engram-probe-{}-{i}", std::process::id()));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+            {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&probe);
+                }
+                Err(e) => bail!(
+                    "{flag} {}: expected a folder this run can write into, found {} ({e})",
+                    out.display(),
+                    dir.display()
+                ),
             }
             let id = file_id(out);
             for (iflag, inp) in &self.inputs {

@@ -151,6 +151,10 @@ fn outputs_never_overwrite_inputs_or_each_other() {
     fails_leaving(&strs(&args), "found a directory", &keep);
     let args = t.forward(inp, &["--out", s(&t.path("no/such/out.st"))]);
     fails_leaving(&strs(&args), "found no folder", &keep);
+    // A "folder" that is a file (the input itself) is named as a file.
+    let under_file = inp.join("out.st");
+    let args = t.forward(inp, &["--out", s(&under_file)]);
+    fails_leaving(&strs(&args), "found a file, not a folder,", &keep);
     // A device or a FIFO would be replaced by the rename: refused before any work.
     #[cfg(unix)]
     {
