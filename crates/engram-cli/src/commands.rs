@@ -584,6 +584,18 @@ pub struct HashArgs {
     out: PathBuf,
 }
 
+/// `hash` takes `input_ids` `[B, L]`: a ragged batch's `offsets` is named, not left to a
+/// shape error about `input_ids`.
+fn not_ragged(inputs: Option<&TensorFile>) -> Result<()> {
+    match inputs {
+        Some(f) if f.contains("offsets") => bail!(
+            "tensor `offsets` in {}: `hash` takes input_ids [B, L]; expected no `offsets` (ragged batches go to `forward`)",
+            f.path().display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 pub fn hash(a: HashArgs) -> Result<ExitCode> {
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
         Files::new()
@@ -594,6 +606,7 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
             .check()?;
         check_id_source(&a.src)?;
         let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+        not_ragged(inputs.as_ref())?;
         let (ids, b, l) = match (&a.src.text, &inputs) {
             (Some(t), _) => {
                 let ids = crate::v41::tokenizer()?.encode(t, !a.src.no_bos)?;
@@ -624,6 +637,7 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
         .check()?;
     check_id_source(&a.src)?;
     let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+    not_ragged(inputs.as_ref())?;
     let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
     let mut plan = engram::budget::MemoryPlan::new();
     plan.add_dims(

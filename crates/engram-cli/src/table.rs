@@ -301,9 +301,7 @@ fn raw_table(
         return Ok((raw, id));
     }
     let mut cfg = crate::commands::load_config(config)?;
-    if let Some(l) = layer {
-        cfg.layer_id = l;
-    }
+    crate::commands::set_layer(&mut cfg, layer)?;
     cfg.validate()?;
     let m = engram::NgramHashMapping::new(&cfg, engram::layer::compression_for(&cfg)?)?;
     let rows = m.layer(cfg.layer_id)?.table_rows() as usize;
@@ -393,9 +391,7 @@ fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {
     use engram::rows::{cache::CachedRows, CachePolicy, RowStore};
     use std::sync::Arc;
     let mut cfg = crate::commands::load_config(&a.config)?;
-    if let Some(l) = a.layer {
-        cfg.layer_id = l;
-    }
+    crate::commands::set_layer(&mut cfg, a.layer)?;
     cfg.validate()?;
     if a.tokens == Some(0) {
         anyhow::bail!("--tokens: expected at least 1 token, found 0");

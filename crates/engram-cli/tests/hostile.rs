@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bytes, case_inputs, engram, expect_error, golden, s, tmp_dir};
+use common::{bytes, case_inputs, engram, expect_error, golden, s, tmp, tmp_dir};
 use engram::tensors::{TensorFile, TensorWriter};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1082,4 +1082,44 @@ fn compare_takes_every_dtype_and_non_finite_values() {
     let (code, out, _) = engram(&["compare", s(&i64s), s(&u64s)]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("int: 2 differing"), "{out}");
+}
+
+/// Options and tensors that a command would misread: named as what they are.
+#[test]
+fn ragged_hash_inputs_and_cache_sim_layers_are_named() {
+    let cfg = golden("small.config.json");
+    let ragged = tmp("hash-ragged.safetensors");
+    let mut w = TensorWriter::new();
+    w.i64("input_ids", &[3], &[5, 6, 7])
+        .i64("offsets", &[3], &[0, 1, 3]);
+    w.write(&ragged).unwrap();
+    let out = tmp("hash-ragged.out.safetensors");
+    expect_error(
+        &[
+            "hash",
+            "--config",
+            s(&cfg),
+            "--inputs",
+            s(&ragged),
+            "--out",
+            s(&out),
+        ],
+        "tensor `offsets` in",
+    );
+    assert!(!out.exists());
+    let text = tmp("cache-sim-layer.txt");
+    std::fs::write(&text, "the memory of the layer").unwrap();
+    expect_error(
+        &[
+            "table",
+            "cache-sim",
+            "--config",
+            s(&cfg),
+            "--text-file",
+            s(&text),
+            "--layer",
+            "7",
+        ],
+        "--layer: expected one of the config's layer_ids [1, 15], found 7",
+    );
 }
