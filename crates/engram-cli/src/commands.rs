@@ -822,7 +822,11 @@ pub fn weights(a: WeightsArgs) -> Result<ExitCode> {
     for n in f.names() {
         let (d, s) = f.info(&n)?;
         total += s.iter().product::<usize>() * d.bitsize() / 8;
-        println!("{n:<44} {:>6} {s:?}", format!("{d:?}").to_lowercase());
+        println!(
+            "{:<44} {:>6} {s:?}",
+            shown(&n),
+            format!("{d:?}").to_lowercase()
+        );
     }
     println!("total {:.1} MB", total as f64 / 1e6);
     if let Some(cfg) = cfg {
@@ -926,19 +930,40 @@ fn int_at(d: safetensors::Dtype, b: &[u8], i: usize) -> i128 {
     i128::from_le_bytes(le)
 }
 
+/// A name from a file as a listing shows it: control characters (a newline, an escape that
+/// would drive the terminal) escaped, everything else as it is.
+pub fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.chars().any(char::is_control) {
+        name.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        name.into()
+    }
+}
+
 pub fn compare(a: CompareArgs) -> Result<ExitCode> {
     let fa = TensorFile::open(&a.a)?;
     let fb = TensorFile::open(&a.b)?;
     let mut ok = true;
     let mut n = 0;
-    for name in fb.names() {
-        let key = format!("{}{}", a.prefix, name);
+    for raw_name in fb.names() {
+        let key = format!("{}{}", a.prefix, raw_name);
         if !fa.contains(&key) {
             continue;
         }
+        // Read by its own name, shown with control characters escaped.
+        let name = shown(&raw_name);
         n += 1;
         let (da, sa) = fa.info(&key)?;
-        let (db, sb) = fb.info(&name)?;
+        let (db, sb) = fb.info(&raw_name)?;
         if sa != sb {
             println!("{name:<14} shape {sa:?} vs {sb:?}  FAIL");
             ok = false;
@@ -946,7 +971,7 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
         }
         // Read from the mapped files element by element: no copy of either tensor (a
         // table is gigabytes).
-        let (x, y) = (fa.raw(&key)?, fb.raw(&name)?);
+        let (x, y) = (fa.raw(&key)?, fb.raw(&raw_name)?);
         let (x, y) = (x.data(), y.data());
         let count: usize = sa.iter().product();
         for (d, bytes, file) in [(da, x, &a.a), (db, y, &a.b)] {

@@ -194,7 +194,8 @@ fn run() -> ExitCode {
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join(" ");
-            eprintln!("error: {msg}");
+            // A name read from a file can hold control characters (an escape sequence).
+            eprintln!("error: {}", commands::shown(&msg));
             ExitCode::from(2)
         }
     }

@@ -1123,3 +1123,19 @@ fn ragged_hash_inputs_and_cache_sim_layers_are_named() {
         "--layer: expected one of the config's layer_ids [1, 15], found 7",
     );
 }
+
+/// Tensor names with control characters are listed escaped: one line per tensor, no escape
+/// sequence reaching the terminal.
+#[test]
+fn control_characters_in_tensor_names_are_escaped() {
+    let p = tmp("ctl-names.safetensors");
+    let mut w = TensorWriter::new();
+    w.f32("a\nb\u{1b}[31mred", &[2], &[0.0, 1.0]);
+    w.write(&p).unwrap();
+    for args in [vec!["weights", s(&p)], vec!["compare", s(&p), s(&p)]] {
+        let (code, out, err) = engram(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(!out.contains('\u{1b}'), "{args:?}: {out:?}");
+        assert!(out.contains("a\\nb\\u{1b}[31mred"), "{args:?}: {out:?}");
+    }
+}
