@@ -538,10 +538,8 @@ fn run_chunked(
         for (w, field) in optional {
             if let Some(src) = field(&mut s).take() {
                 let dst = field(&mut out).get_or_insert_with(|| vec![0.0; total * w]);
-                let mut k = 0;
-                for row in rows.iter().flat_map(|r| r.clone()) {
+                for (k, row) in rows.iter().flat_map(|r| r.clone()).enumerate() {
                     dst[row * w..(row + 1) * w].copy_from_slice(&src[k * w..(k + 1) * w]);
-                    k += 1;
                 }
             }
         }
