@@ -204,8 +204,8 @@ pub struct ForwardArgs {
     weights: PathBuf,
     #[command(flatten)]
     src: IdSource,
-    /// With --text and no --inputs: hidden states = torch.randn(1, L, HC, D) after
-    /// torch.manual_seed(SEED).
+    /// Hidden states = torch.randn(B, L, HC, D) after torch.manual_seed(SEED), for ids
+    /// without hidden states: --text, or an --inputs file with `input_ids` only.
     #[arg(long, value_name = "SEED")]
     random_hidden: Option<u64>,
     /// Output safetensors file: every stage the path keeps.
