@@ -495,6 +495,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     if a.gather_only {
         let dropped = [
+            // A prefill's rows: --chunk ran the chunked prefill instead, and --decode was
+            // refused only after the weights were built.
+            (a.chunk.is_some(), "--chunk"),
+            (a.decode, "--decode"),
             (a.dtype != "f32" || on("dtype"), "--dtype"),
             (a.path != "fused" || on("path"), "--path"),
             (a.fresh_output, "--fresh-output"),
@@ -897,9 +901,6 @@ impl Buf {
     }
 }
 
-/// Chunked prefill that streams: each chunk's ids and hidden states are generated when it is
-/// run and its outputs dropped after, so memory is O(chunk) whatever the sequence length
-/// (1M tokens of f32 inputs and outputs alone would need 32 GB).
 /// `--gather-only`: the run's rows through the layer's row store, nothing else.
 fn bench_gather(
     a: &BenchArgs,
@@ -909,9 +910,6 @@ fn bench_gather(
     ids: &[i64],
     table: &engram::rows::TableOptions,
 ) -> Result<ExitCode> {
-    if a.decode || a.chunk.is_some() {
-        bail!("--gather-only: prefill only (not with --decode or --chunk)");
-    }
     let Some(store) = e.weights().table.store() else {
         bail!("--gather-only: expected a row store (--table-store, --table-io direct or --table-cache), found the table in memory");
     };
@@ -994,6 +992,9 @@ fn bench_gather(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Chunked prefill that streams: each chunk's ids and hidden states are generated when it is
+/// run and its outputs dropped after, so memory is O(chunk) whatever the sequence length
+/// (1M tokens of f32 inputs and outputs alone would need 32 GB).
 fn bench_streaming(
     a: &BenchArgs,
     e: &Engram,

@@ -54,11 +54,14 @@ pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
 
 /// The raw ids of a `--text-file` (`what` names the option), at most `want` of them: the
 /// text (at most 1 GiB) is tokenized in pieces of about 1 MiB, each cut after a newline
-/// (else at a character boundary), and no further pieces once `want` ids are in hand.
-/// The tokenizer takes about 140 bytes of memory per byte of text it encodes at once, so a
-/// corpus in one call could exhaust the machine; a text under 1 MiB is one piece, as
-/// before. The ids themselves (at most one per byte of text) are checked against the free
-/// memory first.
+/// that starts a non-blank line within the next 64 KiB (else at a character boundary), and
+/// no further pieces once `want` ids are in hand. The tokenizer takes about 140 bytes of
+/// memory per byte of text it encodes at once, so a corpus in one call could exhaust the
+/// machine; a text under 1 MiB is one piece, as before. Pre-tokenizers keep runs of
+/// whitespace such as blank lines together, hence cuts before a non-blank character: the
+/// ids then match the whole text's for the bundled tokenizer, and may differ at a cut
+/// without such a line. The ids themselves (at most one per byte of text) are checked
+/// against the free memory first.
 pub fn text_file_ids(
     tok: &Tokenizer,
     path: &Path,
@@ -86,8 +89,15 @@ pub fn text_file_ids(
             cut += 1;
         }
         if cut < rest.len() {
-            // After the next newline within 64 KiB, so that a piece ends where a line does.
-            if let Some(i) = rest[cut..].find('\n').filter(|&i| i < 1 << 16) {
+            // After a newline within the next 64 KiB that a non-blank character follows, so
+            // that a piece ends where a line does (bytes: a `\n` byte is never part of a
+            // multi-byte character, nor is the ASCII byte after it).
+            let end = (cut + (1 << 16)).min(rest.len());
+            let window = &rest.as_bytes()[cut..end];
+            if let Some(i) = window
+                .windows(2)
+                .position(|w| w[0] == b'\n' && !w[1].is_ascii_whitespace())
+            {
                 cut += i + 1;
             }
         }
@@ -1053,8 +1063,10 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
 mod tests {
     use super::*;
 
-    /// A text over 1 MiB is tokenized in pieces cut after newlines: with single newlines
-    /// between plain lines the ids are the whole text's, and `want` keeps their prefix.
+    /// A text over 1 MiB is tokenized in pieces cut before non-blank lines: with paragraphs
+    /// (blank lines, which the pre-tokenizer keeps with the newline before them) the ids
+    /// are the whole text's, and `want` keeps their prefix. A stretch of 3-byte characters
+    /// without newlines longer than a piece is cut at character boundaries.
     #[test]
     fn text_files_are_tokenized_in_pieces_with_the_whole_texts_ids() {
         let tok = Tokenizer::bundled().unwrap();
@@ -1068,10 +1080,18 @@ mod tests {
                 text.push_str(words[(i * 7 + j * 3) % words.len()]);
                 text.push(' ');
             }
-            text.push_str("é.\n");
+            // Every line a paragraph: a cut after the first newline of each blank line
+            // would change the ids at every cut.
+            text.push_str("é.\n\n");
             i += 1;
         }
         let p = std::env::temp_dir().join(format!("engram-text-{}.txt", std::process::id()));
+        // 1.5 MiB of '€' (3 bytes each) with no newline: every cut there is the fallback.
+        let mut no_lines = "€".repeat((3 << 20) / 6);
+        no_lines.push('\n');
+        std::fs::write(&p, &no_lines).unwrap();
+        let ids = text_file_ids(&tok, &p, "--text-file", None).unwrap();
+        assert!(!ids.is_empty());
         std::fs::write(&p, &text).unwrap();
         let whole = tok.encode(&text, false).unwrap();
         let pieces = text_file_ids(&tok, &p, "--text-file", None).unwrap();

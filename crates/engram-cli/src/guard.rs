@@ -101,7 +101,7 @@ impl Files {
 
     /// Refuses an output that is (the same file as) an input or another output, an output
     /// that names a directory, a device, a FIFO or a socket, and one whose folder does not
-    /// exist.
+    /// exist or cannot be written into (a probe file is created there and removed).
     pub fn check(&self) -> Result<()> {
         for (i, (flag, out)) in self.outputs.iter().enumerate() {
             // `o.st/` names a folder the OS will not find in a file `o.st`; the write
@@ -138,21 +138,13 @@ impl Files {
             }
             // A folder the run cannot write into fails now, naming the option, not after
             // the run, naming the temporary file the output is staged in.
-            let probe = dir.join(format!(".engram-probe-{}-{i}", std::process::id()));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&probe)
-            {
-                Ok(_) => {
-                    let _ = std::fs::remove_file(&probe);
-                }
-                Err(e) => bail!(
+            probe_writable(dir).map_err(|e| {
+                anyhow::anyhow!(
                     "{flag} {}: expected a folder this run can write into, found {} ({e})",
                     out.display(),
                     dir.display()
-                ),
-            }
+                )
+            })?;
             let id = file_id(out);
             for (iflag, inp) in &self.inputs {
                 if inp.exists() && file_id(inp) == id {
@@ -174,6 +166,37 @@ impl Files {
             }
         }
         Ok(())
+    }
+}
+
+/// Creates and removes a probe file in `dir`: whether this process can create files there.
+/// The name is unique to the process and the call (a name left by another process is
+/// skipped), and a probe that cannot be removed is reported as a warning.
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let probe = dir.join(format!(".engram-probe-{}-{n}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+        {
+            Ok(f) => {
+                drop(f);
+                if let Err(e) = std::fs::remove_file(&probe) {
+                    eprintln!(
+                        "warning: could not remove the probe file {}: {e}",
+                        probe.display()
+                    );
+                }
+                return Ok(());
+            }
+            // Left by an earlier process of the same id: try the next name.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1 << 20 => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 

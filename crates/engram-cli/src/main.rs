@@ -66,7 +66,8 @@ fn main() -> ExitCode {
     guard::default_sigpipe();
     quiet_stdio_panics();
     // `println!` / `eprintln!` panic when their stream cannot be written (stdout on a full
-    // disk, a closed stderr): that is one error line (where stderr takes it) and exit 2,
+    // disk, an I/O error; a closed pipe ends the process by SIGPIPE, see
+    // `default_sigpipe`): that is one error line (where stderr takes it) and exit 2,
     // after the panic has unwound (so that staged output files are removed), not a
     // backtrace and exit 101.
     match std::panic::catch_unwind(run) {

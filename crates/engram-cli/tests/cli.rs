@@ -118,6 +118,41 @@ fn ragged_inputs_and_state_files() {
         assert_eq!(got.shape, [1, 151, 4, 1024], "{stage}");
         assert!(max_err(&got.data, &want.data) <= 1e-4, "{stage}");
     }
+    // Chunks of 7 over sequences of 14 and 137 tokens (the first runs out after two
+    // chunks): every stage back in place, fused with --all-stages and reference.
+    for (args, stages) in [
+        (
+            vec!["--chunk", "7", "--all-stages"],
+            &["output", "gated_value", "short_conv"][..],
+        ),
+        (
+            vec!["--path", "reference", "--chunk", "7"],
+            &[
+                "embeddings",
+                "value",
+                "keys",
+                "gated_value",
+                "short_conv",
+                "output",
+            ][..],
+        ),
+    ] {
+        let chunked = tmp("ragged.chunked.out.safetensors");
+        let (code, _, err) = forward_small(&inp, &chunked, &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        for stage in stages {
+            let got = TensorFile::open(&chunked)
+                .unwrap()
+                .f32(stage, None)
+                .unwrap();
+            let want = TensorFile::open(&ref_out)
+                .unwrap()
+                .f32(stage, None)
+                .unwrap();
+            assert_eq!(got.shape, want.shape, "{args:?} {stage}");
+            assert!(max_err(&got.data, &want.data) <= 1e-4, "{args:?} {stage}");
+        }
+    }
     // Stop after the first 60 tokens of `long`, save the state, resume from the file.
     let c = 4096;
     let part = |lo: usize, hi: usize, name: &str| {

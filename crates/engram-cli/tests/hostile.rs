@@ -737,6 +737,11 @@ fn flags_that_would_be_dropped_are_refused() {
             vec!["bench", "--gather-only", "--fresh-output"],
             "--fresh-output: --gather-only",
         ),
+        // --chunk ran a chunked prefill instead of the row-store timing.
+        (
+            vec!["bench", "--gather-only", "--chunk", "8"],
+            "--chunk: --gather-only",
+        ),
         (
             vec![
                 "bench",
