@@ -55,7 +55,7 @@ pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
 /// The raw ids of a `--text-file` (`what` names the option), at most `want` of them: the
 /// text (at most 1 GiB) is tokenized in pieces of about 1 MiB, each cut after a newline
 /// that starts a non-blank line within the next 64 KiB (else at a character boundary), and
-/// no further pieces once `want` ids are in hand. The tokenizer takes about 140 bytes of
+/// no further pieces once `want` ids are in hand. The tokenizer takes over 100 bytes of
 /// memory per byte of text it encodes at once, so a corpus in one call could exhaust the
 /// machine; a text under 1 MiB is one piece, as before. Pre-tokenizers keep runs of
 /// whitespace such as blank lines together, hence cuts before a non-blank character: the
