@@ -743,6 +743,18 @@ fn flags_that_would_be_dropped_are_refused() {
             "--chunk: --gather-only",
         ),
         (
+            vec!["bench", "--gather-only", "--decode"],
+            "--decode: --gather-only",
+        ),
+        (
+            vec!["bench", "--gather-only", "--vec-buffers"],
+            "--vec-buffers: --gather-only",
+        ),
+        (
+            vec!["bench", "--gather-only", "--suite"],
+            "--suite: --gather-only",
+        ),
+        (
             vec![
                 "bench",
                 "--config",
