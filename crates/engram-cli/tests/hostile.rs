@@ -755,6 +755,10 @@ fn flags_that_would_be_dropped_are_refused() {
             "--suite: --gather-only",
         ),
         (
+            vec!["bench", "--gather-only", "--device", "cuda"],
+            "--device: --gather-only",
+        ),
+        (
             vec![
                 "bench",
                 "--config",
