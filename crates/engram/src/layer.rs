@@ -91,10 +91,71 @@ impl Stages {
     }
 }
 
-/// Rows per sequence from which a fused call checks its hidden states in the gate instead
-/// of in a pass of its own first (see `forward_ragged_with`); below it (decode steps) the
-/// upfront pass costs little and the saved conv histories would cost more.
-const CHECK_IN_GATE_ROWS_PER_SEQUENCE: usize = 16;
+/// The conv-history rows a fused call saves before it runs (see `forward_ragged_with`),
+/// kept per thread between calls: a decode step of B = 64 saves 1 MB, and in fresh
+/// allocations each step those pages were faulted in again (0.15-0.17 ms of a 2.6 ms bf16
+/// step on Zen 4). Kept while at most [`SAVED_KEEP_FLOATS`] long.
+struct SavedRows {
+    /// Each sequence's conv head before the call.
+    heads: Vec<usize>,
+    /// Each sequence's saved rows, one after another.
+    rows: Vec<f32>,
+    /// Where each sequence's rows start in `rows` (one more entry than `heads`).
+    starts: Vec<usize>,
+}
+
+thread_local! {
+    static SAVED: std::cell::Cell<Option<SavedRows>> = const { std::cell::Cell::new(None) };
+}
+
+/// Saved rows kept for the next call on the thread: 16 MiB of f32.
+const SAVED_KEEP_FLOATS: usize = 4 << 20;
+
+impl SavedRows {
+    /// The min(len, R) slots from each state's head that its `len` new rows replace.
+    fn save(states: &[EngramState], offsets: &[usize], r: usize, c: usize) -> SavedRows {
+        let mut s = SAVED.with(|k| k.take()).unwrap_or(SavedRows {
+            heads: Vec::new(),
+            rows: Vec::new(),
+            starts: Vec::new(),
+        });
+        s.heads.clear();
+        s.rows.clear();
+        s.starts.clear();
+        for (i, st) in states.iter().enumerate() {
+            s.heads.push(st.conv_head);
+            s.starts.push(s.rows.len());
+            let n = (offsets[i + 1] - offsets[i]).min(r);
+            // Row by row (a copy each), not value by value.
+            for j in 0..n {
+                let slot = (st.conv_head + j) % r;
+                s.rows
+                    .extend_from_slice(&st.conv_ring[slot * c..(slot + 1) * c]);
+            }
+        }
+        s.starts.push(s.rows.len());
+        s
+    }
+
+    /// Puts every saved row and head back.
+    fn restore(&self, states: &mut [EngramState], r: usize, c: usize) {
+        for (i, st) in states.iter_mut().enumerate() {
+            let rows = &self.rows[self.starts[i]..self.starts[i + 1]];
+            for (j, row) in rows.chunks_exact(c).enumerate() {
+                let slot = (self.heads[i] + j) % r;
+                st.conv_ring[slot * c..(slot + 1) * c].copy_from_slice(row);
+            }
+            st.conv_head = self.heads[i];
+        }
+    }
+
+    /// Keeps the buffers for the thread's next call, unless they grew large.
+    fn keep(self) {
+        if self.rows.capacity() <= SAVED_KEEP_FLOATS {
+            SAVED.with(|k| k.set(Some(self)));
+        }
+    }
+}
 
 /// Which implementation runs the float stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -459,12 +520,12 @@ impl Engram {
             });
         }
         // Checked in this order on both paths: shapes, states, ids, then the hidden states'
-        // values. A prefill-shaped fused call checks those values where the gate reads them
-        // (the scan here is another pass over them through memory) and puts the states back
-        // if it fails; a decode step, and the reference path, scan them here. (In the gate,
-        // a non-finite table row in the same or an earlier tile is reported first.)
-        let check_in_gate = path == ForwardPath::Fused
-            && total >= CHECK_IN_GATE_ROWS_PER_SEQUENCE * states.len().max(1);
+        // values. The fused path checks those values where the gate reads them (a scan here
+        // would be another pass over them: 0.07-0.08 ms of a B = 64 decode step on Zen 4,
+        // most of it handing the blocks to the pool and waiting) and puts the states back
+        // if it fails; the reference path scans them here. (In the gate, a non-finite
+        // table row in the same or an earlier tile is reported first.)
+        let check_in_gate = path == ForwardPath::Fused;
         self.check_shapes(ids, hidden, 1, total)?;
         for (s, st) in states.iter().enumerate() {
             self.check_state(st)?;
@@ -558,33 +619,16 @@ impl Engram {
                 // the min(n, R) slots from it that its n new rows replace. A decode step
                 // saves one row per sequence (16 KB for the demo layer).
                 let r = self.cfg.conv_history();
-                let saved: Vec<(usize, Vec<f32>)> = states
-                    .iter()
-                    .enumerate()
-                    .map(|(s, st)| {
-                        let n = (offsets[s + 1] - offsets[s]).min(r);
-                        // Row by row (a copy each), not value by value.
-                        let mut rows = Vec::with_capacity(n * c);
-                        for j in 0..n {
-                            let slot = (st.conv_head + j) % r;
-                            rows.extend_from_slice(&st.conv_ring[slot * c..(slot + 1) * c]);
-                        }
-                        (st.conv_head, rows)
-                    })
-                    .collect();
+                let saved = SavedRows::save(states, offsets, r, c);
                 let run = Driver::new(&self.model, fw)
                     .check_hidden(check_in_gate)
                     .run(&seqs, states, out);
                 if let Err(e) = run {
-                    for (st, (head, rows)) in states.iter_mut().zip(saved) {
-                        for (j, row) in rows.chunks_exact(c).enumerate() {
-                            let slot = (head + j) % r;
-                            st.conv_ring[slot * c..(slot + 1) * c].copy_from_slice(row);
-                        }
-                        st.conv_head = head;
-                    }
+                    saved.restore(states, r, c);
+                    saved.keep();
                     return Err(e);
                 }
+                saved.keep();
                 for (st, sq) in states.iter_mut().zip(&seqs) {
                     st.ngram_history
                         .copy_from_slice(&sq.ext[sq.ext.len() - n1..]);

@@ -166,6 +166,85 @@ fn hidden_states_shape_and_nan() {
     }
 }
 
+/// A decode step (one token for each of many sequences) checks its hidden states in the
+/// gate too: the first NaN or infinity in row order is the error, in either range of the
+/// two-thread split, and every state (conv history, n-gram history, position) is as it
+/// was, including those of the range that finished before the other failed.
+#[test]
+fn a_decode_step_finds_a_nan_in_the_gate_and_keeps_every_state() {
+    let e = small_engram();
+    let c = e.config().hc_mult * e.config().hidden_size;
+    let nseq = 64;
+    let offsets: Vec<usize> = (0..=nseq).collect();
+    // Warm states: three tokens each.
+    let mut states: Vec<_> = (0..nseq).map(|_| e.new_state()).collect();
+    let warm_ids: Vec<i64> = (0..3 * nseq as i64).map(|i| (i * 131) % 900 + 3).collect();
+    let warm_h: Vec<f32> = (0..3 * nseq * c)
+        .map(|i| ((i * 13 % 97) as f32 / 97.0 - 0.5) * 2.0)
+        .collect();
+    let warm_off: Vec<usize> = (0..=nseq).map(|s| 3 * s).collect();
+    e.forward_ragged(
+        &mut states,
+        &warm_ids,
+        &warm_h,
+        &warm_off,
+        ForwardPath::Fused,
+    )
+    .unwrap();
+    let ids: Vec<i64> = (0..nseq as i64).map(|i| (i * 7919) % 1000 + 3).collect();
+    let hidden: Vec<f32> = (0..nseq * c)
+        .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 2.0)
+        .collect();
+    for at in [3, 20 * c + 9, (nseq - 1) * c + c - 1] {
+        for bad in [f32::NAN, f32::NEG_INFINITY] {
+            let mut h = hidden.clone();
+            h[at] = bad;
+            if at + 2 * c < h.len() {
+                h[at + 2 * c] = f32::INFINITY; // a later one is not reported
+            }
+            let mut st = states.clone();
+            let err = with_threads(2, || {
+                e.forward_ragged(&mut st, &ids, &h, &offsets, ForwardPath::Fused)
+                    .unwrap_err()
+            });
+            assert!(
+                matches!(&err, EngramError::NonFinite { name, index, .. } if name == "hidden_states" && *index == at),
+                "{at} {bad}: {err}"
+            );
+            for (s, (a, b)) in st.iter().zip(&states).enumerate() {
+                assert!(a == b, "{at}: sequence {s}'s state changed");
+            }
+        }
+    }
+    // The same states then step as if nothing had failed, on both paths alike.
+    let mut fused = states.clone();
+    let f = with_threads(2, || {
+        e.forward_ragged(&mut fused, &ids, &hidden, &offsets, ForwardPath::Fused)
+            .unwrap()
+    });
+    let mut reference = states.clone();
+    let r = e
+        .forward_ragged(
+            &mut reference,
+            &ids,
+            &hidden,
+            &offsets,
+            ForwardPath::Reference,
+        )
+        .unwrap();
+    assert_eq!(f.hash_ids, r.hash_ids);
+    let worst = f
+        .output
+        .iter()
+        .zip(&r.output)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "fused against reference after the errors: {worst}"
+    );
+}
+
 /// A prefill-shaped fused call checks its hidden states in the gate, not in a pass of its
 /// own: the error is the same (the first NaN or infinity in row order, in either range of
 /// the two-thread split, in a branch's body or its last element), the states are as they
