@@ -91,72 +91,6 @@ impl Stages {
     }
 }
 
-/// The conv-history rows a fused call saves before it runs (see `forward_ragged_with`),
-/// kept per thread between calls: a decode step of B = 64 saves 1 MB, and in fresh
-/// allocations each step those pages were faulted in again (0.15-0.17 ms of a 2.6 ms bf16
-/// step on Zen 4). Kept while at most [`SAVED_KEEP_FLOATS`] long.
-struct SavedRows {
-    /// Each sequence's conv head before the call.
-    heads: Vec<usize>,
-    /// Each sequence's saved rows, one after another.
-    rows: Vec<f32>,
-    /// Where each sequence's rows start in `rows` (one more entry than `heads`).
-    starts: Vec<usize>,
-}
-
-thread_local! {
-    static SAVED: std::cell::Cell<Option<SavedRows>> = const { std::cell::Cell::new(None) };
-}
-
-/// Saved rows kept for the next call on the thread: 16 MiB of f32.
-const SAVED_KEEP_FLOATS: usize = 4 << 20;
-
-impl SavedRows {
-    /// The min(len, R) slots from each state's head that its `len` new rows replace.
-    fn save(states: &[EngramState], offsets: &[usize], r: usize, c: usize) -> SavedRows {
-        let mut s = SAVED.with(|k| k.take()).unwrap_or(SavedRows {
-            heads: Vec::new(),
-            rows: Vec::new(),
-            starts: Vec::new(),
-        });
-        s.heads.clear();
-        s.rows.clear();
-        s.starts.clear();
-        for (i, st) in states.iter().enumerate() {
-            s.heads.push(st.conv_head);
-            s.starts.push(s.rows.len());
-            let n = (offsets[i + 1] - offsets[i]).min(r);
-            // Row by row (a copy each), not value by value.
-            for j in 0..n {
-                let slot = (st.conv_head + j) % r;
-                s.rows
-                    .extend_from_slice(&st.conv_ring[slot * c..(slot + 1) * c]);
-            }
-        }
-        s.starts.push(s.rows.len());
-        s
-    }
-
-    /// Puts every saved row and head back.
-    fn restore(&self, states: &mut [EngramState], r: usize, c: usize) {
-        for (i, st) in states.iter_mut().enumerate() {
-            let rows = &self.rows[self.starts[i]..self.starts[i + 1]];
-            for (j, row) in rows.chunks_exact(c).enumerate() {
-                let slot = (self.heads[i] + j) % r;
-                st.conv_ring[slot * c..(slot + 1) * c].copy_from_slice(row);
-            }
-            st.conv_head = self.heads[i];
-        }
-    }
-
-    /// Keeps the buffers for the thread's next call, unless they grew large.
-    fn keep(self) {
-        if self.rows.capacity() <= SAVED_KEEP_FLOATS {
-            SAVED.with(|k| k.set(Some(self)));
-        }
-    }
-}
-
 /// Which implementation runs the float stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardPath {
@@ -613,22 +547,12 @@ impl Engram {
                     out: &mut *output,
                     gated: keep.then_some(gated.as_mut_slice()),
                 };
-                // The conv-history rows the run overwrites in place, to put back if it fails
-                // part-way (non-finite hidden states or table rows, a row store's error, in
-                // one range after another range's rows are pushed): each sequence's head and
-                // the min(n, R) slots from it that its n new rows replace. A decode step
-                // saves one row per sequence (16 KB for the demo layer).
-                let r = self.cfg.conv_history();
-                let saved = SavedRows::save(states, offsets, r, c);
-                let run = Driver::new(&self.model, fw)
+                // A run that fails part-way (non-finite hidden states or table rows, a row
+                // store's error, in one range after another range's rows are pushed) puts
+                // the conv histories back itself.
+                Driver::new(&self.model, fw)
                     .check_hidden(check_in_gate)
-                    .run(&seqs, states, out);
-                if let Err(e) = run {
-                    saved.restore(states, r, c);
-                    saved.keep();
-                    return Err(e);
-                }
-                saved.keep();
+                    .run(&seqs, states, out)?;
                 for (st, sq) in states.iter_mut().zip(&seqs) {
                     st.ngram_history
                         .copy_from_slice(&sq.ext[sq.ext.len() - n1..]);

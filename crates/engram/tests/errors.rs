@@ -166,6 +166,54 @@ fn hidden_states_shape_and_nan() {
     }
 }
 
+/// A prefill of several tiles that fails in its last row (a NaN hidden state) leaves every
+/// state as it was, on one thread (one range: its rings took more than R rows, over several
+/// tiles, before the failure) and on two (the range that finished first is put back too).
+#[test]
+fn a_prefill_that_fails_in_its_last_tile_keeps_every_state() {
+    let e = small_engram();
+    let c = e.config().hc_mult * e.config().hidden_size;
+    let lens = [700usize, 300];
+    let total: usize = lens.iter().sum();
+    let offsets = [0, lens[0], total];
+    let mut states = vec![e.new_state(), e.new_state()];
+    let warm_h = vec![0.5f32; 10 * c];
+    e.forward_ragged(
+        &mut states,
+        &[21, 22, 23, 24, 25, 26, 27, 28, 29, 30],
+        &warm_h,
+        &[0, 5, 10],
+        ForwardPath::Fused,
+    )
+    .unwrap();
+    let ids: Vec<i64> = (0..total as i64).map(|i| (i * 7919) % 1000 + 3).collect();
+    let mut hidden: Vec<f32> = (0..total * c)
+        .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 2.0)
+        .collect();
+    for at in [lens[0] * c - 1, total * c - 1] {
+        let keep = hidden[at];
+        hidden[at] = f32::NAN;
+        for threads in [1, 2] {
+            let mut st = states.clone();
+            let err = with_threads(threads, || {
+                e.forward_ragged(&mut st, &ids, &hidden, &offsets, ForwardPath::Fused)
+                    .unwrap_err()
+            });
+            assert!(
+                matches!(&err, EngramError::NonFinite { index, .. } if *index == at),
+                "{threads} threads, {at}: {err}"
+            );
+            for (s, (a, b)) in st.iter().zip(&states).enumerate() {
+                assert!(
+                    a == b,
+                    "{threads} threads, {at}: sequence {s}'s state changed"
+                );
+            }
+        }
+        hidden[at] = keep;
+    }
+}
+
 /// A decode step (one token for each of many sequences) checks its hidden states in the
 /// gate too: the first NaN or infinity in row order is the error, in either range of the
 /// two-thread split, and every state (conv history, n-gram history, position) is as it

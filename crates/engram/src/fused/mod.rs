@@ -335,6 +335,64 @@ fn ordered(data: &[f32], head: usize, r: usize, c: usize) -> Vec<f32> {
 struct Ring<'s> {
     rows: RingRows<'s>,
     unknown: usize,
+    /// Rows pushed into a state's ring in this call while fewer than R: the slots whose
+    /// rows from before the call are in the range's [`Undo`].
+    saved: usize,
+}
+
+/// What a range overwrote in the states' conv histories, so that a call that fails
+/// (non-finite hidden states or table rows, a row store's error) can put every state back,
+/// those of ranges that finished included. A state's ring rows are saved as the conv
+/// pushes over them, just after it read them as taps: a copy from cache. (Saved before the
+/// call, the rows came from memory: 0.12-0.14 ms of a 2.2 ms B = 64 bf16 decode step on
+/// Zen 4, 0.53 of 10.1 ms at B = 256.)
+#[derive(Default)]
+struct Undo {
+    /// (sequence, conv head before the call) of each state the range updates in place.
+    heads: Vec<(usize, usize)>,
+    /// (sequence, slot) of each saved row, in `rows` order.
+    slots: Vec<(usize, usize)>,
+    /// The saved rows, `[slots.len(), C]`.
+    rows: Vec<f32>,
+}
+
+/// Undo buffers kept between calls (a decode step's are 0.5 MB per range at B = 64: fresh
+/// allocations would fault their pages in each step).
+static UNDO_POOL: std::sync::Mutex<Vec<Undo>> = std::sync::Mutex::new(Vec::new());
+
+/// Undo buffers kept while at most this many floats (16 MiB).
+const UNDO_KEEP_FLOATS: usize = 4 << 20;
+
+impl Undo {
+    fn take() -> Undo {
+        let mut u = UNDO_POOL
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        u.heads.clear();
+        u.slots.clear();
+        u.rows.clear();
+        u
+    }
+
+    fn put_back(self) {
+        if self.rows.capacity() <= UNDO_KEEP_FLOATS {
+            if let Ok(mut p) = UNDO_POOL.lock() {
+                p.push(self);
+            }
+        }
+    }
+
+    /// Puts the saved rows and heads back into `states` (indexed by sequence).
+    fn restore(&self, states: &mut [EngramState], c: usize) {
+        for (&(seq, slot), row) in self.slots.iter().zip(self.rows.chunks_exact(c)) {
+            states[seq].conv_ring[slot * c..(slot + 1) * c].copy_from_slice(row);
+        }
+        for &(seq, head) in &self.heads {
+            states[seq].conv_head = head;
+        }
+    }
 }
 
 enum RingRows<'s> {
@@ -373,13 +431,15 @@ impl<'e> Driver<'e> {
     /// caller scanning them first: a row whose query sums of squares are not finite is
     /// scanned, and its first NaN or infinity ends the run with the error the scan would
     /// have given (the first in row order: ranges are in row order and each stops at its
-    /// first). The caller restores the states on an error.
+    /// first). The run puts the states back on an error ([`Undo`]).
     pub fn check_hidden(mut self, on: bool) -> Self {
         self.check_hidden = on;
         self
     }
 
-    /// Runs all sequences; `states[s]` is read and updated.
+    /// Runs all sequences; `states[s]` is read and updated. On an error each state's conv
+    /// history is as it was (the caller updates the n-gram histories and positions after a
+    /// run that succeeded).
     pub fn run(
         &self,
         seqs: &[SeqInput<'_>],
@@ -433,18 +493,30 @@ impl<'e> Driver<'e> {
             state_first += take;
         }
         let run = |(p, hs, gs, os, gv, st, sf): Job<'_, '_>| {
-            self.run_part(&p, seqs, hs, gs, os, gv, st, sf, inner_threads)
+            let mut undo = Undo::take();
+            let res = self.run_part(&p, seqs, hs, gs, os, gv, st, sf, inner_threads, &mut undo);
+            (res, undo)
         };
         // One range (a decode step) runs on the calling thread; its projection still fans
         // out over the pool.
-        let results: Vec<Result<PartResult>> = if jobs.len() == 1 {
+        let ran: Vec<(Result<PartResult>, Undo)> = if jobs.len() == 1 {
             jobs.into_iter().map(run).collect()
         } else {
             use rayon::prelude::*;
             jobs.into_par_iter().map(run).collect()
         };
-        let results: Vec<PartResult> = results.into_iter().collect::<Result<_>>()?;
-        self.fix_boundaries(&parts, results, states, out, c);
+        let (results, undos): (Vec<_>, Vec<_>) = ran.into_iter().unzip();
+        let results = results.into_iter().collect::<Result<Vec<PartResult>>>();
+        if results.is_err() {
+            // Every range's states as they were, those of ranges that finished included.
+            for u in &undos {
+                u.restore(states, c);
+            }
+        }
+        for u in undos {
+            u.put_back();
+        }
+        self.fix_boundaries(&parts, results?, states, out, c);
         Ok(())
     }
 
@@ -570,6 +642,7 @@ impl<'e> Driver<'e> {
         states: &mut [EngramState],
         state_first: usize,
         inner_threads: usize,
+        undo: &mut Undo,
     ) -> Result<PartResult> {
         let cfg = self.e.config();
         let (n, h, dm, hc, d) = (
@@ -771,9 +844,11 @@ impl<'e> Driver<'e> {
                             let (st, rest) = rest.split_first_mut().expect("a state per sequence");
                             states_left = rest;
                             states_base = p.seq + 1;
+                            undo.heads.push((p.seq, st.conv_head));
                             Ring {
                                 rows: RingRows::State(st),
                                 unknown: 0,
+                                saved: 0,
                             }
                         } else {
                             Ring {
@@ -782,6 +857,7 @@ impl<'e> Driver<'e> {
                                     head: 0,
                                 },
                                 unknown: r,
+                                saved: 0,
                             }
                         };
                         ring = Some((si, rg));
@@ -802,6 +878,7 @@ impl<'e> Driver<'e> {
                         lr0 + u0,
                         out,
                         &mut fixups,
+                        undo,
                     )?;
                 }
                 let all_ns = clock.elapsed().as_nanos() as u64;
@@ -849,6 +926,7 @@ impl<'e> Driver<'e> {
         lr0: usize,
         out: &mut [f32],
         fixups: &mut Vec<Fixup>,
+        undo: &mut Undo,
     ) -> Result<u64> {
         let cfg = self.e.config();
         let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
@@ -866,6 +944,8 @@ impl<'e> Driver<'e> {
         let slots = seg.len() / c;
         let slot = |u: usize| (u % slots) * c;
         let unknown = ring.unknown;
+        let in_state = matches!(ring.rows, RingRows::State(_));
+        let mut saved = ring.saved;
         let (ring_data, head) = ring.parts();
         let params = GateParams {
             value_bias: &self.fw.value_bias,
@@ -991,14 +1071,23 @@ impl<'e> Driver<'e> {
             }
             u0 += len;
         }
-        // Push the rows into the ring (only the last R matter).
+        // Push the rows into the ring (only the last R matter). A state's row from before
+        // the call goes to the undo buffer first (the first R pushes of the call each reach
+        // one: they go round the ring from its head).
         if r > 0 {
             let keep = rows.min(r);
             for u in rows - keep..rows {
-                ring_data[*head * c..(*head + 1) * c].copy_from_slice(&seg[slot(u)..slot(u) + c]);
+                let at = *head * c..(*head + 1) * c;
+                if in_state && saved < r {
+                    undo.slots.push((p.seq, *head));
+                    undo.rows.extend_from_slice(&ring_data[at.clone()]);
+                    saved += 1;
+                }
+                ring_data[at].copy_from_slice(&seg[slot(u)..slot(u) + c]);
                 *head = (*head + 1) % r;
             }
         }
+        ring.saved = saved;
         ring.unknown = ring.unknown.saturating_sub(rows);
         Ok(gate_ns)
     }
