@@ -3,8 +3,9 @@
 #   - `engram bench --fma-peak` and `--mem-bw` before and after;
 #   - per ISA (AVX-512, AVX2 through ENGRAM_ISA; whatever this CPU runs) and dtype (f32,
 #     bf16): prefill L = 4096, B = 1, ROUNDS separate processes of 5 runs each (the
-#     median of their `fma_peak_share` is the figure), then decode B = 1/8/64/256 (128
-#     steps for B <= 8, 16 otherwise), step latency against its floor.
+#     median of their `fma_peak_share` is the figure), then decode B = 1/8/64/256 (5 runs
+#     of 512 steps for B <= 8, 64 for B = 64, 16 for B = 256), step latency against its
+#     floor.
 #
 #   bash bench/cpu_bench.sh OUT_DIR [ROUNDS]
 #
@@ -32,8 +33,11 @@ for isa in $isas; do
       run "$isa" "prefill $dt" --dtype "$dt" --tokens 4096 --runs 5
     done
     for b in 1 8 64 256; do
-      steps=128; [ "$b" -gt 8 ] && steps=16
-      run "$isa" "decode $dt B=$b" --dtype "$dt" --decode --batch "$b" --tokens "$steps" --runs 3
+      # Runs of 0.04-0.3 s (512 steps for B <= 8, 64 for B = 64, 16 for B = 256), five of
+      # them: with three runs of 128 steps (10 ms at B = 1) one burst of the other tenant
+      # moved a whole run, and the median with it.
+      case $b in 1|8) steps=512;; 64) steps=64;; *) steps=16;; esac
+      run "$isa" "decode $dt B=$b" --dtype "$dt" --decode --batch "$b" --tokens "$steps" --runs 5
     done
   done
 done
