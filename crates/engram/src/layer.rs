@@ -370,6 +370,12 @@ impl Engram {
     /// Ragged batch: sequence s has rows `offsets[s]..offsets[s+1]` of the packed `ids`
     /// `[T]` and `hidden` `[T, HC, D]` (`cu_seqlens` style; empty sequences allowed) and its own
     /// state, which is read and updated. Returns packed stages (B = 1, L = T).
+    ///
+    /// On an error every state is as it was. Inputs are checked in this order: shapes,
+    /// states, ids, then the hidden states' values; the fused path checks those values where
+    /// its gate reads them, so a non-finite table row or a row store's error in the same or
+    /// an earlier tile is the error reported there (the reference path reports the hidden
+    /// state).
     pub fn forward_ragged(
         &self,
         states: &mut [EngramState],
@@ -663,7 +669,8 @@ fn check_finite(hidden: &[f32]) -> Result<()> {
     const BLOCK: usize = 1 << 16;
     let first_bad =
         |(b, blk): (usize, &[f32])| crate::ops::first_non_finite(blk).map(|i| b * BLOCK + i);
-    // One block (a decode step) is checked here: handing it to the pool costs more.
+    // One block (a small call, such as a reference-path decode step) is checked here:
+    // handing it to the pool costs more.
     let bad = if hidden.len() <= BLOCK {
         first_bad((0, hidden))
     } else {

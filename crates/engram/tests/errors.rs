@@ -166,11 +166,12 @@ fn hidden_states_shape_and_nan() {
     }
 }
 
-/// A prefill of several tiles that fails in its last row (a NaN hidden state) leaves every
-/// state as it was, on one thread (one range: its rings took more than R rows, over several
-/// tiles, before the failure) and on two (the range that finished first is put back too).
+/// A prefill of several tiles that fails in the last row of a sequence (a NaN hidden state)
+/// leaves every state as it was, on one thread (one range: its rings took more than R rows,
+/// over several tiles, before the failure) and on two (the range that finished first is put
+/// back too).
 #[test]
-fn a_prefill_that_fails_in_its_last_tile_keeps_every_state() {
+fn a_prefill_that_fails_in_its_last_row_keeps_every_state() {
     let e = small_engram();
     let c = e.config().hc_mult * e.config().hidden_size;
     let lens = [700usize, 300];
@@ -249,6 +250,7 @@ fn a_decode_step_finds_a_nan_in_the_gate_and_keeps_every_state() {
             h[at] = bad;
             if at + 2 * c < h.len() {
                 h[at + 2 * c] = f32::INFINITY; // a later one is not reported
+                h[(nseq - 1) * c] = f32::NAN; // nor one in the other range
             }
             let mut st = states.clone();
             let err = with_threads(2, || {

@@ -722,7 +722,7 @@ impl<'e> Driver<'e> {
         };
         let (mut pi, mut t) = (0usize, pieces.first().map_or(0, |p| p.t0));
         let mut done = 0;
-        std::thread::scope(|sc| -> Result<PartResult> {
+        let res = std::thread::scope(|sc| -> Result<PartResult> {
             let feed = pipelined.then(|| {
                 let (e, round) = (self.e, self.fw.round_rows);
                 crate::rows::ahead::Feed::spawn(sc, total_rows, tile, dm, move |r0, r1, out| {
@@ -905,8 +905,11 @@ impl<'e> Driver<'e> {
                 }
             }
             Ok(PartResult { fixups, tails })
-        })
-        .inspect(|_| scratch.put_back())
+        });
+        // Kept for the thread's next call after an error too (a decode step with a NaN
+        // hidden state fails in here).
+        scratch.put_back();
+        res
     }
 
     /// Runs `len` rows of one piece (sequence positions `t..t+len`, part-local output rows
