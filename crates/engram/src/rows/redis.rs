@@ -1534,4 +1534,26 @@ mod tests {
         // rows × timeout (8 s here).
         assert!(took < Duration::from_secs(4), "{took:?}: {e}");
     }
+
+    /// A server that answers every command with an error (a Redis without cluster mode):
+    /// the store's error carries the server's own words, not a missing reply, and comes by
+    /// the deadline.
+    #[test]
+    fn a_server_that_answers_with_an_error_is_named_with_its_words() {
+        let a = fake_node(Arc::new(|_: &[Vec<u8>]| {
+            Some(b"-ERR This instance has cluster support disabled\r\n".to_vec())
+        }));
+        let o = RedisOptions {
+            timeout: Duration::from_millis(200),
+            deadline: Duration::from_millis(700),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let e = list_tables(&format!("redis://{a}"), &o)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster support disabled"), "{e}");
+        assert!(e.contains(&a), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(4), "{e}");
+    }
 }
