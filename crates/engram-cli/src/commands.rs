@@ -939,12 +939,21 @@ fn int_at(d: safetensors::Dtype, b: &[u8], i: usize) -> i128 {
 }
 
 /// A name from a file as a listing shows it: control characters (a newline, an escape that
-/// would drive the terminal) escaped, everything else as it is.
+/// would drive the terminal) and the Unicode marks that reorder or isolate the text around
+/// them (bidirectional overrides, embeddings, isolates and marks, which can make a name
+/// read as another) escaped, everything else as it is.
 pub fn shown(name: &str) -> std::borrow::Cow<'_, str> {
-    if name.chars().any(char::is_control) {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
+    };
+    if name.chars().any(hidden) {
         name.chars()
             .map(|c| {
-                if c.is_control() {
+                if hidden(c) {
                     c.escape_default().collect()
                 } else {
                     c.to_string()

@@ -1145,18 +1145,26 @@ fn ragged_hash_inputs_and_cache_sim_layers_are_named() {
     );
 }
 
-/// Tensor names with control characters are listed escaped: one line per tensor, no escape
-/// sequence reaching the terminal.
+/// Tensor names with control characters or bidirectional marks are listed escaped: one line
+/// per tensor, no escape sequence reaching the terminal, no name drawn reordered.
 #[test]
 fn control_characters_in_tensor_names_are_escaped() {
     let p = tmp("ctl-names.safetensors");
     let mut w = TensorWriter::new();
     w.f32("a\nb\u{1b}[31mred", &[2], &[0.0, 1.0]);
+    w.f32("key\u{202e}thgiew\u{2066}.x\u{2069}", &[2], &[0.0, 1.0]);
     w.write(&p).unwrap();
     for args in [vec!["weights", s(&p)], vec!["compare", s(&p), s(&p)]] {
         let (code, out, err) = engram(&args);
         assert_eq!(code, 0, "{args:?}: {err}");
         assert!(!out.contains('\u{1b}'), "{args:?}: {out:?}");
         assert!(out.contains("a\\nb\\u{1b}[31mred"), "{args:?}: {out:?}");
+        for mark in ['\u{202e}', '\u{2066}', '\u{2069}'] {
+            assert!(!out.contains(mark), "{args:?}: {out:?}");
+        }
+        assert!(
+            out.contains("key\\u{202e}thgiew\\u{2066}.x\\u{2069}"),
+            "{args:?}: {out:?}"
+        );
     }
 }
