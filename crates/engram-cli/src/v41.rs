@@ -297,8 +297,14 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
         st.commit()?;
     }
     let st = layer.weights().table.stats();
+    // A mapped or in-memory table under the cache is read without a count of bytes.
+    let bytes = if st.bytes_read > 0 || st.misses == 0 {
+        format!("{} bytes", st.bytes_read)
+    } else {
+        "bytes not counted: the table is mapped or in memory".into()
+    };
     eprintln!(
-        "forward V4.1 layer {layer_id} ({path:?}, table {:?}{}): {nseq} sequence(s), {} tokens; load {:.2}s, run {:.3}s; rows: {} from memory, {} read ({} bytes); wrote {}",
+        "forward V4.1 layer {layer_id} ({path:?}, table {:?}{}): {nseq} sequence(s), {} tokens; load {:.2}s, run {:.3}s; rows: {} from memory, {} read ({bytes}); wrote {}",
         a.table.io,
         a.table.cache_bytes.map(|b| format!(" + {b}-byte cache")).unwrap_or_default(),
         ids.len(),
@@ -306,7 +312,6 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
         run.as_secs_f64(),
         st.hits,
         st.misses,
-        st.bytes_read,
         a.out.display()
     );
     Ok(ExitCode::SUCCESS)
