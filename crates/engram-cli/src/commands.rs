@@ -248,6 +248,9 @@ pub struct ForwardArgs {
     layer: Option<u64>,
     #[command(flatten)]
     table: crate::table::TableArgs,
+    /// Whether `--dtype` was typed (set by `main`): a V4.1 layer refuses it, even as `f32`.
+    #[arg(skip)]
+    pub dtype_typed: bool,
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
@@ -272,6 +275,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             layer: a.layer,
             table: a.table.options()?,
             dtype: &a.dtype,
+            dtype_typed: a.dtype_typed,
         };
         return crate::v41::forward(f, v);
     }

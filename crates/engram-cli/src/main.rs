@@ -121,6 +121,9 @@ fn run() -> ExitCode {
             .map(|id| id.as_str().to_string())
             .collect();
     }
+    if let (Command::Forward(a), Some(("forward", m))) = (&mut cli.command, matches.subcommand()) {
+        a.dtype_typed = m.value_source("dtype") == Some(clap::parser::ValueSource::CommandLine);
+    }
     // A tokenizer given to a command that reads none would be dropped silently.
     if cli.tokenizer.is_some() {
         let none = match &mut cli.command {

@@ -82,6 +82,8 @@ pub struct Forward<'a> {
     pub layer: Option<u64>,
     pub table: engram::v41::TableOptions,
     pub dtype: &'a str,
+    /// `--dtype` was typed (as the V4.1 bench does, refused even as its default).
+    pub dtype_typed: bool,
 }
 
 fn pick_layer(cfg: &V41Config, layer: Option<u64>) -> Result<u64> {
@@ -135,7 +137,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
         "reference" => V41Path::Reference,
         o => bail!("--path: expected fused or reference, found {o:?}"),
     };
-    if a.dtype != "f32" {
+    if a.dtype != "f32" || a.dtype_typed {
         bail!(
             "--dtype {}: a DeepSeek-V4.1 layer keeps its fp8 weights; its output takes the dtype of hidden_states",
             a.dtype
