@@ -17,6 +17,29 @@ fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
+/// Runs a call that must fail on `threads` threads, on copies of `states`: asserts that every
+/// copy is left as it was and returns the error.
+fn fails_keeping_states(
+    e: &Engram,
+    states: &[engram::EngramState],
+    (ids, hidden, offsets): (&[i64], &[f32], &[usize]),
+    path: ForwardPath,
+    threads: usize,
+) -> EngramError {
+    let mut st = states.to_vec();
+    let err = with_threads(threads, || {
+        e.forward_ragged(&mut st, ids, hidden, offsets, path)
+            .unwrap_err()
+    });
+    for (s, (a, b)) in st.iter().zip(states).enumerate() {
+        assert!(
+            a == b,
+            "{path:?}, {threads} threads: sequence {s}'s state changed ({err})"
+        );
+    }
+    err
+}
+
 #[test]
 fn config_errors_name_the_field() {
     let cases = [
@@ -195,21 +218,12 @@ fn a_prefill_that_fails_in_its_last_row_keeps_every_state() {
         let keep = hidden[at];
         hidden[at] = f32::NAN;
         for threads in [1, 2] {
-            let mut st = states.clone();
-            let err = with_threads(threads, || {
-                e.forward_ragged(&mut st, &ids, &hidden, &offsets, ForwardPath::Fused)
-                    .unwrap_err()
-            });
+            let call = (&ids[..], &hidden[..], &offsets[..]);
+            let err = fails_keeping_states(&e, &states, call, ForwardPath::Fused, threads);
             assert!(
                 matches!(&err, EngramError::NonFinite { index, .. } if *index == at),
                 "{threads} threads, {at}: {err}"
             );
-            for (s, (a, b)) in st.iter().zip(&states).enumerate() {
-                assert!(
-                    a == b,
-                    "{threads} threads, {at}: sequence {s}'s state changed"
-                );
-            }
         }
         hidden[at] = keep;
     }
@@ -252,18 +266,12 @@ fn a_decode_step_finds_a_nan_in_the_gate_and_keeps_every_state() {
                 h[at + 2 * c] = f32::INFINITY; // a later one is not reported
                 h[(nseq - 1) * c] = f32::NAN; // nor one in the other range
             }
-            let mut st = states.clone();
-            let err = with_threads(2, || {
-                e.forward_ragged(&mut st, &ids, &h, &offsets, ForwardPath::Fused)
-                    .unwrap_err()
-            });
+            let call = (&ids[..], &h[..], &offsets[..]);
+            let err = fails_keeping_states(&e, &states, call, ForwardPath::Fused, 2);
             assert!(
                 matches!(&err, EngramError::NonFinite { name, index, .. } if name == "hidden_states" && *index == at),
                 "{at} {bad}: {err}"
             );
-            for (s, (a, b)) in st.iter().zip(&states).enumerate() {
-                assert!(a == b, "{at}: sequence {s}'s state changed");
-            }
         }
     }
     // The same states then step as if nothing had failed, on both paths alike.
@@ -283,15 +291,10 @@ fn a_decode_step_finds_a_nan_in_the_gate_and_keeps_every_state() {
         )
         .unwrap();
     assert_eq!(f.hash_ids, r.hash_ids);
-    let worst = f
-        .output
-        .iter()
-        .zip(&r.output)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let (worst, at) = max_abs_diff(&f.output, &r.output);
     assert!(
         worst < 1e-4,
-        "fused against reference after the errors: {worst}"
+        "fused against reference after the errors: {worst} at {at}"
     );
 }
 
@@ -742,18 +745,11 @@ fn a_failed_decode_step_keeps_every_state() {
     let bad = Engram::new(cfg.clone(), m, w).unwrap();
     // The reference path too: it runs sequence after sequence, the last one failing.
     for path in [ForwardPath::Fused, ForwardPath::Reference] {
-        let mut st = states.clone();
-        let err = with_threads(2, || {
-            bad.forward_ragged(&mut st, &ids, &hidden, &off, path)
-                .unwrap_err()
-        });
+        let err = fails_keeping_states(&bad, &states, (&ids, &hidden, &off), path, 2);
         assert!(
             matches!(err, EngramError::NonFinite { .. }),
             "{path:?}: {err}"
         );
-        for (s, (a, b)) in st.iter().zip(&states).enumerate() {
-            assert!(a == b, "{path:?}, sequence {s}: the state changed");
-        }
     }
     let mut st = states.clone();
     let _ = with_threads(2, || {
