@@ -942,18 +942,33 @@ fn int_at(d: safetensors::Dtype, b: &[u8], i: usize) -> i128 {
     i128::from_le_bytes(le)
 }
 
-/// A name from a file as a listing shows it: control characters (a newline, an escape that
-/// would drive the terminal) and the Unicode marks that reorder or isolate the text around
-/// them (bidirectional overrides, embeddings, isolates and marks, which can make a name
-/// read as another) escaped, everything else as it is.
+/// Whether [`shown`] escapes `c`: control characters (a newline, an escape that would drive
+/// the terminal), line and paragraph separators, the marks that reorder or isolate the
+/// text around them (bidirectional overrides, embeddings, isolates and marks, which can
+/// make a name read as another), invisible characters (zero-width spaces and joiners, the
+/// byte-order mark, a soft hyphen, invisible operators), and the backslash itself, so that
+/// an escape is never confused with a name that spells one.
+fn escaped_in_listings(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\\'
+                | '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+        )
+}
+
+/// A name from a file (or a store) as a listing shows it: the characters of
+/// [`escaped_in_listings`] escaped (`\n`, `\u{202e}`, `\\`), everything else as it is.
 pub fn shown(name: &str) -> std::borrow::Cow<'_, str> {
-    let hidden = |c: char| {
-        c.is_control()
-            || matches!(
-                c,
-                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-            )
-    };
+    let hidden = escaped_in_listings;
     if name.chars().any(hidden) {
         name.chars()
             .map(|c| {
@@ -1075,6 +1090,30 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every character a listing escapes comes out as an escape (no raw one left), plain
+    /// names come out as they are, and a name that spells an escape is told apart.
+    #[test]
+    fn shown_escapes_every_hidden_character_and_nothing_else() {
+        let hidden = [
+            '\n', '\u{1b}', '\u{7f}', '\u{85}', '\u{ad}', '\u{61c}', '\u{180e}', '\u{200b}',
+            '\u{200c}', '\u{200d}', '\u{200e}', '\u{200f}', '\u{2028}', '\u{2029}', '\u{202a}',
+            '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{2060}', '\u{2064}', '\u{2066}',
+            '\u{2067}', '\u{2068}', '\u{2069}', '\u{206f}', '\u{feff}', '\u{fff9}', '\u{fffb}',
+        ];
+        for c in hidden {
+            let name = format!("a{c}b");
+            let out = shown(&name);
+            assert!(!out.contains(c), "{c:?} -> {out:?}");
+            assert_eq!(out, format!("a{}b", c.escape_default()), "{c:?}");
+        }
+        for plain in ["engram.value_proj.weight", "Größe", "表", "a-b_c.d"] {
+            assert_eq!(shown(plain), plain);
+        }
+        // A name that spells an escape is shown with its backslash escaped.
+        assert_eq!(shown("key\\u{202e}"), "key\\\\u{202e}");
+        assert_ne!(shown("key\\u{202e}"), shown("key\u{202e}"));
+    }
 
     /// A text over 1 MiB is tokenized in pieces cut before non-blank lines: with paragraphs
     /// (blank lines, which the pre-tokenizer keeps with the newline before them) the ids

@@ -366,7 +366,13 @@ fn info(a: InfoArgs) -> Result<std::process::ExitCode> {
             }
             println!("{}", serde_json::Value::Object(v));
         } else {
-            let f = |k: &str| m.fields.get(k).cloned().unwrap_or_else(|| "?".into());
+            // What the store holds, as a listing shows names (escaped).
+            let f = |k: &str| {
+                m.fields
+                    .get(k)
+                    .map_or_else(|| "?".into(), |v| crate::commands::shown(v).into_owned())
+            };
+            let tid = crate::commands::shown(&tid);
             println!(
                 "{tid}  {} layer {}  {} rows x {} {}  pushed {}  complete {}  config {}  sha256 {}",
                 f("variant"),
@@ -379,8 +385,7 @@ fn info(a: InfoArgs) -> Result<std::process::ExitCode> {
                 f("config_digest"),
                 m.fields
                     .get("table_digest")
-                    .map(String::as_str)
-                    .unwrap_or("-")
+                    .map_or_else(|| "-".into(), |v| crate::commands::shown(v))
             );
         }
     }

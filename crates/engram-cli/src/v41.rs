@@ -299,8 +299,10 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
         st.commit()?;
     }
     let st = layer.weights().table.stats();
-    // A mapped or in-memory table under the cache is read without a count of bytes.
-    let bytes = if st.bytes_read > 0 || st.misses == 0 {
+    // A mapped or in-memory table (no Redis store, no direct I/O) is read without a count of
+    // bytes.
+    let counted = a.table.store.is_some() || a.table.io == engram::rows::TableIo::Direct;
+    let bytes = if counted || st.misses == 0 {
         format!("{} bytes", st.bytes_read)
     } else {
         "bytes not counted: the table is mapped or in memory".into()

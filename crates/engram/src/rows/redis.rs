@@ -385,6 +385,10 @@ fn failed_nodes(url: &str, o: &RedisOptions) -> String {
                 format!("failing: {}", bad.join(", "))
             }
         }
+        // An error reply is an answer (a Redis without cluster mode says so here).
+        Err(e) if e.code().is_some() => {
+            format!("{url} answers CLUSTER NODES with: {e}")
+        }
         Err(e) => format!("{url} itself does not answer: {e}"),
     }
 }
@@ -1535,13 +1539,16 @@ mod tests {
         assert!(took < Duration::from_secs(4), "{took:?}: {e}");
     }
 
-    /// A server that answers every command with an error (a Redis without cluster mode):
-    /// the store's error carries the server's own words, not a missing reply, and comes by
-    /// the deadline.
+    /// A server that answers `PING` and every other command with an error, as a Redis
+    /// without cluster mode does: the store's error carries the server's own words (not a
+    /// missing reply) and comes by the deadline.
     #[test]
     fn a_server_that_answers_with_an_error_is_named_with_its_words() {
-        let a = fake_node(Arc::new(|_: &[Vec<u8>]| {
-            Some(b"-ERR This instance has cluster support disabled\r\n".to_vec())
+        let a = fake_node(Arc::new(|a: &[Vec<u8>]| {
+            Some(match a[0].as_slice() {
+                b"PING" => b"+PONG\r\n".to_vec(),
+                _ => b"-ERR This instance has cluster support disabled\r\n".to_vec(),
+            })
         }));
         let o = RedisOptions {
             timeout: Duration::from_millis(200),
@@ -1552,7 +1559,12 @@ mod tests {
         let e = list_tables(&format!("redis://{a}"), &o)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cluster support disabled"), "{e}");
+        // The cluster client's own error names no reply; the probe of the node quotes it.
+        assert!(
+            e.contains("answers CLUSTER NODES with") && e.contains("cluster support disabled"),
+            "{e}"
+        );
+        assert!(!e.contains("does not answer"), "{e}");
         assert!(e.contains(&a), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(4), "{e}");
     }
