@@ -732,14 +732,16 @@ fn gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, t
     }
 }
 
-/// One microkernel call, as the driver hands it out: rows `r0..r0+mr` of the call and panels
-/// `panel0..panel0+np`, into `y` (row stride `ldy`).
+/// One microkernel call, as the driver hands it out: rows `r0..r0+mr` of the call (its
+/// row block `idx`, counted from 0) and panels `panel0..panel0+np`, into `y` (row stride
+/// `ldy`).
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
 struct Block {
+    idx: usize,
     panel0: usize,
     np: usize,
     r0: usize,
@@ -754,6 +756,30 @@ thread_local! {
     static TAIL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Rows of the row block that starts at row `r0` of a call of `m` rows: MR at a time (the
+/// last block takes the rest), or with `halves`, for MR < m ≤ 2·MR, two blocks of ⌈m/2⌉
+/// and ⌊m/2⌋ rows. [`panel_driver`] and the packing of x (AVX2's `pack_x`) cut alike.
+///
+/// Halves are for units of one panel on kernels of two accumulators per row (AVX2 on bf16
+/// panels): 6 + 2 rows left the second block 4 FMA chains, half of what hides the FMA
+/// latency, while 4 + 4 gives each block 8. Two threads of the Zen 4 guest, criterion's
+/// `projection/avx2_6x16_(bf16_widened)/rows8/2threads`, three alternating rounds: 505,
+/// 558, 509 µs in blocks of MR, 441, 440, 473 µs in halves (f32 panels, in units of four
+/// whose second block runs two panels at once: 540, 443, 478 against 470, 488, 472). In the
+/// layer, AVX2 bf16 decode steps in six alternating pairs of processes: B = 8 0.597-0.641
+/// ms (median 0.615) → 0.541-0.632 (0.562); B = 7 0.580-0.607 (0.591) → 0.507-0.571 (0.528).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+fn block_rows(m: usize, r0: usize, halves: bool) -> usize {
+    if halves && r0 == 0 && m > MR && m <= 2 * MR {
+        m.div_ceil(2)
+    } else {
+        (m - r0).min(MR)
+    }
+}
+
 /// The shared driver of our microkernels. The columns are cut into panels of `nr`; a work
 /// unit is a group of consecutive panels over all m rows, in blocks of at most MR rows:
 /// `groups[m]` panels for calls of at most three rows (decode steps: the multi-panel
@@ -763,7 +789,7 @@ thread_local! {
 /// otherwise. A panel's weights
 /// are read from memory once per call and stay in cache for its later row blocks. The
 /// kernels see only `[mr ≤ MR, np·nr]` blocks, written straight into y; the driver handles
-/// the row tail (smaller `mr`), the column tail (a block into a buffer, then its valid
+/// the row tail (smaller `mr`; with `halves`, two even blocks, see [`block_rows`]), the column tail (a block into a buffer, then its valid
 /// columns copied) and threading over units (disjoint columns of y). Units run from the
 /// one holding column `first_col` to the last, then from the first
 /// ([`Projection::run_from_col`]).
@@ -783,6 +809,7 @@ fn panel_driver(
     n: usize,
     nr: usize,
     groups: [usize; 5],
+    halves: bool,
     y: &mut [f32],
     threads: usize,
     first_col: usize,
@@ -804,13 +831,14 @@ fn panel_driver(
         let np = group.min(panels - panel0);
         let (c0, w) = (panel0 * nr, np * nr);
         let cols = w.min(n - c0);
-        let mut r0 = 0;
+        let (mut r0, mut idx) = (0, 0);
         while r0 < m {
-            let mr = (m - r0).min(MR);
+            let mr = block_rows(m, r0, halves);
             if cols == w {
                 // Full panels: straight into y, columns [c0, c0 + w) of rows r0..r0+mr.
                 // Each unit is handled once, so no two threads write the same element.
                 block(Block {
+                    idx,
                     panel0,
                     np,
                     r0,
@@ -826,6 +854,7 @@ fn panel_driver(
                         buf.resize(MR * w, 0.0);
                     }
                     block(Block {
+                        idx,
                         panel0,
                         np,
                         r0,
@@ -847,6 +876,7 @@ fn panel_driver(
                 });
             }
             r0 += mr;
+            idx += 1;
         }
     };
     let units = panels.div_ceil(group);
@@ -1028,12 +1058,12 @@ impl NextPanel {
     /// unit instead.
     fn share<T>(w: &[T], b: &Block, m: usize, panels: usize, lds: usize, kc: usize) -> NextPanel {
         let blocks = m.div_ceil(MR);
-        if b.np != 1 || blocks < 2 || b.r0 == 0 {
+        if b.np != 1 || blocks < 2 || b.idx == 0 {
             return NextPanel::NONE;
         }
         let lines = Self::panel_lines::<T>(lds);
         let per = lines.div_ceil(blocks - 1);
-        let first = (b.r0 / MR - 1) * per;
+        let first = (b.idx - 1) * per;
         let next = (b.panel0 + 1) % panels;
         NextPanel {
             // Only ever prefetched, never read: `wrapping_add` keeps it defined even past w.
@@ -1085,7 +1115,8 @@ mod avx2 {
     /// `projection/avx2_6x16_(f32)/rows{4,8}/2threads`: 4 rows 677 µs with one panel per
     /// unit, 566 µs with four (three: 772, eight: 699); 8 rows 1,733 against 990 µs. bf16
     /// panels keep one: 8 rows read 752 µs with one and 906 with four (4 rows: 409 and
-    /// 340), and B = 8 bf16 decode steps 0.934 → 1.147 ms in alternating processes.
+    /// 340), and B = 8 bf16 decode steps 0.934 → 1.147 ms in alternating processes. Units
+    /// of one panel cut 7 to 12 rows into two even row blocks (`super::block_rows`).
     const GROUPS: [usize; 5] = [1, 6, 3, 2, 4];
     /// The groups of a call on panels of `T` with `k` steps: four f32 panels per unit for
     /// 4 to 12 rows while they fit in 384 KiB (the later row block reads them from L2;
@@ -1201,12 +1232,12 @@ mod avx2 {
     /// way (the widening bf16 kernels' activations, as the AVX512-BF16 kernel and the
     /// `gemm` fallback see them). Two threads on 64-row tiles of the demo layer's shape
     /// (Zen 3): 15% faster than row-major x.
-    fn pack_x(x: &[f32], m: usize, k: usize, round: bool, out: &mut Vec<f32>) {
+    fn pack_x(x: &[f32], m: usize, k: usize, round: bool, halves: bool, out: &mut Vec<f32>) {
         // Every element is written below: only growth is zero-filled.
         out.resize(m * k, 0.0);
         let mut r0 = 0;
         while r0 < m {
-            let mr = (m - r0).min(super::MR);
+            let mr = super::block_rows(m, r0, halves);
             let dst = &mut out[r0 * k..(r0 + mr) * k];
             for r in 0..mr {
                 let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
@@ -1280,14 +1311,18 @@ mod avx2 {
         // that starts on this thread while this one waits on the pool gets its own.
         let mut packed = XPACK.with(|b| std::mem::take(&mut *b.borrow_mut()));
         // One row packed is the row itself.
+        // Units of one panel for 4 to 12 rows (bf16 panels, or f32 ones too large for four
+        // per unit): two even row blocks (see `super::block_rows`).
+        let groups = groups::<T>(k);
+        let halves = groups[4] == 1;
         let xp: &[f32] = if m == 1 && !round {
             x
         } else {
-            pack_x(x, m, k, round, &mut packed);
+            pack_x(x, m, k, round, halves, &mut packed);
             &packed
         };
         let ahead = prefetch_rows();
-        super::panel_driver(m, n, NR, groups::<T>(k), y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, groups, halves, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             // A panel's first row block streams it from L3 or memory: that one prefetches
             // into L1 on every CPU (see `prefetch_rows`).
@@ -1571,7 +1606,7 @@ mod neon {
             w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
-        super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
             let xs = &x[b.r0 * k..];
@@ -1692,7 +1727,7 @@ mod neon_bf16 {
             w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
-        super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
             let xs = &xp[b.r0 * kp..];
@@ -1875,7 +1910,7 @@ mod avx512 {
             "w must hold every panel"
         );
         assert_eq!(x.len(), m * k, "x must be [m, k]");
-        super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
             let xb = &x[b.r0 * k..];
@@ -1993,7 +2028,7 @@ mod bf16_avx512 {
             w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
-        super::panel_driver(m, n, NR, GROUPS, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
             let xs = &xp[b.r0 * kp..];
