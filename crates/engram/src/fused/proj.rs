@@ -757,23 +757,34 @@ thread_local! {
 }
 
 /// Rows of the row block that starts at row `r0` of a call of `m` rows: MR at a time (the
-/// last block takes the rest), or with `halves`, for MR < m ≤ 2·MR, two blocks of ⌈m/2⌉
-/// and ⌊m/2⌋ rows. [`panel_driver`] and the packing of x (AVX2's `pack_x`) cut alike.
+/// last block takes the rest), except that a call of MR < m ≤ 2·MR rows whose second block
+/// would have fewer than `min_tail` rows runs as two blocks of ⌈m/2⌉ and ⌊m/2⌋.
+/// [`panel_driver`] and the packing of x (AVX2's `pack_x`) cut alike.
 ///
-/// Halves are for units of one panel on kernels of two accumulators per row (AVX2 on bf16
-/// panels): 6 + 2 rows left the second block 4 FMA chains, half of what hides the FMA
-/// latency, while 4 + 4 gives each block 8. Two threads of the Zen 4 guest, criterion's
-/// `projection/avx2_6x16_(bf16_widened)/rows8/2threads`, three alternating rounds: 505,
-/// 558, 509 µs in blocks of MR, 441, 440, 473 µs in halves (f32 panels, in units of four
-/// whose second block runs two panels at once: 540, 443, 478 against 470, 488, 472). In the
-/// layer, AVX2 bf16 decode steps in six alternating pairs of processes: B = 8 0.597-0.641
-/// ms (median 0.615) → 0.541-0.632 (0.562); B = 7 0.580-0.607 (0.591) → 0.507-0.571 (0.528).
+/// A short second block has too few FMA chains to hide the FMA latency while its panel
+/// streams from L2: a row is 2 chains on AVX2 (16-column panels, two ymm) and 4 on AVX-512.
+/// Each kernel's `min_tail` follows what was measured: 4 rows on AVX2 in units of one
+/// panel (bf16 panels, or f32 ones of k ≥ 1536), 2 on the AVX-512 f32 kernel, 3 on the
+/// `vdpbf16ps` one, and 0 (never halves) on AVX2 f32 panels in units of four, whose second
+/// block runs several panels at once, and on NEON (not measured). Zen 4 guest, two threads, decode steps in alternating pairs of
+/// processes (medians; `bench/results/cpu-2026-12-01-zen4-r3/`):
+/// - AVX2 bf16 B = 7 (6 + 1 → 4 + 3) 0.591 → 0.528 ms and 0.607 → 0.566; B = 8 (6 + 2 →
+///   4 + 4) 0.615 → 0.562 and 0.590 → 0.525; B = 9 (6 + 3 → 5 + 4) 0.611 → 0.595;
+///   B = 10 (6 + 4 → 5 + 5) 0.669 against 0.662, so 10 rows keep 6 + 4. In criterion
+///   (`projection/avx2_6x16_(bf16_widened)/rows8/2threads`), 505, 558, 509 → 441, 440,
+///   473 µs.
+/// - AVX-512 f32 B = 7: 0.497 → 0.444, 0.533 → 0.471 and 0.510 → 0.526 ms; B = 8 was no
+///   faster in halves (0.544 → 0.560 and 0.524 → 0.627 ms).
+/// - `vdpbf16ps` B = 7: 0.269 → 0.235 and 0.277 → 0.240 ms; B = 8: 0.278 → 0.272 and
+///   0.287 → 0.280; B = 9 0.310 against 0.305.
+/// - AVX2 f32 in units of four, halves against blocks of MR: B = 7 0.546 → 0.597 ms, B = 8
+///   0.637 → 0.693.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
-fn block_rows(m: usize, r0: usize, halves: bool) -> usize {
-    if halves && r0 == 0 && m > MR && m <= 2 * MR {
+fn block_rows(m: usize, r0: usize, min_tail: usize) -> usize {
+    if r0 == 0 && m > MR && m <= 2 * MR && m - MR < min_tail {
         m.div_ceil(2)
     } else {
         (m - r0).min(MR)
@@ -789,8 +800,8 @@ fn block_rows(m: usize, r0: usize, halves: bool) -> usize {
 /// otherwise. A panel's weights
 /// are read from memory once per call and stay in cache for its later row blocks. The
 /// kernels see only `[mr ≤ MR, np·nr]` blocks, written straight into y; the driver handles
-/// the row tail (smaller `mr`; with `halves`, two even blocks, see [`block_rows`]), the column tail (a block into a buffer, then its valid
-/// columns copied) and threading over units (disjoint columns of y). Units run from the
+/// the row tail (smaller `mr`, or two even blocks: see [`block_rows`] and `min_tail`), the
+/// column tail (a block into a buffer, then its valid columns copied) and threading over units (disjoint columns of y). Units run from the
 /// one holding column `first_col` to the last, then from the first
 /// ([`Projection::run_from_col`]).
 ///
@@ -809,7 +820,7 @@ fn panel_driver(
     n: usize,
     nr: usize,
     groups: [usize; 5],
-    halves: bool,
+    min_tail: usize,
     y: &mut [f32],
     threads: usize,
     first_col: usize,
@@ -833,7 +844,7 @@ fn panel_driver(
         let cols = w.min(n - c0);
         let (mut r0, mut idx) = (0, 0);
         while r0 < m {
-            let mr = block_rows(m, r0, halves);
+            let mr = block_rows(m, r0, min_tail);
             if cols == w {
                 // Full panels: straight into y, columns [c0, c0 + w) of rows r0..r0+mr.
                 // Each unit is handled once, so no two threads write the same element.
@@ -1116,7 +1127,7 @@ mod avx2 {
     /// unit, 566 µs with four (three: 772, eight: 699); 8 rows 1,733 against 990 µs. bf16
     /// panels keep one: 8 rows read 752 µs with one and 906 with four (4 rows: 409 and
     /// 340), and B = 8 bf16 decode steps 0.934 → 1.147 ms in alternating processes. Units
-    /// of one panel cut 7 to 12 rows into two even row blocks (`super::block_rows`).
+    /// of one panel cut 7 to 9 rows into two even row blocks (`super::block_rows`).
     const GROUPS: [usize; 5] = [1, 6, 3, 2, 4];
     /// The groups of a call on panels of `T` with `k` steps: four f32 panels per unit for
     /// 4 to 12 rows while they fit in 384 KiB (the later row block reads them from L2;
@@ -1225,19 +1236,20 @@ mod avx2 {
         static XPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// x `[m, k]` as the kernels read it, into `out`: blocks of MR rows, the block of rows
+    /// x `[m, k]` as the kernels read it, into `out`: in the row blocks that
+    /// [`super::block_rows`] cuts (`min_tail` as the driver gets it), the block of rows
     /// `r0..r0+mr` at `r0·k` as `[k][mr]`, so that a k step's broadcasts read one run of
     /// `mr` floats from one stream (row-major x is `mr` streams 4 KiB apart, which on a
     /// 32 KiB L1 land in the same sets). With `round`, each value rounded to bf16 on the
     /// way (the widening bf16 kernels' activations, as the AVX512-BF16 kernel and the
     /// `gemm` fallback see them). Two threads on 64-row tiles of the demo layer's shape
     /// (Zen 3): 15% faster than row-major x.
-    fn pack_x(x: &[f32], m: usize, k: usize, round: bool, halves: bool, out: &mut Vec<f32>) {
+    fn pack_x(x: &[f32], m: usize, k: usize, round: bool, min_tail: usize, out: &mut Vec<f32>) {
         // Every element is written below: only growth is zero-filled.
         out.resize(m * k, 0.0);
         let mut r0 = 0;
         while r0 < m {
-            let mr = super::block_rows(m, r0, halves);
+            let mr = super::block_rows(m, r0, min_tail);
             let dst = &mut out[r0 * k..(r0 + mr) * k];
             for r in 0..mr {
                 let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
@@ -1310,19 +1322,20 @@ mod avx2 {
         // Taken out of the thread-local for the call (and put back after), so that a call
         // that starts on this thread while this one waits on the pool gets its own.
         let mut packed = XPACK.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        // One row packed is the row itself.
-        // Units of one panel for 4 to 12 rows (bf16 panels, or f32 ones too large for four
-        // per unit): two even row blocks (see `super::block_rows`).
+        // Where units hold one panel for 4 to 12 rows (bf16 panels, or f32 ones too large
+        // for four per unit), calls of 7 to 9 rows run as two even row blocks (see
+        // `super::block_rows`); x is packed in the same blocks.
         let groups = groups::<T>(k);
-        let halves = groups[4] == 1;
+        let min_tail = if groups[4] == 1 { 4 } else { 0 };
+        // One row packed is the row itself.
         let xp: &[f32] = if m == 1 && !round {
             x
         } else {
-            pack_x(x, m, k, round, halves, &mut packed);
+            pack_x(x, m, k, round, min_tail, &mut packed);
             &packed
         };
         let ahead = prefetch_rows();
-        super::panel_driver(m, n, NR, groups, halves, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, groups, min_tail, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             // A panel's first row block streams it from L3 or memory: that one prefetches
             // into L1 on every CPU (see `prefetch_rows`).
@@ -1606,7 +1619,7 @@ mod neon {
             w.len() >= n.div_ceil(NR) * (k + 1) * NR,
             "w must hold every panel"
         );
-        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, 0, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
             let xs = &x[b.r0 * k..];
@@ -1727,7 +1740,7 @@ mod neon_bf16 {
             w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
-        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, 0, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
             let xs = &xp[b.r0 * kp..];
@@ -1910,7 +1923,7 @@ mod avx512 {
             "w must hold every panel"
         );
         assert_eq!(x.len(), m * k, "x must be [m, k]");
-        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, 2, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, k, NR, 1);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, k);
             let xb = &x[b.r0 * k..];
@@ -2028,7 +2041,7 @@ mod bf16_avx512 {
             w.len() >= n.div_ceil(NR) * (kp + 1) * NR * 2,
             "w must hold every panel"
         );
-        super::panel_driver(m, n, NR, GROUPS, false, y, threads, first_col, |b| {
+        super::panel_driver(m, n, NR, GROUPS, 3, y, threads, first_col, |b| {
             let (wg, ldw, lds) = super::panel_slice(w, b.panel0, kp, NR, 2);
             let next = super::NextPanel::share(w, &b, m, n.div_ceil(NR), lds, kp);
             let xs = &xp[b.r0 * kp..];
@@ -2390,11 +2403,21 @@ mod tests {
         }
     }
 
+    /// AVX2 f32 panels of k ≥ 1536 steps go one per unit, and calls of 7 to 9 rows run as
+    /// two even row blocks (`block_rows`), x packed alike.
+    #[test]
+    fn large_f32_panels_in_even_row_blocks_match_plain_product() {
+        for rows in [7, 9] {
+            matches_plain_product_rows(1536, rows);
+        }
+    }
+
     fn matches_plain_product(k: usize) {
-        // 13 rows: full and partial row blocks; 8 and 7: two blocks in units of several
-        // panels (AVX2's `groups[4]`), the second of two rows and one row running two and
-        // four panels at once, the last unit partial in columns.
-        for rows in [13, 8, 7] {
+        // 13 rows: full and partial row blocks; 7 to 12: two row blocks, in units of several
+        // panels (AVX2's f32 `groups[4]`: the second block of two rows and of one row runs
+        // two and four panels at once) or, for 7 to 9 rows, as two even blocks
+        // (`block_rows`: AVX2 bf16 panels, AVX-512), the last unit partial in columns.
+        for rows in [13, 12, 11, 10, 9, 8, 7] {
             matches_plain_product_rows(k, rows);
         }
     }
@@ -2407,6 +2430,13 @@ mod tests {
         let r = |v: &[f32]| -> Vec<f32> { v.iter().map(|&t| bf16::from_f32(t).to_f32()).collect() };
         let want_bf16 = plain(&r(&x), &[&r(&a), &r(&b)], k);
         for (dtype, want, tol) in [(DType::F32, &want, 1e-5), (DType::Bf16, &want_bf16, 1e-4)] {
+            // Past 64 steps the tolerance is relative to the largest output: at k = 1536
+            // this data sums to about 500, whose f32 rounding is about 1e-4.
+            let tol = if k > 64 {
+                tol * want.iter().fold(1.0f32, |m, v| m.max(v.abs()))
+            } else {
+                tol
+            };
             for (kernel, p) in packings(&[&a, &b], k, dtype, true) {
                 assert_eq!(p.uses_own_kernel(), !kernel.starts_with("gemm"));
                 for threads in [1, 2, 3] {
@@ -2569,8 +2599,9 @@ mod tests {
                 let mut whole = vec![0.0; rows * 250];
                 p.matmul(&x, rows, &mut whole, 2);
                 // 1-3 rows: the multi-panel shapes; 4-12: units of several panels on
-                // AVX2; 13 and more: one panel per unit.
-                for split in [1, 2, 3, 4, 5, 6, 7, 8, 12, 13] {
+                // AVX2 f32, some of 7-9 as two even row blocks elsewhere; 13 and more: one
+                // panel per unit.
+                for split in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13] {
                     let mut r0 = 0;
                     while r0 < rows {
                         let m = split.min(rows - r0);
