@@ -756,18 +756,21 @@ thread_local! {
     static TAIL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Rows of the row block that starts at row `r0` of a call of `m` rows: MR at a time (the
-/// last block takes the rest), except that a call of MR < m ≤ 2·MR rows whose second block
-/// would have fewer than `min_tail` rows runs as two blocks of ⌈m/2⌉ and ⌊m/2⌋.
+/// Rows of the row block that starts at row `r0` of a call of `m` rows (m > 0): MR at a
+/// time, except that when the last block would have fewer than `min_tail` rows (and more
+/// than none), the last two share their MR + m mod MR rows evenly, ⌈·/2⌉ then ⌊·/2⌋ (8
+/// rows as 4 + 4, 32 as 6, 6, 6, 6, 4, 4). The number of blocks stays ⌈m/MR⌉.
 /// [`panel_driver`] and the packing of x (AVX2's `pack_x`) cut alike.
 ///
-/// A short second block has too few FMA chains to hide the FMA latency while its panel
-/// streams from L2: a row is 2 chains on AVX2 (16-column panels, two ymm) and 4 on AVX-512.
+/// A short last block has too few FMA chains to hide the FMA latency while its panel
+/// comes from L2: a row is 2 chains on AVX2 (16-column panels, two ymm) and 4 on AVX-512.
 /// Each kernel's `min_tail` follows what was measured: 4 rows on AVX2 in units of one
-/// panel (bf16 panels, or f32 ones of k ≥ 1536), 2 on the AVX-512 f32 kernel, 3 on the
-/// `vdpbf16ps` one, and 0 (never halves) on AVX2 f32 panels in units of four, whose second
-/// block runs several panels at once, and on NEON (not measured). Zen 4 guest, two threads, decode steps in alternating pairs of
-/// processes (medians; `bench/results/cpu-2026-12-01-zen4-r3/`):
+/// panel (bf16 panels, f32 ones of k ≥ 1536, and f32 calls of more than 2·MR rows), 2 on
+/// the AVX-512 f32 kernel, 3 on the `vdpbf16ps` one, and 0 (never) on AVX2 f32 calls of 4
+/// to 2·MR rows in units of four panels, whose second block runs several panels at once,
+/// and on NEON (not measured). Zen 4 guest, two threads, decode steps in alternating pairs
+/// of processes (medians; `bench/results/cpu-2026-12-01-zen4-r3/`), first with the rule
+/// for 7 to 12 rows only:
 /// - AVX2 bf16 B = 7 (6 + 1 → 4 + 3) 0.591 → 0.528 ms and 0.607 → 0.566; B = 8 (6 + 2 →
 ///   4 + 4) 0.615 → 0.562 and 0.590 → 0.525; B = 9 (6 + 3 → 5 + 4) 0.611 → 0.595;
 ///   B = 10 (6 + 4 → 5 + 5) 0.669 against 0.662, so 10 rows keep 6 + 4. In criterion
@@ -779,13 +782,21 @@ thread_local! {
 ///   0.287 → 0.280; B = 9 0.310 against 0.305.
 /// - AVX2 f32 in units of four, halves against blocks of MR: B = 7 0.546 → 0.597 ms, B = 8
 ///   0.637 → 0.693.
+///
+/// Then for every call, against the above (a range of 32 rows at B = 64 on two threads, of
+/// 128 at B = 256, ends 6 + 2 → 4 + 4 on AVX2 and `vdpbf16ps`), five pairs each: AVX2 bf16
+/// B = 64 3.900 → 3.841 ms, B = 256 14.432 → 14.260; AVX2 f32 B = 64 4.307 → 3.903, B = 256
+/// 15.617 → 14.721; `vdpbf16ps` B = 64 2.135 → 1.974.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
 fn block_rows(m: usize, r0: usize, min_tail: usize) -> usize {
-    if r0 == 0 && m > MR && m <= 2 * MR && m - MR < min_tail {
-        m.div_ceil(2)
+    let rem = m % MR;
+    // The last two blocks' rows, split evenly when the last would be short.
+    let pair = MR + rem;
+    if rem != 0 && rem < min_tail && m > MR && r0 == m - pair {
+        pair.div_ceil(2)
     } else {
         (m - r0).min(MR)
     }
@@ -1127,7 +1138,8 @@ mod avx2 {
     /// unit, 566 µs with four (three: 772, eight: 699); 8 rows 1,733 against 990 µs. bf16
     /// panels keep one: 8 rows read 752 µs with one and 906 with four (4 rows: 409 and
     /// 340), and B = 8 bf16 decode steps 0.934 → 1.147 ms in alternating processes. Units
-    /// of one panel cut 7 to 9 rows into two even row blocks (`super::block_rows`).
+    /// of one panel share a short last row block's rows with the one before
+    /// (`super::block_rows`).
     const GROUPS: [usize; 5] = [1, 6, 3, 2, 4];
     /// The groups of a call on panels of `T` with `k` steps: four f32 panels per unit for
     /// 4 to 12 rows while they fit in 384 KiB (the later row block reads them from L2;
@@ -1322,11 +1334,15 @@ mod avx2 {
         // Taken out of the thread-local for the call (and put back after), so that a call
         // that starts on this thread while this one waits on the pool gets its own.
         let mut packed = XPACK.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        // Where units hold one panel for 4 to 12 rows (bf16 panels, or f32 ones too large
-        // for four per unit), calls of 7 to 9 rows run as two even row blocks (see
-        // `super::block_rows`); x is packed in the same blocks.
+        // Where units hold one panel (bf16 panels, f32 ones too large for four per unit, and
+        // any call of more than 2·MR rows), a last row block of 1 to 3 rows shares the rows
+        // of the last two evenly (see `super::block_rows`); x is packed in the same blocks.
         let groups = groups::<T>(k);
-        let min_tail = if groups[4] == 1 { 4 } else { 0 };
+        let min_tail = if groups[4] == 1 || m > 2 * super::MR {
+            4
+        } else {
+            0
+        };
         // One row packed is the row itself.
         let xp: &[f32] = if m == 1 && !round {
             x
@@ -2403,21 +2419,23 @@ mod tests {
         }
     }
 
-    /// AVX2 f32 panels of k ≥ 1536 steps go one per unit, and calls of 7 to 9 rows run as
-    /// two even row blocks (`block_rows`), x packed alike.
+    /// AVX2 f32 panels of k ≥ 1536 steps go one per unit, and calls of 7 to 12 rows whose
+    /// second row block would be short share their rows evenly (`block_rows`), x packed
+    /// alike.
     #[test]
     fn large_f32_panels_in_even_row_blocks_match_plain_product() {
-        for rows in [7, 9] {
+        for rows in [7, 9, 10] {
             matches_plain_product_rows(1536, rows);
         }
     }
 
     fn matches_plain_product(k: usize) {
-        // 13 rows: full and partial row blocks; 7 to 12: two row blocks, in units of several
+        // 13, 14 and 32 rows: full and partial row blocks, a short last one sharing the
+        // rows of the last two (`block_rows`); 7 to 12: two row blocks, in units of several
         // panels (AVX2's f32 `groups[4]`: the second block of two rows and of one row runs
-        // two and four panels at once) or, for 7 to 9 rows, as two even blocks
-        // (`block_rows`: AVX2 bf16 panels, AVX-512), the last unit partial in columns.
-        for rows in [13, 12, 11, 10, 9, 8, 7] {
+        // two and four panels at once) or, where the second would be short, as two even
+        // blocks (AVX2 bf16 panels, AVX-512); the last unit partial in columns.
+        for rows in [32, 14, 13, 12, 11, 10, 9, 8, 7] {
             matches_plain_product_rows(k, rows);
         }
     }
@@ -2599,9 +2617,10 @@ mod tests {
                 let mut whole = vec![0.0; rows * 250];
                 p.matmul(&x, rows, &mut whole, 2);
                 // 1-3 rows: the multi-panel shapes; 4-12: units of several panels on
-                // AVX2 f32, some of 7-9 as two even row blocks elsewhere; 13 and more: one
-                // panel per unit.
-                for split in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13] {
+                // AVX2 f32, two row blocks shared evenly where the second would be short
+                // elsewhere; 13 and more: one panel per unit (13 and 14: a short last
+                // block shared with the one before).
+                for split in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14] {
                     let mut r0 = 0;
                     while r0 < rows {
                         let m = split.min(rows - r0);
