@@ -68,11 +68,18 @@ fn conv_group(cfg: &crate::config::EngramConfig) -> usize {
     }
 }
 
-/// Fewest rows worth a thread of their own.
-/// (32, not a full tile: a decode step of B = 64 then runs as two ranges of 32 rows, each
-/// thread with its own projection and its own gate and conv, where one range left the
-/// gate and conv to one thread: 54,392 against 36,370 tokens/s in bf16 on AVX-512.)
-const MIN_ROWS_PER_PART: usize = 32;
+/// Fewest rows worth a thread of their own. A range streams every weight once for its
+/// rows, and its hash, gather, gate and conv run on one thread: one range of a decode step
+/// leaves those to the calling thread while the other threads wait (at B = 32 they were a
+/// quarter of the step). Ranges of 4 rows keep the projection's FMAs ahead of the weight
+/// stream; ranges of 2 do not (B = 4 on AVX-512, Zen 4: 0.135 ms as one range, 0.19-0.21
+/// as two). Pairs of processes on two threads, one range against two, ms per step (see
+/// `bench/results/cpu-2026-12-01-zen4-r4/`): B = 32 AVX-512 f32 1.92-1.95 → 1.71-1.72,
+/// bf16 1.10-1.14 → 0.92-1.01, AVX2 f32 2.28-2.52 → 1.91-1.97; B = 8 AVX-512 bf16
+/// 0.265-0.269 → 0.240-0.268, AVX2 bf16 0.551-0.580 → 0.483-0.532, AVX2 f32 even.
+/// (A B = 64 step ran as one range before this was 32: 36,370 tokens/s in bf16 on
+/// AVX-512, two ranges 54,392.)
+const MIN_ROWS_PER_PART: usize = 4;
 /// Fewest rows between two splits when the later one falls inside a sequence: its first R
 /// rows are completed serially after the ranges run (`Driver::fix_boundaries`).
 const MIN_ROWS_PER_SPLIT: usize = 64;

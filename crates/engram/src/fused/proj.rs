@@ -1128,8 +1128,8 @@ mod avx2 {
     /// Columns per panel: two ymm.
     const NR: usize = 16;
     /// Blocks per work unit for 1, 2, 3 rows (12 ymm accumulators in flight), and panels per
-    /// unit for 4 to 12 rows on f32 panels ([`groups`]). Those calls (decode steps of B = 4
-    /// to 12 in one range) read each panel from L3 or memory in their first row block, and
+    /// unit for 4 to 12 rows on f32 panels ([`groups`]). Those calls (a decode step of B = 4
+    /// to 7, or a range of a larger one) read each panel from L3 or memory in their first row block, and
     /// a unit of four lets that block prefetch the next panel into L2 on its own thread
     /// (called from outside the pool, as a decode step is, the units go to the threads one
     /// at a time, so the next unit is usually another thread's). Criterion, two threads of
