@@ -550,3 +550,45 @@ fn cuda_kernels_lists_every_kernel_or_names_the_missing_library() {
         assert!(err.contains("libnvrtc"), "{err}");
     }
 }
+
+/// `ENGRAM_BF16_DOT` names the AVX-512 bf16 kernel: 0 the widening one always, 1
+/// `vdpbf16ps` wherever the CPU runs AVX-512 with AVX512-BF16.
+#[test]
+fn bf16_dot_env_picks_the_avx512_bf16_kernel() {
+    let cfg = golden("small.config.json");
+    let run = |dot: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args([
+                "bench",
+                "--config",
+                s(&cfg),
+                "--dtype",
+                "bf16",
+                "--tokens",
+                "24",
+                "--runs",
+                "1",
+                "--json",
+            ])
+            .env("ENGRAM_BF16_DOT", dot)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["kernel"].as_str().unwrap().to_string()
+    };
+    let widened = run("0");
+    assert!(!widened.contains("vdpbf16ps"), "{widened}");
+    let dot = run("1");
+    // The AVX-512 kernels run (ENGRAM_ISA not lowered) and the CPU has AVX512-BF16.
+    let has_dot =
+        widened.starts_with("avx512") && engram::fused::proj::bf16_dot_chains(1).is_some();
+    assert_eq!(dot.contains("vdpbf16ps"), has_dot, "{dot}");
+    if !has_dot {
+        assert_eq!(dot, widened);
+    }
+}

@@ -4,7 +4,7 @@
 //!
 //! | CPU | f32 | bf16 |
 //! |---|---|---|
-//! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]`, else the 6×64 microkernel on bf16 panels (columns c, c+16 of each 32 interleaved), widened to f32 in registers by an AND and a shift |
+//! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` where it does at least the FLOPs of f32 FMAs ([`avx512_bf16_dot_pays`]), else the 6×64 microkernel on bf16 panels (columns c, c+16 of each 32 interleaved), widened to f32 in registers by an AND and a shift |
 //! | AVX2 + FMA | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels (columns c, c+8 interleaved), widened to f32 in registers by an AND and a shift |
 //! | aarch64 (NEON) | 6×16 microkernel on `[N/16][K][16]` panels | BFDOT on bf16 pairs `[N/16][K/2][16][2]` where the CPU has BF16, else the 6×16 kernel on bf16 panels widened in registers |
 //! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
@@ -112,6 +112,55 @@ fn has_avx512bf16() -> bool {
     {
         false
     }
+}
+
+/// Whether AVX-512 bf16 products run on `vdpbf16ps` rather than the widening 6×64 kernel:
+/// where the CPU has AVX512-BF16 and one core's `vdpbf16ps` chains do at least the FLOPs per
+/// second of its f32 FMA chains, probed once per process (best of five interleaved runs of
+/// each, well under a millisecond in all). `ENGRAM_BF16_DOT=0` or `1` skips the probe.
+///
+/// The instruction's rate differs by CPU. On the Zen 4 guest the dot kernel ran a 4096-token
+/// bf16 prefill at 2.1× the f32 tokens/s. On the Emerald Rapids guest its chains did half
+/// the FLOPs of f32 FMAs (about 160 against 320 GFLOP/s on two cores), and the widening
+/// kernel ran the default projection faster (criterion, one thread: 8 rows 0.80 against 1.04
+/// ms, 64 rows 5.2 against 11.5, 256 rows 20.2 against 49.2; a prefill's tiles on two
+/// threads 184 against 312 ms; see `bench/results/cpu-2026-12-01-emr4/`).
+pub fn avx512_bf16_dot_pays() -> bool {
+    static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAYS.get_or_init(|| {
+        if !has_avx512bf16() {
+            return false;
+        }
+        match std::env::var("ENGRAM_BF16_DOT").as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => bf16_dot_over_fma() >= 1.0,
+        }
+    })
+}
+
+/// Whether [`Projection::pack_for`] packs bf16 for the CPU's dot instruction where it has one:
+/// always on Arm (BFDOT), by [`avx512_bf16_dot_pays`] on AVX-512; the probe runs only for bf16.
+fn bf16_dot_by_default(dtype: DType, kernel: Option<PanelKernel>) -> bool {
+    dtype != DType::Bf16 || kernel != Some(PanelKernel::Avx512) || avx512_bf16_dot_pays()
+}
+
+/// FLOPs per second of one core's `vdpbf16ps` chains over its f32 FMA chains (both twelve
+/// 16-lane chains; a `vdpbf16ps` lane does two multiply-adds, an FMA lane one).
+fn bf16_dot_over_fma() -> f64 {
+    use std::hint::black_box;
+    use std::time::Instant;
+    const ITERS: usize = 20_000;
+    let (mut dot, mut fma) = (f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        let t = Instant::now();
+        black_box(bf16_dot_chains(black_box(ITERS)));
+        dot = dot.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        black_box(super::kernels::fma_chains(Isa::Avx512, black_box(ITERS)));
+        fma = fma.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * fma / dot.max(f64::MIN_POSITIVE)
 }
 
 /// Whether this CPU has the Armv8.6 BF16 instructions (BFDOT).
@@ -279,11 +328,17 @@ impl Projection {
     /// # Panics
     /// If `k` is 0, or the kernel is not one this CPU runs ([`PanelKernel::runs_here`]).
     pub fn pack_for(mats: &[&[f32]], k: usize, dtype: DType, kernel: Option<PanelKernel>) -> Self {
-        Self::pack_for_via(mats, k, dtype, kernel, true)
+        Self::pack_for_via(mats, k, dtype, kernel, bf16_dot_by_default(dtype, kernel))
     }
 
-    /// [`Projection::pack_for`], bf16 dot kernels allowed or not ([`Self::pack_fn_via`]).
-    fn pack_for_via(
+    /// [`Projection::pack_for`] with the bf16 kernel named: `bf16_dot = true` packs bf16 for
+    /// the CPU's dot instruction (`vdpbf16ps`, BFDOT) wherever it has one, even where
+    /// [`avx512_bf16_dot_pays`] found it slower; `false` for the widening kernel (so that
+    /// benches and tests can set the two against each other on one CPU).
+    ///
+    /// # Panics
+    /// As [`Projection::pack_for`].
+    pub fn pack_for_via(
         mats: &[&[f32]],
         k: usize,
         dtype: DType,
@@ -318,11 +373,10 @@ impl Projection {
         kernel: Option<PanelKernel>,
         w: &dyn Fn(usize, usize) -> f32,
     ) -> Self {
-        Self::pack_fn_via(n, k, dtype, kernel, true, w)
+        Self::pack_fn_via(n, k, dtype, kernel, bf16_dot_by_default(dtype, kernel), w)
     }
 
-    /// [`Projection::pack_fn`]; `bf16_dot = false` packs bf16 for the widening kernels even
-    /// where the CPU has a bf16 dot instruction (so that tests reach them on every CPU).
+    /// [`Projection::pack_fn`] with the bf16 kernel named, as in [`Projection::pack_for_via`].
     fn pack_fn_via(
         n: usize,
         k: usize,
@@ -2269,7 +2323,9 @@ mod tests {
             v.push(Projection::pack_for(mats, k, dtype, None));
         }
         for kernel in PanelKernel::all_supported() {
-            let p = Projection::pack_for(mats, k, dtype, Some(kernel));
+            // The dot kernel wherever the CPU has one (chosen by default or not), and then
+            // the widening kernel too.
+            let p = Projection::pack_for_via(mats, k, dtype, Some(kernel), true);
             if p.takes_pairs() {
                 v.push(Projection::pack_for_via(
                     mats,
@@ -2497,16 +2553,17 @@ mod tests {
         }
     }
 
-    /// bf16 runs on the CPU's bf16 dot instruction where it has one (AVX512-BF16, Arm BF16:
-    /// BFDOT), else widens in registers; so the run under an emulated Arm CPU with BF16 (CI)
-    /// has checked the BFDOT kernel in `every_kernel_matches_plain_product`.
+    /// bf16 runs on the CPU's bf16 dot instruction where it has one (Arm BF16: BFDOT) or
+    /// where it pays (AVX512-BF16, [`avx512_bf16_dot_pays`]), else widens in registers; so
+    /// the run under an emulated Arm CPU with BF16 (CI) has checked the BFDOT kernel in
+    /// `every_kernel_matches_plain_product`.
     #[test]
     fn bf16_uses_the_dot_instruction_where_the_cpu_has_one() {
         let a = data(64 * 32, 7);
         for kernel in PanelKernel::all_supported() {
             let name = Projection::pack_for(&[&a], 32, DType::Bf16, Some(kernel)).kernel_name();
             let dot = match kernel {
-                PanelKernel::Avx512 => has_avx512bf16(),
+                PanelKernel::Avx512 => avx512_bf16_dot_pays(),
                 PanelKernel::Neon => has_neon_bf16(),
                 PanelKernel::Avx2 => false,
             };
