@@ -74,9 +74,11 @@ fn conv_group(cfg: &crate::config::EngramConfig) -> usize {
 /// quarter of the step). Ranges of 4 rows keep the projection's FMAs ahead of the weight
 /// stream; ranges of 2 do not (B = 4 on AVX-512, Zen 4: 0.135 ms as one range, 0.19-0.21
 /// as two). Pairs of processes on two threads, one range against two, ms per step (see
-/// `bench/results/cpu-2026-12-01-zen4-r4/`): B = 32 AVX-512 f32 1.92-1.95 → 1.71-1.72,
-/// bf16 1.10-1.14 → 0.92-1.01, AVX2 f32 2.28-2.52 → 1.91-1.97; B = 8 AVX-512 bf16
-/// 0.265-0.269 → 0.240-0.268, AVX2 bf16 0.551-0.580 → 0.483-0.532, AVX2 f32 even.
+/// `bench/results/cpu-2026-12-02-emr4/experiments.txt`): on Zen 4, B = 32 AVX-512 f32
+/// 1.92-1.95 → 1.71-1.72, bf16 1.10-1.14 → 0.92-1.01, AVX2 f32 2.28-2.52 → 1.91-1.97;
+/// B = 8 AVX-512 bf16 0.265-0.269 → 0.240-0.268, AVX2 bf16 0.551-0.580 → 0.483-0.532, AVX2
+/// f32 even; on Emerald Rapids (medians of three) B = 32 AVX-512 f32 2.39 → 2.05, bf16
+/// (`vdpbf16ps`) 2.93 → 2.70, B = 8 f32 even, AVX2 within the other tenant's noise.
 /// (A B = 64 step ran as one range before this was 32: 36,370 tokens/s in bf16 on
 /// AVX-512, two ranges 54,392.)
 const MIN_ROWS_PER_PART: usize = 4;

@@ -124,7 +124,7 @@ fn has_avx512bf16() -> bool {
 /// the FLOPs of f32 FMAs (about 160 against 320 GFLOP/s on two cores), and the widening
 /// kernel ran the default projection faster (criterion, one thread: 8 rows 0.80 against 1.04
 /// ms, 64 rows 5.2 against 11.5, 256 rows 20.2 against 49.2; a prefill's tiles on two
-/// threads 184 against 312 ms; see `bench/results/cpu-2026-12-01-emr4/`).
+/// threads 184 against 312 ms; see `bench/results/cpu-2026-12-02-emr4/`).
 pub fn avx512_bf16_dot_pays() -> bool {
     static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PAYS.get_or_init(|| {
