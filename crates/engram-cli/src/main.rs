@@ -142,6 +142,11 @@ fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // A mistyped ENGRAM_ISA / ENGRAM_TILE / ENGRAM_BF16_DOT would run the defaults silently.
+    if let Err(e) = engram::fused::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     v41::set_tokenizer(cli.tokenizer.clone());
     // --threads, else RAYON_NUM_THREADS, else all cores; capped at a multiple of the cores.
     let requested = cli.threads.or_else(|| {

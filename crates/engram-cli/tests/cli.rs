@@ -592,3 +592,56 @@ fn bf16_dot_env_picks_the_avx512_bf16_kernel() {
         assert_eq!(dot, widened);
     }
 }
+
+/// A value of `ENGRAM_ISA`, `ENGRAM_TILE` or `ENGRAM_BF16_DOT` the kernels do not know is one
+/// error line naming the variable, what it takes and what it found, exit 2, before any work;
+/// the values they know run.
+#[test]
+fn unknown_tuning_env_values_are_refused() {
+    let cfg = golden("small.config.json");
+    let run = |var: &str, val: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args(["bench", "--config", s(&cfg), "--tokens", "8", "--runs", "1"])
+            .args(["--json"])
+            .env(var, val)
+            .output()
+            .unwrap()
+    };
+    for (var, val, expected) in [
+        ("ENGRAM_ISA", "avx", "avx512, avx2 or generic"),
+        ("ENGRAM_ISA", "", "avx512, avx2 or generic"),
+        (
+            "ENGRAM_TILE",
+            "sixty-four",
+            "a whole number of rows from 1 to 65536",
+        ),
+        ("ENGRAM_TILE", "0", "a whole number of rows from 1 to 65536"),
+        (
+            "ENGRAM_TILE",
+            "65537",
+            "a whole number of rows from 1 to 65536",
+        ),
+        ("ENGRAM_BF16_DOT", "yes", "0 or 1"),
+    ] {
+        let out = run(var, val);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={val}: {err}");
+        assert!(out.stdout.is_empty(), "{var}={val}: ran anyway");
+        assert_eq!(
+            err.trim_end(),
+            format!("error: environment variable {var}: expected {expected}, found {val:?}"),
+        );
+    }
+    for (var, val) in [
+        ("ENGRAM_ISA", "generic"),
+        ("ENGRAM_TILE", "7"),
+        ("ENGRAM_BF16_DOT", "0"),
+    ] {
+        let out = run(var, val);
+        assert!(
+            out.status.success(),
+            "{var}={val}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

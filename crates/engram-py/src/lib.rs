@@ -922,6 +922,7 @@ fn load(
     io_depth: Option<usize>,
     table_store: Option<&str>,
 ) -> PyResult<Layer> {
+    engram::fused::check_env().map_err(err)?;
     let v = config_json(config, is_path)?;
     let pool = pool(threads)?;
     let table = table_options(
@@ -1008,6 +1009,7 @@ fn torch_default(
     path: &str,
     threads: Option<usize>,
 ) -> PyResult<Layer> {
+    engram::fused::check_env().map_err(err)?;
     let v = config_json(config, is_path)?;
     if engram::v41::config::is_v41(&v) {
         return Err(verr(
@@ -1051,6 +1053,7 @@ fn from_state_dict(
     path: &str,
     threads: Option<usize>,
 ) -> PyResult<Layer> {
+    engram::fused::check_env().map_err(err)?;
     let v = config_json(config, false)?;
     let cfg: EngramConfig = EngramConfig::from_json_str(&v.to_string()).map_err(err)?;
     let get = |name: &str| -> PyResult<Vec<f32>> {

@@ -375,3 +375,12 @@ def test_rows_from_a_redis_cluster(small, stages, golden):
         other.write_bytes(bytes(b))
         with pytest.raises(ValueError, match="holds no table"):
             engram.Engram.load(cfg, other, table_store=url)
+
+
+def test_unknown_tuning_env_value_is_refused_at_load(golden, monkeypatch):
+    # The kernels read ENGRAM_TILE once per process and would run their default silently.
+    monkeypatch.setenv("ENGRAM_TILE", "sixty-four")
+    with pytest.raises(ValueError, match=r'^environment variable ENGRAM_TILE: expected a whole number of rows from 1 to 65536, found "sixty-four"$'):
+        engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors")
+    monkeypatch.setenv("ENGRAM_TILE", "16")
+    engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors")

@@ -142,6 +142,17 @@ pub trait Simd16 {
     fn silu(a: Self::V) -> Self::V;
     /// Scalar `a·b + c`, for tails.
     fn madd(a: f32, b: f32, c: f32) -> f32;
+    /// Whether [`conv_rows3`] runs a block's tap sums first and the gated value + SiLU of
+    /// them in a second pass, rather than both per chunk in one pass (the same operations
+    /// per output either way, so the same bits). Two passes where a vector is two or more
+    /// registers: on Zen 3 (AVX2) a trio took 22 µs in one pass and 16-17 in two
+    /// (criterion, `benches/conv.rs`). One pass on AVX-512 (one zmm per vector), where the
+    /// second pass's reloads cost more than the overlap gained: on the Zen 5 guest the
+    /// conv's thread time per 4096-token prefill read 0.0103-0.0109 s in two passes and
+    /// 0.0064-0.0087 in one (f32; bf16 0.0094-0.0098 against 0.0061-0.0073), alternating
+    /// processes (`bench/results/cpu-2026-12-02-zen5/experiments.txt`); its AVX2 conv read
+    /// the same in either (0.0103-0.0108 one pass, 0.0100-0.0115 two).
+    const CONV_TWO_PASS: bool = true;
 }
 
 /// Portable lanes as an array; the compiler vectorises them (AVX2, NEON, SSE2).
@@ -314,6 +325,7 @@ mod x86 {
 
     impl Simd16 for Avx512 {
         type V = __m512;
+        const CONV_TWO_PASS: bool = false;
         #[inline(always)]
         fn load(a: &[f32; LANES]) -> __m512 {
             // SAFETY: 16 readable f32; only called from AVX-512F functions (see `dispatch!`).
@@ -739,6 +751,36 @@ dispatch! {
             let (oc0, _) = o0[base..base + body].as_chunks_mut::<LANES>();
             let (oc1, _) = o1[base..base + body].as_chunks_mut::<LANES>();
             let (oc2, _) = o2[base..base + body].as_chunks_mut::<LANES>();
+            if !S::CONV_TWO_PASS {
+                // One pass (see `Simd16::CONV_TWO_PASS`): per chunk, the three rows' tap
+                // sums, gated value and SiLU, the bias loaded once for the three.
+                for (j, ((a0, a1), a2)) in oc0.iter_mut().zip(oc1.iter_mut()).zip(oc2.iter_mut()).enumerate() {
+                    let ahead = j + CONV_AHEAD;
+                    for k in 0..TRIO_TAPS {
+                        prefetch_chunk(w[k], ahead);
+                        for xg in &x {
+                            prefetch_chunk(xg[k], ahead);
+                        }
+                    }
+                    for v in &vc {
+                        prefetch_chunk(v, ahead);
+                    }
+                    let wj: [S::V; TRIO_TAPS] = std::array::from_fn(|k| S::load(&w[k][j]));
+                    let b = S::load(&bc[j]);
+                    for (g, o) in [a0, a1, a2].into_iter().enumerate() {
+                        let mut acc = S::splat(0.0);
+                        for k in 0..TRIO_TAPS {
+                            acc = S::fma(wj[k], S::load(&x[g][k][j]), acc);
+                        }
+                        let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), b));
+                        S::store(S::add(gated, S::silu(acc)), o);
+                    }
+                }
+                for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
+                    conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], (c, base, body), &mut o[base..base + d]);
+                }
+                continue;
+            }
             // Blocks of CONV_BLOCK chunks in two passes: the three rows' tap sums into a
             // buffer on the stack, then gated value + SiLU of them. In one pass each
             // chunk's work was one dependent chain of ~80 cycles (four FMAs, then the exp

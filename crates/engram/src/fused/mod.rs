@@ -35,6 +35,51 @@ use std::time::Instant;
 /// tiles are large enough to amortise that.
 pub const TILE: usize = 256;
 
+/// Largest `ENGRAM_TILE` [`check_env`] accepts: a tile's scratch grows with its rows, and
+/// tiles past a few thousand rows measured no faster anywhere.
+pub const MAX_TILE_ENV: usize = 1 << 16;
+
+/// Checks the environment variables that tune the fused path: `ENGRAM_ISA` (`avx512`,
+/// `avx2` or `generic`), `ENGRAM_TILE` (rows per tile, 1 to [`MAX_TILE_ENV`]) and
+/// `ENGRAM_BF16_DOT` (`0` or `1`). The kernels read them once per process and run their
+/// defaults on a value they do not know; the fronts (CLI, Python) call this first, so that a
+/// mistyped value is an error naming the variable rather than a silent default. Unset
+/// variables are fine.
+///
+/// ```
+/// std::env::set_var("ENGRAM_TILE", "sixty-four");
+/// let err = engram::fused::check_env().unwrap_err().to_string();
+/// assert!(err.starts_with("environment variable ENGRAM_TILE"), "{err}");
+/// std::env::remove_var("ENGRAM_TILE");
+/// assert!(engram::fused::check_env().is_ok());
+/// ```
+pub fn check_env() -> Result<()> {
+    let tile = format!("a whole number of rows from 1 to {MAX_TILE_ENV}");
+    env_value("ENGRAM_ISA", "avx512, avx2 or generic", |v| {
+        matches!(v, "avx512" | "avx2" | "generic")
+    })?;
+    env_value("ENGRAM_TILE", &tile, |v| {
+        matches!(v.parse::<usize>(), Ok(1..=MAX_TILE_ENV))
+    })?;
+    env_value("ENGRAM_BF16_DOT", "0 or 1", |v| matches!(v, "0" | "1"))
+}
+
+/// Environment variable `name`, if set, passes `ok`; else an [`EngramError::Invalid`]
+/// naming it, `expected` and the value found.
+fn env_value(name: &str, expected: &str, ok: impl Fn(&str) -> bool) -> Result<()> {
+    let found = match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => return Ok(()),
+        Ok(v) if ok(&v) => return Ok(()),
+        Ok(v) => format!("{v:?}"),
+        Err(std::env::VarError::NotUnicode(v)) => format!("{v:?} (not UTF-8)"),
+    };
+    Err(EngramError::invalid(
+        format!("environment variable {name}"),
+        expected,
+        found,
+    ))
+}
+
 /// Rows per tile with weights packed once (our kernels): the kernel's default
 /// ([`Projection::default_tile_rows`]: 64, a tile small enough that its projections stay
 /// in L2 for the gate kernel on a 1 MiB L2; 256 for the AVX2 kernels) or `ENGRAM_TILE`.
