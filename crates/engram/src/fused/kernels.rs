@@ -755,76 +755,77 @@ dispatch! {
                 // One pass (see `Simd16::CONV_TWO_PASS`): per chunk, the three rows' tap
                 // sums, gated value and SiLU, the bias loaded once for the three.
                 for (j, ((a0, a1), a2)) in oc0.iter_mut().zip(oc1.iter_mut()).zip(oc2.iter_mut()).enumerate() {
-                    let ahead = j + CONV_AHEAD;
-                    for k in 0..TRIO_TAPS {
-                        prefetch_chunk(w[k], ahead);
-                        for xg in &x {
-                            prefetch_chunk(xg[k], ahead);
-                        }
-                    }
-                    for v in &vc {
-                        prefetch_chunk(v, ahead);
-                    }
-                    let wj: [S::V; TRIO_TAPS] = std::array::from_fn(|k| S::load(&w[k][j]));
+                    let wj = trio_weights::<S>(&w, &x, &vc, j);
                     let b = S::load(&bc[j]);
                     for (g, o) in [a0, a1, a2].into_iter().enumerate() {
-                        let mut acc = S::splat(0.0);
-                        for k in 0..TRIO_TAPS {
-                            acc = S::fma(wj[k], S::load(&x[g][k][j]), acc);
-                        }
+                        let sum = tap_sum::<S>(&wj, &x[g], j);
                         let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), b));
-                        S::store(S::add(gated, S::silu(acc)), o);
+                        S::store(S::add(gated, S::silu(sum)), o);
                     }
                 }
-                for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
-                    conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], (c, base, body), &mut o[base..base + d]);
-                }
-                continue;
-            }
-            // Blocks of CONV_BLOCK chunks in two passes: the three rows' tap sums into a
-            // buffer on the stack, then gated value + SiLU of them. In one pass each
-            // chunk's work was one dependent chain of ~80 cycles (four FMAs, then the exp
-            // polynomial and a divide), and the out-of-order window held too few of them.
-            let mut jb = 0;
-            while jb < oc0.len() {
-                let len = (oc0.len() - jb).min(CONV_BLOCK);
-                for jj in 0..len {
-                    let j = jb + jj;
-                    // Every input stream's line CONV_AHEAD chunks on into L1: seventeen
-                    // streams are more than the hardware prefetchers follow.
-                    let ahead = j + CONV_AHEAD;
-                    for k in 0..TRIO_TAPS {
-                        prefetch_chunk(w[k], ahead);
-                        for xg in &x {
-                            prefetch_chunk(xg[k], ahead);
+            } else {
+                // Blocks of CONV_BLOCK chunks in two passes: the three rows' tap sums into a
+                // buffer on the stack, then gated value + SiLU of them. In one pass each
+                // chunk's work was one dependent chain of ~80 cycles (four FMAs, then the exp
+                // polynomial and a divide), and the out-of-order window held too few of them.
+                let mut jb = 0;
+                while jb < oc0.len() {
+                    let len = (oc0.len() - jb).min(CONV_BLOCK);
+                    for jj in 0..len {
+                        let wj = trio_weights::<S>(&w, &x, &vc, jb + jj);
+                        for (pg, xg) in pre.iter_mut().zip(&x) {
+                            S::store(tap_sum::<S>(&wj, xg, jb + jj), &mut pg[jj]);
                         }
                     }
-                    for v in &vc {
-                        prefetch_chunk(v, ahead);
-                    }
-                    let wj: [S::V; TRIO_TAPS] = std::array::from_fn(|k| S::load(&w[k][j]));
-                    for (g, pg) in pre.iter_mut().enumerate() {
-                        let mut acc = S::splat(0.0);
-                        for k in 0..TRIO_TAPS {
-                            acc = S::fma(wj[k], S::load(&x[g][k][j]), acc);
+                    for (g, oc) in [&mut *oc0, &mut *oc1, &mut *oc2].into_iter().enumerate() {
+                        for (jj, sum) in pre[g][..len].iter().enumerate() {
+                            let j = jb + jj;
+                            let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), S::load(&bc[j])));
+                            S::store(S::add(gated, S::silu(S::load(sum))), &mut oc[j]);
                         }
-                        S::store(acc, &mut pg[jj]);
                     }
+                    jb += len;
                 }
-                for (g, oc) in [&mut *oc0, &mut *oc1, &mut *oc2].into_iter().enumerate() {
-                    for (jj, sum) in pre[g][..len].iter().enumerate() {
-                        let j = jb + jj;
-                        let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), S::load(&bc[j])));
-                        S::store(S::add(gated, S::silu(S::load(sum))), &mut oc[j]);
-                    }
-                }
-                jb += len;
             }
             for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
                 conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], (c, base, body), &mut o[base..base + d]);
             }
         }
     }
+}
+
+/// The taps' weights at chunk `j` of [`conv_rows3`] (`w[k]`: tap k's weights), after every
+/// input stream's line [`CONV_AHEAD`] chunks on is prefetched into L1 (`x[g][k]`: row g's
+/// tap k, `vc[g]` its value; seventeen streams, more than the hardware prefetchers follow).
+#[inline(always)]
+fn trio_weights<S: Simd16>(
+    w: &[&[[f32; LANES]]; TRIO_TAPS],
+    x: &[[&[[f32; LANES]]; TRIO_TAPS]; 3],
+    vc: &[&[[f32; LANES]]; 3],
+    j: usize,
+) -> [S::V; TRIO_TAPS] {
+    let ahead = j + CONV_AHEAD;
+    for k in 0..TRIO_TAPS {
+        prefetch_chunk(w[k], ahead);
+        for xg in x {
+            prefetch_chunk(xg[k], ahead);
+        }
+    }
+    for v in vc {
+        prefetch_chunk(v, ahead);
+    }
+    std::array::from_fn(|k| S::load(&w[k][j]))
+}
+
+/// One row's tap sum at chunk `j` of [`conv_rows3`] (`xg[k]`: its tap k), summed in k order
+/// from zero as in [`conv_row`].
+#[inline(always)]
+fn tap_sum<S: Simd16>(wj: &[S::V; TRIO_TAPS], xg: &[&[[f32; LANES]]; TRIO_TAPS], j: usize) -> S::V {
+    let mut acc = S::splat(0.0);
+    for k in 0..TRIO_TAPS {
+        acc = S::fma(wj[k], S::load(&xg[k][j]), acc);
+    }
+    acc
 }
 
 /// One conv tap over a branch: its weights and its normalised row, in 16-lane chunks.
