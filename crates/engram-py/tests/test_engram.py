@@ -378,7 +378,7 @@ def test_rows_from_a_redis_cluster(small, stages, golden):
 
 
 def test_unknown_tuning_env_value_is_refused_at_load(golden, monkeypatch):
-    # The kernels read ENGRAM_TILE once per process and would run their default silently.
+    # Unchecked, the kernels would run their default tile silently.
     monkeypatch.setenv("ENGRAM_TILE", "sixty-four")
     with pytest.raises(ValueError, match=r'^environment variable ENGRAM_TILE: expected a whole number of rows from 1 to 65536, found "sixty-four"$'):
         engram.Engram.load(golden / "small.config.json", golden / "small.weights.safetensors")

@@ -150,8 +150,9 @@ pub trait Simd16 {
     /// second pass's reloads cost more than the overlap gained: on the Zen 5 guest the
     /// conv's thread time per 4096-token prefill read 0.0103-0.0109 s in two passes and
     /// 0.0064-0.0087 in one (f32; bf16 0.0094-0.0098 against 0.0061-0.0073), alternating
-    /// processes (`bench/results/cpu-2026-12-02-zen5/experiments.txt`); its AVX2 conv read
-    /// the same in either (0.0103-0.0108 one pass, 0.0100-0.0115 two).
+    /// processes (`bench/results/cpu-2026-12-02-zen5/experiments.txt`). Its AVX2 conv
+    /// changed little (f32, median process: 0.0104 s in one pass in the first Zen 5 round,
+    /// 0.0109-0.0113 in two in the second, whose AVX2 projection was 8-11% slower too).
     const CONV_TWO_PASS: bool = true;
 }
 
@@ -728,68 +729,101 @@ dispatch! {
     /// conv weights are loaded once for the three and the shared rows come from L1, where
     /// one row at a time streamed the weights and four rows from L2 per output row.
     pub fn conv_rows3(w_tap_major: &[f32], rows: [&[Option<&[f32]>]; 3], gv: [&GatedValue<'_>; 3], out: [&mut [f32]; 3]) {
-        let [o0, o1, o2] = out;
-        let (c, d) = (o0.len(), gv[0].value.len());
-        assert!(o1.len() == c && o2.len() == c && w_tap_major.len() == TRIO_TAPS * c);
-        let body = d / LANES * LANES;
-        let tap = |g: usize, k: usize| -> &[f32] {
-            assert_eq!(rows[g].len(), TRIO_TAPS, "conv_rows3 takes {TRIO_TAPS} taps");
-            rows[g][k].expect("conv_rows3 takes rows with every tap present")
-        };
-        let (bc, _) = gv[0].bias[..body].as_chunks::<LANES>();
-        let vc: [&[[f32; LANES]]; 3] = std::array::from_fn(|g| gv[g].value[..body].as_chunks::<LANES>().0);
-        // The tap sums of a block (see below); every element read is written first.
-        let mut pre = [[[0.0f32; LANES]; CONV_BLOCK]; 3];
-        for i in 0..gv[0].gates.len() {
-            let base = i * d;
-            let gs: [S::V; 3] = std::array::from_fn(|g| S::splat(gv[g].gates[i]));
-            let w: [&[[f32; LANES]]; TRIO_TAPS] =
-                std::array::from_fn(|k| w_tap_major[k * c + base..k * c + base + body].as_chunks::<LANES>().0);
-            let x: [[&[[f32; LANES]]; TRIO_TAPS]; 3] = std::array::from_fn(|g| {
-                std::array::from_fn(|k| tap(g, k)[base..base + body].as_chunks::<LANES>().0)
-            });
-            let (oc0, _) = o0[base..base + body].as_chunks_mut::<LANES>();
-            let (oc1, _) = o1[base..base + body].as_chunks_mut::<LANES>();
-            let (oc2, _) = o2[base..base + body].as_chunks_mut::<LANES>();
-            if !S::CONV_TWO_PASS {
-                // One pass (see `Simd16::CONV_TWO_PASS`): per chunk, the three rows' tap
-                // sums, gated value and SiLU, the bias loaded once for the three.
-                for (j, ((a0, a1), a2)) in oc0.iter_mut().zip(oc1.iter_mut()).zip(oc2.iter_mut()).enumerate() {
-                    let wj = trio_weights::<S>(&w, &x, &vc, j);
-                    let b = S::load(&bc[j]);
-                    for (g, o) in [a0, a1, a2].into_iter().enumerate() {
-                        let sum = tap_sum::<S>(&wj, &x[g], j);
-                        let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), b));
-                        S::store(S::add(gated, S::silu(sum)), o);
-                    }
-                }
-            } else {
-                // Blocks of CONV_BLOCK chunks in two passes: the three rows' tap sums into a
-                // buffer on the stack, then gated value + SiLU of them. In one pass each
-                // chunk's work was one dependent chain of ~80 cycles (four FMAs, then the exp
-                // polynomial and a divide), and the out-of-order window held too few of them.
-                let mut jb = 0;
-                while jb < oc0.len() {
-                    let len = (oc0.len() - jb).min(CONV_BLOCK);
-                    for jj in 0..len {
-                        let wj = trio_weights::<S>(&w, &x, &vc, jb + jj);
-                        for (pg, xg) in pre.iter_mut().zip(&x) {
-                            S::store(tap_sum::<S>(&wj, xg, jb + jj), &mut pg[jj]);
-                        }
-                    }
-                    for (g, oc) in [&mut *oc0, &mut *oc1, &mut *oc2].into_iter().enumerate() {
-                        for (jj, sum) in pre[g][..len].iter().enumerate() {
-                            let j = jb + jj;
-                            let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), S::load(&bc[j])));
-                            S::store(S::add(gated, S::silu(S::load(sum))), &mut oc[j]);
-                        }
-                    }
-                    jb += len;
+        conv_rows3_in::<S>(S::CONV_TWO_PASS, w_tap_major, rows, gv, out)
+    }
+}
+
+/// [`conv_rows3`]'s body, in one pass or two (`two_pass`; see [`Simd16::CONV_TWO_PASS`]),
+/// which the tests run both ways on the portable lanes whatever the CPU.
+#[inline(always)]
+fn conv_rows3_in<S: Simd16>(
+    two_pass: bool,
+    w_tap_major: &[f32],
+    rows: [&[Option<&[f32]>]; 3],
+    gv: [&GatedValue<'_>; 3],
+    out: [&mut [f32]; 3],
+) {
+    let [o0, o1, o2] = out;
+    let (c, d) = (o0.len(), gv[0].value.len());
+    assert!(o1.len() == c && o2.len() == c && w_tap_major.len() == TRIO_TAPS * c);
+    let body = d / LANES * LANES;
+    let tap = |g: usize, k: usize| -> &[f32] {
+        assert_eq!(
+            rows[g].len(),
+            TRIO_TAPS,
+            "conv_rows3 takes {TRIO_TAPS} taps"
+        );
+        rows[g][k].expect("conv_rows3 takes rows with every tap present")
+    };
+    let (bc, _) = gv[0].bias[..body].as_chunks::<LANES>();
+    let vc: [&[[f32; LANES]]; 3] =
+        std::array::from_fn(|g| gv[g].value[..body].as_chunks::<LANES>().0);
+    // The tap sums of a block (see below); every element read is written first.
+    let mut pre = [[[0.0f32; LANES]; CONV_BLOCK]; 3];
+    for i in 0..gv[0].gates.len() {
+        let base = i * d;
+        let gs: [S::V; 3] = std::array::from_fn(|g| S::splat(gv[g].gates[i]));
+        let w: [&[[f32; LANES]]; TRIO_TAPS] = std::array::from_fn(|k| {
+            w_tap_major[k * c + base..k * c + base + body]
+                .as_chunks::<LANES>()
+                .0
+        });
+        let x: [[&[[f32; LANES]]; TRIO_TAPS]; 3] = std::array::from_fn(|g| {
+            std::array::from_fn(|k| tap(g, k)[base..base + body].as_chunks::<LANES>().0)
+        });
+        let (oc0, _) = o0[base..base + body].as_chunks_mut::<LANES>();
+        let (oc1, _) = o1[base..base + body].as_chunks_mut::<LANES>();
+        let (oc2, _) = o2[base..base + body].as_chunks_mut::<LANES>();
+        if !two_pass {
+            // One pass (see `Simd16::CONV_TWO_PASS`): per chunk, the three rows' tap
+            // sums, gated value and SiLU, the bias loaded once for the three.
+            for (j, ((a0, a1), a2)) in oc0
+                .iter_mut()
+                .zip(oc1.iter_mut())
+                .zip(oc2.iter_mut())
+                .enumerate()
+            {
+                let wj = trio_weights::<S>(&w, &x, &vc, j);
+                let b = S::load(&bc[j]);
+                for (g, o) in [a0, a1, a2].into_iter().enumerate() {
+                    let sum = tap_sum::<S>(&wj, &x[g], j);
+                    let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), b));
+                    S::store(S::add(gated, S::silu(sum)), o);
                 }
             }
-            for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
-                conv_tail::<S>(w_tap_major, rows[g], gv[g], gv[g].gates[i], (c, base, body), &mut o[base..base + d]);
+        } else {
+            // Blocks of CONV_BLOCK chunks in two passes: the three rows' tap sums into a
+            // buffer on the stack, then gated value + SiLU of them. In one pass each
+            // chunk's work was one dependent chain of ~80 cycles (four FMAs, then the exp
+            // polynomial and a divide), and the out-of-order window held too few of them.
+            let mut jb = 0;
+            while jb < oc0.len() {
+                let len = (oc0.len() - jb).min(CONV_BLOCK);
+                for jj in 0..len {
+                    let wj = trio_weights::<S>(&w, &x, &vc, jb + jj);
+                    for (pg, xg) in pre.iter_mut().zip(&x) {
+                        S::store(tap_sum::<S>(&wj, xg, jb + jj), &mut pg[jj]);
+                    }
+                }
+                for (g, oc) in [&mut *oc0, &mut *oc1, &mut *oc2].into_iter().enumerate() {
+                    for (jj, sum) in pre[g][..len].iter().enumerate() {
+                        let j = jb + jj;
+                        let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), S::load(&bc[j])));
+                        S::store(S::add(gated, S::silu(S::load(sum))), &mut oc[j]);
+                    }
+                }
+                jb += len;
             }
+        }
+        for (g, o) in [&mut *o0, &mut *o1, &mut *o2].into_iter().enumerate() {
+            conv_tail::<S>(
+                w_tap_major,
+                rows[g],
+                gv[g],
+                gv[g].gates[i],
+                (c, base, body),
+                &mut o[base..base + d],
+            );
         }
     }
 }
@@ -1566,6 +1600,30 @@ mod tests {
                         .zip(&want[g])
                         .all(|(p, q)| p.to_bits() == q.to_bits());
                     assert!(same, "{isa:?} d {d} t0 {t0} row {g}");
+                }
+                if isa != Isa::Generic {
+                    continue;
+                }
+                // Both passes on the portable lanes, whichever the CPU's ISAs take.
+                for two_pass in [false, true] {
+                    let mut got = vec![vec![f32::NAN; c]; 3];
+                    let [a, b, e] = &mut got[..] else {
+                        unreachable!()
+                    };
+                    conv_rows3_in::<Arr<{ HAS_BASELINE_FMA }>>(
+                        two_pass,
+                        &wt,
+                        [&rows[0], &rows[1], &rows[2]],
+                        [&gvs[0], &gvs[1], &gvs[2]],
+                        [a, b, e],
+                    );
+                    for g in 0..3 {
+                        let same = got[g]
+                            .iter()
+                            .zip(&want[g])
+                            .all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(same, "portable two_pass {two_pass} d {d} t0 {t0} row {g}");
+                    }
                 }
             }
         }

@@ -39,11 +39,21 @@ pub const TILE: usize = 256;
 /// tiles past a few thousand rows measured no faster anywhere.
 pub const MAX_TILE_ENV: usize = 1 << 16;
 
-/// Checks the environment variables that tune the fused path: `ENGRAM_ISA` (`avx512`,
-/// `avx2` or `generic`), `ENGRAM_TILE` (rows per tile, 1 to [`MAX_TILE_ENV`]) and
-/// `ENGRAM_BF16_DOT` (`0` or `1`). The kernels read them once per process and run their
-/// defaults on a value they do not know; the fronts (CLI, Python) call this first, so that a
-/// mistyped value is an error naming the variable rather than a silent default. Unset
+/// The values `ENGRAM_ISA` takes on this target, as [`check_env`] names them: on aarch64
+/// `neon` and `generic` both mean the NEON build, the only one there.
+#[cfg(target_arch = "x86_64")]
+const ISA_ENV: (&[&str], &str) = (&["avx512", "avx2", "generic"], "avx512, avx2 or generic");
+#[cfg(target_arch = "aarch64")]
+const ISA_ENV: (&[&str], &str) = (&["neon", "generic"], "neon or generic");
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const ISA_ENV: (&[&str], &str) = (&["generic"], "generic");
+
+/// Checks the environment variables that tune the fused path: `ENGRAM_ISA` (on x86-64
+/// `avx512`, `avx2` or `generic`; on aarch64 `neon` or `generic`), `ENGRAM_TILE` (rows per
+/// tile, 1 to [`MAX_TILE_ENV`]) and `ENGRAM_BF16_DOT` (`0` or `1`). The kernels read the
+/// first and the last once per process and `ENGRAM_TILE` at every call, and run their
+/// defaults on a value they do not know; the fronts (CLI, Python) call this first, so that
+/// a mistyped value is an error naming the variable rather than a silent default. Unset
 /// variables are fine.
 ///
 /// ```
@@ -54,14 +64,18 @@ pub const MAX_TILE_ENV: usize = 1 << 16;
 /// assert!(engram::fused::check_env().is_ok());
 /// ```
 pub fn check_env() -> Result<()> {
+    let (isas, isa_names) = ISA_ENV;
+    env_value("ENGRAM_ISA", isa_names, |v| isas.contains(&v))?;
     let tile = format!("a whole number of rows from 1 to {MAX_TILE_ENV}");
-    env_value("ENGRAM_ISA", "avx512, avx2 or generic", |v| {
-        matches!(v, "avx512" | "avx2" | "generic")
-    })?;
-    env_value("ENGRAM_TILE", &tile, |v| {
-        matches!(v.parse::<usize>(), Ok(1..=MAX_TILE_ENV))
-    })?;
+    env_value("ENGRAM_TILE", &tile, |v| tile_env(v).is_some())?;
     env_value("ENGRAM_BF16_DOT", "0 or 1", |v| matches!(v, "0" | "1"))
+}
+
+/// An `ENGRAM_TILE` value's rows, if it is one [`check_env`] accepts.
+fn tile_env(v: &str) -> Option<usize> {
+    v.parse()
+        .ok()
+        .filter(|rows| (1..=MAX_TILE_ENV).contains(rows))
 }
 
 /// Environment variable `name`, if set, passes `ok`; else an [`EngramError::Invalid`]
@@ -87,7 +101,7 @@ fn tile_rows(fw: &FusedWeights) -> usize {
     if fw.proj.uses_own_kernel() {
         std::env::var("ENGRAM_TILE")
             .ok()
-            .and_then(|v| v.parse().ok())
+            .and_then(|v| tile_env(&v))
             .unwrap_or_else(|| fw.proj.default_tile_rows())
     } else {
         TILE
