@@ -786,7 +786,7 @@ fn conv_rows3_in<S: Simd16>(
                 let wj = trio_weights::<S>(&w, &x, &vc, j);
                 let b = S::load(&bc[j]);
                 for (g, o) in [a0, a1, a2].into_iter().enumerate() {
-                    let sum = tap_sum::<S>(&wj, &x[g], j);
+                    let sum = tap_sum::<S>(wj, &x[g], j);
                     let gated = S::mul(gs[g], S::add(S::load(&vc[g][j]), b));
                     S::store(S::add(gated, S::silu(sum)), o);
                 }
@@ -802,7 +802,7 @@ fn conv_rows3_in<S: Simd16>(
                 for jj in 0..len {
                     let wj = trio_weights::<S>(&w, &x, &vc, jb + jj);
                     for (pg, xg) in pre.iter_mut().zip(&x) {
-                        S::store(tap_sum::<S>(&wj, xg, jb + jj), &mut pg[jj]);
+                        S::store(tap_sum::<S>(wj, xg, jb + jj), &mut pg[jj]);
                     }
                 }
                 for (g, oc) in [&mut *oc0, &mut *oc1, &mut *oc2].into_iter().enumerate() {
@@ -854,7 +854,7 @@ fn trio_weights<S: Simd16>(
 /// One row's tap sum at chunk `j` of [`conv_rows3`] (`xg[k]`: its tap k), summed in k order
 /// from zero as in [`conv_row`].
 #[inline(always)]
-fn tap_sum<S: Simd16>(wj: &[S::V; TRIO_TAPS], xg: &[&[[f32; LANES]]; TRIO_TAPS], j: usize) -> S::V {
+fn tap_sum<S: Simd16>(wj: [S::V; TRIO_TAPS], xg: &[&[[f32; LANES]]; TRIO_TAPS], j: usize) -> S::V {
     let mut acc = S::splat(0.0);
     for k in 0..TRIO_TAPS {
         acc = S::fma(wj[k], S::load(&xg[k][j]), acc);
