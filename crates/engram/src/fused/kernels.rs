@@ -1583,46 +1583,32 @@ mod tests {
                 for g in 0..3 {
                     conv_row(isa, &wt, &rows[g], &gvs[g], &mut want[g]);
                 }
-                let mut got = vec![vec![f32::NAN; c]; 3];
-                let [a, b, e] = &mut got[..] else {
-                    unreachable!()
-                };
-                conv_rows3(
-                    isa,
-                    &wt,
-                    [&rows[0], &rows[1], &rows[2]],
-                    [&gvs[0], &gvs[1], &gvs[2]],
-                    [a, b, e],
-                );
-                for g in 0..3 {
-                    let same = got[g]
-                        .iter()
-                        .zip(&want[g])
-                        .all(|(p, q)| p.to_bits() == q.to_bits());
-                    assert!(same, "{isa:?} d {d} t0 {t0} row {g}");
-                }
-                if isa != Isa::Generic {
-                    continue;
-                }
-                // Both passes on the portable lanes, whichever the CPU's ISAs take.
-                for two_pass in [false, true] {
+                // Three outputs by `f`, compared bit for bit with `want`.
+                let check = |label: &str, f: &dyn Fn([&mut [f32]; 3])| {
                     let mut got = vec![vec![f32::NAN; c]; 3];
                     let [a, b, e] = &mut got[..] else {
                         unreachable!()
                     };
-                    conv_rows3_in::<Arr<{ HAS_BASELINE_FMA }>>(
-                        two_pass,
-                        &wt,
-                        [&rows[0], &rows[1], &rows[2]],
-                        [&gvs[0], &gvs[1], &gvs[2]],
-                        [a, b, e],
-                    );
+                    f([a, b, e]);
                     for g in 0..3 {
                         let same = got[g]
                             .iter()
                             .zip(&want[g])
                             .all(|(p, q)| p.to_bits() == q.to_bits());
-                        assert!(same, "portable two_pass {two_pass} d {d} t0 {t0} row {g}");
+                        assert!(same, "{label} d {d} t0 {t0} row {g}");
+                    }
+                };
+                let r3 = [&rows[0][..], &rows[1][..], &rows[2][..]];
+                let g3 = [&gvs[0], &gvs[1], &gvs[2]];
+                check(&format!("{isa:?}"), &|out| {
+                    conv_rows3(isa, &wt, r3, g3, out)
+                });
+                if isa == Isa::Generic {
+                    // Both passes on the portable lanes, whichever the CPU's ISAs take.
+                    for two_pass in [false, true] {
+                        check(&format!("portable two_pass {two_pass}"), &|out| {
+                            conv_rows3_in::<Arr<{ HAS_BASELINE_FMA }>>(two_pass, &wt, r3, g3, out)
+                        });
                     }
                 }
             }
