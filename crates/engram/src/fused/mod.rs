@@ -36,7 +36,7 @@ use std::time::Instant;
 pub const TILE: usize = 256;
 
 /// Largest `ENGRAM_TILE` [`check_env`] accepts: a tile's scratch grows with its rows, and
-/// tiles past a few thousand rows measured no faster anywhere.
+/// the tiles ever measured here (32 to 512 rows; see `bench/results/LOG.md`) are far below.
 pub const MAX_TILE_ENV: usize = 1 << 16;
 
 /// The values `ENGRAM_ISA` takes on this target, as [`check_env`] names them: on aarch64
