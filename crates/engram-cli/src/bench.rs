@@ -251,12 +251,13 @@ fn mem_bw(json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// FMA peak of all threads now, GFLOP/s, for the kernel the projection runs: f32 FMA
-/// chains, or `vdpbf16ps` chains for the AVX512-BF16 kernel. The best of three short
+/// FMA peak of all threads now, GFLOP/s, for the kernel the projection runs (`kernel`, its
+/// [`engram::fused::proj::Projection::kernel_name`]): f32 FMA chains, `vdpbf16ps` chains for
+/// the AVX512-BF16 kernel, `tdpbf16ps` tile chains for the AMX one. The best of three short
 /// measurements: on a shared machine a measurement can only read low (another tenant took
 /// a core for part of it), and a low peak would overstate `fma_peak_share`.
-pub fn peak_gflops(bf16_dot: bool) -> f64 {
-    (0..3).map(|_| peak_once(bf16_dot)).fold(0.0, f64::max)
+pub fn peak_gflops(kernel: &str) -> f64 {
+    (0..3).map(|_| peak_once(kernel)).fold(0.0, f64::max)
 }
 
 /// The projection's own microkernel with its operands in L1
@@ -280,12 +281,17 @@ pub fn l1_kernel_gflops(proj: &engram::fused::proj::Projection) -> Option<f64> {
     Some((0..3).map(|_| once()).fold(0.0, f64::max))
 }
 
-fn peak_once(bf16_dot: bool) -> f64 {
+fn peak_once(kernel: &str) -> f64 {
     use engram::fused::kernels::{fma_chains, Isa};
     let threads = rayon::current_num_threads();
     let iters = 10_000_000usize;
     let t0 = Instant::now();
-    let flops = if bf16_dot {
+    let flops = if kernel.starts_with("amx") {
+        // A step is four 16-cycle tile products, about 64 times an FMA chain step.
+        let r =
+            rayon::broadcast(|_| engram::fused::proj::amx_chains(std::hint::black_box(iters / 64)));
+        r[0].unwrap_or(0.0)
+    } else if kernel.starts_with("avx512-bf16") {
         rayon::broadcast(|_| {
             std::hint::black_box(engram::fused::proj::bf16_dot_chains(std::hint::black_box(
                 iters,
@@ -692,7 +698,6 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     };
     run_once()?; // warm-up: page in the touched table rows, pack weights, spin up threads
     let proj = e.fused_weights()?.projection();
-    let bf16_dot = proj.kernel_name().starts_with("avx512-bf16");
     // The machine's limits, measured in this process: the read bandwidth for decode (every
     // step streams the projection weights), the FMA peak just before and after the runs.
     // Its buffer (8 × the last-level cache, 1-4 GiB, freed before the runs) is not the layer's
@@ -702,7 +707,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let bw = a.decode.then(|| measure_mem_bw(Some(proj.weight_bytes())));
     let rss_reset = bw.is_some() && reset_peak_rss();
     let rss_with_buffer = bw.is_some() && !rss_reset;
-    let peak_before = peak_gflops(bf16_dot);
+    let peak_before = peak_gflops(proj.kernel_name());
     let l1_before = l1_kernel_gflops(proj);
     profile::take();
     let store_before = e.weights().table.store_stats();
@@ -728,7 +733,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         peak_rss()
     }
     .unwrap_or(0);
-    let peak_after = peak_gflops(bf16_dot);
+    let peak_after = peak_gflops(proj.kernel_name());
     let l1_after = l1_kernel_gflops(proj);
     // Bandwidth is noisy on a shared machine: the best of the measurements before and after.
     let bw = bw.map(|before| {

@@ -512,8 +512,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
         Ok(())
     };
     run()?; // warm-up: page in rows, spin up threads
-    let bf16_dot = proj.kernel_name().starts_with("avx512-bf16");
-    let peak_before = crate::bench::peak_gflops(bf16_dot);
+    let peak_before = crate::bench::peak_gflops(proj.kernel_name());
     let table = &layer.weights().table;
     let store_before = table.stats();
     let mut total = Vec::new();
@@ -553,7 +552,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
         }
         projs.push(t.elapsed().as_secs_f64());
     }
-    let peak_after = crate::bench::peak_gflops(bf16_dot);
+    let peak_after = crate::bench::peak_gflops(proj.kernel_name());
     let (med, pmed) = (
         crate::bench::median(&mut total),
         crate::bench::median(&mut projs),

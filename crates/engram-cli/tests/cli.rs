@@ -552,12 +552,18 @@ fn cuda_kernels_lists_every_kernel_or_names_the_missing_library() {
 }
 
 /// `ENGRAM_BF16_DOT` names the AVX-512 bf16 kernel: 0 the widening one always, 1
-/// `vdpbf16ps` wherever the CPU runs AVX-512 with AVX512-BF16.
+/// `vdpbf16ps` wherever the CPU runs AVX-512 with AVX512-BF16, `amx` the AMX one where the
+/// CPU has AMX-BF16, which is also the default there.
 #[test]
 fn bf16_dot_env_picks_the_avx512_bf16_kernel() {
     let cfg = golden("small.config.json");
-    let run = |dot: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+    let run = |dot: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_engram"));
+        match dot {
+            Some(d) => cmd.env("ENGRAM_BF16_DOT", d),
+            None => cmd.env_remove("ENGRAM_BF16_DOT"),
+        };
+        let out = cmd
             .args([
                 "bench",
                 "--config",
@@ -570,7 +576,6 @@ fn bf16_dot_env_picks_the_avx512_bf16_kernel() {
                 "1",
                 "--json",
             ])
-            .env("ENGRAM_BF16_DOT", dot)
             .output()
             .unwrap();
         assert!(
@@ -581,15 +586,25 @@ fn bf16_dot_env_picks_the_avx512_bf16_kernel() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["kernel"].as_str().unwrap().to_string()
     };
-    let widened = run("0");
+    let widened = run(Some("0"));
     assert!(!widened.contains("vdpbf16ps"), "{widened}");
-    let dot = run("1");
+    let dot = run(Some("1"));
     // The AVX-512 kernels run (ENGRAM_ISA not lowered) and the CPU has AVX512-BF16.
     let has_dot =
         widened.starts_with("avx512") && engram::fused::proj::bf16_dot_chains(1).is_some();
     assert_eq!(dot.contains("vdpbf16ps"), has_dot, "{dot}");
     if !has_dot {
         assert_eq!(dot, widened);
+    }
+    // AMX where the CPU has it, named or by default (`amx` is refused elsewhere: see
+    // `unknown_tuning_env_values_are_refused`).
+    let amx = engram::fused::proj::amx_ready();
+    let has_amx = widened.starts_with("avx512") && amx;
+    let default = run(None);
+    assert_eq!(default.contains("tdpbf16ps"), has_amx, "{default}");
+    if amx {
+        let named = run(Some("amx"));
+        assert_eq!(named.contains("tdpbf16ps"), has_amx, "{named}");
     }
 }
 
@@ -605,6 +620,13 @@ fn unknown_tuning_env_values_are_refused() {
         "neon or generic"
     } else {
         "generic"
+    };
+    // `amx` is a value only where the CPU has AMX-BF16 (and the OS grants it).
+    let amx = engram::fused::proj::amx_ready();
+    let bf16_kernels = if amx {
+        "0, 1 or amx"
+    } else {
+        "0 or 1 (amx needs a CPU with AMX-BF16)"
     };
     let run = |var: &str, val: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
@@ -628,7 +650,7 @@ fn unknown_tuning_env_values_are_refused() {
             "65537",
             "a whole number of rows from 1 to 65536",
         ),
-        ("ENGRAM_BF16_DOT", "yes", "0 or 1"),
+        ("ENGRAM_BF16_DOT", "yes", bf16_kernels),
     ] {
         let out = run(var, val);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -643,12 +665,20 @@ fn unknown_tuning_env_values_are_refused() {
         ("ENGRAM_ISA", "generic"),
         ("ENGRAM_TILE", "7"),
         ("ENGRAM_BF16_DOT", "0"),
+        ("ENGRAM_BF16_DOT", "amx"),
     ] {
         let out = run(var, val);
-        assert!(
-            out.status.success(),
-            "{var}={val}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        if val == "amx" && !amx {
+            assert_eq!(out.status.code(), Some(2), "{var}={val}: {err}");
+            assert_eq!(
+                err.trim_end(),
+                format!(
+                    "error: environment variable {var}: expected {bf16_kernels}, found \"amx\""
+                )
+            );
+            continue;
+        }
+        assert!(out.status.success(), "{var}={val}: {err}");
     }
 }

@@ -2,10 +2,10 @@
 //! GFLOP/s (criterion reports elements = tokens; FLOPs = 2·Dm·(1+HC)·D per token), 1, 2,
 //! 3, 4 and 8 rows also on every thread (decode steps of those B); then the same on every
 //! thread at once in a prefill's tiles (the layer's default tile for the kernel: 256 rows
-//! for AVX2, 64 for the others). Where the CPU has a bf16 dot instruction, the widening
-//! bf16 kernel of the same ISA runs beside it.
+//! for AVX2, 64 for the others). Where the CPU has AMX or a bf16 dot instruction, the
+//! widening bf16 kernel of the same ISA runs beside them.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use engram::fused::proj::{PanelKernel, Projection};
+use engram::fused::proj::{Bf16Via, PanelKernel, Projection};
 use engram::DType;
 
 fn bench(c: &mut Criterion) {
@@ -23,20 +23,22 @@ fn bench(c: &mut Criterion) {
     // The `gemm` crate and every microkernel this CPU runs.
     let mut kernels: Vec<Option<PanelKernel>> = vec![None];
     kernels.extend(PanelKernel::all_supported().into_iter().map(Some));
-    // Each bf16 kernel: where the CPU has a bf16 dot instruction, the widening kernel too
-    // (`bf16_dot = false`), so that the two can be set against each other on one CPU.
+    // Each bf16 kernel this CPU runs (AMX, the bf16 dot instruction, the widening kernel),
+    // so that they can be set against each other on one CPU.
     let mut variants = Vec::new();
     for kernel in kernels {
-        variants.push((kernel, DType::F32, true));
-        variants.push((kernel, DType::Bf16, true));
-        if kernel.is_some()
-            && Projection::pack_for_via(&refs, k, DType::Bf16, kernel, true).takes_pairs()
-        {
-            variants.push((kernel, DType::Bf16, false));
+        variants.push((kernel, DType::F32, Bf16Via::Dot));
+        let mut names = Vec::new();
+        for via in [Bf16Via::Amx, Bf16Via::Dot, Bf16Via::Widen] {
+            let name = Projection::pack_for_via(&refs, k, DType::Bf16, kernel, via).kernel_name();
+            if !names.contains(&name) {
+                names.push(name);
+                variants.push((kernel, DType::Bf16, via));
+            }
         }
     }
-    for (kernel, dtype, bf16_dot) in variants.iter().copied() {
-        let p = Projection::pack_for_via(&refs, k, dtype, kernel, bf16_dot);
+    for (kernel, dtype, via) in variants.iter().copied() {
+        let p = Projection::pack_for_via(&refs, k, dtype, kernel, via);
         let name = p.kernel_name().replace(' ', "_");
         for rows in [1usize, 2, 3, 4, 8, 64, 256] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i % 97) as f32 / 97.0).collect();
@@ -65,8 +67,8 @@ fn bench(c: &mut Criterion) {
     let mut grp = c.benchmark_group("projection_layer_tiles");
     grp.sample_size(10);
     grp.throughput(Throughput::Elements((threads * per_thread) as u64));
-    for (kernel, dtype, bf16_dot) in variants.iter().copied().filter(|v| v.0.is_some()) {
-        let p = Projection::pack_for_via(&refs, k, dtype, kernel, bf16_dot);
+    for (kernel, dtype, via) in variants.iter().copied().filter(|v| v.0.is_some()) {
+        let p = Projection::pack_for_via(&refs, k, dtype, kernel, via);
         let name = p.kernel_name().replace(' ', "_");
         let tile = p.default_tile_rows();
         let xs: Vec<Vec<f32>> = (0..threads)

@@ -50,7 +50,8 @@ const ISA_ENV: (&[&str], &str) = (&["generic"], "generic");
 
 /// Checks the environment variables that tune the fused path: `ENGRAM_ISA` (on x86-64
 /// `avx512`, `avx2` or `generic`; on aarch64 `neon` or `generic`), `ENGRAM_TILE` (rows per
-/// tile, 1 to [`MAX_TILE_ENV`]) and `ENGRAM_BF16_DOT` (`0` or `1`). The kernels read the
+/// tile, 1 to [`MAX_TILE_ENV`]) and `ENGRAM_BF16_DOT` (`0` or `1`, and `amx` where
+/// [`proj::amx_ready`]). The kernels read the
 /// first and the last once per process and `ENGRAM_TILE` at every call, and run their
 /// defaults on a value they do not know; the fronts (CLI, Python) call this first, so that
 /// a mistyped value is an error naming the variable rather than a silent default. Unset
@@ -68,7 +69,17 @@ pub fn check_env() -> Result<()> {
     env_value("ENGRAM_ISA", isa_names, |v| isas.contains(&v))?;
     let tile = format!("a whole number of rows from 1 to {MAX_TILE_ENV}");
     env_value("ENGRAM_TILE", &tile, |v| tile_env(v).is_some())?;
-    env_value("ENGRAM_BF16_DOT", "0 or 1", |v| matches!(v, "0" | "1"))
+    if proj::amx_ready() {
+        env_value("ENGRAM_BF16_DOT", "0, 1 or amx", |v| {
+            matches!(v, "0" | "1" | "amx")
+        })
+    } else {
+        env_value(
+            "ENGRAM_BF16_DOT",
+            "0 or 1 (amx needs a CPU with AMX-BF16)",
+            |v| matches!(v, "0" | "1"),
+        )
+    }
 }
 
 /// An `ENGRAM_TILE` value's rows, if it is one [`check_env`] accepts.

@@ -24,8 +24,11 @@ use half::bf16;
 
 /// Rows per microkernel call.
 const MR: usize = 6;
-/// The widest panel (AVX-512: 4 × 16 lanes); the AVX512-BF16 pairs layout uses it too.
+/// The widest panel (AVX-512: 4 × 16 lanes); the AVX512-BF16 and AMX pairs layouts use it too.
 const NR_MAX: usize = 64;
+/// k pairs per AMX tile step: a tile row is 64 bytes, 16 pairs of x (A) or the pairs of 16
+/// columns (B), so B has 16 rows of pairs.
+const AMX_KT: usize = 16;
 
 /// The packed-panel microkernel family a projection runs, fixed at pack time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +92,9 @@ enum Packed {
     Bf16Panels(PanelKernel, Panels<bf16>),
     /// `[N/16][K/2][16][2]` bf16 pairs for the NEON BFDOT kernel (K padded to even).
     Bf16DotPairs(Panels<bf16>),
+    /// `[N/64][K'/2][64][2]` bf16 pairs for the AMX kernel, K padded with zeros to a
+    /// multiple of 32 (`amx::KT` pairs: one tile row).
+    Bf16AmxPairs(Panels<bf16>),
     /// [K, N] f32 holding bf16-rounded values (the `gemm` crate fallback).
     Bf16AsF32(Vec<f32>),
 }
@@ -134,15 +140,58 @@ pub fn avx512_bf16_dot_pays() -> bool {
         match std::env::var("ENGRAM_BF16_DOT").as_deref() {
             Ok("0") => false,
             Ok("1") => true,
+            // Unset, or `amx` (then this decides only where AMX is refused).
             _ => bf16_dot_over_fma() >= 1.0,
         }
     })
 }
 
-/// Whether [`Projection::pack_for`] packs bf16 for the CPU's dot instruction where it has one:
-/// always on Arm (BFDOT), by [`avx512_bf16_dot_pays`] on AVX-512; the probe runs only for bf16.
-fn bf16_dot_by_default(dtype: DType, kernel: Option<PanelKernel>) -> bool {
-    dtype != DType::Bf16 || kernel != Some(PanelKernel::Avx512) || avx512_bf16_dot_pays()
+/// Which instruction multiplies bf16 weights where the CPU offers a choice
+/// ([`Projection::pack_for_via`]); each falls back to the next one down where the CPU lacks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Via {
+    /// AMX `tdpbf16ps` on 16×32 tiles (x86-64 with AMX-BF16, the OS granting the tile state).
+    Amx,
+    /// The CPU's bf16 dot instruction: `vdpbf16ps` (AVX512-BF16) or BFDOT (Arm BF16).
+    Dot,
+    /// bf16 panels widened to f32 in registers, then the f32 FMA kernel.
+    Widen,
+}
+
+/// The bf16 kernel [`Projection::pack_for`] packs for: AMX where the CPU has it (its tiles
+/// do 2.8× the f32 FMA peak of a core on the Intel Xeon guest, see [`amx_ready`]), else
+/// the dot instruction, always on Arm (BFDOT), by [`avx512_bf16_dot_pays`] on AVX-512;
+/// `ENGRAM_BF16_DOT` (`amx`, `1`, `0`) names one. The probe runs only for bf16.
+fn bf16_via_by_default(dtype: DType, kernel: Option<PanelKernel>) -> Bf16Via {
+    if dtype != DType::Bf16 || kernel != Some(PanelKernel::Avx512) {
+        return Bf16Via::Dot;
+    }
+    match std::env::var("ENGRAM_BF16_DOT").as_deref() {
+        Ok("amx") => Bf16Via::Amx,
+        Ok(_) if avx512_bf16_dot_pays() => Bf16Via::Dot,
+        Ok(_) => Bf16Via::Widen,
+        Err(_) if amx_ready() => Bf16Via::Amx,
+        Err(_) if avx512_bf16_dot_pays() => Bf16Via::Dot,
+        Err(_) => Bf16Via::Widen,
+    }
+}
+
+/// Whether this process may run the AMX bf16 kernel: the CPU reports AMX-TILE and AMX-BF16
+/// (CPUID leaf 7, EDX bits 24 and 22) and Linux granted the process the tile data state
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, which a kernel without AMX support
+/// refuses). Asked once per process.
+pub fn amx_ready() -> bool {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *READY.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            amx::request()
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            false
+        }
+    })
 }
 
 /// FLOPs per second of one core's `vdpbf16ps` chains over its f32 FMA chains (both twelve
@@ -328,13 +377,15 @@ impl Projection {
     /// # Panics
     /// If `k` is 0, or the kernel is not one this CPU runs ([`PanelKernel::runs_here`]).
     pub fn pack_for(mats: &[&[f32]], k: usize, dtype: DType, kernel: Option<PanelKernel>) -> Self {
-        Self::pack_for_via(mats, k, dtype, kernel, bf16_dot_by_default(dtype, kernel))
+        Self::pack_for_via(mats, k, dtype, kernel, bf16_via_by_default(dtype, kernel))
     }
 
-    /// [`Projection::pack_for`] with the bf16 kernel named: `bf16_dot = true` packs bf16 for
-    /// the CPU's dot instruction (`vdpbf16ps`, BFDOT) wherever it has one, even where
-    /// [`avx512_bf16_dot_pays`] found it slower; `false` for the widening kernel (so that
-    /// benches and tests can set the two against each other on one CPU).
+    /// [`Projection::pack_for`] with the bf16 kernel named: [`Bf16Via::Amx`] packs bf16 for
+    /// AMX where [`amx_ready`], [`Bf16Via::Dot`] (and `Amx` elsewhere) for the CPU's dot
+    /// instruction (`vdpbf16ps`, BFDOT) wherever it has one, even where
+    /// [`avx512_bf16_dot_pays`] found it slower, [`Bf16Via::Widen`] (and the others
+    /// elsewhere) for the widening kernel: so that benches and tests can set them against
+    /// each other on one CPU. AMX runs with the AVX-512 kernel family only.
     ///
     /// # Panics
     /// As [`Projection::pack_for`].
@@ -343,7 +394,7 @@ impl Projection {
         k: usize,
         dtype: DType,
         kernel: Option<PanelKernel>,
-        bf16_dot: bool,
+        via: Bf16Via,
     ) -> Self {
         assert!(k >= 1, "a projection needs K >= 1");
         // Row `o` of the stacked matrices, without stacking them.
@@ -357,7 +408,7 @@ impl Projection {
             let j = starts.partition_point(|&s| s <= o) - 1;
             mats[j][(o - starts[j]) * k + i]
         };
-        Self::pack_fn_via(n, k, dtype, kernel, bf16_dot, &w)
+        Self::pack_fn_via(n, k, dtype, kernel, via, &w)
     }
 
     /// Packs the `[n, k]` matrix whose element (o, i) is `w(o, i)` (PyTorch layout: output o,
@@ -373,7 +424,7 @@ impl Projection {
         kernel: Option<PanelKernel>,
         w: &dyn Fn(usize, usize) -> f32,
     ) -> Self {
-        Self::pack_fn_via(n, k, dtype, kernel, bf16_dot_by_default(dtype, kernel), w)
+        Self::pack_fn_via(n, k, dtype, kernel, bf16_via_by_default(dtype, kernel), w)
     }
 
     /// [`Projection::pack_fn`] with the bf16 kernel named, as in [`Projection::pack_for_via`].
@@ -382,7 +433,7 @@ impl Projection {
         k: usize,
         dtype: DType,
         kernel: Option<PanelKernel>,
-        bf16_dot: bool,
+        via: Bf16Via,
         w: &dyn Fn(usize, usize) -> f32,
     ) -> Self {
         assert!(k >= 1, "a projection needs K >= 1");
@@ -409,10 +460,18 @@ impl Projection {
                 let nk = (0..n * k).map(|j| w(j / k, j % k)).collect();
                 Packed::F32(kn(), nk)
             }
-            (DType::Bf16, Some(PanelKernel::Avx512)) if bf16_dot && has_avx512bf16() => {
+            (DType::Bf16, Some(PanelKernel::Avx512)) if via == Bf16Via::Amx && amx_ready() => {
+                // K padded with zero pairs to whole tiles: they add +0 to every output.
+                let kpad = k.div_ceil(2 * AMX_KT) * 2 * AMX_KT;
+                let padded = |col: usize, row: usize| if row < k { w(col, row) } else { 0.0 };
+                Packed::Bf16AmxPairs(pack_pairs(kpad, n, NR_MAX, &padded))
+            }
+            (DType::Bf16, Some(PanelKernel::Avx512))
+                if via != Bf16Via::Widen && has_avx512bf16() =>
+            {
                 Packed::Bf16Pairs(pack_pairs(k, n, NR_MAX, w))
             }
-            (DType::Bf16, Some(PanelKernel::Neon)) if bf16_dot && has_neon_bf16() => {
+            (DType::Bf16, Some(PanelKernel::Neon)) if via != Bf16Via::Widen && has_neon_bf16() => {
                 Packed::Bf16DotPairs(pack_pairs(k, n, 16, w))
             }
             (DType::Bf16, Some(kr)) => Packed::Bf16Panels(
@@ -474,6 +533,7 @@ impl Projection {
                 | Packed::Bf16Panels(..)
                 | Packed::F32Panels(..)
                 | Packed::Bf16DotPairs(_)
+                | Packed::Bf16AmxPairs(_)
         )
     }
 
@@ -503,6 +563,7 @@ impl Projection {
             Packed::F32Panels(PanelKernel::Avx2, _) => "avx2 6x16 (f32)",
             Packed::F32Panels(PanelKernel::Neon, _) => "neon 6x16 (f32)",
             Packed::Bf16Pairs(_) => "avx512-bf16 6x64 (vdpbf16ps)",
+            Packed::Bf16AmxPairs(_) => "amx-bf16 32x64 (tdpbf16ps)",
             Packed::Bf16Panels(PanelKernel::Neon, _) => "neon 6x16 (bf16 widened)",
             Packed::Bf16DotPairs(_) => "neon-bf16 6x16 (bfdot)",
             Packed::Bf16Panels(PanelKernel::Avx512, _) => "avx512 6x64 (bf16 widened)",
@@ -516,17 +577,21 @@ impl Projection {
         match &self.packed {
             Packed::F32(kn, _) => kn.len() * 4,
             Packed::F32Panels(_, v) => v.len() * 4,
-            Packed::Bf16Pairs(v) | Packed::Bf16Panels(_, v) | Packed::Bf16DotPairs(v) => {
-                v.len() * 2
-            }
+            Packed::Bf16Pairs(v)
+            | Packed::Bf16Panels(_, v)
+            | Packed::Bf16DotPairs(v)
+            | Packed::Bf16AmxPairs(v) => v.len() * 2,
             Packed::Bf16AsF32(v) => v.len() * 4,
         }
     }
 
     /// Whether [`Self::matmul_pairs`] applies: the bf16 dot kernels, which take x as bf16
-    /// pairs (AVX512-BF16, BFDOT).
+    /// pairs (AVX512-BF16, BFDOT, AMX).
     pub fn takes_pairs(&self) -> bool {
-        matches!(self.packed, Packed::Bf16Pairs(_) | Packed::Bf16DotPairs(_))
+        matches!(
+            self.packed,
+            Packed::Bf16Pairs(_) | Packed::Bf16DotPairs(_) | Packed::Bf16AmxPairs(_)
+        )
     }
 
     /// [`Self::matmul`] from x already in bf16: `xp` `[rows][K/2]` u32, each the bf16 bits
@@ -560,6 +625,14 @@ impl Projection {
                         threads,
                         self.first_col,
                     )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Packed::Bf16AmxPairs(w) => {
+                // SAFETY: `Bf16AmxPairs` is only built where `amx_ready()`: the CPU has
+                // AMX-TILE and AMX-BF16 and the OS granted this process the tile state.
+                unsafe {
+                    amx::matmul_pairs(xp, w.as_slice(), y, rows, k, n, threads, self.first_col)
                 }
             }
             #[cfg(target_arch = "aarch64")]
@@ -690,7 +763,7 @@ impl Projection {
                 }
             }
             // The bf16 dot kernels: x rounded into bf16 pairs first.
-            Packed::Bf16Pairs(_) | Packed::Bf16DotPairs(_) => {
+            Packed::Bf16Pairs(_) | Packed::Bf16DotPairs(_) | Packed::Bf16AmxPairs(_) => {
                 with_x_pairs(x, rows, k, |xp| self.matmul_pairs(xp, rows, y, threads))
             }
             #[cfg(target_arch = "aarch64")]
@@ -973,22 +1046,23 @@ fn panel_driver(
 macro_rules! l1_calls {
     ($kernel:ident, $t:ty, $zero:expr, $nr:expr, $kc:expr, $ldx:expr, $calls:expr) => {{
         let (kc, mr, calls): (usize, usize, usize) = ($kc, super::MR, $calls);
-        let x = vec![0.5f32; kc * mr];
-        let w: Vec<$t> = vec![$zero; kc * $nr];
-        let mut y = [0.0f32; super::MR * $nr];
+        // Line-aligned, as packed panels are: an unaligned zmm load splits a cache line.
+        let mut x = crate::alloc::LineAligned::new(kc * mr, 0.5f32);
+        let w = crate::alloc::LineAligned::new(kc * $nr, $zero);
+        let mut y = crate::alloc::LineAligned::new(super::MR * $nr, 0.0f32);
         for _ in 0..calls {
             $kernel::<{ super::MR }, 1, $t>(
-                std::hint::black_box(&x),
+                std::hint::black_box(x.as_mut_slice()),
                 $ldx,
                 kc,
-                &w,
+                w.as_slice(),
                 $nr,
                 kc * $nr,
-                y.as_mut_ptr(),
+                y.as_mut_slice().as_mut_ptr(),
                 $nr,
                 super::NextPanel::NONE,
             );
-            std::hint::black_box(&mut y);
+            std::hint::black_box(y.as_mut_slice());
         }
         (2 * mr * $nr * kc * calls) as f64
     }};
@@ -2077,6 +2151,340 @@ mod avx512 {
     }
 }
 
+/// The AMX bf16 kernel: `tdpbf16ps` on 16×16 f32 tiles of y, each step adding the
+/// products of a 16-row × 16-pair tile of x (A) and a 16-pair × 16-column tile of a panel
+/// (B, which the `[N/64][K/2][64][2]` pairs layout holds as 16 rows of 64 bytes at a stride
+/// of 256). A block is 32 rows × 64 columns (one panel) in two halves of 32 columns, each
+/// with four accumulator tiles (2 row tiles × 2 column tiles), two A and two B tiles: the
+/// eight tile registers. Each output is one chain over the k tiles in order, its value
+/// independent of the other rows of the call, so any split of the rows gives the same bits.
+/// Per Intel's SDM the instruction adds each pair's two products to the accumulator in turn,
+/// treating bf16 denormals as zero and flushing f32 denormal results; its rounding is its
+/// own, so the results differ from the `vdpbf16ps` and widening kernels in the last bits.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::AMX_KT as KT;
+    use half::bf16;
+    use std::arch::asm;
+
+    /// Columns per panel (four column tiles of 16).
+    const NR: usize = super::NR_MAX;
+    /// Rows per block: two row tiles.
+    const MT: usize = 32;
+    /// Rows of a full tile.
+    const TILE_ROWS: usize = 16;
+    /// Bytes per pair row of a panel (64 columns × 2 bf16).
+    const LDW: usize = NR * 4;
+
+    /// Asks Linux for the AMX tile data state (a permission per process; the kernel then
+    /// gives each thread the larger register save area at its first tile instruction).
+    /// True where the CPU has AMX-TILE and AMX-BF16 and the permission was granted.
+    #[cfg(target_os = "linux")]
+    pub(super) fn request() -> bool {
+        // `__cpuid_count` is a safe fn in newer Rust and an unsafe one in 1.89, our
+        // rust-version.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU; it only reads identification registers
+        // (leaf 7 is read only where leaf 0 reports it).
+        let leaf = |l: u32| unsafe { std::arch::x86_64::__cpuid_count(l, 0) };
+        if leaf(0).eax < 7 {
+            return false;
+        }
+        let edx = leaf(7).edx;
+        // AMX-BF16 (bit 22) and AMX-TILE (bit 24).
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: this arch_prctl request only asks for a permission for this process; it
+        // reads and writes no memory of ours. A kernel without AMX support returns an error.
+        let granted = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        granted == 0
+    }
+
+    /// The 64-byte operand of `ldtilecfg` (palette 1).
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        /// Bytes per row of each tile register.
+        colsb: [u16; 16],
+        /// Rows of each tile register.
+        rows: [u8; 16],
+    }
+
+    impl TileConfig {
+        /// tmm0, tmm1: y rows of the first row tile (`rows0`), column tiles a and b; tmm2,
+        /// tmm3: the second row tile (`rows1`); tmm4, tmm5: x of the two row tiles; tmm6,
+        /// tmm7: the panel's column tiles a and b. With `rows1 = 0` tmm2, tmm3 and tmm5 stay
+        /// unconfigured.
+        fn new(rows0: usize, rows1: usize) -> Self {
+            let mut c = TileConfig {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [0; 16],
+                rows: [0; 16],
+            };
+            let tiles = [
+                (0, rows0),
+                (1, rows0),
+                (4, rows0),
+                (6, KT),
+                (7, KT),
+                (2, rows1),
+                (3, rows1),
+                (5, rows1),
+            ];
+            for (t, rows) in tiles {
+                if rows > 0 {
+                    c.colsb[t] = 64;
+                    c.rows[t] = rows as u8;
+                }
+            }
+            c
+        }
+    }
+
+    /// `y[rows0 + rows1, 64]` = x's rows (bf16 pairs, `ldx` bytes apart, `steps` tiles of
+    /// KT pairs) times one panel (`w`: `steps·KT` pair rows of `LDW` bytes), y's rows
+    /// `ldy` bytes apart; `two`: whether the second row tile is configured (rows1 > 0).
+    ///
+    /// # Safety
+    /// The tile configuration loaded on this thread is `TileConfig::new(rows0, rows1)`,
+    /// `rows1 > 0` exactly when `two`; x is readable for its rows × `steps·KT` pairs, w for
+    /// the panel's pair rows, y writable for its rows × 64 floats and touched by no one else.
+    unsafe fn block(
+        x: *const u8,
+        ldx: usize,
+        w: *const u8,
+        steps: usize,
+        y: *mut u8,
+        ldy: usize,
+        two: bool,
+    ) {
+        for half in 0..2 {
+            // Columns 32·half .. 32·half + 32: the B tiles start 128 bytes into the pair row.
+            let wh = w.wrapping_add(half * 128);
+            // SAFETY: tile instructions on configured tiles (the contract); no memory access.
+            unsafe {
+                if two {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                } else {
+                    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                }
+            }
+            for s in 0..steps {
+                let a0 = x.wrapping_add(s * KT * 4);
+                let b0 = wh.wrapping_add(s * KT * LDW);
+                // SAFETY: the tiles read lie within x's rows and the panel (the contract):
+                // rows of 64 bytes at pair KT·s of x, pair rows KT·s.. of the panel.
+                unsafe {
+                    if two {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {ldx}*1]",
+                            "tileloadd tmm6, [{b0} + {ldw}*1]",
+                            "tileloadd tmm7, [{b1} + {ldw}*1]",
+                            "tileloadd tmm5, [{a1} + {ldx}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0,
+                            a1 = in(reg) a0.wrapping_add(TILE_ROWS * ldx),
+                            b0 = in(reg) b0,
+                            b1 = in(reg) b0.wrapping_add(64),
+                            ldx = in(reg) ldx,
+                            ldw = in(reg) LDW,
+                            options(nostack, readonly),
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {ldx}*1]",
+                            "tileloadd tmm6, [{b0} + {ldw}*1]",
+                            "tileloadd tmm7, [{b1} + {ldw}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            a0 = in(reg) a0,
+                            b0 = in(reg) b0,
+                            b1 = in(reg) b0.wrapping_add(64),
+                            ldx = in(reg) ldx,
+                            ldw = in(reg) LDW,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
+            }
+            let yh = y.wrapping_add(half * 128);
+            // SAFETY: y's rows × these 32 columns are writable (the contract).
+            unsafe {
+                asm!(
+                    "tilestored [{y0} + {ldy}*1], tmm0",
+                    "tilestored [{y1} + {ldy}*1], tmm1",
+                    y0 = in(reg) yh,
+                    y1 = in(reg) yh.wrapping_add(64),
+                    ldy = in(reg) ldy,
+                    options(nostack),
+                );
+                if two {
+                    let yt = yh.wrapping_add(TILE_ROWS * ldy);
+                    asm!(
+                        "tilestored [{y0} + {ldy}*1], tmm2",
+                        "tilestored [{y1} + {ldy}*1], tmm3",
+                        y0 = in(reg) yt,
+                        y1 = in(reg) yt.wrapping_add(64),
+                        ldy = in(reg) ldy,
+                        options(nostack),
+                    );
+                }
+            }
+        }
+    }
+
+    /// `iters` steps of four independent `tdpbf16ps` chains on full tiles, with no loads
+    /// (the operand tiles hold zeros): the AMX peak of one core.
+    ///
+    /// # Safety
+    /// [`super::amx_ready`] returned true in this process.
+    pub(super) unsafe fn chains(iters: usize) {
+        let cfg = TileConfig::new(TILE_ROWS, TILE_ROWS);
+        // SAFETY: AMX is granted (the caller); a valid configuration, then tile instructions
+        // on the tiles it configures, which touch no memory.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
+            asm!(
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tilezero tmm6",
+                "tilezero tmm7",
+                options(nostack, nomem)
+            );
+            for _ in 0..iters {
+                asm!(
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    options(nostack, nomem)
+                );
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// `y[m, n]` = x pairs (`xp`: `[m][K/2]`, see `super::with_x_pairs`) times the panels
+    /// (`[N/64][K'/2 + 1][64][2]`, K' = K padded to whole tiles), on `threads` threads: a
+    /// work unit is one panel over all rows, in blocks of 32 rows, the panel's weights read
+    /// from memory once per call; units from the one holding column `first_col`.
+    ///
+    /// # Safety
+    /// [`super::amx_ready`] returned true in this process.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_pairs(
+        xp: &[u32],
+        w: &[bf16],
+        y: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+        first_col: usize,
+    ) {
+        let kp = k.div_ceil(2);
+        let kpad = kp.div_ceil(KT) * KT;
+        let panels = n.div_ceil(NR);
+        // Elements per panel: kpad pair rows and one of padding, 64 columns × 2.
+        let lds = (kpad + 1) * NR * 2;
+        assert_eq!(xp.len(), m * kp, "x pairs must be [m, K/2]");
+        assert!(w.len() >= panels * lds, "w must hold every panel");
+        assert_eq!(y.len(), m * n, "y must be [m, n]");
+        if m == 0 {
+            return;
+        }
+        // x's rows padded with zero pairs to whole tiles where K/2 is not a multiple of KT.
+        let padded: Vec<u32>;
+        let xs: &[u32] = if kpad == kp {
+            xp
+        } else {
+            let mut v = vec![0u32; m * kpad];
+            for (dst, src) in v.chunks_exact_mut(kpad).zip(xp.chunks_exact(kp)) {
+                dst[..kp].copy_from_slice(src);
+            }
+            padded = v;
+            &padded
+        };
+        let (xaddr, yaddr, waddr) = (
+            xs.as_ptr() as usize,
+            y.as_mut_ptr() as usize,
+            w.as_ptr() as usize,
+        );
+        let (ldx, ldy, steps) = (kpad * 4, n * 4, kpad / KT);
+        let start = (first_col / NR).min(panels - 1);
+        super::super::fanout::for_each_unit(panels, threads, &|u| {
+            let panel = (u + start) % panels;
+            let (c0, cols) = (panel * NR, NR.min(n - panel * NR));
+            let wp = (waddr as *const bf16).wrapping_add(panel * lds) as *const u8;
+            let mut tail = [0f32; MT * NR];
+            let mut loaded = None;
+            let mut r0 = 0;
+            while r0 < m {
+                let mt = (m - r0).min(MT);
+                let rows = (mt.min(TILE_ROWS), mt.saturating_sub(TILE_ROWS));
+                if loaded != Some(rows) {
+                    let cfg = TileConfig::new(rows.0, rows.1);
+                    // SAFETY: AMX is granted (the caller); the operand is a valid palette-1
+                    // configuration of 64 bytes.
+                    unsafe {
+                        asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly))
+                    };
+                    loaded = Some(rows);
+                }
+                let xr = (xaddr as *const u32).wrapping_add(r0 * kpad) as *const u8;
+                if cols == NR {
+                    let yr = (yaddr as *mut f32).wrapping_add(r0 * n + c0) as *mut u8;
+                    // SAFETY: the configuration of `rows` is loaded; x holds rows r0..r0+mt
+                    // of kpad pairs, the panel kpad pair rows; y is [m, n] (asserted) and this
+                    // unit alone writes columns c0..c0+64 of these rows.
+                    unsafe { block(xr, ldx, wp, steps, yr, ldy, rows.1 > 0) };
+                } else {
+                    // The column tail: the block into `tail`, then its valid columns.
+                    let tp = tail.as_mut_ptr() as *mut u8;
+                    // SAFETY: as above, y replaced by `tail` (MT rows of 64 floats).
+                    unsafe { block(xr, ldx, wp, steps, tp, NR * 4, rows.1 > 0) };
+                    for r in 0..mt {
+                        // SAFETY: y is [m, n] and r0 + r < m; this unit alone writes
+                        // columns c0..c0+cols of its rows.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (yaddr as *mut f32).add((r0 + r) * n + c0),
+                                cols,
+                            )
+                        };
+                        dst.copy_from_slice(&tail[r * NR..r * NR + cols]);
+                    }
+                }
+                r0 += mt;
+            }
+            // SAFETY: releases this thread's tile state (configured above); no memory access.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        });
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod bf16_avx512 {
     use half::bf16;
@@ -2215,6 +2623,20 @@ mod bf16_avx512 {
     }
 }
 
+/// Four independent `tdpbf16ps` tile chains (16 × 16 outputs, 32 products each) for `iters`
+/// steps, with no loads: the AMX peak of one core, the yardstick of the AMX kernel. The
+/// FLOPs done (`iters`·4·16·16·32·2), or `None` where [`amx_ready`] is false.
+pub fn amx_chains(iters: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if amx_ready() {
+        // SAFETY: `amx_ready()`.
+        unsafe { amx::chains(iters) };
+        return Some((iters * 4 * 16 * 16 * 32 * 2) as f64);
+    }
+    let _ = iters;
+    None
+}
+
 /// Twelve independent 16-lane `vdpbf16ps` chains for `iters` steps (12·16·4·iters FLOPs:
 /// each lane does two multiply-adds): the bf16 dot peak of one core, the yardstick of the
 /// AVX512-BF16 kernel. `None` where the CPU has no AVX512-BF16.
@@ -2310,8 +2732,8 @@ mod tests {
 
     /// Every packing of `mats` in `dtype` that this CPU runs, named by its kernel: each of
     /// our kernels, the `gemm` fallback with `fallback`, and in bf16 the widening kernels
-    /// also where the CPU's bf16 dot instruction is what `pack` picks (so that they are
-    /// tested on CPUs with AVX512-BF16 or Arm BF16 as well).
+    /// also where the CPU's bf16 dot instruction or AMX is what `pack` picks (so that they
+    /// are tested on CPUs with AVX512-BF16, AMX or Arm BF16 as well).
     fn packings(
         mats: &[&[f32]],
         k: usize,
@@ -2323,19 +2745,17 @@ mod tests {
             v.push(Projection::pack_for(mats, k, dtype, None));
         }
         for kernel in PanelKernel::all_supported() {
-            // The dot kernel wherever the CPU has one (chosen by default or not), and then
-            // the widening kernel too.
-            let p = Projection::pack_for_via(mats, k, dtype, Some(kernel), true);
-            if p.takes_pairs() {
-                v.push(Projection::pack_for_via(
-                    mats,
-                    k,
-                    dtype,
-                    Some(kernel),
-                    false,
-                ));
+            // AMX and the dot kernel wherever the CPU has them (chosen by default or not),
+            // and the widening kernel too: each once.
+            for via in [Bf16Via::Widen, Bf16Via::Dot, Bf16Via::Amx] {
+                let p = Projection::pack_for_via(mats, k, dtype, Some(kernel), via);
+                if !v
+                    .iter()
+                    .any(|q: &Projection| q.kernel_name() == p.kernel_name())
+                {
+                    v.push(p);
+                }
             }
-            v.push(p);
         }
         v.into_iter()
             .map(|p| (p.kernel_name().to_string(), p))
@@ -2347,13 +2767,15 @@ mod tests {
         let k = 64;
         for kernel in PanelKernel::all_supported() {
             let w = vec![0.0f32; kernel.nr() * k];
-            // bf16 twice: the dot kernel where the CPU has one, and the widening kernel.
-            for (dtype, dot) in [
-                (DType::F32, true),
-                (DType::Bf16, true),
-                (DType::Bf16, false),
+            // bf16 three times: AMX and the dot kernel where the CPU has them, and the
+            // widening kernel.
+            for (dtype, via) in [
+                (DType::F32, Bf16Via::Dot),
+                (DType::Bf16, Bf16Via::Amx),
+                (DType::Bf16, Bf16Via::Dot),
+                (DType::Bf16, Bf16Via::Widen),
             ] {
-                let p = Projection::pack_for_via(&[&w], k, dtype, Some(kernel), dot);
+                let p = Projection::pack_for_via(&[&w], k, dtype, Some(kernel), via);
                 // The bf16 dot kernels (pairs) have no f32 microkernel to time.
                 if p.takes_pairs() {
                     assert_eq!(p.l1_microkernel(1), None);
@@ -2378,12 +2800,13 @@ mod tests {
         let k = 64;
         for kernel in PanelKernel::all_supported() {
             let w = vec![0.0f32; kernel.nr() * k];
-            for (dtype, dot) in [
-                (DType::F32, true),
-                (DType::Bf16, true),
-                (DType::Bf16, false),
+            for (dtype, via) in [
+                (DType::F32, Bf16Via::Dot),
+                (DType::Bf16, Bf16Via::Amx),
+                (DType::Bf16, Bf16Via::Dot),
+                (DType::Bf16, Bf16Via::Widen),
             ] {
-                let p = Projection::pack_for_via(&[&w], k, dtype, Some(kernel), dot);
+                let p = Projection::pack_for_via(&[&w], k, dtype, Some(kernel), via);
                 // By the kernel packed (the AVX2 panels, f32 or bf16 widened).
                 let want = if p.kernel_name().starts_with("avx2") {
                     256
@@ -2538,7 +2961,8 @@ mod tests {
                         Packed::F32Panels(_, v) => v.as_slice().as_ptr() as usize,
                         Packed::Bf16Panels(_, v)
                         | Packed::Bf16Pairs(v)
-                        | Packed::Bf16DotPairs(v) => v.as_slice().as_ptr() as usize,
+                        | Packed::Bf16DotPairs(v)
+                        | Packed::Bf16AmxPairs(v) => v.as_slice().as_ptr() as usize,
                         _ => unreachable!("own kernels pack panels"),
                     };
                     assert_eq!(addr % 64, 0, "{kernel}");
@@ -2560,18 +2984,88 @@ mod tests {
     #[test]
     fn bf16_uses_the_dot_instruction_where_the_cpu_has_one() {
         let a = data(64 * 32, 7);
+        // AMX first on AVX-512 where the process may use it, unless ENGRAM_BF16_DOT names
+        // another kernel.
+        let amx = amx_ready() && std::env::var("ENGRAM_BF16_DOT").map_or(true, |v| v == "amx");
         for kernel in PanelKernel::all_supported() {
             let name = Projection::pack_for(&[&a], 32, DType::Bf16, Some(kernel)).kernel_name();
-            let dot = match kernel {
-                PanelKernel::Avx512 => avx512_bf16_dot_pays(),
-                PanelKernel::Neon => has_neon_bf16(),
-                PanelKernel::Avx2 => false,
+            let (tiles, dot) = match kernel {
+                PanelKernel::Avx512 => (amx, !amx && avx512_bf16_dot_pays()),
+                PanelKernel::Neon => (false, has_neon_bf16()),
+                PanelKernel::Avx2 => (false, false),
             };
+            assert_eq!(name.contains("tdpbf16ps"), tiles, "{kernel:?}: {name}");
             assert_eq!(
                 name.contains("vdpbf16ps") || name.contains("bfdot"),
                 dot,
                 "{kernel:?}: {name}"
             );
+        }
+    }
+
+    /// The AMX kernel where this process may use it (else its packing falls back to the dot
+    /// or widening kernel): against the plain product on bf16-rounded operands with rows in
+    /// several blocks of 32 and a short last one (one and two row tiles), K padded to whole
+    /// tiles or not, a partial last panel; any split of the rows and any thread count give
+    /// the bits of one call, and x handed over as pairs gives the bits of x in f32.
+    #[test]
+    fn amx_matches_plain_product_in_every_block_shape() {
+        let n = 90;
+        for k in [1, 37, 64, 301] {
+            let a = data(n * k, 21);
+            let p = Projection::pack_for_via(
+                &[&a],
+                k,
+                DType::Bf16,
+                Some(PanelKernel::Avx512),
+                Bf16Via::Amx,
+            );
+            if !amx_ready() {
+                // Only reachable where the AVX-512 kernels run: elsewhere `pack_for_via` refuses.
+                assert!(
+                    !p.kernel_name().contains("tdpbf16ps"),
+                    "{}",
+                    p.kernel_name()
+                );
+                continue;
+            }
+            assert_eq!(p.kernel_name(), "amx-bf16 32x64 (tdpbf16ps)");
+            assert!(p.takes_pairs() && p.uses_own_kernel());
+            let r =
+                |v: &[f32]| -> Vec<f32> { v.iter().map(|&t| bf16::from_f32(t).to_f32()).collect() };
+            let rows = 70;
+            let x = data(rows * k, 22);
+            let want = plain(&r(&x), &[&r(&a)], k);
+            let tol = 1e-4 * want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let mut whole = vec![f32::NAN; rows * n];
+            p.matmul(&x, rows, &mut whole, 1);
+            let err = max_diff(&whole, &want);
+            assert!(err < tol, "k {k}: {err}");
+            for threads in [2, 3] {
+                let mut y = vec![f32::NAN; rows * n];
+                p.matmul(&x, rows, &mut y, threads);
+                assert!(y == whole, "k {k}, {threads} threads");
+            }
+            // 1 row, one row tile (16), two (17, 32), a block and a bit (33, 48).
+            for split in [1, 5, 16, 17, 32, 33, 48] {
+                let mut r0 = 0;
+                while r0 < rows {
+                    let m = split.min(rows - r0);
+                    let mut part = vec![f32::NAN; m * n];
+                    p.matmul(&x[r0 * k..(r0 + m) * k], m, &mut part, 1);
+                    assert!(
+                        part == whole[r0 * n..(r0 + m) * n],
+                        "k {k}: rows {r0}..{}",
+                        r0 + m
+                    );
+                    r0 += m;
+                }
+            }
+            with_x_pairs(&x, rows, k, |xp| {
+                let mut y = vec![f32::NAN; rows * n];
+                p.matmul_pairs(xp, rows, &mut y, 2);
+                assert!(y == whole, "k {k}: pairs");
+            });
         }
     }
 
