@@ -328,13 +328,43 @@ fn fma_peak(json: bool) -> Result<ExitCode> {
             );
         }
     }
-    // Each f32 microkernel with its operands in L1 (see `l1_kernel_gflops`), on one core and
-    // on all.
-    for kernel in engram::fused::proj::PanelKernel::all_supported() {
-        let k = 64;
-        let w = vec![0.0f32; kernel.nr() * k];
-        let p =
-            engram::fused::proj::Projection::pack_for(&[&w], k, engram::DType::F32, Some(kernel));
+    // AMX: its tile products without loads, on one core and on all.
+    if let Some(flops) = engram::fused::proj::amx_chains(1) {
+        let iters = 1_000_000usize;
+        let t0 = Instant::now();
+        std::hint::black_box(engram::fused::proj::amx_chains(std::hint::black_box(iters)));
+        let one = iters as f64 * flops / t0.elapsed().as_secs_f64() / 1e9;
+        let all = peak_gflops("amx");
+        rows.push(serde_json::json!({"isa": "amx (tdpbf16ps, no loads)", "gflops_one_core": one, "gflops_all_cores": all, "threads": threads}));
+        if !json {
+            println!(
+                "Amx tiles (tdpbf16ps, no loads): one core {one:>7.1} GFLOP/s   {threads} cores {all:>7.1} GFLOP/s"
+            );
+        }
+    }
+    // Each f32 microkernel with its operands in L1 (see `l1_kernel_gflops`), and the AMX
+    // bf16 block where the CPU has AMX, on one core and on all.
+    use engram::fused::proj::{Bf16Via, PanelKernel, Projection};
+    let k = 64;
+    let mut kernels: Vec<Projection> = PanelKernel::all_supported()
+        .into_iter()
+        .map(|kernel| {
+            let w = vec![0.0f32; kernel.nr() * k];
+            Projection::pack_for(&[&w], k, engram::DType::F32, Some(kernel))
+        })
+        .collect();
+    if engram::fused::proj::amx_ready() {
+        let w = vec![0.0f32; 64 * k];
+        let avx512 = Some(PanelKernel::Avx512);
+        kernels.push(Projection::pack_for_via(
+            &[&w],
+            k,
+            engram::DType::Bf16,
+            avx512,
+            Bf16Via::Amx,
+        ));
+    }
+    for p in &kernels {
         let Some(per_call) = p.l1_microkernel(1) else {
             continue;
         };
@@ -347,7 +377,7 @@ fn fma_peak(json: bool) -> Result<ExitCode> {
                 flops / t0.elapsed().as_secs_f64() / 1e9
             })
             .fold(0.0, f64::max);
-        let all = l1_kernel_gflops(&p).unwrap_or(0.0);
+        let all = l1_kernel_gflops(p).unwrap_or(0.0);
         let name = p.kernel_name();
         rows.push(serde_json::json!({"kernel": name, "operands": "L1", "gflops_one_core": one, "gflops_all_cores": all, "threads": threads}));
         if !json {

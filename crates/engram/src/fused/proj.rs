@@ -655,7 +655,8 @@ impl Projection {
         }
     }
 
-    /// Runs this projection's microkernel (6 rows × one panel) `calls` times on operands
+    /// Runs this projection's microkernel (6 rows × one panel; for AMX a block of 32 rows ×
+    /// one panel over 4 k tiles) `calls` times on operands
     /// that stay in L1 and returns the FLOPs done (None where the projection has no such
     /// kernel: the `gemm` fallback and the bf16 dot kernels): timed, the compute limit of the
     /// kernel's own instruction mix, its broadcasts and loads beside the FMAs, on this core
@@ -683,6 +684,9 @@ impl Projection {
             // SAFETY: `Avx2` bf16 panels are only packed when the CPU has AVX2 and FMA
             // (`pack_fn_via` checks).
             Packed::Bf16Panels(_, _) => Some(unsafe { avx2::l1_calls::<bf16>(calls) }),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Bf16AmxPairs` is only packed where `amx_ready()`.
+            Packed::Bf16AmxPairs(_) => Some(unsafe { amx::l1_calls(calls) }),
             #[cfg(target_arch = "aarch64")]
             Packed::F32Panels(_, _) => Some(neon::l1_calls::<f32>(calls)),
             #[cfg(target_arch = "aarch64")]
@@ -2355,6 +2359,43 @@ mod amx {
         }
     }
 
+    /// `calls` calls of the two-row-tile block on operands that stay in L1: 32 rows of x
+    /// and one panel over 4 k tiles (x 8 KiB, the panel 16 KiB) as the driver lays them
+    /// out; the FLOPs done. The kernel's limit with its loads, beside [`chains`]'s peak
+    /// without them (see [`super::Projection::l1_microkernel`]).
+    ///
+    /// # Safety
+    /// [`super::amx_ready`] returned true in this process.
+    pub(super) unsafe fn l1_calls(calls: usize) -> f64 {
+        const STEPS: usize = 4;
+        let kp = STEPS * KT;
+        let x = crate::alloc::LineAligned::new(MT * kp, 0x3f80_3f80u32);
+        let w = crate::alloc::LineAligned::new(kp * NR * 2, bf16::ONE);
+        let mut y = crate::alloc::LineAligned::new(MT * NR, 0.0f32);
+        let cfg = TileConfig::new(TILE_ROWS, TILE_ROWS);
+        // SAFETY: AMX is granted (the caller); a valid configuration for the blocks below,
+        // whose operands are the buffers above (32 rows of kp pairs, kp pair rows of the
+        // panel, 32 rows of 64 floats), then the tile state released.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
+            for _ in 0..calls {
+                let xp = std::hint::black_box(x.as_slice()).as_ptr() as *const u8;
+                block(
+                    xp,
+                    kp * 4,
+                    w.as_slice().as_ptr() as *const u8,
+                    STEPS,
+                    y.as_mut_slice().as_mut_ptr() as *mut u8,
+                    NR * 4,
+                    true,
+                );
+                std::hint::black_box(y.as_mut_slice());
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+        (2 * MT * NR * 2 * kp * calls) as f64
+    }
+
     /// `iters` steps of four independent `tdpbf16ps` chains on full tiles, with no loads
     /// (the operand tiles hold zeros): the AMX peak of one core.
     ///
@@ -2776,6 +2817,13 @@ mod tests {
                 (DType::Bf16, Bf16Via::Widen),
             ] {
                 let p = Projection::pack_for_via(&[&w], k, dtype, Some(kernel), via);
+                if p.kernel_name().contains("tdpbf16ps") {
+                    // AMX: one block of 32 rows × 64 columns over 4 tiles of 32 k.
+                    let one = p.l1_microkernel(1).expect("the AMX block");
+                    assert_eq!(one, (2 * 32 * 64 * 128) as f64);
+                    assert_eq!(p.l1_microkernel(3), Some(3.0 * one));
+                    continue;
+                }
                 // The bf16 dot kernels (pairs) have no f32 microkernel to time.
                 if p.takes_pairs() {
                     assert_eq!(p.l1_microkernel(1), None);
