@@ -4,13 +4,13 @@
 //!
 //! | CPU | f32 | bf16 |
 //! |---|---|---|
-//! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` where it does at least the FLOPs of f32 FMAs ([`avx512_bf16_dot_pays`]), else the 6×64 microkernel on bf16 panels (columns c, c+16 of each 32 interleaved), widened to f32 in registers by an AND and a shift |
+//! | AVX-512 | 6×64 microkernel on `[N/64][K][64]` panels | AMX `tdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` in blocks of 32 rows × 64 columns where the CPU has AMX-BF16 ([`amx_ready`]), else AVX512-BF16 `vdpbf16ps` on bf16 pairs `[N/64][K/2][64][2]` where it does at least the FLOPs of f32 FMAs ([`avx512_bf16_dot_pays`]), else the 6×64 microkernel on bf16 panels (columns c, c+16 of each 32 interleaved), widened to f32 in registers by an AND and a shift |
 //! | AVX2 + FMA | 6×16 microkernel on `[N/16][K][16]` panels | the same on bf16 panels (columns c, c+8 interleaved), widened to f32 in registers by an AND and a shift |
 //! | aarch64 (NEON) | 6×16 microkernel on `[N/16][K][16]` panels | BFDOT on bf16 pairs `[N/16][K/2][16][2]` where the CPU has BF16, else the 6×16 kernel on bf16 panels widened in registers |
 //! | anything else | the `gemm` crate on `[K, N]` | the `gemm` crate on bf16-rounded values widened to f32 |
 //!
 //! Every microkernel computes each output as one FMA chain over k in order, from zero,
-//! whatever the row count: a row's projection is bit-identical however a sequence is split
+//! whatever the row count (AMX and the bf16 dot instructions: one chain of pair products): a row's projection is bit-identical however a sequence is split
 //! into chunks, and the f32 result is the same bits on AVX-512, AVX2 and NEON. A decode step
 //! (1-3 rows) runs several panels at once, so that 12 independent FMA chains are in flight;
 //! each panel carries one row of padding so that panels read together do not share cache
@@ -1015,17 +1015,9 @@ fn panel_driver(
                         y: buf.as_mut_ptr(),
                         ldy: w,
                     });
-                    for r in 0..mr {
-                        // SAFETY: y is [m, n] (asserted above) and r0 + r < m; this unit
-                        // alone writes columns [c0, c0 + cols) of its rows.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (yaddr as *mut f32).add((r0 + r) * n + c0),
-                                cols,
-                            )
-                        };
-                        dst.copy_from_slice(&buf[r * w..r * w + cols]);
-                    }
+                    // SAFETY: y is [m, n] (asserted above) and r0 + mr <= m; this unit alone
+                    // writes columns [c0, c0 + cols) of its rows.
+                    unsafe { copy_cols(&buf, w, mr, yaddr as *mut f32, n, r0, c0, cols) };
                 });
             }
             r0 += mr;
@@ -1036,6 +1028,34 @@ fn panel_driver(
     // The unit holding column `first_col` first (`Projection::run_from_col`).
     let start = (first_col / nr / group).min(units.saturating_sub(1));
     super::fanout::for_each_unit(units, threads, &|u| work((u + start) % units));
+}
+
+/// Copies the first `cols` columns of `rows` rows of `buf` (rows `ldb` apart) into y (rows
+/// of `n`) at row `r0`, column `c0`: a column tail computed into a buffer.
+///
+/// # Safety
+/// `y` is valid for rows `r0..r0 + rows` of `n` floats, `c0 + cols <= n`, and no one else
+/// touches those columns of those rows meanwhile; `buf` holds `rows` rows of `ldb >= cols`.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn copy_cols(
+    buf: &[f32],
+    ldb: usize,
+    rows: usize,
+    y: *mut f32,
+    n: usize,
+    r0: usize,
+    c0: usize,
+    cols: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: row r0 + r of y, columns c0..c0+cols, per the contract.
+        let dst = unsafe { std::slice::from_raw_parts_mut(y.add((r0 + r) * n + c0), cols) };
+        dst.copy_from_slice(&buf[r * ldb..r * ldb + cols]);
+    }
 }
 
 /// The body of each kernel module's `l1_calls`: `$calls` calls of `$kernel::<MR, 1, $t>`
@@ -2226,11 +2246,20 @@ mod amx {
     }
 
     impl TileConfig {
-        /// tmm0, tmm1: y rows of the first row tile (`rows0`), column tiles a and b; tmm2,
-        /// tmm3: the second row tile (`rows1`); tmm4, tmm5: x of the two row tiles; tmm6,
-        /// tmm7: the panel's column tiles a and b. With `rows1 = 0` tmm2, tmm3 and tmm5 stay
-        /// unconfigured.
+        /// Two row tiles ([`block`]): tmm0, tmm1: y rows of the first row tile (`rows0`),
+        /// column tiles a and b; tmm2, tmm3: the second row tile (`rows1`); tmm4, tmm5: x of
+        /// the two row tiles; tmm6, tmm7: the panel's column tiles a and b. One (`rows1 =
+        /// 0`, [`block_one`]): tmm0-tmm3: y's four column tiles, tmm4: x, tmm5-tmm7: the
+        /// panel's column tiles.
         fn new(rows0: usize, rows1: usize) -> Self {
+            if rows1 == 0 {
+                let mut c = Self::new(TILE_ROWS, TILE_ROWS);
+                for t in [0, 1, 2, 3, 4] {
+                    c.rows[t] = rows0 as u8;
+                }
+                c.rows[5] = KT as u8;
+                return c;
+            }
             let mut c = TileConfig {
                 palette: 1,
                 start_row: 0,
@@ -2275,6 +2304,11 @@ mod amx {
         ldy: usize,
         two: bool,
     ) {
+        if !two {
+            // SAFETY: the contract (with one row tile the configuration is `block_one`'s).
+            unsafe { block_one(x, ldx, w, steps, y, ldy) };
+            return;
+        }
         for half in 0..2 {
             // Columns 32·half .. 32·half + 32: the B tiles start 128 bytes into the pair row.
             let wh = w.wrapping_add(half * 128);
@@ -2356,6 +2390,76 @@ mod amx {
                     );
                 }
             }
+        }
+    }
+
+    /// [`block`] for one row tile (`rows0` ≤ 16 rows: decode steps, short last blocks): all
+    /// four column tiles of y at once, so that each k tile's pair rows are read whole and
+    /// in order (the panel streams from memory once in a decode step); the fourth column
+    /// tile reuses the first's register once its product has read it. Each output gets
+    /// the same products in the same order as in [`block`].
+    ///
+    /// # Safety
+    /// As [`block`], with the configuration `TileConfig::new(rows0, 0)` loaded.
+    unsafe fn block_one(
+        x: *const u8,
+        ldx: usize,
+        w: *const u8,
+        steps: usize,
+        y: *mut u8,
+        ldy: usize,
+    ) {
+        // SAFETY: tile instructions on configured tiles (the contract); no memory access.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        for s in 0..steps {
+            let a0 = x.wrapping_add(s * KT * 4);
+            let b0 = w.wrapping_add(s * KT * LDW);
+            // SAFETY: the tiles read lie within x's rows and the panel (the contract): rows
+            // of 64 bytes at pair KT·s of x, pair rows KT·s.. of the panel, all 4 lines.
+            unsafe {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {ldx}*1]",
+                    "tileloadd tmm5, [{b0} + {ldw}*1]",
+                    "tileloadd tmm6, [{b1} + {ldw}*1]",
+                    "tileloadd tmm7, [{b2} + {ldw}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tileloadd tmm5, [{b3} + {ldw}*1]",
+                    "tdpbf16ps tmm3, tmm4, tmm5",
+                    a0 = in(reg) a0,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.wrapping_add(64),
+                    b2 = in(reg) b0.wrapping_add(128),
+                    b3 = in(reg) b0.wrapping_add(192),
+                    ldx = in(reg) ldx,
+                    ldw = in(reg) LDW,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        // SAFETY: y's rows × 64 columns are writable (the contract).
+        unsafe {
+            asm!(
+                "tilestored [{y0} + {ldy}*1], tmm0",
+                "tilestored [{y1} + {ldy}*1], tmm1",
+                "tilestored [{y2} + {ldy}*1], tmm2",
+                "tilestored [{y3} + {ldy}*1], tmm3",
+                y0 = in(reg) y,
+                y1 = in(reg) y.wrapping_add(64),
+                y2 = in(reg) y.wrapping_add(128),
+                y3 = in(reg) y.wrapping_add(192),
+                ldy = in(reg) ldy,
+                options(nostack),
+            );
         }
     }
 
@@ -2506,17 +2610,9 @@ mod amx {
                     let tp = tail.as_mut_ptr() as *mut u8;
                     // SAFETY: as above, y replaced by `tail` (MT rows of 64 floats).
                     unsafe { block(xr, ldx, wp, steps, tp, NR * 4, rows.1 > 0) };
-                    for r in 0..mt {
-                        // SAFETY: y is [m, n] and r0 + r < m; this unit alone writes
-                        // columns c0..c0+cols of its rows.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (yaddr as *mut f32).add((r0 + r) * n + c0),
-                                cols,
-                            )
-                        };
-                        dst.copy_from_slice(&tail[r * NR..r * NR + cols]);
-                    }
+                    // SAFETY: y is [m, n] and r0 + mt <= m; this unit alone writes columns
+                    // c0..c0+cols of its rows.
+                    unsafe { super::copy_cols(&tail, NR, mt, yaddr as *mut f32, n, r0, c0, cols) };
                 }
                 r0 += mt;
             }
