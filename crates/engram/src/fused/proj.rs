@@ -158,8 +158,9 @@ pub enum Bf16Via {
     Widen,
 }
 
-/// The bf16 kernel [`Projection::pack_for`] packs for: AMX where the CPU has it (its tiles
-/// do 2.8× the f32 FMA peak of a core on the Intel Xeon guest, see [`amx_ready`]), else
+/// The bf16 kernel [`Projection::pack_for`] packs for: AMX where the CPU has it
+/// ([`amx_ready`]; on the AMX Xeon guest a 4096-token bf16 prefill ran at 4.0-4.2× the
+/// widening kernel's tokens/s, `bench/results/cpu-2026-12-02-amx/`), else
 /// the dot instruction, always on Arm (BFDOT), by [`avx512_bf16_dot_pays`] on AVX-512;
 /// `ENGRAM_BF16_DOT` (`amx`, `1`, `0`) names one. The probe runs only for bf16.
 fn bf16_via_by_default(dtype: DType, kernel: Option<PanelKernel>) -> Bf16Via {
