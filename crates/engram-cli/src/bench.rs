@@ -266,7 +266,8 @@ pub fn peak_gflops(kernel: &str) -> f64 {
 /// one. Beside the FMA peak it tells the core's share taken by the kernel's instruction mix
 /// from what the memory hierarchy costs: a kernel that falls short of the peak with its
 /// operands in L1 is held by the core (its loads, or another tenant on the same core). It
-/// is the prefill's 6-row shape; decode's 1-3-row shapes have other instruction mixes.
+/// is the prefill's shape (6 rows; AMX: a 32-row block); decode's 1-3-row shapes have other
+/// instruction mixes.
 pub fn l1_kernel_gflops(proj: &engram::fused::proj::Projection) -> Option<f64> {
     // Calls for about 4 GFLOP per thread (0.05 s at 90 GFLOP/s).
     let per_call = proj.l1_microkernel(1)?;

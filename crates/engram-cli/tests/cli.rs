@@ -626,7 +626,7 @@ fn unknown_tuning_env_values_are_refused() {
     let bf16_kernels = if amx {
         "0, 1 or amx"
     } else {
-        "0 or 1 (amx needs a CPU with AMX-BF16)"
+        "0 or 1 (amx needs AMX-BF16 and the OS's permission for the tile state)"
     };
     let run = |var: &str, val: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_engram"))

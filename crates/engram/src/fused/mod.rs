@@ -51,11 +51,12 @@ const ISA_ENV: (&[&str], &str) = (&["generic"], "generic");
 /// Checks the environment variables that tune the fused path: `ENGRAM_ISA` (on x86-64
 /// `avx512`, `avx2` or `generic`; on aarch64 `neon` or `generic`), `ENGRAM_TILE` (rows per
 /// tile, 1 to [`MAX_TILE_ENV`]) and `ENGRAM_BF16_DOT` (`0` or `1`, and `amx` where
-/// [`proj::amx_ready`]). The kernels read the
-/// first and the last once per process and `ENGRAM_TILE` at every call, and run their
-/// defaults on a value they do not know; the fronts (CLI, Python) call this first, so that
-/// a mistyped value is an error naming the variable rather than a silent default. Unset
-/// variables are fine.
+/// [`proj::amx_ready`]; AMX is asked for only when the value is neither `0` nor `1`).
+/// `ENGRAM_ISA` is read once per process, `ENGRAM_TILE` at every call and `ENGRAM_BF16_DOT`
+/// at every bf16 pack (its probe once); on a value they do not know the kernels run
+/// their defaults (for `ENGRAM_BF16_DOT`, those of a set variable: the probe, not AMX).
+/// The fronts (CLI, Python) call this first, so that a mistyped value is an error naming
+/// the variable rather than a silent default. Unset variables are fine.
 ///
 /// ```
 /// std::env::set_var("ENGRAM_TILE", "sixty-four");
@@ -69,17 +70,17 @@ pub fn check_env() -> Result<()> {
     env_value("ENGRAM_ISA", isa_names, |v| isas.contains(&v))?;
     let tile = format!("a whole number of rows from 1 to {MAX_TILE_ENV}");
     env_value("ENGRAM_TILE", &tile, |v| tile_env(v).is_some())?;
-    if proj::amx_ready() {
-        env_value("ENGRAM_BF16_DOT", "0, 1 or amx", |v| {
-            matches!(v, "0" | "1" | "amx")
-        })
+    // AMX is asked for (a permission for the process) only when the value may name it.
+    let dot = std::env::var("ENGRAM_BF16_DOT");
+    let amx = dot.as_deref().is_ok_and(|v| v != "0" && v != "1") && proj::amx_ready();
+    let expected = if amx {
+        "0, 1 or amx"
     } else {
-        env_value(
-            "ENGRAM_BF16_DOT",
-            "0 or 1 (amx needs a CPU with AMX-BF16)",
-            |v| matches!(v, "0" | "1"),
-        )
-    }
+        "0 or 1 (amx needs AMX-BF16 and the OS's permission for the tile state)"
+    };
+    env_value("ENGRAM_BF16_DOT", expected, |v| {
+        matches!(v, "0" | "1") || (amx && v == "amx")
+    })
 }
 
 /// An `ENGRAM_TILE` value's rows, if it is one [`check_env`] accepts.

@@ -92,8 +92,8 @@ enum Packed {
     Bf16Panels(PanelKernel, Panels<bf16>),
     /// `[N/16][K/2][16][2]` bf16 pairs for the NEON BFDOT kernel (K padded to even).
     Bf16DotPairs(Panels<bf16>),
-    /// `[N/64][K'/2][64][2]` bf16 pairs for the AMX kernel, K padded with zeros to a
-    /// multiple of 32 (`amx::KT` pairs: one tile row).
+    /// `[N/64][K'/2 + 1][64][2]` bf16 pairs for the AMX kernel, K padded with zeros to K', a
+    /// multiple of 32 (`AMX_KT` pairs: one tile row), one zero pair row of padding per panel.
     Bf16AmxPairs(Panels<bf16>),
     /// [K, N] f32 holding bf16-rounded values (the `gemm` crate fallback).
     Bf16AsF32(Vec<f32>),
@@ -168,7 +168,7 @@ fn bf16_via_by_default(dtype: DType, kernel: Option<PanelKernel>) -> Bf16Via {
         return Bf16Via::Dot;
     }
     match std::env::var("ENGRAM_BF16_DOT").as_deref() {
-        Ok("amx") => Bf16Via::Amx,
+        Ok("amx") if amx_ready() => Bf16Via::Amx,
         Ok(_) if avx512_bf16_dot_pays() => Bf16Via::Dot,
         Ok(_) => Bf16Via::Widen,
         Err(_) if amx_ready() => Bf16Via::Amx,
@@ -659,7 +659,7 @@ impl Projection {
     /// Runs this projection's microkernel (6 rows × one panel; for AMX a block of 32 rows ×
     /// one panel over 4 k tiles) `calls` times on operands
     /// that stay in L1 and returns the FLOPs done (None where the projection has no such
-    /// kernel: the `gemm` fallback and the bf16 dot kernels): timed, the compute limit of the
+    /// kernel: the `gemm` fallback and the `vdpbf16ps` and BFDOT kernels): timed, the compute limit of the
     /// kernel's own instruction mix, its broadcasts and loads beside the FMAs, on this core
     /// at this moment. On a core whose other hardware thread runs someone else's loads,
     /// this falls below the register-only FMA peak while that peak does not.
@@ -2290,7 +2290,8 @@ mod amx {
 
     /// `y[rows0 + rows1, 64]` = x's rows (bf16 pairs, `ldx` bytes apart, `steps` tiles of
     /// KT pairs) times one panel (`w`: `steps·KT` pair rows of `LDW` bytes), y's rows
-    /// `ldy` bytes apart; `two`: whether the second row tile is configured (rows1 > 0).
+    /// `ldy` bytes apart; `two`: whether there is a second row tile (rows1 > 0; else
+    /// [`block_one`] runs).
     ///
     /// # Safety
     /// The tile configuration loaded on this thread is `TileConfig::new(rows0, rows1)`,
@@ -2315,17 +2316,13 @@ mod amx {
             let wh = w.wrapping_add(half * 128);
             // SAFETY: tile instructions on configured tiles (the contract); no memory access.
             unsafe {
-                if two {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
-                } else {
-                    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-                }
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
             }
             for s in 0..steps {
                 let a0 = x.wrapping_add(s * KT * 4);
@@ -2333,39 +2330,23 @@ mod amx {
                 // SAFETY: the tiles read lie within x's rows and the panel (the contract):
                 // rows of 64 bytes at pair KT·s of x, pair rows KT·s.. of the panel.
                 unsafe {
-                    if two {
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {ldx}*1]",
-                            "tileloadd tmm6, [{b0} + {ldw}*1]",
-                            "tileloadd tmm7, [{b1} + {ldw}*1]",
-                            "tileloadd tmm5, [{a1} + {ldx}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a0,
-                            a1 = in(reg) a0.wrapping_add(TILE_ROWS * ldx),
-                            b0 = in(reg) b0,
-                            b1 = in(reg) b0.wrapping_add(64),
-                            ldx = in(reg) ldx,
-                            ldw = in(reg) LDW,
-                            options(nostack, readonly),
-                        );
-                    } else {
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {ldx}*1]",
-                            "tileloadd tmm6, [{b0} + {ldw}*1]",
-                            "tileloadd tmm7, [{b1} + {ldw}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            a0 = in(reg) a0,
-                            b0 = in(reg) b0,
-                            b1 = in(reg) b0.wrapping_add(64),
-                            ldx = in(reg) ldx,
-                            ldw = in(reg) LDW,
-                            options(nostack, readonly),
-                        );
-                    }
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {ldx}*1]",
+                        "tileloadd tmm6, [{b0} + {ldw}*1]",
+                        "tileloadd tmm7, [{b1} + {ldw}*1]",
+                        "tileloadd tmm5, [{a1} + {ldx}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0,
+                        a1 = in(reg) a0.wrapping_add(TILE_ROWS * ldx),
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b0.wrapping_add(64),
+                        ldx = in(reg) ldx,
+                        ldw = in(reg) LDW,
+                        options(nostack, readonly),
+                    );
                 }
             }
             let yh = y.wrapping_add(half * 128);
@@ -2379,17 +2360,15 @@ mod amx {
                     ldy = in(reg) ldy,
                     options(nostack),
                 );
-                if two {
-                    let yt = yh.wrapping_add(TILE_ROWS * ldy);
-                    asm!(
-                        "tilestored [{y0} + {ldy}*1], tmm2",
-                        "tilestored [{y1} + {ldy}*1], tmm3",
-                        y0 = in(reg) yt,
-                        y1 = in(reg) yt.wrapping_add(64),
-                        ldy = in(reg) ldy,
-                        options(nostack),
-                    );
-                }
+                let yt = yh.wrapping_add(TILE_ROWS * ldy);
+                asm!(
+                    "tilestored [{y0} + {ldy}*1], tmm2",
+                    "tilestored [{y1} + {ldy}*1], tmm3",
+                    y0 = in(reg) yt,
+                    y1 = in(reg) yt.wrapping_add(64),
+                    ldy = in(reg) ldy,
+                    options(nostack),
+                );
             }
         }
     }
@@ -2579,12 +2558,11 @@ mod amx {
             w.as_ptr() as usize,
         );
         let (ldx, ldy, steps) = (kpad * 4, n * 4, kpad / KT);
-        let start = (first_col / NR).min(panels - 1);
+        let start = (first_col / NR).min(panels.saturating_sub(1));
         super::super::fanout::for_each_unit(panels, threads, &|u| {
             let panel = (u + start) % panels;
             let (c0, cols) = (panel * NR, NR.min(n - panel * NR));
             let wp = (waddr as *const bf16).wrapping_add(panel * lds) as *const u8;
-            let mut tail = [0f32; MT * NR];
             let mut loaded = None;
             let mut r0 = 0;
             while r0 < m {
@@ -2608,6 +2586,7 @@ mod amx {
                     unsafe { block(xr, ldx, wp, steps, yr, ldy, rows.1 > 0) };
                 } else {
                     // The column tail: the block into `tail`, then its valid columns.
+                    let mut tail = [0f32; MT * NR];
                     let tp = tail.as_mut_ptr() as *mut u8;
                     // SAFETY: as above, y replaced by `tail` (MT rows of 64 floats).
                     unsafe { block(xr, ldx, wp, steps, tp, NR * 4, rows.1 > 0) };
@@ -3158,6 +3137,16 @@ mod tests {
         let n = 90;
         for k in [1, 37, 64, 301] {
             let a = data(n * k, 21);
+            // AMX only with the AVX-512 kernel family: with any other kernel this CPU runs
+            // (and with AVX-512 where AMX is missing or refused) the packing falls back.
+            for kernel in PanelKernel::all_supported() {
+                let p = Projection::pack_for_via(&[&a], k, DType::Bf16, Some(kernel), Bf16Via::Amx);
+                let tiles = kernel == PanelKernel::Avx512 && amx_ready();
+                assert_eq!(p.kernel_name().contains("tdpbf16ps"), tiles, "{kernel:?}");
+            }
+            if !(PanelKernel::Avx512.runs_here() && amx_ready()) {
+                continue;
+            }
             let p = Projection::pack_for_via(
                 &[&a],
                 k,
@@ -3165,15 +3154,6 @@ mod tests {
                 Some(PanelKernel::Avx512),
                 Bf16Via::Amx,
             );
-            if !amx_ready() {
-                // Only reachable where the AVX-512 kernels run: elsewhere `pack_for_via` refuses.
-                assert!(
-                    !p.kernel_name().contains("tdpbf16ps"),
-                    "{}",
-                    p.kernel_name()
-                );
-                continue;
-            }
             assert_eq!(p.kernel_name(), "amx-bf16 32x64 (tdpbf16ps)");
             assert!(p.takes_pairs() && p.uses_own_kernel());
             let r =
