@@ -534,3 +534,70 @@ fn long_conv_history_with_many_threads() {
         }
     }
 }
+
+/// A prefill long enough for the guided schedule (more ranges than threads, shrinking
+/// towards the end, taken by whichever thread is free): with 2 and 3 threads, inside a
+/// pool and from a thread outside it (the shared counter), hash ids, n-gram history and
+/// position equal one thread's single range, the gates are bit-identical where the kernels
+/// are split-invariant, and output and conv history are within the split bound (1e-6: a
+/// range's first R rows are completed in the serial fix-up, whose sum runs in another
+/// order); the output is within 1e-4 of the reference. The conv history (R = 33 with 12
+/// taps) reaches across every range boundary.
+#[test]
+fn guided_ranges_equal_one_range() {
+    for (taps, len) in [(4, 1800), (12, 1300)] {
+        let cfg = small_cfg(3, 2, 8, 32, 2, taps);
+        let e = random_engram(&cfg, 21);
+        let (ids, hidden) = random_inputs(&cfg, len, 21);
+        let offsets = vec![0, len];
+        let run = |threads: Option<usize>, path| {
+            let mut st = vec![e.new_state()];
+            let o = match threads {
+                Some(t) => with_threads(t, || {
+                    e.forward_ragged(&mut st, &ids, &hidden, &offsets, path)
+                        .unwrap()
+                }),
+                // The calling thread outside any pool: the global pool's threads.
+                None => e
+                    .forward_ragged(&mut st, &ids, &hidden, &offsets, path)
+                    .unwrap(),
+            };
+            (o, st.pop().unwrap())
+        };
+        let (want, want_st) = run(Some(1), ForwardPath::Reference);
+        let (one, one_st) = run(Some(1), ForwardPath::Fused);
+        let exact = e.fused_weights().unwrap().split_invariant();
+        for threads in [Some(2), Some(3), None] {
+            let case = format!("taps {taps} threads {threads:?}");
+            let (got, st) = run(threads, ForwardPath::Fused);
+            assert_eq!(got.hash_ids, one.hash_ids, "{case}");
+            assert_eq!(st.ngram_history(), one_st.ngram_history(), "{case}");
+            assert_eq!(st.position(), one_st.position(), "{case}");
+            assert_eq!(st.position(), want_st.position(), "{case}");
+            if exact {
+                assert!(
+                    got.gates
+                        .iter()
+                        .zip(&one.gates)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{case}: gates not bit-identical ({})",
+                    max_err(&got.gates, &one.gates)
+                );
+            }
+            let tol = split_tol(&e, ForwardPath::Fused);
+            let pairs = [
+                ("gates", &got.gates, &one.gates),
+                ("output", &got.output, &one.output),
+                ("conv history", &st.conv_history(), &one_st.conv_history()),
+            ];
+            for (what, g, o) in pairs {
+                let err = max_err(g, o);
+                assert!(err <= tol, "{case}: {what} {err}");
+            }
+            let err = max_err(&got.output, &want.output);
+            assert!(err < 1e-4, "{case} vs reference: {err}");
+            let err = max_err(&st.conv_history(), &want_st.conv_history());
+            assert!(err < 1e-4, "{case} conv history vs reference: {err}");
+        }
+    }
+}
