@@ -396,6 +396,9 @@ impl<'a> History<'a> {
 /// Conv taps whose rows a row gathers on the stack (more taps allocate per row).
 const INLINE_TAPS: usize = 8;
 
+/// What a range's run gives back: its result and how to undo its state changes.
+type Ran = (Result<PartResult>, Undo);
+
 /// One range's share of a call: its pieces, hash ids, gates, outputs, optional gated
 /// values, the states of the sequences that start in it and the index of the first.
 type Job<'a, 's> = (
@@ -612,15 +615,14 @@ impl<'e> Driver<'e> {
         };
         // One range (a decode step) runs on the calling thread; its projection still fans
         // out over the pool. More ranges are taken in order by whichever thread is free.
-        let ran: Vec<(Result<PartResult>, Undo)> = if jobs.len() == 1 {
+        let ran: Vec<Ran> = if jobs.len() == 1 {
             jobs.into_iter().map(run).collect()
         } else {
             use std::sync::Mutex;
             let units = jobs.len();
             let jobs: Vec<Mutex<Option<Job<'_, '_>>>> =
                 jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
-            let slots: Vec<Mutex<Option<(Result<PartResult>, Undo)>>> =
-                (0..units).map(|_| Mutex::new(None)).collect();
+            let slots: Vec<Mutex<Option<Ran>>> = (0..units).map(|_| Mutex::new(None)).collect();
             fanout::for_each_unit(units, threads, &|u| {
                 let job = jobs[u].lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(job) = job {
