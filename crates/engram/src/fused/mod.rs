@@ -11,11 +11,13 @@
 //!    earlier rows from the tile or from the sequence's history ring; each output row is
 //!    written once, here.
 //!
-//! Rows are split into one contiguous range per thread. A range that starts inside a
-//! sequence does not know the (kernel_size-1)·N normalised rows before it; its first rows
-//! keep their partial conv sums, and once every range is done the neighbour's last rows
-//! complete them (`Driver::fix_boundaries`). Memory beyond inputs and outputs is
-//! O(threads · TILE).
+//! Rows are split into contiguous ranges: one per thread for small calls (decode steps),
+//! and for a prefill more ranges than threads, shrinking towards the end and taken in
+//! order by whichever thread is free (`guided_cuts`), so that a core slowed by another
+//! tenant does not leave the others idle. A range that starts inside a sequence does not
+//! know the (kernel_size-1)·N normalised rows before it; its first rows keep their partial
+//! conv sums, and once every range is done the neighbour's last rows complete them
+//! (`Driver::fix_boundaries`). Memory beyond inputs and outputs is O(threads · TILE).
 
 mod fanout;
 pub mod kernels;
