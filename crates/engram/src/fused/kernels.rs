@@ -1006,8 +1006,9 @@ dispatch! {
 }
 
 dispatch! {
-    /// The pre-activation conv sum of one row, `y[c] = sum_k w[k][c] · rows[k][c]`, for the
-    /// boundary fix-up (which adds the taps that reach into a neighbour's rows later).
+    /// The pre-activation conv sum of one row, `y[c] = sum_k w[k][c] · rows[k][c]` (`None`
+    /// rows skipped), summed in k order from zero as in [`conv_row`], so that with the same
+    /// rows [`conv_row_finish`] then gives `conv_row`'s bits: the boundary fix-up.
     pub fn conv_row_pre(w_tap_major: &[f32], rows: &[Option<&[f32]>], y: &mut [f32]) {
         let c = y.len();
         y.fill(0.0);
@@ -1143,10 +1144,10 @@ fn fma_rows<S: Simd16>(acc: &mut [f32], w: &[f32], x: &[f32]) {
 }
 
 dispatch! {
-    /// The boundary fix-up of one output row: the taps that reach into the left neighbour's
-    /// rows (`rows[k]`, `None` for the taps already in `y`) are added to the row's partial
-    /// conv sum `y` in k order, then `out = out + SiLU(y)`, where `out` holds the gated
-    /// value on entry (see [`gated_row`], [`conv_row_pre`]).
+    /// The boundary fix-up of one output row: the taps in `rows` (`rows[k]`, `None` for the
+    /// taps already in `y`; the fix-up passes none) are added to the row's conv sum `y` in
+    /// k order, then `out = out + SiLU(y)`, where `out` holds the gated value on entry (see
+    /// [`gated_row`], [`conv_row_pre`]).
     pub fn conv_row_finish(w_tap_major: &[f32], rows: &[Option<&[f32]>], y: &mut [f32], out: &mut [f32]) {
         let c = y.len();
         assert_eq!(out.len(), c, "out and y must both be one row");
@@ -1654,10 +1655,10 @@ mod tests {
                     let want = g + ops::silu(y[t * c + ch]);
                     assert!((out[ch] - want).abs() < 1e-6, "{isa:?} t {t} c {ch}");
                 }
-                // The boundary fix-up's split agrees for every cut the driver can make:
-                // the later taps summed first (conv_row_pre), then the earlier ones and
-                // the SiLU (conv_row_finish). With nothing on one side of the cut the
-                // operations are conv_row's, in its order, so the bits match; otherwise
+                // The later taps summed first (conv_row_pre), then the earlier ones and
+                // the SiLU (conv_row_finish), for every cut. With nothing on one side of
+                // the cut the operations are conv_row's, in its order, so the bits match:
+                // the boundary fix-up sums every tap in conv_row_pre (cut 0). Otherwise
                 // the taps are summed in another order, hence a relative tolerance.
                 for cut in 0..=taps {
                     let later: Vec<Option<&[f32]>> = rows

@@ -11,13 +11,15 @@
 //!    earlier rows from the tile or from the sequence's history ring; each output row is
 //!    written once, here.
 //!
-//! Rows are split into contiguous ranges: one per thread for small calls (decode steps),
-//! and for a prefill more ranges than threads, shrinking towards the end and taken in
-//! order by whichever thread is free (`guided_cuts`), so that a core slowed by another
-//! tenant does not leave the others idle. A range that starts inside a sequence does not
-//! know the (kernel_size-1)·N normalised rows before it; its first rows keep their partial
-//! conv sums, and once every range is done the neighbour's last rows complete them
-//! (`Driver::fix_boundaries`). Memory beyond inputs and outputs is O(threads · TILE).
+//! Rows are split into contiguous ranges: one per thread for small calls (decode steps)
+//! and for tables in a store that reads files; for a prefill over a table in memory, more
+//! ranges than threads, shrinking towards the end and taken in order by whichever thread
+//! is free (`guided_cuts`), so that a core slowed by another tenant does not leave the
+//! others idle. A range that starts inside a sequence does not know the
+//! (kernel_size-1)·N normalised rows before it; its first rows keep their partial conv
+//! sums, and once every range is done the neighbour's last rows complete them
+//! (`Driver::fix_boundaries`). Memory beyond inputs and outputs is O(threads · TILE), plus
+//! R rows twice per range until the fix-up.
 
 mod fanout;
 pub mod kernels;
@@ -161,7 +163,8 @@ const MIN_ROWS_PER_SPLIT: usize = 64;
 /// Ranges per thread below which a call keeps one range per thread: from
 /// `GUIDED_RANGES_PER_THREAD · MIN_ROWS_PER_SPLIT` rows per thread on, the rows are cut
 /// into ranges that shrink towards the end ([`guided_cuts`]), taken in order by whichever
-/// thread is free.
+/// thread is free. Not for tables in a store that reads files: their tiles are gathered
+/// ahead only within a range.
 const GUIDED_RANGES_PER_THREAD: usize = 4;
 
 /// The cut points of a guided schedule over `total` rows: each range takes `1 / (2 ·
@@ -413,12 +416,14 @@ type Job<'a, 's> = (
     usize,
 );
 
-/// A row whose conv sum lacks the taps that reach into the previous range.
+/// A row whose conv reaches into the previous range: done after every range, with the
+/// neighbour's last rows (`Driver::fix_boundaries`).
 struct Fixup {
     seq: usize,
     row: usize,
     t: usize,
-    y: Vec<f32>,
+    /// The row's own normalised row, `[C]`: a tap of the range's later fix-up rows.
+    normed: Vec<f32>,
 }
 
 /// What a range hands to the driver after its rows are done.
@@ -574,7 +579,11 @@ impl<'e> Driver<'e> {
             total += l;
         }
         let threads = rayon::current_num_threads().max(1);
-        let parts = self.plan(&lens, &bases, total, threads, tile_rows(self.fw));
+        // A store that reads files gathers a range's tiles ahead on a thread of its own,
+        // which overlaps only within a range: such tables keep one range per thread.
+        let table = self.fw.table.as_ref().unwrap_or(&self.e.weights().table);
+        let guided = table.store().is_none_or(|s| s.in_memory());
+        let parts = self.plan(&lens, &bases, total, threads, tile_rows(self.fw), guided);
         let inner_threads = (threads / parts.len().max(1)).max(1);
         // Split outputs and states by part.
         let (h, hc, c) = (cfg.num_heads(), cfg.hc_mult, cfg.hc_mult * cfg.hidden_size);
@@ -661,7 +670,7 @@ impl<'e> Driver<'e> {
     /// the previous split, so every range ends with R rows of its own (the next range's
     /// boundary rows are completed from them) and few rows need the serial fix-up; splits
     /// between sequences (decode steps of many sequences) need no fix-up and follow
-    /// `MIN_ROWS_PER_PART`. Calls of at least `GUIDED_RANGES_PER_THREAD ·
+    /// `MIN_ROWS_PER_PART`. With `guided`, calls of at least `GUIDED_RANGES_PER_THREAD ·
     /// MIN_ROWS_PER_SPLIT` rows per thread (a prefill) are cut by [`guided_cuts`] instead of
     /// evenly, into more ranges than threads.
     fn plan(
@@ -671,15 +680,18 @@ impl<'e> Driver<'e> {
         total: usize,
         threads: usize,
         tile: usize,
+        guided: bool,
     ) -> Vec<Vec<Piece>> {
         let r = self.e.config().conv_history().max(1);
         let want = (total / MIN_ROWS_PER_PART).clamp(1, threads);
-        let targets: Vec<usize> =
-            if threads > 1 && total >= GUIDED_RANGES_PER_THREAD * MIN_ROWS_PER_SPLIT * threads {
-                guided_cuts(total, threads, tile)
-            } else {
-                (1..want).map(|k| total * k / want).collect()
-            };
+        let targets: Vec<usize> = if guided
+            && threads > 1
+            && total >= GUIDED_RANGES_PER_THREAD * MIN_ROWS_PER_SPLIT * threads
+        {
+            guided_cuts(total, threads, tile)
+        } else {
+            (1..want).map(|k| total * k / want).collect()
+        };
         let mut cuts = vec![0usize];
         for target in targets {
             let s = bases.partition_point(|&b| b <= target) - 1;
@@ -1100,8 +1112,6 @@ impl<'e> Driver<'e> {
             norm12: &self.fw.norm12,
             conv_norm: &self.fw.conv_norm,
         };
-        // Only rows at a range start need a partial-sum buffer.
-        let mut ybuf = Vec::new();
         let mut gate_ns = 0u64;
         // Rows go in groups of 3·N with the default taps: their gates first, then their
         // outputs as N trios of rows a dilation apart ([`kernels::conv_rows3`]), which share
@@ -1160,7 +1170,7 @@ impl<'e> Driver<'e> {
                 gates: &gates[u * hc..(u + 1) * hc],
             };
             // One row's output: gated value + SiLU(conv), or, for a row with taps in the
-            // neighbour's range, the gated value and the partial sums for the fix-up.
+            // neighbour's range, the gated value, its normalised row kept for the fix-up.
             let mut one_row = |u: usize, out: &mut [f32]| {
                 // The taps' rows: on the stack for the usual few taps.
                 let mut inline: [Option<&[f32]>; INLINE_TAPS] = [None; INLINE_TAPS];
@@ -1176,13 +1186,11 @@ impl<'e> Driver<'e> {
                 let o = &mut out[lr * c..(lr + 1) * c];
                 if partial {
                     kernels::gated_row(self.isa, &gv(u), o);
-                    ybuf.resize(c, 0.0);
-                    kernels::conv_row_pre(self.isa, &self.fw.conv_w, rows_k, &mut ybuf);
                     fixups.push(Fixup {
                         seq: p.seq,
                         row: p.base + t + u,
                         t: t + u,
-                        y: ybuf.clone(),
+                        normed: seg[slot(u)..slot(u) + c].to_vec(),
                     });
                 } else {
                     kernels::conv_row(self.isa, &self.fw.conv_w, rows_k, &gv(u), o);
@@ -1269,7 +1277,9 @@ impl<'e> Driver<'e> {
     /// after every range, on one thread, so the rows go through the vector kernels: with a
     /// scalar `mul_add` per element (a libm `fmaf` call where the build target lacks FMA)
     /// this took 0.78 ms of a 96 ms prefill (demo layer, 4096 tokens, AVX-512), against
-    /// 0.04 ms now.
+    /// 0.04 ms (when it summed only the neighbour's taps). Each row's conv is summed here
+    /// whole, in tap order, as a range without a boundary sums it ([`kernels::conv_row`]),
+    /// so the output has the same bits however the rows were split into ranges.
     fn fix_boundaries(
         &self,
         parts: &[Vec<Piece>],
@@ -1281,27 +1291,44 @@ impl<'e> Driver<'e> {
         let cfg = self.e.config();
         let (n, taps, r) = (cfg.max_ngram_size, cfg.kernel_size, cfg.conv_history());
         let mut prev: Option<Tail> = None;
+        let mut y = vec![0.0f32; c];
         for (p, res) in parts.iter().zip(results) {
-            for mut f in res.fixups {
+            let PartResult { fixups, tails } = res;
+            if !fixups.is_empty() {
                 let left = prev
                     .as_ref()
                     .expect("a range that starts inside a sequence has a left neighbour");
-                debug_assert_eq!(left.seq, f.seq);
-                // Rows since the range start, and the taps into the neighbour's last R rows
-                // (oldest first); the others are in f.y already.
-                let u = f.t - p[0].t0;
-                let rows: Vec<Option<&[f32]>> = (0..taps)
-                    .map(|k| {
-                        let back = (taps - 1 - k) * n;
-                        (u < back).then(|| &left.rows[(r + u - back) * c..(r + u - back + 1) * c])
-                    })
-                    .collect();
-                let o = &mut out[f.row * c..(f.row + 1) * c];
-                kernels::conv_row_finish(self.isa, &self.fw.conv_w, &rows, &mut f.y, o);
+                // The range's own first R normalised rows, by row since the range start:
+                // every one of them is a fix-up row.
+                let mut own: Vec<Option<&[f32]>> = vec![None; r];
+                for f in &fixups {
+                    if let Some(slot) = own.get_mut(f.t - p[0].t0) {
+                        *slot = Some(&f.normed);
+                    }
+                }
+                for f in &fixups {
+                    debug_assert_eq!(left.seq, f.seq);
+                    // Rows since the range start; each tap's row, oldest first, from the
+                    // neighbour's last R rows or from the range's own first rows.
+                    let u = f.t - p[0].t0;
+                    let rows: Vec<Option<&[f32]>> = (0..taps)
+                        .map(|k| {
+                            let back = (taps - 1 - k) * n;
+                            if u < back {
+                                Some(&left.rows[(r + u - back) * c..(r + u - back + 1) * c])
+                            } else {
+                                Some(own[u - back].expect("a range's first R rows are fix-ups"))
+                            }
+                        })
+                        .collect();
+                    let o = &mut out[f.row * c..(f.row + 1) * c];
+                    kernels::conv_row_pre(self.isa, &self.fw.conv_w, &rows, &mut y);
+                    kernels::conv_row_finish(self.isa, &self.fw.conv_w, &[], &mut y, o);
+                }
             }
             // Every piece's tail in order: the sequences they end get their history, and
             // the last one is what the next range's first rows complete from.
-            for tail in res.tails {
+            for tail in tails {
                 if tail.ends {
                     let st = &mut states[tail.seq];
                     st.conv_ring.copy_from_slice(&tail.rows);
