@@ -535,23 +535,30 @@ fn long_conv_history_with_many_threads() {
     }
 }
 
-/// A prefill long enough for the guided schedule (more ranges than threads, shrinking
-/// towards the end, taken by whichever thread is free): with 2 and 3 threads, inside a
-/// pool and from a thread outside it (the shared counter), hash ids, n-gram history and
-/// position equal one thread's single range, and gates, output and conv history are
-/// bit-identical where the kernels are split-invariant (within the split bound otherwise):
-/// a range's first R rows, completed in the serial fix-up, sum their taps in the order of a
-/// range without a boundary. The output is within 1e-4 of the reference. The conv history
-/// (R = 33 with 12 taps) reaches across every range boundary.
+/// A prefill long enough for the guided schedule (at least 256 · threads² rows: more
+/// ranges than threads, shrinking towards the end, taken in order by whichever thread is
+/// free): with 2 and 3 threads inside a pool, and from a thread outside any pool (the
+/// global pool's threads), hash ids, n-gram histories and positions equal one thread's
+/// single range, and gates, output and conv histories are bit-identical where the kernels
+/// are split-invariant (within the split bound otherwise): a range's first R rows,
+/// completed in the serial fix-up, sum their taps in the order of a range without a
+/// boundary. The output is within 1e-4 of the reference. One case is a single sequence;
+/// the other packs three (cuts land inside them and near their ends) with a width that is
+/// not a multiple of 16 (the kernels' tails) and a conv history (R = 33 with 12 taps) that
+/// reaches across every range boundary.
 #[test]
 fn guided_ranges_equal_one_range() {
-    for (taps, len) in [(4, 1800), (12, 1300)] {
-        let cfg = small_cfg(3, 2, 8, 32, 2, taps);
+    for (taps, d, lens) in [(4, 32, vec![2400]), (12, 20, vec![1500, 37, 1200])] {
+        let cfg = small_cfg(3, 2, 8, d, 2, taps);
         let e = random_engram(&cfg, 21);
-        let (ids, hidden) = random_inputs(&cfg, len, 21);
-        let offsets = vec![0, len];
+        let total: usize = lens.iter().sum();
+        let (ids, hidden) = random_inputs(&cfg, total, 21);
+        let mut offsets = vec![0];
+        for l in &lens {
+            offsets.push(offsets.last().unwrap() + l);
+        }
         let run = |threads: Option<usize>, path| {
-            let mut st = vec![e.new_state()];
+            let mut st: Vec<EngramState> = lens.iter().map(|_| e.new_state()).collect();
             let o = match threads {
                 Some(t) => with_threads(t, || {
                     e.forward_ragged(&mut st, &ids, &hidden, &offsets, path)
@@ -562,42 +569,40 @@ fn guided_ranges_equal_one_range() {
                     .forward_ragged(&mut st, &ids, &hidden, &offsets, path)
                     .unwrap(),
             };
-            (o, st.pop().unwrap())
+            (o, st)
         };
         let (want, want_st) = run(Some(1), ForwardPath::Reference);
         let (one, one_st) = run(Some(1), ForwardPath::Fused);
         let exact = e.fused_weights().unwrap().split_invariant();
+        let check = |case: &str, what: &str, g: &[f32], o: &[f32]| {
+            let err = max_err(g, o);
+            if exact {
+                let same = g.iter().zip(o).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{case}: {what} not bit-identical ({err})");
+            } else {
+                assert!(
+                    err <= split_tol(&e, ForwardPath::Fused),
+                    "{case}: {what} {err}"
+                );
+            }
+        };
         for threads in [Some(2), Some(3), None] {
-            let case = format!("taps {taps} threads {threads:?}");
+            let case = format!("taps {taps} lens {lens:?} threads {threads:?}");
             let (got, st) = run(threads, ForwardPath::Fused);
             assert_eq!(got.hash_ids, one.hash_ids, "{case}");
-            assert_eq!(st.ngram_history(), one_st.ngram_history(), "{case}");
-            assert_eq!(st.position(), one_st.position(), "{case}");
-            assert_eq!(st.position(), want_st.position(), "{case}");
-            let pairs = [
-                ("gates", &got.gates, &one.gates),
-                ("output", &got.output, &one.output),
-                ("conv history", &st.conv_history(), &one_st.conv_history()),
-            ];
-            for (what, g, o) in pairs {
-                let err = max_err(g, o);
-                if exact {
-                    let same = g
-                        .iter()
-                        .zip(o.iter())
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{case}: {what} not bit-identical ({err})");
-                } else {
-                    assert!(
-                        err <= split_tol(&e, ForwardPath::Fused),
-                        "{case}: {what} {err}"
-                    );
-                }
-            }
+            check(&case, "gates", &got.gates, &one.gates);
+            check(&case, "output", &got.output, &one.output);
             let err = max_err(&got.output, &want.output);
             assert!(err < 1e-4, "{case} vs reference: {err}");
-            let err = max_err(&st.conv_history(), &want_st.conv_history());
-            assert!(err < 1e-4, "{case} conv history vs reference: {err}");
+            for (s, (g, o)) in st.iter().zip(&one_st).enumerate() {
+                assert_eq!(g.ngram_history(), o.ngram_history(), "{case} seq {s}");
+                assert_eq!(g.position(), o.position(), "{case} seq {s}");
+                assert_eq!(g.position(), want_st[s].position(), "{case} seq {s}");
+                let case = format!("{case} seq {s}");
+                check(&case, "conv history", &g.conv_history(), &o.conv_history());
+                let err = max_err(&g.conv_history(), &want_st[s].conv_history());
+                assert!(err < 1e-4, "{case} conv history vs reference: {err}");
+            }
         }
     }
 }

@@ -11,15 +11,16 @@
 //!    earlier rows from the tile or from the sequence's history ring; each output row is
 //!    written once, here.
 //!
-//! Rows are split into contiguous ranges: one per thread for small calls (decode steps)
-//! and for tables in a store that reads files; for a prefill over a table in memory, more
-//! ranges than threads, shrinking towards the end and taken in order by whichever thread
-//! is free (`guided_cuts`), so that a core slowed by another tenant does not leave the
-//! others idle. A range that starts inside a sequence does not know the
-//! (kernel_size-1)·N normalised rows before it; its first rows keep their partial conv
-//! sums, and once every range is done the neighbour's last rows complete them
-//! (`Driver::fix_boundaries`). Memory beyond inputs and outputs is O(threads · TILE), plus
-//! R rows twice per range until the fix-up.
+//! Rows are split into contiguous ranges: one per thread for calls of fewer than 256 ·
+//! threads² rows (decode steps) and for tables in a store that reads files; for a longer
+//! prefill over a table in memory, more ranges than threads, shrinking towards the end
+//! and taken in order by whichever thread is free (`guided_cuts`), so that a core slowed
+//! by another tenant does not leave the others idle. A range that starts inside a sequence does not know the
+//! (kernel_size-1)·N normalised rows before it; its first rows keep their own normalised
+//! rows, and once every range is done their conv is summed with the neighbour's last rows
+//! (`Driver::fix_boundaries`), in the order of a range without a boundary, so any split
+//! gives the same bits. Memory beyond inputs and outputs is O(threads · TILE), plus R rows
+//! twice per range until the fix-up.
 
 mod fanout;
 pub mod kernels;
@@ -160,12 +161,15 @@ const MIN_ROWS_PER_PART: usize = 4;
 /// Fewest rows between two splits when the later one falls inside a sequence: its first R
 /// rows are completed serially after the ranges run (`Driver::fix_boundaries`).
 const MIN_ROWS_PER_SPLIT: usize = 64;
-/// Ranges per thread below which a call keeps one range per thread: from
-/// `GUIDED_RANGES_PER_THREAD · MIN_ROWS_PER_SPLIT` rows per thread on, the rows are cut
-/// into ranges that shrink towards the end ([`guided_cuts`]), taken in order by whichever
-/// thread is free. Not for tables in a store that reads files: their tiles are gathered
-/// ahead only within a range.
-const GUIDED_RANGES_PER_THREAD: usize = 4;
+/// From `GUIDED_ROWS · threads²` rows on (1,024 on 2 threads, 16,384 on 8), the rows are
+/// cut into ranges that shrink towards the end ([`guided_cuts`]), taken in order by
+/// whichever thread is free; fewer rows keep one range per thread. The ranges number
+/// about 2·threads·(1 + ln(rows / (128·threads))), and each range after the first
+/// completes R rows in the serial fix-up, so that work grows as threads² against a
+/// prefill's time per thread: at this bound it stays near 1% of it (the demo layer, R =
+/// 9). Not for tables in a store that reads files: their tiles are gathered ahead only
+/// within a range.
+const GUIDED_ROWS: usize = 256;
 
 /// The cut points of a guided schedule over `total` rows: each range takes `1 / (2 ·
 /// threads)` of the rows still left, in whole tiles (of at least `MIN_ROWS_PER_SPLIT` rows)
@@ -173,7 +177,7 @@ const GUIDED_RANGES_PER_THREAD: usize = 4;
 /// least one). Handed out in order, the first
 /// ranges keep every thread busy and the last ones, the smallest, even out the threads'
 /// finishing times: with one range per thread, a core slowed by another tenant left the
-/// other idle for up to 9.5% of a prefill's thread time (Emerald Rapids, 2026-12-03).
+/// other idle for up to 16% of a prefill's thread time (Emerald Rapids, 2026-12-03).
 fn guided_cuts(total: usize, threads: usize, tile: usize) -> Vec<usize> {
     let unit = MIN_ROWS_PER_SPLIT;
     let tile = tile.max(unit);
@@ -634,7 +638,7 @@ impl<'e> Driver<'e> {
             let jobs: Vec<Mutex<Option<Job<'_, '_>>>> =
                 jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
             let slots: Vec<Mutex<Option<Ran>>> = (0..units).map(|_| Mutex::new(None)).collect();
-            fanout::for_each_unit(units, threads, &|u| {
+            fanout::for_each_unit_in_order(units, threads, &|u| {
                 let job = jobs[u].lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(job) = job {
                     let r = run(job);
@@ -665,14 +669,15 @@ impl<'e> Driver<'e> {
         Ok(())
     }
 
-    /// Splits the rows into at most `threads` contiguous ranges. A split inside a sequence
+    /// Splits the rows into contiguous ranges, at most `threads` unless guided (below). A
+    /// split inside a sequence
     /// keeps at least R rows on both sides and at least `MIN_ROWS_PER_SPLIT` (and R) from
     /// the previous split, so every range ends with R rows of its own (the next range's
     /// boundary rows are completed from them) and few rows need the serial fix-up; splits
     /// between sequences (decode steps of many sequences) need no fix-up and follow
-    /// `MIN_ROWS_PER_PART`. With `guided`, calls of at least `GUIDED_RANGES_PER_THREAD ·
-    /// MIN_ROWS_PER_SPLIT` rows per thread (a prefill) are cut by [`guided_cuts`] instead of
-    /// evenly, into more ranges than threads.
+    /// `MIN_ROWS_PER_PART`. With `guided`, calls of at least `GUIDED_ROWS · threads²` rows
+    /// (a prefill) are cut by [`guided_cuts`] instead of evenly, into more ranges than
+    /// threads.
     fn plan(
         &self,
         lens: &[usize],
@@ -686,7 +691,7 @@ impl<'e> Driver<'e> {
         let want = (total / MIN_ROWS_PER_PART).clamp(1, threads);
         let targets: Vec<usize> = if guided
             && threads > 1
-            && total >= GUIDED_RANGES_PER_THREAD * MIN_ROWS_PER_SPLIT * threads
+            && total >= GUIDED_ROWS.saturating_mul(threads).saturating_mul(threads)
         {
             guided_cuts(total, threads, tile)
         } else {
@@ -1072,7 +1077,7 @@ impl<'e> Driver<'e> {
     /// from `lr0`): per row, the gate and the conv's RMSNorm ([`kernels::gate_token`]), then
     /// the output row, written once: gated value + SiLU(conv), reading earlier normalised rows
     /// from the segment or the ring. Then pushes the rows into the ring. Rows with taps into a
-    /// neighbour's unknown rows get the gated value and keep their partial sums for the
+    /// neighbour's unknown rows get the gated value and keep their normalised row for the
     /// fix-up. Returns the nanoseconds spent in the gate, or the error of a row's non-finite
     /// hidden state ([`Driver::check_hidden`]).
     #[allow(clippy::too_many_arguments)]
