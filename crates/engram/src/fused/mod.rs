@@ -166,7 +166,7 @@ const MIN_ROWS_PER_SPLIT: usize = 64;
 /// whichever thread is free; fewer rows keep one range per thread. The ranges number
 /// about 2·threads·(1 + ln(rows / (128·threads))), and each range after the first
 /// completes R rows in the serial fix-up, so that work grows as threads² against a
-/// prefill's time per thread: at this bound it stays near 1% of it (the demo layer, R =
+/// prefill's time per thread: at this bound, an estimated 1% of it (the demo layer, R =
 /// 9). Not for tables in a store that reads files: their tiles are gathered ahead only
 /// within a range.
 const GUIDED_ROWS: usize = 256;
