@@ -15,12 +15,12 @@
 //! threads² rows (decode steps) and for tables in a store that reads files; for a longer
 //! prefill over a table in memory, more ranges than threads, shrinking towards the end
 //! and taken in order by whichever thread is free (`guided_cuts`), so that a core slowed
-//! by another tenant does not leave the others idle. A range that starts inside a sequence does not know the
-//! (kernel_size-1)·N normalised rows before it; its first rows keep their own normalised
-//! rows, and once every range is done their conv is summed with the neighbour's last rows
-//! (`Driver::fix_boundaries`), in the order of a range without a boundary, so any split
-//! gives the same bits. Memory beyond inputs and outputs is O(threads · TILE), plus R rows
-//! twice per range until the fix-up.
+//! by another tenant does not leave the others idle. A range that starts inside a
+//! sequence does not know the (kernel_size-1)·N normalised rows before it; its first rows
+//! keep their own normalised rows, and once every range is done their conv is summed with
+//! the neighbour's last rows (`Driver::fix_boundaries`), in the order of a range without a
+//! boundary, so any split gives the same bits. Memory beyond inputs and outputs is
+//! O(threads · TILE), plus R rows twice per range until the fix-up.
 
 mod fanout;
 pub mod kernels;
@@ -174,10 +174,10 @@ const GUIDED_ROWS: usize = 256;
 /// The cut points of a guided schedule over `total` rows: each range takes `1 / (2 ·
 /// threads)` of the rows still left, in whole tiles (of at least `MIN_ROWS_PER_SPLIT` rows)
 /// while that is at least a tile, else in whole multiples of `MIN_ROWS_PER_SPLIT` (at
-/// least one). Handed out in order, the first
-/// ranges keep every thread busy and the last ones, the smallest, even out the threads'
-/// finishing times: with one range per thread, a core slowed by another tenant left the
-/// other idle for up to 16% of a prefill's thread time (Emerald Rapids, 2026-12-03).
+/// least one). Handed out in order, the first ranges keep every thread busy and the last
+/// ones, the smallest, even out the threads' finishing times: with one range per thread,
+/// a core slowed by another tenant left the other idle for up to 16% of a prefill's
+/// thread time (Emerald Rapids, 2026-12-03).
 fn guided_cuts(total: usize, threads: usize, tile: usize) -> Vec<usize> {
     let unit = MIN_ROWS_PER_SPLIT;
     let tile = tile.max(unit);
@@ -670,14 +670,13 @@ impl<'e> Driver<'e> {
     }
 
     /// Splits the rows into contiguous ranges, at most `threads` unless guided (below). A
-    /// split inside a sequence
-    /// keeps at least R rows on both sides and at least `MIN_ROWS_PER_SPLIT` (and R) from
-    /// the previous split, so every range ends with R rows of its own (the next range's
-    /// boundary rows are completed from them) and few rows need the serial fix-up; splits
-    /// between sequences (decode steps of many sequences) need no fix-up and follow
-    /// `MIN_ROWS_PER_PART`. With `guided`, calls of at least `GUIDED_ROWS · threads²` rows
-    /// (a prefill) are cut by [`guided_cuts`] instead of evenly, into more ranges than
-    /// threads.
+    /// split inside a sequence keeps at least R rows on both sides and at least
+    /// `MIN_ROWS_PER_SPLIT` (and R) from the previous split, so every range ends with R
+    /// rows of its own (the next range's boundary rows are completed from them) and few
+    /// rows need the serial fix-up; splits between sequences (decode steps of many
+    /// sequences) need no fix-up and follow `MIN_ROWS_PER_PART`. With `guided`, calls of at
+    /// least `GUIDED_ROWS · threads²` rows (a prefill) are cut by [`guided_cuts`] instead
+    /// of evenly, into more ranges than threads.
     fn plan(
         &self,
         lens: &[usize],
