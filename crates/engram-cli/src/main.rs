@@ -64,35 +64,49 @@ enum Command {
 
 fn main() -> ExitCode {
     guard::default_sigpipe();
-    quiet_stdio_panics();
+    quiet_known_panics();
     // `println!` / `eprintln!` panic when their stream cannot be written (stdout on a full
     // disk, an I/O error; a closed pipe ends the process by SIGPIPE, see
     // `default_sigpipe`): that is one error line (where stderr takes it) and exit 2,
     // after the panic has unwound (so that staged output files are removed), not a
     // backtrace and exit 101.
+    // The same for a CUDA entry point missing from a library that loaded (`cudarc` panics
+    // at the symbol's first call): `engram_cuda::probe` checks the ones it knows of first,
+    // and this catches any other.
     match std::panic::catch_unwind(run) {
         Ok(code) => code,
-        Err(p) if stdio_failure(&*p).is_some() => ExitCode::from(2),
+        Err(p) if known_failure(&*p).is_some() => ExitCode::from(2),
         Err(p) => std::panic::resume_unwind(p),
     }
 }
 
-/// The message of a panic raised by `print!`-family macros that failed to write, if that is
-/// what `payload` is.
-fn stdio_failure(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+/// The one-line report of a panic that is an outside failure rather than a bug, if that is
+/// what `payload` is: a `print!`-family macro that failed to write, or a CUDA library
+/// without an entry point `cudarc` looked up.
+fn known_failure(payload: &(dyn std::any::Any + Send)) -> Option<String> {
     let msg = payload
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| payload.downcast_ref::<&str>().copied())?;
-    msg.starts_with("failed printing to std").then_some(msg)
+    if msg.starts_with("failed printing to std") {
+        Some(msg.to_string())
+    } else if msg.starts_with("Missing symbol ") {
+        let msg = msg.lines().next().unwrap_or(msg);
+        Some(format!(
+            "CUDA: {msg}: a CUDA library on the library path is not CUDA 13's (the driver's \
+             libcuda, NVRTC or cuBLAS)"
+        ))
+    } else {
+        None
+    }
 }
 
-/// A panic hook that reports a failed write to stdout or stderr as one `error:` line (best
+/// A panic hook that reports the panics of [`known_failure`] as one `error:` line (best
 /// effort: stderr may be the stream that failed) and leaves every other panic to the
 /// default hook.
-fn quiet_stdio_panics() {
+fn quiet_known_panics() {
     let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| match stdio_failure(info.payload()) {
+    std::panic::set_hook(Box::new(move |info| match known_failure(info.payload()) {
         Some(msg) => {
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "error: {msg}");

@@ -527,6 +527,43 @@ fn device_cuda_without_a_gpu_is_one_error_line() {
     );
 }
 
+/// A library that loads under a CUDA library's name but lacks its entry points (another
+/// library, or one older than CUDA 13) is one error line naming the library and the first
+/// entry point it lacks, where `cudarc` would panic at its first call.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_cuda_library_without_its_entry_points_is_one_error_line() {
+    // A shared library this test has loaded that is none of CUDA's: libgcc_s, Rust's
+    // unwinder on linux-gnu.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let lib = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libgcc_s.so"))
+        .expect("libgcc_s is loaded");
+    let dir = common::tmp_dir("fake_cuda_libs");
+    for name in ["libnvrtc.so.13", "libcuda.so.1", "libcublas.so.13"] {
+        std::fs::copy(lib, dir.join(name)).unwrap();
+    }
+    // First on the path, so that a real CUDA installation behind it is not found first.
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(rest) if !rest.is_empty() => format!("{}:{rest}", s(&dir)),
+        _ => s(&dir).to_string(),
+    };
+    let env = [("LD_LIBRARY_PATH", path.as_str())];
+    common::expect_error_env(
+        &["cuda-kernels", "--arch", "sm_90"],
+        &env,
+        "CUDA library libnvrtc lacks nvrtcVersion",
+    );
+    for args in [
+        &["demo", "--device", "cuda"][..],
+        &["bench", "--device", "cuda", "--tokens", "8", "--runs", "1"],
+    ] {
+        common::expect_error_env(args, &env, "CUDA library libcuda lacks cuInit");
+    }
+}
+
 /// `engram cuda-kernels` compiles every kernel with NVRTC (CI puts it on the library path)
 /// and prints one line per kernel; without NVRTC it says which library is missing.
 #[test]

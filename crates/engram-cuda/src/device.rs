@@ -21,9 +21,60 @@ pub struct DeviceInfo {
     pub arch: String,
 }
 
-/// Checks, in order, that libcuda, libnvrtc and libcublas load and that device 0 answers.
-/// Every CUDA entry point of this crate calls it first: a call into a missing library
-/// panics inside `cudarc`, a failed probe is one error line.
+/// Driver entry points checked before the first driver call: the probe's own and those of
+/// every forward (module, launch, stream, memory), which a library that is not the NVIDIA
+/// driver's, or a driver too old for CUDA 13, would lack.
+const DRIVER_SYMBOLS: [&str; 14] = [
+    "cuInit",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDevicePrimaryCtxRetain",
+    "cuCtxSetCurrent",
+    "cuGetErrorString",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuLaunchKernel",
+    "cuStreamCreate",
+    "cuStreamSynchronize",
+    "cuMemAllocAsync",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+];
+
+/// The cuBLAS entry points this crate calls.
+const CUBLAS_SYMBOLS: [&str; 6] = [
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasSetWorkspace_v2",
+    "cublasSetMathMode",
+    "cublasGemmEx",
+];
+
+/// The first of `symbols` that the library loaded as `library` lacks (`has`: whether it
+/// exports a name), as a [`CudaError::MissingSymbol`] with `hint`: `cudarc` resolves each
+/// symbol at its first call and panics when it is missing, so each library's are checked
+/// before any call.
+pub(crate) fn require_symbols(
+    library: &'static str,
+    symbols: &[&'static str],
+    hint: &'static str,
+    has: impl Fn(&str) -> bool,
+) -> Result<()> {
+    match symbols.iter().find(|s| !has(s)) {
+        Some(&symbol) => Err(CudaError::MissingSymbol {
+            library,
+            symbol,
+            hint,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks, in order, that libcuda, libnvrtc and libcublas load and have the entry points
+/// this crate calls, and that device 0 answers. Every CUDA entry point of this crate calls
+/// it first: a call into a missing library or symbol panics inside `cudarc`, a failed
+/// probe is one error line.
 pub fn probe() -> Result<DeviceInfo> {
     // SAFETY: each only tries to dlopen the library's candidate names.
     if !unsafe { cu_sys::is_culib_present() } {
@@ -32,12 +83,16 @@ pub fn probe() -> Result<DeviceInfo> {
             hint: "no NVIDIA driver on this machine (use --device cpu)",
         });
     }
-    if !kernels::nvrtc_present() {
-        return Err(CudaError::MissingLibrary {
-            library: "libnvrtc",
-            hint: "install CUDA 13's NVRTC and put its lib folder on LD_LIBRARY_PATH",
-        });
-    }
+    require_symbols(
+        "libcuda",
+        &DRIVER_SYMBOLS,
+        "the library found under the driver's name is not an NVIDIA driver for CUDA 13 or \
+         later (update the driver, or use --device cpu)",
+        // SAFETY: the library loads (checked above), so `culib` returns it instead of
+        // panicking; the symbol is only looked up (dlsym), never called or read.
+        |name| unsafe { cu_sys::culib().get::<*const std::ffi::c_void>(name.as_bytes()) }.is_ok(),
+    )?;
+    kernels::nvrtc_check()?;
     // SAFETY: as above.
     if !unsafe { cublas_sys::is_culib_present() } {
         return Err(CudaError::MissingLibrary {
@@ -45,6 +100,16 @@ pub fn probe() -> Result<DeviceInfo> {
             hint: "install CUDA 13's cuBLAS and put its lib folder on LD_LIBRARY_PATH",
         });
     }
+    require_symbols(
+        "libcublas",
+        &CUBLAS_SYMBOLS,
+        "the library found under cuBLAS's name is not CUDA 13's cuBLAS (put CUDA 13's lib \
+         folder first on LD_LIBRARY_PATH)",
+        // SAFETY: as for libcuda above.
+        |name| {
+            unsafe { cublas_sys::culib().get::<*const std::ffi::c_void>(name.as_bytes()) }.is_ok()
+        },
+    )?;
     cudarc::driver::result::init().map_err(|e| CudaError::NoDevice(format!("cuInit: {e:?}")))?;
     let count = CudaContext::device_count()
         .map_err(|e| CudaError::NoDevice(format!("cuDeviceGetCount: {e:?}")))?;

@@ -14,6 +14,18 @@ pub enum CudaError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// A CUDA library loaded but lacks an entry point this crate calls: another library
+    /// under the same name, or one older than CUDA 13. Checked before the first call, where
+    /// `cudarc` would panic.
+    #[error("CUDA library {library} lacks {symbol}: {hint}")]
+    MissingSymbol {
+        /// The library's short name.
+        library: &'static str,
+        /// The first entry point it lacks.
+        symbol: &'static str,
+        /// What to do about it.
+        hint: &'static str,
+    },
     /// The driver loaded but no usable GPU answered.
     #[error("no CUDA device: {0}")]
     NoDevice(String),

@@ -48,11 +48,46 @@ pub struct Compiled {
     pub log: String,
 }
 
-/// Whether libnvrtc can be loaded (it must be, before any NVRTC call: a call into a missing
-/// library panics).
+/// The NVRTC entry points this crate calls, checked before the first call
+/// ([`nvrtc_check`]).
+const NVRTC_SYMBOLS: [&str; 8] = [
+    "nvrtcVersion",
+    "nvrtcCreateProgram",
+    "nvrtcCompileProgram",
+    "nvrtcDestroyProgram",
+    "nvrtcGetCUBIN",
+    "nvrtcGetCUBINSize",
+    "nvrtcGetProgramLog",
+    "nvrtcGetProgramLogSize",
+];
+
+/// Whether libnvrtc loads and has every entry point this crate calls ([`nvrtc_check`]).
 pub fn nvrtc_present() -> bool {
+    nvrtc_check().is_ok()
+}
+
+/// Checks that libnvrtc loads and has every entry point this crate calls: it must, before
+/// any NVRTC call, since `cudarc` panics on a missing library or symbol.
+pub fn nvrtc_check() -> Result<()> {
     // SAFETY: only tries to dlopen the library's candidate names.
-    unsafe { nvrtc_sys::is_culib_present() }
+    if !unsafe { nvrtc_sys::is_culib_present() } {
+        return Err(CudaError::MissingLibrary {
+            library: "libnvrtc",
+            hint: "install CUDA 13's NVRTC (e.g. the PyPI wheel nvidia-cuda-nvrtc==13.0.88) and \
+                   put its lib folder on LD_LIBRARY_PATH",
+        });
+    }
+    crate::device::require_symbols(
+        "libnvrtc",
+        &NVRTC_SYMBOLS,
+        "the library found under NVRTC's name is not CUDA 13's NVRTC (put CUDA 13's lib \
+         folder first on LD_LIBRARY_PATH)",
+        // SAFETY: the library loads (checked above), so `culib` returns it instead of
+        // panicking; the symbol is only looked up (dlsym), never called or read.
+        |name| {
+            unsafe { nvrtc_sys::culib().get::<*const std::ffi::c_void>(name.as_bytes()) }.is_ok()
+        },
+    )
 }
 
 /// NVRTC's version (major, minor).
@@ -70,15 +105,7 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 }
 
 fn require_nvrtc() -> Result<()> {
-    if nvrtc_present() {
-        Ok(())
-    } else {
-        Err(CudaError::MissingLibrary {
-            library: "libnvrtc",
-            hint: "install CUDA 13's NVRTC (e.g. the PyPI wheel nvidia-cuda-nvrtc==13.0.88) and \
-                   put its lib folder on LD_LIBRARY_PATH",
-        })
-    }
+    nvrtc_check()
 }
 
 /// Compiles [`ENGRAM_CU`] for `arch` (`sm_90`, `sm_80`, ...) with NVRTC, to a CUBIN.

@@ -20,8 +20,14 @@ pub fn tmp(name: &str) -> PathBuf {
 }
 
 pub fn engram(args: &[&str]) -> (i32, String, String) {
+    engram_env(args, &[])
+}
+
+/// [`engram`] with these environment variables set.
+pub fn engram_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_engram"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -81,7 +87,12 @@ pub fn max_err(a: &[f32], b: &[f32]) -> f32 {
 /// exactly one line on stderr starting with `error:` that contains `needle`, no panic.
 /// Returns the line.
 pub fn expect_error(args: &[&str], needle: &str) -> String {
-    let (code, _, err) = engram(args);
+    expect_error_env(args, &[], needle)
+}
+
+/// [`expect_error`] with these environment variables set.
+pub fn expect_error_env(args: &[&str], env: &[(&str, &str)], needle: &str) -> String {
+    let (code, _, err) = engram_env(args, env);
     assert_ne!(code, 0, "{args:?} should fail; stderr {err:?}");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     let lines: Vec<&str> = err.trim_end().lines().collect();
