@@ -223,21 +223,43 @@ fn tokenizer_files(name_or_path: &str) -> Vec<PathBuf> {
 /// Most worker threads allowed: this multiple of the cores.
 pub const MAX_THREADS_PER_CORE: usize = 4;
 
-/// The thread count to use for `requested` (from `--threads`): at most
-/// [`MAX_THREADS_PER_CORE`] × the cores, with one warning line when capped.
-pub fn thread_count(requested: usize) -> Result<usize> {
+/// The thread count to use for `requested` (from `source`: `--threads` or
+/// `RAYON_NUM_THREADS`): at most [`MAX_THREADS_PER_CORE`] × the cores, with one warning
+/// line naming `source` when capped.
+pub fn thread_count(requested: usize, source: &str) -> Result<usize> {
     if requested == 0 {
-        bail!("--threads: expected at least 1, found 0");
+        bail!("{source}: expected at least 1, found 0");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let max = cores * MAX_THREADS_PER_CORE;
     if requested > max {
         eprintln!(
-            "warning: --threads {requested} capped at {max} ({MAX_THREADS_PER_CORE} x the {cores} cores)"
+            "warning: {source} {requested} capped at {max} ({MAX_THREADS_PER_CORE} x the {cores} cores)"
         );
         return Ok(max);
     }
     Ok(requested)
+}
+
+/// The thread count `RAYON_NUM_THREADS` asks for: `None` when it is unset or 0 (rayon's
+/// default: every core), an error naming it when it is not a whole number (rayon would
+/// ignore it silently).
+pub fn rayon_env_threads() -> Result<Option<usize>> {
+    match std::env::var("RAYON_NUM_THREADS") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(_) => bail!(
+                "environment variable RAYON_NUM_THREADS: expected a whole number of threads \
+                 (0: every core), found {v:?}"
+            ),
+        },
+        Err(std::env::VarError::NotUnicode(v)) => bail!(
+            "environment variable RAYON_NUM_THREADS: expected a whole number of threads \
+             (0: every core), found {v:?} (not UTF-8)"
+        ),
+    }
 }
 
 /// Lets a closed stdout (`engram weights W | head -1`) end the process quietly, as it does
@@ -294,9 +316,12 @@ mod tests {
 
     #[test]
     fn threads_are_capped() {
-        assert!(thread_count(0).is_err());
-        assert_eq!(thread_count(1).unwrap(), 1);
+        assert!(thread_count(0, "--threads").is_err());
+        assert_eq!(thread_count(1, "--threads").unwrap(), 1);
         let cores = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(thread_count(100_000).unwrap(), cores * MAX_THREADS_PER_CORE);
+        assert_eq!(
+            thread_count(100_000, "--threads").unwrap(),
+            cores * MAX_THREADS_PER_CORE
+        );
     }
 }

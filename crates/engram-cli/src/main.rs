@@ -163,14 +163,18 @@ fn run() -> ExitCode {
     }
     v41::set_tokenizer(cli.tokenizer.clone());
     // --threads, else RAYON_NUM_THREADS, else all cores; capped at a multiple of the cores.
-    let requested = cli.threads.or_else(|| {
-        std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-    });
-    if let Some(n) = requested {
-        let n = match guard::thread_count(n) {
+    let requested = match cli.threads {
+        Some(n) => Some((n, "--threads")),
+        None => match guard::rayon_env_threads() {
+            Ok(n) => n.map(|n| (n, "RAYON_NUM_THREADS")),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Some((n, source)) = requested {
+        let n = match guard::thread_count(n, source) {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -305,6 +305,22 @@ fn thread_counts_are_capped_with_one_warning() {
         "{err}"
     );
     expect_error(&["--threads", "0", "tokenize", "hi"], "--threads");
+    // The same count from RAYON_NUM_THREADS names the variable; one that is not a number
+    // is an error naming it (rayon alone would ignore it); 0 is rayon's "every core".
+    let big = [("RAYON_NUM_THREADS", "5000")];
+    let (code, _, err) = common::engram_env(&["tokenize", "--json", "hi"], &big);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("warning: RAYON_NUM_THREADS 5000 capped at") && err.lines().count() == 1,
+        "{err}"
+    );
+    common::expect_error_env(
+        &["tokenize", "hi"],
+        &[("RAYON_NUM_THREADS", "four")],
+        "environment variable RAYON_NUM_THREADS: expected a whole number of threads",
+    );
+    let (code, _, err) = common::engram_env(&["tokenize", "hi"], &[("RAYON_NUM_THREADS", "0")]);
+    assert_eq!((code, err.as_str()), (0, ""));
 }
 
 /// Writes an inputs file with `input_ids` of `shape` (zeros) and matching hidden states.

@@ -750,6 +750,13 @@ fn a_base_too_large_for_int64_row_ids_is_refused() {
     let c = V41Config::from_json_str(&text).unwrap();
     let e = layer_params(&c).unwrap_err().to_string();
     assert!(e.contains("engram_vocab_size") && e.contains("2^63"), "{e}");
+    // One past the config's own bound: the message states the bound the value broke.
+    let text = text.replace("4611686018427387903", "4611686018427387904");
+    let e = V41Config::from_json_str(&text).unwrap_err().to_string();
+    assert!(
+        e.contains("engram_vocab_size") && e.contains("from 2 to 2^62 - 1"),
+        "{e}"
+    );
 }
 
 /// NaN in a layer's weights is named where it is met, as in the demo layer: `q_weight`

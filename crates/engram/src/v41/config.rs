@@ -160,7 +160,7 @@ impl V41Config {
         .ok_or_else(|| {
             EngramError::config(
                 vname,
-                "an integer >= 2 (one base for every order)",
+                "an integer from 2 to 2^62 - 1 (one base for every order)",
                 vocab.to_string(),
             )
         })?;
