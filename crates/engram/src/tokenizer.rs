@@ -111,10 +111,28 @@ impl Tokenizer {
         let inner = quietly(|| tokenizers::Tokenizer::from_bytes(json))
             .map_err(|panic| tok_err(name, format!("malformed tokenizer.json ({panic})")))?
             .map_err(|e| tok_err(name, e))?;
-        if inner.get_vocab_size(true) == 0 {
+        let len = inner.get_vocab_size(true);
+        if len == 0 {
             return Err(tok_err(
                 name,
                 "expected a vocabulary of at least one token, found none",
+            ));
+        }
+        // The layer reads ids 0..len(tokenizer) (the compression table has one entry per id),
+        // so an id past them would be refused only when a text met it, in words about the
+        // inputs: refused here, naming the tokenizer.
+        if let Some((token, id)) = inner
+            .get_vocab(true)
+            .into_iter()
+            .filter(|&(_, id)| id as usize >= len)
+            .max_by_key(|&(_, id)| id)
+        {
+            return Err(tok_err(
+                name,
+                format!(
+                    "expected token ids 0..{len} (one per token, as len(tokenizer) counts them), \
+                     found id {id} (token {token:?})"
+                ),
             ));
         }
         let (mut add_bos, mut bos_id) = (false, None);
@@ -232,6 +250,23 @@ mod tests {
         assert!(e.to_string().contains("malformed tokenizer.json"), "{e}");
         // The panic hook is restored afterwards.
         assert!(std::panic::catch_unwind(|| panic!("still reported")).is_err());
+    }
+
+    /// An id at or past len(tokenizer) is refused at load, naming the tokenizer and the id
+    /// (the compression table covers ids 0..len only).
+    #[test]
+    fn an_id_past_the_token_count_is_an_error() {
+        let sparse = WORDLEVEL
+            .replace("DECODER", "null")
+            .replace(r#""[UNK]": 2"#, r#""[UNK]": 4000000000"#);
+        let e = Tokenizer::from_bytes("sparse", sparse.as_bytes(), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("sparse")
+                && msg.contains("expected token ids 0..3")
+                && msg.contains("found id 4000000000"),
+            "{msg}"
+        );
     }
 
     #[test]
