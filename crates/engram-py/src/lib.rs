@@ -151,6 +151,12 @@ impl State {
         let u64_of = |v: &[u8]| u64::from_le_bytes(v.try_into().expect("8 bytes taken"));
         let tag = *b.first().ok_or_else(bad)?;
         let pos = u64_of(take(8)?);
+        // As the CLI's state files (an int64 position) bound it.
+        if pos > i64::MAX as u64 {
+            return Err(verr(format!(
+                "state: position: expected a position below 2^63, found {pos}"
+            )));
+        }
         let inner = match tag {
             1 => {
                 let rw = u64_of(take(8)?) as usize;
@@ -1193,10 +1199,14 @@ fn hash<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let v = config_json(config, is_path)?;
     let (ids, shape) = ids_of(&input_ids)?;
-    let [b, l] = shape[..] else {
-        return Err(verr(format!(
-            "input_ids: expected shape [B, L], found {shape:?}"
-        )));
+    // As `forward` and the CLI's `hash`: an empty batch or sequence is refused.
+    let (b, l) = match shape[..] {
+        [b, l] if b >= 1 && l >= 1 => (b, l),
+        _ => {
+            return Err(verr(format!(
+                "input_ids: expected shape [B, L] with B, L >= 1, found {shape:?}"
+            )))
+        }
     };
     let d = PyDict::new(py);
     if engram::v41::config::is_v41(&v) {

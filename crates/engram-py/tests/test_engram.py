@@ -81,6 +81,27 @@ def test_ragged_batch_and_state_files(small, stages, tmp_path):
     assert back.position == 12 and pickle.dumps(back) == pickle.dumps(states[0])
 
 
+def test_state_files_positions_and_empty_inputs_are_refused_by_name(small, stages, tmp_path):
+    ids, h = stages["long.input_ids"][0][:10], stages["long.hidden_states"][0][:10]
+    st = small.new_state()
+    small.forward_chunk(st, ids, h)
+    # A path in a folder that does not exist names that path, not the temporary file.
+    missing = tmp_path / "no-such-folder" / "s.bin"
+    with pytest.raises(ValueError, match=r"output .*no-such-folder/s\.bin: expected a path in an existing folder") as e:
+        st.save(missing)
+    assert "engram-tmp" not in str(e.value)
+    # A position at or past 2^63 (the CLI's int64) is refused, as the CLI's state files do.
+    b = bytearray(st.__getstate__())
+    b[1:9] = (2**63).to_bytes(8, "little")
+    with pytest.raises(ValueError, match=r"state: position: expected a position below 2\^63, found 9223372036854775808"):
+        engram.State(bytes(b))
+    # An empty sequence to hash, as to forward; empty offsets say what is missing.
+    with pytest.raises(ValueError, match=r"input_ids: expected shape \[B, L\] with B, L >= 1, found \[1, 0\]"):
+        engram.hash({}, np.zeros((1, 0), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"offsets: expected S\+1 >= 2 values .* found none"):
+        small.forward_ragged([small.new_state()], ids, h, [])
+
+
 def test_a_state_runs_only_on_its_own_layer(small, stages, golden):
     import json
 

@@ -68,6 +68,19 @@ pub fn check_output(dest: &Path) -> Result<()> {
     if dest.is_dir() {
         return Err(refuse("a directory"));
     }
+    // The temporary file goes into the destination's folder: without one, the error would
+    // name that internal file.
+    let folder = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(EngramError::invalid(
+            format!("output {}", dest.display()),
+            "a path in an existing folder",
+            format!("no folder {}", folder.display()),
+        ));
+    }
     match std::fs::symlink_metadata(dest) {
         Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(dest) {
             Ok(t) if !t.is_file() => {
@@ -135,7 +148,9 @@ pub fn stage(
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 64 => {
                 attempts += 1;
             }
-            Err(e) => return Err(EngramError::io(&tmp, e)),
+            // Named by the destination, the path the caller knows (the folder refused the
+            // temporary file beside it: permissions, a full disk).
+            Err(e) => return Err(EngramError::io(dest, e)),
         }
     };
     let guard = TmpGuard {
@@ -233,6 +248,18 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         let err = write_atomic(&d, |w| w.write_all(b"x")).unwrap_err();
         assert!(err.to_string().contains("directory"), "{err}");
+        // A path in a folder that does not exist names the path and the folder, not the
+        // temporary file that could not be created there.
+        let missing = d.join("no-such-folder").join("out.bin");
+        let err = write_atomic(&missing, |w| w.write_all(b"x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&missing.display().to_string())
+                && err.contains("existing folder")
+                && !err.contains(TMP_MARKER),
+            "{err}"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -284,10 +284,15 @@ fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
             .and_then(|s| s.as_array())
             .and_then(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>());
         if let (Some(Ok(dtype)), Some(shape)) = (dtype, shape) {
-            // Bits, checked: a shape whose product overflows cannot match any span.
+            // Bits, checked: a shape whose product overflows cannot match any span. Its
+            // non-zero dimensions are multiplied first, so that the check does not depend on
+            // their order ([0, 2^63, 2^63] and [2^63, 2^63, 0] are both refused), and every
+            // product of its dimensions computed later fits.
             let bits = shape
                 .iter()
-                .try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d));
+                .filter(|&&d| d != 0)
+                .try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d))
+                .map(|b| if shape.contains(&0) { 0 } else { b });
             let found = end - begin;
             let shape_text = format!("{shape:?} of {}", dtype_name(dtype));
             match bits {
@@ -311,7 +316,7 @@ fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
                     return Err(bad(
                         name,
                         format!(
-                            "expected a shape whose size fits in 64 bits, found {shape_text} for {found} bytes"
+                            "expected a shape whose non-zero dimensions multiply to a size that fits in 64 bits, found {shape_text} for {found} bytes"
                         ),
                     ))
                 }

@@ -76,12 +76,18 @@ impl Tokenizer {
             (path.to_path_buf(), cfg.exists().then_some(cfg))
         };
         if !json_path.exists() {
+            // An empty name would print as nothing at all.
+            let (name, found) = if name_or_path.is_empty() {
+                ("\"\"", "found an empty name".to_string())
+            } else {
+                (
+                    name_or_path,
+                    format!("{} does not exist", json_path.display()),
+                )
+            };
             return Err(tok_err(
-                name_or_path,
-                format!(
-                    "expected `deepseek-v3`, a tokenizer.json or a folder with one; {} does not exist",
-                    json_path.display()
-                ),
+                name,
+                format!("expected `deepseek-v3`, a tokenizer.json or a folder with one; {found}"),
             ));
         }
         let bytes =
@@ -250,6 +256,15 @@ mod tests {
         assert!(e.to_string().contains("malformed tokenizer.json"), "{e}");
         // The panic hook is restored afterwards.
         assert!(std::panic::catch_unwind(|| panic!("still reported")).is_err());
+    }
+
+    #[test]
+    fn an_empty_name_is_named_as_one() {
+        let e = Tokenizer::from_name_or_path("").unwrap_err().to_string();
+        assert!(
+            e.contains(r#"tokenizer "": expected"#) && e.contains("found an empty name"),
+            "{e}"
+        );
     }
 
     /// An id at or past len(tokenizer) is refused at load, naming the tokenizer and the id

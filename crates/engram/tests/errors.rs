@@ -999,7 +999,25 @@ fn crafted_header_error(header: &str, data: usize) -> String {
 /// name, and reports a duplicate name as another tensor's offset).
 #[test]
 fn malformed_header_entries_name_the_tensor_expected_and_found() {
-    let cases: [(&str, usize, &[&str]); 7] = [
+    let cases: [(&str, usize, &[&str]); 9] = [
+        // A shape whose non-zero dimensions overflow 64 bits, whatever the order of its zero:
+        // no product of its dimensions computed later may overflow either.
+        (
+            r#"{"a":{"dtype":"F32","shape":[0,9223372036854775808,9223372036854775808],"data_offsets":[0,0]}}"#,
+            0,
+            &[
+                "`a`",
+                "non-zero dimensions multiply to a size that fits in 64 bits",
+            ],
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[9223372036854775808,9223372036854775808,0],"data_offsets":[0,0]}}"#,
+            0,
+            &[
+                "`a`",
+                "non-zero dimensions multiply to a size that fits in 64 bits",
+            ],
+        ),
         (
             r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
             16,

@@ -198,6 +198,9 @@ class Engram:
         torch_in = _is_torch(input_ids) or _is_torch(hidden_states)
         ids, _ = _array(input_ids, "input_ids", np.int64)
         h, bf16 = _array(hidden_states, "hidden_states", np.float32)
+        # An empty list is float64 to NumPy: say what is missing rather than its dtype.
+        if (offsets.numel() if _is_torch(offsets) else np.asarray(offsets).size) == 0:
+            raise ValueError("offsets: expected S+1 >= 2 values (each sequence's first row, then T), found none")
         off, _ = _array(offsets, "offsets", np.int64)
         if off.ndim != 1:
             raise ValueError(f"offsets: expected shape [S+1], found {list(off.shape)}")
