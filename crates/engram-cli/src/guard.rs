@@ -118,8 +118,6 @@ impl Files {
                     out.display()
                 );
             }
-            // Devices, FIFOs and sockets (a link is replaced, not followed).
-            engram::atomic::check_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
             let dir = match out.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
@@ -136,6 +134,8 @@ impl Files {
                     dir.display()
                 );
             }
+            // Devices, FIFOs and sockets (a link is replaced, not followed).
+            engram::atomic::check_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
             // A folder the run cannot write into fails now, naming the option, not after
             // the run, naming the temporary file the output is staged in.
             probe_writable(dir).map_err(|e| {

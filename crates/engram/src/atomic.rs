@@ -75,10 +75,15 @@ pub fn check_output(dest: &Path) -> Result<()> {
         _ => Path::new("."),
     };
     if !folder.is_dir() {
+        let found = if folder.exists() {
+            "a file, not a folder,"
+        } else {
+            "no folder"
+        };
         return Err(EngramError::invalid(
             format!("output {}", dest.display()),
             "a path in an existing folder",
-            format!("no folder {}", folder.display()),
+            format!("{found} {}", folder.display()),
         ));
     }
     match std::fs::symlink_metadata(dest) {
