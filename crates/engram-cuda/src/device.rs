@@ -51,64 +51,59 @@ const CUBLAS_SYMBOLS: [&str; 6] = [
     "cublasGemmEx",
 ];
 
-/// The first of `symbols` that the library loaded as `library` lacks (`has`: whether it
-/// exports a name), as a [`CudaError::MissingSymbol`] with `hint`: `cudarc` resolves each
-/// symbol at its first call and panics when it is missing, so each library's are checked
-/// before any call.
-pub(crate) fn require_symbols(
-    library: &'static str,
-    symbols: &[&'static str],
-    hint: &'static str,
-    has: impl Fn(&str) -> bool,
-) -> Result<()> {
-    match symbols.iter().find(|s| !has(s)) {
-        Some(&symbol) => Err(CudaError::MissingSymbol {
-            library,
-            symbol,
-            hint,
-        }),
-        None => Ok(()),
-    }
+/// `Ok(())` when the library of the `cudarc` sys module `$sys` loads and has every one of
+/// `$symbols`; else [`CudaError::MissingLibrary`] (`$library`, hint `$missing`) or
+/// [`CudaError::MissingSymbol`] naming the first it lacks (hint `$foreign`). `cudarc`
+/// panics at the first call into a missing library or symbol, so both are checked first.
+macro_rules! require_library {
+    ($($sys:ident)::+, $library:literal, $missing:expr, $symbols:expr, $foreign:expr) => {{
+        // SAFETY: only tries to dlopen the library's candidate names.
+        if !unsafe { $($sys)::+::is_culib_present() } {
+            Err($crate::error::CudaError::MissingLibrary {
+                library: $library,
+                hint: $missing,
+            })
+        } else {
+            let lacks = |name: &&&str| {
+                // SAFETY: the library loads (checked above), so `culib` returns it instead
+                // of panicking; the symbol is only looked up (dlsym), never called or read.
+                unsafe { $($sys)::+::culib().get::<*const std::ffi::c_void>(name.as_bytes()) }
+                    .is_err()
+            };
+            match $symbols.iter().find(lacks) {
+                Some(&symbol) => Err($crate::error::CudaError::MissingSymbol {
+                    library: $library,
+                    symbol,
+                    hint: $foreign,
+                }),
+                None => Ok(()),
+            }
+        }
+    }};
 }
+pub(crate) use require_library;
 
 /// Checks, in order, that libcuda, libnvrtc and libcublas load and have the entry points
 /// this crate calls, and that device 0 answers. Every CUDA entry point of this crate calls
 /// it first: a call into a missing library or symbol panics inside `cudarc`, a failed
 /// probe is one error line.
 pub fn probe() -> Result<DeviceInfo> {
-    // SAFETY: each only tries to dlopen the library's candidate names.
-    if !unsafe { cu_sys::is_culib_present() } {
-        return Err(CudaError::MissingLibrary {
-            library: "libcuda",
-            hint: "no NVIDIA driver on this machine (use --device cpu)",
-        });
-    }
-    require_symbols(
+    require_library!(
+        cudarc::driver::sys,
         "libcuda",
-        &DRIVER_SYMBOLS,
+        "no NVIDIA driver on this machine (use --device cpu)",
+        DRIVER_SYMBOLS,
         "the library found under the driver's name is not an NVIDIA driver for CUDA 13 or \
-         later (update the driver, or use --device cpu)",
-        // SAFETY: the library loads (checked above), so `culib` returns it instead of
-        // panicking; the symbol is only looked up (dlsym), never called or read.
-        |name| unsafe { cu_sys::culib().get::<*const std::ffi::c_void>(name.as_bytes()) }.is_ok(),
+         later (update the driver, or use --device cpu)"
     )?;
     kernels::nvrtc_check()?;
-    // SAFETY: as above.
-    if !unsafe { cublas_sys::is_culib_present() } {
-        return Err(CudaError::MissingLibrary {
-            library: "libcublas",
-            hint: "install CUDA 13's cuBLAS and put its lib folder on LD_LIBRARY_PATH",
-        });
-    }
-    require_symbols(
+    require_library!(
+        cudarc::cublas::sys,
         "libcublas",
-        &CUBLAS_SYMBOLS,
+        "install CUDA 13's cuBLAS and put its lib folder on LD_LIBRARY_PATH",
+        CUBLAS_SYMBOLS,
         "the library found under cuBLAS's name is not CUDA 13's cuBLAS (put CUDA 13's lib \
-         folder first on LD_LIBRARY_PATH)",
-        // SAFETY: as for libcuda above.
-        |name| {
-            unsafe { cublas_sys::culib().get::<*const std::ffi::c_void>(name.as_bytes()) }.is_ok()
-        },
+         folder first on LD_LIBRARY_PATH)"
     )?;
     cudarc::driver::result::init().map_err(|e| CudaError::NoDevice(format!("cuInit: {e:?}")))?;
     let count = CudaContext::device_count()

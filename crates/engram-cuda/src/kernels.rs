@@ -69,24 +69,14 @@ pub fn nvrtc_present() -> bool {
 /// Checks that libnvrtc loads and has every entry point this crate calls: it must, before
 /// any NVRTC call, since `cudarc` panics on a missing library or symbol.
 pub fn nvrtc_check() -> Result<()> {
-    // SAFETY: only tries to dlopen the library's candidate names.
-    if !unsafe { nvrtc_sys::is_culib_present() } {
-        return Err(CudaError::MissingLibrary {
-            library: "libnvrtc",
-            hint: "install CUDA 13's NVRTC (e.g. the PyPI wheel nvidia-cuda-nvrtc==13.0.88) and \
-                   put its lib folder on LD_LIBRARY_PATH",
-        });
-    }
-    crate::device::require_symbols(
+    crate::device::require_library!(
+        cudarc::nvrtc::sys,
         "libnvrtc",
-        &NVRTC_SYMBOLS,
+        "install CUDA 13's NVRTC (e.g. the PyPI wheel nvidia-cuda-nvrtc==13.0.88) and put its \
+         lib folder on LD_LIBRARY_PATH",
+        NVRTC_SYMBOLS,
         "the library found under NVRTC's name is not CUDA 13's NVRTC (put CUDA 13's lib \
-         folder first on LD_LIBRARY_PATH)",
-        // SAFETY: the library loads (checked above), so `culib` returns it instead of
-        // panicking; the symbol is only looked up (dlsym), never called or read.
-        |name| {
-            unsafe { nvrtc_sys::culib().get::<*const std::ffi::c_void>(name.as_bytes()) }.is_ok()
-        },
+         folder first on LD_LIBRARY_PATH)"
     )
 }
 
