@@ -118,24 +118,13 @@ impl Files {
                     out.display()
                 );
             }
+            // A missing folder (or a file in its place), devices, FIFOs and sockets (a link
+            // is replaced, not followed).
+            engram::atomic::check_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
             let dir = match out.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
             };
-            if !dir.is_dir() {
-                bail!(
-                    "{flag} {}: expected an existing folder to write into, found {} {}",
-                    out.display(),
-                    if dir.exists() {
-                        "a file, not a folder,"
-                    } else {
-                        "no folder"
-                    },
-                    dir.display()
-                );
-            }
-            // Devices, FIFOs and sockets (a link is replaced, not followed).
-            engram::atomic::check_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
             // A folder the run cannot write into fails now, naming the option, not after
             // the run, naming the temporary file the output is staged in.
             probe_writable(dir).map_err(|e| {
