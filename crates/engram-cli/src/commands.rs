@@ -773,6 +773,8 @@ pub fn compression(a: CompressionArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
     let c = CompressedTokenizer::build(&tok)?;
     let t_build = t0.elapsed();
+    // The config's pad id is refused here as `hash` refuses it, before anything is written.
+    let pad = c.canonical_pad("pad_id", cfg.pad_id)?;
     let (v, vp) = (c.num_raw(), c.num_compressed());
     println!(
         "tokenizer        {} ({} ids), loaded in {:.3}s",
@@ -789,12 +791,7 @@ pub fn compression(a: CompressionArgs) -> Result<ExitCode> {
         t_build.as_secs_f64(),
         rayon::current_num_threads()
     );
-    println!(
-        "pad id {} -> {}",
-        cfg.pad_id,
-        c.compress_id(cfg.pad_id)
-            .map_or("out of range".into(), |x| x.to_string())
-    );
+    println!("pad id {} -> {pad}", cfg.pad_id);
     if let Some(out) = a.out {
         let mut w = TensorWriter::new();
         w.i64("lookup", &[v], c.lookup());

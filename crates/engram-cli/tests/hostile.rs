@@ -195,6 +195,29 @@ fn absurd_configs_are_refused_naming_the_field() {
             assert!(line.contains(what), "{line}");
         }
     }
+    // A pad id past the tokenizer: `hash` and `compression` refuse it alike, and
+    // `compression --out` writes nothing.
+    let c = t.config_with("pad.json", "{\"pad_id\": 1000000000}");
+    let lookup = t.path("lookup.st");
+    for args in [
+        vec![
+            "hash",
+            "--config",
+            s(&c),
+            "--text",
+            "x",
+            "--out",
+            s(&t.path("h.st")),
+        ],
+        vec!["compression", "--config", s(&c), "--out", s(&lookup)],
+    ] {
+        let line = fails_leaving(&args, "config field `pad_id`", &[&c]);
+        assert!(
+            line.contains("below the tokenizer size") && line.contains("1000000000"),
+            "{line}"
+        );
+    }
+    assert!(!lookup.exists());
     // A table of 5e8 rows per order: more memory than any test machine has; init refuses
     // before allocating and names the table and the sizes.
     let c = t.config_with(

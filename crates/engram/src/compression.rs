@@ -168,6 +168,18 @@ impl CompressedTokenizer {
         }
     }
 
+    /// Canonical id of a config's pad id (`field` names it: `pad_id`, `engram_pad_id`); an
+    /// id at or past the tokenizer size is a config error naming the field.
+    pub fn canonical_pad(&self, field: &str, pad_id: i64) -> Result<i64> {
+        self.compress_id(pad_id).ok_or_else(|| {
+            EngramError::config(
+                field,
+                format!("a token id below the tokenizer size {}", self.num_raw()),
+                pad_id,
+            )
+        })
+    }
+
     /// Compresses a `[batch, len]` row-major id array; an id >= V is an error naming it.
     pub fn compress(&self, ids: &[i64], len: usize) -> Result<Vec<i64>> {
         ids.iter()

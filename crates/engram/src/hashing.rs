@@ -216,16 +216,7 @@ impl NgramHashMapping {
     /// Draws multipliers and primes for every layer of `cfg.layer_ids`.
     pub fn new(cfg: &EngramConfig, compressed: Arc<CompressedTokenizer>) -> Result<Self> {
         cfg.validate()?;
-        let pad_canonical = compressed.compress_id(cfg.pad_id).ok_or_else(|| {
-            EngramError::config(
-                "pad_id",
-                format!(
-                    "a token id below the tokenizer size {}",
-                    compressed.num_raw()
-                ),
-                cfg.pad_id,
-            )
-        })?;
+        let pad_canonical = compressed.canonical_pad("pad_id", cfg.pad_id)?;
         let layers = draw_layer_params(
             &cfg.layer_ids,
             &cfg.engram_vocab_size,

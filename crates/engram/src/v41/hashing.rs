@@ -102,16 +102,7 @@ impl V41Hashing {
                 cfg.compressed_vocab_size,
             ));
         }
-        let pad = compressed.compress_id(cfg.pad_id).ok_or_else(|| {
-            EngramError::config(
-                "engram_pad_id",
-                format!(
-                    "a token id below the tokenizer size {}",
-                    compressed.num_raw()
-                ),
-                cfg.pad_id,
-            )
-        })?;
+        let pad = compressed.canonical_pad("engram_pad_id", cfg.pad_id)?;
         let i = cfg.layer_index(layer)?;
         let layer = layer_params(cfg)?.swap_remove(i);
         Ok(V41Hashing {
