@@ -303,18 +303,23 @@ fn bounded<T: Send + 'static>(
 /// A connection to the cluster, remade after any error, whose requests are retried with
 /// back-off (50 ms doubling to 1 s) until the deadline and never outlive it.
 struct Link {
-    url: String,
+    wire: Wire,
     o: RedisOptions,
     client: ClusterClient,
     con: Option<ClusterConnection>,
 }
 
 impl Link {
+    /// The seed node must first answer `CLUSTER SLOTS` to [`resp`]'s bounded parser, by the
+    /// deadline: a server that is not a Redis Cluster node, or one whose reply announces an
+    /// absurd length, is refused there, before the `redis` crate (whose parser allocates what
+    /// a reply announces) reads from it.
     fn new(url: &str, o: &RedisOptions) -> Result<Self> {
+        let client = client(url, o)?;
         Ok(Link {
-            url: url.into(),
+            wire: Wire::open(url, o)?,
             o: *o,
-            client: client(url, o)?,
+            client,
             con: None,
         })
     }
@@ -334,18 +339,26 @@ impl Link {
             self.con = back;
             match r {
                 Ok(v) => return Ok(v),
-                Err(e) if t0.elapsed() + wait < self.o.deadline => {
-                    let _ = e;
+                // An answer that no retry changes (OOM under `noeviction`, a key of the wrong
+                // type, a refused command) fails at once.
+                Err(e) if matches!(e.retry_method(), redis::RetryMethod::NoRetry) => {
+                    return Err(store_err(
+                        &self.wire.url,
+                        format!("the store answered: {}", clip(&e.to_string())),
+                    ))
+                }
+                Err(_) if t0.elapsed() + wait < self.o.deadline => {
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => {
                     return Err(store_err(
-                        &self.url,
+                        &self.wire.url,
                         format!(
-                            "{e} ({tries} tries over {:.1} s; {})",
+                            "{} ({tries} tries over {:.1} s; {})",
+                            clip(&e.to_string()),
                             t0.elapsed().as_secs_f64(),
-                            failed_nodes(&self.url, &self.o)
+                            cluster_health(&self.wire, &self.o)
                         ),
                     ))
                 }
@@ -354,42 +367,80 @@ impl Link {
     }
 }
 
-/// The nodes the cluster itself marks as failing (`CLUSTER NODES`), for an error message.
-fn failed_nodes(url: &str, o: &RedisOptions) -> String {
-    let probe = || -> redis::RedisResult<String> {
-        let client = redis::Client::open(url)?;
-        let mut c = client.get_connection_with_timeout(o.timeout)?;
-        c.set_read_timeout(Some(o.timeout))?;
-        c.set_write_timeout(Some(o.timeout))?;
-        redis::cmd("CLUSTER").arg("NODES").query(&mut c)
+/// An error text cut to its first 300 characters (a pipeline's error lists every command's).
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(300) {
+        Some((i, _)) => format!("{}… ({} characters)", &s[..i], s.chars().count()),
+        None => s.to_string(),
+    }
+}
+
+/// What the seed node says of the cluster (`CLUSTER NODES`), for an error message: the nodes
+/// it marks as failing and the slots no node serves. One connection, read by [`resp`]'s
+/// bounded parser, each wait at most a second (or `timeout` where shorter) and no read
+/// started past that.
+fn cluster_health(wire: &Wire, o: &RedisOptions) -> String {
+    let limit = o.timeout.min(Duration::from_secs(1));
+    let got = (|| -> std::io::Result<resp::Value> {
+        let mut c = resp::Conn::connect(&wire.seed, &wire.auth, limit)?;
+        c.set_deadline(Some(Instant::now() + limit));
+        let mut cmd = Vec::new();
+        resp::push_command(&mut cmd, &[b"CLUSTER", b"NODES"]);
+        c.send(&cmd)?;
+        // A line per node: 16 MiB is far more than any real cluster's.
+        c.value(1, 1 << 24, &mut (1 << 21))
+    })();
+    let url = &wire.url;
+    let text = match got {
+        Ok(resp::Value::Bulk(b)) => String::from_utf8_lossy(&b).into_owned(),
+        // An error reply is an answer (a Redis without cluster mode says so here).
+        Ok(resp::Value::Error(e)) => return format!("{url} answers CLUSTER NODES with: {e}"),
+        Ok(v) => {
+            return format!(
+                "{url} answers CLUSTER NODES with {}",
+                clip(&format!("{v:?}"))
+            )
+        }
+        Err(e) => return format!("{url} itself does not answer: {e}"),
     };
-    match probe() {
-        Ok(text) => {
-            let bad: Vec<String> = text
-                .lines()
-                .filter(|l| {
-                    l.split(' ')
-                        .nth(2)
-                        .is_some_and(|f| f.contains("fail") || f.contains("noaddr"))
-                })
-                .map(|l| {
-                    let mut w = l.split(' ');
-                    let addr = w.nth(1).unwrap_or("?");
-                    let flags = w.next().unwrap_or("?");
-                    format!("{} ({flags})", addr.split('@').next().unwrap_or(addr))
-                })
-                .collect();
-            if bad.is_empty() {
-                "no node is marked failing".into()
-            } else {
-                format!("failing: {}", bad.join(", "))
+    let mut bad = Vec::new();
+    let mut served = vec![false; resp::SLOTS];
+    for l in text.lines() {
+        let w: Vec<&str> = l.split(' ').collect();
+        let (Some(addr), Some(flags)) = (w.get(1), w.get(2)) else {
+            continue;
+        };
+        if flags.contains("fail") || flags.contains("noaddr") {
+            bad.push(format!(
+                "{} ({flags})",
+                addr.split('@').next().unwrap_or(addr)
+            ));
+        }
+        // Slot ranges `a-b` or `a` from the ninth field on (`[...]` marks a migration).
+        for r in w.iter().skip(8).filter(|r| !r.starts_with('[')) {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                if a <= b && b < resp::SLOTS {
+                    served[a..=b].fill(true);
+                }
             }
         }
-        // An error reply is an answer (a Redis without cluster mode says so here).
-        Err(e) if e.code().is_some() => {
-            format!("{url} answers CLUSTER NODES with: {e}")
-        }
-        Err(e) => format!("{url} itself does not answer: {e}"),
+    }
+    let unserved = served.iter().filter(|s| !**s).count();
+    let mut parts = Vec::new();
+    if !bad.is_empty() {
+        parts.push(format!("failing: {}", bad.join(", ")));
+    }
+    if unserved > 0 {
+        parts.push(format!(
+            "{unserved} of {} slots served by no node",
+            resp::SLOTS
+        ));
+    }
+    if parts.is_empty() {
+        "no node is marked failing".into()
+    } else {
+        parts.join("; ")
     }
 }
 
@@ -569,7 +620,11 @@ pub fn push(
                     "reads back as {n} bytes, the file's row has {}",
                     file_row.len()
                 )),
-                Got::Missing => Some("is missing after the push (lost in a failover?)".into()),
+                Got::Missing => Some(
+                    "is missing after the push (lost in a failover, or evicted: a store that \
+                     holds tables needs maxmemory-policy noeviction)"
+                        .into(),
+                ),
             };
             Ok(())
         })?;
@@ -955,7 +1010,7 @@ fn get_rows(
                     t.retry.len(),
                     rows.len(),
                     t0.elapsed().as_secs_f64(),
-                    failed_nodes(&wire.url, o)
+                    cluster_health(wire, o)
                 ),
             ));
         }
@@ -1559,13 +1614,114 @@ mod tests {
         let e = list_tables(&format!("redis://{a}"), &o)
             .unwrap_err()
             .to_string();
-        // The cluster client's own error names no reply; the probe of the node quotes it.
+        // The first probe of the node quotes its answer.
         assert!(
-            e.contains("answers CLUSTER NODES with") && e.contains("cluster support disabled"),
+            e.contains("answers CLUSTER SLOTS with") && e.contains("cluster support disabled"),
             "{e}"
         );
         assert!(!e.contains("does not answer"), "{e}");
         assert!(e.contains(&a), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(4), "{e}");
+    }
+
+    /// A server whose first reply announces a bulk string of 2^63 bytes and then streams
+    /// bytes without end (not Redis, or a hostile node): the control commands refuse it by
+    /// the deadline, from the first probe's bounded parser, instead of reading and
+    /// allocating until memory runs out.
+    #[test]
+    fn an_endless_reply_is_refused_by_the_deadline() {
+        use std::io::{Read, Write};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut first = [0u8; 64];
+                    let _ = s.read(&mut first);
+                    let _ = s.write_all(b"$9223372036854775807\r\n");
+                    let chunk = vec![b'x'; 1 << 16];
+                    while s.write_all(&chunk).is_ok() {}
+                });
+            }
+        });
+        let o = RedisOptions {
+            timeout: Duration::from_millis(200),
+            deadline: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let e = list_tables(&format!("redis://{addr}"), &o)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a bulk reply of 9223372036854775807 bytes"),
+            "{e}"
+        );
+        assert!(e.contains(&addr), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(4), "{e}");
+    }
+
+    /// An answer no retry changes (`WRONGTYPE` here; `OOM` under `noeviction` alike) fails
+    /// the control command at once, in the server's words, instead of being retried until
+    /// the deadline.
+    #[test]
+    fn an_answer_no_retry_changes_fails_at_once() {
+        let me = Arc::new(Mutex::new(String::new()));
+        let me2 = me.clone();
+        let a = fake_node(Arc::new(move |a: &[Vec<u8>]| {
+            Some(match a[0].to_ascii_uppercase().as_slice() {
+                b"CLUSTER" => slots_reply(&me2.lock().unwrap()),
+                b"PING" => b"+PONG\r\n".to_vec(),
+                b"SMEMBERS" => {
+                    b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+                        .to_vec()
+                }
+                _ => b"-ERR unknown command\r\n".to_vec(),
+            })
+        }));
+        *me.lock().unwrap() = a.clone();
+        let o = RedisOptions {
+            timeout: Duration::from_millis(500),
+            deadline: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let e = list_tables(&format!("redis://{a}"), &o)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the store answered") && e.contains("WRONGTYPE"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "{e}");
+    }
+
+    /// `CLUSTER NODES` read for an error message: failing nodes and unserved slots named.
+    #[test]
+    fn cluster_health_names_failing_nodes_and_unserved_slots() {
+        let me = Arc::new(Mutex::new(String::new()));
+        let me2 = me.clone();
+        let a = fake_node(Arc::new(move |a: &[Vec<u8>]| {
+            Some(match a[0].as_slice() {
+                b"CLUSTER" if a[1].eq_ignore_ascii_case(b"SLOTS") => {
+                    slots_reply(&me2.lock().unwrap())
+                }
+                b"CLUSTER" => {
+                    let t = "n1 10.0.0.1:7000@17000 master - 0 0 1 connected 0-8000 \
+                             [8001->-n2]\nn2 10.0.0.2:7001@17001 master,fail - 0 0 2 \
+                             connected 9000-16383\n";
+                    format!("${}\r\n{t}\r\n", t.len()).into_bytes()
+                }
+                _ => b"-ERR unknown command\r\n".to_vec(),
+            })
+        }));
+        *me.lock().unwrap() = a.clone();
+        let w = wire(&a);
+        let h = cluster_health(&w, &RedisOptions::default());
+        assert_eq!(
+            h,
+            "failing: 10.0.0.2:7001 (master,fail); 999 of 16384 slots served by no node"
+        );
     }
 }

@@ -341,8 +341,11 @@ impl SlotMap {
     /// The map in a `CLUSTER SLOTS` reply; `asked` (the `host` of the node asked) stands in
     /// for an endpoint the node reports as empty or unknown.
     pub fn from_cluster_slots(v: &Value, asked: &str) -> Result<Self, String> {
-        let Value::Array(ranges) = v else {
-            return Err(format!("CLUSTER SLOTS answered {v:?}"));
+        let ranges = match v {
+            Value::Array(r) => r,
+            // An error reply is an answer (a Redis without cluster mode says so here).
+            Value::Error(e) => return Err(format!("answers CLUSTER SLOTS with: {e}")),
+            v => return Err(format!("CLUSTER SLOTS answered {v:?}")),
         };
         let mut nodes: Vec<String> = Vec::new();
         let mut owner = vec![u16::MAX; SLOTS];
