@@ -568,6 +568,17 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let m = Arc::new(NgramHashMapping::new(&cfg, compression_for(&cfg)?)?);
     let tokens = (a.tokens as u64).saturating_mul(a.batch as u64);
     let rows = m.layer(cfg.layer_id)?.table_rows();
+    // A file's table copied into memory by `--table-io ram`: bytes per value as it lies.
+    let ram_table = match &a.weights {
+        Some(w) if table.io == engram::rows::TableIo::Ram && table.store.is_none() => {
+            let f = engram::tensors::TensorFile::open(w)?;
+            Some(match f.info(engram::weights::TABLE)?.0 {
+                safetensors::Dtype::BF16 | safetensors::Dtype::F16 => 2,
+                _ => 4,
+            })
+        }
+        _ => None,
+    };
     let plan = engram::budget::forward_plan(
         &cfg,
         &engram::budget::RunShape {
@@ -581,11 +592,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             bf16_table_copy: a.weights.is_some() && dtype == DType::Bf16,
             table_rows: rows,
             threads: rayon::current_num_threads() as u64,
-            table_in_ram: a.weights.is_none(),
-            table_elem_bytes: if dtype == DType::Bf16 && path == ForwardPath::Fused {
-                2
-            } else {
-                4
+            // Built in memory without --weights; copied there by `--table-io ram`.
+            table_in_ram: a.weights.is_none() || ram_table.is_some(),
+            table_elem_bytes: match ram_table {
+                Some(bytes) => bytes,
+                None if dtype == DType::Bf16 && path == ForwardPath::Fused => 2,
+                None => 4,
             },
         },
     )?;

@@ -320,6 +320,20 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
     let (tokens, sequences) = count_tokens(inputs.as_ref(), &a.src)?;
     let all_stages = a.all_stages || path == ForwardPath::Reference;
+    // `--table-io ram` copies the file's table into memory at its own dtype: counted here
+    // with the rest, so that a table past the memory left is refused before it is read.
+    let ram_table = table.io == engram::rows::TableIo::Ram && table.store.is_none();
+    let ram_elem_bytes = if ram_table {
+        match TensorFile::open(&a.weights)?
+            .info(engram::weights::TABLE)?
+            .0
+        {
+            safetensors::Dtype::BF16 | safetensors::Dtype::F16 => 2,
+            _ => 4,
+        }
+    } else {
+        4
+    };
     check_memory(
         &cfg,
         RunShape {
@@ -328,14 +342,14 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             sequences,
             all_stages,
             bf16_table_copy: dtype == DType::Bf16 && path == ForwardPath::Fused,
-            table_rows: if dtype == DType::Bf16 && path == ForwardPath::Fused {
+            table_rows: if ram_table || (dtype == DType::Bf16 && path == ForwardPath::Fused) {
                 engram::hashing::table_rows(&cfg)?
             } else {
                 0
             },
             threads: rayon::current_num_threads() as u64,
-            table_in_ram: false,
-            table_elem_bytes: 4,
+            table_in_ram: ram_table,
+            table_elem_bytes: ram_elem_bytes,
         },
     )?;
     let t0 = Instant::now();

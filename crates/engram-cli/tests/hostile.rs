@@ -235,6 +235,20 @@ fn absurd_configs_are_refused_naming_the_field() {
         "{line}"
     );
     assert!(!out.exists());
+    // `forward --table-io ram` copies the table into memory: the same plan refuses it
+    // before the table is read (memory-mapped, the run goes on to the file's table shape).
+    let fwd = |io: &str| {
+        strs(&t.forward(&t.inputs, &["--out", s(&out), "--table-io", io]))
+            .into_iter()
+            .map(|a| if a == s(&t.cfg) { s(&c) } else { a })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let line = fails_leaving(&strs(&fwd("ram")), "not enough memory", &[&c, &t.weights]);
+    assert!(line.contains("embedding table"), "{line}");
+    let line = expect_error(&strs(&fwd("mmap")), "multi_head_embedding.embedding.weight");
+    assert!(!line.contains("not enough memory"), "{line}");
+    assert!(!out.exists());
     // Truncated JSON names the file and the parser's position, not a field `?`.
     let trunc = t.path("trunc.json");
     std::fs::write(&trunc, "{\"max_ngram_size\": 3, \"engram_vocab_size\": [12").unwrap();
