@@ -262,6 +262,30 @@ pub fn default_sigpipe() {
     }
 }
 
+/// On SIGINT, SIGTERM or SIGHUP, removes the temporary files of the writes in flight
+/// ([`engram::atomic::remove_staged`]) and then ends the process as the signal's default
+/// action would (the shell sees 130, 143 or 129): an interrupted write leaves the old file
+/// and nothing beside it. The handler runs on a thread of its own, not in signal context.
+pub fn clean_up_on_signals() {
+    #[cfg(unix)]
+    {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        // Best effort: without the handler a signal still ends the process, leaving at
+        // worst a stray temporary file (removed by a later write, see `engram::atomic`).
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                engram::atomic::remove_staged();
+                // Ends the process as the signal itself would have.
+                let _ = signal_hook::low_level::emulate_default_handler(sig);
+                std::process::exit(128 + sig);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

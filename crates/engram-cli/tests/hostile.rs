@@ -579,40 +579,76 @@ fn a_killed_write_leaves_the_old_file() {
     );
     let out = t.path("weights-out.st");
     std::fs::write(&out, b"the old file").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_engram"))
-        .args(["init", "--config", s(&c), "--out", s(&out)])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let tmp_file = loop {
-        let found = std::fs::read_dir(&t.dir).unwrap().find_map(|e| {
-            let e = e.unwrap();
-            let name = e.file_name().to_string_lossy().into_owned();
-            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-            (name.contains(engram::atomic::TMP_MARKER) && len > 1 << 20).then(|| e.path())
-        });
-        if let Some(p) = found {
-            break p;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "init ended before its write was caught"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no temporary file appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    let tmp_files = || -> Vec<PathBuf> {
+        std::fs::read_dir(&t.dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .contains(engram::atomic::TMP_MARKER)
+            })
+            .collect()
     };
+    // `init` caught half way through its write.
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args(["init", "--config", s(&c), "--out", s(&out)])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let found = tmp_files()
+                .into_iter()
+                .find(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 1 << 20);
+            if let Some(p) = found {
+                break (child, p);
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "init ended before its write was caught"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no temporary file appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    // Interrupted (Ctrl-C), terminated or hung up: the process ends by the signal, the old
+    // file is as it was and no temporary file is left.
+    #[cfg(unix)]
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        use std::os::unix::process::ExitStatusExt;
+        let (mut child, _) = start();
+        // SAFETY: a signal to our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig), "{status:?}");
+        assert_eq!(bytes(&out), b"the old file");
+        assert_eq!(tmp_files(), Vec::<PathBuf>::new(), "signal {sig}");
+    }
+    // Killed outright: the temporary file is all that is left beside the old file.
+    let (mut child, tmp_file) = start();
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(bytes(&out), b"the old file");
-    // The interrupted temporary file is all that is left; the next write works.
-    std::fs::remove_file(&tmp_file).unwrap();
+    assert_eq!(tmp_files(), [tmp_file.clone()]);
+    // The next write to the same destination removes it once it is ten minutes old (its
+    // process is gone), and works.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(11 * 60);
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp_file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
     let (code, _, err) = engram(&["init", "--config", s(&c), "--out", s(&out)]);
     assert_eq!(code, 0, "{err}");
     assert!(TensorFile::open(&out).is_ok());
+    assert_eq!(tmp_files(), Vec::<PathBuf>::new());
 }
 
 #[test]

@@ -3,17 +3,41 @@
 //! Every file the crate writes (outputs, states, weights, compression tables) goes through
 //! [`write_atomic`]: the bytes go to a temporary file in the destination's folder, which is
 //! flushed to disk (`fsync`) and then renamed over the destination. A write that fails or is
-//! killed half way leaves the old file as it was (and at worst a stray
-//! `.NAME.engram-tmp-*` file beside it).
+//! killed half way leaves the old file as it was. The temporary files in flight are known
+//! to [`remove_staged`], which a front end's handler of SIGINT, SIGTERM and SIGHUP calls; a
+//! process killed outright (SIGKILL, power loss) leaves a stray `.NAME.engram-tmp-PID-*`
+//! file beside the destination, which the next write to that destination removes once its
+//! process is gone and the file has not changed for ten minutes.
 
 use crate::error::{EngramError, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// The marker in the names of temporary files (`.NAME.engram-tmp-PID-N-NANOS`).
 pub const TMP_MARKER: &str = ".engram-tmp-";
+
+/// The temporary files of this process not yet renamed or removed.
+static IN_FLIGHT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn in_flight() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes every temporary file this process has in flight (staged, not yet committed) and
+/// returns how many: for a handler of SIGINT, SIGTERM or SIGHUP to call before the process
+/// ends, so that an interrupted write leaves neither a half-written destination nor a
+/// partial file beside it. A write in flight then fails, naming its destination.
+pub fn remove_staged() -> usize {
+    let mut live = in_flight();
+    let n = live.len();
+    for p in live.drain(..) {
+        let _ = std::fs::remove_file(p);
+    }
+    n
+}
 
 /// Removes the temporary file unless the write was committed (also on panic).
 struct TmpGuard {
@@ -21,12 +45,85 @@ struct TmpGuard {
     committed: bool,
 }
 
+impl TmpGuard {
+    fn new(path: PathBuf) -> Self {
+        in_flight().push(path.clone());
+        TmpGuard {
+            path,
+            committed: false,
+        }
+    }
+
+    /// Renames the file over `dest`, out of [`remove_staged`]'s reach first (held under its
+    /// lock, so that a handler never removes a file being renamed).
+    fn rename_to(&mut self, dest: &Path) -> std::io::Result<()> {
+        let mut live = in_flight();
+        live.retain(|p| *p != self.path);
+        let r = std::fs::rename(&self.path, dest);
+        if r.is_ok() {
+            self.committed = true;
+        } else {
+            live.push(self.path.clone());
+        }
+        r
+    }
+}
+
 impl Drop for TmpGuard {
     fn drop(&mut self) {
         if !self.committed {
+            in_flight().retain(|p| *p != self.path);
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// How long a stray temporary file of a process that is gone must have been left unchanged
+/// before a later write to the same destination removes it.
+const STRAY_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes stray temporary files of `dest` (`.NAME.engram-tmp-PID-*` in its folder) whose
+/// process no longer exists here and which have not changed for [`STRAY_AGE`]: what a
+/// write killed outright left. (Linux only: a process is looked up in `/proc`. The age
+/// spares a file another PID namespace is still writing.)
+fn remove_strays(dest: &Path) {
+    #[cfg(target_os = "linux")]
+    {
+        let (Some(name), Some(folder)) = (dest.file_name(), dest.parent()) else {
+            return;
+        };
+        let folder = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        let prefix = format!(".{}{TMP_MARKER}", name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(folder) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name();
+            let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let gone = pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
+            let old = e
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= STRAY_AGE);
+            if gone && old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = dest;
 }
 
 /// The temporary path for `dest`: a hidden file in the same folder, unique per process and
@@ -142,6 +239,7 @@ pub fn stage(
     body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<Staged> {
     check_output(dest)?;
+    remove_strays(dest);
     let io = |e| EngramError::io(dest, e);
     // A temporary name left by a killed process (same pid, e.g. PID 1 in a container) is
     // skipped, not fatal: names also carry the clock, so such leftovers do not line up.
@@ -158,10 +256,7 @@ pub fn stage(
             Err(e) => return Err(EngramError::io(dest, e)),
         }
     };
-    let guard = TmpGuard {
-        path: tmp.clone(),
-        committed: false,
-    };
+    let guard = TmpGuard::new(tmp.clone());
     if let Ok(meta) = std::fs::metadata(dest) {
         // Keep the mode of the file being replaced (best effort).
         let _ = std::fs::set_permissions(&tmp, meta.permissions());
@@ -181,8 +276,9 @@ impl Staged {
     /// Renames the staged file over its destination and syncs the folder.
     pub fn commit(mut self) -> Result<()> {
         let dest = &self.dest;
-        std::fs::rename(&self.guard.path, dest).map_err(|e| EngramError::io(dest, e))?;
-        self.guard.committed = true;
+        self.guard
+            .rename_to(dest)
+            .map_err(|e| EngramError::io(dest, e))?;
         // Make the rename itself durable (a no-op where folders cannot be opened).
         #[cfg(unix)]
         if let Some(dir) = dest.parent() {
