@@ -498,7 +498,7 @@ fn cache_sim(a: CacheSimArgs) -> Result<std::process::ExitCode> {
         let (b, bytes) = (b.as_str(), *bytes);
         let mut line = Vec::new();
         for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
-            let c = CachedRows::with_policy(store.clone(), bytes, policy);
+            let c = CachedRows::with_policy(store.clone(), bytes, policy)?;
             for &r in &rows {
                 c.row_into(r, &mut out)?;
             }

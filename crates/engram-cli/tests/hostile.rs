@@ -1257,3 +1257,34 @@ fn control_characters_in_tensor_names_are_escaped() {
         );
     }
 }
+
+/// `table cache-sim` on a table of about 10^9 rows: a cache of half of it is refused under
+/// an address-space limit with one error line naming the cache, not an allocator abort
+/// (its bookkeeping is allocated up front; without a limit its zero pages come lazily).
+#[test]
+fn cache_sim_bookkeeping_past_the_memory_is_an_error() {
+    let t = Setup::new("cache-sim-mem");
+    let c = t.config_with(
+        "big.json",
+        "{\"engram_vocab_size\": [500000000, 500000000]}",
+    );
+    let text = t.path("text.txt");
+    std::fs::write(&text, "the memory of the layer, and of the cache").unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 3000000 && exec {} table cache-sim --config {} --text-file {} --budgets 50%",
+            env!("CARGO_BIN_EXE_engram"),
+            s(&c),
+            s(&text)
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("memory for the row cache's") && err.contains("not enough memory"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

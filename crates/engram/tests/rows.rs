@@ -141,7 +141,7 @@ fn a_cache_never_holds_more_than_its_budget() {
         .table
         .clone();
     for budget in [0u64, 1, 127, 128, 4096, 10_000, 1 << 20] {
-        let c = CachedRows::new(inner.clone(), budget);
+        let c = CachedRows::new(inner.clone(), budget).unwrap();
         let mut out = vec![0f32; 32];
         let mut want = vec![0f32; 32];
         for r in (0..inner.rows()).chain((0..inner.rows()).step_by(7)) {
@@ -164,7 +164,7 @@ fn a_cache_never_holds_more_than_its_budget() {
     // 64 shards (it would otherwise size the cache's index for rows that do not exist, or
     // abort), and holds the whole table: a second pass over every row only hits.
     for budget in [1u64 << 40, u64::MAX] {
-        let c = CachedRows::new(inner.clone(), budget);
+        let c = CachedRows::new(inner.clone(), budget).unwrap();
         assert!(
             c.capacity_rows() <= inner.rows().div_ceil(64) * 64,
             "{}",

@@ -7,7 +7,7 @@
 //! entry, policy state, S3-FIFO's remembered keys); `held_bytes` never exceeds it.
 
 use super::{CachePolicy, RowStore, StoreStats};
-use crate::error::Result;
+use crate::error::{EngramError, Result};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,32 +119,96 @@ enum Evict {
 
 const NIL: u32 = u32::MAX;
 
+/// The error of a cache bookkeeping allocation the allocator refused.
+fn refused(what: &str, n: usize) -> EngramError {
+    EngramError::invalid(
+        format!("memory for the row cache's {what}"),
+        format!("room for {n} rows"),
+        "the allocator refused it (not enough memory)",
+    )
+}
+
+/// An empty `Vec` with room for `n`, or the error naming `what` (where `with_capacity`
+/// would abort the process).
+fn room<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| refused(what, n))?;
+    Ok(v)
+}
+
+/// [`room`] for a `VecDeque`.
+fn room_deque<T>(n: usize, what: &str) -> Result<VecDeque<T>> {
+    let mut v = VecDeque::new();
+    v.try_reserve_exact(n).map_err(|_| refused(what, n))?;
+    Ok(v)
+}
+
 impl Evict {
-    fn new(policy: CachePolicy, capacity: usize) -> Self {
-        match policy {
+    fn new(policy: CachePolicy, capacity: usize) -> Result<Self> {
+        Ok(match policy {
             CachePolicy::Clock => Evict::Clock {
-                referenced: Vec::with_capacity(capacity),
+                referenced: room(capacity, "clock bits")?,
                 hand: 0,
             },
             CachePolicy::Lru => Evict::Lru {
-                prev: Vec::with_capacity(capacity),
-                next: Vec::with_capacity(capacity),
+                prev: room(capacity, "LRU links")?,
+                next: room(capacity, "LRU links")?,
                 head: NIL,
                 tail: NIL,
             },
             CachePolicy::S3Fifo => {
                 let small_cap = ((capacity as f64 * S3_SMALL_SHARE).ceil() as usize).max(1);
                 let ghost_cap = capacity.saturating_sub(small_cap).max(1);
+                let mut ghost_at = HashMap::new();
+                ghost_at
+                    .try_reserve(ghost_cap + 1)
+                    .map_err(|_| refused("S3-FIFO ghosts", ghost_cap + 1))?;
                 Evict::S3Fifo {
-                    freq: Vec::with_capacity(capacity),
-                    small: VecDeque::with_capacity(capacity),
-                    main: VecDeque::with_capacity(capacity),
-                    ghost: VecDeque::with_capacity(ghost_cap + 1),
-                    ghost_at: HashMap::with_capacity(ghost_cap + 1),
+                    freq: room(capacity, "S3-FIFO counts")?,
+                    small: room_deque(capacity, "S3-FIFO queues")?,
+                    main: room_deque(capacity, "S3-FIFO queues")?,
+                    ghost: room_deque(ghost_cap + 1, "S3-FIFO ghosts")?,
+                    ghost_at,
                     ghost_seq: 0,
                     small_cap,
                     ghost_cap,
                 }
+            }
+        })
+    }
+
+    /// Back to empty, as [`Evict::new`] made it, keeping the room it has.
+    fn reset(&mut self) {
+        match self {
+            Evict::Clock { referenced, hand } => {
+                referenced.clear();
+                *hand = 0;
+            }
+            Evict::Lru {
+                prev,
+                next,
+                head,
+                tail,
+            } => {
+                prev.clear();
+                next.clear();
+                (*head, *tail) = (NIL, NIL);
+            }
+            Evict::S3Fifo {
+                freq,
+                small,
+                main,
+                ghost,
+                ghost_at,
+                ghost_seq,
+                ..
+            } => {
+                freq.clear();
+                small.clear();
+                main.clear();
+                ghost.clear();
+                ghost_at.clear();
+                *ghost_seq = 0;
             }
         }
     }
@@ -316,13 +380,16 @@ struct RowIndex {
 }
 
 impl RowIndex {
-    fn new(rows: usize) -> Self {
+    fn new(rows: usize) -> Result<Self> {
         let n = (2 * rows).max(8).next_power_of_two();
-        RowIndex {
-            entries: vec![[0u64; 2]; n].into_boxed_slice(),
+        Ok(RowIndex {
+            // Zero pages handed out lazily, as `vec!` would, but an error, not an abort,
+            // where the allocator refuses them.
+            entries: crate::alloc::try_zeroed::<[u64; 2]>(n, "the row cache's index", false)?
+                .into_boxed_slice(),
             mask: n - 1,
             shift: 64 - n.trailing_zeros(),
-        }
+        })
     }
 
     /// The bucket a row's probe starts at (Fibonacci hashing: the high bits of `r · φ⁻¹·2⁶⁴`;
@@ -448,7 +515,7 @@ impl std::fmt::Debug for CachedRows {
 
 impl CachedRows {
     /// A cache of at most `budget` bytes in front of `inner`, with the default policy.
-    pub fn new(inner: Arc<dyn RowStore>, budget: u64) -> Self {
+    pub fn new(inner: Arc<dyn RowStore>, budget: u64) -> Result<Self> {
         Self::with_policy(inner, budget, CachePolicy::default())
     }
 
@@ -468,28 +535,30 @@ impl CachedRows {
         (rows as usize, slot_bytes)
     }
 
-    /// A cache of at most `budget` bytes in front of `inner`, evicting by `policy`.
-    pub fn with_policy(inner: Arc<dyn RowStore>, budget: u64, policy: CachePolicy) -> Self {
+    /// A cache of at most `budget` bytes in front of `inner`, evicting by `policy`. Its
+    /// bookkeeping is allocated here (the rows as they arrive): an allocator that refuses
+    /// it is an error naming the cache.
+    pub fn with_policy(inner: Arc<dyn RowStore>, budget: u64, policy: CachePolicy) -> Result<Self> {
         let bf16 = inner.bf16_exact();
         let (capacity, slot_bytes) = Self::capacity_for(inner.as_ref(), budget);
         let nshards = capacity.clamp(1, MAX_SHARDS);
         let per_shard = capacity / nshards;
-        CachedRows {
+        Ok(CachedRows {
             per_shard,
             shards: (0..nshards)
                 .map(|_| {
-                    Mutex::new(Shard {
-                        map: RowIndex::new(per_shard),
-                        rows: Vec::with_capacity(per_shard),
+                    Ok(Mutex::new(Shard {
+                        map: RowIndex::new(per_shard)?,
+                        rows: room(per_shard, "row slots")?,
                         arena: if bf16 {
                             Arena::Bf16(Vec::new())
                         } else {
                             Arena::F32(Vec::new())
                         },
-                        evict: Evict::new(policy, per_shard),
-                    })
+                        evict: Evict::new(policy, per_shard)?,
+                    }))
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
             slot_bytes,
             policy,
             bf16,
@@ -497,7 +566,7 @@ impl CachedRows {
             budget,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-        }
+        })
     }
 
     /// The eviction policy.
@@ -691,7 +760,7 @@ impl RowStore for CachedRows {
             s.map.clear(); // keeps its buckets: sized for the shard's rows
             s.rows.clear();
             s.arena.clear();
-            s.evict = Evict::new(self.policy, self.per_shard);
+            s.evict.reset(); // keeps its room, as the map
         }
         self.inner.clear();
     }
@@ -731,7 +800,7 @@ mod tests {
         for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
             // 64 shards of 10 rows.
             let budget = 640 * (8 * 4 + SLOT_OVERHEAD);
-            let c = CachedRows::with_policy(Arc::new(Ids(8)), budget, policy);
+            let c = CachedRows::with_policy(Arc::new(Ids(8)), budget, policy).unwrap();
             assert_eq!((c.shards.len(), c.per_shard), (64, 10), "{policy:?}");
             let mut x = 7u64;
             let mut out = [0f32; 8];
@@ -759,7 +828,7 @@ mod tests {
     /// table small enough that probe runs wrap around its end.
     #[test]
     fn row_index_agrees_with_a_hash_map() {
-        let mut ix = RowIndex::new(12); // 32 buckets
+        let mut ix = RowIndex::new(12).unwrap(); // 32 buckets
         assert_eq!(ix.entries.len(), 32);
         let mut model: HashMap<usize, u32> = HashMap::new();
         let mut x = 99u64;
@@ -820,8 +889,8 @@ mod tests {
     fn a_gather_equals_the_plain_gather() {
         for policy in [CachePolicy::S3Fifo, CachePolicy::Clock, CachePolicy::Lru] {
             let budget = 64 * 6 * (4 * 4 + SLOT_OVERHEAD);
-            let a = CachedRows::with_policy(Arc::new(Ids(4)), budget, policy);
-            let b = CachedRows::with_policy(Arc::new(Ids(4)), budget, policy);
+            let a = CachedRows::with_policy(Arc::new(Ids(4)), budget, policy).unwrap();
+            let b = CachedRows::with_policy(Arc::new(Ids(4)), budget, policy).unwrap();
             let mut x = 3u64;
             for round in 0..300 {
                 let rows: Vec<usize> = (0..97)
@@ -866,7 +935,7 @@ mod tests {
     /// error from both reads, never a cached row.
     #[test]
     fn rows_out_of_range_are_errors() {
-        let c = CachedRows::new(Arc::new(Ids(2)), 1 << 20);
+        let c = CachedRows::new(Arc::new(Ids(2)), 1 << 20).unwrap();
         let mut o = [0f32; 4];
         c.gather(&[0, 1], &mut o).unwrap();
         for r in [1 << 20, usize::MAX] {
@@ -883,7 +952,8 @@ mod tests {
             Arc::new(Ids(1)),
             128 * (4 + SLOT_OVERHEAD),
             CachePolicy::Lru,
-        );
+        )
+        .unwrap();
         assert_eq!((c.shards.len(), c.per_shard), (64, 2));
         let mut o = [0f32];
         for r in [0, 64, 0, 128] {
@@ -902,7 +972,7 @@ mod tests {
     fn s3fifo_resists_a_scan() {
         // 64 shards of 20 rows; rows ≡ 0 mod 64 all fall in shard 0.
         let budget = 64 * 20 * (4 + SLOT_OVERHEAD);
-        let c = CachedRows::with_policy(Arc::new(Ids(1)), budget, CachePolicy::S3Fifo);
+        let c = CachedRows::with_policy(Arc::new(Ids(1)), budget, CachePolicy::S3Fifo).unwrap();
         let mut o = [0f32];
         let (n, per) = (c.shards.len(), c.per_shard);
         assert_eq!((n, per), (64, 20));
@@ -922,7 +992,7 @@ mod tests {
         let after = c.stats().since(&before);
         assert_eq!(after.hits as usize, hot.len(), "hot rows survive the scan");
         // LRU, by contrast, loses them all to the same scan.
-        let l = CachedRows::with_policy(Arc::new(Ids(1)), budget, CachePolicy::Lru);
+        let l = CachedRows::with_policy(Arc::new(Ids(1)), budget, CachePolicy::Lru).unwrap();
         for _ in 0..3 {
             for &r in &hot {
                 l.row_into(r, &mut o).unwrap();

@@ -276,7 +276,7 @@ impl TableOptions {
                     slot_bytes,
                 )?;
                 plan.check()?;
-                std::sync::Arc::new(cache::CachedRows::with_policy(store, b, self.cache_policy))
+                std::sync::Arc::new(cache::CachedRows::with_policy(store, b, self.cache_policy)?)
             }
             None => store,
         })
