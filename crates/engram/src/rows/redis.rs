@@ -709,9 +709,32 @@ impl Wire {
             },
             map: Mutex::new(Arc::new(SlotMap::empty())),
         };
-        wire.refresh(o.timeout, deadline_after(Instant::now(), o.deadline))
-            .map_err(|e| store_err(url, format!("no slot map: {e}")))?;
-        Ok(wire)
+        // Asked again with back-off until the deadline (a node restarting, a failover).
+        let t0 = Instant::now();
+        let end = deadline_after(t0, o.deadline);
+        let mut wait = Duration::from_millis(50);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match wire.refresh(o.timeout, end) {
+                Ok(()) => return Ok(wire),
+                // Every node asked answered with an error that no retry changes (a Redis
+                // without cluster mode): refused at once.
+                Err((_, transient)) if transient && Instant::now() + wait < end => {
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err((e, _)) => {
+                    return Err(store_err(
+                        url,
+                        format!(
+                            "no slot map: {e} ({tries} tries over {:.1} s)",
+                            t0.elapsed().as_secs_f64()
+                        ),
+                    ))
+                }
+            }
+        }
     }
 
     fn map(&self) -> Arc<SlotMap> {
@@ -719,8 +742,12 @@ impl Wire {
     }
 
     /// Reads `CLUSTER SLOTS` from the seed node, or else from any node of the last map;
-    /// every wait at most `timeout` and none past `end`.
-    fn refresh(&self, timeout: Duration, end: Instant) -> std::result::Result<(), String> {
+    /// every wait at most `timeout` and none past `end`. The error says why for each node,
+    /// and whether a retry might change it (false when every node answered with an error
+    /// other than a transient one: `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`,
+    /// `BUSY`).
+    fn refresh(&self, timeout: Duration, end: Instant) -> std::result::Result<(), (String, bool)> {
+        let mut transient = false;
         let mut ask = vec![self.seed.clone()];
         ask.extend(
             self.map()
@@ -733,21 +760,33 @@ impl Wire {
         for addr in ask {
             let Some(limit) = wait_limit(timeout, end) else {
                 why.push("the deadline passed".to_string());
+                transient = true;
                 break;
             };
             let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
+            // A read that waited its whole limit reports as `WouldBlock` on Unix.
+            let io = |e: std::io::Error| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("no reply within {:.1} s", limit.as_secs_f64())
+                }
+                _ => e.to_string(),
+            };
+            // Whether a retry might get another answer from this node: anything but an
+            // error reply other than a transient one.
+            let mut node_transient = true;
             let got = (|| -> std::result::Result<SlotMap, String> {
-                let mut c =
-                    resp::Conn::connect(&addr, &self.auth, limit).map_err(|e| e.to_string())?;
+                let mut c = resp::Conn::connect(&addr, &self.auth, limit).map_err(io)?;
                 c.set_deadline(Some(end));
                 let mut cmd = Vec::new();
                 resp::push_command(&mut cmd, &[b"CLUSTER", b"SLOTS"]);
-                c.send(&cmd).map_err(|e| e.to_string())?;
+                c.send(&cmd).map_err(io)?;
                 // A few values per range and node: 2^20 is far more than any real map.
-                let v = c
-                    .value(4, 1024, &mut (1 << 20))
-                    .map_err(|e| e.to_string())?;
+                let v = c.value(4, 1024, &mut (1 << 20)).map_err(io)?;
+                if let resp::Value::Error(e) = &v {
+                    let passing = ["LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY"];
+                    node_transient = passing.iter().any(|t| e.starts_with(t));
+                }
                 let m = SlotMap::from_cluster_slots(&v, host)?;
                 if m.nodes.is_empty() {
                     return Err("no slot is served (not a cluster, or not one yet)".into());
@@ -759,10 +798,13 @@ impl Wire {
                     *self.map.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(m);
                     return Ok(());
                 }
-                Err(e) => why.push(format!("{addr}: {e}")),
+                Err(e) => {
+                    transient |= node_transient;
+                    why.push(format!("{addr}: {e}"))
+                }
             }
         }
-        Err(why.join("; "))
+        Err((why.join("; "), transient))
     }
 }
 
@@ -1022,7 +1064,7 @@ fn get_rows(
         if t.refresh {
             map_err = match wire.refresh(o.timeout, end) {
                 Ok(()) => String::new(),
-                Err(e) => format!("; reading the slot map: {e}"),
+                Err((e, _)) => format!("; reading the slot map: {e}"),
             };
         }
         pending = t.retry;
@@ -1596,7 +1638,7 @@ mod tests {
 
     /// A server that answers `PING` and every other command with an error, as a Redis
     /// without cluster mode does: the store's error carries the server's own words (not a
-    /// missing reply) and comes by the deadline.
+    /// missing reply) and comes at once, not after retries until the deadline.
     #[test]
     fn a_server_that_answers_with_an_error_is_named_with_its_words() {
         let a = fake_node(Arc::new(|a: &[Vec<u8>]| {
@@ -1607,7 +1649,7 @@ mod tests {
         }));
         let o = RedisOptions {
             timeout: Duration::from_millis(200),
-            deadline: Duration::from_millis(700),
+            deadline: Duration::from_secs(20),
             ..Default::default()
         };
         let t0 = Instant::now();
