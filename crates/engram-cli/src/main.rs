@@ -229,6 +229,24 @@ fn run() -> ExitCode {
     }
 }
 
+/// The error line for the first option given a negative number (`--chunk -1`, which clap
+/// takes for an unknown flag `-1`), if any: every numeric option of the CLI counts from 0
+/// (and a text that starts with `-`, `--text=-1`, is given with `=`).
+fn negative_value(args: &[String]) -> Option<String> {
+    args.windows(2).find_map(|w| {
+        let negative = w[1].len() > 1
+            && w[1].starts_with('-')
+            && w[1][1..].starts_with(|c: char| c.is_ascii_digit() || c == '.');
+        (w[0].starts_with("--") && !w[0].contains('=') && negative).then(|| {
+            format!(
+                "error: {}: expected a value >= 0, found {} (a value that starts with '-' \
+                     is given as {}=VALUE)",
+                w[0], w[1], w[0]
+            )
+        })
+    })
+}
+
 /// A command line clap refuses: help and version as clap prints them; any other error as one
 /// line (clap's first, with the lines it lists under it, such as missing arguments, possible
 /// values or a tip, before its usage), exit 2.
@@ -241,6 +259,13 @@ fn usage_error(e: clap::Error) -> ExitCode {
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         e.exit();
+    }
+    // `--chunk -1`: clap reads `-1` as a flag of its own; name the option it was given to.
+    if e.kind() == ErrorKind::UnknownArgument {
+        if let Some(line) = negative_value(&std::env::args().collect::<Vec<_>>()) {
+            eprintln!("{line}");
+            return ExitCode::from(2);
+        }
     }
     let text = e.render().to_string();
     let mut lines = text

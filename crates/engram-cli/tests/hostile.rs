@@ -1288,3 +1288,32 @@ fn cache_sim_bookkeeping_past_the_memory_is_an_error() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// A negative number given to an option (`--chunk -1`, which clap takes for an unknown flag
+/// `-1`) names the option and the value.
+#[test]
+fn negative_values_name_their_option() {
+    for (args, flag) in [
+        (vec!["forward", "--chunk", "-1"], "--chunk"),
+        (vec!["bench", "--tokens", "-5"], "--tokens"),
+        (
+            vec![
+                "table",
+                "info",
+                "--store",
+                "redis://x:1",
+                "--store-timeout",
+                "-1.5",
+            ],
+            "--store-timeout",
+        ),
+        (vec!["hash", "--layer", "-3", "--text", "x"], "--layer"),
+    ] {
+        let line = expect_error(&args, flag);
+        let value = args[args.iter().position(|a| *a == flag).unwrap() + 1];
+        assert!(
+            line.contains(&format!("{flag}: expected a value >= 0, found {value}")),
+            "{line}"
+        );
+    }
+}
