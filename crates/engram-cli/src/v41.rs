@@ -377,6 +377,17 @@ pub fn hash_params(a: HashParamsArgs) -> Result<ExitCode> {
         .output("--out", Some(&a.out))
         .check()?;
     let Some(cfg) = detect(Some(&a.config))? else {
+        // Not JSON at all: the parser's words, not "not a V4.1 config".
+        let text = engram::files::read_limited_string(
+            &a.config,
+            engram::files::MAX_CONFIG_BYTES,
+            "config",
+        )?;
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(
+            text.strip_prefix('\u{feff}').unwrap_or(&text),
+        ) {
+            bail!("config {}: expected JSON, found {e}", a.config.display());
+        }
         bail!(
             "--config {}: expected a DeepSeek-V4.1 model config (with engram_layer_ids); a demo-layer config's parameters come from `engram hash`",
             a.config.display()

@@ -1317,3 +1317,19 @@ fn negative_values_name_their_option() {
         );
     }
 }
+
+/// `hash-params` on a config that is not JSON gives the parser's words (not "expected a
+/// DeepSeek-V4.1 config"), as `forward` does.
+#[test]
+fn hash_params_names_a_json_error() {
+    let d = tmp_dir("hash-params-json");
+    let cfg = d.join("trunc.json");
+    std::fs::write(&cfg, "{\"engram_layer_ids\": [1").unwrap();
+    let out = d.join("p.st");
+    let line = expect_error(
+        &["hash-params", "--config", s(&cfg), "--out", s(&out)],
+        "trunc.json: expected JSON, found EOF",
+    );
+    assert!(line.contains("line 1 column"), "{line}");
+    assert!(!out.exists());
+}

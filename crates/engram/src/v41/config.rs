@@ -80,12 +80,22 @@ fn uint_list(v: &Value, names: &[&'static str], min: u64) -> Result<Vec<u64>> {
     let bad = || {
         EngramError::config(
             name,
-            format!("a non-empty list of integers >= {min}"),
+            format!(
+                "a non-empty list of at most {} integers >= {min}",
+                limits::MAX_LAYERS
+            ),
             x.to_string(),
         )
     };
     let list = x.as_array().ok_or_else(bad)?;
-    if list.is_empty() || list.len() > limits::MAX_LAYERS {
+    if list.len() > limits::MAX_LAYERS {
+        return Err(EngramError::config(
+            name,
+            format!("a list of at most {} integers", limits::MAX_LAYERS),
+            list.len(),
+        ));
+    }
+    if list.is_empty() {
         return Err(bad());
     }
     list.iter()
@@ -361,6 +371,18 @@ mod tests {
             let e = V41Config::from_json_str(&INFERENCE.replace(from, to)).unwrap_err();
             assert!(e.to_string().contains(field), "{field}: {e}");
         }
+        // Too many layer ids: the bound and the count, not the list's text.
+        let ids: Vec<String> = (0..=limits::MAX_LAYERS).map(|i| i.to_string()).collect();
+        let e = V41Config::from_json_str(
+            &INFERENCE.replace("[1, 14]", &format!("[{}]", ids.join(", "))),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("engram_layer_ids")
+                && e.contains("a list of at most 4096 integers, found 4097"),
+            "{e}"
+        );
         let c = V41Config::from_json_str(INFERENCE).unwrap();
         assert!(c
             .layer_index(3)
