@@ -100,7 +100,8 @@ impl TableArgs {
                 .transpose()
                 .context("--table-cache")?,
             cache_policy: match &self.table_cache_policy {
-                Some(s) => s.parse().context("--table-cache-policy")?,
+                // The library's error names table-cache-policy.
+                Some(s) => s.parse()?,
                 None => Default::default(),
             },
             io_depth: self.io_depth,
@@ -139,10 +140,12 @@ impl TableArgs {
             anyhow::bail!("--table-cache-policy: expected --table-cache SIZE with it, found none");
         }
         if self.io_depth.is_some() && o.io != engram::rows::TableIo::Direct {
-            anyhow::bail!(
-                "--io-depth: expected --table-io direct with it, found --table-io {}",
-                o.io.name()
-            );
+            let found = match (&o.store, &self.table_io) {
+                (Some(_), _) => "--table-store".to_string(),
+                (None, Some(_)) => format!("--table-io {}", o.io.name()),
+                (None, None) => format!("no --table-io (the default, {})", o.io.name()),
+            };
+            anyhow::bail!("--io-depth: expected --table-io direct with it, found {found}");
         }
         Ok(o)
     }

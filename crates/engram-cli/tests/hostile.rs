@@ -946,6 +946,15 @@ fn flags_that_would_be_dropped_are_refused() {
         &["--table-io", "direct", "--io-depth", "100000000"],
         "1 to 1024",
     );
+    // --io-depth without --table-io direct: what was given instead, as the user gave it.
+    forward(
+        &["--io-depth", "3", "--table-store", "redis://127.0.0.1:1"],
+        "--io-depth: expected --table-io direct with it, found --table-store",
+    );
+    forward(
+        &["--io-depth", "3"],
+        "found no --table-io (the default, mmap)",
+    );
     // --no-bos applies to --text; with an inputs file it did nothing.
     forward(&["--no-bos"], "--no-bos");
     // The same for a V4.1 layer (checked before its own path).
