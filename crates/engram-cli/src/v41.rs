@@ -307,15 +307,25 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     } else {
         "bytes not counted: the table is mapped or in memory".into()
     };
+    // A mapped or in-memory table without a cache counts no rows at all.
+    let rows = if st.hits + st.misses == 0 {
+        "rows not counted (the table is mapped or in memory)".to_string()
+    } else {
+        format!(
+            "rows: {} from memory, {} read ({bytes})",
+            st.hits, st.misses
+        )
+    };
+    let table = match &a.table.store {
+        Some(url) => format!("store {url}"),
+        None => a.table.io.name().to_string(),
+    };
     eprintln!(
-        "forward V4.1 layer {layer_id} ({path:?}, table {:?}{}): {nseq} sequence(s), {} tokens; load {:.2}s, run {:.3}s; rows: {} from memory, {} read ({bytes}); wrote {}",
-        a.table.io,
+        "forward V4.1 layer {layer_id} ({path:?}, table {table}{}): {nseq} sequence(s), {} tokens; load {:.2}s, run {:.3}s; {rows}; wrote {}",
         a.table.cache_bytes.map(|b| format!(" + {b}-byte cache")).unwrap_or_default(),
         ids.len(),
         load.as_secs_f64(),
         run.as_secs_f64(),
-        st.hits,
-        st.misses,
         a.out.display()
     );
     Ok(ExitCode::SUCCESS)
