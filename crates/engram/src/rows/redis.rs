@@ -459,6 +459,17 @@ impl TableMeta {
     fn num(&self, k: &str) -> usize {
         self.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
+
+    /// A field as the store holds it, for a message (`?` where it is missing): a value that
+    /// is not a number shows as it is, not as the 0 [`TableMeta::num`] compares.
+    fn shown(&self, k: &str) -> String {
+        let v = self.get(k).unwrap_or("?");
+        let mut t: String = v.chars().take(80).collect();
+        if t.len() < v.len() {
+            t.push('…');
+        }
+        format!("{t:?}").trim_matches('"').to_string()
+    }
 }
 
 fn read_meta(con: &mut ClusterConnection, tid: &str) -> redis::RedisResult<TableMeta> {
@@ -550,7 +561,7 @@ pub fn push(
             url,
             format!(
                 "table {tid}: the store's meta says {} rows of {:?}, the file has {rows} of {}",
-                meta.num("rows"),
+                meta.shown("rows"),
                 meta.get("format").unwrap_or("?"),
                 raw.format.name()
             ),
@@ -1297,8 +1308,8 @@ impl RedisRows {
                 url,
                 format!(
                     "table {tid} is incomplete: {} of {} rows pushed and checked; resume with `engram table push`",
-                    meta.num("pushed"),
-                    meta.num("rows")
+                    meta.shown("pushed"),
+                    meta.shown("rows")
                 ),
             ));
         }
@@ -1315,10 +1326,10 @@ impl RedisRows {
                     id.dim,
                     id.format.name(),
                     id.table_digest,
-                    meta.num("rows"),
-                    meta.num("dim"),
-                    meta.get("format").unwrap_or("?"),
-                    meta.get("table_digest").unwrap_or("?")
+                    meta.shown("rows"),
+                    meta.shown("dim"),
+                    meta.shown("format"),
+                    meta.shown("table_digest")
                 ),
             ));
         }
@@ -1765,5 +1776,18 @@ mod tests {
             h,
             "failing: 10.0.0.2:7001 (master,fail); 999 of 16384 slots served by no node"
         );
+    }
+
+    /// A meta field that is not a number shows as the store holds it (escaped, cut), not as
+    /// the 0 it compares as.
+    #[test]
+    fn meta_fields_show_as_stored() {
+        let mut m = TableMeta::default();
+        m.fields.insert("rows".into(), "abc".into());
+        m.fields.insert("dim".into(), "x\n".repeat(50));
+        assert_eq!((m.num("rows"), m.shown("rows")), (0, "abc".to_string()));
+        assert_eq!(m.shown("format"), "?");
+        let dim = m.shown("dim");
+        assert!(dim.starts_with("x\\nx\\n") && dim.ends_with('…'), "{dim}");
     }
 }
