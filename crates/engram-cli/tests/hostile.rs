@@ -1342,3 +1342,54 @@ fn hash_params_names_a_json_error() {
     assert!(line.contains("line 1 column"), "{line}");
     assert!(!out.exists());
 }
+
+/// A state file of the other variant (a DeepSeek-V4.1 layer's given to a demo layer, and
+/// the reverse) is named as such, not as a stray tensor or an empty field.
+#[test]
+fn state_files_of_the_other_variant_are_named() {
+    let t = Setup::new("states-variant");
+    let (out, demo_st, v41_st) = (t.path("o.st"), t.path("demo.st"), t.path("v41.st"));
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--state-out", s(&demo_st)]);
+    let (code, _, err) = engram(&strs(&args));
+    assert_eq!(code, 0, "{err}");
+    let (v41_cfg, v41_w) = (
+        golden("v41/v41_small.config.json"),
+        golden("v41/v41_small.weights.safetensors"),
+    );
+    let v41 = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "forward",
+            "--config",
+            s(&v41_cfg),
+            "--weights",
+            s(&v41_w),
+            "--layer",
+            "14",
+            "--text",
+            "the states of a layer",
+            "--random-hidden",
+            "1",
+            "--out",
+            s(&out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let (code, _, err) = engram(&strs(&v41(&["--state-out", s(&v41_st)])));
+    assert_eq!(code, 0, "{err}");
+    let args = t.forward(&t.inputs, &["--out", s(&out), "--state-in", s(&v41_st)]);
+    let line = fails_leaving(&strs(&args), "states in", &[&v41_st]);
+    assert!(
+        line.contains("the states of a \"deepseek-v4.1\" layer"),
+        "{line}"
+    );
+    let line = fails_leaving(
+        &strs(&v41(&["--state-in", s(&demo_st)])),
+        "states in",
+        &[&demo_st],
+    );
+    assert!(line.contains("the states of a demo layer"), "{line}");
+}

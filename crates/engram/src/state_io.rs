@@ -100,6 +100,14 @@ pub fn load_states_from(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> 
 
 fn load_checked(f: &TensorFile, e: &Engram) -> Result<Vec<EngramState>> {
     let cfg = e.config();
+    // A DeepSeek-V4.1 layer's states (its own tensors and metadata): named as such.
+    if let Some(v) = f.metadata().get("engram_variant") {
+        return Err(EngramError::invalid(
+            format!("states in {}", f.path().display()),
+            "the states of a demo layer (written by `--state-out` / `save_states` on one)",
+            format!("the states of a {v:?} layer (`engram_variant` metadata)"),
+        ));
+    }
     extra_tensor(f, &["ngram_history", "conv_history", "position"])?;
     let j = f.metadata().get("engram_config").ok_or_else(|| {
         EngramError::invalid(

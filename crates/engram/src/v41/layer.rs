@@ -853,10 +853,18 @@ impl V41Layer {
         let where_ = format!("states in {}", f.path().display());
         let meta = |k: &str| f.metadata().get(k).cloned().unwrap_or_default();
         if meta("engram_variant") != "deepseek-v4.1" {
+            // A demo layer's states carry its config instead: say so.
+            let found = match f.metadata().get("engram_variant") {
+                None if f.metadata().contains_key("engram_config") => {
+                    "the states of a demo layer (`engram_config` metadata)".to_string()
+                }
+                None => "no such metadata".to_string(),
+                Some(v) => format!("{v:?}"),
+            };
             return Err(EngramError::invalid(
                 where_,
                 "`engram_variant: deepseek-v4.1` metadata (written by --state-out on a V4.1 layer)",
-                format!("{:?}", meta("engram_variant")),
+                found,
             ));
         }
         if meta("engram_layer") != self.layer_id.to_string() {
