@@ -682,6 +682,12 @@ fn named_files_that_are_not_what_they_claim() {
         &["tokenize", "a", "--config", s(&t.dir)],
         "expected a regular file, found a directory",
     );
+    // A file that says it is regular but cannot be mapped.
+    #[cfg(target_os = "linux")]
+    expect_error(
+        &["weights", "/proc/self/mem"],
+        "/proc/self/mem: expected a safetensors file that can be memory-mapped",
+    );
 }
 
 /// The memory check counts the address-space limit (`ulimit -v`, as containers and batch

@@ -384,7 +384,19 @@ impl TensorFile {
         // SAFETY: the map is read-only; the file is not expected to change while mapped (as
         // with every memory-mapped weight loader). Truncation by another process would fault,
         // which is the documented hazard of memory-mapping.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngramError::io(&path, e))?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| {
+            // ENODEV: a file of a kind that cannot be mapped (`/proc/self/mem`, some
+            // pseudo-file systems), though its metadata says regular file.
+            if e.raw_os_error() == Some(19) {
+                EngramError::invalid(
+                    path.display().to_string(),
+                    "a safetensors file that can be memory-mapped",
+                    "a file whose file system does not map it (a /proc or device file?)",
+                )
+            } else {
+                EngramError::io(&path, e)
+            }
+        })?;
         let identity = file_identity(&file);
         // Table rows are read at random: ask the kernel not to read ahead around each row
         // when the file is not cached (a hint; failure to apply it changes nothing).
