@@ -635,7 +635,7 @@ fn a_killed_write_leaves_the_old_file() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(bytes(&out), b"the old file");
-    assert_eq!(tmp_files(), [tmp_file.clone()]);
+    assert_eq!(tmp_files(), std::slice::from_ref(&tmp_file));
     // The next write to the same destination removes it once it is ten minutes old (its
     // process is gone), and works.
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(11 * 60);
