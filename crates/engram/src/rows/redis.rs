@@ -1647,6 +1647,18 @@ mod tests {
         assert!(took < Duration::from_secs(4), "{took:?}: {e}");
     }
 
+    /// `list_tables`' error against the node at `addr`, and how long it took.
+    fn tables_error(addr: &str, timeout: Duration, deadline: Duration) -> (String, Duration) {
+        let o = RedisOptions {
+            timeout,
+            deadline,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let e = list_tables(&format!("redis://{addr}"), &o).unwrap_err();
+        (e.to_string(), t0.elapsed())
+    }
+
     /// A server that answers `PING` and every other command with an error, as a Redis
     /// without cluster mode does: the store's error carries the server's own words (not a
     /// missing reply) and comes at once, not after retries until the deadline.
@@ -1658,15 +1670,7 @@ mod tests {
                 _ => b"-ERR This instance has cluster support disabled\r\n".to_vec(),
             })
         }));
-        let o = RedisOptions {
-            timeout: Duration::from_millis(200),
-            deadline: Duration::from_secs(20),
-            ..Default::default()
-        };
-        let t0 = Instant::now();
-        let e = list_tables(&format!("redis://{a}"), &o)
-            .unwrap_err()
-            .to_string();
+        let (e, took) = tables_error(&a, Duration::from_millis(200), Duration::from_secs(20));
         // The first probe of the node quotes its answer.
         assert!(
             e.contains("answers CLUSTER SLOTS with") && e.contains("cluster support disabled"),
@@ -1674,7 +1678,7 @@ mod tests {
         );
         assert!(!e.contains("does not answer"), "{e}");
         assert!(e.contains(&a), "{e}");
-        assert!(t0.elapsed() < Duration::from_secs(4), "{e}");
+        assert!(took < Duration::from_secs(4), "{e}");
     }
 
     /// A server whose first reply announces a bulk string of 2^63 bytes and then streams
@@ -1698,21 +1702,13 @@ mod tests {
                 });
             }
         });
-        let o = RedisOptions {
-            timeout: Duration::from_millis(200),
-            deadline: Duration::from_secs(1),
-            ..Default::default()
-        };
-        let t0 = Instant::now();
-        let e = list_tables(&format!("redis://{addr}"), &o)
-            .unwrap_err()
-            .to_string();
+        let (e, took) = tables_error(&addr, Duration::from_millis(200), Duration::from_secs(1));
         assert!(
             e.contains("a bulk reply of 9223372036854775807 bytes"),
             "{e}"
         );
         assert!(e.contains(&addr), "{e}");
-        assert!(t0.elapsed() < Duration::from_secs(4), "{e}");
+        assert!(took < Duration::from_secs(4), "{e}");
     }
 
     /// An answer no retry changes (`WRONGTYPE` here; `OOM` under `noeviction` alike) fails
@@ -1734,20 +1730,12 @@ mod tests {
             })
         }));
         *me.lock().unwrap() = a.clone();
-        let o = RedisOptions {
-            timeout: Duration::from_millis(500),
-            deadline: Duration::from_secs(20),
-            ..Default::default()
-        };
-        let t0 = Instant::now();
-        let e = list_tables(&format!("redis://{a}"), &o)
-            .unwrap_err()
-            .to_string();
+        let (e, took) = tables_error(&a, Duration::from_millis(500), Duration::from_secs(20));
         assert!(
             e.contains("the store answered") && e.contains("WRONGTYPE"),
             "{e}"
         );
-        assert!(t0.elapsed() < Duration::from_secs(5), "{e}");
+        assert!(took < Duration::from_secs(5), "{e}");
     }
 
     /// `CLUSTER NODES` read for an error message: failing nodes and unserved slots named.
