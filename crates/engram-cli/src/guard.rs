@@ -252,13 +252,16 @@ pub fn rayon_env_threads() -> Result<Option<usize>> {
 }
 
 /// Lets a closed stdout (`engram weights W | head -1`) end the process quietly, as it does
-/// for other command-line tools, instead of a panic in `println!`.
+/// for other command-line tools, instead of a panic in `println!`. And ignores SIGXFSZ, so
+/// that a write past the file-size limit (`ulimit -f`) fails with an error naming the file
+/// (its temporary file removed) instead of killing the process.
 pub fn default_sigpipe() {
     #[cfg(unix)]
-    // SAFETY: restoring the default disposition of SIGPIPE at the start of `main`, before
-    // any thread is spawned; no handler runs Rust code.
+    // SAFETY: setting the dispositions of SIGPIPE and SIGXFSZ at the start of `main`,
+    // before any thread is spawned; no handler runs Rust code.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 
@@ -270,9 +273,24 @@ pub fn clean_up_on_signals() {
     #[cfg(unix)]
     {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        // A signal ignored when the process started stays ignored (`nohup` ignores SIGHUP; a
+        // shell's background job, SIGINT).
+        let ignored = |sig: libc::c_int| {
+            // SAFETY: reads the signal's current action into a zeroed struct; passing a null
+            // new action changes nothing.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction == libc::SIG_IGN
+            }
+        };
+        let wanted: Vec<libc::c_int> = [SIGINT, SIGTERM, SIGHUP]
+            .into_iter()
+            .filter(|&s| !ignored(s))
+            .collect();
         // Best effort: without the handler a signal still ends the process, leaving at
         // worst a stray temporary file (removed by a later write, see `engram::atomic`).
-        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        let Ok(mut signals) = signal_hook::iterator::Signals::new(wanted) else {
             return;
         };
         std::thread::spawn(move || {

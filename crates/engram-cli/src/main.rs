@@ -230,19 +230,23 @@ fn run() -> ExitCode {
 }
 
 /// The error line for the first option given a negative number (`--chunk -1`, which clap
-/// takes for an unknown flag `-1`), if any: every numeric option of the CLI counts from 0
-/// (and a text that starts with `-`, `--text=-1`, is given with `=`).
+/// takes for an unknown flag `-1`), if any: every numeric option of the CLI counts from 0,
+/// and a text that starts with `-` is given with `=` (`--text=-1`).
 fn negative_value(args: &[String]) -> Option<String> {
     args.windows(2).find_map(|w| {
         let negative = w[1].len() > 1
             && w[1].starts_with('-')
             && w[1][1..].starts_with(|c: char| c.is_ascii_digit() || c == '.');
         (w[0].starts_with("--") && !w[0].contains('=') && negative).then(|| {
-            format!(
-                "error: {}: expected a value >= 0, found {} (a value that starts with '-' \
-                     is given as {}=VALUE)",
-                w[0], w[1], w[0]
-            )
+            if w[0] == "--text" {
+                format!(
+                    "error: --text: found {}, which reads as an option; a text that starts \
+                     with '-' is given as --text={}",
+                    w[1], w[1]
+                )
+            } else {
+                format!("error: {}: expected a value >= 0, found {}", w[0], w[1])
+            }
         })
     })
 }

@@ -327,7 +327,7 @@ fn push(a: PushArgs) -> Result<std::process::ExitCode> {
         raw.dim(),
         raw.format(),
         (raw.rows() * raw.format().row_bytes(raw.dim())) as f64 / 1e9,
-        a.store
+        engram::rows::redis::shown_url(&a.store)
     );
     let bar = crate::demo::progress(raw.rows() as u64, "rows");
     let t0 = std::time::Instant::now();
@@ -358,7 +358,10 @@ fn info(a: InfoArgs) -> Result<std::process::ExitCode> {
     let o = a.opts.options()?;
     let tables = engram::rows::redis::list_tables(&a.store, &o)?;
     if tables.is_empty() && !a.json {
-        println!("{}: no Engram tables", a.store);
+        println!(
+            "{}: no Engram tables",
+            engram::rows::redis::shown_url(&a.store)
+        );
     }
     for (tid, m) in tables {
         if a.json {

@@ -630,6 +630,44 @@ fn a_killed_write_leaves_the_old_file() {
         assert_eq!(bytes(&out), b"the old file");
         assert_eq!(tmp_files(), Vec::<PathBuf>::new(), "signal {sig}");
     }
+    #[cfg(unix)]
+    {
+        // A signal ignored at start stays ignored (`nohup`): the write goes on and lands.
+        let sh = |script: &str| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "{script}; exec {} init --config {} --out {}",
+                    env!("CARGO_BIN_EXE_engram"),
+                    s(&c),
+                    s(&out)
+                ))
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let child = sh("trap '' HUP");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while tmp_files().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // SAFETY: a signal to our own child, which has not been waited for yet.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
+            0
+        );
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(TensorFile::open(&out).is_ok());
+        std::fs::write(&out, b"the old file").unwrap();
+        // Past the file-size limit (`ulimit -f`): an error naming the file, not SIGXFSZ.
+        let o = sh("ulimit -f 1000").wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("weights-out.st"), "{err}");
+        assert_eq!(bytes(&out), b"the old file");
+        assert_eq!(tmp_files(), Vec::<PathBuf>::new());
+    }
     // Killed outright: the temporary file is all that is left beside the old file.
     let (mut child, tmp_file) = start();
     child.kill().unwrap();
@@ -1331,6 +1369,9 @@ fn negative_values_name_their_option() {
             "{line}"
         );
     }
+    // A text is not a number: the way to give it.
+    let line = expect_error(&["forward", "--text", "-1"], "--text");
+    assert!(line.contains("is given as --text=-1"), "{line}");
 }
 
 /// `hash-params` on a config that is not JSON gives the parser's words (not "expected a

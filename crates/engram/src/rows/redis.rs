@@ -235,8 +235,28 @@ const TABLES_KEY: &str = "eg:tables";
 
 fn store_err(url: &str, message: impl Into<String>) -> EngramError {
     EngramError::Store {
-        store: url.into(),
+        store: shown_url(url),
         message: message.into(),
+    }
+}
+
+/// A store's URL for messages: a password in it (`redis://user:PASSWORD@host:port`) shown as
+/// `***`.
+pub fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((user, host)) if !user.is_empty() => {
+            let name = user.split_once(':').map_or("", |(n, _)| n);
+            if user.contains(':') {
+                format!("{scheme}://{name}:***@{host}")
+            } else {
+                // `redis://PASSWORD@host` (a password alone).
+                format!("{scheme}://***@{host}")
+            }
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -712,7 +732,7 @@ impl Wire {
         };
         let r = info.redis_settings();
         let wire = Wire {
-            url: url.into(),
+            url: shown_url(url),
             seed,
             auth: resp::Auth {
                 username: r.username().map(str::to_string),
@@ -1334,7 +1354,7 @@ impl RedisRows {
             ));
         }
         Ok(RedisRows {
-            url: url.into(),
+            url: shown_url(url),
             tid,
             format: id.format,
             rows: id.rows,
@@ -1764,6 +1784,22 @@ mod tests {
             h,
             "failing: 10.0.0.2:7001 (master,fail); 999 of 16384 slots served by no node"
         );
+    }
+
+    /// A password in a store's URL never reaches a message.
+    #[test]
+    fn passwords_are_not_shown() {
+        for (url, shown) in [
+            ("redis://u:secret@h:1", "redis://u:***@h:1"),
+            ("redis://:secret@h:1", "redis://:***@h:1"),
+            ("redis://secret@h:1", "redis://***@h:1"),
+            ("redis://h:1", "redis://h:1"),
+            ("h:1", "h:1"),
+        ] {
+            assert_eq!(shown_url(url), shown);
+        }
+        let e = store_err("redis://u:secret@h:1", "x").to_string();
+        assert!(!e.contains("secret") && e.contains("u:***@h:1"), "{e}");
     }
 
     /// A meta field that is not a number shows as the store holds it (escaped, cut), not as
