@@ -593,11 +593,25 @@ fn a_killed_write_leaves_the_old_file() {
     };
     // `init` caught half way through its write.
     let start = || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_engram"))
-            .args(["init", "--config", s(&c), "--out", s(&out)])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_engram"));
+        cmd.args(["init", "--config", s(&c), "--out", s(&out)])
+            .stderr(Stdio::null());
+        // The signals below at their default action, whatever this test inherited (under
+        // `nohup` SIGHUP comes ignored, and a signal ignored at start stays ignored).
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only `signal`, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                        libc::signal(sig, libc::SIG_DFL);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             let found = tmp_files()
