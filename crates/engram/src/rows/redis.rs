@@ -1037,9 +1037,9 @@ fn get_rows(
                     lane.conns.clear();
                     return Err(e);
                 }
-                Err(Abort::Fatal(e)) => {
+                Err(Abort::Fatal(i, e)) => {
                     lane.conns.clear();
-                    return Err(store_err(addr, format!("GET answered {e}")));
+                    return Err(fatal_get(addr, lane.key(i), &e));
                 }
             }
         }
@@ -1065,9 +1065,9 @@ fn get_rows(
                     lane.conns.clear();
                     return Err(e);
                 }
-                Err(Abort::Fatal(e)) => {
+                Err(Abort::Fatal(i, e)) => {
                     lane.conns.clear();
-                    return Err(store_err(&to, format!("GET answered {e}")));
+                    return Err(fatal_get(&to, lane.key(i), &e));
                 }
             }
         }
@@ -1100,6 +1100,15 @@ fn get_rows(
         }
         pending = t.retry;
     }
+}
+
+/// The error of a `GET` answered with an error no retry helps (`WRONGTYPE`, `OOM`, `NOAUTH`,
+/// ...): the node, the row's key and the reply, cut to its first 300 characters.
+fn fatal_get(addr: &str, key: &[u8], e: &str) -> EngramError {
+    store_err(
+        addr,
+        format!("GET {} answered {}", String::from_utf8_lossy(key), clip(e)),
+    )
 }
 
 /// What one try of [`get_rows`] left to do.
@@ -1154,7 +1163,7 @@ impl Try {
             resp::Redirect::Fatal => return Err(()),
         }
         self.retry.push(i);
-        self.why = format!("{node}: {e}");
+        self.why = format!("{node}: {}", clip(e));
         Ok(None)
     }
 }
@@ -1163,8 +1172,8 @@ impl Try {
 enum Abort {
     /// The sink refused a row (its error).
     Sink(EngramError),
-    /// The node answered with an error no retry can help.
-    Fatal(String),
+    /// The node answered row `.0`'s `GET` with an error no retry can help.
+    Fatal(usize, String),
 }
 
 /// How many replies are read between looks at the clock (a node that trickles its replies
@@ -1216,7 +1225,7 @@ fn read_replies(
             Ok(Ok(Reply::Len(l))) => sink(i, Got::Len(l)),
             Ok(Ok(Reply::Error(e))) if asking => {
                 // The slot may have moved on: ask again after reading the map.
-                t.failed(i, format!("{addr}: {e}"));
+                t.failed(i, format!("{addr}: {}", clip(&e)));
                 Ok(())
             }
             Ok(Ok(Reply::Error(e))) => match t.redirected(i, addr, &e) {
@@ -1227,7 +1236,7 @@ fn read_replies(
                 Ok(None) => Ok(()),
                 Err(()) => {
                     lane.row = row;
-                    return Err(Abort::Fatal(e));
+                    return Err(Abort::Fatal(i, e));
                 }
             },
             Ok(Err(e)) => {
@@ -1665,6 +1674,38 @@ mod tests {
         // Bounded by the deadline plus one wait and the final CLUSTER NODES probe, not by
         // rows × timeout (8 s here).
         assert!(took < Duration::from_secs(4), "{took:?}: {e}");
+    }
+
+    /// A `GET` answered with an error no retry helps fails at once, naming the row's key, with
+    /// a long reply cut short.
+    #[test]
+    fn a_fatal_get_names_the_row_key() {
+        let a_addr = Arc::new(Mutex::new(String::new()));
+        let a2 = a_addr.clone();
+        let a = fake_node(Arc::new(move |a: &[Vec<u8>]| {
+            Some(match a[0].as_slice() {
+                b"CLUSTER" => slots_reply(&a2.lock().unwrap()),
+                b"GET" if a[1].ends_with(b":3") => {
+                    format!("-WRONGTYPE {}\r\n", "x".repeat(2000)).into_bytes()
+                }
+                b"GET" => row_reply(&a[1]),
+                _ => b"-ERR unknown\r\n".to_vec(),
+            })
+        }));
+        *a_addr.lock().unwrap() = a.clone();
+        let w = wire(&a);
+        let o = RedisOptions {
+            timeout: Duration::from_millis(300),
+            deadline: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let e = read(&w, &mut Lane::default(), &o, &[1, 3, 5])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GET eg:t:3 answered WRONGTYPE"), "{e}");
+        assert!(e.contains("(2010 characters)") && e.len() < 600, "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{e}");
     }
 
     /// `list_tables`' error against the node at `addr`, and how long it took.

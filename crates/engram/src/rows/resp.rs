@@ -374,6 +374,13 @@ impl SlotMap {
             if !(0..SLOTS as i64).contains(a) || !(0..SLOTS as i64).contains(b) || a > b {
                 return Err(format!("a CLUSTER SLOTS range {a}..={b}"));
             }
+            // A TCP port is 1..=65535; 0 or a negative one is what a node without a port
+            // for this endpoint, or a corrupt reply, would give.
+            if !(1..=u16::MAX as i64).contains(port) {
+                return Err(format!(
+                    "a CLUSTER SLOTS master port {port} for slots {a}..={b} (expected 1 to 65535)"
+                ));
+            }
             let addr = if host.contains(':') {
                 format!("[{host}]:{port}")
             } else {
@@ -535,6 +542,15 @@ mod tests {
                 .unserved(),
             SLOTS - 100
         );
+        for port in [-1, 0, 70000] {
+            let v = Value::Array(vec![Value::Array(vec![
+                Value::Int(0),
+                Value::Int(99),
+                node("h", port),
+            ])]);
+            let e = SlotMap::from_cluster_slots(&v, "h").unwrap_err();
+            assert!(e.contains(&format!("port {port}")), "{e}");
+        }
     }
 
     /// A fake node on loopback: answers each connection with `reply` and closes.
