@@ -57,7 +57,8 @@ enum Command {
     /// Primes, offsets and multipliers of every layer of a DeepSeek-V4.1 config (no tokenizer
     /// needed: the multipliers are drawn against engram_compressed_vocab_size).
     HashParams(v41::HashParamsArgs),
-    /// Row tables: cache hit rates of a text (`cache-sim`).
+    /// Row tables: write a layer's rows into a Redis Cluster (`push`), list what a cluster
+    /// holds (`info`), cache hit rates of a text (`cache-sim`).
     #[command(subcommand)]
     Table(table::TableCommand),
 }

@@ -260,6 +260,11 @@ pub struct PushArgs {
     /// The cluster: `redis://HOST:PORT` of any node.
     #[arg(long, value_name = "URL")]
     store: String,
+    /// On a table the store already marks complete, read every row back and compare it with
+    /// the file anyway (finds rows changed or lost since; a bad row unmarks the table, and
+    /// the next push rewrites from it).
+    #[arg(long)]
+    recheck: bool,
     #[command(flatten)]
     opts: StoreArgs,
 }
@@ -331,12 +336,25 @@ fn push(a: PushArgs) -> Result<std::process::ExitCode> {
     );
     let bar = crate::demo::progress(raw.rows() as u64, "rows");
     let t0 = std::time::Instant::now();
-    let r = engram::rows::redis::push(&a.store, &raw, &id, &o, None, &mut |done, _, phase| {
-        bar.set_message(phase.to_string());
-        bar.set_position(done as u64);
-    })?;
+    let r = engram::rows::redis::push(
+        &a.store,
+        &raw,
+        &id,
+        &o,
+        None,
+        a.recheck,
+        &mut |done, _, phase| {
+            bar.set_message(phase.to_string());
+            bar.set_position(done as u64);
+        },
+    )?;
     bar.finish_and_clear();
-    if r.written == 0 && r.complete {
+    if r.written == 0 && r.complete && a.recheck {
+        println!(
+            "table {tid} is in the store, complete; read every row back: equal; sha256 {}",
+            r.table_digest.as_deref().unwrap_or("?")
+        );
+    } else if r.written == 0 && r.complete {
         println!(
             "table {tid} is already in the store, complete (digest {})",
             r.table_digest.as_deref().unwrap_or("?")

@@ -50,7 +50,7 @@ fn a_master_killed_mid_run_gives_the_same_output_or_a_clear_error() {
         ..Default::default()
     };
     assert!(
-        redis::push(&url, &raw, &id, &o, None, &mut |_, _, _| {})
+        redis::push(&url, &raw, &id, &o, None, false, &mut |_, _, _| {})
             .unwrap()
             .complete
     );

@@ -61,6 +61,7 @@ fn push_all(url: &str, raw: &RawRows, id: &TableId) {
         id,
         &RedisOptions::default(),
         None,
+        false,
         &mut |_, _, _| {},
     )
     .unwrap();
@@ -204,7 +205,7 @@ fn an_interrupted_push_resumes_and_another_table_is_refused() {
     assert_ne!(id.tid(), id0.tid(), "one changed value names another table");
     let o = RedisOptions::default();
     // Interrupted after 1,000 rows.
-    let r = redis::push(&url, &raw, &id, &o, Some(1000), &mut |_, _, _| {}).unwrap();
+    let r = redis::push(&url, &raw, &id, &o, Some(1000), false, &mut |_, _, _| {}).unwrap();
     assert!(
         !r.complete && r.written == 1000 && r.resumed_from == 0,
         "{r:?}"
@@ -216,7 +217,7 @@ fn an_interrupted_push_resumes_and_another_table_is_refused() {
     assert!(e.contains("incomplete") && e.contains("1000 of"), "{e}");
     // Resumed: starts at row 1,000, then checks every row.
     let mut phases = std::collections::BTreeSet::new();
-    let r = redis::push(&url, &raw, &id, &o, None, &mut |_, _, p| {
+    let r = redis::push(&url, &raw, &id, &o, None, false, &mut |_, _, p| {
         phases.insert(p.to_string());
     })
     .unwrap();
@@ -226,7 +227,7 @@ fn an_interrupted_push_resumes_and_another_table_is_refused() {
     );
     assert!(phases.contains("writing") && phases.contains("checking"));
     // Pushing again writes nothing.
-    let r = redis::push(&url, &raw, &id, &o, None, &mut |_, _, _| {}).unwrap();
+    let r = redis::push(&url, &raw, &id, &o, None, false, &mut |_, _, _| {}).unwrap();
     assert_eq!((r.written, r.complete), (0, true));
     // The resumed table serves the changed file's rows, bit for bit.
     let base = Engram::load(cfg.clone(), &w).unwrap();
@@ -290,22 +291,21 @@ fn an_interrupted_push_resumes_and_another_table_is_refused() {
     assert!(e.contains("row 7 is missing"), "{e}");
     let e = st.gather(&[8], &mut [0f32; 64]).unwrap_err().to_string();
     assert!(e.contains("row 8 holds 5 bytes"), "{e}");
-    // A push of the damaged table finds the lost row in its check and rewinds to it; the
-    // next push rewrites from there and completes.
-    ::redis::cmd("HSET")
-        .arg(format!("eg:{tid}:meta"))
-        .arg("complete")
-        .arg(0)
-        .query::<()>(&mut con)
-        .unwrap();
-    let e = redis::push(&url, &raw, &id, &o, None, &mut |_, _, _| {})
+    // A plain push of the damaged table trusts its mark; a push with the recheck finds the
+    // lost row, unmarks the table and rewinds to the row; the next push rewrites from there
+    // and completes.
+    let r = redis::push(&url, &raw, &id, &o, None, false, &mut |_, _, _| {}).unwrap();
+    assert_eq!((r.written, r.complete), (0, true));
+    let e = redis::push(&url, &raw, &id, &o, None, true, &mut |_, _, _| {})
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("row 7 is missing") && e.contains("rewrite from row 7"),
         "{e}"
     );
-    let r = redis::push(&url, &raw, &id, &o, None, &mut |_, _, _| {}).unwrap();
+    let e = RedisRows::open(&url, &id, o).unwrap_err().to_string();
+    assert!(e.contains("incomplete"), "{e}");
+    let r = redis::push(&url, &raw, &id, &o, None, false, &mut |_, _, _| {}).unwrap();
     assert!(r.complete && r.resumed_from == 7, "{r:?}");
     let mut row8 = vec![0f32; 64];
     RedisRows::open(&url, &id, o)
@@ -319,6 +319,22 @@ fn an_interrupted_push_resumes_and_another_table_is_refused() {
     let mut want8 = vec![0f32; 64];
     base.weights().table.row_into(8, &mut want8);
     assert_eq!(bits(&row8), bits(&want8));
+    // The recheck of the repaired table passes and writes nothing. Then a row changed at
+    // its right length, which reads cannot see, is found by the recheck alone.
+    let r = redis::push(&url, &raw, &id, &o, None, true, &mut |_, _, _| {}).unwrap();
+    assert!(r.complete && r.written == 0, "{r:?}");
+    assert_eq!(r.table_digest.as_deref(), Some(id.table_digest.as_str()));
+    ::redis::cmd("SET")
+        .arg(format!("eg:{tid}:9"))
+        .arg(vec![7u8; 256])
+        .query::<()>(&mut con)
+        .unwrap();
+    let e = redis::push(&url, &raw, &id, &o, None, true, &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 9 reads back with bytes that differ"), "{e}");
+    let r = redis::push(&url, &raw, &id, &o, None, false, &mut |_, _, _| {}).unwrap();
+    assert!(r.complete && r.resumed_from == 9, "{r:?}");
 }
 
 /// A master of the cluster: (node id, `host:port`, its slot ranges).
