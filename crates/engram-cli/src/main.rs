@@ -5,11 +5,16 @@ mod commands;
 mod cuda;
 mod demo;
 mod guard;
+mod oom;
 mod table;
 mod v41;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
+
+/// An allocation that fails unhandled ends the run with one error line, not an abort.
+#[global_allocator]
+static ALLOCATOR: oom::Checked = oom::Checked;
 
 /// Exact, fast implementation of DeepSeek's Engram layer (CPU; CUDA with --device cuda).
 #[derive(Parser)]
@@ -175,21 +180,29 @@ fn run() -> ExitCode {
             }
         },
     };
+    let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some((n, source)) = requested {
-        let n = match guard::thread_count(n, source) {
-            Ok(n) => n,
+        match guard::thread_count(n, source) {
+            Ok(n) => pool = pool.num_threads(n),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
-        };
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-        {
-            eprintln!("error: --threads: {e}");
-            return ExitCode::from(2);
         }
+    }
+    // Built now, also with the default count: a pool built on first use panics where its
+    // threads cannot start (a tight `ulimit -v` or `ulimit -u`).
+    if let Err(e) = pool.build_global() {
+        match requested {
+            Some((n, source)) => {
+                eprintln!("error: {source} {n}: could not start the worker threads: {e}")
+            }
+            None => eprintln!(
+                "error: could not start the worker threads (one per core; --threads sets \
+                 fewer): {e}"
+            ),
+        }
+        return ExitCode::from(2);
     }
     let result = match cli.command {
         Command::Demo(a) => demo::demo(a),

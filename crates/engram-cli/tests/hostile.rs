@@ -763,6 +763,71 @@ fn the_address_space_limit_counts_as_memory() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// Under an address-space limit too tight for what the plan does not count (the bundled
+/// tokenizer being parsed, thread stacks), an allocation fails unhandled deep in a crate:
+/// that is one `error: out of memory` line and exit 1, the old output file untouched and no
+/// staged file left, never an abort. Limits from 100 to 500 MB: each run fails in one line
+/// or succeeds, and at least one fails in the allocator.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_allocation_failing_unhandled_is_one_error_line() {
+    let st = Setup::new("oom-line");
+    let out = st.path("out.safetensors");
+    std::fs::write(&out, b"old output").unwrap();
+    let mut in_allocator = 0;
+    for mb in (100..=500).step_by(25) {
+        let run = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v {} && exec {} forward --config {} --weights {} --text 'hello world' \
+                 --random-hidden 1 --out {}",
+                mb * 1000,
+                env!("CARGO_BIN_EXE_engram"),
+                s(&st.cfg),
+                s(&st.weights),
+                s(&out)
+            ))
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        let code = run.status.code();
+        if code == Some(0) {
+            assert!(TensorFile::open(&out).is_ok(), "{mb} MB: {err}");
+            std::fs::write(&out, b"old output").unwrap();
+            continue;
+        }
+        assert!(
+            matches!(code, Some(1 | 2)),
+            "{mb} MB: {:?}: {err}",
+            run.status
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{mb} MB: {err}");
+        assert!(err.starts_with("error: "), "{mb} MB: {err}");
+        assert!(!err.contains("memory allocation of"), "{mb} MB: {err}");
+        if err.starts_with("error: out of memory: an allocation of ") {
+            assert_eq!(code, Some(1), "{err}");
+            assert!(
+                err.contains(&format!("`ulimit -v` {} KiB", mb * 1000)),
+                "{err}"
+            );
+            in_allocator += 1;
+        }
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"old output",
+            "{mb} MB: {err}"
+        );
+        let strays: Vec<_> = std::fs::read_dir(&st.dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".engram-tmp-"))
+            .collect();
+        assert!(strays.is_empty(), "{mb} MB: {strays:?}");
+    }
+    assert!(in_allocator > 0, "no limit reached the allocator's failure");
+}
+
 #[test]
 fn flags_that_would_be_dropped_are_refused() {
     let d = tmp_dir("dropped-flags");

@@ -2,6 +2,33 @@
 //! huge pages where the OS offers them and they pay.
 
 use crate::error::{EngramError, Result};
+use std::cell::Cell;
+
+thread_local! {
+    /// Whether this thread is inside [`fallible`] (no destructor, initialised in place: an
+    /// allocator may read it at any time).
+    static FALLIBLE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's allocation failures marked as handled by their caller: a
+/// global allocator that ends the process when an allocation fails (the CLI's) returns null
+/// inside instead, so that a `try_reserve` or checked `alloc` in `f` returns its error.
+pub fn fallible<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = FALLIBLE.try_with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FALLIBLE.try_with(|c| c.replace(true)).unwrap_or(false));
+    f()
+}
+
+/// Whether an allocation failing on this thread now is handled by its caller
+/// ([`fallible`]); for a global allocator to ask.
+pub fn failure_handled() -> bool {
+    FALLIBLE.try_with(Cell::get).unwrap_or(false)
+}
 
 /// A zeroed `Vec<T>` of `n` elements, or an error naming `what` when the allocation fails
 /// (where `vec![0; n]` would abort the process). The memory comes from `alloc_zeroed`, so
@@ -28,7 +55,7 @@ pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(
     let layout = std::alloc::Layout::array::<T>(n)
         .map_err(|_| failed(format!("{n} x {} bytes", std::mem::size_of::<T>())))?;
     // SAFETY: the layout has a non-zero size (n > 0, size_of::<T>() > 0).
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    let ptr = fallible(|| unsafe { std::alloc::alloc_zeroed(layout) }) as *mut T;
     if ptr.is_null() {
         return Err(failed(crate::budget::human(layout.size() as u64)));
     }
@@ -219,6 +246,21 @@ impl<T> std::fmt::Debug for LineAligned<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fallible_marks_only_its_own_scope() {
+        assert!(!super::failure_handled());
+        let inner = super::fallible(|| super::fallible(super::failure_handled));
+        assert!(inner);
+        assert!(!super::failure_handled(), "restored after nesting");
+        let r = std::panic::catch_unwind(|| super::fallible(|| panic!("unwinds")));
+        assert!(r.is_err());
+        assert!(!super::failure_handled(), "restored after a panic");
+        let other = std::thread::spawn(|| {
+            super::fallible(|| std::thread::spawn(super::failure_handled).join().unwrap())
+        });
+        assert!(!other.join().unwrap(), "per thread");
+    }
+
     #[test]
     fn zeroed_buffers_and_refused_allocations() {
         for huge in [false, true] {

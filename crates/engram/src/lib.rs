@@ -66,7 +66,7 @@ pub mod tokenizer;
 pub mod v41;
 pub mod weights;
 
-pub use alloc::LineAligned;
+pub use alloc::{failure_handled, fallible, LineAligned};
 pub use compression::CompressedTokenizer;
 pub use config::{EngramConfig, LayerSizes};
 pub use dtype::DType;

@@ -132,14 +132,14 @@ fn refused(what: &str, n: usize) -> EngramError {
 /// would abort the process).
 fn room<T>(n: usize, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| refused(what, n))?;
+    crate::alloc::fallible(|| v.try_reserve_exact(n)).map_err(|_| refused(what, n))?;
     Ok(v)
 }
 
 /// [`room`] for a `VecDeque`.
 fn room_deque<T>(n: usize, what: &str) -> Result<VecDeque<T>> {
     let mut v = VecDeque::new();
-    v.try_reserve_exact(n).map_err(|_| refused(what, n))?;
+    crate::alloc::fallible(|| v.try_reserve_exact(n)).map_err(|_| refused(what, n))?;
     Ok(v)
 }
 
@@ -160,8 +160,7 @@ impl Evict {
                 let small_cap = ((capacity as f64 * S3_SMALL_SHARE).ceil() as usize).max(1);
                 let ghost_cap = capacity.saturating_sub(small_cap).max(1);
                 let mut ghost_at = HashMap::new();
-                ghost_at
-                    .try_reserve(ghost_cap + 1)
+                crate::alloc::fallible(|| ghost_at.try_reserve(ghost_cap + 1))
                     .map_err(|_| refused("S3-FIFO ghosts", ghost_cap + 1))?;
                 Evict::S3Fifo {
                     freq: room(capacity, "S3-FIFO counts")?,
