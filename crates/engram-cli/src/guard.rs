@@ -304,6 +304,47 @@ pub fn clean_up_on_signals() {
     }
 }
 
+/// A memory-mapped input (weights, a checkpoint, a table read with `--table-io mmap`) cut
+/// short while this run reads it: the kernel raises SIGBUS (`BUS_ADRERR`) at the first page
+/// past the file's new end, which would end the run with "Bus error" and a core dump. This
+/// handler writes one `error:` line instead, removes the staged output files and exits with
+/// status 1. Any other SIGBUS takes its default action.
+pub fn report_truncated_mappings() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: installs a handler that calls only async-signal-safe functions (`write`,
+    // `unlink` through `remove_staged_now`, which takes no lock it would wait on, `signal`,
+    // `raise`, `_exit`); the struct is zeroed, then its fields set as `sigaction` expects.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_bus_error as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
+
+#[cfg(target_os = "linux")]
+extern "C" fn on_bus_error(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let code = unsafe { info.as_ref() }.map_or(0, |i| i.si_code);
+    if code == libc::BUS_ADRERR {
+        let line: &[u8] = b"error: a memory-mapped input file (the weights or a table) was \
+            truncated or became unreadable while this run read it; run again once the file \
+            is whole\n";
+        // SAFETY: `line` is a static byte string; `write` reads `line.len()` bytes of it.
+        unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+        engram::atomic::remove_staged_now();
+        // SAFETY: ends the process at once; takes no pointer.
+        unsafe { libc::_exit(1) }
+    }
+    // SAFETY: restores the default action and raises the signal again, which ends the
+    // process as the SIGBUS would have.
+    unsafe {
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        libc::raise(libc::SIGBUS);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,7 @@ enum Command {
 fn main() -> ExitCode {
     guard::default_sigpipe();
     guard::clean_up_on_signals();
+    guard::report_truncated_mappings();
     quiet_known_panics();
     // `println!` / `eprintln!` panic when their stream cannot be written (stdout on a full
     // disk, an I/O error; a closed pipe ends the process by SIGPIPE, see

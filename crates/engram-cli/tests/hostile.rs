@@ -568,6 +568,122 @@ fn weights_check_finds_non_finite_tables() {
     assert!(out.contains("all values finite"), "{out}");
 }
 
+/// A mapped weights file cut short while `engram weights` scans its table: the SIGBUS of the
+/// first page past the new end is one error line and exit 1, not "Bus error" and a core
+/// dump. The file is sparse (a ~530 MB table of zeros, no disk written); it is truncated
+/// once the process has it mapped. A run that finishes its scan first is tried again.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_mapped_file_cut_short_is_one_error_line() {
+    let t = Setup::new("bus");
+    let c = t.config_with(
+        "mid.json",
+        "{\"engram_vocab_size\": [129280, 129280], \"layer_id\": 1}",
+    );
+    let cfg = engram::EngramConfig::from_json_file(&c).unwrap();
+    let map =
+        engram::NgramHashMapping::new(&cfg, engram::layer::compression_for(&cfg).unwrap()).unwrap();
+    let layer = map.layer(cfg.layer_id).unwrap();
+    let rows = layer.table_rows() as usize;
+    let offsets: Vec<u8> = layer
+        .offsets()
+        .iter()
+        .flat_map(|&o| (o as i64).to_le_bytes())
+        .collect();
+    // The small layer's tensors, the table's rows those of this config, all zero but the
+    // table's head offsets.
+    let f = TensorFile::open(&t.weights).unwrap();
+    let mut header = serde_json::Map::new();
+    let (mut at, mut offsets_at) = (0usize, 0usize);
+    for name in f.names() {
+        if name == "multi_head_embedding.offsets" {
+            offsets_at = at;
+        }
+        let (dtype, mut shape) = f.info(&name).unwrap();
+        if name == engram::weights::TABLE {
+            shape[0] = rows;
+        }
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": format!("{dtype:?}"),
+                "shape": shape,
+                "data_offsets": [at, at + bytes],
+            }),
+        );
+        at += bytes;
+    }
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let full = (8 + text.len() + at) as u64;
+    let w = t.path("sparse.st");
+    {
+        let mut file = std::fs::File::create(&w).unwrap();
+        use std::io::Write;
+        file.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
+        file.write_all(&text).unwrap();
+        file.set_len(full).unwrap();
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&offsets, (8 + text.len() + offsets_at) as u64)
+            .unwrap();
+    }
+    let mut caught = false;
+    for _ in 0..5 {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&w)
+            .unwrap()
+            .set_len(full)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args(["weights", s(&w), "--config", s(&c)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Cut once 16 MB of the mapping are in memory: the scan has begun (the header
+        // checks, which would refuse a short file, are behind it).
+        let smaps = format!("/proc/{}/smaps", child.id());
+        let resident_kb = || -> u64 {
+            let text = std::fs::read_to_string(&smaps).unwrap_or_default();
+            let mut lines = text.lines().skip_while(|l| !l.ends_with(s(&w)));
+            lines
+                .find_map(|l| l.strip_prefix("Rss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            if resident_kb() > 16 << 10 {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&w)
+                    .unwrap()
+                    .set_len(4096)
+                    .unwrap();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            continue; // the scan won the race
+        }
+        assert_eq!(out.status.code(), Some(1), "{:?}: {err}", out.status);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: a memory-mapped input file")
+                && err.contains("truncated or became unreadable"),
+            "{err}"
+        );
+        caught = true;
+        break;
+    }
+    assert!(caught, "every scan finished before the file was cut");
+}
+
 /// Kills `engram init` while it writes over an existing file: the old file must survive.
 #[test]
 fn a_killed_write_leaves_the_old_file() {
