@@ -318,6 +318,13 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         );
     }
     let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
+    // The hidden states' shape from the header, before the memory check: a mismatch with
+    // input_ids is named as one, not as the memory a wrong count would need.
+    if let Some(f) = inputs.as_ref().filter(|f| f.contains("hidden_states")) {
+        let (_, mut want) = f.info("input_ids")?;
+        want.extend([cfg.hc_mult, cfg.hidden_size]);
+        f.expect_shape("hidden_states", &want)?;
+    }
     let (tokens, sequences) = count_tokens(inputs.as_ref(), &a.src)?;
     let all_stages = a.all_stages || path == ForwardPath::Reference;
     // `--table-io ram` copies the file's table into memory at its own dtype: counted here
@@ -633,6 +640,15 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
         check_id_source(&a.src)?;
         let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
         not_ragged(inputs.as_ref())?;
+        let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
+        let mut plan = engram::budget::MemoryPlan::new();
+        plan.add_dims(
+            "the hash ids of every layer",
+            &[tokens, v.columns() as u64, v.layer_ids.len() as u64],
+            8,
+        )?;
+        plan.add("the input ids and token mask", tokens, 17)?;
+        plan.check()?;
         let (ids, b, l) = match (&a.src.text, &inputs) {
             (Some(t), _) => {
                 let ids = crate::v41::tokenizer()?.encode(t, !a.src.no_bos)?;

@@ -185,15 +185,52 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
             }
             let (_, shape) = f.info("input_ids")?;
             let ragged = f.contains("offsets");
-            let (_t, offsets, bl) = match (&shape[..], ragged) {
-                ([t], true) => {
+            // Every shape is checked, and the run's memory planned, before any tensor is
+            // read: a header may declare far more than the file's author meant.
+            let (dt, hshape) = f.info("hidden_states")?;
+            let mut want: Vec<usize> = shape.clone();
+            want.extend([cfg.hc_mult, cfg.dim]);
+            if hshape != want {
+                bail!(
+                    "tensor `hidden_states` in {}: expected shape {want:?} (input_ids' shape, then hc_mult and dim), found {hshape:?}",
+                    f.path().display()
+                );
+            }
+            let sequences = match (&shape[..], ragged) {
+                ([_], true) => {
                     let (_, oshape) = f.info("offsets")?;
-                    if oshape.len() != 1 {
+                    if oshape.len() != 1 || oshape[0] == 0 {
                         bail!(
                             "tensor `offsets` in {}: expected int64 [S+1], found shape {oshape:?}",
                             f.path().display()
                         );
                     }
+                    oshape[0] - 1
+                }
+                ([b, _], false) => *b,
+                _ => 0, // refused below, naming the shape
+            };
+            let tokens: usize = shape.iter().product();
+            let wide = cfg.columns() * 8 + w * 8 + cfg.hc_mult * 4 + 17;
+            let stages = if a.all_stages {
+                (cfg.memory_width() + cfg.kv_width()) * 2
+            } else {
+                0
+            };
+            let mut plan = engram::budget::MemoryPlan::new();
+            plan.add_dims(
+                "the inputs and outputs (ids, hidden states, hash ids, gates, output)",
+                &[tokens as u64, (wide + stages) as u64],
+                1,
+            )?;
+            plan.add_dims(
+                "the sequence states",
+                &[sequences as u64, cfg.max_ngram_size as u64],
+                8,
+            )?;
+            plan.check()?;
+            let (_t, offsets, bl) = match (&shape[..], ragged) {
+                ([t], true) => {
                     let off = f.i64("offsets", None)?.data;
                     if off.first() != Some(&0)
                         || off.last() != Some(&(*t as i64))
@@ -216,15 +253,6 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
                 ),
             };
             let ids = f.i64("input_ids", None)?.data;
-            let (dt, hshape) = f.info("hidden_states")?;
-            let mut want: Vec<usize> = shape.clone();
-            want.extend([cfg.hc_mult, cfg.dim]);
-            if hshape != want {
-                bail!(
-                    "tensor `hidden_states` in {}: expected shape {want:?} (input_ids' shape, then hc_mult and dim), found {hshape:?}",
-                    f.path().display()
-                );
-            }
             let bf16 = match dt {
                 Dtype::BF16 => true,
                 Dtype::F32 => false,
@@ -243,7 +271,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     let nseq = offsets.len() - 1;
     let mut states: Vec<V41State> = match a.state_in {
         Some(p) => {
-            let s = layer.load_states(p)?;
+            let s = layer.load_states_for(p, nseq)?;
             if s.len() != nseq {
                 bail!(
                     "--state-in {}: expected {nseq} states (one per sequence), found {}",

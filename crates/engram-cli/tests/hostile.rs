@@ -382,6 +382,21 @@ fn conflicting_and_empty_inputs_are_errors() {
     assert!(line.contains("hidden_states") && line.contains("inputs.safetensors"));
     let args = t.forward(&t.inputs, &["--out", s(&out), "--text", "hello"]);
     fails_leaving(&strs(&args), "--text conflicts with --inputs", &keep);
+    // 2^32 ids declared beside hidden states of 2 tokens (a sparse file): the shapes are
+    // named, not the memory the count would need.
+    let n = 1usize << 32;
+    let sparse_in = t.path("sparse.st");
+    common::sparse(
+        &sparse_in,
+        &[
+            ("input_ids", "I64", &[1, n], 8),
+            ("hidden_states", "F32", &[1, 2, 4, 1024], 4),
+        ],
+        &[],
+    );
+    let args = t.forward(&sparse_in, &["--out", s(&out)]);
+    let line = fails_leaving(&strs(&args), "tensor `hidden_states`", &keep);
+    assert!(line.contains(&format!("[1, {n}, 4, 1024]")), "{line}");
     // L = 0 and B = 0, with and without --chunk, for forward and hash; the shape as found.
     let empty = t.path("empty.st");
     for (ids, hidden, shown) in [

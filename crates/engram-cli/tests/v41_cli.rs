@@ -514,3 +514,131 @@ fn bench_takes_its_ids_from_a_text_file() {
     a.extend(["--tokens", "100000"]);
     expect_error(&a, "tokens (B·L)");
 }
+
+/// Headers that declare billions of values (files of a few KB, sparse): every count is
+/// checked against the run, or the run's memory planned, before a tensor is read. These
+/// aborted in an allocation of 32 GiB or more.
+#[test]
+fn declared_counts_are_checked_before_anything_is_read() {
+    let cfg = v41("v41_small.config.json");
+    let w = v41("v41_small.weights.safetensors");
+    let dir = tmp_dir("v41-sparse");
+    let out = dir.join("out.safetensors");
+    let n = 1usize << 32;
+    let forward = |inputs: &std::path::Path, extra: &[&str], needle: &str| {
+        let mut a = vec![
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--layer",
+            "1",
+            "--inputs",
+            s(inputs),
+            "--out",
+            s(&out),
+        ];
+        a.extend(extra);
+        expect_error(&a, needle)
+    };
+    // A state file of 2^32 states for a run of one sequence.
+    let g = TensorFile::open(v41("v41_small.cases.safetensors")).unwrap();
+    let ids = g.i64("input_ids", None).unwrap();
+    let first = dir.join("one.safetensors");
+    let hidden = g.f32("hidden_states", None).unwrap();
+    let l = ids.shape[1];
+    let mut wr = engram::tensors::TensorWriter::new();
+    wr.i64("input_ids", &[1, l], &ids.data[..l]).f32(
+        "hidden_states",
+        &[1, l, hidden.shape[2], hidden.shape[3]],
+        &hidden.data[..l * hidden.shape[2] * hidden.shape[3]],
+    );
+    wr.write(&first).unwrap();
+    let st = dir.join("state.safetensors");
+    let (code, _, err) = engram(&[
+        "forward",
+        "--config",
+        s(&cfg),
+        "--weights",
+        s(&w),
+        "--layer",
+        "1",
+        "--inputs",
+        s(&first),
+        "--out",
+        s(&out),
+        "--state-out",
+        s(&st),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_file(&out).unwrap();
+    let meta: Vec<(String, String)> = TensorFile::open(&st)
+        .unwrap()
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let huge_state = dir.join("huge-state.safetensors");
+    sparse(
+        &huge_state,
+        &[("history", "I64", &[n, 3], 8), ("position", "I64", &[n], 8)],
+        &meta,
+    );
+    let e = forward(&first, &["--state-in", s(&huge_state)], "tensor `position`");
+    assert!(
+        e.contains("expected 1 states") && e.contains(&format!("[{n}]")),
+        "{e}"
+    );
+    // input_ids of 2^32 tokens with hidden states of 2: the shapes are named.
+    let mismatch = dir.join("mismatch.safetensors");
+    sparse(
+        &mismatch,
+        &[
+            ("input_ids", "I64", &[1, n], 8),
+            ("hidden_states", "BF16", &[1, 2, 4, 256], 2),
+        ],
+        &[],
+    );
+    forward(&mismatch, &[], "tensor `hidden_states`");
+    // Consistent, and far past the memory: the plan refuses.
+    let both = dir.join("both.safetensors");
+    sparse(
+        &both,
+        &[
+            ("input_ids", "I64", &[1, n], 8),
+            ("hidden_states", "BF16", &[1, n, 4, 256], 2),
+        ],
+        &[],
+    );
+    forward(&both, &[], "not enough memory");
+    // 2^32 offsets on 60 tokens: as many sequence states.
+    let offsets = dir.join("offsets.safetensors");
+    sparse(
+        &offsets,
+        &[
+            ("input_ids", "I64", &[60], 8),
+            ("hidden_states", "BF16", &[60, 4, 256], 2),
+            ("offsets", "I64", &[n], 8),
+        ],
+        &[],
+    );
+    forward(&offsets, &[], "not enough memory");
+    // `hash` of 2^32 ids.
+    let ids_only = dir.join("ids.safetensors");
+    sparse(&ids_only, &[("input_ids", "I64", &[1, n], 8)], &[]);
+    expect_error(
+        &[
+            "hash",
+            "--config",
+            s(&cfg),
+            "--inputs",
+            s(&ids_only),
+            "--out",
+            s(&out),
+        ],
+        "not enough memory",
+    );
+    assert!(!out.exists(), "no output from a refused run");
+}

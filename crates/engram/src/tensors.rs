@@ -519,6 +519,13 @@ impl TensorFile {
         }
     }
 
+    /// Refuses tensor `name` unless its shape is `expected`, from the header alone (nothing is
+    /// read): the error [`TensorFile::f32`] and [`TensorFile::i64`] give for it.
+    pub fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let v = self.view(name)?;
+        check_shape(name, v.shape(), Some(expected)).map_err(|e| self.in_file(e))
+    }
+
     /// A float tensor (f32, or bf16/f16 widened) whose shape must equal `expected` when given.
     pub fn f32(&self, name: &str, expected: Option<&[usize]>) -> Result<F32Tensor> {
         let v = self.view(name)?;

@@ -679,6 +679,13 @@ fn states_are_checked_on_call_save_and_load() {
     assert!(e.contains("states[1].position"), "{e}");
     assert_eq!(std::fs::read(&file).unwrap(), saved);
     assert_eq!(l.load_states(&file).unwrap(), good);
+    assert_eq!(l.load_states_for(&file, 2).unwrap(), good);
+    // A run of 3 sequences: refused from the header, naming the count.
+    let e = l.load_states_for(&file, 3).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor `position`") && e.contains("expected 3 states") && e.contains("[2]"),
+        "{e}"
+    );
     // Loading: an out-of-range history value, and another tokenizer's fingerprint.
     let f = TensorFile::open(&file).unwrap();
     let hist = f.i64("history", None).unwrap().data;
@@ -703,6 +710,20 @@ fn states_are_checked_on_call_save_and_load() {
     );
     let e = write(&hist, "engram_compression", "99092 canonical ids, sha256 0");
     assert!(e.contains("engram_compression"), "{e}");
+    // `position` and `history` disagreeing on the count: `history` is named with both.
+    let mut w = engram::tensors::TensorWriter::new();
+    w.i64("history", &[2, 3], &hist)
+        .i64("position", &[3], &[0, 0, 0]);
+    for (k, v) in &meta {
+        w.meta(k, v.as_str());
+    }
+    let p = dir.join("counts.safetensors");
+    w.write(&p).unwrap();
+    let e = l.load_states(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor `history`") && e.contains("[3, 3]") && e.contains("`position` is [3]"),
+        "{e}"
+    );
     // A tensor a state file does not hold (it was ignored).
     let mut w = engram::tensors::TensorWriter::new();
     w.i64("history", &[2, 3], &hist)
@@ -803,6 +824,21 @@ fn nan_weights_are_named() {
         // The other layer's tensors are untouched: it loads.
         V41Layer::load(&cfg(), compression(), &ck, 14).unwrap();
     }
+    // Finite codes and scales whose product overflows (e8m0 0xFE = 2^127 on the first
+    // block): infinite weights, NaN outputs; named at load.
+    let p = poisoned("layers.1.engram.wkv.scale", &[0xFE]);
+    let ck = Checkpoint::open(&p).unwrap();
+    let Err(e) = V41Layer::load(&cfg(), compression(), &ck, 1) else {
+        panic!("an overflowing wkv scale accepted");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("layers.1.engram.wkv.weight (dequantised with wkv.scale)") && e.contains("inf"),
+        "{e}"
+    );
+    // The largest finite scale under which the block's codes stay finite loads (2^100).
+    let p = poisoned("layers.1.engram.wkv.scale", &[127 + 100]);
+    V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
     // Every code (or scale) of layer 1's table NaN: the first row gathered is named.
     let table = "layers.1.engram.embed.weight";
     for tensor in [table, "layers.1.engram.embed.scale"] {

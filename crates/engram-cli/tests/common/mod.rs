@@ -121,3 +121,40 @@ pub fn tmp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A safetensors file of a header and a hole (a few KB on disk): `tensors` as (name, dtype,
+/// shape, element bytes), all zero, and `meta`.
+pub fn sparse(
+    path: &std::path::Path,
+    tensors: &[(&str, &str, &[usize], usize)],
+    meta: &[(&str, &str)],
+) {
+    let mut h = serde_json::Map::new();
+    if !meta.is_empty() {
+        let m: serde_json::Map<String, serde_json::Value> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        h.insert("__metadata__".into(), m.into());
+    }
+    let mut at = 0usize;
+    for (name, dtype, shape, es) in tensors {
+        let n = shape.iter().product::<usize>() * es;
+        h.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + n]}),
+        );
+        at += n;
+    }
+    let mut text = serde_json::Value::Object(h).to_string().into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(text);
+    std::fs::write(path, &bytes).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len((bytes.len() + at) as u64)
+        .unwrap();
+}

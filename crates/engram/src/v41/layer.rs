@@ -102,6 +102,45 @@ fn fp8_finite(name: &str, t: &RawTensor, nan: impl Fn(u8) -> bool + Sync) -> Res
     }
 }
 
+/// Refuses a `wkv` whose dequantised weights (code · its block's scale) overflow f32: a
+/// finite code times a finite e8m0 scale up to 2^127 can reach infinity, and the projection
+/// would then give NaN keys and outputs without a word. Per block of 32 × 32 codes the
+/// largest magnitude decides (e4m3's magnitude orders as its low seven bits).
+fn wkv_dequantises_finite(
+    p: &str,
+    wkv: &RawTensor,
+    scale: &RawTensor,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let (codes, scales) = (wkv.data(), scale.data());
+    let kb = k / BLOCK;
+    let first = (0..n).into_par_iter().find_map_first(|o| {
+        let row = &codes[o * k..(o + 1) * k];
+        row.chunks(BLOCK).enumerate().find_map(|(j, b)| {
+            let s = e8m0_to_f32(scales[(o / BLOCK) * kb + j]);
+            let top = b.iter().map(|&c| c & 0x7F).max().unwrap_or(0);
+            if (e4m3_to_f32(top) * s).is_finite() {
+                return None;
+            }
+            let i = b
+                .iter()
+                .position(|&c| !(e4m3_to_f32(c) * s).is_finite())
+                .unwrap_or(0);
+            Some((o * k + j * BLOCK + i, e4m3_to_f32(b[i]) * s))
+        })
+    });
+    match first {
+        Some((index, value)) => Err(EngramError::NonFinite {
+            name: format!("{p}.wkv.weight (dequantised with wkv.scale)"),
+            index,
+            value,
+        }),
+        None => Ok(()),
+    }
+}
+
 pub use crate::rows::TableOptions;
 
 impl V41Weights {
@@ -174,6 +213,7 @@ impl V41Weights {
         fp8_finite(&format!("{p}.wkv.scale"), &wkv_scale, |b| {
             crate::rows::fp8::e8m0_to_f32(b).is_nan()
         })?;
+        wkv_dequantises_finite(&p, &wkv, &wkv_scale, kvw, mw)?;
         let q_weight = bf16_vec(
             &format!("{p}.q_weight"),
             &ck.raw(&format!("{p}.q_weight"))?,
@@ -849,6 +889,24 @@ impl V41Layer {
 
     /// Reads states written by [`V41Layer::save_states`] for this layer.
     pub fn load_states(&self, path: impl AsRef<std::path::Path>) -> Result<Vec<V41State>> {
+        self.load_states_checked(path.as_ref(), None)
+    }
+
+    /// [`V41Layer::load_states`] for a run of `sequences` sequences: a file holding another
+    /// number of states is refused from its header, before its tensors are read.
+    pub fn load_states_for(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        sequences: usize,
+    ) -> Result<Vec<V41State>> {
+        self.load_states_checked(path.as_ref(), Some(sequences))
+    }
+
+    fn load_states_checked(
+        &self,
+        path: &std::path::Path,
+        sequences: Option<usize>,
+    ) -> Result<Vec<V41State>> {
         let f = crate::tensors::TensorFile::open(path)?;
         let where_ = format!("states in {}", f.path().display());
         let meta = |k: &str| f.metadata().get(k).cloned().unwrap_or_default();
@@ -895,15 +953,51 @@ impl V41Layer {
             path: f.path().display().to_string(),
             source: Box::new(e),
         };
-        let pos = f.i64("position", None)?;
-        if pos.shape.len() != 1 {
-            return Err(in_file(EngramError::Shape {
-                name: "position".into(),
-                expected: vec![pos.data.len()],
-                found: pos.shape,
-            }));
+        // Shapes from the header first: a count from a damaged or foreign file is never
+        // allocated before it is checked.
+        let (_, pshape) = f.info("position")?;
+        let (_, hshape) = f.info("history")?;
+        let s = match (&pshape[..], sequences) {
+            ([s], Some(want)) if *s != want => {
+                return Err(in_file(EngramError::invalid(
+                    "tensor `position`",
+                    format!("{want} states (one per sequence, position [{want}])"),
+                    format!("position {pshape:?}"),
+                )))
+            }
+            ([s], _) => *s,
+            _ => {
+                return Err(in_file(EngramError::invalid(
+                    "tensor `position`",
+                    format!(
+                        "shape [S] (S states){}",
+                        match sequences {
+                            Some(n) => format!(", S = {n}"),
+                            None => String::new(),
+                        }
+                    ),
+                    format!("{pshape:?}"),
+                )))
+            }
+        };
+        if hshape != [s, n1] {
+            return Err(in_file(EngramError::invalid(
+                "tensor `history`",
+                format!(
+                    "shape [{s}, {n1}] (one row of the last max_ngram_size - 1 = {n1} ids per \
+                     state; `position` is [{s}])"
+                ),
+                format!("{hshape:?}"),
+            )));
         }
-        let s = pos.shape[0];
+        let mut plan = crate::budget::MemoryPlan::new();
+        plan.add_dims(
+            format!("the {s} states in {}", f.path().display()),
+            &[s as u64, n1 as u64 + 1],
+            16,
+        )?;
+        plan.check()?;
+        let pos = f.i64("position", Some(&[s]))?;
         let hist = f.i64("history", Some(&[s, n1]))?;
         hist.data
             .chunks_exact(n1.max(1))
