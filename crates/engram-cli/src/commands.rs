@@ -40,6 +40,11 @@ pub fn load_config(path: &Option<PathBuf>) -> Result<EngramConfig> {
                     "config {}: expected a demo-layer config, found a DeepSeek-V4.1 config (those go to `forward`, `hash`, `bench`, `hash-params` and `table push`)",
                     p.display()
                 )
+            } else if crate::v41::lacks_layer_ids(p) {
+                anyhow::anyhow!(
+                    "{e} (a DeepSeek-V4.1 config is recognised by `engram_layer_ids`, which \
+                     this one lacks)"
+                )
             } else {
                 anyhow::Error::from(e)
             }

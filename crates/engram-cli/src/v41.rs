@@ -44,6 +44,11 @@ pub fn detect(path: Option<&Path>) -> Result<Option<V41Config>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let v: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
+        // A V4.1 config that is not valid JSON (a number out of range, `1e999`): the
+        // parser's words here, as the demo loader would stop at V4.1's first field instead.
+        Err(e) if text.contains("\"engram_layer_ids\"") => {
+            bail!("config {}: expected JSON, found {e}", p.display())
+        }
         Err(_) => return Ok(None), // the demo loader names the JSON error
     };
     if !engram::v41::config::is_v41(&v) {
@@ -63,6 +68,23 @@ pub fn looks_like_v41(p: &Path) -> bool {
             serde_json::from_str::<serde_json::Value>(text).ok()
         })
         .is_some_and(|v| engram::v41::config::is_v41(&v))
+}
+
+/// Whether the file reads as a DeepSeek-V4.1 model config without its `engram_layer_ids`
+/// (V4.1's own fields, `dim` or `engram_compressed_vocab_size`, and no demo-only ones): for
+/// the demo loader's error.
+pub fn lacks_layer_ids(p: &Path) -> bool {
+    engram::files::read_limited_string(p, engram::files::MAX_CONFIG_BYTES, "config")
+        .ok()
+        .and_then(|text| {
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+            serde_json::from_str::<serde_json::Value>(text).ok()
+        })
+        .is_some_and(|v| {
+            !engram::v41::config::is_v41(&v)
+                && (v.get("dim").is_some() || v.get("engram_compressed_vocab_size").is_some())
+                && v.get("hidden_size").is_none()
+        })
 }
 
 /// What `forward` gives a V4.1 run.

@@ -298,6 +298,42 @@ fn v41_errors_are_one_line() {
         &["tokenize", "hi", "--tokenizer", "/nonexistent/tok.json"],
         "/nonexistent/tok.json",
     );
+    // A number out of range in a V4.1 config: the JSON error, not the demo schema's first
+    // unknown field; a V4.1 config without `engram_layer_ids`: said so.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let bad = tmp("v41-range.json");
+    std::fs::write(
+        &bad,
+        text.replace("\"norm_eps\": 1e-20", "\"norm_eps\": 1e999"),
+    )
+    .unwrap();
+    let forward_with = |c: &std::path::Path, needle: &str| {
+        expect_error(
+            &[
+                "forward",
+                "--config",
+                s(c),
+                "--weights",
+                s(&w),
+                "--inputs",
+                s(&cases),
+                "--layer",
+                "1",
+                "--out",
+                s(&out),
+            ],
+            needle,
+        )
+    };
+    forward_with(&bad, "number out of range");
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_object_mut().unwrap().remove("engram_layer_ids");
+    let nolayers = tmp("v41-nolayers.json");
+    std::fs::write(&nolayers, v.to_string()).unwrap();
+    forward_with(
+        &nolayers,
+        "recognised by `engram_layer_ids`, which this one lacks",
+    );
     // hash-params wants a V4.1 config.
     expect_error(
         &[
