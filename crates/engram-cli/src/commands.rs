@@ -202,6 +202,54 @@ fn count_tokens(inputs: Option<&TensorFile>, src: &IdSource) -> Result<(u64, u64
     }
 }
 
+/// The tensors an `--inputs` file may give (each command reads those it takes).
+const INPUT_TENSORS: [&str; 4] = ["input_ids", "hidden_states", "offsets", "token_mask"];
+
+/// Opens an `--inputs` file, refusing a tensor whose name is a near miss of an input's
+/// (`token_masks`, `Hidden_States`): other tensors are ignored (a golden file, outputs and
+/// all, serves as inputs), so a misspelt optional input would silently be absent.
+pub(crate) fn open_inputs(path: Option<&Path>) -> Result<Option<TensorFile>> {
+    let Some(p) = path else { return Ok(None) };
+    let f = TensorFile::open(p)?;
+    for name in f.names() {
+        if INPUT_TENSORS.contains(&name.as_str()) {
+            continue;
+        }
+        if let Some(near) = INPUT_TENSORS.iter().find(|k| near_miss(&name, k)) {
+            bail!(
+                "tensor `{}` in {}: expected `{near}` (an input read by name; other tensors \
+                 are ignored), found a name one or two letters from it",
+                shown(&name),
+                p.display()
+            );
+        }
+    }
+    Ok(Some(f))
+}
+
+/// Whether `name` differs from `known` only in letter case or by at most two single-letter
+/// edits (Levenshtein distance).
+fn near_miss(name: &str, known: &str) -> bool {
+    if name.eq_ignore_ascii_case(known) {
+        return true;
+    }
+    let (a, b): (Vec<char>, Vec<char>) = (name.chars().collect(), known.chars().collect());
+    if a.len().abs_diff(b.len()) > 2 {
+        return false;
+    }
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let up = row[j + 1];
+            row[j + 1] = (up + 1).min(row[j] + 1).min(diag + usize::from(ca != cb));
+            diag = up;
+        }
+    }
+    row[b.len()] <= 2
+}
+
 /// Refuses a run that needs more memory than the machine has now.
 fn check_memory(cfg: &EngramConfig, run: RunShape) -> Result<()> {
     forward_plan(cfg, &run)?.check()?;
@@ -307,7 +355,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         .output("--state-out", a.state_out.as_deref())
         .check()?;
     check_id_source(&a.src)?;
-    let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+    let inputs = open_inputs(a.src.inputs.as_deref())?;
     if let (Some(f), Some(_)) = (&inputs, a.random_hidden) {
         if f.contains("hidden_states") {
             bail!(
@@ -643,7 +691,7 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
             .output("--out", Some(&a.out))
             .check()?;
         check_id_source(&a.src)?;
-        let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+        let inputs = open_inputs(a.src.inputs.as_deref())?;
         not_ragged(inputs.as_ref())?;
         let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
         let mut plan = engram::budget::MemoryPlan::new();
@@ -683,7 +731,7 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
         .output("--out", Some(&a.out))
         .check()?;
     check_id_source(&a.src)?;
-    let inputs = a.src.inputs.as_ref().map(TensorFile::open).transpose()?;
+    let inputs = open_inputs(a.src.inputs.as_deref())?;
     not_ragged(inputs.as_ref())?;
     let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
     let mut plan = engram::budget::MemoryPlan::new();
@@ -1122,6 +1170,27 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn near_misses_of_input_names() {
+        for (name, known) in [
+            ("token_masks", "token_mask"),
+            ("Hidden_States", "hidden_states"),
+            ("input_id", "input_ids"),
+            ("ofsets", "offsets"),
+            ("inptu_ids", "input_ids"),
+        ] {
+            assert!(near_miss(name, known), "{name}");
+        }
+        for (name, known) in [
+            ("hash_ids", "input_ids"),
+            ("gates", "offsets"),
+            ("output", "offsets"),
+            ("token_mask_v2", "token_mask"),
+        ] {
+            assert!(!near_miss(name, known), "{name}");
+        }
+    }
 
     /// Every character a listing escapes comes out as an escape (no raw one left), plain
     /// names come out as they are, and a name that spells an escape is told apart.

@@ -180,7 +180,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     let layer = V41Layer::load_with(&cfg, compression()?, &ck, layer_id, a.table.clone())?;
     let load = t0.elapsed();
     let w = cfg.hc_mult * cfg.dim;
-    let inputs = a.inputs.map(TensorFile::open).transpose()?;
+    let inputs = crate::commands::open_inputs(a.inputs)?;
     // ids, hidden (and its dtype), mask, offsets, [B, L] when not ragged.
     let (ids, hidden, bf16, mask, offsets, shape) = match (&inputs, a.text) {
         (Some(_), Some(_)) => {

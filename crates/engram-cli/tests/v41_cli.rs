@@ -334,6 +334,37 @@ fn v41_errors_are_one_line() {
         &nolayers,
         "recognised by `engram_layer_ids`, which this one lacks",
     );
+    // A misspelt optional input (`token_masks`) would be ignored, every token taken as text.
+    let g = TensorFile::open(&cases).unwrap();
+    let (ids, hidden) = (
+        g.i64("input_ids", None).unwrap(),
+        g.f32("hidden_states", None).unwrap(),
+    );
+    let mask = g.raw("token_mask").unwrap();
+    let mask: Vec<i64> = mask.data().iter().map(|&m| m as i64).collect();
+    let typo = tmp("v41-typo.safetensors");
+    let mut wr = engram::tensors::TensorWriter::new();
+    wr.i64("input_ids", &ids.shape, &ids.data)
+        .f32("hidden_states", &hidden.shape, &hidden.data)
+        .i64("token_masks", &ids.shape, &mask);
+    wr.write(&typo).unwrap();
+    let e = expect_error(
+        &[
+            "forward",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&w),
+            "--inputs",
+            s(&typo),
+            "--layer",
+            "1",
+            "--out",
+            s(&out),
+        ],
+        "tensor `token_masks`",
+    );
+    assert!(e.contains("expected `token_mask`"), "{e}");
     // hash-params wants a V4.1 config.
     expect_error(
         &[
