@@ -33,8 +33,20 @@ pub fn tokenizer() -> Result<Tokenizer> {
     })
 }
 
-fn compression() -> Result<Arc<CompressedTokenizer>> {
-    Ok(Arc::new(CompressedTokenizer::build(&tokenizer()?)?))
+/// The config file `detect` read (one per run), for errors of its fields found later.
+static CONFIG_PATH: OnceLock<PathBuf> = OnceLock::new();
+
+/// The tokenizer's compression, checked against `cfg` (its canonical-id count must be
+/// `engram_compressed_vocab_size`) with the config file named.
+fn compression(cfg: &V41Config) -> Result<Arc<CompressedTokenizer>> {
+    let c = Arc::new(CompressedTokenizer::build(&tokenizer()?)?);
+    if let Some(&layer) = cfg.layer_ids.first() {
+        V41Hashing::new(cfg, c.clone(), layer).with_context(|| match CONFIG_PATH.get() {
+            Some(p) => format!("config {}", p.display()),
+            None => "config".to_string(),
+        })?;
+    }
+    Ok(c)
 }
 
 /// The V4.1 config at `path`, or None when the file is a demo-layer config.
@@ -54,9 +66,12 @@ pub fn detect(path: Option<&Path>) -> Result<Option<V41Config>> {
     if !engram::v41::config::is_v41(&v) {
         return Ok(None);
     }
-    Ok(Some(
-        V41Config::from_value(&v).with_context(|| format!("config {}", p.display()))?,
-    ))
+    let cfg = V41Config::from_value(&v).with_context(|| format!("config {}", p.display()))?;
+    // The row counts against the primes the config draws (milliseconds), here where the
+    // error can name the file.
+    layer_params(&cfg).with_context(|| format!("config {}", p.display()))?;
+    let _ = CONFIG_PATH.set(p.to_path_buf());
+    Ok(Some(cfg))
 }
 
 /// Whether the file is a DeepSeek-V4.1 model config, valid or not (for error messages).
@@ -177,7 +192,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
     let t0 = std::time::Instant::now();
     let ck = Checkpoint::open(a.weights)
         .with_context(|| format!("--weights {}", a.weights.display()))?;
-    let layer = V41Layer::load_with(&cfg, compression()?, &ck, layer_id, a.table.clone())?;
+    let layer = V41Layer::load_with(&cfg, compression(&cfg)?, &ck, layer_id, a.table.clone())?;
     let load = t0.elapsed();
     let w = cfg.hc_mult * cfg.dim;
     let inputs = crate::commands::open_inputs(a.inputs)?;
@@ -391,7 +406,7 @@ pub fn hash(
     l: usize,
     out: &Path,
 ) -> Result<ExitCode> {
-    let comp = compression()?;
+    let comp = compression(&cfg)?;
     let mut w = TensorWriter::new();
     let mut all = Vec::new();
     for &layer in &cfg.layer_ids {
@@ -513,7 +528,7 @@ pub fn bench(cfg: V41Config, a: BenchV41<'_>) -> Result<ExitCode> {
         bail!("--tokens and --runs must be >= 1 (found {tokens}, {runs})");
     }
     let layer_id = pick_layer(&cfg, layer)?;
-    let comp = compression()?;
+    let comp = compression(&cfg)?;
     let mut x = 0x9E3779B97F4A7C15u64;
     let mut rnd = move || {
         x ^= x << 13;

@@ -165,7 +165,21 @@ fn v41_errors_are_one_line() {
     a.extend(["--layer", "1"]);
     let line = expect_error(&a, "99092");
     assert!(
-        line.contains("98627") && line.contains("--tokenizer"),
+        line.contains("98627") && line.contains("--tokenizer") && line.contains("v41-bad-vocab"),
+        "{line}"
+    );
+    // Row counts that are not the sum of the layer's primes: the file named too.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("6126", "6127");
+    let rows = tmp("v41-bad-rows.json");
+    std::fs::write(&rows, text).unwrap();
+    let mut a = base.to_vec();
+    a[2] = s(&rows);
+    a.extend(["--layer", "1"]);
+    let line = expect_error(&a, "engram_num_embeddings[0]");
+    assert!(
+        line.contains("v41-bad-rows.json") && line.contains("6126"),
         "{line}"
     );
     // --out may not be (a file of) the checkpoint.

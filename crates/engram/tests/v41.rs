@@ -335,6 +335,16 @@ fn sharded_checkpoint_reads_the_same_and_names_missing_keys() {
         msg.contains("layers.14.engram.q_weight") && msg.contains("index.json"),
         "{msg}"
     );
+    // A weight_map that is there but a list: said so, not "no weight_map".
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        r#"{"weight_map": []}"#,
+    )
+    .unwrap();
+    let Err(e) = Checkpoint::open(&dir) else {
+        panic!("a list as weight_map accepted");
+    };
+    assert!(e.to_string().contains("a weight_map that is a list"), "{e}");
 }
 
 /// A table of the real shape `[384006168, 256]` (+ scales) as a sparse file of a few MB:

@@ -60,10 +60,17 @@ impl Checkpoint {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| {
+                let found = match v.get("weight_map") {
+                    None => "no weight_map".to_string(),
+                    Some(serde_json::Value::Array(_)) => "a weight_map that is a list".into(),
+                    Some(serde_json::Value::String(_)) => "a weight_map that is a string".into(),
+                    Some(serde_json::Value::Null) => "a weight_map that is null".into(),
+                    Some(_) => "a weight_map that is a number or a boolean".into(),
+                };
                 EngramError::invalid(
                     index.display().to_string(),
                     "an object with `weight_map` {tensor name: shard file}",
-                    "no weight_map",
+                    found,
                 )
             })?;
         let mut map = HashMap::with_capacity(wm.len());
