@@ -892,6 +892,27 @@ fn the_address_space_limit_counts_as_memory() {
     // The plan's refusal, not the allocator's (which would also exit 2 in one line).
     assert!(err.contains("not enough memory: this needs"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // A file larger than the address space left cannot be mapped: named with its size.
+    let dir = common::tmp_dir("as-limit");
+    let big = dir.join("big.safetensors");
+    common::sparse(&big, &[("x", "F32", &[3 << 28], 4)], &[]);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 1000000 && exec {} weights {}",
+            env!("CARGO_BIN_EXE_engram"),
+            s(&big)
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("room in the address space to map its 3.0 GiB") && err.contains("ENOMEM"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Under an address-space limit too tight for what the plan does not count (the bundled

@@ -393,6 +393,16 @@ impl TensorFile {
                     "a safetensors file that can be memory-mapped",
                     "a file whose file system does not map it (a /proc or device file?)",
                 )
+            } else if e.raw_os_error() == Some(12) {
+                // ENOMEM: no address space left for the file (`ulimit -v`, or too many maps).
+                EngramError::invalid(
+                    path.display().to_string(),
+                    format!(
+                        "room in the address space to map its {}",
+                        crate::budget::human(meta.len())
+                    ),
+                    "none: mmap failed with ENOMEM (an address-space limit, `ulimit -v`?)",
+                )
             } else {
                 EngramError::io(&path, e)
             }
