@@ -953,6 +953,10 @@ pub struct CompareArgs {
     /// Prefix of the tensor names in the first file (e.g. `seed_text.`).
     #[arg(long, default_value = "")]
     prefix: String,
+    /// Fail when either file has a tensor the other lacks (the first file's counted under
+    /// `--prefix`); without it they are listed and left out of the verdict.
+    #[arg(long)]
+    all: bool,
 }
 
 /// `--tol`: a finite number, 0 or more.
@@ -1158,6 +1162,40 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
             a.a.display(),
             a.prefix
         );
+    }
+    // What was not compared, by name (a forward output lacking `output` must not read as
+    // a plain PASS).
+    let only_b: Vec<String> = fb
+        .names()
+        .into_iter()
+        .filter(|k| !fa.contains(&format!("{}{k}", a.prefix)))
+        .collect();
+    let only_a: Vec<String> = fa
+        .names()
+        .into_iter()
+        .filter_map(|k| k.strip_prefix(a.prefix.as_str()).map(str::to_string))
+        .filter(|k| !fb.contains(k))
+        .collect();
+    for (names, file) in [(&only_a, &a.a), (&only_b, &a.b)] {
+        if names.is_empty() {
+            continue;
+        }
+        let shown_names: Vec<String> = names
+            .iter()
+            .take(8)
+            .map(|k| format!("`{}`", shown(k)))
+            .collect();
+        let more = match names.len() {
+            l if l > 8 => format!(" and {} more", l - 8),
+            _ => String::new(),
+        };
+        println!(
+            "not compared, only in {}: {}{more}{}",
+            file.display(),
+            shown_names.join(", "),
+            if a.all { "  FAIL" } else { "" }
+        );
+        ok &= !a.all;
     }
     println!("{}", if ok { "PASS" } else { "FAIL" });
     Ok(if ok {

@@ -618,7 +618,7 @@ fn a_mapped_file_cut_short_is_one_error_line() {
         if name == engram::weights::TABLE {
             shape[0] = rows;
         }
-        let bytes = shape.iter().product::<usize>() * dtype.size();
+        let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
         header.insert(
             name.clone(),
             serde_json::json!({
@@ -1316,6 +1316,27 @@ fn compare_takes_every_dtype_and_non_finite_values() {
     // Equal infinities and NaN against NaN are no difference (they gave NaN and FAIL).
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("max 0.000e0"), "{out}");
+    assert!(!out.contains("not compared"), "{out}");
+    // A tensor only one file has: listed; a FAIL with --all.
+    let more = d.join("more.st");
+    let (xs, zero) = ([1.0, inf, -inf, nan, 3e38], [0.0f32]);
+    let mut w = TensorWriter::new();
+    w.f32("x", &[5], &xs).f32("output", &[1], &zero);
+    w.write(&more).unwrap();
+    for (x, y) in [(&a, &more), (&more, &a)] {
+        let (code, out, err) = engram(&["compare", s(x), s(y)]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains(&format!("not compared, only in {}: `output`", s(&more))),
+            "{out}"
+        );
+        let (code, out, _) = engram(&["compare", s(x), s(y), "--all"]);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("`output`  FAIL") && out.ends_with("FAIL\n"),
+            "{out}"
+        );
+    }
     // Finite values apart by more than f32's range: the difference stays finite (was inf).
     let far = write("far.st", &[1.0, inf, -inf, nan, -3e38]);
     let (code, out, _) = engram(&["compare", s(&a), s(&far)]);
