@@ -66,6 +66,12 @@ pub fn detect(path: Option<&Path>) -> Result<Option<V41Config>> {
     if !engram::v41::config::is_v41(&v) {
         return Ok(None);
     }
+    if let Some(k) = engram::files::json_duplicate_key(text) {
+        bail!(
+            "config {}: field `{k}`: expected once, found twice (JSON would keep the last)",
+            p.display()
+        );
+    }
     let cfg = V41Config::from_value(&v).with_context(|| format!("config {}", p.display()))?;
     // The row counts against the primes the config draws (milliseconds), here where the
     // error can name the file.

@@ -340,6 +340,16 @@ fn v41_errors_are_one_line() {
         )
     };
     forward_with(&bad, "number out of range");
+    // A field given twice: JSON keeps the last; refused, naming it.
+    let dup = tmp("v41-dup.json");
+    let once = text.matches("\"dim\": 256,").count();
+    assert_eq!(once, 1, "the golden config's `dim`");
+    std::fs::write(
+        &dup,
+        text.replace("\"dim\": 256,", "\"dim\": 256, \"dim\": 512,"),
+    )
+    .unwrap();
+    forward_with(&dup, "field `dim`: expected once, found twice");
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v.as_object_mut().unwrap().remove("engram_layer_ids");
     let nolayers = tmp("v41-nolayers.json");

@@ -345,6 +345,15 @@ fn sharded_checkpoint_reads_the_same_and_names_missing_keys() {
         panic!("a list as weight_map accepted");
     };
     assert!(e.to_string().contains("a weight_map that is a list"), "{e}");
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}"#,
+    )
+    .unwrap();
+    let Err(e) = Checkpoint::open(&dir) else {
+        panic!("a key given twice accepted");
+    };
+    assert!(e.to_string().contains("key `weight_map.a`"), "{e}");
 }
 
 /// A table of the real shape `[384006168, 256]` (+ scales) as a sparse file of a few MB:

@@ -56,6 +56,13 @@ impl Checkpoint {
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             EngramError::invalid(index.display().to_string(), "JSON", e.to_string())
         })?;
+        if let Some(k) = crate::files::json_duplicate_key(&text) {
+            return Err(EngramError::invalid(
+                format!("{}: key `{k}`", index.display()),
+                "once",
+                "twice (JSON would keep the last)",
+            ));
+        }
         let wm = v
             .get("weight_map")
             .and_then(|m| m.as_object())
