@@ -256,7 +256,7 @@ pub fn forward(a: Forward<'_>, cfg: V41Config) -> Result<ExitCode> {
             let tokens: usize = shape.iter().product();
             let wide = cfg.columns() * 8 + w * 8 + cfg.hc_mult * 4 + 17;
             let stages = if a.all_stages {
-                (cfg.memory_width() + cfg.kv_width()) * 2
+                (cfg.memory_width() + cfg.kv_width()) * 4 // kept in f32 until written
             } else {
                 0
             };
