@@ -12,6 +12,7 @@
 //! OOM killer instead, which no allocator sees.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The system allocator, ending the process cleanly when an allocation fails unhandled.
@@ -77,17 +78,20 @@ fn out_of_memory(bytes: usize) -> ! {
         unsafe { libc::_exit(1) }
     }
     let mut line = Line::new();
-    line.push(b"error: out of memory: an allocation of ");
-    line.number(bytes as u64);
-    line.push(b" bytes failed");
-    match address_space_limit() {
-        Some(kib) => {
-            line.push(b" (address-space limit `ulimit -v` ");
-            line.number(kib);
-            line.push(b" KiB; this run needs more)\n");
-        }
-        None => line.push(b" (more than the memory and swap this process may use)\n"),
-    }
+    // `write!` into a stack buffer: `core::fmt` allocates nothing.
+    let _ = match engram::budget::address_space_limit() {
+        Some(limit) => writeln!(
+            line,
+            "error: out of memory: an allocation of {bytes} bytes failed (address-space limit \
+             `ulimit -v` {} KiB; this run needs more)",
+            limit / 1024
+        ),
+        None => writeln!(
+            line,
+            "error: out of memory: an allocation of {bytes} bytes failed (more than the memory \
+             and swap this process may use)"
+        ),
+    };
     // SAFETY: `line.buf[..line.len]` is initialised memory owned by this frame; `write`
     // reads at most `line.len` bytes of it.
     unsafe {
@@ -96,22 +100,6 @@ fn out_of_memory(bytes: usize) -> ! {
     engram::atomic::remove_staged_now();
     // SAFETY: as above.
     unsafe { libc::_exit(1) }
-}
-
-/// `RLIMIT_AS` in KiB, when one is set.
-fn address_space_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit; getrlimit writes only into it.
-    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
-        || lim.rlim_cur == libc::RLIM_INFINITY
-    {
-        return None;
-    }
-    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every Linux target
-    Some(lim.rlim_cur as u64 / 1024)
 }
 
 /// A line built on the stack.
@@ -134,20 +122,12 @@ impl Line {
         self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
         self.len += n;
     }
+}
 
-    /// Appends `v` in decimal.
-    fn number(&mut self, mut v: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
+impl std::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -156,12 +136,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_line_is_built_without_allocating() {
+    fn the_line_is_cut_at_its_buffer() {
+        use std::fmt::Write;
         let mut l = Line::new();
-        l.push(b"a ");
-        l.number(0);
-        l.push(b" ");
-        l.number(18_446_744_073_709_551_615);
+        write!(l, "a {} {}", 0, u64::MAX).unwrap();
         assert_eq!(&l.buf[..l.len], b"a 0 18446744073709551615");
         let mut full = Line::new();
         full.push(&[b'x'; 300]);

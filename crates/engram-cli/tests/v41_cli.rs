@@ -154,30 +154,30 @@ fn v41_errors_are_one_line() {
     let mut a = base.to_vec();
     a.extend(["--layer", "1", "--tokenizer", "/nonexistent/tokenizer.json"]);
     expect_error(&a, "tokenizer");
+    // `forward` (layer 1) with a copy of the config, `from` replaced by `to` (once).
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let with_config = |name: &str, from: &str, to: &str, needle: &str| {
+        assert_eq!(text.matches(from).count(), 1, "{from} in the golden config");
+        let c = tmp(name);
+        std::fs::write(&c, text.replace(from, to)).unwrap();
+        let mut a = base.to_vec();
+        a[2] = s(&c);
+        a.extend(["--layer", "1"]);
+        expect_error(&a, needle)
+    };
     // The checkpoint's tokenizer must give engram_compressed_vocab_size canonical ids.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("98627", "99092");
-    let bad = tmp("v41-bad-vocab.json");
-    std::fs::write(&bad, text).unwrap();
-    let mut a = base.to_vec();
-    a[2] = s(&bad);
-    a.extend(["--layer", "1"]);
-    let line = expect_error(&a, "99092");
+    let line = with_config("v41-bad-vocab.json", "98627", "99092", "99092");
     assert!(
         line.contains("98627") && line.contains("--tokenizer") && line.contains("v41-bad-vocab"),
         "{line}"
     );
     // Row counts that are not the sum of the layer's primes: the file named too.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("6126", "6127");
-    let rows = tmp("v41-bad-rows.json");
-    std::fs::write(&rows, text).unwrap();
-    let mut a = base.to_vec();
-    a[2] = s(&rows);
-    a.extend(["--layer", "1"]);
-    let line = expect_error(&a, "engram_num_embeddings[0]");
+    let line = with_config(
+        "v41-bad-rows.json",
+        "6126",
+        "6127",
+        "engram_num_embeddings[0]",
+    );
     assert!(
         line.contains("v41-bad-rows.json") && line.contains("6126"),
         "{line}"
@@ -313,49 +313,26 @@ fn v41_errors_are_one_line() {
         "/nonexistent/tok.json",
     );
     // A number out of range in a V4.1 config: the JSON error, not the demo schema's first
-    // unknown field; a V4.1 config without `engram_layer_ids`: said so.
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let bad = tmp("v41-range.json");
-    std::fs::write(
-        &bad,
-        text.replace("\"norm_eps\": 1e-20", "\"norm_eps\": 1e999"),
-    )
-    .unwrap();
-    let forward_with = |c: &std::path::Path, needle: &str| {
-        expect_error(
-            &[
-                "forward",
-                "--config",
-                s(c),
-                "--weights",
-                s(&w),
-                "--inputs",
-                s(&cases),
-                "--layer",
-                "1",
-                "--out",
-                s(&out),
-            ],
-            needle,
-        )
-    };
-    forward_with(&bad, "number out of range");
-    // A field given twice: JSON keeps the last; refused, naming it.
-    let dup = tmp("v41-dup.json");
-    let once = text.matches("\"dim\": 256,").count();
-    assert_eq!(once, 1, "the golden config's `dim`");
-    std::fs::write(
-        &dup,
-        text.replace("\"dim\": 256,", "\"dim\": 256, \"dim\": 512,"),
-    )
-    .unwrap();
-    forward_with(&dup, "field `dim`: expected once, found twice");
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v.as_object_mut().unwrap().remove("engram_layer_ids");
-    let nolayers = tmp("v41-nolayers.json");
-    std::fs::write(&nolayers, v.to_string()).unwrap();
-    forward_with(
-        &nolayers,
+    // unknown field; a field given twice (JSON keeps the last) is named; a V4.1 config
+    // without `engram_layer_ids` is said to lack it.
+    let (eps, dim) = ("\"norm_eps\": 1e-20", "\"dim\": 256,");
+    with_config(
+        "v41-range.json",
+        eps,
+        "\"norm_eps\": 1e999",
+        "number out of range",
+    );
+    let twice = format!("{dim} \"dim\": 512,");
+    with_config(
+        "v41-dup.json",
+        dim,
+        &twice,
+        "field `dim`: expected once, found twice",
+    );
+    with_config(
+        "v41-nolayers.json",
+        "\"engram_layer_ids\"",
+        "\"engram_layer_list\"",
         "recognised by `engram_layer_ids`, which this one lacks",
     );
     // A misspelt optional input (`token_masks`) would be ignored, every token taken as text.
@@ -372,22 +349,10 @@ fn v41_errors_are_one_line() {
         .f32("hidden_states", &hidden.shape, &hidden.data)
         .i64("token_masks", &ids.shape, &mask);
     wr.write(&typo).unwrap();
-    let e = expect_error(
-        &[
-            "forward",
-            "--config",
-            s(&cfg),
-            "--weights",
-            s(&w),
-            "--inputs",
-            s(&typo),
-            "--layer",
-            "1",
-            "--out",
-            s(&out),
-        ],
-        "tensor `token_masks`",
-    );
+    let mut a = base.to_vec();
+    a[6] = s(&typo);
+    a.extend(["--layer", "1"]);
+    let e = expect_error(&a, "tensor `token_masks`");
     assert!(e.contains("expected `token_mask`"), "{e}");
     // hash-params wants a V4.1 config.
     expect_error(

@@ -186,8 +186,9 @@ fn headroom_of(limit: &str, usage: &str, stat: &str, inactive_key: &str) -> Opti
     Some(limit.saturating_sub(usage.saturating_sub(inactive)))
 }
 
-/// The address-space limit (`RLIMIT_AS`) less the address space mapped now (`VmSize`).
-fn address_space_headroom() -> Option<u64> {
+/// The address-space limit (`RLIMIT_AS`, `ulimit -v`) in bytes, where one is set (Linux).
+/// Allocates nothing: an allocator that has just failed may ask.
+pub fn address_space_limit() -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
         let mut lim = libc::rlimit {
@@ -200,20 +201,26 @@ fn address_space_headroom() -> Option<u64> {
         {
             return None;
         }
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmSize:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
         #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every Linux target
-        let limit = lim.rlim_cur as u64;
-        Some(limit.saturating_sub(kb.saturating_mul(1024)))
+        Some(lim.rlim_cur as u64)
     }
     #[cfg(not(target_os = "linux"))]
     None
+}
+
+/// The address-space limit ([`address_space_limit`]) less the address space mapped now
+/// (`VmSize`).
+fn address_space_headroom() -> Option<u64> {
+    let limit = address_space_limit()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(limit.saturating_sub(kb.saturating_mul(1024)))
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `dir`; `None` where
