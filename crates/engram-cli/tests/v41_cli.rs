@@ -581,8 +581,9 @@ fn declared_counts_are_checked_before_anything_is_read() {
     let dir = tmp_dir("v41-sparse");
     let out = dir.join("out.safetensors");
     let n = 1usize << 32;
-    let forward = |inputs: &std::path::Path, extra: &[&str], needle: &str| {
-        let mut a = vec![
+    // `forward` on layer 1 with these inputs, plus `extra`.
+    let run = |inputs: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        [
             "forward",
             "--config",
             s(&cfg),
@@ -594,9 +595,15 @@ fn declared_counts_are_checked_before_anything_is_read() {
             s(inputs),
             "--out",
             s(&out),
-        ];
-        a.extend(extra);
-        expect_error(&a, needle)
+        ]
+        .iter()
+        .chain(extra)
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let forward = |inputs: &std::path::Path, extra: &[&str], needle: &str| {
+        let a = run(inputs, extra);
+        expect_error(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle)
     };
     // A state file of 2^32 states for a run of one sequence.
     let g = TensorFile::open(v41("v41_small.cases.safetensors")).unwrap();
@@ -612,21 +619,8 @@ fn declared_counts_are_checked_before_anything_is_read() {
     );
     wr.write(&first).unwrap();
     let st = dir.join("state.safetensors");
-    let (code, _, err) = engram(&[
-        "forward",
-        "--config",
-        s(&cfg),
-        "--weights",
-        s(&w),
-        "--layer",
-        "1",
-        "--inputs",
-        s(&first),
-        "--out",
-        s(&out),
-        "--state-out",
-        s(&st),
-    ]);
+    let a = run(&first, &["--state-out", s(&st)]);
+    let (code, _, err) = engram(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(code, 0, "{err}");
     std::fs::remove_file(&out).unwrap();
     let meta: Vec<(String, String)> = TensorFile::open(&st)
