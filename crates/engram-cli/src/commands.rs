@@ -227,13 +227,13 @@ pub(crate) fn open_inputs(path: Option<&Path>) -> Result<Option<TensorFile>> {
     Ok(Some(f))
 }
 
-/// Whether `name` differs from `known` only in letter case or by at most two single-letter
-/// edits (Levenshtein distance).
+/// Whether `name`, in lower case, is at most two single-letter edits (Levenshtein
+/// distance) from `known`: `Token_Masks`, `tokenMasks` and `INPUT__IDS` are.
 fn near_miss(name: &str, known: &str) -> bool {
-    if name.eq_ignore_ascii_case(known) {
-        return true;
-    }
-    let (a, b): (Vec<char>, Vec<char>) = (name.chars().collect(), known.chars().collect());
+    let (a, b): (Vec<char>, Vec<char>) = (
+        name.chars().flat_map(char::to_lowercase).collect(),
+        known.chars().collect(),
+    );
     if a.len().abs_diff(b.len()) > 2 {
         return false;
     }
@@ -1217,6 +1217,10 @@ mod tests {
             ("input_id", "input_ids"),
             ("ofsets", "offsets"),
             ("inptu_ids", "input_ids"),
+            ("Token_Masks", "token_mask"),
+            ("tokenMasks", "token_mask"),
+            ("INPUT__IDS", "input_ids"),
+            ("Hidden_State", "hidden_states"),
         ] {
             assert!(near_miss(name, known), "{name}");
         }

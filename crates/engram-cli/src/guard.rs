@@ -118,22 +118,7 @@ impl Files {
                     out.display()
                 );
             }
-            // A missing folder (or a file in its place), devices, FIFOs and sockets (a link
-            // is replaced, not followed).
-            engram::atomic::check_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
-            let dir = match out.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            // A folder the run cannot write into fails now, naming the option, not after
-            // the run, naming the temporary file the output is staged in.
-            probe_writable(dir).map_err(|e| {
-                anyhow::anyhow!(
-                    "{flag} {}: expected a folder this run can write into, found {} ({e})",
-                    out.display(),
-                    dir.display()
-                )
-            })?;
+            // The same file as an input or an earlier output: named as such first.
             let id = file_id(out);
             for (iflag, inp) in &self.inputs {
                 if inp.exists() && file_id(inp) == id {
@@ -153,6 +138,22 @@ impl Files {
                     );
                 }
             }
+            // A missing folder (or a file in its place), devices, FIFOs and sockets (a link
+            // is replaced, not followed).
+            engram::atomic::check_output(out).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+            let dir = match out.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            // A folder the run cannot write into fails now, naming the option, not after
+            // the run, naming the temporary file the output is staged in.
+            probe_writable(dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "{flag} {}: expected a folder this run can write into, found {} ({e})",
+                    out.display(),
+                    dir.display()
+                )
+            })?;
         }
         Ok(())
     }
@@ -328,9 +329,9 @@ extern "C" fn on_bus_error(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut l
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let code = unsafe { info.as_ref() }.map_or(0, |i| i.si_code);
     if code == libc::BUS_ADRERR {
-        let line: &[u8] = b"error: a memory-mapped input file (the weights or a table) was \
-            truncated or became unreadable while this run read it; run again once the file \
-            is whole\n";
+        let line: &[u8] = b"error: a memory-mapped input file (weights, inputs, a state or \
+            a table; mmap cannot say which) was truncated or became unreadable while this run \
+            read it; run again once the files are whole\n";
         // SAFETY: `line` is a static byte string; `write` reads `line.len()` bytes of it.
         unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
         engram::atomic::remove_staged_now();

@@ -160,6 +160,20 @@ fn outputs_never_overwrite_inputs_or_each_other() {
     {
         let args = t.forward(inp, &["--out", "/dev/null"]);
         fails_leaving(&strs(&args), "a device, FIFO or socket", &keep);
+        // A read-only file (a golden file, mode 0444) would be replaced by the rename too,
+        // as root or in a folder the user may write into.
+        use std::os::unix::fs::PermissionsExt;
+        let ro = t.path("read-only.st");
+        std::fs::write(&ro, b"keep me").unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let args = t.forward(inp, &["--out", s(&ro)]);
+        fails_leaving(&strs(&args), "a read-only file (mode 0444)", &[&ro]);
+        let line = fails_leaving(
+            &["init", "--config", s(cfg), "--out", s(&ro)],
+            "make it writable",
+            &[&ro],
+        );
+        assert!(line.contains("--out"), "{line}");
     }
 }
 

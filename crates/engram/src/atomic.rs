@@ -207,6 +207,21 @@ pub fn check_output(dest: &Path) -> Result<()> {
             _ => {}
         },
         Ok(m) if !m.is_file() => return Err(refuse("a device, FIFO or socket")),
+        // A file that may not be written (no write bit for anyone, or not for this user):
+        // renaming over it would replace it all the same, as root or in a folder the user
+        // may write into.
+        #[cfg(unix)]
+        Ok(m) if !writable(dest, &m) => {
+            use std::os::unix::fs::PermissionsExt;
+            return Err(EngramError::invalid(
+                format!("output {}", dest.display()),
+                "a file this user may write, or a new path",
+                format!(
+                    "a read-only file (mode {:04o}); make it writable or choose another path",
+                    m.permissions().mode() & 0o7777
+                ),
+            ));
+        }
         _ => {}
     }
     #[cfg(unix)]
@@ -224,6 +239,22 @@ pub fn check_output(dest: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the existing file `path` (metadata `m`) may be written: some write bit set, and
+/// `access(W_OK)` granting it to this user.
+#[cfg(unix)]
+fn writable(path: &Path, m: &std::fs::Metadata) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    if m.permissions().mode() & 0o222 == 0 {
+        return false;
+    }
+    match std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: `c` is a NUL-terminated path that outlives the call; access reads it only.
+        Ok(c) => unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 },
+        Err(_) => true, // a NUL in the path: the write itself will say so
+    }
 }
 
 /// Writes `dest` atomically: `body` writes the content into a buffered temporary file in the
