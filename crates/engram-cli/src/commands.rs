@@ -202,6 +202,17 @@ fn count_tokens(inputs: Option<&TensorFile>, src: &IdSource) -> Result<(u64, u64
     }
 }
 
+/// Refuses a `token_mask` in a demo layer's inputs (it would be ignored).
+fn no_token_mask(inputs: Option<&TensorFile>) -> Result<()> {
+    if let Some(f) = inputs.filter(|f| f.contains("token_mask")) {
+        bail!(
+            "tensor `token_mask` in {}: the demo layer has no token mask (a DeepSeek-V4.1 layer's input); expected none",
+            f.path().display()
+        );
+    }
+    Ok(())
+}
+
 /// The tensors an `--inputs` file may give (each command reads those it takes).
 const INPUT_TENSORS: [&str; 4] = ["input_ids", "hidden_states", "offsets", "token_mask"];
 
@@ -364,12 +375,7 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
             );
         }
     }
-    if let Some(f) = inputs.as_ref().filter(|f| f.contains("token_mask")) {
-        bail!(
-            "tensor `token_mask` in {}: the demo layer has no token mask (a DeepSeek-V4.1 layer's input); expected none",
-            f.path().display()
-        );
-    }
+    no_token_mask(inputs.as_ref())?;
     let ragged = inputs.as_ref().is_some_and(|f| f.contains("offsets"));
     // The hidden states' shape from the header, before the memory check: a mismatch with
     // input_ids is named as one, not as the memory a wrong count would need.
@@ -695,12 +701,14 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
         not_ragged(inputs.as_ref())?;
         let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
         let mut plan = engram::budget::MemoryPlan::new();
+        // Every layer's row ids, plus one layer's being built (a sequence's chunk, then
+        // its copy), and the ids, canonical ids and mask.
         plan.add_dims(
             "the hash ids of every layer",
-            &[tokens, v.columns() as u64, v.layer_ids.len() as u64],
+            &[tokens, v.columns() as u64, v.layer_ids.len() as u64 + 1],
             8,
         )?;
-        plan.add("the input ids and token mask", tokens, 17)?;
+        plan.add("the input ids, canonical ids and token mask", tokens, 25)?;
         plan.check()?;
         let (ids, b, l) = match (&a.src.text, &inputs) {
             (Some(t), _) => {
@@ -733,6 +741,7 @@ pub fn hash(a: HashArgs) -> Result<ExitCode> {
     check_id_source(&a.src)?;
     let inputs = open_inputs(a.src.inputs.as_deref())?;
     not_ragged(inputs.as_ref())?;
+    no_token_mask(inputs.as_ref())?;
     let (tokens, _) = count_tokens(inputs.as_ref(), &a.src)?;
     let mut plan = engram::budget::MemoryPlan::new();
     plan.add_dims(
@@ -1173,8 +1182,10 @@ pub fn compare(a: CompareArgs) -> Result<ExitCode> {
     let only_a: Vec<String> = fa
         .names()
         .into_iter()
-        .filter_map(|k| k.strip_prefix(a.prefix.as_str()).map(str::to_string))
-        .filter(|k| !fb.contains(k))
+        .filter(|k| {
+            k.strip_prefix(a.prefix.as_str())
+                .is_some_and(|b| !fb.contains(b))
+        })
         .collect();
     for (names, file) in [(&only_a, &a.a), (&only_b, &a.b)] {
         if names.is_empty() {

@@ -102,9 +102,18 @@ pub fn lacks_layer_ids(p: &Path) -> bool {
             serde_json::from_str::<serde_json::Value>(text).ok()
         })
         .is_some_and(|v| {
+            // Fields only V4.1 configs have (either spelling); `dim` without the demo's
+            // `hidden_size`.
+            let v41_only = [
+                "engram_compressed_vocab_size",
+                "engram_num_embeddings",
+                "engram_n_heads",
+                "engram_head_dim",
+                "engram_max_ngram_size",
+            ];
             !engram::v41::config::is_v41(&v)
-                && (v.get("dim").is_some() || v.get("engram_compressed_vocab_size").is_some())
-                && v.get("hidden_size").is_none()
+                && (v41_only.iter().any(|k| v.get(k).is_some())
+                    || (v.get("dim").is_some() && v.get("hidden_size").is_none()))
         })
 }
 

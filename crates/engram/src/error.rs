@@ -116,7 +116,8 @@ pub enum EngramError {
     },
     /// A run would need more memory or disk space than this machine has.
     #[error(
-        "not enough {resource}: this needs {} ({needed} bytes), {} available; {detail}",
+        "not enough {resource}: this needs {} ({needed} bytes), {} ({available} bytes) \
+         available; {detail}",
         human(*needed),
         human(*available)
     )]

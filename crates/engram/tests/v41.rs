@@ -858,6 +858,32 @@ fn nan_weights_are_named() {
     // The largest finite scale under which the block's codes stay finite loads (2^100).
     let p = poisoned("layers.1.engram.wkv.scale", &[127 + 100]);
     V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
+    // Every wkv scale 2^118: finite weights whose projection passes f32's range. Both paths
+    // refuse to write the inf / NaN that follow (they gave an all-NaN output, exit 0).
+    let n = f.raw("layers.1.engram.wkv.scale").unwrap().data().len();
+    let p = poisoned("layers.1.engram.wkv.scale", &vec![127 + 118; n]);
+    let l = V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
+    for path in [V41Path::Fused, V41Path::Reference] {
+        let mut st = vec![l.new_state()];
+        let e = l
+            .forward_ragged(
+                &mut st,
+                &[5, 6],
+                &vec![0.25f32; 2 * 1024],
+                None,
+                &[0, 2],
+                true,
+                path,
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("kv of token 0") && e.contains("past f32's range"),
+            "{path:?}: {e}"
+        );
+        assert_eq!(st[0].position, 0, "the state is left as it was");
+    }
     // Every code (or scale) of layer 1's table NaN: the first row gathered is named.
     let table = "layers.1.engram.embed.weight";
     for tensor in [table, "layers.1.engram.embed.scale"] {

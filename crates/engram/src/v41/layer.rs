@@ -563,6 +563,23 @@ impl V41Layer {
                         let h = &hidden[t * hc * dim..(t + 1) * hc * dim];
                         self.gate_token(h, &kv[r * kvw..(r + 1) * kvw], alive(t), bf16_out, g, o);
                     });
+                // Finite weights and inputs whose products pass f32's range (fp8 scales
+                // near 2^127, hidden states near bf16's largest value) give inf or NaN in
+                // the projection or the output: named, not written out.
+                for (stage, v, width) in [("kv", &kv[..], kvw), ("output", &o[..], hc * dim)] {
+                    if let Some(k) = crate::ops::first_non_finite(v) {
+                        return Err(EngramError::NonFinite {
+                            name: format!(
+                                "{stage} of token {} (values past f32's range: check \
+                                 layers.{}.engram.wkv.scale, embed.scale and hidden_states)",
+                                t0 + k / width,
+                                self.layer_id
+                            ),
+                            index: t0 * width + k,
+                            value: v[k],
+                        });
+                    }
+                }
             }
             Ok(())
         })?;
