@@ -185,8 +185,10 @@ pub fn measure_mem_bw(working_set: Option<usize>) -> MemBw {
     let buf: Vec<f32> = vec![1.0; big / 4];
     let dram = read_bw(&buf, 1, 3);
     drop(buf);
-    let small: Vec<f32> = vec![1.0; llc / 2 / 4];
-    let reps = ((256usize << 20) / (llc / 2)).max(4);
+    // Half the LLC, within a quarter of the memory left too (a tight `ulimit -v`).
+    let half = (llc / 2).min(dram_buffer_bytes(llc, avail)).max(4096);
+    let small: Vec<f32> = vec![1.0; half / 4];
+    let reps = ((256usize << 20) / half).max(4);
     let _ = read_bw(&small, 2, 1); // bring it into the cache
     let llc_bw = read_bw(&small, reps, 5);
     drop(small);

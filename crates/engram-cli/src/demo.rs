@@ -192,6 +192,15 @@ fn max_mean(a: &[f32], b: &[f32]) -> (f32, f64) {
 
 pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let topts = a.table.options()?;
+    // The generated weights' table is in no store: a store is read only for --weights.
+    if let (Some(url), None) = (&topts.store, &a.weights) {
+        bail!(
+            "--table-store {}: the demo generates its weights in memory, so no store holds \
+             their table; expected --weights W with it (the file whose table `engram table \
+             push` wrote)",
+            engram::rows::redis::shown_url(url)
+        );
+    }
     let mut cfg = crate::commands::load_config(&a.config)?;
     crate::commands::set_layer(&mut cfg, a.layer)?;
     cfg.validate()?;
@@ -266,6 +275,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let weights = match (&a.weights, topts.io) {
         (Some(_), _) => weights,
         (None, engram::rows::TableIo::Direct) => {
+            remove_dead_demo_dirs();
             // A fresh folder only this user can read (an existing one is an error, never reused).
             let dir = std::env::temp_dir().join(format!("engram-demo-{}", std::process::id()));
             let mut mk = std::fs::DirBuilder::new();
@@ -417,4 +427,34 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Removes the `engram-demo-PID` folders of earlier `demo --table-io direct` runs whose
+/// process is gone (killed outright before it removed its folder, with a copy of the
+/// weights in it): those of this user, whose PID has no `/proc` entry (Linux).
+fn remove_dead_demo_dirs() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        // SAFETY: geteuid takes nothing and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("engram-demo-"))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let mine = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+            let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if mine && gone && pid != std::process::id() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }

@@ -713,6 +713,28 @@ fn a_mapped_file_cut_short_is_one_error_line() {
     assert!(caught, "every scan finished before the file was cut");
 }
 
+/// A `demo --table-io direct` killed outright leaves its folder of weights in the temporary
+/// folder (`engram-demo-PID`); the next such demo removes it once its process is gone.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_dead_demos_folder_is_removed_by_the_next() {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let stray = std::env::temp_dir().join(format!("engram-demo-{pid}"));
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("weights.safetensors"), b"left by a killed run").unwrap();
+    let (code, out, err) = engram(&[
+        "demo",
+        "--config",
+        s(&golden("small.config.json")),
+        "--table-io",
+        "direct",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!stray.exists(), "{} is still there", stray.display());
+}
+
 /// Kills `engram init` while it writes over an existing file: the old file must survive.
 #[test]
 fn a_killed_write_leaves_the_old_file() {
@@ -1006,6 +1028,17 @@ fn flags_that_would_be_dropped_are_refused() {
     let out = d.join("o.safetensors");
     let small_w = golden("small.weights.safetensors");
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        // The demo's generated table is in no store (the flag was ignored: PASS, exit 0).
+        (
+            vec![
+                "demo",
+                "--config",
+                s(&cfg),
+                "--table-store",
+                "redis://127.0.0.1:1",
+            ],
+            "expected --weights W with it",
+        ),
         // The limits' measurements take no layer flags (each used to run alone, silently).
         (vec!["bench", "--fma-peak", "--mem-bw"], "--mem-bw"),
         (vec!["bench", "--mem-bw", "--decode"], "--decode"),
