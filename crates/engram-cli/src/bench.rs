@@ -474,17 +474,29 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     let path: ForwardPath = a.path.parse()?;
     // Row-store options typed out (at their defaults too).
-    let table_given = a
+    let table_flags: Vec<String> = a
         .given
         .iter()
-        .any(|g| g.starts_with("table_") || g.starts_with("store_") || g == "io_depth");
+        .filter(|g| g.starts_with("table_") || g.starts_with("store_") || *g == "io_depth")
+        .map(|g| format!("--{}", g.replace('_', "-")))
+        .collect();
+    let table_given = !table_flags.is_empty();
+    // The row-store flags given, for the error of a bench without --weights.
+    let no_weights = || {
+        let flags = if table_flags.is_empty() {
+            "--table-io / --table-cache".to_string()
+        } else {
+            table_flags.join(", ")
+        };
+        anyhow::anyhow!("{flags}: give --weights (the bench's random table lives in RAM)")
+    };
     if a.vec_buffers && a.chunk.is_some() {
         bail!("--vec-buffers: a chunked prefill always streams through Vecs; expected no --chunk with it");
     }
     if let Some(v) = crate::v41::detect(a.config.as_deref())? {
         let table = a.table.options()?;
         if a.weights.is_none() && (table_given || table != engram::rows::TableOptions::default()) {
-            bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
+            return Err(no_weights());
         }
         let ignored = [
             (
@@ -558,7 +570,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     let table = a.table.options()?;
     if a.weights.is_none() && (table_given || table != engram::rows::TableOptions::default()) {
-        bail!("--table-io / --table-cache: give --weights (the bench's random table lives in RAM)");
+        return Err(no_weights());
     }
     let dtype: DType = a.dtype.parse()?;
     if path == ForwardPath::Reference && dtype != DType::F32 {

@@ -1039,6 +1039,19 @@ fn flags_that_would_be_dropped_are_refused() {
             ],
             "expected --weights W with it",
         ),
+        // A bench without --weights reads no store: the flags given are named.
+        (
+            vec![
+                "bench",
+                "--config",
+                s(&cfg),
+                "--table-store",
+                "redis://127.0.0.1:1",
+                "--store-deadline",
+                "1",
+            ],
+            "--table-store, --store-deadline: give --weights",
+        ),
         // The limits' measurements take no layer flags (each used to run alone, silently).
         (vec!["bench", "--fma-peak", "--mem-bw"], "--mem-bw"),
         (vec!["bench", "--mem-bw", "--decode"], "--decode"),
