@@ -799,6 +799,22 @@ fn a_base_too_large_for_int64_row_ids_is_refused() {
     );
 }
 
+/// The error of one sequence of two tokens (ids 5, 6) on `path`, which must fail.
+fn two_tokens_fail(l: &V41Layer, st: &mut [engram::v41::V41State], path: V41Path) -> String {
+    l.forward_ragged(
+        st,
+        &[5, 6],
+        &vec![0.25f32; 2 * 1024],
+        None,
+        &[0, 2],
+        true,
+        path,
+        false,
+    )
+    .unwrap_err()
+    .to_string()
+}
+
 /// NaN in a layer's weights is named where it is met, as in the demo layer: `q_weight`
 /// (bf16), `wkv` codes (e4m3fn 0x7F) and scales (e8m0 0xFF) when the layer loads, a table
 /// row's code when a token gathers it (the table stays unread until then: 100 GB in the
@@ -865,19 +881,7 @@ fn nan_weights_are_named() {
     let l = V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
     for path in [V41Path::Fused, V41Path::Reference] {
         let mut st = vec![l.new_state()];
-        let e = l
-            .forward_ragged(
-                &mut st,
-                &[5, 6],
-                &vec![0.25f32; 2 * 1024],
-                None,
-                &[0, 2],
-                true,
-                path,
-                false,
-            )
-            .unwrap_err()
-            .to_string();
+        let e = two_tokens_fail(&l, &mut st, path);
         assert!(
             e.contains("kv of token 0") && e.contains("past f32's range"),
             "{path:?}: {e}"
@@ -892,19 +896,7 @@ fn nan_weights_are_named() {
         let l = V41Layer::load(&cfg(), compression(), &Checkpoint::open(&p).unwrap(), 1).unwrap();
         let mut st = vec![l.new_state()];
         for path in [V41Path::Fused, V41Path::Reference] {
-            let e = l
-                .forward_ragged(
-                    &mut st,
-                    &[5, 6],
-                    &vec![0.25f32; 2 * 1024],
-                    None,
-                    &[0, 2],
-                    true,
-                    path,
-                    false,
-                )
-                .unwrap_err()
-                .to_string();
+            let e = two_tokens_fail(&l, &mut st, path);
             assert!(
                 e.contains(table) && e.contains("embed.scale") && e.contains("NaN"),
                 "{tensor} {path:?}: {e}"
